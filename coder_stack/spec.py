@@ -1,0 +1,284 @@
+"""One pydantic model of the stack.
+
+Its defaults are the runbook's reference deployment, so a user of that platform needs no file at all.
+The spec names *where* secrets live (namespace/name/key), never their values.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from coder_stack.errors import SpecError
+
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+Name = Annotated[str, Field(pattern=DNS_LABEL, min_length=1, max_length=63)]
+KeyName = Annotated[str, Field(pattern=r"^[-._a-zA-Z0-9]+$", min_length=1, max_length=253)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AccessMode(StrEnum):
+    """How the flows reach Services inside the cluster."""
+
+    IN_CLUSTER = "in-cluster"
+    PORT_FORWARD = "port-forward"
+
+
+class SecretRef(_Model):
+    namespace: Name = Field(description="Namespace of the Secret.")
+    name: Name = Field(description="Name of the Secret.")
+    key: KeyName = Field(description="Key inside the Secret's data.")
+
+
+class PhaseBudgets(_Model):
+    """Seconds each phase of a cold start may take. Their sum is the whole readiness budget."""
+
+    node: float = Field(300.0, ge=1, le=7200, description="Waiting for a node: scheduling, GPU node scale-up.")
+    image: float = Field(420.0, ge=1, le=7200, description="Pulling the container image (~10 GB for vLLM).")
+    weights: float = Field(300.0, ge=1, le=7200, description="Init container staging the weights.")
+    start: float = Field(180.0, ge=1, le=7200, description="vLLM loading the model until the pod is Ready.")
+
+    @property
+    def total(self) -> float:
+        return self.node + self.image + self.weights + self.start
+
+
+class ModelSpec(_Model):
+    name: Name = Field(description="Deployment and Service name in the serving namespace.")
+    role: Literal["chat", "fim", "agent"] = Field(description="What the model is smoked for.")
+    served_model_name: str = Field(
+        min_length=1, max_length=200, description="vLLM --served-model-name (the id in /v1/models)."
+    )
+    alias: str = Field(min_length=1, max_length=200, description="Tenant-facing model_name in the LiteLLM gateway.")
+    weights_gb: float = Field(gt=0, le=2000, description="Size of the weights, staged through host RAM.")
+    port: int = Field(8000, ge=1, le=65535, description="Service and container port of the vLLM server.")
+    budgets: PhaseBudgets = Field(default_factory=PhaseBudgets, description="Cold-start budget per phase.")
+    register_at_runtime: bool = Field(
+        False, description="Register this alias in LiteLLM with /model/new (not in the gateway's values)."
+    )
+    input_cost_per_token: float = Field(
+        5e-7, ge=0, le=1, description="USD per prompt token, used when registering at runtime."
+    )
+    output_cost_per_token: float = Field(
+        1.5e-6, ge=0, le=1, description="USD per completion token, used when registering at runtime."
+    )
+
+    @property
+    def selector(self) -> str:
+        return f"app.kubernetes.io/name={self.name}"
+
+
+class ClientKeySpec(_Model):
+    """A budgeted, model-scoped LiteLLM virtual key for one client."""
+
+    alias: Name = Field(description="LiteLLM key_alias; globally unique in the gateway.")
+    models: list[str] = Field(min_length=1, max_length=50, description="Gateway aliases the key may call.")
+    max_budget: float = Field(5.0, gt=0, le=100000, description="USD the key may spend per budget period.")
+    budget_duration: str = Field(
+        "30d", pattern=r"^[1-9][0-9]*[smhd]$", description="Budget reset period, e.g. 30d, 12h."
+    )
+    deliver_to: Literal["openwebui-secrets", "tabby-config", "keystore"] = Field(
+        "keystore",
+        description="Where the key lives: Open WebUI's Secret, Tabby's config, or the stack's keystore Secret.",
+    )
+
+
+class FrontendSpec(_Model):
+    name: Name = Field(description="Deployment name in the experience namespace.")
+    selector_name: Name | None = Field(None, description="app.kubernetes.io/name label; defaults to name.")
+
+    @property
+    def selector(self) -> str:
+        return f"app.kubernetes.io/name={self.selector_name or self.name}"
+
+
+class EndpointOverrides(_Model):
+    """Explicit URLs that win over the access mode, e.g. a gateway behind an ingress."""
+
+    gateway: AnyHttpUrl | None = Field(None, description="Base URL of LiteLLM, without /v1.")
+    models: dict[str, AnyHttpUrl] = Field(
+        default_factory=dict, description="Base URL (without /v1) per model deployment name."
+    )
+
+
+class AccessSpec(_Model):
+    mode: AccessMode = Field(AccessMode.PORT_FORWARD, description="How Services are reached.")
+    overrides: EndpointOverrides = Field(default_factory=EndpointOverrides, description="URL overrides.")
+    cluster_domain: str = Field("cluster.local", min_length=1, max_length=253, description="Cluster DNS.")
+
+
+class Timeouts(_Model):
+    connect_s: float = Field(5.0, gt=0, le=120, description="HTTP connect timeout.")
+    request_s: float = Field(60.0, gt=0, le=3600, description="HTTP read timeout for one request.")
+    deletion_s: float = Field(120.0, gt=0, le=3600, description="Scale-to-0: until the pods are gone.")
+    frontend_ready_s: float = Field(300.0, gt=0, le=3600, description="Open WebUI / Tabby Ready.")
+    spend_visible_s: float = Field(30.0, ge=0, le=600, description="Wait for LiteLLM's batched spend write.")
+    gpu_limit_s: float = Field(
+        3600.0, gt=0, le=86400, description="How long a flow queues for the GPU limit before giving up."
+    )
+
+
+def _default_models() -> list[ModelSpec]:
+    return [
+        ModelSpec(
+            name="coder-chat",
+            role="chat",
+            served_model_name="qwen2.5-coder-7b-instruct",
+            alias="coder-chat",
+            weights_gb=5.5,
+            budgets=PhaseBudgets(node=300, image=420, weights=300, start=180),  # 1200 s
+        ),
+        ModelSpec(
+            name="coder-fim",
+            role="fim",
+            served_model_name="qwen2.5-coder-1.5b",
+            alias="coder-fim",
+            weights_gb=3.1,
+            budgets=PhaseBudgets(node=120, image=240, weights=120, start=120),  # 600 s
+        ),
+        ModelSpec(
+            name="coder-agent",
+            role="agent",
+            served_model_name="qwen2.5-coder-14b-instruct",
+            alias="coder-agent",
+            weights_gb=9.5,
+            register_at_runtime=True,
+            budgets=PhaseBudgets(node=300, image=420, weights=300, start=180),  # 1200 s
+        ),
+    ]
+
+
+def _default_keys() -> list[ClientKeySpec]:
+    return [
+        ClientKeySpec(
+            alias="open-webui", models=["coder-chat", "coder-fim", "embeddings"], deliver_to="openwebui-secrets"
+        ),
+        ClientKeySpec(alias="tabby", models=["coder-fim", "embeddings"], deliver_to="tabby-config"),
+        ClientKeySpec(alias="coder-agent", models=["coder-agent"], deliver_to="keystore"),
+    ]
+
+
+class StackSpec(_Model):
+    """The whole coder stack. Every default is the runbook's reference deployment."""
+
+    serving_namespace: Name = Field("serving", description="Namespace of the vLLM model servers.")
+    gateway_namespace: Name = Field("litellm", description="Namespace of the LiteLLM gateway.")
+    experience_namespace: Name = Field("experience", description="Namespace of Open WebUI and Tabby.")
+    gpus: int = Field(1, ge=1, le=64, description="GPUs in the cluster = models that may run at once.")
+    gpu_node_memory_gb: float = Field(
+        16.0, gt=0, le=4096, description="Host RAM of a GPU node (g2-standard-4: 16 GB); caps model size."
+    )
+    host_ram_overhead_gb: float = Field(2.0, ge=0, le=512, description="Host RAM vLLM needs beside the staged weights.")
+    models: list[ModelSpec] = Field(
+        default_factory=_default_models, min_length=1, max_length=64, description="GPU model servers."
+    )
+    default_model: Name = Field("coder-chat", description="Model the morning bring-up leaves serving.")
+    frontends: list[FrontendSpec] = Field(
+        default_factory=lambda: [FrontendSpec(name="open-webui"), FrontendSpec(name="tabby")],
+        max_length=16,
+        description="CPU front-end Deployments in the experience namespace.",
+    )
+    keys: list[ClientKeySpec] = Field(default_factory=_default_keys, max_length=64, description="Virtual keys to mint.")
+    embeddings_alias: str = Field("embeddings", min_length=1, max_length=200, description="Embeddings alias.")
+    gateway_service: Name = Field("litellm", description="LiteLLM Service name.")
+    gateway_port: int = Field(4000, ge=1, le=65535, description="LiteLLM Service port.")
+    master_key: SecretRef = Field(
+        SecretRef(namespace="litellm", name="litellm-secrets", key="PROXY_MASTER_KEY"),
+        description="LiteLLM master key.",
+    )
+    upstream_key: SecretRef = Field(
+        SecretRef(namespace="litellm", name="litellm-secrets", key="UPSTREAM_API_KEY"),
+        description="Key LiteLLM uses towards vLLM (for /model/new).",
+    )
+    vllm_key: SecretRef = Field(
+        SecretRef(namespace="serving", name="vllm-api-key", key="api-key"),
+        description="Shared vLLM --api-key, for direct smokes.",
+    )
+    openwebui_secret: Name = Field("openwebui-secrets", description="Secret holding Open WebUI's keys.")
+    tabby_config_secret: Name = Field("tabby-config", description="Secret holding Tabby's config.toml.")
+    keystore_secret: Name = Field(
+        "coder-stack-keys", description="Secret in the gateway namespace holding keys with no other consumer."
+    )
+    access: AccessSpec = Field(default_factory=AccessSpec, description="How endpoints are reached.")
+    timeouts: Timeouts = Field(default_factory=Timeouts, description="Timeouts outside cold starts.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StackSpec:
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique, got {names}")
+        if self.default_model not in names:
+            raise ValueError(f"default_model {self.default_model!r} is not one of the models {names}")
+        aliases = {m.alias for m in self.models} | {self.embeddings_alias}
+        for k in self.keys:
+            unknown = [m for m in k.models if m not in aliases]
+            if unknown:
+                raise ValueError(f"key {k.alias!r} names unknown models {unknown}; known: {sorted(aliases)}")
+        if len({k.alias for k in self.keys}) != len(self.keys):
+            raise ValueError("key aliases must be unique")
+        for name in self.access.overrides.models:
+            if name not in names:
+                raise ValueError(f"access.overrides.models names unknown model {name!r}; known: {names}")
+        return self
+
+    def model(self, name: str) -> ModelSpec:
+        for m in self.models:
+            if m.name == name or m.alias == name:
+                return m
+        raise SpecError(f"unknown model {name!r}; this stack has: {', '.join(m.name for m in self.models)}")
+
+    def key(self, alias: str) -> ClientKeySpec:
+        for k in self.keys:
+            if k.alias == alias:
+                return k
+        raise SpecError(f"unknown key alias {alias!r}; this stack has: {', '.join(k.alias for k in self.keys)}")
+
+    def key_for_model(self, model: ModelSpec) -> ClientKeySpec | None:
+        """The key a smoke of this model uses: the first key scoped to its alias."""
+        for k in self.keys:
+            if model.alias in k.models:
+                return k
+        return None
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: {err.error_count()} problem(s):"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  - {path}: {e['msg']}")
+    lines.append("Fix the field(s) above; run `coder-stack spec` to print a complete valid stack file.")
+    return "\n".join(lines)
+
+
+def load_spec(path: str | Path | None = None) -> StackSpec:
+    """Load the stack spec from a YAML file, or the runbook defaults when no path is given."""
+    if path is None:
+        return StackSpec()
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise SpecError(f"cannot read stack file {p}: {e.strerror}. Pass an existing YAML file to --stack.") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SpecError(f"stack file {p} is not valid YAML: {e}") from e
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SpecError(f"stack file {p} must hold a mapping of fields, got {type(data).__name__}")
+    try:
+        return StackSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(_format_validation_error(e, f"stack file {p}")) from None
+
+
+def spec_yaml(spec: StackSpec) -> str:
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
