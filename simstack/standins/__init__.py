@@ -1,0 +1,74 @@
+"""Stand-ins for the processes inside the simulated pods, chosen by container image.
+
+The kubelet starts one when a container starts (``start_standin``) and stops it when the pod stops.
+Each stand-in reads its configuration the way the real program does: command-line args, environment
+(already resolved from ``env``/``secretKeyRef``/``envFrom``) and mounted files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass
+class ContainerRun:
+    """What the kubelet hands a stand-in when the container starts."""
+
+    namespace: str
+    pod_name: str
+    app: str  # the pod's app.kubernetes.io/name label
+    image: str
+    args: list[str]
+    env: dict[str, str]
+    files: dict[str, str] = field(default_factory=dict)  # mounted path -> content (Secrets, ConfigMaps)
+    container_port: int = 8000
+
+
+@dataclass
+class SimServices:
+    """State shared by all stand-ins of one simulated stack; lives as long as the stack."""
+
+    resolve_url: Callable[[str], str | None]  # in-cluster URL -> local URL of a Ready backend, or None
+    time_scale: float = 1.0
+    spend_write_delay_s: float = 10.0  # LiteLLM PROXY_BATCH_WRITE_AT, simulated seconds (scaled)
+    litellm_db: dict[str, Any] = field(default_factory=dict)  # LiteLLM's Postgres: survives pod restarts
+    vllm_auto_tool_habit: bool = True  # Qwen2.5-Coder with tool_choice=auto answers with a plain JSON block
+    counters: dict[str, int] = field(default_factory=dict)  # request counts per stand-in, for tests
+
+
+class RunningBackend(Protocol):
+    port: int
+
+    async def stop(self) -> None: ...
+
+
+StandinFactory = Callable[[ContainerRun, SimServices], Awaitable[RunningBackend]]
+
+# Filled by the stand-in modules: image repository (without tag) -> factory.
+FACTORIES: dict[str, StandinFactory] = {}
+
+
+def image_repository(image: str) -> str:
+    name = image.rsplit("@", 1)[0]
+    last = name.rsplit("/", 1)[-1]
+    if ":" in last:
+        name = name[: len(name) - len(last)] + last.split(":", 1)[0]
+    return name
+
+
+async def start_standin(run: ContainerRun, services: SimServices) -> RunningBackend | None:
+    """Start the stand-in for this container's image; None if the image has no stand-in."""
+    _load_factories()
+    factory = FACTORIES.get(image_repository(run.image))
+    if factory is None:
+        return None
+    return await factory(run, services)
+
+
+def _load_factories() -> None:
+    if FACTORIES:
+        return
+    # Each module registers itself in FACTORIES on import.
+    from simstack.standins import litellm, openwebui, tabby, vllm  # noqa: F401
