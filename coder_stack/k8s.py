@@ -236,5 +236,17 @@ __all__ = [
     "read_secret",
     "read_secret_key",
     "require_secret_key",
+    "restart_deployment",
     "write_secret_keys",
 ]
+
+
+async def restart_deployment(api: ApiClient, namespace: str, name: str) -> None:
+    """`kubectl rollout restart`: stamp the pod template so the controller replaces the pods."""
+    from datetime import UTC, datetime
+
+    apps = client.AppsV1Api(api)
+    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    body = {"spec": {"template": {"metadata": {"annotations": {"kubectl.kubernetes.io/restartedAt": stamp}}}}}
+    with api_errors("patch", "deployments", namespace, name):
+        await apps.patch_namespaced_deployment(name, namespace, body, _request_timeout=API_TIMEOUT)
