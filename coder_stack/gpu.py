@@ -1,0 +1,120 @@
+"""One model per GPU: the ``tag:gpu`` global concurrency limit, held for a whole GPU session.
+
+Tagging tasks ``gpu`` only serialises single task runs (two flows can interleave between them), and a
+flow that holds ``tag:gpu`` and then runs a ``gpu``-tagged task deadlocks. So no task carries the tag;
+each flow holds the limit around its GPU session with ``concurrency(..., strict=True)``. A missing limit
+refuses GPU work instead of running unprotected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from uuid import UUID
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+from prefect.client.schemas.objects import StateType
+from prefect.concurrency._asyncio import AcquireConcurrencySlotTimeoutError
+from prefect.concurrency.asyncio import concurrency
+from prefect.exceptions import ObjectNotFound
+from pydantic import BaseModel, Field
+
+from coder_stack.errors import GpuLimitMissing, RetriableError
+
+GPU_LIMIT = "tag:gpu"
+LEASE_SECONDS = 300.0
+
+
+class GpuLimitStatus(BaseModel):
+    exists: bool
+    limit: int = 0
+    active_slots: int = 0
+    running_flow_runs: list[str] = Field(default_factory=list, description="Names of running coder-stack flows.")
+    leaked: bool = Field(False, description="A slot is held but no coder-stack flow is running.")
+
+    def describe(self) -> str:
+        if not self.exists:
+            return f"GPU limit {GPU_LIMIT} is missing: run `coder-stack setup` (or `prefect gcl create {GPU_LIMIT} N`)"
+        text = f"GPU limit {GPU_LIMIT}: {self.active_slots}/{self.limit} slot(s) held"
+        if self.running_flow_runs:
+            text += f" (running: {', '.join(self.running_flow_runs)})"
+        if self.leaked:
+            text += (
+                f"; a slot is held by no running flow (a crashed run or a server restart without lease storage) "
+                f"— free it with `prefect gcl update {GPU_LIMIT} --active-slots 0`"
+            )
+        return text
+
+
+async def ensure_gpu_limit(gpus: int) -> str:
+    """Create the limit or resize it to ``gpus``. Returns what was done."""
+    async with get_client() as client:
+        try:
+            existing = await client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+        except ObjectNotFound:
+            existing = None
+        await client.upsert_global_concurrency_limit_by_name(GPU_LIMIT, gpus)
+    if existing is None:
+        return f"created {GPU_LIMIT} with {gpus} slot(s)"
+    if existing.limit != gpus:
+        return f"resized {GPU_LIMIT} from {existing.limit} to {gpus} slot(s)"
+    return f"{GPU_LIMIT} already has {gpus} slot(s)"
+
+
+async def gpu_limit_status(flow_names: tuple[str, ...] = ()) -> GpuLimitStatus:
+    async with get_client() as client:
+        try:
+            gcl = await client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+        except ObjectNotFound:
+            return GpuLimitStatus(exists=False)
+        runs = await client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))
+            ),
+            limit=50,
+        )
+        names = []
+        flow_ids: dict[UUID, str] = {}
+        for r in runs:
+            if r.flow_id not in flow_ids:
+                flow_ids[r.flow_id] = (await client.read_flow(r.flow_id)).name
+            if not flow_names or flow_ids[r.flow_id] in flow_names:
+                names.append(f"{flow_ids[r.flow_id]}/{r.name}")
+    return GpuLimitStatus(
+        exists=True,
+        limit=gcl.limit,
+        active_slots=gcl.active_slots,
+        running_flow_runs=names,
+        leaked=gcl.active_slots > 0 and not names,
+    )
+
+
+async def require_gpu_limit() -> None:
+    async with get_client() as client:
+        try:
+            gcl = await client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+        except ObjectNotFound:
+            raise GpuLimitMissing(
+                f"the GPU concurrency limit {GPU_LIMIT} does not exist, so this flow could run a second model on "
+                "a busy GPU. Create it with `coder-stack setup` (or `prefect gcl create tag:gpu 1`) and rerun; "
+                "nothing was changed"
+            ) from None
+    if not gcl.active:
+        raise GpuLimitMissing(f"the GPU concurrency limit {GPU_LIMIT} is inactive; activate it and rerun")
+
+
+@asynccontextmanager
+async def gpu_session(timeout_s: float) -> AsyncIterator[None]:
+    """Hold one GPU slot for the whole block (scale-up to scale-down). Queues behind other sessions."""
+    await require_gpu_limit()
+    try:
+        async with concurrency(
+            GPU_LIMIT, occupy=1, strict=True, timeout_seconds=timeout_s, lease_duration=LEASE_SECONDS
+        ):
+            yield
+    except AcquireConcurrencySlotTimeoutError as e:
+        raise RetriableError(
+            f"waited {timeout_s:.0f} s for the GPU ({GPU_LIMIT}) and another session still holds it; "
+            "see `coder-stack status` for who holds it"
+        ) from e

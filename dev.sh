@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine: creates .venv, installs the pinned project, then runs a command.
+#   ./dev.sh demo    start the simulated stack and run the whole runbook through Prefect (exit 0 on success)
+#   ./dev.sh test    lint, type-check and run the test suite (what CI runs)
+#   ./dev.sh shell   print how to activate the environment
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.installed-$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
+if [ ! -f "$stamp" ]; then
+  .venv/bin/python -m pip install -q --upgrade "pip==26.3"
+  .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
+  rm -f .venv/.installed-*
+  touch "$stamp"
+fi
+export PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_CLI_PROMPT=false
+cmd=${1:-help}
+shift || true
+case "$cmd" in
+  demo)
+    exec .venv/bin/coder-stack demo "$@" ;;
+  test)
+    .venv/bin/ruff check .
+    .venv/bin/ruff format --check .
+    .venv/bin/mypy
+    exec .venv/bin/pytest -q -p no:cacheprovider "$@" ;;
+  shell)
+    echo "source $(pwd)/.venv/bin/activate" ;;
+  *)
+    echo "usage: ./dev.sh demo|test|shell" >&2; exit 2 ;;
+esac
