@@ -1,0 +1,86 @@
+"""`coder-stack setup`: the Prefect side of the stack — the GPU limit, the work pools, the deployments.
+
+Safe to run twice: the limit is resized (never duplicated), existing pools are kept, deployments are
+re-applied by `prefect deploy --all`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.exceptions import ObjectNotFound
+from pydantic import BaseModel, Field
+
+from coder_stack.errors import ConfigError
+from coder_stack.gpu import ensure_gpu_limit
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+POOLS = {"coder-stack-process": "process", "coder-stack-k8s": "kubernetes"}
+
+
+class SetupReport(BaseModel):
+    gpu_limit: str
+    pools: list[str] = Field(default_factory=list)
+    deployed: bool = False
+    deploy_output: str = ""
+
+
+def _base_job_template(kind: str) -> dict:
+    if kind == "kubernetes":
+        from prefect_kubernetes.worker import KubernetesWorker
+
+        return KubernetesWorker.get_default_base_job_template()
+    from prefect.workers.process import ProcessWorker
+
+    return ProcessWorker.get_default_base_job_template()
+
+
+async def ensure_work_pools(names: dict[str, str] | None = None) -> list[str]:
+    done = []
+    async with get_client() as client:
+        for name, kind in (names or POOLS).items():
+            try:
+                pool = await client.read_work_pool(name)
+                done.append(f"{name} ({pool.type}) already exists")
+                continue
+            except ObjectNotFound:
+                pass
+            await client.create_work_pool(
+                WorkPoolCreate(name=name, type=kind, base_job_template=_base_job_template(kind))
+            )
+            done.append(f"created {name} ({kind})")
+    return done
+
+
+def deploy_all(project_dir: Path = PROJECT_DIR, timeout_s: float = 180) -> str:
+    """`prefect --no-prompt deploy --all` for prefect.yaml, with the checkout as working directory."""
+    env = dict(os.environ)
+    env.setdefault("CODER_STACK_DIR", str(project_dir))
+    env.setdefault("CODER_STACK_IMAGE", "coder-stack:latest")
+    prefect = Path(sys.executable).with_name("prefect")
+    cmd = [str(prefect) if prefect.exists() else "prefect", "--no-prompt", "deploy", "--all"]
+    try:
+        proc = subprocess.run(  # noqa: S603 - fixed argv
+            cmd, cwd=project_dir, env=env, capture_output=True, text=True, timeout=timeout_s, check=False
+        )
+    except subprocess.TimeoutExpired as e:
+        raise ConfigError(f"`prefect deploy --all` did not finish in {timeout_s:.0f} s; is the Prefect API up?") from e
+    text = (proc.stdout + proc.stderr).strip()
+    if proc.returncode != 0:
+        tail = "\n".join(text.splitlines()[-15:])
+        raise ConfigError(f"`prefect deploy --all` failed (exit {proc.returncode}):\n{tail}")
+    return text
+
+
+async def run_setup(gpus: int, deploy: bool = True) -> SetupReport:
+    report = SetupReport(gpu_limit=await ensure_gpu_limit(gpus))
+    report.pools = await ensure_work_pools()
+    if deploy:
+        report.deploy_output = deploy_all()
+        report.deployed = True
+    return report
