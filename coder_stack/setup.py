@@ -65,7 +65,7 @@ def deploy_all(project_dir: Path = PROJECT_DIR, timeout_s: float = 180) -> str:
     prefect = Path(sys.executable).with_name("prefect")
     cmd = [str(prefect) if prefect.exists() else "prefect", "--no-prompt", "deploy", "--all"]
     try:
-        proc = subprocess.run(  # noqa: S603 - fixed argv
+        proc = subprocess.run(
             cmd, cwd=project_dir, env=env, capture_output=True, text=True, timeout=timeout_s, check=False
         )
     except subprocess.TimeoutExpired as e:
