@@ -36,6 +36,8 @@ class SimServices:
     litellm_db: dict[str, Any] = field(default_factory=dict)  # LiteLLM's Postgres: survives pod restarts
     vllm_auto_tool_habit: bool = True  # Qwen2.5-Coder with tool_choice=auto answers with a plain JSON block
     counters: dict[str, int] = field(default_factory=dict)  # request counts per stand-in, for tests
+    # Other apps' persistent state (e.g. Tabby's registration token), keyed "<app>:<namespace>".
+    app_data: dict[str, Any] = field(default_factory=dict)
 
 
 class RunningBackend(Protocol):
@@ -68,7 +70,5 @@ async def start_standin(run: ContainerRun, services: SimServices) -> RunningBack
 
 
 def _load_factories() -> None:
-    if FACTORIES:
-        return
-    # Each module registers itself in FACTORIES on import.
+    # Each module registers itself in FACTORIES on import (imports are idempotent).
     from simstack.standins import litellm, openwebui, tabby, vllm  # noqa: F401
