@@ -540,9 +540,12 @@ async def smoke_agent(
 
 
 class ExecResultLike(Protocol):
-    exit_code: int
-    stdout: str
-    stderr: str
+    @property
+    def exit_code(self) -> int: ...
+    @property
+    def stdout(self) -> str: ...
+    @property
+    def stderr(self) -> str: ...
 
 
 ExecFn = Callable[[ApiClient, str, str, list[str], float], "Awaitable[ExecResultLike] | ExecResultLike"]

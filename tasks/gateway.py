@@ -1,0 +1,166 @@
+"""Thin Prefect tasks over :mod:`coder_stack.gateway` and :mod:`coder_stack.keys`.
+
+Each task opens its own cluster client (``open_api``) and gateway endpoint (``open_endpoint``), reads the
+secrets it needs itself, and returns a pydantic report with no key in it. Retries: only
+:class:`~coder_stack.errors.RetriableError` (gateway unreachable / 503 / 429, API server hiccups).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from kubernetes_asyncio.client import ApiClient
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_run_logger
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from coder_stack import gateway
+from coder_stack.endpoints import open_endpoint
+from coder_stack.errors import SpecError, is_retriable
+from coder_stack.gateway import ModelRegistration, SpendRow
+from coder_stack.http import make_client, scrub_url
+from coder_stack.k8s import ClusterTarget, open_api, require_secret_key
+from coder_stack.keys import KeyReport, ensure_key
+from coder_stack.spec import SecretRef, StackSpec
+
+
+def only_retriable(task: Any, task_run: Any, state: Any) -> bool:
+    """``retry_condition_fn``: retry only what a retry may fix."""
+    try:
+        state.result()
+    except Exception as e:  # the task's own exception, re-raised by Prefect
+        return is_retriable(e)
+    return False
+
+
+def run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    try:
+        return get_run_logger()
+    except MissingContextError:  # called through .fn() outside a run, e.g. in tests
+        return logging.getLogger("coder_stack.tasks")
+
+
+async def read_ref(api: ApiClient, ref: SecretRef) -> SecretStr:
+    return await require_secret_key(api, ref.namespace, ref.name, ref.key)
+
+
+@asynccontextmanager
+async def open_gateway(api: ApiClient, spec: StackSpec) -> AsyncIterator[httpx.AsyncClient]:
+    """An httpx client on the gateway's base URL, however the spec reaches it (port-forward, in-cluster, URL)."""
+    async with open_endpoint(api, spec, "gateway") as base_url, make_client(spec.timeouts, base_url=base_url) as gw:
+        yield gw
+
+
+class GatewayHealth(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str = Field(max_length=500, description="Gateway base URL used (no credentials).")
+    ready: bool = Field(description="/health/readiness answered 200.")
+
+
+_RETRY: dict[str, Any] = {
+    "cache_policy": NO_CACHE,
+    "retries": 3,
+    "retry_delay_seconds": [2, 5, 10],
+    "retry_condition_fn": only_retriable,
+}
+
+
+@task(name="gateway-ready", **_RETRY)
+async def gateway_ready_task(target: ClusterTarget, spec: StackSpec) -> GatewayHealth:
+    """LiteLLM answers /health/readiness (no auth)."""
+    log = run_logger()
+    async with open_api(target) as api, open_gateway(api, spec) as gw:
+        await gateway.gateway_ready(gw)
+        url = scrub_url(gw.base_url)
+    log.info("The LiteLLM gateway at %s is ready.", url)
+    return GatewayHealth(url=url, ready=True)
+
+
+@task(name="ensure-keys", **_RETRY)
+async def ensure_keys_task(
+    target: ClusterTarget, spec: StackSpec, aliases: list[str] | None = None, rotate: bool = False
+) -> list[KeyReport]:
+    """Mint / keep / correct each client's virtual key and deliver it to its home Secret."""
+    log = run_logger()
+    key_specs = [spec.key(a) for a in aliases] if aliases is not None else list(spec.keys)
+    reports = []
+    async with open_api(target) as api, open_gateway(api, spec) as gw:
+        master = await read_ref(api, spec.master_key)
+        for ks in key_specs:
+            rep = await ensure_key(api, gw, master, spec, ks, rotate=rotate)
+            restarted = f"; restarted {rep.consumer}" if rep.consumer_restarted else ""
+            log.info("Key %r: %s (id %s...) in %s%s.", rep.alias, rep.action, rep.token_id[:12], rep.delivered_to,
+                     restarted)  # fmt: skip
+            for note in rep.notes:
+                log.info("Key %r: %s", rep.alias, note)
+            reports.append(rep)
+    return reports
+
+
+@task(name="register-model", **_RETRY)
+async def register_model_task(target: ClusterTarget, spec: StackSpec, model_name: str) -> ModelRegistration:
+    """Register a runtime model (e.g. coder-agent) in LiteLLM once, with the spec's prices."""
+    log = run_logger()
+    model = spec.model(model_name)
+    if not model.register_at_runtime:
+        raise SpecError(f"{model.name} is defined in the gateway's values (register_at_runtime is false)")
+    async with open_api(target) as api, open_gateway(api, spec) as gw:
+        master = await read_ref(api, spec.master_key)
+        upstream = await read_ref(api, spec.upstream_key)
+        reg = await gateway.ensure_model_registered(gw, master, upstream, spec, model)
+    if reg.action == "registered":
+        log.info("Registered %r in the gateway, routed to %s.", reg.alias, reg.api_base)
+    else:
+        log.info("%r is already registered in the gateway; nothing added.", reg.alias)
+    for w in reg.warnings:
+        log.warning("%s", w)
+    return reg
+
+
+@task(name="spend-baseline", **_RETRY)
+async def spend_baseline_task(target: ClusterTarget, spec: StackSpec, aliases: list[str]) -> dict[str, float]:
+    """Spend per key alias now (USD), to prove later that smoke calls were metered."""
+    async with open_api(target) as api, open_gateway(api, spec) as gw:
+        master = await read_ref(api, spec.master_key)
+        return await gateway.read_spend_baseline(gw, master, aliases)
+
+
+@task(name="read-spend", **_RETRY)
+async def read_spend_task(
+    target: ClusterTarget,
+    spec: StackSpec,
+    aliases: list[str],
+    before: dict[str, float] | None = None,
+    called: list[str] | None = None,
+) -> list[SpendRow]:
+    """Per-key spend, waiting (bounded by spec.timeouts.spend_visible_s) for LiteLLM's batched write."""
+    log = run_logger()
+    async with open_api(target) as api, open_gateway(api, spec) as gw:
+        master = await read_ref(api, spec.master_key)
+        rows = await gateway.read_spend(
+            gw, master, aliases, before=before, called=called or [], wait_s=spec.timeouts.spend_visible_s
+        )
+    for r in rows:
+        budget = f" of ${r.max_budget:.2f} ({(r.share_used or 0) * 100:.4f}%)" if r.max_budget else ""
+        log.info("Key %r: spent $%.6f%s: %s. %s", r.alias, r.spend, budget, r.status, r.note)
+    return rows
+
+
+__all__ = [
+    "GatewayHealth",
+    "ensure_keys_task",
+    "gateway_ready_task",
+    "only_retriable",
+    "open_gateway",
+    "read_spend_task",
+    "register_model_task",
+    "run_logger",
+    "spend_baseline_task",
+]
