@@ -146,6 +146,7 @@ def make_client(
     base_url: str = "",
     attempts: int = DEFAULT_ATTEMPTS,
     max_wait_s: float = DEFAULT_MAX_WAIT_S,
+    backoff_s: float = DEFAULT_BACKOFF_S,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> httpx.AsyncClient:
     """The project's httpx client: explicit timeouts, retriable-only bounded retries, no redirects."""
@@ -153,7 +154,7 @@ def make_client(
     return httpx.AsyncClient(
         base_url=base_url.rstrip("/"),
         timeout=timeout_for(timeouts),
-        transport=RetryingTransport(transport, attempts=attempts, max_wait_s=max_wait_s),
+        transport=RetryingTransport(transport, attempts=attempts, max_wait_s=max_wait_s, backoff_s=backoff_s),
         follow_redirects=False,
     )
 
