@@ -251,6 +251,12 @@ class Store:
         except KeyError:
             raise NotFoundError(f"the server could not find the requested resource ({plural})") from None
 
+    @staticmethod
+    def qualified(plural: str) -> str:
+        """``deployments.apps`` / ``pods``: how the real API server names a resource in messages."""
+        rt = RESOURCES.get(plural)
+        return f"{plural}.{rt.group}" if rt is not None and rt.group else plural
+
     def _key(self, plural: str, namespace: str | None, name: str) -> tuple[str, str]:
         return ((namespace or "") if self.rtype(plural).namespaced else "", name)
 
@@ -258,9 +264,8 @@ class Store:
     def get(self, plural: str, namespace: str | None, name: str) -> Obj:
         obj = self._objects[plural].get(self._key(plural, namespace, name))
         if obj is None:
-            rt = self.rtype(plural)
-            group = f".{rt.group}" if rt.group else ""
-            raise NotFoundError(f'{plural}{group} "{name}" not found')
+            self.rtype(plural)
+            raise NotFoundError(f'{self.qualified(plural)} "{name}" not found')
         return copy.deepcopy(obj)
 
     def find(self, plural: str, namespace: str | None, name: str) -> Obj | None:
@@ -305,7 +310,7 @@ class Store:
                 )
         key = self._key(plural, meta.get("namespace"), meta["name"])
         if key in self._objects[plural]:
-            raise AlreadyExistsError(f'{plural} "{meta["name"]}" already exists')
+            raise AlreadyExistsError(f'{self.qualified(plural)} "{meta["name"]}" already exists')
         obj["apiVersion"] = rt.api_version
         obj["kind"] = rt.kind
         meta["uid"] = str(uuid.uuid4())
@@ -325,11 +330,11 @@ class Store:
         key = self._key(plural, meta.get("namespace"), meta.get("name", ""))
         old = self._objects[plural].get(key)
         if old is None:
-            raise NotFoundError(f'{plural} "{meta.get("name")}" not found')
+            raise NotFoundError(f'{self.qualified(plural)} "{meta.get("name")}" not found')
         if check_rv and meta.get("resourceVersion") and meta["resourceVersion"] != old["metadata"]["resourceVersion"]:
             raise ConflictError(
-                f'Operation cannot be fulfilled on {plural} "{meta["name"]}": the object has been modified; '
-                "please apply your changes to the latest version and try again"
+                f'Operation cannot be fulfilled on {self.qualified(plural)} "{meta["name"]}": '
+                "the object has been modified; please apply your changes to the latest version and try again"
             )
         if status_only:
             new = copy.deepcopy(old)
@@ -376,7 +381,7 @@ class Store:
         key = self._key(plural, namespace, name)
         old = self._objects[plural].pop(key, None)
         if old is None:
-            raise NotFoundError(f'{plural} "{name}" not found')
+            raise NotFoundError(f'{self.qualified(plural)} "{name}" not found')
         gone = copy.deepcopy(old)
         gone["metadata"]["resourceVersion"] = self._next_rv()
         self._record(plural, "DELETED", gone, copy.deepcopy(old))
@@ -391,11 +396,14 @@ class Store:
         label_selector: str | None = None,
         field_selector: str | None = None,
         stop: asyncio.Event | None = None,
+        on_progress: Callable[[int], None] | None = None,
     ) -> AsyncIterator[WatchEvent]:
         """Events after ``since_rv`` matching the selectors, as a real watch sends them.
 
         An object that starts matching a selector arrives as ADDED, one that stops matching as
         DELETED. Raises :class:`GoneError` if ``since_rv`` is older than the retained history.
+        ``on_progress(rv)`` is called each time every event up to ``rv`` has been yielded or skipped
+        (what a BOOKMARK may safely carry).
         """
         if since_rv < self._compacted_rv:
             raise GoneError(f"too old resource version: {since_rv} ({self._compacted_rv})")
@@ -403,6 +411,7 @@ class Store:
         fmatch = parse_field_selector(field_selector)
         last = since_rv
         while stop is None or not stop.is_set():
+            snapshot = self._rv  # every event up to here is in ``pending`` (or was handled before)
             pending = [e for e in self._history if e.rv > last and e.plural == plural]
             if not pending and self._history and self._history[0].rv > last + 1 and last < self._compacted_rv:
                 raise GoneError(f"too old resource version: {last} ({self._compacted_rv})")
@@ -425,6 +434,10 @@ class Store:
                     yield WatchEvent(ev.rv, plural, "ADDED", ev.obj, ev.old)
                 elif old_match:
                     yield WatchEvent(ev.rv, plural, "DELETED", ev.obj, ev.old)
+            if on_progress is not None:
+                on_progress(max(last, snapshot))
             if stop is not None and stop.is_set():
                 return
+            if self._rv != snapshot:
+                continue  # something changed while the consumer held an event: rescan at once
             await self.wait_change(timeout=1.0)
