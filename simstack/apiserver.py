@@ -45,6 +45,7 @@ from simstack.store import (
     ResourceType,
     Store,
     StoreError,
+    default_object,
     labels_of,
     now_rfc3339,
     parse_label_selector,
@@ -829,52 +830,6 @@ def _wants_table(request: web.Request) -> bool:
 
 
 # ------------------------------------------------------------------ defaulting
-def _b64(s: str) -> str:
-    return base64.b64encode(s.encode()).decode()
-
-
-def default_object(plural: str, obj: Obj) -> Obj:
-    """The bits of API-server defaulting clients rely on."""
-    if plural == "secrets":
-        obj.setdefault("type", "Opaque")
-        string_data = obj.pop("stringData", None) or {}
-        if string_data:
-            data = obj.get("data") or {}
-            data.update({k: _b64(v) for k, v in string_data.items()})
-            obj["data"] = data
-    elif plural == "pods":
-        spec = obj.setdefault("spec", {})
-        spec.setdefault("restartPolicy", "Always")
-        spec.setdefault("terminationGracePeriodSeconds", 30)
-        spec.setdefault("dnsPolicy", "ClusterFirst")
-        spec.setdefault("schedulerName", "default-scheduler")
-        spec.setdefault("serviceAccountName", "default")
-        status = obj.setdefault("status", {})
-        status.setdefault("phase", "Pending")
-        status.setdefault("qosClass", "BestEffort")
-    elif plural == "deployments":
-        spec = obj.setdefault("spec", {})
-        spec.setdefault("replicas", 1)
-        spec.setdefault("revisionHistoryLimit", 10)
-        spec.setdefault("progressDeadlineSeconds", 600)
-        spec.setdefault(
-            "strategy", {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "25%", "maxSurge": "25%"}}
-        )
-    elif plural == "replicasets":
-        obj.setdefault("spec", {}).setdefault("replicas", 1)
-    elif plural == "services":
-        spec = obj.setdefault("spec", {})
-        spec.setdefault("type", "ClusterIP")
-        spec.setdefault("sessionAffinity", "None")
-        for p in spec.get("ports") or []:
-            p.setdefault("protocol", "TCP")
-            p.setdefault("targetPort", p.get("port"))
-    elif plural == "namespaces":
-        obj.setdefault("spec", {}).setdefault("finalizers", ["kubernetes"])
-        obj.setdefault("status", {}).setdefault("phase", "Active")
-    return obj
-
-
 # ====================================================================== discovery
 def _api_resource(rt: ResourceType) -> Obj:
     r: Obj = {

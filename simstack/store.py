@@ -7,6 +7,7 @@ purpose. Objects are plain dicts in Kubernetes wire form; callers always get dee
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
 import re
 import time
@@ -90,6 +91,68 @@ def now_rfc3339(t: float | None = None) -> str:
 
 def now_rfc3339_micro(t: float | None = None) -> str:
     return datetime.fromtimestamp(time.time() if t is None else t, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _b64(s: str) -> str:
+    return base64.b64encode(s.encode()).decode()
+
+
+def _default_pod_spec(spec: Obj | None) -> None:
+    if not isinstance(spec, dict):
+        return
+    for c in (spec.get("containers") or []) + (spec.get("initContainers") or []):
+        image = str(c.get("image", ""))
+        c.setdefault("imagePullPolicy", "Always" if image.endswith(":latest") or ":" not in image else "IfNotPresent")
+        c.setdefault("terminationMessagePath", "/dev/termination-log")
+        c.setdefault("terminationMessagePolicy", "File")
+        for port in c.get("ports") or []:
+            port.setdefault("protocol", "TCP")
+
+
+def default_object(plural: str, obj: Obj) -> Obj:
+    """The API server's defaulting that clients rely on (applied on every create and spec update)."""
+    if plural == "secrets":
+        obj.setdefault("type", "Opaque")
+        string_data = obj.pop("stringData", None) or {}
+        if string_data:
+            data = obj.get("data") or {}
+            data.update({k: _b64(v) for k, v in string_data.items()})
+            obj["data"] = data
+    elif plural == "pods":
+        spec = obj.setdefault("spec", {})
+        _default_pod_spec(spec)
+        spec.setdefault("restartPolicy", "Always")
+        spec.setdefault("terminationGracePeriodSeconds", 30)
+        spec.setdefault("dnsPolicy", "ClusterFirst")
+        spec.setdefault("schedulerName", "default-scheduler")
+        spec.setdefault("serviceAccountName", "default")
+        status = obj.setdefault("status", {})
+        status.setdefault("phase", "Pending")
+        status.setdefault("qosClass", "BestEffort")
+    elif plural == "deployments":
+        spec = obj.setdefault("spec", {})
+        _default_pod_spec((spec.get("template") or {}).get("spec"))
+        spec.setdefault("replicas", 1)
+        spec.setdefault("revisionHistoryLimit", 10)
+        spec.setdefault("progressDeadlineSeconds", 600)
+        spec.setdefault(
+            "strategy", {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "25%", "maxSurge": "25%"}}
+        )
+    elif plural == "replicasets":
+        spec = obj.setdefault("spec", {})
+        spec.setdefault("replicas", 1)
+        _default_pod_spec((spec.get("template") or {}).get("spec"))
+    elif plural == "services":
+        spec = obj.setdefault("spec", {})
+        spec.setdefault("type", "ClusterIP")
+        spec.setdefault("sessionAffinity", "None")
+        for p in spec.get("ports") or []:
+            p.setdefault("protocol", "TCP")
+            p.setdefault("targetPort", p.get("port"))
+    elif plural == "namespaces":
+        obj.setdefault("spec", {}).setdefault("finalizers", ["kubernetes"])
+        obj.setdefault("status", {}).setdefault("phase", "Active")
+    return obj
 
 
 # ------------------------------------------------------------------ selectors
@@ -311,6 +374,7 @@ class Store:
         key = self._key(plural, meta.get("namespace"), meta["name"])
         if key in self._objects[plural]:
             raise AlreadyExistsError(f'{self.qualified(plural)} "{meta["name"]}" already exists')
+        default_object(plural, obj)
         obj["apiVersion"] = rt.api_version
         obj["kind"] = rt.kind
         meta["uid"] = str(uuid.uuid4())
@@ -340,7 +404,7 @@ class Store:
             new = copy.deepcopy(old)
             new["status"] = obj.get("status", {})
         else:
-            new = obj
+            new = default_object(plural, obj)
             if "status" not in new and "status" in old:
                 new["status"] = copy.deepcopy(old["status"])
             # immutable / server-owned metadata

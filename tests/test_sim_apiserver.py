@@ -230,7 +230,7 @@ def seed(store: Store) -> None:
             "controller": True,
         }
     ]
-    store.create("pods", pod, "serving")
+    pod = store.create("pods", pod, "serving")
     store.create(
         "events",
         {
@@ -240,6 +240,7 @@ def seed(store: Store) -> None:
                 "namespace": "serving",
                 "name": "coder-chat-5d8f-abcde",
                 "apiVersion": "v1",
+                "uid": pod["metadata"]["uid"],
             },
             "reason": "Scheduled",
             "message": "Successfully assigned serving/coder-chat-5d8f-abcde to default-pool-1",
@@ -255,7 +256,13 @@ def seed(store: Store) -> None:
         "events",
         {
             "metadata": {"name": "coder-chat.1"},
-            "involvedObject": {"kind": "Deployment", "namespace": "serving", "name": "coder-chat"},
+            "involvedObject": {
+                "kind": "Deployment",
+                "namespace": "serving",
+                "name": "coder-chat",
+                "apiVersion": "apps/v1",
+                "uid": dep["metadata"]["uid"],
+            },
             "reason": "ScalingReplicaSet",
             "message": "Scaled up replica set coder-chat-5d8f to 1",
             "type": "Normal",
