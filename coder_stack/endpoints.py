@@ -1,0 +1,70 @@
+"""Where the flows reach a Service: an override URL, the in-cluster DNS name, or a port-forward."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from kubernetes_asyncio import client
+from kubernetes_asyncio.client import ApiClient
+
+from coder_stack.errors import NotFound, SpecError
+from coder_stack.k8s import API_TIMEOUT, api_errors
+from coder_stack.portforward import port_forward
+from coder_stack.spec import AccessMode, StackSpec
+
+
+def _strip_v1(url: str) -> str:
+    url = url.rstrip("/")
+    return url[: -len("/v1")] if url.endswith("/v1") else url
+
+
+async def _service_port(api: ApiClient, namespace: str, service: str) -> int:
+    core = client.CoreV1Api(api)
+    try:
+        with api_errors("get", "services", namespace, service):
+            svc = await core.read_namespaced_service(service, namespace, _request_timeout=API_TIMEOUT)
+    except NotFound as e:
+        raise NotFound(
+            f"service {service!r} not found in namespace {namespace!r}; check the stack spec"
+        ) from e.__cause__
+    ports = (svc.spec.ports if svc.spec else None) or []
+    if not ports:
+        raise NotFound(f"service {namespace}/{service} exposes no port")
+    return int(ports[0].port)
+
+
+async def resolve_target(api: ApiClient, spec: StackSpec, target: str) -> tuple[str, str, int, str | None]:
+    """(namespace, service, port, override URL or None) for "gateway", a model or a front-end name."""
+    if target == "gateway":
+        override = spec.access.overrides.gateway
+        return spec.gateway_namespace, spec.gateway_service, spec.gateway_port, str(override) if override else None
+    for m in spec.models:
+        if target == m.name:
+            override = spec.access.overrides.models.get(m.name)
+            return spec.serving_namespace, m.name, m.port, str(override) if override else None
+    for f in spec.frontends:
+        if target == f.name:
+            return spec.experience_namespace, f.name, await _service_port(api, spec.experience_namespace, f.name), None
+    known = ["gateway", *(m.name for m in spec.models), *(f.name for f in spec.frontends)]
+    raise SpecError(f"unknown endpoint {target!r}; this stack has: {', '.join(known)}")
+
+
+@asynccontextmanager
+async def open_endpoint(api: ApiClient, spec: StackSpec, target: str) -> AsyncIterator[str]:
+    """Yield the base URL (without ``/v1``) of ``target``: ``"gateway"``, a model or a front-end name.
+
+    An override URL in ``spec.access.overrides`` wins; ``in-cluster`` gives the Service's DNS name;
+    ``port-forward`` forwards a local port for as long as the block runs.
+    """
+    namespace, service, port, override = await resolve_target(api, spec, target)
+    if override:
+        yield _strip_v1(override)
+    elif spec.access.mode == AccessMode.IN_CLUSTER:
+        yield f"http://{service}.{namespace}.svc.{spec.access.cluster_domain}:{port}"
+    else:
+        async with port_forward(api, namespace, service, port) as (host, local_port):
+            yield f"http://{host}:{local_port}"
+
+
+__all__ = ["open_endpoint", "resolve_target"]

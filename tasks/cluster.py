@@ -1,0 +1,223 @@
+"""Thin Prefect tasks over :mod:`coder_stack.kube`.
+
+Each task opens its own cluster client from a serialisable :class:`ClusterTarget`, calls one function and
+returns its pydantic report. Retries only :class:`~coder_stack.errors.RetriableError` (API server
+hiccups, a pod not Ready yet); a crash loop or an over-budget phase fails at once. No task carries the
+``gpu`` tag: the flow holds the GPU limit around the whole session.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+from uuid import UUID
+
+from prefect import task
+from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_run_logger
+
+from coder_stack import kube
+from coder_stack.errors import SpecError, is_retriable, redact
+from coder_stack.k8s import ClusterTarget, open_api
+from coder_stack.kube import (
+    DeploymentStatus,
+    ExecResult,
+    GoneReport,
+    PhaseUpdate,
+    PreflightReport,
+    ReadyReport,
+    ScaleResult,
+)
+from coder_stack.spec import PhaseBudgets, StackSpec
+
+# stdout/stderr kept in a task result (the rest is cut; secrets are redacted by pattern).
+EXEC_OUTPUT_LIMIT = 4000
+
+
+def only_retriable(task: Any, task_run: Any, state: Any) -> bool:
+    """``retry_condition_fn``: retry only what a retry may fix."""
+    try:
+        state.result()
+    except Exception as e:  # the task's own exception, re-raised by Prefect
+        return is_retriable(e)
+    return False
+
+
+def run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    try:
+        return get_run_logger()
+    except MissingContextError:  # called through .fn() outside a run (tests, scripts)
+        return logging.getLogger("coder_stack.tasks.cluster")
+
+
+_TASK: dict[str, Any] = {
+    "cache_policy": NO_CACHE,
+    "retries": 3,
+    "retry_delay_seconds": [2, 5, 10],
+    "retry_condition_fn": only_retriable,
+}
+
+
+@task(name="preflight", **_TASK)
+async def preflight_task(target: ClusterTarget, spec: StackSpec, models: list[str] | None = None) -> PreflightReport:
+    """Namespaces and Deployments exist, the models fit the GPU node's RAM; which models hold the GPU."""
+    log = run_logger()
+    async with open_api(target) as api:
+        report = await kube.preflight(api, spec, models)
+    fits = ", ".join(f"{m.name} {m.need_gb:g}/{m.node_memory_gb:g} GB" for m in report.models)
+    log.info("Preflight passed: every Deployment exists; host RAM per model: %s (%s).", fits, report.memory_source)
+    if report.active_models:
+        log.info(
+            "Serving now: %s.",
+            ", ".join(f"{m.name} ({m.ready_replicas}/{m.replicas} ready)" for m in report.active_models),
+        )
+    else:
+        log.info("No GPU model is scaled up.")
+    for note in report.notes:
+        log.info("Note: %s", note)
+    return report
+
+
+@task(name="scale", **_TASK)
+async def scale_task(target: ClusterTarget, namespace: str, name: str, replicas: int) -> ScaleResult:
+    """`kubectl scale deploy/<name> --replicas=N` (no change if already there)."""
+    log = run_logger()
+    async with open_api(target) as api:
+        result = await kube.scale(api, namespace, name, replicas)
+    if result.changed:
+        log.info("Scaled %s/%s from %d to %d replicas.", namespace, name, result.found, replicas)
+    else:
+        log.info("%s/%s already has %d replicas; nothing to do.", namespace, name, replicas)
+    return result
+
+
+def _progress_callback(
+    log: logging.Logger | logging.LoggerAdapter[logging.Logger], artifact: UUID | None, label: str
+) -> kube.OnPhase:
+    async def on_phase(phase: str, info: PhaseUpdate) -> None:
+        log.info("%s: %s (%.0fs in).", label, info.detail or phase, info.elapsed_s)
+        if artifact is not None:
+            await aupdate_progress_artifact(artifact, progress=round(info.progress * 100, 1), description=info.detail)
+
+    return on_phase
+
+
+def _log_ready(log: logging.Logger | logging.LoggerAdapter[logging.Logger], label: str, r: ReadyReport) -> None:
+    if r.already_ready:
+        log.info("%s was already Ready (pod %s on %s).", label, r.pod, r.node)
+        return
+    parts = ", ".join(f"{p} {s:.1f}s" for p, s in r.seconds.items() if s > 0)
+    scale_up = " after a node scale-up" if r.scale_up_seen else ""
+    log.info("%s is Ready in %.1fs%s (pod %s on %s): %s.", label, r.total_s, scale_up, r.pod, r.node, parts)
+
+
+@task(name="wait-model-ready", **_TASK)
+async def wait_model_ready_task(
+    target: ClusterTarget, spec: StackSpec, model_name: str, progress: bool = True
+) -> ReadyReport:
+    """Follow a model's pod through node, image, weights, start until Ready, each phase within its budget."""
+    log = run_logger()
+    model = spec.model(model_name)
+    artifact = None
+    if progress:
+        try:
+            artifact = await acreate_progress_artifact(
+                progress=0.0, key=f"cold-start-{model.name}", description=f"{model.name}: waiting for a node"
+            )
+        except MissingContextError:
+            artifact = None
+    async with open_api(target) as api:
+        report = await kube.wait_ready(
+            api,
+            spec.serving_namespace,
+            model.name,
+            model.selector,
+            model.budgets,
+            on_phase=_progress_callback(log, artifact, model.name),
+        )
+    _log_ready(log, model.name, report)
+    return report
+
+
+@task(name="wait-frontend-ready", **_TASK)
+async def wait_frontend_ready_task(target: ClusterTarget, spec: StackSpec, name: str) -> ReadyReport:
+    """A front-end (Open WebUI, Tabby) Ready within spec.timeouts.frontend_ready_s."""
+    log = run_logger()
+    fe = next((f for f in spec.frontends if f.name == name), None)
+    if fe is None:
+        raise SpecError(f"unknown front-end {name!r}; this stack has: {', '.join(f.name for f in spec.frontends)}")
+    t = spec.timeouts.frontend_ready_s
+    budgets = PhaseBudgets(node=t, image=t, weights=t, start=t)
+    async with open_api(target) as api:
+        report = await kube.wait_ready(
+            api,
+            spec.experience_namespace,
+            fe.name,
+            fe.selector,
+            budgets,
+            on_phase=_progress_callback(log, None, fe.name),
+            deadline_s=t,
+        )
+    _log_ready(log, fe.name, report)
+    return report
+
+
+@task(name="wait-model-gone", **_TASK)
+async def wait_model_gone_task(target: ClusterTarget, spec: StackSpec, model_name: str) -> GoneReport:
+    """Until no pod of the model exists (the GPU is free only then), within spec.timeouts.deletion_s."""
+    log = run_logger()
+    model = spec.model(model_name)
+    async with open_api(target) as api:
+        report = await kube.wait_gone(api, spec.serving_namespace, model.selector, spec.timeouts.deletion_s)
+    if report.pods_seen:
+        log.info("%s: %d pod(s) gone after %.1fs; its GPU is free.", model.name, report.pods_seen, report.seconds)
+    else:
+        log.info("%s has no pod; its GPU is free.", model.name)
+    return report
+
+
+@task(name="stack-status", **_TASK)
+async def stack_status_task(target: ClusterTarget, spec: StackSpec) -> list[DeploymentStatus]:
+    """Replicas, readiness and pod status of every model and front-end (`kubectl get deploy,pods`)."""
+    log = run_logger()
+    out = []
+    async with open_api(target) as api:
+        for ns, name in [(spec.serving_namespace, m.name) for m in spec.models] + [
+            (spec.experience_namespace, f.name) for f in spec.frontends
+        ]:
+            st = await kube.deployment_status(api, ns, name)
+            pods = ", ".join(f"{p.name} {p.status}" for p in st.pods) or "no pods"
+            log.info("%s/%s: %d/%d ready (%s).", ns, name, st.ready_replicas, st.replicas, pods)
+            out.append(st)
+    return out
+
+
+@task(name="exec", **_TASK)
+async def exec_task(
+    target: ClusterTarget, namespace: str, selector: str, command: list[str], timeout_s: float = 60.0
+) -> ExecResult:
+    """`kubectl exec` into a Ready pod; the output kept in the result is redacted and truncated."""
+    log = run_logger()
+    async with open_api(target) as api:
+        result = await kube.exec_in_deployment(api, namespace, selector, command, timeout_s)
+    log.info("Ran a command in pod %s/%s: exit code %d.", namespace, result.pod, result.exit_code)
+    return result.model_copy(
+        update={
+            "stdout": redact(result.stdout, limit=EXEC_OUTPUT_LIMIT),
+            "stderr": redact(result.stderr, limit=EXEC_OUTPUT_LIMIT),
+        }
+    )
+
+
+__all__ = [
+    "exec_task",
+    "only_retriable",
+    "preflight_task",
+    "scale_task",
+    "stack_status_task",
+    "wait_frontend_ready_task",
+    "wait_model_gone_task",
+    "wait_model_ready_task",
+]

@@ -1,0 +1,412 @@
+"""wait_ready / wait_gone against the simulated API server, with pod statuses written step by step as in
+docs/DESIGN.md's pod life cycle table (the tests play scheduler, kubelet and autoscaler)."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from coder_stack import kube
+from coder_stack.errors import NotFound, PodFailed, WaitTimeout
+from coder_stack.kube import PhaseUpdate, wait_gone, wait_ready
+from coder_stack.spec import PhaseBudgets
+from tests.test_kube_harness import NS, PodScript, ServerThread, deployment, namespace, set_deployment_ready
+
+BUDGETS = PhaseBudgets(node=10, image=10, weights=10, start=10)
+STEP = 0.3  # seconds each simulated phase lasts
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    srv = ServerThread(tmp_path_factory.mktemp("kube-wait"))
+    srv.run(_setup(srv))
+    yield srv
+    srv.stop()
+
+
+async def _setup(srv: ServerThread) -> None:
+    srv.store.create("namespaces", namespace(NS))
+
+
+def _app() -> str:
+    return f"m-{uuid.uuid4().hex[:6]}"
+
+
+async def _new_model(server: ServerThread, replicas: int = 1) -> str:
+    app = _app()
+    await server.acall(server.store.create, "deployments", deployment(app, replicas=replicas))
+    return app
+
+
+class Phases:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, PhaseUpdate, float]] = []
+
+    def __call__(self, phase: str, info: PhaseUpdate) -> None:
+        self.seen.append((phase, info, time.monotonic()))
+
+    @property
+    def names(self) -> list[str]:
+        return [p for p, _, _ in self.seen]
+
+
+def _start_wait(server: ServerThread, app: str, budgets: PhaseBudgets = BUDGETS, **kw: Any) -> asyncio.Task[Any]:
+    async def run() -> Any:
+        async with server.api() as api:
+            return await wait_ready(api, NS, app, f"app.kubernetes.io/name={app}", budgets, **kw)
+
+    return asyncio.ensure_future(run())
+
+
+async def _settle() -> None:
+    await asyncio.sleep(0.3)  # let the three watches list and connect
+
+
+# ------------------------------------------------------------------------------------------- phases
+async def test_wait_ready_follows_node_image_weights_start_and_records_scale_up(server: ServerThread) -> None:
+    app = await _new_model(server)
+    phases = Phases()
+    waiting = _start_wait(server, app, on_phase=phases)
+    await _settle()
+    pod = PodScript(server.store, app=app)
+    await server.write(pod.create)
+    await server.write(pod.scale_up_triggered)
+    await asyncio.sleep(STEP)
+    assert not waiting.done(), "Pending with TriggeredScaleUp must be progress, not a failure"
+    await server.write(pod.bind, "gpu-pool-abc")
+    await asyncio.sleep(STEP)
+    await server.write(pod.init_running)
+    await asyncio.sleep(STEP)
+    await server.write(pod.main_running)
+    await asyncio.sleep(STEP)
+    t_ready = await server.write(pod.ready)
+    await asyncio.sleep(0.1)
+    assert not waiting.done(), "must not return before the deployment's status agrees"
+    await server.write(set_deployment_ready, server.store, app)
+    report = await asyncio.wait_for(waiting, 5)
+
+    assert phases.names == ["node", "node", "image", "weights", "start", "ready"]  # 2nd: scale-up triggered
+    assert [p.phase for p in report.phases] == ["node", "image", "weights", "start"]
+    assert all(p.seen for p in report.phases)
+    for p in ("image", "weights", "start"):
+        assert STEP * 0.8 <= report.seconds[p] <= STEP + 0.25, (p, report.seconds)
+    assert report.seconds["node"] >= STEP
+    assert report.pod == pod.name and report.node == "gpu-pool-abc"
+    assert report.scale_up_seen is True and report.already_ready is False
+    assert report.deployment_lag_s >= 0.08
+    assert report.total_s == pytest.approx(sum(report.seconds.values()), abs=0.05)
+    # phase records are contiguous, monotonic and wall-clock stamped
+    for a, b in zip(report.phases, report.phases[1:], strict=False):
+        assert a.ended_monotonic == b.started_monotonic
+        assert a.ended_at <= b.started_at
+    assert report.phases[-1].ended_monotonic - t_ready < 0.25
+    assert phases.seen[0][1].scale_up_seen is False and phases.seen[1][1].scale_up_seen is True
+    assert "adding one" in phases.seen[1][1].detail
+    assert phases.seen[2][1].node == "gpu-pool-abc" and phases.seen[-1][1].progress == 1.0
+
+
+async def test_wait_ready_without_scale_up_reports_scale_up_not_seen(server: ServerThread) -> None:
+    app = await _new_model(server)
+    waiting = _start_wait(server, app)
+    await _settle()
+    pod = PodScript(server.store, app=app)
+    await server.write(pod.create)
+    await server.write(pod.bind)
+    await server.write(pod.init_running)
+    await server.write(pod.main_running)
+    await server.write(pod.ready)
+    await server.write(set_deployment_ready, server.store, app)
+    report = await asyncio.wait_for(waiting, 5)
+    assert report.scale_up_seen is False
+
+
+async def test_ready_is_noticed_within_250ms_of_the_pod_turning_ready(server: ServerThread) -> None:
+    lags = []
+    for _ in range(7):
+        app = await _new_model(server)
+        pod = PodScript(server.store, app=app)
+        await server.write(pod.create)
+        await server.write(pod.bind)
+        await server.write(pod.main_running)
+        await server.write(set_deployment_ready, server.store, app)  # status already says 1: only the pod gates
+        waiting = _start_wait(server, app)
+        await _settle()
+        assert not waiting.done()
+        t_ready = await server.write(pod.ready)
+        report = await asyncio.wait_for(waiting, 5)
+        lags.append(report.phases[-1].ended_monotonic - t_ready)
+    median = statistics.median(lags)
+    print(f"\nreadiness notice latency: median {median * 1000:.1f} ms, max {max(lags) * 1000:.1f} ms")
+    assert max(lags) < 0.25
+
+
+async def test_already_ready_pod_returns_at_once(server: ServerThread) -> None:
+    app = await _new_model(server)
+    pod = PodScript(server.store, app=app)
+    for step in (pod.create, pod.bind, pod.init_running, pod.main_running, pod.ready):
+        await server.write(step)
+    await server.write(set_deployment_ready, server.store, app)
+    t0 = time.monotonic()
+    report = await asyncio.wait_for(_start_wait(server, app), 5)
+    assert time.monotonic() - t0 < 1.0
+    assert report.already_ready is True and report.pod == pod.name
+    assert [p.seen for p in report.phases] == [True, False, False, False]
+
+
+async def test_pod_without_init_container_skips_weights(server: ServerThread) -> None:
+    app = await _new_model(server)
+    waiting = _start_wait(server, app)
+    await _settle()
+    pod = PodScript(server.store, app=app, init=False)
+    await server.write(pod.create)
+    await server.write(pod.bind)
+    await asyncio.sleep(0.2)
+    await server.write(pod.main_running)
+    await server.write(pod.ready)
+    await server.write(set_deployment_ready, server.store, app)
+    report = await asyncio.wait_for(waiting, 5)
+    seen = {p.phase: p.seen for p in report.phases}
+    assert seen == {"node": True, "image": True, "weights": False, "start": True}
+    assert report.seconds["weights"] < 0.05 and report.seconds["image"] >= 0.15
+
+
+# ------------------------------------------------------------------------------------------- faults
+FAULTS = {
+    "crashloop": (lambda p: p.crashloop(1), "CrashLoopBackOff", ["last exit code 1", "logs"]),
+    "oom": (lambda p: p.oom_killed(), "OOMKilled", ["exit code 137", "host RAM", "g2-standard-8", "32 GB"]),
+    "oom-crashloop": (lambda p: p.crashloop(137, "OOMKilled"), "OOMKilled", ["137", "host RAM"]),
+    "errimagepull": (lambda p: p.image_pull_error(), "ErrImagePull", ["vllm/vllm-openai:v0.32.0"]),
+    "imagepullbackoff": (lambda p: p.image_pull_error("ImagePullBackOff"), "ImagePullBackOff", ["vllm/vllm-openai"]),
+    "missing-secret-key": (
+        lambda p: p.config_error(),
+        "CreateContainerConfigError",
+        ["api-key", "vllm-api-key", "Secret"],
+    ),
+    "no-scale-up": (lambda p: p.not_trigger_scale_up(), "NotTriggerScaleUp", ["will not add a node", "GPU"]),
+}
+# the state the pod is in when the fault is written
+FAULT_STAGE = {
+    "crashloop": "running",
+    "oom": "running",
+    "oom-crashloop": "running",
+    "errimagepull": "bound",
+    "imagepullbackoff": "bound",
+    "missing-secret-key": "initdone",
+    "no-scale-up": "pending",
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+async def test_fault_fails_fast_with_pod_failed_naming_cause(server: ServerThread, fault: str) -> None:
+    apply, reason, words = FAULTS[fault]
+    app = await _new_model(server)
+    waiting = _start_wait(server, app)
+    await _settle()
+    pod = PodScript(server.store, app=app)
+    await server.write(pod.create)
+    stage = FAULT_STAGE[fault]
+    if stage != "pending":
+        await server.write(pod.bind)
+    if stage in ("running", "initdone"):
+        await server.write(pod.main_running)
+    await asyncio.sleep(0.2)
+    assert not waiting.done()
+    t_fault = await server.write(apply, pod)
+    with pytest.raises(PodFailed) as info:
+        await asyncio.wait_for(waiting, 5)
+    latency = time.monotonic() - t_fault
+    assert latency < 2.0, f"{fault} reported after {latency:.2f}s"
+    err = info.value
+    assert err.reason == reason and err.pod == pod.name
+    assert pod.name in str(err)
+    for w in words:
+        assert w in str(err), (w, str(err))
+
+
+async def test_fault_report_latency_is_well_under_two_seconds(server: ServerThread) -> None:
+    lags = []
+    for _ in range(5):
+        app = await _new_model(server)
+        waiting = _start_wait(server, app)
+        await _settle()
+        pod = PodScript(server.store, app=app)
+        await server.write(pod.create)
+        await server.write(pod.bind)
+        await server.write(pod.main_running)
+        t_fault = await server.write(pod.crashloop)
+        with pytest.raises(PodFailed):
+            await asyncio.wait_for(waiting, 5)
+        lags.append(time.monotonic() - t_fault)
+    print(f"\nfault report latency: median {statistics.median(lags) * 1000:.1f} ms, max {max(lags) * 1000:.1f} ms")
+    assert max(lags) < 2.0
+
+
+async def test_phase_over_budget_raises_wait_timeout_naming_phase_and_budget(server: ServerThread) -> None:
+    app = await _new_model(server)
+    pod = PodScript(server.store, app=app)
+    await server.write(pod.create)
+    await server.write(pod.bind)
+    await server.write(pod.init_running)
+    budgets = PhaseBudgets(node=10, image=10, weights=1, start=10)
+    t0 = time.monotonic()
+    with pytest.raises(WaitTimeout) as info:
+        await asyncio.wait_for(_start_wait(server, app, budgets), 5)
+    elapsed = time.monotonic() - t0
+    assert 0.9 <= elapsed < 2.0
+    err = info.value
+    assert err.phase == "weights" and err.elapsed_s >= 0.9
+    assert "budget of 1s" in str(err) and "stage-weights" in str(err) and "budgets.weights" in str(err)
+
+
+async def test_node_phase_timeout_names_the_scheduling_problem(server: ServerThread) -> None:
+    app = await _new_model(server)
+    pod = PodScript(server.store, app=app)
+    await server.write(pod.create)
+    with pytest.raises(WaitTimeout) as info:
+        await asyncio.wait_for(_start_wait(server, app, PhaseBudgets(node=1, image=1, weights=1, start=1)), 5)
+    assert info.value.phase == "node"
+    assert "Insufficient nvidia.com/gpu" in str(info.value) and "Pending" in str(info.value)
+
+
+async def test_deadline_caps_the_whole_wait(server: ServerThread) -> None:
+    app = await _new_model(server)
+    t0 = time.monotonic()
+    with pytest.raises(WaitTimeout) as info:
+        await asyncio.wait_for(_start_wait(server, app, deadline_s=0.5), 5)
+    assert time.monotonic() - t0 < 1.5
+    assert "overall deadline" in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------- robustness
+async def test_deleting_pod_is_not_ready_and_replacement_is_followed(server: ServerThread) -> None:
+    app = await _new_model(server)
+    old = PodScript(server.store, app=app)
+    for step in (old.create, old.bind, old.main_running, old.ready):
+        await server.write(step)
+    await server.write(old.mark_deleting)
+    waiting = _start_wait(server, app)
+    await asyncio.sleep(0.5)
+    assert not waiting.done(), "a pod being deleted (deletionTimestamp) is not Ready"
+    new = PodScript(server.store, app=app)
+    for step in (new.create, new.bind, new.main_running, new.ready):
+        await server.write(step)
+    await server.write(old.delete)
+    await server.write(set_deployment_ready, server.store, app)
+    report = await asyncio.wait_for(waiting, 5)
+    assert report.pod == new.name
+
+
+async def test_watch_stream_end_is_resumed(server: ServerThread, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kube, "WATCH_TIMEOUT_S", 1)
+    app = await _new_model(server)
+    waiting = _start_wait(server, app)
+    await _settle()
+    pod = PodScript(server.store, app=app)
+    await server.write(pod.create)
+    await asyncio.sleep(1.3)  # the streams end (timeoutSeconds=1) and are resumed
+    await server.write(pod.bind)
+    await asyncio.sleep(1.2)
+    await server.write(pod.main_running)
+    t_ready = await server.write(pod.ready)
+    await server.write(set_deployment_ready, server.store, app)
+    report = await asyncio.wait_for(waiting, 5)
+    assert report.phases[-1].ended_monotonic - t_ready < 0.25
+    assert report.seconds["image"] >= 1.0
+
+
+async def test_410_gone_relists_without_missing_ready(server: ServerThread, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kube, "WATCH_TIMEOUT_S", 1)
+    app = await _new_model(server)
+    pod = PodScript(server.store, app=app)
+    for step in (pod.create, pod.bind, pod.main_running):
+        await server.write(step)
+    await server.write(set_deployment_ready, server.store, app)
+    waiting = _start_wait(server, app)
+    await _settle()
+    # The pods watch ends within 1 s; its reconnect is refused once (503), and while the client backs
+    # off the pod turns Ready and the history is compacted: the resumed watch gets 410 and must re-list.
+    fired_before = len(server.faults.fired)
+    server.faults.fail("GET", rf"/namespaces/{NS}/pods$", 503, times=1)
+    deadline = time.monotonic() + 3
+    while len(server.faults.fired) == fired_before and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert len(server.faults.fired) > fired_before, "the pods watch did not reconnect"
+
+    def ready_and_compact() -> None:
+        pod.ready()
+        server.store.compact()
+
+    server.runner.app["requests"].clear()
+    await server.write(ready_and_compact)
+    report = await asyncio.wait_for(waiting, 5)
+    assert report.pod == pod.name
+    after = list(server.runner.app["requests"])
+    relists = [p for m, p in after if m == "GET" and f"/namespaces/{NS}/pods?" in p and "watch=" not in p]
+    assert relists, f"expected a re-list after 410 Gone, requests were {after}"
+
+
+async def test_missing_deployment_raises_not_found(server: ServerThread) -> None:
+    with pytest.raises(NotFound) as info:
+        await asyncio.wait_for(_start_wait(server, "no-such-model"), 5)
+    assert "no-such-model" in str(info.value) and NS in str(info.value)
+
+
+async def test_scaled_back_to_zero_while_waiting_fails_fast(server: ServerThread) -> None:
+    app = await _new_model(server)
+    waiting = _start_wait(server, app)
+    await _settle()
+
+    def to_zero() -> None:
+        dep = server.store.get("deployments", NS, app)
+        dep["spec"]["replicas"] = 0
+        server.store.update("deployments", dep)
+
+    await server.write(to_zero)
+    with pytest.raises(PodFailed) as info:
+        await asyncio.wait_for(waiting, 3)
+    assert info.value.reason == "ScaledToZero" and "GitOps" in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------- wait_gone
+async def test_wait_gone_waits_until_the_pod_is_deleted_not_just_terminating(server: ServerThread) -> None:
+    app = await _new_model(server)
+    pod = PodScript(server.store, app=app)
+    for step in (pod.create, pod.bind, pod.main_running, pod.ready):
+        await server.write(step)
+
+    async def run() -> kube.GoneReport:
+        async with server.api() as api:
+            return await wait_gone(api, NS, f"app.kubernetes.io/name={app}", 5)
+
+    gone = asyncio.ensure_future(run())
+    await _settle()
+    await server.write(pod.mark_deleting)
+    await asyncio.sleep(0.4)
+    assert not gone.done(), "a Terminating pod still holds the GPU"
+    t_del = await server.write(pod.delete)
+    report = await asyncio.wait_for(gone, 5)
+    assert time.monotonic() - t_del < 0.25
+    assert report.pods_seen == 1 and report.pod_names == [pod.name] and report.seconds >= 0.6
+
+
+async def test_wait_gone_with_no_pods_returns_at_once(server: ServerThread) -> None:
+    async with server.api() as api:
+        report = await wait_gone(api, NS, "app.kubernetes.io/name=nothing-here", 5)
+    assert report.pods_seen == 0 and report.seconds < 1
+
+
+async def test_wait_gone_timeout_names_remaining_pods(server: ServerThread) -> None:
+    app = await _new_model(server)
+    pod = PodScript(server.store, app=app)
+    for step in (pod.create, pod.bind, pod.main_running, pod.mark_deleting):
+        await server.write(step)
+    async with server.api() as api:
+        with pytest.raises(WaitTimeout) as info:
+            await wait_gone(api, NS, f"app.kubernetes.io/name={app}", 0.5)
+    assert pod.name in str(info.value) and "Terminating" in str(info.value) and info.value.phase == "gone"
