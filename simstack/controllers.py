@@ -1481,7 +1481,8 @@ class Kubelet:
             }
             cs.ready = True
             cs.started = False
-            self._write(r)
+            if cs is not inits[-1]:
+                self._write(r)  # the last one is reported together with the main container's start
 
         for cs in mains:
             if inits:
