@@ -1365,7 +1365,12 @@ class ApiServer:
         if me is not None:
             self._watch_tasks.add(me)
 
+        table = _wants_table(request)
+        include = q.get("includeObject", "Metadata")
+
         async def send(etype: str, obj: Obj) -> None:
+            if table and etype in ("ADDED", "MODIFIED", "DELETED"):
+                obj = to_table(t.rt.plural, [obj], obj["metadata"].get("resourceVersion", ""), include)
             await resp.write(json.dumps({"type": etype, "object": obj}).encode() + b"\n")
 
         queue: asyncio.Queue[tuple[str, Obj] | None] = asyncio.Queue()

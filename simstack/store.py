@@ -476,7 +476,13 @@ class Store:
         last = since_rv
         while stop is None or not stop.is_set():
             snapshot = self._rv  # every event up to here is in ``pending`` (or was handled before)
-            pending = [e for e in self._history if e.rv > last and e.plural == plural]
+            pending: list[WatchEvent] = []
+            for e in reversed(self._history):  # history is in rv order: walk back to ``last`` only
+                if e.rv <= last:
+                    break
+                if e.plural == plural:
+                    pending.append(e)
+            pending.reverse()
             if not pending and self._history and self._history[0].rv > last + 1 and last < self._compacted_rv:
                 raise GoneError(f"too old resource version: {last} ({self._compacted_rv})")
             for ev in pending:
