@@ -1,0 +1,252 @@
+"""scale, status, exec and preflight against the simulated API server (objects written by the test)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from coder_stack.errors import ClusterUnavailable, CoderStackError, NotFound, PodNotReady, PreflightError
+from coder_stack.kube import (
+    deployment_status,
+    exec_in_deployment,
+    node_size_for,
+    parse_memory_gb,
+    pod_summary,
+    preflight,
+    scale,
+)
+from coder_stack.spec import ModelSpec, StackSpec
+from tasks.cluster import exec_task, only_retriable, preflight_task, scale_task
+from tests.test_kube_harness import NS, PodScript, ServerThread, deployment, namespace, node
+
+SPEC = StackSpec()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    srv = ServerThread(tmp_path_factory.mktemp("kube-ops"))
+
+    async def setup() -> None:
+        for ns in ("serving", "litellm", "experience"):
+            srv.store.create("namespaces", namespace(ns))
+        for m in SPEC.models:
+            srv.store.create("deployments", deployment(m.name, replicas=0))
+        for f in SPEC.frontends:
+            srv.store.create("deployments", deployment(f.name, "experience", replicas=0, gpu=False))
+        srv.store.create("nodes", node("default-pool-1", "16Gi", gpus=0))
+
+    srv.run(setup())
+    yield srv
+    srv.stop()
+
+
+# ------------------------------------------------------------------------------------------- scale
+async def test_scale_is_idempotent_and_reports_what_it_found(server: ServerThread) -> None:
+    async with server.api() as api:
+        first = await scale(api, NS, "coder-fim", 1)
+        second = await scale(api, NS, "coder-fim", 1)
+        back = await scale(api, NS, "coder-fim", 0)
+    assert (first.found, first.requested, first.changed) == (0, 1, True)
+    assert (second.found, second.requested, second.changed) == (1, 1, False)
+    assert (back.found, back.changed) == (1, True)
+    dep = await server.acall(server.store.get, "deployments", NS, "coder-fim")
+    assert dep["spec"]["replicas"] == 0
+
+
+async def test_scale_of_missing_deployment_names_it_and_its_namespace(server: ServerThread) -> None:
+    async with server.api() as api:
+        with pytest.raises(NotFound) as info:
+            await scale(api, NS, "coder-nope", 1)
+    assert "coder-nope" in str(info.value) and "'serving'" in str(info.value)
+    assert isinstance(info.value.__cause__, ApiException)
+
+
+async def test_library_errors_do_not_leak_and_5xx_is_retriable(server: ServerThread) -> None:
+    server.faults.fail("GET", r"/deployments/coder-chat/scale$", 503, times=1)
+    async with server.api() as api:
+        with pytest.raises(CoderStackError) as info:
+            await scale(api, NS, "coder-chat", 0)
+    assert isinstance(info.value, ClusterUnavailable) and info.value.retriable
+    assert not isinstance(info.value, ApiException)
+
+
+async def test_scale_task_fn_returns_the_report(server: ServerThread) -> None:
+    result = await scale_task.fn(server.target, NS, "coder-agent", 0)
+    assert result.changed is False and result.name == "coder-agent"
+
+
+# ------------------------------------------------------------------------------------------- status
+async def test_pod_summary_shows_status_as_kubectl_does(server: ServerThread) -> None:
+    app = "summary-app"
+    steps = {
+        "Pending": [],
+        "Init:0/1": ["bind"],
+        "PodInitializing": ["bind", "main_waiting"],
+        "Running": ["bind", "main_running", "ready"],
+        "CrashLoopBackOff": ["bind", "main_running", "crashloop"],
+        "Init:ErrImagePull": ["bind", "image_pull_error"],
+        "Terminating": ["bind", "main_running", "mark_deleting"],
+    }
+    expected = {}
+    for want, actions in steps.items():
+        pod = PodScript(server.store, app=app)
+        await server.write(pod.create)
+        for a in actions:
+            if a == "main_waiting":
+                await server.write(_main_waiting, pod)
+            else:
+                await server.write(getattr(pod, a))
+        expected[pod.name] = want
+    async with server.api() as api:
+        pods = await pod_summary(api, NS, f"app.kubernetes.io/name={app}")
+    got = {p.name: p.status for p in pods}
+    assert got == expected
+    running = next(p for p in pods if p.status == "Running")
+    assert running.ready == "1/1" and running.is_ready and running.node == "gpu-pool-1"
+    crash = next(p for p in pods if p.status == "CrashLoopBackOff")
+    assert crash.restarts == 1 and not crash.is_ready
+
+
+def _main_waiting(pod: PodScript) -> None:
+    """Init done, main container not started yet."""
+    pod.main_running()
+    p = pod.store.get("pods", pod.ns, pod.name)
+    p["status"]["initContainerStatuses"] = [
+        {
+            "name": "stage-weights",
+            "image": "x",
+            "imageID": "",
+            "ready": False,
+            "restartCount": 0,
+            "state": {"terminated": {"exitCode": 0, "reason": "Completed"}},
+        }
+    ]
+    p["status"]["phase"] = "Pending"
+    p["status"]["containerStatuses"][0]["state"] = {"waiting": {"reason": "PodInitializing"}}
+    pod.store.update("pods", p, status_only=True)
+
+
+async def test_deployment_status_reports_replicas_and_readiness(server: ServerThread) -> None:
+    async with server.api() as api:
+        st = await deployment_status(api, "experience", "tabby")
+    assert st.replicas == 0 and st.ready is True and st.pods == []
+    async with server.api() as api:
+        with pytest.raises(NotFound):
+            await deployment_status(api, NS, "missing")
+
+
+# ------------------------------------------------------------------------------------------- exec
+async def test_exec_returns_exit_code_stdout_stderr_from_a_ready_pod(server: ServerThread) -> None:
+    app = "exec-app"
+    pod = PodScript(server.store, app=app)
+    for step in (pod.create, pod.bind, pod.main_running, pod.ready):
+        await server.write(step)
+    cmd = ["sh", "-c", 'echo "key=${VLLM_API_KEY}"; echo oops >&2; exit 3']
+    async with server.api() as api:
+        res = await exec_in_deployment(api, NS, f"app.kubernetes.io/name={app}", cmd, 10)
+        ok = await exec_in_deployment(api, NS, f"app.kubernetes.io/name={app}", ["true"], 10)
+    assert res.exit_code == 3 and res.stdout == "key=from-test\n" and res.stderr == "oops\n"
+    assert res.pod == pod.name
+    assert ok.exit_code == 0
+
+
+async def test_exec_task_redacts_secret_shaped_output(server: ServerThread) -> None:
+    app = "exec-app"
+    res = await exec_task.fn(server.target, NS, f"app.kubernetes.io/name={app}", ["echo", "token=sk-abcdef1234567890"])
+    assert "sk-abcdef1234567890" not in res.stdout and res.exit_code == 0
+
+
+async def test_exec_without_ready_pod_is_retriable_pod_not_ready(server: ServerThread) -> None:
+    async with server.api() as api:
+        with pytest.raises(PodNotReady) as info:
+            await exec_in_deployment(api, NS, "app.kubernetes.io/name=nobody", ["true"], 5)
+    assert info.value.retriable
+
+
+# ------------------------------------------------------------------------------------------- preflight
+def _big_model_spec(memory_gb: float = 16.0) -> StackSpec:
+    big = ModelSpec(
+        name="coder-agent",
+        role="agent",
+        served_model_name="qwen2.5-coder-32b-instruct",
+        alias="coder-agent",
+        weights_gb=18,
+    )
+    models = [m for m in SPEC.models if m.name != "coder-agent"] + [big]
+    return StackSpec(models=models, gpu_node_memory_gb=memory_gb)
+
+
+async def test_preflight_refuses_a_32b_model_on_a_16gb_node_naming_a_node_that_fits(server: ServerThread) -> None:
+    async with server.api() as api:
+        with pytest.raises(PreflightError) as info:
+            await preflight(api, _big_model_spec())
+    msg = str(info.value)
+    assert "coder-agent" in msg and "18 GB" in msg and "16 GB" in msg and "g2-standard-8 (32 GB)" in msg
+
+
+async def test_preflight_uses_gpu_node_memory_when_a_gpu_node_exists(server: ServerThread) -> None:
+    await server.acall(server.store.create, "nodes", node("gpu-pool-big", "32Gi", gpus=1))
+    try:
+        async with server.api() as api:
+            report = await preflight(api, _big_model_spec(memory_gb=16))
+        assert report.memory_source == "nodes" and report.gpu_node_memory_gb == 32
+        assert report.gpu_nodes == ["gpu-pool-big"]
+        assert all(m.fits for m in report.models)
+    finally:
+        await server.acall(server.store.delete, "nodes", None, "gpu-pool-big")
+
+
+async def test_preflight_reports_active_models_and_passes_for_the_reference_stack(server: ServerThread) -> None:
+    async with server.api() as api:
+        await scale(api, NS, "coder-chat", 1)
+        try:
+            report = await preflight(api, SPEC)
+        finally:
+            await scale(api, NS, "coder-chat", 0)
+    assert [m.name for m in report.active_models] == ["coder-chat"]
+    assert report.memory_source == "spec" and report.gpu_node_memory_gb == 16
+    assert any("no GPU node" in n for n in report.notes)
+    assert {m.name for m in report.models} == {"coder-chat", "coder-fim", "coder-agent"}
+
+
+async def test_preflight_names_every_missing_deployment(server: ServerThread) -> None:
+    await server.acall(server.store.delete, "deployments", "experience", "tabby")
+    try:
+        async with server.api() as api:
+            with pytest.raises(NotFound) as info:
+                await preflight(api, SPEC)
+        assert "deployment experience/tabby" in str(info.value)
+    finally:
+        await server.acall(server.store.create, "deployments", deployment("tabby", "experience", 0, gpu=False))
+
+
+async def test_preflight_task_fn(server: ServerThread) -> None:
+    report = await preflight_task.fn(server.target, SPEC, ["coder-fim"])
+    assert [m.name for m in report.models] == ["coder-fim"]
+
+
+def test_memory_and_node_size_helpers() -> None:
+    assert parse_memory_gb("16Gi") == 16
+    assert parse_memory_gb("16777216Ki") == 16
+    assert round(parse_memory_gb("32G"), 2) == 29.8
+    assert node_size_for(20) == "g2-standard-8 (32 GB)"
+    assert node_size_for(16) == "g2-standard-4 (16 GB)"
+    assert node_size_for(100) == "g2-standard-32 (128 GB)"
+    assert "more than 128" in node_size_for(200)
+
+
+class _State:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def result(self) -> None:
+        raise self.exc
+
+
+def test_retry_condition_retries_only_retriable_errors() -> None:
+    assert only_retriable(None, None, _State(ClusterUnavailable("x"))) is True
+    assert only_retriable(None, None, _State(PodNotReady("x"))) is True
+    assert only_retriable(None, None, _State(PreflightError("x"))) is False
+    assert only_retriable(None, None, _State(ValueError("x"))) is False
