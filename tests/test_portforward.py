@@ -76,9 +76,12 @@ async def test_forwards_http_both_ways_over_several_connections(server: ServerTh
 
 async def test_closes_listener_and_tasks_when_the_block_exits(server: ServerThread) -> None:
     before = {t for t in asyncio.all_tasks() if not t.done()}
-    async with server.api() as api, port_forward(api, NS, APP, 8000) as (host, port):
-        async with httpx.AsyncClient(timeout=10) as http:
-            assert (await http.get(f"http://{host}:{port}/health")).status_code == 200
+    async with (
+        server.api() as api,
+        port_forward(api, NS, APP, 8000) as (host, port),
+        httpx.AsyncClient(timeout=10) as http,
+    ):
+        assert (await http.get(f"http://{host}:{port}/health")).status_code == 200
     await asyncio.sleep(0.05)
     leaked = {t for t in asyncio.all_tasks() if not t.done()} - before - {asyncio.current_task()}
     assert not leaked, leaked
@@ -90,9 +93,8 @@ async def test_closes_listener_and_tasks_when_the_block_exits(server: ServerThre
 async def test_error_channel_message_surfaces_as_endpoint_unavailable(server: ServerThread) -> None:
     async with server.api() as api:
         with pytest.raises(EndpointUnavailable) as info:
-            async with port_forward(api, NS, "refusing", 9000) as (host, port):
-                async with httpx.AsyncClient(timeout=5) as http:
-                    await http.get(f"http://{host}:{port}/health")
+            async with port_forward(api, NS, "refusing", 9000) as (host, port), httpx.AsyncClient(timeout=5) as http:
+                await http.get(f"http://{host}:{port}/health")
     assert "connection refused" in str(info.value) and "refusing-pod" in str(info.value)
     assert isinstance(info.value.__cause__, httpx.HTTPError)
     assert info.value.retriable
