@@ -58,6 +58,9 @@ class SpendRow(_Report):
     alias: str = Field(max_length=253, description="key_alias.")
     spend: float = Field(ge=0, description="USD spent, as read now.")
     spend_before: float | None = Field(None, ge=0, description="USD spent before the smoke calls, if known.")
+    expected_increase: float | None = Field(
+        None, ge=0, description="USD the smoke calls should cost (tokens x the gateway's prices), if known."
+    )
     max_budget: float | None = Field(None, ge=0, description="USD cap per period.")
     share_used: float | None = Field(None, ge=0, description="spend / max_budget (0..1+).")
     models: list[str] = Field(default_factory=list, max_length=200, description="Key scope.")
@@ -249,17 +252,20 @@ async def update_key(
 
 async def delete_keys(gw: httpx.AsyncClient, master: SecretStr, tokens: list[str]) -> None:
     """``/key/delete`` by hashed ids. Keys already gone count as deleted (safe to run twice)."""
-    if not tokens:
-        return
-    await _call(
-        gw,
-        master,
-        "POST",
-        "/key/delete",
-        what=f"delete {len(tokens)} key(s)",
-        body={"keys": tokens},
-        ok_statuses=(200, 404),
-    )
+    for token in tokens:  # one at a time: LiteLLM refuses the whole batch if one key is already gone
+        resp = await _call(
+            gw,
+            master,
+            "POST",
+            "/key/delete",
+            what=f"delete key {token[:12]}...",
+            body={"keys": [token]},
+            ok_statuses=(200, 400, 404),
+        )
+        if resp.status_code == 400:
+            _, msg = error_detail(resp.content)
+            if "not found" not in msg.lower():
+                raise GatewayRequestError(f"could not delete key {token[:12]}...: the gateway answered 400: {msg}")
 
 
 # --------------------------------------------------------------------------------------------- models
@@ -332,6 +338,39 @@ async def _spend_of(gw: httpx.AsyncClient, master: SecretStr, alias: str) -> Key
     return info or recs[0]
 
 
+def _moved_enough(spend: float, before: float, expected: float | None) -> bool:
+    if expected is None or expected <= 0:
+        return spend > before
+    return spend - before >= expected * (1 - 1e-6)
+
+
+async def model_prices(gw: httpx.AsyncClient, master: SecretStr) -> dict[str, tuple[float, float]]:
+    """(input, output) USD per token for each model_name, as the gateway prices it (first deployment)."""
+    what = "read /model/info"
+    data = _json(await _call(gw, master, "GET", "/model/info", what=what), what)
+    out: dict[str, tuple[float, float]] = {}
+    for item in data.get("data", []) if isinstance(data, dict) else []:
+        if not isinstance(item, dict) or item.get("model_name") in out:
+            continue
+        info = item.get("model_info") or {}
+        params = item.get("litellm_params") or {}
+
+        def price(k: str, info: Any = info, params: Any = params) -> float:
+            v = info.get(k, params.get(k)) if isinstance(info, dict) else None
+            try:
+                return float(v or 0.0)
+            except (TypeError, ValueError):
+                return 0.0
+
+        out[str(item.get("model_name"))] = (price("input_cost_per_token"), price("output_cost_per_token"))
+    return out
+
+
+def expected_cost(prices: Mapping[str, tuple[float, float]], usage: Iterable[tuple[str, int, int]]) -> float:
+    """USD the gateway should charge for calls given as (model_name, prompt_tokens, completion_tokens)."""
+    return sum(pt * prices.get(m, (0.0, 0.0))[0] + ct * prices.get(m, (0.0, 0.0))[1] for m, pt, ct in usage)
+
+
 async def read_spend_baseline(gw: httpx.AsyncClient, master: SecretStr, aliases: Iterable[str]) -> dict[str, float]:
     """Spend per alias now, to compare against after smoke calls."""
     out: dict[str, float] = {}
@@ -349,12 +388,16 @@ async def read_spend(
     *,
     before: Mapping[str, float] | None = None,
     called: Iterable[str] = (),
+    expected: Mapping[str, float] | None = None,
     wait_s: float = 0.0,
     poll_s: float = 0.5,
 ) -> list[SpendRow]:
     """Spend per key. For keys in ``called`` (smoke calls were made with them) wait, bounded by
-    ``wait_s``, until spend moves past ``before`` (LiteLLM writes spend in batches, ~10 s late)."""
+    ``wait_s``, until spend moves past ``before`` (LiteLLM writes spend in batches, ~10 s late) — or, when
+    ``expected`` USD is given for the alias, until it has moved by that much (the calls may land in
+    different batches)."""
     before = dict(before or {})
+    expected = dict(expected or {})
     called_set = set(called)
     aliases = list(aliases)
     deadline = time.monotonic() + wait_s
@@ -367,7 +410,7 @@ async def read_spend(
                 continue
             rec = await _spend_of(gw, master, a)
             latest[a] = rec
-            if rec is None or rec.spend > before.get(a, 0.0):
+            if rec is None or _moved_enough(rec.spend, before.get(a, 0.0), expected.get(a)):
                 pending.discard(a)
         if not pending or time.monotonic() >= deadline:
             break
@@ -387,6 +430,10 @@ async def read_spend(
             status, note = "no calls", "no smoke calls were made with this key in this run"
         elif rec.spend > (prev or 0.0):
             status, note = "metered", f"spend moved from ${prev or 0.0:.6f} to ${rec.spend:.6f}"
+            if a in expected:
+                note += f" (expected +${expected[a]:.6f} from the calls' tokens x the gateway's prices)"
+                if not _moved_enough(rec.spend, prev or 0.0, expected[a]):
+                    note += "; not all of it is written yet (LiteLLM batches spend writes)"
         elif rec.spend == 0.0:
             status = "no prices configured"
             note = (
@@ -404,6 +451,7 @@ async def read_spend(
                 alias=a,
                 spend=rec.spend,
                 spend_before=prev,
+                expected_increase=expected.get(a),
                 max_budget=rec.max_budget,
                 share_used=share,
                 models=rec.models,
@@ -422,6 +470,7 @@ __all__ = [
     "SpendRow",
     "delete_keys",
     "ensure_model_registered",
+    "expected_cost",
     "gateway_ready",
     "generate_key",
     "key_info",
@@ -429,6 +478,7 @@ __all__ = [
     "list_keys_by_alias",
     "list_model_deployments",
     "model_api_base",
+    "model_prices",
     "read_spend",
     "read_spend_baseline",
     "update_key",
