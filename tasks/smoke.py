@@ -7,14 +7,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from coder_stack import kube, smoke
 from coder_stack.endpoints import open_endpoint
 from coder_stack.errors import SmokeFailed, SpecError
-from coder_stack.gateway import SpendRow, read_spend, read_spend_baseline
+from coder_stack.gateway import SpendRow, expected_cost, model_prices, read_spend, read_spend_baseline
 from coder_stack.http import make_client, scrub_url
 from coder_stack.k8s import ClusterTarget, open_api
 from coder_stack.keys import read_client_key
@@ -69,6 +70,23 @@ def _log_spend(row: SpendRow | None) -> None:
         log.warning("Key %r: %s. %s", row.alias, row.status, row.note)
 
 
+async def _metered(
+    gw: httpx.AsyncClient,
+    master: SecretStr,
+    spec: StackSpec,
+    alias: str,
+    res: SmokeResult,
+    before: dict[str, float] | None,
+) -> SpendRow:
+    """The key's spend after the smoke, waiting for the calls' expected cost (tokens x gateway prices)."""
+    prices = await model_prices(gw, master)
+    cost = expected_cost(prices, [(u.model, u.prompt_tokens, u.completion_tokens) for u in res.usage])
+    rows = await read_spend(
+        gw, master, [alias], before=before, called=[alias], expected={alias: cost}, wait_s=spec.timeouts.spend_visible_s
+    )
+    return rows[0]
+
+
 @task(name="smoke-direct", **_RETRY)
 async def smoke_direct_task(target: ClusterTarget, spec: StackSpec, model_name: str) -> SmokeResult:
     """The model pod itself, with the shared vLLM key: /health, served name, one streamed completion."""
@@ -98,12 +116,7 @@ async def smoke_gateway_task(
         master = await read_ref(api, spec.master_key)
         before = await read_spend_baseline(gw, master, [ks.alias]) if check_spend else None
         res = await smoke.smoke_gateway(gw, str(gw.base_url), client_key, ks, model, spec)
-        spend = None
-        if check_spend:
-            rows = await read_spend(
-                gw, master, [ks.alias], before=before, called=[ks.alias], wait_s=spec.timeouts.spend_visible_s
-            )
-            spend = rows[0]
+        spend = await _metered(gw, master, spec, ks.alias, res, before) if check_spend else None
     _log_result(res)
     _log_spend(spend)
     return MeteredSmoke(smoke=res, spend=spend)
@@ -127,12 +140,7 @@ async def smoke_agent_task(
         master = await read_ref(api, spec.master_key)
         before = await read_spend_baseline(gw, master, [ks.alias]) if check_spend else None
         res = await smoke.smoke_agent(gw, str(gw.base_url), agent_key, model, spec.timeouts, key_alias=ks.alias)
-        spend = None
-        if check_spend:
-            rows = await read_spend(
-                gw, master, [ks.alias], before=before, called=[ks.alias], wait_s=spec.timeouts.spend_visible_s
-            )
-            spend = rows[0]
+        spend = await _metered(gw, master, spec, ks.alias, res, before) if check_spend else None
     _log_result(res)
     _log_spend(spend)
     return MeteredSmoke(smoke=res, spend=spend)

@@ -71,7 +71,9 @@ async def gateway_stack(spec: StackSpec = SPEC, spend_write_delay_s: float = 10)
     services = SimServices(resolve_url=_resolver(hosts), time_scale=0.01, spend_write_delay_s=spend_write_delay_s)
     st = GwStack(services, hosts)
     dom = spec.access.cluster_domain
-    servers = [(m.name, spec.serving_namespace, m.served_model_name, m.port, []) for m in spec.models]
+    servers: list[tuple[str, str, str, int, list[str]]] = [
+        (m.name, spec.serving_namespace, m.served_model_name, m.port, []) for m in spec.models
+    ]
     servers.append(("embeddings", spec.gateway_namespace, EMBEDDINGS_SERVED, 8000, ["--task", "embed"]))
     try:
         for app, ns, served, _port, extra in servers:

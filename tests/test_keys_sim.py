@@ -1,0 +1,195 @@
+"""ensure_key end to end on the simulated cluster: keys minted into their home Secrets, idempotent by alias,
+drift corrected in place, re-minted when deleted behind our back, rotated without an invalid home key,
+consumers restarted only when their key changed, WEBUI_SECRET_KEY never replaced, no key in any report/log."""
+
+from __future__ import annotations
+
+import logging
+import tomllib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+from kubernetes_asyncio import client
+from kubernetes_asyncio.client import ApiClient
+from pydantic import SecretStr
+
+from coder_stack import gateway
+from coder_stack.errors import NotFound
+from coder_stack.http import make_client
+from coder_stack.k8s import ClusterTarget, delete_secret_keys, open_api, read_secret
+from coder_stack.keys import KeyReport, ensure_key, read_client_key
+from coder_stack.spec import StackSpec
+from simstack.stack import SimStack
+
+SPEC = StackSpec()
+EXP = SPEC.experience_namespace
+HOMES = [(EXP, "openwebui-secrets"), (EXP, "tabby-config"), ("litellm", "coder-stack-keys")]
+
+
+@dataclass
+class Env:
+    sim: SimStack
+    api: ApiClient
+    gw: httpx.AsyncClient
+    master: SecretStr
+
+
+@pytest.fixture
+async def env(sim: SimStack) -> AsyncIterator[Env]:
+    async with (
+        open_api(ClusterTarget(kubeconfig=str(sim.kubeconfig_path))) as api,
+        make_client(SPEC.timeouts, base_url=sim.gateway_url) as gw,
+    ):
+        yield Env(sim, api, gw, SecretStr(sim.secrets["master_key"]))
+
+
+async def ensure_all(e: Env, *, rotate: bool = False) -> dict[str, KeyReport]:
+    out = {}
+    for ks in SPEC.keys:
+        out[ks.alias] = await ensure_key(e.api, e.gw, e.master, SPEC, ks, rotate=rotate)
+    return out
+
+
+async def data(e: Env, ns: str, name: str) -> dict[str, str]:
+    d = await read_secret(e.api, ns, name)
+    return {k: v.get_secret_value() for k, v in (d or {}).items()}
+
+
+async def restarted_at(e: Env, name: str) -> str | None:
+    dep = await client.AppsV1Api(e.api).read_namespaced_deployment(name, EXP)
+    return (dep.spec.template.metadata.annotations or {}).get("kubectl.kubernetes.io/restartedAt")
+
+
+async def restamp(e: Env, name: str) -> None:
+    """Clear the restart stamp so a later restart is visible even within the same second."""
+    body = {"spec": {"template": {"metadata": {"annotations": {"kubectl.kubernetes.io/restartedAt": "cleared"}}}}}
+    await client.AppsV1Api(e.api).patch_namespaced_deployment(name, EXP, body)
+
+
+def tabby_cfg(text: str) -> dict[str, str]:
+    return tomllib.loads(text)["model"]["completion"]["http"]
+
+
+async def test_first_run_mints_scoped_budgeted_keys_into_their_homes(env: Env) -> None:
+    reports = await ensure_all(env)
+    assert {a: r.action for a, r in reports.items()} == {
+        "open-webui": "minted",
+        "tabby": "minted",
+        "coder-agent": "minted",
+    }
+    assert reports["open-webui"].delivered_to == "experience/openwebui-secrets:OPENAI_API_KEY"
+    assert reports["open-webui"].consumer_restarted and reports["tabby"].consumer_restarted
+    assert not reports["coder-agent"].consumer_restarted and reports["coder-agent"].consumer is None
+
+    ow = await data(env, EXP, "openwebui-secrets")
+    assert ow["OPENAI_API_KEY"].startswith("sk-") and len(ow["WEBUI_SECRET_KEY"]) == 64
+    cfg = tabby_cfg((await data(env, EXP, "tabby-config"))["config.toml"])
+    assert cfg["kind"] == "vllm/completion" and cfg["model_name"] == "coder-fim"
+    assert cfg["api_endpoint"] == "http://litellm.litellm.svc.cluster.local:4000/v1"
+    assert cfg["prompt_template"] == "<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>"
+    ks = await data(env, "litellm", "coder-stack-keys")
+    assert ks["coder-agent"].startswith("sk-")
+
+    for k in SPEC.keys:
+        info = await gateway.key_info(env.gw, env.master, await read_client_key(env.api, SPEC, k.alias))
+        assert info is not None and info.alias == k.alias
+        assert sorted(info.models) == sorted(k.models) and info.max_budget == k.max_budget
+        assert info.token == reports[k.alias].token_id
+    secrets = [ow["OPENAI_API_KEY"], ks["coder-agent"], cfg["api_key"]]
+    for r in reports.values():
+        assert all(s not in r.model_dump_json() for s in secrets)
+
+
+async def test_minting_twice_changes_nothing(env: Env) -> None:
+    await ensure_all(env)
+    before = {n: await data(env, ns, n) for ns, n in HOMES}
+    stamps = {n: await restarted_at(env, n) for n in ("open-webui", "tabby")}
+    second = await ensure_all(env)
+    assert {r.action for r in second.values()} == {"kept"}
+    assert not any(r.consumer_restarted for r in second.values())
+    after = {n: await data(env, ns, n) for ns, n in HOMES}
+    assert after == before
+    assert {n: await restarted_at(env, n) for n in ("open-webui", "tabby")} == stamps
+    for k in SPEC.keys:
+        assert len(await gateway.list_keys_by_alias(env.gw, env.master, k.alias)) == 1
+
+
+async def test_scope_and_budget_drift_is_corrected_in_place_without_a_restart(env: Env) -> None:
+    first = await ensure_all(env)
+    token = first["open-webui"].token_id
+    await gateway.update_key(env.gw, env.master, token, models=["coder-chat"], max_budget=0.5)
+    value = (await data(env, EXP, "openwebui-secrets"))["OPENAI_API_KEY"]
+    await restamp(env, "open-webui")
+    rep = await ensure_key(env.api, env.gw, env.master, SPEC, SPEC.key("open-webui"))
+    assert rep.action == "updated" and rep.token_id == token and not rep.consumer_restarted
+    assert "models" in rep.notes[0] and "max_budget 0.5 -> 5.0" in rep.notes[0]
+    info = await gateway.key_info(env.gw, env.master, SecretStr(value))
+    assert info is not None and sorted(info.models) == sorted(SPEC.key("open-webui").models) and info.max_budget == 5
+    assert (await data(env, EXP, "openwebui-secrets"))["OPENAI_API_KEY"] == value
+    assert await restarted_at(env, "open-webui") == "cleared"
+
+
+async def test_key_deleted_in_the_gateway_is_reminted_and_redelivered(env: Env) -> None:
+    first = await ensure_all(env)
+    old_cfg = (await data(env, EXP, "tabby-config"))["config.toml"]
+    webui_before = (await data(env, EXP, "openwebui-secrets"))["WEBUI_SECRET_KEY"]
+    await gateway.delete_keys(env.gw, env.master, [first["tabby"].token_id])
+    await restamp(env, "tabby")
+    rep = await ensure_key(env.api, env.gw, env.master, SPEC, SPEC.key("tabby"))
+    assert rep.action == "reminted" and rep.consumer_restarted
+    assert "no longer known to the gateway" in rep.notes[0]
+    new_key = tabby_cfg((await data(env, EXP, "tabby-config"))["config.toml"])["api_key"]
+    assert new_key != tabby_cfg(old_cfg)["api_key"]
+    info = await gateway.key_info(env.gw, env.master, SecretStr(new_key))
+    assert info is not None and info.alias == "tabby"
+    assert await restarted_at(env, "tabby") not in (None, "cleared")
+    assert (await data(env, EXP, "openwebui-secrets"))["WEBUI_SECRET_KEY"] == webui_before
+
+
+async def test_alias_whose_value_we_lost_is_replaced_and_said_so(env: Env) -> None:
+    first = await ensure_all(env)
+    await delete_secret_keys(env.api, "litellm", "coder-stack-keys", ["coder-agent"])
+    with pytest.raises(NotFound, match="mint it first"):
+        await read_client_key(env.api, SPEC, "coder-agent")
+    rep = await ensure_key(env.api, env.gw, env.master, SPEC, SPEC.key("coder-agent"))
+    assert rep.action == "reminted" and rep.token_id != first["coder-agent"].token_id
+    assert any("existed in the gateway but its value is not in" in n for n in rep.notes)
+    [only] = await gateway.list_keys_by_alias(env.gw, env.master, "coder-agent")
+    assert only.token == rep.token_id
+    assert await gateway.key_info_by_token(env.gw, env.master, first["coder-agent"].token_id) is None
+
+
+async def test_rotation_swaps_in_a_new_key_then_deletes_the_old(env: Env) -> None:
+    await ensure_all(env)
+    old = await data(env, EXP, "openwebui-secrets")
+    await restamp(env, "open-webui")
+    rep = await ensure_key(env.api, env.gw, env.master, SPEC, SPEC.key("open-webui"), rotate=True)
+    assert rep.action == "rotated" and rep.consumer_restarted
+    new = await data(env, EXP, "openwebui-secrets")
+    assert new["OPENAI_API_KEY"] != old["OPENAI_API_KEY"]
+    assert new["WEBUI_SECRET_KEY"] == old["WEBUI_SECRET_KEY"]  # signs sessions: never replaced
+    assert await gateway.key_info(env.gw, env.master, SecretStr(old["OPENAI_API_KEY"])) is None
+    info = await gateway.key_info(env.gw, env.master, SecretStr(new["OPENAI_API_KEY"]))
+    assert info is not None and info.alias == "open-webui"
+    assert len(await gateway.list_keys_by_alias(env.gw, env.master, "open-webui")) == 1
+    again = await ensure_key(env.api, env.gw, env.master, SPEC, SPEC.key("open-webui"))
+    assert again.action == "kept"
+
+
+async def test_no_key_value_in_reports_logs_or_errors(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    reports = list((await ensure_all(env)).values())
+    reports += list((await ensure_all(env, rotate=True)).values())
+    values = [
+        (await data(env, EXP, "openwebui-secrets"))["OPENAI_API_KEY"],
+        (await data(env, EXP, "openwebui-secrets"))["WEBUI_SECRET_KEY"],
+        tabby_cfg((await data(env, EXP, "tabby-config"))["config.toml"])["api_key"],
+        (await data(env, "litellm", "coder-stack-keys"))["coder-agent"],
+        env.sim.secrets["master_key"],
+    ]
+    text = "\n".join(r.getMessage() for r in caplog.records) + "".join(r.model_dump_json() for r in reports)
+    text += "".join(repr(r) for r in reports)
+    for v in values:
+        assert v not in text
