@@ -13,6 +13,7 @@ from coder_stack.errors import SmokeFailed
 from coder_stack.k8s import ClusterTarget
 from coder_stack.spec import StackSpec, Timeouts
 from simstack.stack import SimStack
+from simstack.store import Store
 from tasks.gateway import ensure_keys_task, gateway_ready_task, read_spend_task, register_model_task
 from tasks.smoke import smoke_agent_task, smoke_direct_task, smoke_frontends_task, smoke_gateway_task
 from tests.conftest import pods_of, ready_pod, scale, wait_for
@@ -25,9 +26,11 @@ def swap_to(sim: SimStack, name: str) -> None:
     for m in SPEC.models:
         if m.name != name:
             scale(sim, S, m.name, 0)
-    for m in SPEC.models:
-        if m.name != name:
-            wait_for(sim, lambda s, n=m.name: not pods_of(s, S, n), 10, f"{m.name} gone")
+
+    def gone(store: Store) -> bool:
+        return not any(pods_of(store, S, m.name) for m in SPEC.models if m.name != name)
+
+    wait_for(sim, gone, 10, f"every model but {name} gone")
     scale(sim, S, name, 1)
     ready_pod(sim, S, name, timeout=15)
 
