@@ -53,10 +53,12 @@ class _TcpForwarder:
         try:
             addr = self._backends.service_backend(*self._target)
             if addr is None:
+                await self._unavailable(reader, writer)
                 return
             try:
                 up_r, up_w = await asyncio.open_connection(addr.host, addr.port)
             except OSError:
+                await self._unavailable(reader, writer)
                 return
             try:
                 await asyncio.gather(self._pipe(reader, up_w), self._pipe(up_r, writer))
@@ -68,6 +70,20 @@ class _TcpForwarder:
             writer.close()
             if task is not None:
                 self._tasks.discard(task)
+
+    @staticmethod
+    async def _unavailable(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """No Ready pod behind the Service: answer like an ingress with no endpoints (503)."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2.0)
+        body = b"<html><body><h1>503 Service Temporarily Unavailable</h1></body></html>\n"
+        writer.write(
+            b"HTTP/1.1 503 Service Temporarily Unavailable\r\nContent-Type: text/html\r\n"
+            + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            + body
+        )
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
 
     @staticmethod
     async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:

@@ -13,7 +13,6 @@ from simstack.controllers import template_hash
 from simstack.stack import SimStack
 from simstack.store import Store
 from tests.conftest import (
-    SIM_SCALE,
     FakeStandins,
     events_of,
     is_ready,
@@ -26,6 +25,7 @@ from tests.conftest import (
 )
 
 S = "serving"
+FAST = 0.001  # the fixtures' 0.002 halved, for the tests that walk several cold starts
 
 
 def phase_of(pod: dict[str, Any]) -> str:
@@ -172,7 +172,7 @@ def test_cold_start_walks_every_phase_in_order_with_events(sim: SimStack, fake_s
     elapsed = time.monotonic() - t0
     name = pod["metadata"]["name"]
     # image 240 s + weights 150 s + start 40 s, scaled
-    assert elapsed >= 0.9 * (240 + 150 + 40) * SIM_SCALE
+    assert elapsed >= 0.9 * (240 + 150 + 40) * sim.time_scale
     phases: list[str] = []
     for _, _, p in pods:
         if p["metadata"]["name"] == name and (not phases or phases[-1] != phase_of(p)):
@@ -231,7 +231,8 @@ def test_cold_start_walks_every_phase_in_order_with_events(sim: SimStack, fake_s
             assert not rollout_status(x)[0]
 
 
-def test_image_cache_per_node_and_weights_cache_per_model(sim: SimStack) -> None:
+def test_image_cache_per_node_and_weights_cache_per_model(make_sim: Any) -> None:
+    sim = make_sim(time_scale=FAST)
     scale(sim, S, "coder-chat", 1)
     ready_pod(sim, S, "coder-chat")
     scale(sim, S, "coder-chat", 0)
@@ -243,18 +244,19 @@ def test_image_cache_per_node_and_weights_cache_per_model(sim: SimStack) -> None
     evs = on_loop(sim, lambda s: events_of(s, S, fim["metadata"]["name"]))
     assert "Pulling" not in [e["reason"] for e in evs]  # the image is on the node already
     assert "already present on machine" in next(e for e in evs if e["reason"] == "Pulled")["message"]
-    assert fim_s >= 0.9 * (85 + 27) * SIM_SCALE  # fim's weights are not cached yet
+    assert fim_s >= 0.9 * (85 + 27) * sim.time_scale  # fim's weights are not cached yet
     scale(sim, S, "coder-fim", 0)
     gone(sim, S, "coder-fim")
     t0 = time.monotonic()
     scale(sim, S, "coder-chat", 1)
     ready_pod(sim, S, "coder-chat")
     warm = time.monotonic() - t0
-    assert warm < (150 + 40) * SIM_SCALE  # weights cached on the model-cache PVC, image cached on the node
+    assert warm < (150 + 40) * sim.time_scale  # weights cached on the model-cache PVC, image cached on the node
 
 
 # ------------------------------------------------------------------ scheduling
-def test_one_gpu_second_model_pending_until_first_is_gone(sim: SimStack) -> None:
+def test_one_gpu_second_model_pending_until_first_is_gone(make_sim: Any) -> None:
+    sim = make_sim(time_scale=FAST)
     pods = record(sim, "pods")
     scale(sim, S, "coder-chat", 1)
     chat = ready_pod(sim, S, "coder-chat")
@@ -299,8 +301,8 @@ def test_one_gpu_second_model_pending_until_first_is_gone(sim: SimStack) -> None
     assert chat_deleting < chat_deleted <= fim_bound
 
 
-def test_autoscaler_scales_up_then_refuses_when_full_then_removes_idle_node(sim_autoscaled: SimStack) -> None:
-    sim = sim_autoscaled
+def test_autoscaler_scales_up_then_refuses_when_full_then_removes_idle_node(make_sim: Any) -> None:
+    sim = make_sim(gpu_pool="autoscaled", time_scale=FAST)
     assert on_loop(sim, lambda s: [n["metadata"]["name"] for n in s.list("nodes")]) == ["default-pool-1"]
     t0 = time.monotonic()
     scale(sim, S, "coder-chat", 1)
@@ -325,7 +327,7 @@ def test_autoscaler_scales_up_then_refuses_when_full_then_removes_idle_node(sim_
     node = wait_for(
         sim, lambda s: next((n for n in s.list("nodes") if n["metadata"]["name"].startswith("gpu-pool")), None), 5
     )
-    assert time.monotonic() - t0 >= 0.9 * 240 * SIM_SCALE
+    assert time.monotonic() - t0 >= 0.9 * 240 * sim.time_scale
     bound = ready_pod(sim, S, "coder-chat")
     assert bound["spec"]["nodeName"] == node["metadata"]["name"]
     # the pool is at its max (1 GPU): a second model pod does not trigger a scale-up
@@ -350,7 +352,7 @@ def test_autoscaler_scales_up_then_refuses_when_full_then_removes_idle_node(sim_
     gone(sim, S, "coder-chat")
     t_idle = time.monotonic()
     wait_for(sim, lambda s: len(s.list("nodes")) == 1, 5, "idle GPU node removed")
-    assert time.monotonic() - t_idle >= 0.9 * 600 * SIM_SCALE
+    assert time.monotonic() - t_idle >= 0.9 * 600 * sim.time_scale
 
 
 # ------------------------------------------------------------------ faults
@@ -359,7 +361,7 @@ def _main_status(p: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_fault_crashloop(make_sim: Any) -> None:
-    sim = make_sim(faults={"coder-fim": "crashloop"})
+    sim = make_sim(faults={"coder-fim": "crashloop"}, time_scale=FAST)
     scale(sim, S, "coder-fim", 1)
     pod = wait_for(
         sim,
@@ -383,7 +385,7 @@ def test_fault_crashloop(make_sim: Any) -> None:
 
 
 def test_fault_imagepull_then_cleared_at_runtime(make_sim: Any) -> None:
-    sim = make_sim(faults={"coder-chat": "imagepull"})
+    sim = make_sim(faults={"coder-chat": "imagepull"}, time_scale=FAST)
     scale(sim, S, "coder-chat", 1)
 
     def init_reason(s: Store, reason: str) -> dict[str, Any] | None:
@@ -407,7 +409,7 @@ def test_fault_imagepull_then_cleared_at_runtime(make_sim: Any) -> None:
 
 
 def test_fault_oom(make_sim: Any) -> None:
-    sim = make_sim(faults={"coder-chat": "oom"})
+    sim = make_sim(faults={"coder-chat": "oom"}, time_scale=FAST)
     scale(sim, S, "coder-chat", 1)
     pod = wait_for(
         sim,
@@ -482,7 +484,7 @@ def test_fault_slow_node(make_sim: Any) -> None:
     t0 = time.monotonic()
     scale(sim, S, "coder-chat", 1)
     wait_for(sim, lambda s: len(s.list("nodes")) == 2, 5, "GPU node")
-    assert time.monotonic() - t0 >= 0.95 * 285 * SIM_SCALE
+    assert time.monotonic() - t0 >= 0.95 * 285 * sim.time_scale
 
 
 def test_set_fault_rejects_unknown(sim: SimStack) -> None:
@@ -635,7 +637,8 @@ def test_rollout_restart_replaces_the_pod_new_first(sim: SimStack, fake_standins
     assert sorted(rs["spec"]["replicas"] for rs in rss) == [0, 1]
 
 
-def test_recreate_rollout_of_a_model_deletes_first(sim: SimStack) -> None:
+def test_recreate_rollout_of_a_model_deletes_first(make_sim: Any) -> None:
+    sim = make_sim(time_scale=FAST)
     scale(sim, S, "coder-fim", 1)
     old = ready_pod(sim, S, "coder-fim")
 

@@ -15,7 +15,7 @@ from kubernetes_asyncio import client, config, watch
 
 from simstack.cluster_objects import b64
 from simstack.stack import SimStack, run_sim
-from tests.conftest import SIM_SCALE, on_loop, pods_of, ready_pod, scale
+from tests.conftest import SIM_SCALE, on_loop, pods_of, ready_pod, scale, wait_for
 
 S = "serving"
 KUBECTL = shutil.which("kubectl")
@@ -62,8 +62,15 @@ def test_kubectl_get_scale_and_rollout_status(sim: SimStack) -> None:
 def test_kubectl_runbook_frontend_secret_then_rollout_restart(sim: SimStack) -> None:
     ns = ["-n", "experience"]
     assert kubectl(sim, *ns, "scale", "deploy/open-webui", "--replicas=1").returncode == 0
-    out = kubectl(sim, *ns, "rollout", "status", "deploy/open-webui", "--timeout=1s")
-    assert out.returncode != 0  # the Secret is missing: CreateContainerConfigError, never Ready
+    wait_for(  # the Secret is missing: CreateContainerConfigError, never Ready
+        sim,
+        lambda s: any(
+            (p["status"].get("containerStatuses") or [{}])[0].get("state", {}).get("waiting", {}).get("reason")
+            == "CreateContainerConfigError"
+            for p in pods_of(s, "experience", "open-webui")
+        ),
+        5,
+    )
     out = kubectl(sim, *ns, "get", "pods")
     assert "CreateContainerConfigError" in out.stdout, out.stdout
     # (kubectl create secret / apply are the API server's business; the Secret is created on the store here)
@@ -140,6 +147,13 @@ def test_gateway_url_reaches_the_model_through_litellm(sim: SimStack) -> None:
     )
     assert r.status_code == 200, r.text
     assert r.json()["model"] == "qwen2.5-coder-7b-instruct"
+    # no Ready gateway pod: the local URL answers like an ingress without endpoints, then recovers
+    scale(sim, "litellm", "litellm", 0)
+    wait_for(sim, lambda s: not pods_of(s, "litellm", "litellm"), 5, "gateway pods gone")
+    assert httpx.get(sim.gateway_url + "/health/readiness", timeout=5).status_code == 503
+    scale(sim, "litellm", "litellm", 1)
+    ready_pod(sim, "litellm", "litellm")
+    assert httpx.get(sim.gateway_url + "/health/readiness", timeout=5).status_code == 200
 
 
 def test_stop_tears_everything_down(make_sim: Any) -> None:
