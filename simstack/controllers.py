@@ -44,6 +44,7 @@ log = logging.getLogger("simstack.controllers")
 
 Obj = dict[str, Any]
 FAULTS = ("crashloop", "imagepull", "oom", "unschedulable", "slow-node")
+FAULT_KINDS = FAULTS  # the name the CLI imports
 HASH_LABEL = "pod-template-hash"
 SAFE_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
 StandinStarter = Callable[[ContainerRun, SimServices], Awaitable[RunningBackend | None]]
