@@ -343,3 +343,13 @@ async def test_no_key_in_log_records_or_results(
     assert "/key/info" in text  # the request was logged, without its query
     for s in secrets:
         assert s not in text
+
+
+async def test_minted_key_repr_and_dump_hide_the_value(gw: httpx.AsyncClient) -> None:
+    minted = await gateway.generate_key(
+        gw, M, alias="repr-check", models=["coder-chat"], max_budget=1.0, budget_duration="30d"
+    )
+    value = minted.key.get_secret_value()
+    assert value.startswith("sk-")
+    for text in (repr(minted), str(minted), minted.model_dump_json(), repr(minted.record)):
+        assert value not in text
