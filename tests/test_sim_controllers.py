@@ -166,6 +166,13 @@ def test_sim_starts_with_nodes_secrets_and_gateway_ready(sim: SimStack) -> None:
 def test_cold_start_walks_every_phase_in_order_with_events(sim: SimStack, fake_standins: FakeStandins) -> None:
     pods = record(sim, "pods")
     deps = record(sim, "deployments")
+    registered_at_ready: list[bool] = []
+
+    def _at_ready(ev: Any) -> None:
+        if ev.plural == "pods" and is_ready(ev.obj) and not (ev.old and is_ready(ev.old)):
+            registered_at_ready.append(sim.backends.lookup(S, ev.obj["metadata"]["name"], 8000) is not None)
+
+    on_loop(sim, lambda s: s.listeners.append(_at_ready))
     t0 = time.monotonic()
     scale(sim, S, "coder-chat", 1)
     pod = ready_pod(sim, S, "coder-chat")
@@ -208,7 +215,7 @@ def test_cold_start_walks_every_phase_in_order_with_events(sim: SimStack, fake_s
     run = fake_standins.run_for("coder-chat")
     assert run.env["VLLM_API_KEY"] == sim.secrets["vllm_key"]
     assert run.args[run.args.index("--api-key") + 1] == sim.secrets["vllm_key"]
-    assert on_loop(sim, lambda s: sim.backends.lookup(S, name, 8000)) is not None
+    assert registered_at_ready == [True]  # in Backends before the Ready condition was written
     # deployment status lags the pod by one reconcile, then satisfies kubectl rollout status
     t_ready = next(t for t, _, p in pods if p["metadata"]["name"] == name and is_ready(p))
     before = [d for t, _, d in deps if d["metadata"]["name"] == "coder-chat" and t <= t_ready]
