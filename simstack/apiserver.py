@@ -1170,7 +1170,7 @@ class ApiServer:
                 cur = self.store.get(t.rt.plural, t.namespace, t.name or "")
                 if "status" in cur:
                     new["status"] = cur["status"]
-            default_object(t.rt.plural, new)
+            default_object(t.rt.plural, new, creating=False)
             return self.store.update(t.rt.plural, new, check_rv=check_rv)
         except StoreError as e:
             raise _from_store_error(e, t.rt, t.name) from None

@@ -109,7 +109,25 @@ def _default_pod_spec(spec: Obj | None) -> None:
             port.setdefault("protocol", "TCP")
 
 
-def default_object(plural: str, obj: Obj) -> Obj:
+def _qos_class(spec: Obj) -> str:
+    """The pod's QoS class from its containers' resources, as the API server computes it."""
+    containers = spec.get("containers") or []
+    any_set = False
+    guaranteed = bool(containers)
+    for c in containers:
+        res = c.get("resources") or {}
+        limits, requests = res.get("limits") or {}, res.get("requests") or {}
+        if limits or requests:
+            any_set = True
+        for r in ("cpu", "memory"):
+            if r not in limits or requests.get(r, limits[r]) != limits[r]:
+                guaranteed = False
+    if guaranteed and any_set:
+        return "Guaranteed"
+    return "Burstable" if any_set else "BestEffort"
+
+
+def default_object(plural: str, obj: Obj, *, creating: bool = True) -> Obj:
     """The API server's defaulting that clients rely on (applied on every create and spec update)."""
     if plural == "secrets":
         obj.setdefault("type", "Opaque")
@@ -126,9 +144,10 @@ def default_object(plural: str, obj: Obj) -> Obj:
         spec.setdefault("dnsPolicy", "ClusterFirst")
         spec.setdefault("schedulerName", "default-scheduler")
         spec.setdefault("serviceAccountName", "default")
-        status = obj.setdefault("status", {})
-        status.setdefault("phase", "Pending")
-        status.setdefault("qosClass", "BestEffort")
+        if creating:
+            status = obj.setdefault("status", {})
+            status.setdefault("phase", "Pending")
+            status.setdefault("qosClass", _qos_class(spec))
     elif plural == "deployments":
         spec = obj.setdefault("spec", {})
         _default_pod_spec((spec.get("template") or {}).get("spec"))
@@ -151,7 +170,8 @@ def default_object(plural: str, obj: Obj) -> Obj:
             p.setdefault("targetPort", p.get("port"))
     elif plural == "namespaces":
         obj.setdefault("spec", {}).setdefault("finalizers", ["kubernetes"])
-        obj.setdefault("status", {}).setdefault("phase", "Active")
+        if creating:
+            obj.setdefault("status", {}).setdefault("phase", "Active")
     return obj
 
 
@@ -404,7 +424,7 @@ class Store:
             new = copy.deepcopy(old)
             new["status"] = obj.get("status", {})
         else:
-            new = default_object(plural, obj)
+            new = default_object(plural, obj, creating=False)
             if "status" not in new and "status" in old:
                 new["status"] = copy.deepcopy(old["status"])
             # immutable / server-owned metadata

@@ -699,6 +699,24 @@ def test_pod_status_column_like_kubectl(status: dict, deleting: bool, expected: 
     assert pod_status_reason(pod)[0] == expected
 
 
+def test_store_defaults_on_create_and_keeps_status_on_update() -> None:
+    store = Store()
+    pod = pod_obj("p", "x", running=False)
+    pod["spec"]["containers"][0]["resources"] = {"limits": {"nvidia.com/gpu": "1"}}
+    created = store.create("pods", pod, "default")
+    assert created["status"]["qosClass"] == "Burstable"
+    assert created["spec"]["containers"][0]["ports"][0]["protocol"] == "TCP"
+    created["status"] = {"phase": "Running"}
+    store.update("pods", created, status_only=True)
+    p = store.get("pods", "default", "p")
+    del p["status"]
+    p["metadata"]["labels"] = {"a": "b"}
+    assert store.update("pods", p)["status"] == {"phase": "Running"}  # an update without status keeps it
+    sec = store.create("secrets", {"metadata": {"name": "s"}, "stringData": {"k": "v"}}, "default")
+    assert sec["type"] == "Opaque" and sec["data"] == {"k": base64.b64encode(b"v").decode()}
+    assert "stringData" not in sec
+
+
 def test_strategic_merge_patch_merges_lists_by_key() -> None:
     orig = {
         "spec": {
