@@ -31,8 +31,9 @@ from coder_stack.errors import (
     NotFound,
 )
 
-# Every API call gets an explicit timeout: (total, connect) seconds. Watches set their own.
-API_TIMEOUT = (30, 5)
+# Every API call gets an explicit timeout: kubernetes-asyncio reads a pair as (connect, read) seconds.
+# Watches set their own.
+API_TIMEOUT = (5, 30)
 
 
 class ClusterTarget(BaseModel):
