@@ -27,7 +27,7 @@ from openai.types.chat import ChatCompletionFunctionToolParam
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from coder_stack.errors import SmokeFailed, SpecError, redact
-from coder_stack.http import error_detail, make_client, openai_client, scrub_url
+from coder_stack.http import error_detail, make_client, openai_client
 from coder_stack.k8s import read_secret
 from coder_stack.keys import (
     FIM_PROMPT_TEMPLATE,
@@ -675,7 +675,6 @@ __all__ = [
     "refuse_fim_through_chat",
     "run_weather_tool",
     "scope_mismatch",
-    "scrub_url",
     "smoke_agent",
     "smoke_direct",
     "smoke_frontends",
