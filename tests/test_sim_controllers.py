@@ -676,3 +676,24 @@ def test_timeline_records_replica_changes(sim: SimStack) -> None:
     new = sim.timeline[before:]
     assert [(ns, n, r) for _, ns, n, r in new] == [(S, "coder-chat", 1), (S, "coder-chat", 0)]
     assert new[0][0] <= new[1][0]
+
+
+def test_progress_deadline_exceeded_then_recovers(make_sim: Any) -> None:
+    """progressDeadlineSeconds (600 s) marks a stuck rollout and stops nothing; it completes later."""
+    sim = make_sim(faults={"coder-fim": "crashloop"}, time_scale=FAST)
+    t0 = time.monotonic()
+    scale(sim, S, "coder-fim", 1)
+
+    def progressing(s: Store) -> dict[str, Any] | None:
+        d = s.get("deployments", S, "coder-fim")
+        return next((c for c in d.get("status", {}).get("conditions", []) if c["type"] == "Progressing"), None)
+
+    cond = wait_for(sim, lambda s: (c := progressing(s)) and c["reason"] == "ProgressDeadlineExceeded" and c, 5)
+    assert time.monotonic() - t0 >= 0.9 * 600 * sim.time_scale
+    assert cond["status"] == "False" and cond["message"].startswith('ReplicaSet "coder-fim-')
+    with pytest.raises(AssertionError, match="progress deadline"):
+        rollout_status(on_loop(sim, lambda s: s.get("deployments", S, "coder-fim")))
+    sim.set_fault("coder-fim", None)
+    ready_pod(sim, S, "coder-fim", 10)
+    cond = wait_for(sim, lambda s: (c := progressing(s)) and c["reason"] == "NewReplicaSetAvailable" and c, 5)
+    assert cond["status"] == "True"
