@@ -926,6 +926,17 @@ async def test_fault_injection(server: ServerThread, creds: KubernetesCredential
         w = Watch()
         got = [e["type"] async for e in w.stream(core.list_namespaced_pod, "serving", timeout_seconds=5)]
         assert got == ["ADDED"]  # two pods exist; the stream ended after the first
+        # abort=True resets the connection instead: the client sees a broken stream, not an end
+        server.faults.drop_watch(r"/namespaces/serving/pods$", after_events=1, abort=True)
+        w = Watch()
+        with pytest.raises(aiohttp.ClientError):
+            async for _ in w.stream(core.list_namespaced_pod, "serving", timeout_seconds=5):
+                pass
+        await w.close()
+    assert server.faults.fired[:2] == [
+        ("GET", "/apis/apps/v1/namespaces/serving/deployments/coder-chat", 500),
+        ("GET", "/apis/apps/v1/namespaces/serving/deployments/coder-chat", 500),
+    ]
 
 
 async def test_rbac_authorizer(tmp_path: Path) -> None:
