@@ -165,9 +165,16 @@ def gpu_node(spec: StackSpec, name: str, index: int) -> Obj:
 
 # ------------------------------------------------------------------ workloads
 def _deployment(
-    namespace: str, name: str, replicas: int, pod_spec: Obj, *, recreate: bool = False, labels: dict | None = None
+    namespace: str,
+    name: str,
+    replicas: int,
+    pod_spec: Obj,
+    *,
+    recreate: bool = False,
+    labels: dict | None = None,
+    app_label: str | None = None,
 ) -> Obj:
-    sel = {NAME_LABEL: name}
+    sel = {NAME_LABEL: app_label or name}
     strategy: Obj = (
         {"type": "Recreate"}
         if recreate
@@ -186,12 +193,12 @@ def _deployment(
     }
 
 
-def _service(namespace: str, name: str, port: int, target: int | None = None) -> Obj:
+def _service(namespace: str, name: str, port: int, target: int | None = None, app_label: str | None = None) -> Obj:
     return {
-        "metadata": {"name": name, "namespace": namespace, "labels": {NAME_LABEL: name}},
+        "metadata": {"name": name, "namespace": namespace, "labels": {NAME_LABEL: app_label or name}},
         "spec": {
             "type": "ClusterIP",
-            "selector": {NAME_LABEL: name},
+            "selector": {NAME_LABEL: app_label or name},
             "ports": [{"name": "http", "port": port, "targetPort": target or port, "protocol": "TCP"}],
         },
     }
@@ -382,7 +389,7 @@ def embeddings_deployment(spec: StackSpec) -> Obj:
     return _deployment(spec.gateway_namespace, "embeddings", 1, pod_spec)
 
 
-def openwebui_deployment(spec: StackSpec, name: str, gateway_local_url: str) -> Obj:
+def openwebui_deployment(spec: StackSpec, name: str, gateway_local_url: str, app_label: str | None = None) -> Obj:
     sec = spec.openwebui_secret
     pod_spec = {
         "containers": [
@@ -403,10 +410,10 @@ def openwebui_deployment(spec: StackSpec, name: str, gateway_local_url: str) -> 
             }
         ]
     }
-    return _deployment(spec.experience_namespace, name, 0, pod_spec)
+    return _deployment(spec.experience_namespace, name, 0, pod_spec, app_label=app_label)
 
 
-def tabby_deployment(spec: StackSpec, name: str) -> Obj:
+def tabby_deployment(spec: StackSpec, name: str, app_label: str | None = None) -> Obj:
     pod_spec = {
         "containers": [
             {
@@ -425,7 +432,7 @@ def tabby_deployment(spec: StackSpec, name: str) -> Obj:
         ],
         "volumes": [{"name": "config", "secret": {"secretName": spec.tabby_config_secret}}],
     }
-    return _deployment(spec.experience_namespace, name, 0, pod_spec)
+    return _deployment(spec.experience_namespace, name, 0, pod_spec, app_label=app_label)
 
 
 def _secret(namespace: str, name: str, data: dict[str, str]) -> Obj:
@@ -443,6 +450,7 @@ def reference_objects(spec: StackSpec, secrets: dict[str, str], gateway_local_ur
         [spec.serving_namespace, spec.gateway_namespace, spec.experience_namespace, "default", "kube-system"]
     ):
         out.append(("namespaces", {"metadata": {"name": ns, "labels": {"kubernetes.io/metadata.name": ns}}}))
+        out.append(("serviceaccounts", {"metadata": {"name": "default", "namespace": ns}}))
     # Secrets: the master/upstream keys may share one Secret (the default: litellm-secrets).
     by_secret: dict[tuple[str, str], dict[str, str]] = {}
     for ref, value in (
@@ -465,14 +473,14 @@ def reference_objects(spec: StackSpec, secrets: dict[str, str], gateway_local_ur
     for m in spec.models:
         out.append(("services", _service(spec.serving_namespace, m.name, m.port)))
     for fe in spec.frontends:
-        out.append(("services", _service(spec.experience_namespace, fe.name, 8080)))
+        out.append(("services", _service(spec.experience_namespace, fe.name, 8080, app_label=fe.selector_name)))
     out.append(("deployments", litellm_deployment(spec)))
     out.append(("deployments", embeddings_deployment(spec)))
     for m in spec.models:
         out.append(("deployments", model_deployment(spec, m)))
     for fe in spec.frontends:
         if "tabby" in fe.name:
-            out.append(("deployments", tabby_deployment(spec, fe.name)))
+            out.append(("deployments", tabby_deployment(spec, fe.name, fe.selector_name)))
         else:
-            out.append(("deployments", openwebui_deployment(spec, fe.name, gateway_local_url)))
+            out.append(("deployments", openwebui_deployment(spec, fe.name, gateway_local_url, fe.selector_name)))
     return out
