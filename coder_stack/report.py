@@ -40,7 +40,7 @@ class RunReport(BaseModel):
     wall_s: float | None = None
     outcome: str = "running"
     steps: list[str] = Field(default_factory=list, description="What happened, in order.")
-    keys: list[str] = Field(default_factory=list, description="Key actions (alias: kept/minted/...).")
+    key_actions: list[str] = Field(default_factory=list, description="Key actions (alias: kept/minted/...).")
     models: list[ModelSection] = Field(default_factory=list)
     spend: list[SpendLine] = Field(default_factory=list)
     final_state: dict[str, int] = Field(default_factory=dict, description="Replicas per Deployment at the end.")
@@ -88,8 +88,8 @@ class RunReport(BaseModel):
                 for s in m.smokes:
                     out.append(f"| {s.check} | {'pass' if s.ok else 'FAIL'} | {s.detail.replace('|', '/')} |")
             out.append("")
-        if self.keys:
-            out += ["## Keys", *[f"- {k}" for k in self.keys], ""]
+        if self.key_actions:
+            out += ["## Keys", *[f"- {k}" for k in self.key_actions], ""]
         if self.spend:
             out += [
                 "## Spend per key",
@@ -97,11 +97,11 @@ class RunReport(BaseModel):
                 "| key | spend (USD) | budget | used | models | note |",
                 "|---|---|---|---|---|---|",
             ]
-            for s in self.spend:
-                used = f"{s.share_used:.4%}" if s.share_used is not None else "-"
+            for line in self.spend:
+                used = f"{line.share_used:.4%}" if line.share_used is not None else "-"
+                budget = line.max_budget if line.max_budget is not None else "-"
                 out.append(
-                    f"| {s.alias} | {s.spend:.6f} | {s.max_budget if s.max_budget is not None else '-'} | {used} "
-                    f"| {', '.join(s.models)} | {s.note} |"
+                    f"| {line.alias} | {line.spend:.6f} | {budget} | {used} | {', '.join(line.models)} | {line.note} |"
                 )
             out.append("")
         if self.final_state:

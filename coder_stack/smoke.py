@@ -558,7 +558,7 @@ OPENWEBUI_MODELS_CMD = [
 
 
 def _key_for(spec: StackSpec, deliver_to: str) -> ClientKeySpec | None:
-    return next((k for k in spec.keys if k.deliver_to == deliver_to), None)
+    return next((k for k in spec.virtual_keys if k.deliver_to == deliver_to), None)
 
 
 async def smoke_frontends(
@@ -584,7 +584,7 @@ async def smoke_frontends(
             ks = _key_for(spec, "openwebui-secrets")
             if ks is None:
                 raise SpecError(
-                    "no key in spec.keys is delivered to openwebui-secrets; nothing to check Open WebUI with"
+                    "no key in spec.virtual_keys is delivered to openwebui-secrets; nothing to check Open WebUI with"
                 )
             fe = next((f for f in spec.frontends if f.name == "open-webui"), None)
             selector = fe.selector if fe else "app.kubernetes.io/name=open-webui"
@@ -616,7 +616,7 @@ async def smoke_frontends(
         if tabby:
             ks = _key_for(spec, "tabby-config")
             if ks is None:
-                raise SpecError("no key in spec.keys is delivered to tabby-config; nothing to check Tabby with")
+                raise SpecError("no key in spec.virtual_keys is delivered to tabby-config; nothing to check Tabby with")
             data = await read_secret(api, spec.experience_namespace, spec.tabby_config_secret)
             raw = (data or {}).get(TABBY_CONFIG_KEY)
             cfg = parse_tabby_config(raw) if raw is not None else None

@@ -185,7 +185,9 @@ class StackSpec(_Model):
         max_length=16,
         description="CPU front-end Deployments in the experience namespace.",
     )
-    keys: list[ClientKeySpec] = Field(default_factory=_default_keys, max_length=64, description="Virtual keys to mint.")
+    virtual_keys: list[ClientKeySpec] = Field(
+        default_factory=_default_keys, max_length=64, description="Virtual keys to mint."
+    )
     embeddings_alias: str = Field("embeddings", min_length=1, max_length=200, description="Embeddings alias.")
     gateway_service: Name = Field("litellm", description="LiteLLM Service name.")
     gateway_port: int = Field(4000, ge=1, le=65535, description="LiteLLM Service port.")
@@ -217,11 +219,11 @@ class StackSpec(_Model):
         if self.default_model not in names:
             raise ValueError(f"default_model {self.default_model!r} is not one of the models {names}")
         aliases = {m.alias for m in self.models} | {self.embeddings_alias}
-        for k in self.keys:
+        for k in self.virtual_keys:
             unknown = [m for m in k.models if m not in aliases]
             if unknown:
                 raise ValueError(f"key {k.alias!r} names unknown models {unknown}; known: {sorted(aliases)}")
-        if len({k.alias for k in self.keys}) != len(self.keys):
+        if len({k.alias for k in self.virtual_keys}) != len(self.virtual_keys):
             raise ValueError("key aliases must be unique")
         for name in self.access.overrides.models:
             if name not in names:
@@ -235,14 +237,14 @@ class StackSpec(_Model):
         raise SpecError(f"unknown model {name!r}; this stack has: {', '.join(m.name for m in self.models)}")
 
     def key(self, alias: str) -> ClientKeySpec:
-        for k in self.keys:
+        for k in self.virtual_keys:
             if k.alias == alias:
                 return k
-        raise SpecError(f"unknown key alias {alias!r}; this stack has: {', '.join(k.alias for k in self.keys)}")
+        raise SpecError(f"unknown key alias {alias!r}; this stack has: {', '.join(k.alias for k in self.virtual_keys)}")
 
     def key_for_model(self, model: ModelSpec) -> ClientKeySpec | None:
         """The key a smoke of this model uses: the first key scoped to its alias."""
-        for k in self.keys:
+        for k in self.virtual_keys:
             if model.alias in k.models:
                 return k
         return None

@@ -89,7 +89,7 @@ async def ensure_keys_task(
 ) -> list[KeyReport]:
     """Mint / keep / correct each client's virtual key and deliver it to its home Secret."""
     log = run_logger()
-    key_specs = [spec.key(a) for a in aliases] if aliases is not None else list(spec.keys)
+    key_specs = [spec.key(a) for a in aliases] if aliases is not None else list(spec.virtual_keys)
     reports = []
     async with open_api(target) as api, open_gateway(api, spec) as gw:
         master = await read_ref(api, spec.master_key)

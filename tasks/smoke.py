@@ -46,7 +46,7 @@ def _key_spec(spec: StackSpec, model: ModelSpec, key_alias: str | None) -> Clien
         return spec.key(key_alias)
     ks = spec.key_for_model(model)
     if ks is None:
-        raise SpecError(f"no key in spec.keys is scoped to {model.alias!r}; add one or pass key_alias")
+        raise SpecError(f"no key in spec.virtual_keys is scoped to {model.alias!r}; add one or pass key_alias")
     return ks
 
 

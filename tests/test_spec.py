@@ -70,7 +70,7 @@ def test_yaml_roundtrip_and_partial_file(tmp_path: Path) -> None:
     [
         ("gpus: 0\n", "gpus: Input should be greater than or equal to 1"),
         ("gpuz: 1\n", "gpuz: Extra inputs are not permitted"),
-        ("keys:\n- alias: x\n  models: [coder-chat]\n  max_budget: -1\n", "keys.0.max_budget"),
+        ("virtual_keys:\n- alias: x\n  models: [coder-chat]\n  max_budget: -1\n", "virtual_keys.0.max_budget"),
         ("default_model: coder-huge\n", "default_model 'coder-huge' is not one of the models"),
         ("access:\n  overrides:\n    gateway: not a url\n", "access.overrides.gateway"),
         ("access:\n  mode: tunnel\n", "'in-cluster' or 'port-forward'"),

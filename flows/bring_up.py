@@ -1,0 +1,104 @@
+"""bring_up (the morning): keys, front-ends, the default model, smokes; leaves it serving.
+
+The default model's cold start overlaps key minting and the front-ends' start. If any step fails, the
+model is scaled back to 0 (front-ends too) so a failed morning never bills a GPU all day.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from prefect import flow
+from pydantic import BaseModel, ConfigDict, Field
+
+from coder_stack.gpu import gpu_session
+from coder_stack.report import RunReport
+from flows.common import (
+    Connection,
+    final_state,
+    free_gpu,
+    logger,
+    publish,
+    record_failure,
+    record_ready,
+    record_smoke,
+    release,
+)
+from tasks.cluster import preflight_task, scale_task, wait_frontend_ready_task, wait_model_ready_task
+from tasks.gateway import ensure_keys_task, gateway_ready_task
+from tasks.smoke import smoke_direct_task, smoke_frontends_task, smoke_gateway_task
+
+
+class BringUpOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, max_length=63, description="Model to leave serving; empty: the spec's default.")
+    dry_run: bool = Field(False, description="Only report what would be minted and scaled.")
+
+
+@flow(name="bring_up", log_prints=False)
+async def bring_up(
+    options: BringUpOptions = BringUpOptions(),
+    connection: Connection = Connection(),
+) -> RunReport:
+    """Morning bring-up: the default model serving behind the gateway, front-ends up, keys delivered."""
+    spec, target = connection.resolve()
+    model = spec.model(options.model or spec.default_model)
+    frontends = [f.name for f in spec.frontends]
+    aliases = [k.alias for k in spec.virtual_keys if k.deliver_to != "keystore"]
+    log = logger()
+    report = RunReport(flow="bring_up")
+    try:
+        await preflight_task(target, spec, [model.name])
+        await gateway_ready_task(target, spec)
+        if options.dry_run:
+            report.notes.append(
+                f"dry run: would check/mint keys {aliases}, scale {frontends} to 1, "
+                f"free the GPU and bring up {model.name}"
+            )
+            report.finish("dry run: nothing changed")
+            return report
+        async with gpu_session(spec.timeouts.gpu_limit_s):
+            report.step(f"holding the GPU limit; bringing up {model.name}")
+            await free_gpu(target, spec, model.name, report)
+            ok = False
+            try:
+                await scale_task(target, spec.serving_namespace, model.name, 1)
+
+                async def keys_and_frontends() -> None:
+                    reps = await ensure_keys_task(target, spec, aliases)
+                    report.key_actions += [f"{r.alias}: {r.action} ({r.delivered_to})" for r in reps]
+                    await asyncio.gather(*(scale_task(target, spec.experience_namespace, f, 1) for f in frontends))
+                    await asyncio.gather(*(wait_frontend_ready_task(target, spec, f) for f in frontends))
+                    report.step(f"keys delivered; {', '.join(frontends)} Ready")
+
+                ready, _ = await asyncio.gather(wait_model_ready_task(target, spec, model.name), keys_and_frontends())
+                section = report.section(model.name)
+                record_ready(section, ready)
+                report.step(f"{model.name} Ready after {ready.total_s:.1f} s")
+                try:
+                    direct = await smoke_direct_task(target, spec, model.name)
+                    record_smoke(section, direct, "direct (pod, vLLM key)")
+                    via_key = await smoke_gateway_task(target, spec, model.name)
+                    record_smoke(section, via_key.smoke, "gateway (client key)")
+                except Exception as e:
+                    record_failure(section, "smoke", e)
+                    raise
+                fe = await smoke_frontends_task(target, spec, openwebui=model.role == "chat", tabby=model.role == "fim")
+                record_smoke(section, fe, "front-ends")
+                ok = True
+            finally:
+                if not ok:
+                    report.step("bring-up failed: scale the model and front-ends back to 0")
+                    outcome = await release(target, spec, [model.name], frontends)
+                    report.notes += [f"{k}: {v}" for k, v in outcome.items()]
+        report.finish("passed: serving")
+        log.info("%s is serving behind the gateway; Open WebUI and Tabby are up.", model.name)
+        return report
+    except BaseException as e:
+        report.finish(f"failed: {type(e).__name__}")
+        log.error("bring_up failed: %s", e)
+        raise
+    finally:
+        report.final_state = await final_state(target, spec)
+        await publish(report, "bring-up-report")

@@ -1,0 +1,207 @@
+"""Steps the flows share: parameters, bringing a model up, freeing the GPU, the fast clean-up, the report.
+
+Clean-up (:func:`release`) calls the cluster functions directly rather than through tasks: it runs in a
+``finally`` while the run may be failing, cancelled or terminated, and must issue every scale-down within
+seconds (the runner kills a cancelled flow 30 s after the request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
+from prefect.logging import get_run_logger
+from pydantic import BaseModel, ConfigDict, Field
+
+from coder_stack import kube
+from coder_stack.errors import CoderStackError, SpecError
+from coder_stack.k8s import ClusterTarget, open_api
+from coder_stack.kube import ReadyReport
+from coder_stack.report import ModelSection, RunReport, SmokeLine, SpendLine
+from coder_stack.smoke import SmokeResult
+from coder_stack.spec import StackSpec, load_spec
+from tasks.cluster import preflight_task, scale_task, wait_model_gone_task, wait_model_ready_task
+
+# How long the clean-up may spend issuing scale-downs before it moves on to waiting.
+RELEASE_ISSUE_S = 5.0
+
+
+class Connection(BaseModel):
+    """Which cluster and which stack. Paths are read on the machine that runs the flow."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kubeconfig: str | None = Field(
+        None, max_length=4096, description="Kubeconfig path; empty: in-cluster, then $KUBECONFIG, then ~/.kube/config."
+    )
+    context: str | None = Field(None, max_length=253, description="Kubeconfig context; empty: the current one.")
+    stack_file: str | None = Field(
+        None, max_length=4096, description="Stack spec YAML; empty: the runbook's reference deployment."
+    )
+
+    def resolve(self) -> tuple[StackSpec, ClusterTarget]:
+        """The spec and cluster target; a bad file fails here, before anything changes."""
+        return load_spec(self.stack_file), ClusterTarget(kubeconfig=self.kubeconfig, context=self.context)
+
+
+def logger() -> Any:
+    return get_run_logger()
+
+
+def model_for_role(spec: StackSpec, role: str) -> str:
+    for m in spec.models:
+        if m.role == role:
+            return m.name
+    raise SpecError(
+        f"the stack has no model with role {role!r}; roles present: {sorted({m.role for m in spec.models})}"
+    )
+
+
+def record_ready(section: ModelSection, ready: ReadyReport) -> None:
+    section.phases = {k: round(v, 3) for k, v in ready.seconds.items()}
+    section.ready_s = round(ready.total_s, 3)
+    section.scale_up_seen = ready.scale_up_seen
+
+
+def record_smoke(section: ModelSection, res: SmokeResult, label: str | None = None) -> None:
+    via = f" via key {res.key_alias}" if res.key_alias else ""
+    checks = "; ".join(c.name for c in res.checks)
+    detail = f"{checks}. {res.excerpt!r}" if res.excerpt else checks
+    for d in res.diagnostics:
+        detail += f" [diagnostic: {d}]"
+    section.smokes.append(SmokeLine(check=label or f"{res.kind}{via}", ok=True, detail=detail, seconds=res.total_s))
+    if res.ttft_s is not None and section.ttft_ms is None:
+        section.ttft_ms = round(res.ttft_s * 1000, 1)
+
+
+def record_failure(section: ModelSection, label: str, err: BaseException) -> None:
+    section.smokes.append(SmokeLine(check=label, ok=False, detail=str(err)))
+
+
+async def model_up(target: ClusterTarget, spec: StackSpec, name: str, report: RunReport) -> ReadyReport:
+    """Scale a model to 1 and wait through its cold start (phase budgets from the spec)."""
+    report.step(f"scale {name} to 1 and wait through its cold start")
+    await scale_task(target, spec.serving_namespace, name, 1)
+    ready = await wait_model_ready_task(target, spec, name)
+    record_ready(report.section(name), ready)
+    report.step(f"{name} Ready after {ready.total_s:.1f} s")
+    return ready
+
+
+async def free_gpu(target: ClusterTarget, spec: StackSpec, keep: str | None, report: RunReport) -> list[str]:
+    """Scale every GPU model except ``keep`` to 0 and wait until their pods are gone. Returns who was stopped."""
+    pf = await preflight_task(target, spec, [])
+    busy = sorted({a.name for a in pf.active_models if a.name != keep} | _models_of_pods(spec, pf.gpu_pods, keep))
+    if not busy:
+        return []
+    report.step(f"free the GPU: scale {', '.join(busy)} to 0")
+    await asyncio.gather(*(scale_task(target, spec.serving_namespace, n, 0) for n in busy))
+    await asyncio.gather(*(wait_model_gone_task(target, spec, n) for n in busy))
+    report.step(f"GPU free ({', '.join(busy)} gone)")
+    return busy
+
+
+def _models_of_pods(spec: StackSpec, pods: list[str], keep: str | None) -> set[str]:
+    names = set()
+    for p in pods:
+        for m in spec.models:
+            if m.name != keep and (p == m.name or p.startswith(m.name + "-")):
+                names.add(m.name)
+    return names
+
+
+async def release(
+    target: ClusterTarget, spec: StackSpec, models: list[str], frontends: list[str], *, wait: bool = True
+) -> dict[str, str]:
+    """Scale the given models and front-ends to 0 at once, then (optionally) wait until their pods are gone.
+
+    Every scale-down is issued first, concurrently, within RELEASE_ISSUE_S; only then does it wait. Never
+    raises: what could not be done is returned (and logged) so the caller's own error is not masked.
+    """
+    outcome: dict[str, str] = {}
+    if not models and not frontends:
+        return outcome
+    log = logger()
+    targets = [(spec.serving_namespace, n) for n in models] + [(spec.experience_namespace, n) for n in frontends]
+    try:
+        async with open_api(target) as api:
+
+            async def down(ns: str, name: str) -> None:
+                try:
+                    await kube.scale(api, ns, name, 0)
+                    outcome[name] = "scaled to 0"
+                except CoderStackError as e:
+                    outcome[name] = f"scale-down failed: {e}"
+
+            try:
+                await asyncio.wait_for(asyncio.gather(*(down(ns, n) for ns, n in targets)), RELEASE_ISSUE_S)
+            except TimeoutError:
+                for _, n in targets:
+                    outcome.setdefault(n, f"scale-down not confirmed within {RELEASE_ISSUE_S:.0f} s")
+            log.info("Clean-up: %s.", "; ".join(f"{k} {v}" for k, v in outcome.items()))
+            if wait:
+                for ns, n, sel in [(spec.serving_namespace, m, spec.model(m).selector) for m in models] + [
+                    (spec.experience_namespace, f.name, f.selector) for f in spec.frontends if f.name in frontends
+                ]:
+                    try:
+                        gone = await kube.wait_gone(api, ns, sel, spec.timeouts.deletion_s)
+                        if gone.pods_seen:
+                            outcome[n] = f"scaled to 0, pods gone after {gone.seconds:.1f} s"
+                    except CoderStackError as e:
+                        outcome[n] = f"{outcome.get(n, '')}; still has pods: {e}"
+    except CoderStackError as e:
+        log.error("Clean-up could not reach the cluster: %s. Run `coder-stack down` to make sure nothing is left.", e)
+        for _, n in targets:
+            outcome.setdefault(n, f"not released: {e}")
+    return outcome
+
+
+async def final_state(target: ClusterTarget, spec: StackSpec) -> dict[str, int]:
+    state: dict[str, int] = {}
+    try:
+        async with open_api(target) as api:
+            for ns, name in [(spec.serving_namespace, m.name) for m in spec.models] + [
+                (spec.experience_namespace, f.name) for f in spec.frontends
+            ]:
+                st = await kube.deployment_status(api, ns, name)
+                state[f"{ns}/{name}"] = st.replicas
+    except CoderStackError as e:
+        logger().warning("Could not read the final state: %s", e)
+    return state
+
+
+def spend_lines(rows: list[Any]) -> list[SpendLine]:
+    out = []
+    for r in rows:
+        note = r.status if not r.note else f"{r.status}: {r.note}"
+        out.append(
+            SpendLine(
+                alias=r.alias,
+                spend=r.spend,
+                max_budget=r.max_budget,
+                share_used=r.share_used,
+                models=list(r.models),
+                note=note,
+            )
+        )
+    return out
+
+
+async def publish(report: RunReport, key: str) -> None:
+    """The run's markdown report and spend table as Prefect artifacts (no secrets in either)."""
+    try:
+        await acreate_markdown_artifact(key=key, markdown=report.to_markdown(), description=f"{report.flow} report")
+        if report.spend:
+            await acreate_table_artifact(
+                key=f"{key}-spend",
+                table=[s.model_dump() for s in report.spend],
+                description="Spend per virtual key",
+            )
+    except Exception as e:  # an artifact must never turn a clean-up into a crash
+        logger().warning("Could not publish the report artifact: %s", type(e).__name__)
+
+
+def elapsed(t0: float) -> float:
+    return round(time.monotonic() - t0, 3)

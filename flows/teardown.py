@@ -1,0 +1,80 @@
+"""teardown (the evening, and the $0 backstop): every GPU model and front-end to 0, verified.
+
+Never waits for the GPU limit — it must run even while a session is stuck or a flow was killed with
+SIGKILL. Idempotent: safe when everything is already down. Reports what it found running and when
+the GPU node should drain (the autoscaler removes a node ~10 min after its last GPU pod exits).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from prefect import flow
+
+from coder_stack import kube
+from coder_stack.errors import PermanentError
+from coder_stack.gpu import gpu_limit_status
+from coder_stack.k8s import open_api
+from coder_stack.report import RunReport
+from flows.common import Connection, final_state, logger, publish, release
+
+NODE_DRAIN_MIN = 10
+
+
+class TeardownIncomplete(PermanentError):
+    """Something is still running after the teardown."""
+
+
+@flow(name="teardown", log_prints=False)
+async def teardown(connection: Connection = Connection()) -> RunReport:
+    """Scale every GPU model and front-end to 0, wait until their pods are gone, verify nothing is left."""
+    spec, target = connection.resolve()
+    log = logger()
+    report = RunReport(flow="teardown")
+    models = [m.name for m in spec.models]
+    frontends = [f.name for f in spec.frontends]
+    try:
+        found: list[str] = []
+        async with open_api(target) as api:
+            for ns, name in [(spec.serving_namespace, m) for m in models] + [
+                (spec.experience_namespace, f) for f in frontends
+            ]:
+                st = await kube.deployment_status(api, ns, name)
+                if st.replicas or st.pods:
+                    found.append(f"{name} ({st.replicas} replica(s), {len(st.pods)} pod(s))")
+        report.notes.append(f"found running: {', '.join(found) if found else 'nothing'}")
+        log.info("Teardown found running: %s.", ", ".join(found) if found else "nothing")
+        outcome = await release(target, spec, models, frontends)
+        report.notes += [f"{k}: {v}" for k, v in outcome.items() if v != "scaled to 0"]
+        state = await final_state(target, spec)
+        report.final_state = state
+        left = [k for k, v in state.items() if v]
+        async with open_api(target) as api:
+            for m in spec.models:
+                pods = await kube.pod_summary(api, spec.serving_namespace, m.selector)
+                left += [f"pod {p.name}" for p in pods]
+        if left:
+            raise TeardownIncomplete(
+                f"still running after teardown: {', '.join(left)}. A GitOps controller with self-heal may be "
+                "scaling them back up; check it, then rerun `coder-stack down`"
+            )
+        drain_at = datetime.now(UTC) + timedelta(minutes=NODE_DRAIN_MIN)
+        report.notes.append(
+            f"no GPU pod left; the GPU node should drain by about {drain_at:%H:%M} UTC "
+            f"({NODE_DRAIN_MIN} min after the last GPU pod exits)"
+        )
+        try:
+            gpu = await gpu_limit_status(("validate_coder_stack", "swap_model", "bring_up"))
+            report.notes.append(gpu.describe())
+            if gpu.leaked:
+                log.warning("%s", gpu.describe())
+        except Exception as e:  # the Prefect API is not needed to tear down; report and carry on
+            report.notes.append(f"GPU limit status unknown: {type(e).__name__}")
+        report.finish("passed: everything at 0")
+        return report
+    except BaseException as e:
+        report.finish(f"failed: {type(e).__name__}")
+        log.error("teardown failed: %s", e)
+        raise
+    finally:
+        await publish(report, "teardown-report")

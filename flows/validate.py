@@ -1,0 +1,213 @@
+"""validate_coder_stack: the whole runbook, end to end, leaving the GPU as it found it.
+
+Preflight -> keys and front-ends while coder-chat cold starts -> chat smokes (direct, gateway, Open WebUI)
+-> swap to coder-fim -> FIM smokes (direct, gateway, Tabby's key) -> optionally the agent stage (swap to
+coder-agent, register it, scoped key, tool loop) -> spend per key -> tear down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from enum import StrEnum
+from typing import Any
+
+from prefect import flow
+from pydantic import BaseModel, ConfigDict, Field
+
+from coder_stack.errors import GpuBusy
+from coder_stack.gpu import gpu_session
+from coder_stack.k8s import ClusterTarget
+from coder_stack.report import RunReport
+from coder_stack.spec import StackSpec
+from flows.common import (
+    Connection,
+    final_state,
+    free_gpu,
+    logger,
+    model_for_role,
+    model_up,
+    publish,
+    record_failure,
+    record_ready,
+    record_smoke,
+    release,
+    spend_lines,
+)
+from tasks.cluster import preflight_task, scale_task, wait_frontend_ready_task, wait_model_ready_task
+from tasks.gateway import ensure_keys_task, gateway_ready_task, read_spend_task, register_model_task
+from tasks.smoke import smoke_agent_task, smoke_direct_task, smoke_frontends_task, smoke_gateway_task
+
+
+class Stage(StrEnum):
+    CHAT = "chat"
+    FIM = "fim"
+    AGENT = "agent"
+
+
+class ValidateOptions(BaseModel):
+    """What to validate and how to leave the stack."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stages: list[Stage] = Field(
+        default_factory=lambda: [Stage.CHAT, Stage.FIM],
+        min_length=1,
+        max_length=3,
+        description="Models to validate, in order (one GPU: each swaps out the previous).",
+    )
+    keep_frontends: bool = Field(False, description="Leave Open WebUI and Tabby running at the end.")
+    take_over: bool = Field(
+        False,
+        description="If another model is serving (e.g. the morning bring-up's), take the GPU and restore that "
+        "model at the end. Without it the run refuses and changes nothing.",
+    )
+    dry_run: bool = Field(False, description="Only check and report what would be scaled, minted and registered.")
+
+
+@flow(name="validate_coder_stack", log_prints=False)
+async def validate_coder_stack(
+    options: ValidateOptions = ValidateOptions(),
+    connection: Connection = Connection(),
+) -> RunReport:
+    """The whole runbook, end to end; everything it started is scaled back to 0."""
+    spec, target = connection.resolve()
+    log = logger()
+    report = RunReport(flow="validate_coder_stack")
+    stages = list(dict.fromkeys(options.stages))
+    models = [model_for_role(spec, s.value) for s in stages]
+    frontends = [f.name for f in spec.frontends]
+    key_aliases = [k.alias for k in spec.virtual_keys if k.deliver_to != "keystore"]
+    agent_keys = [k.alias for k in spec.virtual_keys if k.deliver_to == "keystore"]
+    try:
+        report.step("preflight: Deployments exist, models fit the GPU node's RAM, gateway ready")
+        pf = await preflight_task(target, spec, models)
+        await gateway_ready_task(target, spec)
+        if options.dry_run:
+            serving = ", ".join(a.name for a in pf.active_models) or "nothing"
+            report.notes.append(
+                f"dry run: would mint/check keys {key_aliases + (agent_keys if Stage.AGENT in stages else [])}, "
+                f"scale {', '.join(frontends)} to 1, then bring up {' -> '.join(models)} one at a time; "
+                f"register {[m for m in models if spec.model(m).register_at_runtime]}; serving now: {serving}."
+            )
+            report.finish("dry run: nothing changed")
+            return report
+
+        started: list[str] = []
+        frontends_up = False
+        restore: list[str] = []
+        async with gpu_session(spec.timeouts.gpu_limit_s):
+            report.step("holding the GPU limit")
+            pf = await preflight_task(target, spec, [])
+            active = sorted({a.name for a in pf.active_models})
+            if active and not options.take_over:
+                raise GpuBusy(
+                    f"{', '.join(active)} is serving on the GPU (perhaps the morning bring-up). Nothing was changed. "
+                    "Rerun with take_over (--take-over) to validate anyway; that model is restored at the end"
+                )
+            restore = active
+            try:
+                if restore:
+                    await free_gpu(target, spec, None, report)
+                for i, (stage, name) in enumerate(zip(stages, models, strict=True)):
+                    section = report.section(name)
+                    if i > 0:
+                        prev = models[i - 1]
+                        report.step(f"swap: scale {prev} to 0 and wait until its pod is gone")
+                        await release(target, spec, [prev], [])
+                        started.remove(prev)
+                    started.append(name)
+                    if i == 0:
+                        await scale_task(target, spec.serving_namespace, name, 1)
+                        report.step(f"{name} cold start; keys and front-ends meanwhile")
+
+                        async def keys_and_frontends() -> None:
+                            nonlocal frontends_up
+                            reps = await ensure_keys_task(target, spec, key_aliases)
+                            report.key_actions += [f"{r.alias}: {r.action} ({r.delivered_to})" for r in reps]
+                            await asyncio.gather(
+                                *(scale_task(target, spec.experience_namespace, f, 1) for f in frontends)
+                            )
+                            frontends_up = True
+                            await asyncio.gather(*(wait_frontend_ready_task(target, spec, f) for f in frontends))
+                            report.step(f"keys delivered; {', '.join(frontends)} Ready")
+
+                        ready, _ = await asyncio.gather(wait_model_ready_task(target, spec, name), keys_and_frontends())
+                        record_ready(section, ready)
+                        report.step(f"{name} Ready after {ready.total_s:.1f} s")
+                    else:
+                        await model_up(target, spec, name, report)
+                    await _smoke_stage(target, spec, stage, name, report, agent_keys)
+                used = [
+                    a
+                    for a in (_alias_delivered_to(spec, "openwebui-secrets"), _alias_delivered_to(spec, "tabby-config"))
+                    if a
+                    and (
+                        (a == _alias_delivered_to(spec, "openwebui-secrets") and Stage.CHAT in stages)
+                        or (a == _alias_delivered_to(spec, "tabby-config") and Stage.FIM in stages)
+                    )
+                ]
+                if Stage.AGENT in stages:
+                    used += agent_keys
+                rows = await read_spend_task(target, spec, [k.alias for k in spec.virtual_keys], called=used)
+                report.spend = spend_lines(rows)
+                report.step("spend read back per key")
+            finally:
+                report.step("tear down what this run started")
+                outcome = await release(target, spec, started, [] if options.keep_frontends else frontends)
+                if frontends_up and options.keep_frontends:
+                    report.notes.append("front-ends left running (keep_frontends)")
+                report.notes += [f"{k}: {v}" for k, v in outcome.items()]
+                if restore:
+                    report.step(f"restore {', '.join(restore)} (take_over)")
+                    for name in restore:
+                        await scale_task(target, spec.serving_namespace, name, 1)
+                        await wait_model_ready_task(target, spec, name, progress=False)
+                    report.notes.append(f"restored {', '.join(restore)} as it was before this run")
+        report.finish("passed" if report.all_smokes_ok else "failed")
+        return report
+    except BaseException as e:
+        report.finish(f"failed: {type(e).__name__}")
+        log.error("validate_coder_stack failed: %s", e)
+        raise
+    finally:
+        report.final_state = await final_state(target, spec)
+        await publish(report, "validate-report")
+
+
+def _alias_delivered_to(spec: StackSpec, home: str) -> str | None:
+    return next((k.alias for k in spec.virtual_keys if k.deliver_to == home), None)
+
+
+async def _smoke_stage(
+    target: ClusterTarget, spec: StackSpec, stage: Stage, name: str, report: RunReport, agent_keys: list[str]
+) -> None:
+    section = report.section(name)
+
+    async def run(label: str, coro: Awaitable[Any]) -> Any:
+        try:
+            res = await coro
+        except Exception as e:
+            record_failure(section, label, e)
+            raise
+        smoke = getattr(res, "smoke", res)
+        record_smoke(section, smoke, label)
+        return res
+
+    await run("direct (pod, vLLM key)", smoke_direct_task(target, spec, name))
+    webui_key = _alias_delivered_to(spec, "openwebui-secrets")
+    tabby_key = _alias_delivered_to(spec, "tabby-config")
+    if stage is Stage.CHAT:
+        await run(f"gateway chat ({webui_key} key)", smoke_gateway_task(target, spec, name, key_alias=webui_key))
+        await run("Open WebUI pod lists its models", smoke_frontends_task(target, spec, openwebui=True, tabby=False))
+    elif stage is Stage.FIM:
+        await run(f"gateway FIM ({tabby_key} key)", smoke_gateway_task(target, spec, name, key_alias=tabby_key))
+        await run(
+            "Tabby's configured key completes FIM", smoke_frontends_task(target, spec, openwebui=False, tabby=True)
+        )
+    else:
+        reg = await register_model_task(target, spec, name)
+        report.step(f"{name} {reg.action} in the gateway")
+        reps = await ensure_keys_task(target, spec, agent_keys)
+        report.key_actions += [f"{r.alias}: {r.action} ({r.delivered_to})" for r in reps]
+        await run("tool loop through the gateway (agent key)", smoke_agent_task(target, spec, name))
