@@ -138,15 +138,9 @@ async def validate_coder_stack(
                     else:
                         await model_up(target, spec, name, report)
                     await _smoke_stage(target, spec, stage, name, report, agent_keys)
-                used = [
-                    a
-                    for a in (_alias_delivered_to(spec, "openwebui-secrets"), _alias_delivered_to(spec, "tabby-config"))
-                    if a
-                    and (
-                        (a == _alias_delivered_to(spec, "openwebui-secrets") and Stage.CHAT in stages)
-                        or (a == _alias_delivered_to(spec, "tabby-config") and Stage.FIM in stages)
-                    )
-                ]
+                webui_alias = _alias_delivered_to(spec, "openwebui-secrets")
+                tabby_alias = _alias_delivered_to(spec, "tabby-config")
+                used = [a for a, st in ((webui_alias, Stage.CHAT), (tabby_alias, Stage.FIM)) if a and st in stages]
                 if Stage.AGENT in stages:
                     used += agent_keys
                 rows = await read_spend_task(target, spec, [k.alias for k in spec.virtual_keys], called=used)
