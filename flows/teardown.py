@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from prefect import flow
+from pydantic import BaseModel, ConfigDict, Field
 
 from coder_stack import kube
 from coder_stack.errors import PermanentError
@@ -25,8 +26,17 @@ class TeardownIncomplete(PermanentError):
     """Something is still running after the teardown."""
 
 
+class TeardownOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dry_run: bool = Field(False, description="Only report what is running and would be scaled to 0.")
+
+
 @flow(name="teardown", log_prints=False)
-async def teardown(connection: Connection = Connection()) -> RunReport:
+async def teardown(
+    options: TeardownOptions = TeardownOptions(),
+    connection: Connection = Connection(),
+) -> RunReport:
     """Scale every GPU model and front-end to 0, wait until their pods are gone, verify nothing is left."""
     spec, target = connection.resolve()
     log = logger()
@@ -44,6 +54,10 @@ async def teardown(connection: Connection = Connection()) -> RunReport:
                     found.append(f"{name} ({st.replicas} replica(s), {len(st.pods)} pod(s))")
         report.notes.append(f"found running: {', '.join(found) if found else 'nothing'}")
         log.info("Teardown found running: %s.", ", ".join(found) if found else "nothing")
+        if options.dry_run:
+            report.notes.append(f"dry run: would scale {', '.join(models + frontends)} to 0")
+            report.finish("dry run: nothing changed")
+            return report
         outcome = await release(target, spec, models, frontends)
         report.notes += [f"{k}: {v}" for k, v in outcome.items() if v != "scaled to 0"]
         state = await final_state(target, spec)
