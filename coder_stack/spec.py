@@ -141,7 +141,8 @@ def _default_models() -> list[ModelSpec]:
             served_model_name="qwen2.5-coder-1.5b",
             alias="coder-fim",
             weights_gb=3.1,
-            budgets=PhaseBudgets(node=120, image=240, weights=120, start=120),  # 600 s
+            # 600 s in all, as the runbook; a cold GPU node (~4 min) and image pull (~4 min) still fit.
+            budgets=PhaseBudgets(node=240, image=240, weights=90, start=30),
         ),
         ModelSpec(
             name="coder-agent",

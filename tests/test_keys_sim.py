@@ -47,7 +47,7 @@ async def env(sim: SimStack) -> AsyncIterator[Env]:
 
 async def ensure_all(e: Env, *, rotate: bool = False) -> dict[str, KeyReport]:
     out = {}
-    for ks in SPEC.keys:
+    for ks in SPEC.virtual_keys:
         out[ks.alias] = await ensure_key(e.api, e.gw, e.master, SPEC, ks, rotate=rotate)
     return out
 
@@ -92,7 +92,7 @@ async def test_first_run_mints_scoped_budgeted_keys_into_their_homes(env: Env) -
     ks = await data(env, "litellm", "coder-stack-keys")
     assert ks["coder-agent"].startswith("sk-")
 
-    for k in SPEC.keys:
+    for k in SPEC.virtual_keys:
         info = await gateway.key_info(env.gw, env.master, await read_client_key(env.api, SPEC, k.alias))
         assert info is not None and info.alias == k.alias
         assert sorted(info.models) == sorted(k.models) and info.max_budget == k.max_budget
@@ -112,7 +112,7 @@ async def test_minting_twice_changes_nothing(env: Env) -> None:
     after = {n: await data(env, ns, n) for ns, n in HOMES}
     assert after == before
     assert {n: await restarted_at(env, n) for n in ("open-webui", "tabby")} == stamps
-    for k in SPEC.keys:
+    for k in SPEC.virtual_keys:
         assert len(await gateway.list_keys_by_alias(env.gw, env.master, k.alias)) == 1
 
 

@@ -74,7 +74,7 @@ async def test_keys_smokes_and_metering_end_to_end(sim: SimStack, caplog: pytest
     assert agent.spend is not None and agent.spend.status == "metered"
     assert "plain JSON" in agent.smoke.diagnostics[0]
 
-    rows = await read_spend_task.fn(target, SPEC, [k.alias for k in SPEC.keys])
+    rows = await read_spend_task.fn(target, SPEC, [k.alias for k in SPEC.virtual_keys])
     assert all(r.spend > 0 and r.status == "no calls" for r in rows)
 
     # the chat model is down now: the chat smoke through the gateway names the model hop

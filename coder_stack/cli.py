@@ -1,0 +1,357 @@
+"""`coder-stack`: the runbook as commands. Each command runs a Prefect flow (visible in the UI when
+PREFECT_API_URL points at a server), or, for `sim`, the simulated stack."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from coder_stack.errors import CoderStackError
+from coder_stack.spec import load_spec, spec_yaml
+
+app = typer.Typer(
+    help=(
+        "Bring up, validate, swap and tear down a self-hosted coding assistant (vLLM + LiteLLM) on a "
+        "one-GPU Kubernetes cluster. Start with `coder-stack demo` (no cluster needed), then point "
+        "--kubeconfig at your cluster."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+out = Console()
+
+StackOpt = Annotated[
+    Path | None, typer.Option("--stack", help="Stack spec YAML (default: the runbook's reference deployment).")
+]
+KubeconfigOpt = Annotated[
+    Path | None, typer.Option("--kubeconfig", help="Kubeconfig path (default: in-cluster, then $KUBECONFIG).")
+]
+ContextOpt = Annotated[str | None, typer.Option("--context", help="Kubeconfig context (default: current).")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print what would change; change nothing.")]
+
+
+def _fail(err: BaseException) -> None:
+    console.print(f"[bold red]error:[/] {err}")
+    raise typer.Exit(1)
+
+
+def _run(coro: Any) -> Any:
+    try:
+        return asyncio.run(coro)
+    except CoderStackError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        raise typer.Exit(130) from None
+
+
+def _target(kubeconfig: Path | None, context: str | None) -> Any:
+    from coder_stack.k8s import ClusterTarget
+
+    return ClusterTarget(kubeconfig=str(kubeconfig) if kubeconfig else None, context=context)
+
+
+def _check_spec(stack: Path | None) -> None:
+    try:
+        load_spec(stack)
+    except CoderStackError as e:
+        _fail(e)
+
+
+@app.command()
+def spec(stack: StackOpt = None) -> None:
+    """Print the effective stack spec as YAML (a complete, valid file to start from)."""
+    try:
+        out.print(spec_yaml(load_spec(stack)), end="", markup=False, highlight=False)
+    except CoderStackError as e:
+        _fail(e)
+
+
+@app.command()
+def sim(
+    kubeconfig: Annotated[Path, typer.Option("--kubeconfig", help="Where to write the sim's kubeconfig.")],
+    time_scale: Annotated[
+        float,
+        typer.Option(
+            "--time-scale", min=0.0001, max=10.0, help="Multiply every simulated duration (0.01: 10 min -> 6 s)."
+        ),
+    ] = 1.0,
+    fault: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--fault",
+            help="DEPLOYMENT=KIND with KIND one of crashloop, imagepull, oom, unschedulable, slow-node. Repeatable.",
+        ),
+    ] = None,
+    gpu_pool: Annotated[
+        str, typer.Option("--gpu-pool", help="autoscaled (GPU node provisioned on demand) or static.")
+    ] = "autoscaled",
+    exit_after: Annotated[
+        float | None, typer.Option("--exit-after", min=1, help="Stop by itself after this many seconds.")
+    ] = None,
+    stack: StackOpt = None,
+) -> None:
+    """Serve a simulated cluster (Kubernetes API on 127.0.0.1) with the runbook's objects until interrupted."""
+    from simstack.controllers import FAULT_KINDS
+    from simstack.stack import run_sim
+
+    faults: dict[str, str] = {}
+    for f in fault or []:
+        name, _, kind = f.partition("=")
+        if not name or kind not in FAULT_KINDS:
+            _fail(CoderStackError(f"--fault {f!r}: expected DEPLOYMENT=KIND with KIND one of {', '.join(FAULT_KINDS)}"))
+        faults[name] = kind
+    if gpu_pool not in ("autoscaled", "static"):
+        _fail(CoderStackError(f"--gpu-pool {gpu_pool!r}: expected autoscaled or static"))
+    try:
+        spec_obj = load_spec(stack)
+    except CoderStackError as e:
+        _fail(e)
+        return
+    unknown = [n for n in faults if n not in {m.name for m in spec_obj.models} | {f.name for f in spec_obj.frontends}]
+    if unknown:
+        _fail(CoderStackError(f"--fault names unknown deployment(s) {unknown}"))
+    run_sim(kubeconfig, time_scale=time_scale, faults=faults, gpu_pool=gpu_pool, exit_after=exit_after, spec=spec_obj)
+
+
+# --------------------------------------------------------------------------------------- flows
+def _connection(stack: Path | None, kubeconfig: Path | None, context: str | None) -> Any:
+    from flows.common import Connection
+
+    _check_spec(stack)
+    if kubeconfig is not None and not kubeconfig.is_file():
+        _fail(CoderStackError(f"--kubeconfig {kubeconfig} does not exist; pass the path of a kubeconfig file"))
+    return Connection(
+        kubeconfig=str(kubeconfig.resolve()) if kubeconfig else None,
+        context=context,
+        stack_file=str(stack.resolve()) if stack else None,
+    )
+
+
+def _show(report: Any) -> None:
+    from rich.markdown import Markdown
+
+    out.print(Markdown(report.to_markdown()))
+
+
+def _run_flow(coro: Any) -> Any:
+    report = _run(coro)
+    if report is not None:
+        _show(report)
+    return report
+
+
+@app.command()
+def validate(
+    stage: Annotated[
+        list[str] | None,
+        typer.Option("--stage", help="chat, fim or agent; repeat for several, in order (default: chat then fim)."),
+    ] = None,
+    agent: Annotated[bool, typer.Option("--agent", help="Add the agent stage (coder-agent tool loop).")] = False,
+    keep_frontends: Annotated[bool, typer.Option("--keep-frontends", help="Leave Open WebUI and Tabby up.")] = False,
+    take_over: Annotated[
+        bool, typer.Option("--take-over", help="Run even if a model is serving; restore it at the end.")
+    ] = False,
+    dry_run: DryRunOpt = False,
+    stack: StackOpt = None,
+    kubeconfig: KubeconfigOpt = None,
+    context: ContextOpt = None,
+) -> None:
+    """Run the whole runbook end to end (validate_coder_stack); leaves the GPU as it found it."""
+    from pydantic import ValidationError
+
+    from flows.validate import ValidateOptions, validate_coder_stack
+
+    stages = list(stage or ["chat", "fim"])
+    if agent and "agent" not in stages:
+        stages.append("agent")
+    try:
+        options = ValidateOptions(stages=stages, keep_frontends=keep_frontends, take_over=take_over, dry_run=dry_run)  # type: ignore[arg-type]
+    except ValidationError:
+        _fail(CoderStackError(f"--stage {stages}: each stage must be one of chat, fim, agent"))
+        return
+    _run_flow(validate_coder_stack(options=options, connection=_connection(stack, kubeconfig, context)))
+
+
+@app.command()
+def swap(
+    model: Annotated[str, typer.Argument(help="Model to leave serving (coder-chat, coder-fim, coder-agent).")],
+    no_gateway_smoke: Annotated[
+        bool, typer.Option("--no-gateway-smoke", help="Only smoke the model directly, not through its key.")
+    ] = False,
+    dry_run: DryRunOpt = False,
+    stack: StackOpt = None,
+    kubeconfig: KubeconfigOpt = None,
+    context: ContextOpt = None,
+) -> None:
+    """Give the GPU to MODEL: others to 0 (pods gone), MODEL up, ready, smoked, left serving."""
+    from flows.swap import SwapOptions, swap_model
+
+    conn = _connection(stack, kubeconfig, context)
+    try:
+        load_spec(stack).model(model)
+    except CoderStackError as e:
+        _fail(e)
+    _run_flow(
+        swap_model(
+            options=SwapOptions(target=model, smoke_gateway=not no_gateway_smoke, dry_run=dry_run), connection=conn
+        )
+    )
+
+
+@app.command()
+def up(
+    model: Annotated[str | None, typer.Option("--model", help="Model to leave serving (default: coder-chat).")] = None,
+    dry_run: DryRunOpt = False,
+    stack: StackOpt = None,
+    kubeconfig: KubeconfigOpt = None,
+    context: ContextOpt = None,
+) -> None:
+    """Morning bring-up: keys, front-ends, the default model serving and smoked (bring_up)."""
+    from flows.bring_up import BringUpOptions, bring_up
+
+    conn = _connection(stack, kubeconfig, context)
+    if model:
+        try:
+            load_spec(stack).model(model)
+        except CoderStackError as e:
+            _fail(e)
+    _run_flow(bring_up(options=BringUpOptions(model=model, dry_run=dry_run), connection=conn))
+
+
+@app.command()
+def down(
+    dry_run: DryRunOpt = False,
+    stack: StackOpt = None,
+    kubeconfig: KubeconfigOpt = None,
+    context: ContextOpt = None,
+) -> None:
+    """Evening teardown to $0: every GPU model and front-end to 0, verified. Never waits for the GPU limit."""
+    from flows.teardown import TeardownOptions, teardown
+
+    _run_flow(teardown(options=TeardownOptions(dry_run=dry_run), connection=_connection(stack, kubeconfig, context)))
+
+
+@app.command()
+def keys(
+    alias: Annotated[list[str] | None, typer.Option("--alias", help="Only this key alias (repeatable).")] = None,
+    rotate: Annotated[bool, typer.Option("--rotate", help="Mint new keys, swap them in, delete the old.")] = False,
+    dry_run: DryRunOpt = False,
+    stack: StackOpt = None,
+    kubeconfig: KubeconfigOpt = None,
+    context: ContextOpt = None,
+) -> None:
+    """Mint or check the virtual keys and deliver them to Open WebUI, Tabby and the keystore (idempotent)."""
+    from flows.keys import KeyOptions, manage_keys
+
+    conn = _connection(stack, kubeconfig, context)
+    spec_obj = load_spec(stack)
+    for a in alias or []:
+        try:
+            spec_obj.key(a)
+        except CoderStackError as e:
+            _fail(e)
+    _run_flow(manage_keys(options=KeyOptions(aliases=alias, rotate=rotate, dry_run=dry_run), connection=conn))
+
+
+@app.command()
+def spend(stack: StackOpt = None, kubeconfig: KubeconfigOpt = None, context: ContextOpt = None) -> None:
+    """Spend, budget and share used per virtual key."""
+    from flows.keys import report_spend
+
+    _run_flow(report_spend(connection=_connection(stack, kubeconfig, context)))
+
+
+@app.command()
+def status(stack: StackOpt = None, kubeconfig: KubeconfigOpt = None, context: ContextOpt = None) -> None:
+    """Replicas and pod status per model and front-end, who holds the GPU limit, spend per key (read-only)."""
+    from rich.table import Table
+
+    from coder_stack.gpu import gpu_limit_status
+    from tasks.cluster import stack_status_task
+    from tasks.gateway import read_spend_task
+
+    conn = _connection(stack, kubeconfig, context)
+    spec_obj, target = conn.resolve()
+
+    async def gather() -> tuple[Any, Any, Any]:
+        deps = await stack_status_task.fn(target, spec_obj)
+        try:
+            gpu: Any = await gpu_limit_status(("validate_coder_stack", "swap_model", "bring_up"))
+        except Exception as e:  # Prefect API down: still show the cluster
+            gpu = f"GPU limit: unknown ({type(e).__name__}: is the Prefect API reachable?)"
+        try:
+            rows: Any = await read_spend_task.fn(target, spec_obj, [k.alias for k in spec_obj.virtual_keys])
+        except CoderStackError as e:
+            rows = f"spend: unavailable ({e})"
+        return deps, gpu, rows
+
+    deps, gpu, rows = _run(gather())
+    t = Table(title="Deployments")
+    for col in ("deployment", "replicas", "ready", "pods"):
+        t.add_column(col)
+    for d in deps:
+        t.add_row(f"{d.namespace}/{d.name}", str(d.replicas), str(d.ready_replicas),
+                  ", ".join(f"{p.name} {p.status}" for p in d.pods) or "-")  # fmt: skip
+    out.print(t)
+    out.print(gpu if isinstance(gpu, str) else gpu.describe())
+    if isinstance(rows, str):
+        out.print(rows)
+    else:
+        st = Table(title="Spend per key")
+        for col in ("key", "spend (USD)", "budget", "models"):
+            st.add_column(col)
+        for r in rows:
+            st.add_row(r.alias, f"{r.spend:.6f}", f"{r.max_budget}", ", ".join(r.models))
+        out.print(st)
+
+
+@app.command()
+def setup(
+    no_deploy: Annotated[bool, typer.Option("--no-deploy", help="Only the GPU limit and work pools.")] = False,
+    stack: StackOpt = None,
+) -> None:
+    """Create or resize the tag:gpu limit (= GPUs in the spec), create the work pools, deploy prefect.yaml."""
+    from coder_stack.setup import run_setup
+
+    spec_obj = load_spec(stack) if stack else None
+    _check_spec(stack)
+    report = _run(run_setup(gpus=(spec_obj.gpus if spec_obj else 1), deploy=not no_deploy))
+    out.print(report.gpu_limit)
+    for p in report.pools:
+        out.print(p)
+    if report.deployed:
+        out.print("deployed prefect.yaml (prefect deploy --all)")
+
+
+@app.command()
+def demo(
+    keep_ui: Annotated[
+        bool, typer.Option("--keep-ui", help="Keep the Prefect server (UI) running after the demo until Ctrl-C.")
+    ] = False,
+    time_scale: Annotated[
+        float, typer.Option("--time-scale", min=0.0005, max=1.0, help="Simulated time factor (0.005: 10 min -> 3 s).")
+    ] = 0.005,
+    home: Annotated[Path, typer.Option("--home", help="Where the demo keeps its Prefect database.")] = Path(
+        ".coder-stack"
+    ),
+) -> None:
+    """Start the simulated stack and a local Prefect server, run validate_coder_stack with the agent stage."""
+    from coder_stack.demo import run_demo
+
+    raise typer.Exit(run_demo(home=home, time_scale=time_scale, keep_ui=keep_ui))
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    try:
+        app()
+    except CoderStackError as e:
+        console.print(f"[bold red]error:[/] {e}")
+        sys.exit(1)
