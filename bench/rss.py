@@ -1,0 +1,151 @@
+"""Peak RSS of the flow process and of the simulated stack, each in its own process.
+
+The benchmark's main process runs the simulated clusters as threads beside the flows, so its own peak
+RSS mixes both. Here they are separated: ``python -m bench.rss sim`` runs one simulated cluster and
+``python -m bench.rss flows`` runs validate_coder_stack and then ``sessions`` GPU sessions at once
+against it (the Prefect API from $PREFECT_API_URL); the parent reads each one's VmHWM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from coder_stack.spec import ModelSpec, PhaseBudgets, StackSpec, load_spec, spec_yaml
+
+
+def vmhwm_mb(pid: int | str = "self") -> float:
+    """Peak resident set size (VmHWM) of a process, in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def rss_spec(sessions: int, gpus: int) -> StackSpec:
+    """The reference stack plus extra models so that ``sessions`` distinct models exist."""
+    base = StackSpec()
+    extra = [
+        ModelSpec(
+            name=f"m{i:02d}",
+            role="chat",
+            served_model_name=f"bench-model-{i:02d}",
+            alias=f"m{i:02d}",
+            weights_gb=5.5,
+            budgets=PhaseBudgets(node=300, image=420, weights=300, start=180),
+        )
+        for i in range(len(base.models) + 1, sessions + 1)
+    ]
+    return base.model_copy(update={"models": [*base.models, *extra], "gpus": gpus})
+
+
+def _sim_main(args: argparse.Namespace) -> None:
+    from simstack.stack import SimStack
+
+    spec = load_spec(args.stack)
+    with SimStack(spec=spec, time_scale=args.time_scale, gpu_pool="autoscaled", kubeconfig_path=args.kubeconfig):
+        print("ready", flush=True)
+        sys.stdin.read()  # until the parent closes our stdin
+
+
+async def _flows_main(args: argparse.Namespace) -> dict[str, Any]:
+    from bench.flows import gpu_session_run
+    from coder_stack.gpu import ensure_gpu_limit
+    from flows.common import Connection
+    from flows.validate import Stage, ValidateOptions, validate_coder_stack
+
+    spec = load_spec(args.stack)
+    conn = Connection(kubeconfig=args.kubeconfig, stack_file=args.stack)
+    await ensure_gpu_limit(1)
+    t0 = time.monotonic()
+    await validate_coder_stack(options=ValidateOptions(stages=[Stage.CHAT, Stage.FIM]), connection=conn)
+    t1 = time.monotonic()
+    await ensure_gpu_limit(args.gpus)
+    states = await asyncio.gather(
+        *(gpu_session_run(connection=conn, model=m.name, return_state=True) for m in spec.models[: args.sessions])
+    )
+    t2 = time.monotonic()
+    await ensure_gpu_limit(1)
+    return {
+        "validate_s": round(t1 - t0, 3),
+        "sessions": args.sessions,
+        "sessions_s": round(t2 - t1, 3),
+        "sessions_failed": sum(1 for s in states if not s.is_completed()),
+        "vmhwm_mb": round(vmhwm_mb(), 1),
+    }
+
+
+def measure(api_url: str, time_scale: float, sessions: int, gpus: int, timeout_s: float = 600) -> dict[str, Any]:
+    """Run the sim and the flows in two child processes; their peak RSS in MB."""
+    py = sys.executable
+    with tempfile.TemporaryDirectory(prefix="coder-bench-rss-") as tmp:
+        stack = Path(tmp) / "stack.yaml"
+        stack.write_text(spec_yaml(rss_spec(sessions, gpus)))
+        kubeconfig = Path(tmp) / "kubeconfig"
+        common = ["--stack", str(stack), "--kubeconfig", str(kubeconfig)]
+        sim = subprocess.Popen(
+            [py, "-m", "bench.rss", "sim", *common, "--time-scale", str(time_scale)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert sim.stdout is not None and sim.stdin is not None
+            line = sim.stdout.readline()
+            if line.strip() != "ready":
+                raise RuntimeError(f"the simulated stack did not start: {line!r}")
+            env = dict(os.environ, PREFECT_API_URL=api_url, PREFECT_LOGGING_LEVEL="WARNING")
+            flows = subprocess.run(
+                [py, "-m", "bench.rss", "flows", *common, "--sessions", str(sessions), "--gpus", str(gpus)],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+                check=False,
+            )
+            sim_mb = vmhwm_mb(sim.pid)
+        finally:
+            if sim.stdin is not None:
+                sim.stdin.close()
+            try:
+                sim.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                sim.kill()
+                sim.wait()
+        if flows.returncode != 0:
+            raise RuntimeError(f"the flow process failed ({flows.returncode}): {flows.stderr[-2000:]}")
+        result = json.loads(flows.stdout.strip().splitlines()[-1])
+    return {
+        "flow_process": result["vmhwm_mb"],
+        "sim": round(sim_mb, 1),
+        "workload": f"validate_coder_stack (chat, FIM), then {sessions} GPU sessions at once on {gpus} GPU(s)",
+        "detail": result,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.rss")
+    p.add_argument("role", choices=["sim", "flows"])
+    p.add_argument("--stack", required=True)
+    p.add_argument("--kubeconfig", required=True)
+    p.add_argument("--time-scale", type=float, default=0.005)
+    p.add_argument("--sessions", type=int, default=1)
+    p.add_argument("--gpus", type=int, default=1)
+    args = p.parse_args(argv)
+    if args.role == "sim":
+        _sim_main(args)
+    else:
+        print(json.dumps(asyncio.run(_flows_main(args))), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,352 @@
+"""The benchmark's scenarios. Each builds fresh simulated clusters and runs real flows against them.
+
+All flows run in this process, on one event loop, against the Prefect API the caller set up (the
+benchmark uses one ``prefect_test_harness()`` for the whole run). Concurrent flows are
+``asyncio.gather``-ed in this process, as a worker running several flow runs would interleave them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import statistics
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import flows.swap
+from bench.flows import bench_bringup, gpu_session_run, sequential_runbook
+from bench.simrec import SimRecorder
+from coder_stack.gpu import ensure_gpu_limit, gpu_session
+from coder_stack.spec import ModelSpec, PhaseBudgets, StackSpec, spec_yaml
+from flows.common import Connection
+from flows.swap import SwapOptions, swap_model
+from flows.validate import Stage, ValidateOptions, validate_coder_stack
+from simstack.stack import SimStack
+from simstack.standins import SimServices
+from simstack.timings import Timings, model_timings
+
+# The wall clock and the monotonic clock, tied once (Prefect's task-run times are wall clock).
+_WALL_MINUS_MONO = time.time() - time.monotonic()
+
+
+def to_mono(dt: datetime) -> float:
+    return dt.timestamp() - _WALL_MINUS_MONO
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    if not values:
+        return float("nan")
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+# ------------------------------------------------------------------ stacks
+def bench_spec(models: int, gpus: int, weights_gb: float = 5.5) -> StackSpec:
+    """A stack of ``models`` GPU model Deployments (m01, m02, ...) on ``gpus`` GPUs; no client keys."""
+    ms = [
+        ModelSpec(
+            name=f"m{i:02d}",
+            role="chat",
+            served_model_name=f"bench-model-{i:02d}",
+            alias=f"m{i:02d}",
+            weights_gb=weights_gb,
+            budgets=PhaseBudgets(node=300, image=420, weights=300, start=180),
+        )
+        for i in range(1, models + 1)
+    ]
+    return StackSpec(gpus=gpus, models=ms, default_model=ms[0].name, virtual_keys=[])
+
+
+@dataclass
+class Bench:
+    sim: SimStack
+    rec: SimRecorder
+    connection: Connection
+
+
+@contextlib.contextmanager
+def fresh_sim(time_scale: float, spec: StackSpec | None = None, gpu_pool: str = "autoscaled") -> Iterator[Bench]:
+    """A new simulated cluster (GPU pool empty, autoscaled) with a recorder attached."""
+    spec = spec or StackSpec()
+    with tempfile.TemporaryDirectory(prefix="coder-bench-") as tmp:
+        stack_file = None
+        if spec != StackSpec():
+            stack_file = Path(tmp) / "stack.yaml"
+            stack_file.write_text(spec_yaml(spec))
+        with SimStack(spec=spec, time_scale=time_scale, gpu_pool=gpu_pool) as sim:
+            rec = SimRecorder.attach(sim, spec.gpus)
+            conn = Connection(kubeconfig=str(sim.kubeconfig_path), stack_file=str(stack_file) if stack_file else None)
+            yield Bench(sim, rec, conn)
+
+
+# ------------------------------------------------------------------ detect + peers
+async def bringup(time_scale: float, peer: str, model: str = "coder-chat") -> dict[str, Any]:
+    """One cold start of ``model`` on a fresh cluster, waited for by ``peer``."""
+    with fresh_sim(time_scale) as b:
+        out = await bench_bringup(connection=b.connection, model=model, peer=peer, time_scale=time_scale)
+        mark = b.rec.first_ready(model)
+        if mark is None:
+            raise RuntimeError(f"the simulated cluster never recorded {model} Ready")
+        out["sim_ready_mono"] = mark.mono
+        out["detect_ms"] = (out["t_done"] - mark.mono) * 1000
+        out["bringup_s"] = out["t_done"] - out["t_scaled"]
+        out["sim_cold_start_s"] = mark.mono - out["t_scaled"]
+        rep = out.get("ready_report")
+        if rep:
+            seen = datetime.fromisoformat(rep["ready_at"]).timestamp()
+            out["watch_ms"] = (seen - mark.wall) * 1000  # pod Ready written -> wait_ready saw it
+            out["deployment_lag_ms"] = rep["deployment_lag_s"] * 1000  # -> the Deployment's status agreed
+        return out
+
+
+async def detect(time_scale: float, n: int, log: Any) -> dict[str, Any]:
+    runs = []
+    for i in range(n):
+        r = await bringup(time_scale, "ours")
+        runs.append(r)
+        log(f"  bring-up {i + 1}/{n}: Ready -> wait task returned {r['detect_ms']:.0f} ms")
+    d = [r["detect_ms"] for r in runs]
+    return {
+        "detect_p50_ms": percentile(d, 0.5),
+        "detect_p95_ms": percentile(d, 0.95),
+        "detect_max_ms": max(d),
+        "detect_samples_ms": [round(x, 1) for x in d],
+        "watch_p50_ms": percentile([r["watch_ms"] for r in runs], 0.5),
+        "deployment_lag_p50_ms": percentile([r["deployment_lag_ms"] for r in runs], 0.5),
+        "bringup_s": [round(r["bringup_s"], 3) for r in runs],
+        "sim_cold_start_s": round(median([r["sim_cold_start_s"] for r in runs]), 3),
+    }
+
+
+async def peers(time_scale: float, reps: int, ours_bringup_s: list[float], log: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for peer in ("naive", "kubectl"):
+        times = []
+        for i in range(reps):
+            r = await bringup(time_scale, peer)
+            times.append(r["bringup_s"])
+            if "kubectl_path" in r:
+                out.setdefault("kubectl_paths", []).append(r["kubectl_path"])
+            log(f"  {peer} {i + 1}/{reps}: scale-up -> detected Ready {r['bringup_s']:.2f} s")
+        out[f"{peer}_bringup_s"] = [round(t, 3) for t in times]
+    ours = median(ours_bringup_s)
+    out["ours_bringup_s_median"] = round(ours, 3)
+    out["naive_poll_ratio"] = median(out["naive_bringup_s"]) / ours
+    out["kubectl_wait_ratio"] = median(out["kubectl_bringup_s"]) / ours
+    return out
+
+
+# ------------------------------------------------------------------ validate: overhead, overlap
+def validate_critical_path(spec: StackSpec, timings: Timings | None = None) -> tuple[float, list[tuple[str, float]]]:
+    """Simulated seconds of the unavoidable waits on validate_coder_stack's longest chain (chat, FIM stages).
+
+    Fresh cluster, GPU pool empty: coder-chat's cold start (node, image, weights, start) hides the keys
+    and front-ends (CPU image pull + start); each gateway smoke waits for LiteLLM's batched spend write;
+    the swap and the teardown wait for the pod to terminate; coder-fim lands on the same node (image
+    cached) and stages its own weights.
+    """
+    t = timings or Timings()
+    spend = SimServices(resolve_url=lambda url: None).spend_write_delay_s
+    chat, fim = model_timings(spec.model("coder-chat")), model_timings(spec.model("coder-fim"))
+    cold = t.node_provision_s + t.gpu_image_pull_s + chat.weights_s + chat.server_start_s
+    frontends = t.cpu_image_pull_s + t.cpu_start_s
+    parts = [
+        ("coder-chat cold start (node, image, weights, start), front-ends hidden behind it", max(cold, frontends)),
+        ("chat gateway smoke: LiteLLM's batched spend write", spend),
+        ("swap: coder-chat pod terminates", t.termination_s),
+        ("coder-fim weights + start (node and image already there)", fim.weights_s + fim.server_start_s),
+        ("FIM gateway smoke: LiteLLM's batched spend write", spend),
+        ("teardown: pods terminate", t.termination_s),
+    ]
+    return sum(s for _, s in parts), parts
+
+
+async def _task_runs(flow_run_id: UUID, names: set[str], settle_s: float = 15.0) -> list[Any]:
+    """The flow run's task runs with these names, once they all have start and end times."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    deadline = time.monotonic() + settle_s
+    async with get_client() as client:
+        while True:
+            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            wanted = [r for r in runs if r.name.rsplit("-", 1)[0] in names or r.name in names]
+            if wanted and all(r.start_time and r.end_time for r in wanted):
+                return wanted
+            if time.monotonic() > deadline:
+                return [r for r in wanted if r.start_time and r.end_time]
+            await asyncio.sleep(0.5)
+
+
+async def validate(time_scale: float, log: Any) -> dict[str, Any]:
+    spec = StackSpec()
+    path_sim_s, parts = validate_critical_path(spec)
+    with fresh_sim(time_scale) as b:
+        t0 = time.monotonic()
+        state = await validate_coder_stack(
+            options=ValidateOptions(stages=[Stage.CHAT, Stage.FIM]), connection=b.connection, return_state=True
+        )
+        wall = time.monotonic() - t0
+        report = await state.aresult()
+        timeline = b.sim.timeline
+        chat_ready = b.rec.first_ready("coder-chat")
+    chat_up = next(t for t, ns, n, r in timeline if n == "coder-chat" and r == 1)
+    critical = path_sim_s * time_scale
+    out: dict[str, Any] = {
+        "validate_wall_s": round(wall, 3),
+        "validate_critical_path_s": round(critical, 3),
+        "validate_critical_path_parts_sim_s": {k: v for k, v in parts},
+        "validate_overhead_ratio": wall / critical,
+        "validate_outcome": report.outcome if hasattr(report, "outcome") else str(getattr(report, "status", "")),
+        "validate_steps": getattr(report, "steps", None),
+    }
+    log(f"  validate: {wall:.1f} s wall, critical path {critical:.1f} s")
+    # overlap: key minting + front-ends (ensure-keys start .. last front-end Ready) inside chat's cold start
+    flow_run_id = state.state_details.flow_run_id
+    assert flow_run_id is not None and chat_ready is not None
+    runs = await _task_runs(flow_run_id, {"ensure-keys", "wait-frontend-ready"})
+    keys = [r for r in runs if r.name.startswith("ensure-keys")]
+    fes = [r for r in runs if r.name.startswith("wait-frontend-ready")]
+    if keys and fes:
+        w0 = min(to_mono(r.start_time) for r in keys)
+        w1 = max(to_mono(r.end_time) for r in fes)
+        hidden = max(0.0, min(w1, chat_ready.mono) - max(w0, chat_up))
+        out["overlap_fraction"] = hidden / (w1 - w0) if w1 > w0 else 1.0
+        out["overlap_work_s"] = round(w1 - w0, 3)
+        out["overlap_cold_start_s"] = round(chat_ready.mono - chat_up, 3)
+        out["overlap_work_starts_after_scale_up_s"] = round(w0 - chat_up, 3)
+        out["overlap_work_ends_before_ready_s"] = round(chat_ready.mono - w1, 3)
+    else:
+        out["overlap_fraction"] = float("nan")
+        out["overlap_note"] = f"task runs not found in the API: {[r.name for r in runs]}"
+    return out
+
+
+async def sequential(time_scale: float, log: Any) -> dict[str, Any]:
+    with fresh_sim(time_scale) as b:
+        t0 = time.monotonic()
+        await sequential_runbook(connection=b.connection)
+        wall = time.monotonic() - t0
+    log(f"  sequential runbook: {wall:.1f} s wall")
+    return {"sequential_wall_s": round(wall, 3)}
+
+
+# ------------------------------------------------------------------ handoff between queued swaps
+@asynccontextmanager
+async def _recording_session(sessions: list[dict[str, float]], timeout_s: float) -> AsyncIterator[None]:
+    """flows.swap's gpu_session, recording when each session got the GPU and when its GPU work ended."""
+    rec = {"ask": time.monotonic()}
+    async with gpu_session(timeout_s):
+        rec["enter"] = time.monotonic()
+        try:
+            yield
+        finally:
+            rec["exit"] = time.monotonic()
+            sessions.append(rec)
+
+
+async def handoff(time_scale: float, n: int, log: Any) -> dict[str, Any]:
+    """``n`` swap_model runs queued at once on one GPU, each to a different model."""
+    spec = bench_spec(n, 1, weights_gb=3.1)
+    sessions: list[dict[str, float]] = []
+    original = flows.swap.gpu_session
+    flows.swap.gpu_session = lambda timeout_s: _recording_session(sessions, timeout_s)  # type: ignore[assignment]
+    try:
+        with fresh_sim(time_scale, spec) as b:
+            await ensure_gpu_limit(1)
+            t0 = time.monotonic()
+            results = await asyncio.gather(
+                *(
+                    swap_model(options=SwapOptions(target=m.name), connection=b.connection, return_state=True)
+                    for m in spec.models
+                )
+            )
+            total = time.monotonic() - t0
+            timeline = b.sim.timeline
+            overcommit = b.rec.overcommit_live
+    finally:
+        flows.swap.gpu_session = original
+    failed = [r for r in results if not r.is_completed()]
+    ups = sorted(t for t, ns, _n, r in timeline if ns == spec.serving_namespace and r == 1)
+    sessions.sort(key=lambda s: s["enter"])
+    hand, acquire, prep = [], [], []
+    for prev, nxt in itertools.pairwise(sessions):
+        up = next((t for t in ups if t >= nxt["enter"]), None)
+        if up is None:
+            continue
+        hand.append(up - prev["exit"])
+        acquire.append(nxt["enter"] - prev["exit"])
+        prep.append(up - nxt["enter"])
+    log(f"  {n} queued swaps: {total:.1f} s, hand-offs {', '.join(f'{h:.2f}' for h in hand)} s")
+    return {
+        "handoff_p50_s": percentile(hand, 0.5),
+        "handoff_p95_s": percentile(hand, 0.95),
+        "handoff_samples_s": [round(h, 3) for h in hand],
+        "handoff_slot_wait_s": [round(h, 3) for h in acquire],
+        "handoff_in_session_s": [round(h, 3) for h in prep],
+        "handoff_total_s": round(total, 3),
+        "handoff_failed_runs": len(failed),
+        "handoff_overcommit": overcommit,
+    }
+
+
+# ------------------------------------------------------------------ scale
+async def scale_case(models: int, gpus: int, time_scale: float) -> dict[str, Any]:
+    spec = bench_spec(models, gpus)
+    await ensure_gpu_limit(gpus)
+    with fresh_sim(time_scale, spec) as b:
+        t0 = time.monotonic()
+        results = await asyncio.gather(
+            *(gpu_session_run(connection=b.connection, model=m.name, return_state=True) for m in spec.models)
+        )
+        total = time.monotonic() - t0
+        rec = b.rec
+    failed = sum(1 for r in results if not r.is_completed())
+    timings = Timings()
+    mt = model_timings(spec.models[0])
+    first = timings.node_provision_s + timings.gpu_image_pull_s + mt.weights_s + mt.server_start_s
+    later = mt.weights_s + mt.server_start_s + timings.termination_s
+    rounds = -(-models // gpus)
+    ideal = (first + timings.termination_s + (rounds - 1) * later) * time_scale
+    return {
+        "models": models,
+        "gpus": gpus,
+        "total_s": round(total, 3),
+        "ideal_s": round(ideal, 3),
+        "ratio_to_ideal": round(total / ideal, 3),
+        "sessions_per_gpu": rounds,
+        "overcommit": rec.overcommit_live + rec.overcommit_bound,
+        "max_gpu_pods": rec.max_live,
+        "max_gpu_pods_bound": rec.max_bound,
+        "gpu_pods_seen": rec.gpu_pods_seen,
+        "failed_runs": failed,
+    }
+
+
+async def scale(time_scale: float, models: tuple[int, ...], gpus: tuple[int, ...], log: Any) -> list[dict[str, Any]]:
+    rows = []
+    for n in models:
+        for g in gpus:
+            row = await scale_case(n, g, time_scale)
+            rows.append(row)
+            log(
+                f"  {n} model(s) on {g} GPU(s): {row['total_s']:.1f} s (ideal {row['ideal_s']:.1f} s), "
+                f"overcommit {row['overcommit']}, max GPU pods {row['max_gpu_pods']}"
+            )
+    return rows
