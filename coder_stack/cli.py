@@ -4,6 +4,7 @@ PREFECT_API_URL points at a server), or, for `sim`, the simulated stack."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -13,6 +14,11 @@ from rich.console import Console
 
 from coder_stack.errors import CoderStackError
 from coder_stack.spec import load_spec, spec_yaml
+
+# Without PREFECT_API_URL every command starts a temporary Prefect server (15-20 s on 2 cores); Prefect's
+# default 20 s start-up limit is too tight on a busy machine. A real server (`prefect server start`) is faster.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 app = typer.Typer(
     help=(
@@ -306,10 +312,11 @@ def status(stack: StackOpt = None, kubeconfig: KubeconfigOpt = None, context: Co
         out.print(rows)
     else:
         st = Table(title="Spend per key")
-        for col in ("key", "spend (USD)", "budget", "models"):
+        for col in ("key", "spend (USD)", "budget", "models", "status"):
             st.add_column(col)
         for r in rows:
-            st.add_row(r.alias, f"{r.spend:.6f}", f"{r.max_budget}", ", ".join(r.models))
+            budget = f"{r.max_budget:g}" if r.max_budget is not None else "-"
+            st.add_row(r.alias, f"{r.spend:.6f}", budget, ", ".join(r.models) or "-", r.status)
         out.print(st)
 
 
