@@ -270,27 +270,39 @@ class RBACAuthorizer:
     def __call__(self, token: str | None, verb: str, resource: str, namespace: str | None, name: str | None) -> bool:
         if token in self.superusers:
             return True
-        if token is None or token not in self.tokens or not namespace:
+        if token is None or token not in self.tokens:
             return False
         sa_ns, sa = self.tokens[token]
         base = resource.partition("/")[0]
         rt = RESOURCES.get(base)
         group = rt.group if rt else ""
-        for rb in self.store.list("rolebindings", namespace):
-            if not any(
+
+        def bound(binding: Obj) -> bool:
+            return any(
                 s.get("kind") == "ServiceAccount"
                 and s.get("name") == sa
-                and (s.get("namespace") or rb["metadata"]["namespace"]) == sa_ns
-                for s in rb.get("subjects") or []
-            ):
-                continue
-            ref = rb.get("roleRef") or {}
-            if ref.get("kind") != "Role":
-                continue
-            role = self.store.find("roles", namespace, ref.get("name", ""))
-            if role is None:
-                continue
-            for rule in role.get("rules") or []:
+                and (s.get("namespace") or binding["metadata"].get("namespace")) == sa_ns
+                for s in binding.get("subjects") or []
+            )
+
+        roles: list[Obj | None] = []
+        # ClusterRoleBindings grant their ClusterRole everywhere (cluster scope and every namespace).
+        for crb in self.store.list("clusterrolebindings", None):
+            ref = crb.get("roleRef") or {}
+            if bound(crb) and ref.get("kind") == "ClusterRole":
+                roles.append(self.store.find("clusterroles", None, ref.get("name", "")))
+        # RoleBindings grant a Role (or a ClusterRole's rules) in their own namespace only.
+        if namespace:
+            for rb in self.store.list("rolebindings", namespace):
+                ref = rb.get("roleRef") or {}
+                if not bound(rb):
+                    continue
+                if ref.get("kind") == "Role":
+                    roles.append(self.store.find("roles", namespace, ref.get("name", "")))
+                elif ref.get("kind") == "ClusterRole":
+                    roles.append(self.store.find("clusterroles", None, ref.get("name", "")))
+        for role in roles:
+            for rule in (role or {}).get("rules") or []:
                 if not _matches(rule.get("apiGroups"), group):
                     continue
                 if not _matches(rule.get("resources"), resource):

@@ -15,7 +15,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, TypeVar
@@ -123,6 +123,7 @@ class SimStack:
         timings: Timings | None = None,
         start_standin: StandinStarter | None = None,
         api_token: str | None = None,
+        authorizer: Callable[[Store], Any] | None = None,
         ready_timeout: float | None = None,
     ) -> None:
         if gpu_pool not in ("autoscaled", "static"):
@@ -139,6 +140,8 @@ class SimStack:
         self._timings = timings
         self._start_standin = start_standin
         self._api_token = api_token
+        self._authorizer_factory = authorizer
+        self.authorizer: Any = None
         self._ready_timeout = ready_timeout if ready_timeout is not None else 30.0 + 60.0 * time_scale
         self._secrets = generate_secrets()
         self._timeline: list[tuple[float, str, str, int]] = []
@@ -215,7 +218,9 @@ class SimStack:
         except ImportError as e:  # the API server is not there: controllers only
             log.warning("no API server: %s", e)
         else:
-            self._runner, self.api_url = await start_apiserver(store, backends)
+            if self._authorizer_factory is not None:
+                self.authorizer = self._authorizer_factory(store)
+            self._runner, self.api_url = await start_apiserver(store, backends, authorizer=self.authorizer)
             self._kubeconfig_text = kubeconfig_yaml(self.api_url, token=self._api_token)
         await self._wait_gateway_ready(self._ready_timeout)
         if self._kubeconfig_text is not None:
@@ -362,6 +367,14 @@ class SimStack:
         if self._store is None:
             raise RuntimeError("SimStack is not started")
         return self._store
+
+    @property
+    def api_server(self) -> Any:
+        """The API server (``simstack.apiserver.ApiServer``): ``.faults`` (ApiFaults), ``.requests``,
+        ``.authorizer``. Its hooks are plain lists: safe to queue faults from a test thread."""
+        if self._runner is None:
+            raise RuntimeError("SimStack is not started or simstack.apiserver is missing")
+        return self._runner.app["apiserver"]
 
     @property
     def backends(self) -> Backends:

@@ -51,6 +51,8 @@ RESOURCES: dict[str, ResourceType] = {
         ResourceType("apps", "v1", "replicasets", "ReplicaSet", True, ("rs",)),
         ResourceType("rbac.authorization.k8s.io", "v1", "roles", "Role", True),
         ResourceType("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", True),
+        ResourceType("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", False),
+        ResourceType("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "ClusterRoleBinding", False),
     ]
 }
 
