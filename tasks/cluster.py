@@ -8,6 +8,7 @@ hiccups, a pod not Ready yet); a crash loop or an over-budget phase fails at onc
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any
 from uuid import UUID
@@ -37,11 +38,20 @@ EXEC_OUTPUT_LIMIT = 4000
 
 
 def only_retriable(task: Any, task_run: Any, state: Any) -> bool:
-    """``retry_condition_fn``: retry only what a retry may fix."""
+    """``retry_condition_fn``: retry only what a retry may fix.
+
+    The async task engine passes ``Failed(data=<the exception>)``; there ``state.result()`` would only
+    return an un-awaited coroutine (so nothing was ever retried): read the exception from ``state.data``.
+    """
+    data = getattr(state, "data", None)
+    if isinstance(data, BaseException):
+        return is_retriable(data)
     try:
-        state.result()
+        outcome = state.result()
     except Exception as e:  # the task's own exception, re-raised by Prefect
         return is_retriable(e)
+    if inspect.iscoroutine(outcome):
+        outcome.close()
     return False
 
 

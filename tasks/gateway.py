@@ -7,6 +7,7 @@ secrets it needs itself, and returns a pydantic report with no key in it. Retrie
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -31,11 +32,20 @@ from coder_stack.spec import SecretRef, StackSpec
 
 
 def only_retriable(task: Any, task_run: Any, state: Any) -> bool:
-    """``retry_condition_fn``: retry only what a retry may fix."""
+    """``retry_condition_fn``: retry only what a retry may fix.
+
+    The async task engine passes ``Failed(data=<the exception>)``; there ``state.result()`` would only
+    return an un-awaited coroutine (so nothing was ever retried): read the exception from ``state.data``.
+    """
+    data = getattr(state, "data", None)
+    if isinstance(data, BaseException):
+        return is_retriable(data)
     try:
-        state.result()
+        outcome = state.result()
     except Exception as e:  # the task's own exception, re-raised by Prefect
         return is_retriable(e)
+    if inspect.iscoroutine(outcome):
+        outcome.close()
     return False
 
 
