@@ -8,15 +8,20 @@ refuses GPU work instead of running unprotected.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import logging
+import random
+import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from uuid import UUID
 
+import httpx
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
 from prefect.client.schemas.objects import StateType
-from prefect.concurrency._asyncio import AcquireConcurrencySlotTimeoutError
-from prefect.concurrency.asyncio import concurrency
+from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError, concurrency
 from prefect.exceptions import ObjectNotFound
 from pydantic import BaseModel, Field
 
@@ -24,6 +29,11 @@ from coder_stack.errors import GpuLimitMissing, RetriableError
 
 GPU_LIMIT = "tag:gpu"
 LEASE_SECONDS = 300.0
+# How often a queued session asks for a free GPU. Prefect's own retry follows the server's Retry-After:
+# the limit's average slot occupancy capped at PREFECT_SERVER_TASKS_TAG_CONCURRENCY_SLOT_WAIT_SECONDS (10 s),
+# with jitter — for GPU sessions of minutes, a freed GPU sat idle for ~0-13 s before the next session
+# noticed (bench: handoff). Asking every ~0.5 s costs one small API call per queued flow run.
+POLL_SECONDS = 0.5
 
 
 class GpuLimitStatus(BaseModel):
@@ -104,17 +114,54 @@ async def require_gpu_limit() -> None:
         raise GpuLimitMissing(f"the GPU concurrency limit {GPU_LIMIT} is inactive; activate it and rerun")
 
 
+def _is_423(err: BaseException | None) -> bool:
+    return isinstance(err, httpx.HTTPStatusError) and err.response.status_code == 423
+
+
+def _locked(err: BaseException) -> bool:
+    return _is_423(err.__cause__)
+
+
+class _QuietBusyGpu(logging.Filter):
+    """Prefect's slot service logs every refused attempt at ERROR ("failed to process item"): with
+    ``max_retries=0`` a 423 (the GPU is busy) is the expected answer while queued, so drop those lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if len(args) == 2 and args[0] == "ConcurrencySlotAcquisitionWithLeaseService" and isinstance(args[1], tuple):
+            fut = args[1][-1] if args[1] else None
+            if isinstance(fut, concurrent.futures.Future) and fut.done() and _is_423(fut.exception()):
+                return False
+        return True
+
+
+logging.getLogger("prefect._internal.concurrency").addFilter(_QuietBusyGpu())
+
+
 @asynccontextmanager
-async def gpu_session(timeout_s: float) -> AsyncIterator[None]:
-    """Hold one GPU slot for the whole block (scale-up to scale-down). Queues behind other sessions."""
+async def gpu_session(timeout_s: float, poll_s: float = POLL_SECONDS) -> AsyncIterator[None]:
+    """Hold one GPU slot for the whole block (scale-up to scale-down). Queues behind other sessions.
+
+    Asks for the slot without Prefect's server-paced retry (``max_retries=0``) and again every ~``poll_s``
+    seconds (jittered), so a GPU freed by one session is taken by the next within about ``poll_s``.
+    """
     await require_gpu_limit()
-    try:
-        async with concurrency(
-            GPU_LIMIT, occupy=1, strict=True, timeout_seconds=timeout_s, lease_duration=LEASE_SECONDS
-        ):
-            yield
-    except AcquireConcurrencySlotTimeoutError as e:
-        raise RetriableError(
-            f"waited {timeout_s:.0f} s for the GPU ({GPU_LIMIT}) and another session still holds it; "
-            "see `coder-stack status` for who holds it"
-        ) from e
+    deadline = time.monotonic() + timeout_s
+    async with AsyncExitStack() as stack:
+        while True:
+            try:
+                await stack.enter_async_context(
+                    concurrency(GPU_LIMIT, occupy=1, strict=True, max_retries=0, lease_duration=LEASE_SECONDS)
+                )
+                break
+            except ConcurrencySlotAcquisitionError as e:
+                if not _locked(e):
+                    raise
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RetriableError(
+                        f"waited {timeout_s:.0f} s for the GPU ({GPU_LIMIT}) and another session still holds it; "
+                        "see `coder-stack status` for who holds it"
+                    ) from e
+                await asyncio.sleep(min(left, poll_s * random.uniform(0.8, 1.2)))
+        yield
