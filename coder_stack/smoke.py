@@ -21,6 +21,7 @@ from typing import Any, Literal, Protocol, cast
 import httpx
 import jsonschema
 import openai
+import openai.resources  # openai loads it on first use: ~1.7 s here, after the model is up (bench)
 from kubernetes_asyncio.client import ApiClient
 from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionFunctionToolParam
