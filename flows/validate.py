@@ -106,6 +106,9 @@ async def validate_coder_stack(
                     "Rerun with take_over (--take-over) to validate anyway; that model is restored at the end"
                 )
             restore = active
+            # Front-ends already running (the morning bring-up's) are the users': this run did not start them.
+            before = await final_state(target, spec)
+            ours = [f for f in frontends if not before.get(f"{spec.experience_namespace}/{f}")]
             try:
                 if restore:
                     await free_gpu(target, spec, None, report)
@@ -148,7 +151,7 @@ async def validate_coder_stack(
                 report.step("spend read back per key")
             finally:
                 report.step("tear down what this run started")
-                outcome = await release(target, spec, started, [] if options.keep_frontends else frontends)
+                outcome = await release(target, spec, started, [] if options.keep_frontends else ours)
                 if frontends_up and options.keep_frontends:
                     report.notes.append("front-ends left running (keep_frontends)")
                 report.notes += [f"{k}: {v}" for k, v in outcome.items()]
