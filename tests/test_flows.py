@@ -1,0 +1,532 @@
+"""The flows end to end on the simulated cluster, against a real Prefect API (one test harness per module).
+
+What users rely on: a validate run passes and leaves the GPU at $0; a swap frees the GPU before the next
+model starts; a serving model is never taken without ``take_over`` (and is restored with it); teardown is
+idempotent; a failed, cancelled or terminated run scales its GPU models back to 0; two GPU sessions never
+overlap; GPU work refuses without the ``tag:gpu`` limit; the deployments deploy; dry runs and bad
+parameters change nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowFilter, FlowFilterName
+from prefect.client.schemas.objects import State
+from prefect.client.schemas.sorting import FlowRunSort
+from prefect.exceptions import ObjectNotFound, ParameterTypeError
+from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
+from prefect.testing.utilities import prefect_test_harness
+
+from coder_stack.errors import GpuBusy, GpuLimitMissing, PodFailed, SpecError
+from coder_stack.gpu import GPU_LIMIT, ensure_gpu_limit
+from coder_stack.report import RunReport
+from coder_stack.spec import StackSpec
+from flows.bring_up import bring_up
+from flows.common import Connection
+from flows.keys import KeyOptions, manage_keys
+from flows.swap import SwapOptions, swap_model
+from flows.teardown import TeardownOptions, teardown
+from flows.validate import ValidateOptions, validate_coder_stack
+from simstack.stack import SimStack
+from simstack.store import Store
+from tests.conftest import is_ready, pods_of, record, scale, wait_for
+
+PROJECT = Path(__file__).resolve().parent.parent
+SPEC = StackSpec()
+SERVING = SPEC.serving_namespace
+EXPERIENCE = SPEC.experience_namespace
+MODELS = [m.name for m in SPEC.models]
+FRONTENDS = [f.name for f in SPEC.frontends]
+# Cold starts long enough to signal a run in the middle of one (~6 s for coder-chat on an autoscaled pool).
+SLOW_SCALE = 0.01
+
+
+# ------------------------------------------------------------------ Prefect API (once per module)
+@pytest.fixture(scope="module")
+def prefect_api() -> Iterator[str]:
+    """A Prefect test server for the whole module; yields its API URL."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        with (
+            temporary_settings(updates={PREFECT_SERVER_ANALYTICS_ENABLED: False}),
+            prefect_test_harness(server_startup_timeout=60),
+        ):
+            yield str(PREFECT_API_URL.value())
+
+
+@pytest.fixture(autouse=True)
+async def gpu_limit(prefect_api: str) -> AsyncIterator[None]:
+    """Every test starts with ``tag:gpu`` = 1 slot (setup's job); none may leave a slot held."""
+    await ensure_gpu_limit(1)
+    yield
+    try:
+        async with get_client() as client:
+            gcl = await client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+    except ObjectNotFound:
+        return
+    assert gcl.active_slots == 0, f"{GPU_LIMIT} still has {gcl.active_slots} active slot(s) after the test"
+
+
+# ------------------------------------------------------------------ helpers
+def conn(sim: SimStack) -> Connection:
+    return Connection(kubeconfig=str(sim.kubeconfig_path))
+
+
+def replicas(sim: SimStack) -> dict[str, int]:
+    """spec.replicas of every GPU model and front-end, read from the sim's store."""
+
+    def _read(store: Store) -> dict[str, int]:
+        out = {m: int(store.get("deployments", SERVING, m)["spec"]["replicas"]) for m in MODELS}
+        out |= {f: int(store.get("deployments", EXPERIENCE, f)["spec"]["replicas"]) for f in FRONTENDS}
+        return out
+
+    result: dict[str, int] = sim.call(_read, sim.store)
+    return result
+
+
+def pod_names(store: Store, namespace: str, apps: list[str]) -> list[str]:
+    return [p["metadata"]["name"] for a in apps for p in pods_of(store, namespace, a)]
+
+
+def assert_all_down(sim: SimStack, pods_timeout: float = 0.0) -> None:
+    """Every GPU model and front-end at 0 replicas, and (within ``pods_timeout``) no GPU model pod left."""
+    assert replicas(sim) == dict.fromkeys(MODELS + FRONTENDS, 0)
+    if pods_timeout:
+        wait_for(sim, lambda s: not pod_names(s, SERVING, MODELS), pods_timeout, "GPU model pods gone")
+    left = sim.call(pod_names, sim.store, SERVING, MODELS)
+    assert left == [], f"GPU model pods left: {left}"
+
+
+def snapshot(sim: SimStack) -> dict[str, Any]:
+    """What a run may change: Deployment specs (generation), Secrets/ConfigMaps, the gateway's keys and models."""
+
+    def _read(store: Store) -> dict[str, Any]:
+        snap: dict[str, Any] = {}
+        for d in store.list("deployments", None):
+            m = d["metadata"]
+            snap[f"deploy {m['namespace']}/{m['name']}"] = (m.get("generation"), d["spec"].get("replicas"))
+        for plural in ("secrets", "configmaps"):
+            for o in store.list(plural, None):
+                m = o["metadata"]
+                snap[f"{plural} {m['namespace']}/{m['name']}"] = m["resourceVersion"]
+        db = sim.services.litellm_db
+        snap["gateway keys"] = copy.deepcopy(db.get("keys", {}))
+        snap["gateway models"] = copy.deepcopy(db.get("models", []))
+        return snap
+
+    result: dict[str, Any] = sim.call(_read, sim.store)
+    return result
+
+
+def gpu_overlaps(timeline: list[tuple[float, str, str, int]]) -> list[tuple[float, dict[str, int]]]:
+    """Moments at which more than one GPU model Deployment was above 0 replicas."""
+    state = dict.fromkeys(MODELS, 0)
+    bad = []
+    for t, ns, name, reps in timeline:
+        if ns == SERVING and name in state:
+            state[name] = reps
+            if sum(1 for v in state.values() if v > 0) > 1:
+                bad.append((t, dict(state)))
+    return bad
+
+
+async def until(cond: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Wait (polling, 20 ms) until ``cond()`` is truthy."""
+    deadline = time.monotonic() + timeout
+    while not (value := cond()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+    return value
+
+
+def scaled_up(sim: SimStack, name: str, after: int = 0) -> bool:
+    return any(n == name and r > 0 for _, _, n, r in sim.timeline[after:])
+
+
+async def run_artifacts(flow_run_id: UUID) -> dict[str, Any]:
+    async with get_client() as client:
+        arts = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return {a.key or "": a for a in arts}
+
+
+async def latest_run_of(flow_name: str) -> tuple[UUID, State[Any]]:
+    """The id and state of the flow's most recent run."""
+    async with get_client() as client:
+        runs = await client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+            sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+            limit=1,
+        )
+    assert runs and runs[0].state is not None
+    return runs[0].id, runs[0].state
+
+
+# ------------------------------------------------------------------ 1. full validate
+async def test_validate_all_stages_passes_and_leaves_everything_at_zero(make_sim: Callable[..., SimStack]) -> None:
+    sim = make_sim(gpu_pool="autoscaled", time_scale=0.002)
+    state = await validate_coder_stack(
+        options=ValidateOptions(stages=["chat", "fim", "agent"]), connection=conn(sim), return_state=True
+    )
+    assert state.is_completed(), state
+    report: RunReport = await state.aresult()
+    assert report.outcome == "passed"
+
+    sections = {s.model: s for s in report.models}
+    assert list(sections) == ["coder-chat", "coder-fim", "coder-agent"]
+    for name, sec in sections.items():
+        assert sec.ready_s and sec.ready_s > 0, name
+        assert sec.phases and all(v >= 0 for v in sec.phases.values()), (name, sec.phases)
+        assert sec.ttft_ms is not None and sec.ttft_ms > 0, name
+        assert sec.smokes and all(s.ok for s in sec.smokes), (name, sec.smokes)
+    assert {"node", "image", "weights", "start"} <= set(sections["coder-chat"].phases)
+    assert sections["coder-chat"].scale_up_seen  # the autoscaled pool grew a GPU node
+    checks = {name: [s.check for s in sec.smokes] for name, sec in sections.items()}
+    assert checks["coder-chat"] == [
+        "direct (pod, vLLM key)",
+        "gateway chat (open-webui key)",
+        "Open WebUI pod lists its models",
+    ]
+    assert checks["coder-fim"] == [
+        "direct (pod, vLLM key)",
+        "gateway FIM (tabby key)",
+        "Tabby's configured key completes FIM",
+    ]
+    assert checks["coder-agent"] == ["direct (pod, vLLM key)", "tool loop through the gateway (agent key)"]
+
+    spend = {s.alias: s.spend for s in report.spend}
+    for alias in ("open-webui", "tabby", "coder-agent"):
+        assert spend.get(alias, 0) > 0, f"no spend recorded for {alias}: {report.spend}"
+
+    # Everything back at 0, on the cluster itself (not only in the report).
+    assert_all_down(sim)
+    assert set(report.final_state.values()) == {0}
+    tl = sim.timeline
+    assert not gpu_overlaps(tl), gpu_overlaps(tl)
+    assert [n for _, ns, n, r in tl if ns == SERVING and r > 0] == ["coder-chat", "coder-fim", "coder-agent"]
+
+    # The artifacts, read back through the API: the markdown report and the spend table, no secret in either.
+    assert state.state_details.flow_run_id is not None
+    arts = await run_artifacts(state.state_details.flow_run_id)
+    md, table = arts["validate-report"], arts["validate-report-spend"]
+    assert md.type == "markdown" and table.type == "table"
+    assert "# validate_coder_stack: passed" in md.data and "## coder-fim" in md.data
+    assert "Time to first token" in md.data and "## Spend per key" in md.data
+    assert {"open-webui", "tabby", "coder-agent"} <= {row["alias"] for row in _table_rows(table.data)}
+    keys = sim.call(lambda: [r.get("key") or "" for r in sim.services.litellm_db["keys"].values()])
+    for secret in [*sim.secrets.values(), *(k for k in keys if k)]:
+        assert secret not in md.data and secret not in str(table.data)
+
+
+def _table_rows(data: Any) -> list[dict[str, Any]]:
+    import json
+
+    rows = json.loads(data) if isinstance(data, str) else data
+    assert isinstance(rows, list)
+    return rows
+
+
+# ------------------------------------------------------------------ 2. swap
+async def test_swap_frees_the_gpu_before_the_target_starts(sim: SimStack) -> None:
+    scale(sim, SERVING, "coder-chat", 1)
+    wait_for(sim, lambda s: any(is_ready(p) for p in pods_of(s, SERVING, "coder-chat")), 10, "coder-chat Ready")
+    pod_events = record(sim, "pods")
+    mark = len(sim.timeline)
+
+    report = await swap_model(options=SwapOptions(target="coder-fim"), connection=conn(sim))
+
+    assert report.outcome == "passed"
+    assert replicas(sim) == {"coder-chat": 0, "coder-fim": 1, "coder-agent": 0, "open-webui": 0, "tabby": 0}
+    serving = sim.call(
+        lambda s: [(p["metadata"]["name"], is_ready(p)) for p in pods_of(s, SERVING, "coder-fim")], sim.store
+    )
+    assert len(serving) == 1 and serving[0][1], serving
+    assert sim.call(pod_names, sim.store, SERVING, ["coder-chat", "coder-agent"]) == []
+
+    tl = sim.timeline[mark:]
+    chat_down = next(t for t, _, n, r in tl if n == "coder-chat" and r == 0)
+    fim_up = next(t for t, _, n, r in tl if n == "coder-fim" and r == 1)
+    chat_gone = max(
+        t for t, typ, obj in pod_events if typ == "DELETED" and obj["metadata"]["name"].startswith("coder-chat-")
+    )
+    assert chat_down < chat_gone < fim_up, "coder-fim was scaled up before coder-chat's pod was gone"
+    assert not gpu_overlaps(sim.timeline)
+    assert any(n.startswith("swap time: ") for n in report.notes), report.notes
+    assert report.section("coder-fim").ready_s
+
+
+# ------------------------------------------------------------------ 3. take_over
+async def test_validate_refuses_a_serving_gpu_without_take_over_and_restores_it_with(sim: SimStack) -> None:
+    up = await bring_up(connection=conn(sim))
+    assert up.outcome.startswith("passed")
+    assert replicas(sim) == {"coder-chat": 1, "coder-fim": 0, "coder-agent": 0, "open-webui": 1, "tabby": 1}
+    before, mark = snapshot(sim), len(sim.timeline)
+
+    with pytest.raises(GpuBusy, match="coder-chat is serving"):
+        await validate_coder_stack(options=ValidateOptions(stages=["fim"]), connection=conn(sim))
+    assert sim.timeline[mark:] == []
+    assert snapshot(sim) == before
+
+    report = await validate_coder_stack(options=ValidateOptions(stages=["fim"], take_over=True), connection=conn(sim))
+    assert report.outcome == "passed"
+    assert [s.model for s in report.models][-1] == "coder-fim" and report.section("coder-fim").smokes
+    assert any("restored coder-chat" in n for n in report.notes), report.notes
+    # coder-chat is serving again: replicas 1 and a Ready pod; nothing else on the GPU.
+    # The morning's front-ends were running before the run: users still reach Open WebUI and Tabby after it.
+    assert replicas(sim) == {"coder-chat": 1, "coder-fim": 0, "coder-agent": 0, "open-webui": 1, "tabby": 1}
+    assert sim.call(lambda s: [is_ready(p) for p in pods_of(s, SERVING, "coder-chat")], sim.store) == [True]
+    tl = sim.timeline[mark:]
+    order = [(n, v) for _, ns, n, v in tl if ns == SERVING]
+    assert order == [("coder-chat", 0), ("coder-fim", 1), ("coder-fim", 0), ("coder-chat", 1)], order
+    assert not gpu_overlaps(sim.timeline)
+
+
+# ------------------------------------------------------------------ 4. teardown
+async def test_teardown_brings_everything_down_and_a_second_run_is_a_no_op(sim: SimStack) -> None:
+    for name in ("coder-chat",):
+        scale(sim, SERVING, name, 1)
+    for name in FRONTENDS:
+        scale(sim, EXPERIENCE, name, 1)
+    wait_for(sim, lambda s: pods_of(s, SERVING, "coder-chat"), 10, "a coder-chat pod")
+
+    first = await teardown(connection=conn(sim))
+    assert first.outcome == "passed: everything at 0"
+    assert any("found running: coder-chat" in n for n in first.notes), first.notes
+    assert_all_down(sim)
+    assert sim.call(pod_names, sim.store, EXPERIENCE, FRONTENDS) == []
+    assert set(first.final_state.values()) == {0}
+
+    mark = len(sim.timeline)
+    before = snapshot(sim)
+    second = await teardown(connection=conn(sim))
+    assert second.outcome == "passed: everything at 0"
+    assert "found running: nothing" in second.notes
+    assert sim.timeline[mark:] == []
+    assert snapshot(sim) == before
+
+
+# ------------------------------------------------------------------ 5. a failing stage
+async def test_a_failing_stage_fails_the_flow_and_scales_everything_down(make_sim: Callable[..., SimStack]) -> None:
+    sim = make_sim(faults={"coder-fim": "crashloop"})
+    mark = len(sim.timeline)
+    with pytest.raises(PodFailed, match="CrashLoopBackOff"):
+        await validate_coder_stack(options=ValidateOptions(stages=["chat", "fim"]), connection=conn(sim))
+    assert_all_down(sim)
+    # coder-chat passed before coder-fim failed; each model was scaled down before the next went up.
+    order = [(n, v) for _, ns, n, v in sim.timeline[mark:] if ns == SERVING]
+    assert order == [("coder-chat", 1), ("coder-chat", 0), ("coder-fim", 1), ("coder-fim", 0)], order
+    run_id, run_state = await latest_run_of("validate_coder_stack")
+    assert run_state.is_failed()
+    md = (await run_artifacts(run_id))["validate-report"].data
+    assert "failed: PodFailed" in md and "| serving/coder-fim | 0 |" in md
+
+
+# ------------------------------------------------------------------ 6. cancellation
+async def test_cancelling_a_running_validate_scales_its_models_down(make_sim: Callable[..., SimStack]) -> None:
+    """The flow coroutine is cancelled (what an asyncio runner does) in the middle of coder-chat's cold start."""
+    sim = make_sim(gpu_pool="autoscaled", time_scale=SLOW_SCALE)
+    run = asyncio.create_task(validate_coder_stack(options=ValidateOptions(stages=["chat"]), connection=conn(sim)))
+    await until(lambda: scaled_up(sim, "coder-chat") or run.done(), 30, "coder-chat scaled up")
+    await until(lambda: sim.call(pod_names, sim.store, SERVING, ["coder-chat"]), 10, "a coder-chat pod")
+    assert not run.done()
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    # The finally issued the scale-downs (and waited for the pods) before the cancellation propagated.
+    assert_all_down(sim)
+    _, run_state = await latest_run_of("validate_coder_stack")
+    assert run_state.is_final() and not run_state.is_completed(), run_state
+
+
+# ------------------------------------------------------------------ 7. SIGTERM
+SUBPROCESS_FLOW = """
+import asyncio, sys
+from flows.common import Connection
+from flows.validate import ValidateOptions, validate_coder_stack
+
+options = ValidateOptions(stages=["chat"])
+asyncio.run(validate_coder_stack(options=options, connection=Connection(kubeconfig=sys.argv[1])))
+"""
+
+
+async def test_sigterm_mid_cold_start_scales_the_gpu_down(
+    make_sim: Callable[..., SimStack], prefect_api: str, tmp_path: Path
+) -> None:
+    sim = make_sim(gpu_pool="autoscaled", time_scale=SLOW_SCALE)
+    env = dict(os.environ)
+    env.update(
+        PREFECT_API_URL=prefect_api,
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PYTHONPATH=str(PROJECT),
+    )
+    log = tmp_path / "flow.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SUBPROCESS_FLOW, str(sim.kubeconfig_path)],
+            cwd=PROJECT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        await until(lambda: scaled_up(sim, "coder-chat") or proc.poll() is not None, 60, "coder-chat scaled up")
+        assert proc.poll() is None, log.read_text()[-3000:]
+        await until(lambda: sim.call(pod_names, sim.store, SERVING, ["coder-chat"]), 10, "a coder-chat pod")
+        ready = sim.call(lambda s: [is_ready(p) for p in pods_of(s, SERVING, "coder-chat")], sim.store)
+        assert ready == [False], "the signal must land during the cold start"
+        proc.send_signal(signal.SIGTERM)
+        rc = await until(lambda: proc.poll() is not None and (proc.returncode,), 30, "the flow process to exit")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    # Prefect's SIGTERM bridge raises TerminationSignal in the flow, the finally scales everything down,
+    # the run is marked Crashed, then the process re-raises SIGTERM on itself.
+    assert rc[0] == -signal.SIGTERM, (rc, text[-3000:])
+    assert "Clean-up:" in text, f"the flow's finally did not run on SIGTERM (exit {rc[0]}):\n{text[-3000:]}"
+    assert_all_down(sim)  # the finally also waited until the pods were gone, before the process exited
+    _, run_state = await latest_run_of("validate_coder_stack")
+    assert run_state.is_crashed(), run_state
+
+
+# ------------------------------------------------------------------ 8. two GPU sessions
+async def test_two_concurrent_swaps_never_share_the_gpu(sim: SimStack) -> None:
+    a, b = await asyncio.gather(
+        swap_model(options=SwapOptions(target="coder-chat", smoke_gateway=False), connection=conn(sim)),
+        swap_model(options=SwapOptions(target="coder-fim", smoke_gateway=False), connection=conn(sim)),
+    )
+    assert a.outcome == "passed" and b.outcome == "passed"
+    tl = sim.timeline
+    assert not gpu_overlaps(tl), gpu_overlaps(tl)
+    ups = [n for _, ns, n, r in tl if ns == SERVING and r > 0]
+    assert sorted(ups) == ["coder-chat", "coder-fim"], tl
+    r = replicas(sim)
+    assert (r[ups[0]], r[ups[1]]) == (0, 1), (ups, r)  # the second session freed the first one's model
+    async with get_client() as client:
+        gcl = await client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+    assert (gcl.limit, gcl.active_slots) == (1, 0)
+
+
+# ------------------------------------------------------------------ 9. no limit, no GPU work
+async def test_gpu_work_refuses_without_the_limit(sim: SimStack) -> None:
+    async with get_client() as client:
+        await client.delete_global_concurrency_limit_by_name(GPU_LIMIT)
+    try:
+        before, mark = snapshot(sim), len(sim.timeline)
+        with pytest.raises(GpuLimitMissing, match="does not exist"):
+            await swap_model(options=SwapOptions(target="coder-chat"), connection=conn(sim))
+        with pytest.raises(GpuLimitMissing):
+            await validate_coder_stack(connection=conn(sim))
+        assert sim.timeline[mark:] == []
+        assert snapshot(sim) == before
+    finally:
+        await ensure_gpu_limit(1)
+
+
+# ------------------------------------------------------------------ 10. deployments
+async def test_setup_deploys_every_deployment_with_its_schedule(
+    prefect_api: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from coder_stack.setup import run_setup
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    report = await run_setup(gpus=1)
+    assert report.deployed, report.deploy_output
+
+    async with get_client() as client:
+        pools = {p: (await client.read_work_pool(p)).type for p in ("coder-stack-process", "coder-stack-k8s")}
+        assert pools == {"coder-stack-process": "process", "coder-stack-k8s": "kubernetes"}
+        gcl = await client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+        assert gcl.limit == 1
+        want = {
+            "bring_up/morning-bring-up": ("0 7 * * 1-5", "coder-stack-process"),
+            "teardown/evening-teardown": ("0 19 * * *", "coder-stack-process"),
+            "validate_coder_stack/validate-coder-stack": (None, "coder-stack-process"),
+            "swap_model/swap-model": (None, "coder-stack-process"),
+            "bring_up/morning-bring-up-in-cluster": (None, "coder-stack-k8s"),
+            "teardown/evening-teardown-in-cluster": (None, "coder-stack-k8s"),
+            "validate_coder_stack/validate-coder-stack-in-cluster": (None, "coder-stack-k8s"),
+            "swap_model/swap-model-in-cluster": (None, "coder-stack-k8s"),
+        }
+        for name, (cron, pool) in want.items():
+            d = await client.read_deployment_by_name(name)
+            assert d.work_pool_name == pool, name
+            assert d.enforce_parameter_schema, name
+            if cron is None:
+                assert d.schedules == [], (name, d.schedules)
+                continue
+            assert len(d.schedules) == 1, (name, d.schedules)
+            sched = d.schedules[0]
+            assert sched.active, name
+            assert (getattr(sched.schedule, "cron", None), getattr(sched.schedule, "timezone", None)) == (
+                cron,
+                "America/New_York",
+            ), (name, sched.schedule)
+            assert d.global_concurrency_limit is not None and d.global_concurrency_limit.limit == 1, name
+            assert d.concurrency_options is not None, name
+            assert d.concurrency_options.collision_strategy == "ENQUEUE", name
+
+
+# ------------------------------------------------------------------ 11. dry runs
+async def test_dry_runs_change_nothing(sim: SimStack) -> None:
+    # Something to leave alone: keys minted and delivered, coder-chat serving.
+    await manage_keys(connection=conn(sim))
+    scale(sim, SERVING, "coder-chat", 1)
+    wait_for(sim, lambda s: any(is_ready(p) for p in pods_of(s, SERVING, "coder-chat")), 10, "coder-chat Ready")
+    before, mark = snapshot(sim), len(sim.timeline)
+    assert before["gateway keys"]
+
+    reports = [
+        await validate_coder_stack(
+            options=ValidateOptions(stages=["chat", "fim", "agent"], dry_run=True), connection=conn(sim)
+        ),
+        await swap_model(options=SwapOptions(target="coder-fim", dry_run=True), connection=conn(sim)),
+        await teardown(options=TeardownOptions(dry_run=True), connection=conn(sim)),
+        await manage_keys(options=KeyOptions(rotate=True, dry_run=True), connection=conn(sim)),
+    ]
+    for rep in reports:
+        assert rep.outcome == "dry run: nothing changed", rep
+        assert any(n.startswith("dry run: would") for n in rep.notes), rep.notes
+    assert "serving now: coder-chat" in reports[0].notes[0]
+    assert "['coder-chat'] to 0, then coder-fim to 1" in reports[1].notes[0]
+    assert sim.timeline[mark:] == []
+    assert snapshot(sim) == before
+
+
+# ------------------------------------------------------------------ 12. parameters
+async def test_bad_parameters_are_refused_before_anything_changes(sim: SimStack) -> None:
+    before, mark = snapshot(sim), len(sim.timeline)
+    c = conn(sim)
+    with pytest.raises(ParameterTypeError, match="stages"):
+        await validate_coder_stack(options={"stages": ["gpu"]}, connection=c)  # type: ignore[call-overload]
+    with pytest.raises(ParameterTypeError):
+        await validate_coder_stack(options={"stages": []}, connection=c)  # type: ignore[call-overload]
+    with pytest.raises(ParameterTypeError):
+        await validate_coder_stack(options={"stages": ["chat"], "take_ovr": True}, connection=c)  # type: ignore[call-overload]
+    with pytest.raises(ParameterTypeError, match="target"):
+        await swap_model(options={"target": "Coder Chat!"}, connection=c)  # type: ignore[call-overload]
+    with pytest.raises(SpecError, match="unknown model 'coder-nope'"):
+        await swap_model(options=SwapOptions(target="coder-nope"), connection=c)
+    with pytest.raises(Exception, match=r"nope\.yaml"):
+        await teardown(connection=Connection(kubeconfig=c.kubeconfig, stack_file="/nonexistent/nope.yaml"))
+    assert sim.timeline[mark:] == []
+    assert snapshot(sim) == before
