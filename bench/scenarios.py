@@ -252,12 +252,16 @@ async def sequential(time_scale: float, log: Any) -> dict[str, Any]:
 async def _recording_session(sessions: list[dict[str, float]], timeout_s: float) -> AsyncIterator[None]:
     """flows.swap's gpu_session, recording when each session got the GPU and when its GPU work ended."""
     rec = {"ask": time.monotonic()}
-    async with gpu_session(timeout_s):
-        rec["enter"] = time.monotonic()
-        try:
-            yield
-        finally:
-            rec["exit"] = time.monotonic()
+    try:
+        async with gpu_session(timeout_s):
+            rec["enter"] = time.monotonic()
+            try:
+                yield
+            finally:
+                rec["exit"] = time.monotonic()
+    finally:
+        rec["released"] = time.monotonic()
+        if "exit" in rec:
             sessions.append(rec)
 
 
@@ -266,7 +270,7 @@ async def handoff(time_scale: float, n: int, log: Any) -> dict[str, Any]:
     spec = bench_spec(n, 1, weights_gb=3.1)
     sessions: list[dict[str, float]] = []
     original = flows.swap.gpu_session
-    flows.swap.gpu_session = lambda timeout_s: _recording_session(sessions, timeout_s)  # type: ignore[assignment]
+    flows.swap.gpu_session = lambda timeout_s: _recording_session(sessions, timeout_s)  # type: ignore[assignment,misc]
     try:
         with fresh_sim(time_scale, spec) as b:
             await ensure_gpu_limit(1)
@@ -285,13 +289,14 @@ async def handoff(time_scale: float, n: int, log: Any) -> dict[str, Any]:
     failed = [r for r in results if not r.is_completed()]
     ups = sorted(t for t, ns, _n, r in timeline if ns == spec.serving_namespace and r == 1)
     sessions.sort(key=lambda s: s["enter"])
-    hand, acquire, prep = [], [], []
+    hand, acquire, prep, release_s = [], [], [], []
     for prev, nxt in itertools.pairwise(sessions):
         up = next((t for t in ups if t >= nxt["enter"]), None)
         if up is None:
             continue
         hand.append(up - prev["exit"])
         acquire.append(nxt["enter"] - prev["exit"])
+        release_s.append(prev["released"] - prev["exit"])
         prep.append(up - nxt["enter"])
     log(f"  {n} queued swaps: {total:.1f} s, hand-offs {', '.join(f'{h:.2f}' for h in hand)} s")
     return {
@@ -300,6 +305,7 @@ async def handoff(time_scale: float, n: int, log: Any) -> dict[str, Any]:
         "handoff_samples_s": [round(h, 3) for h in hand],
         "handoff_slot_wait_s": [round(h, 3) for h in acquire],
         "handoff_in_session_s": [round(h, 3) for h in prep],
+        "handoff_release_call_s": [round(h, 3) for h in release_s],
         "handoff_total_s": round(total, 3),
         "handoff_failed_runs": len(failed),
         "handoff_overcommit": overcommit,

@@ -1,0 +1,79 @@
+"""The benchmark's plumbing (``python -m bench.run``) on a tiny configuration: it runs end to end,
+prints its table and writes JSON with every field the issue asks for. Its numbers are not asserted
+beyond sanity: they depend on the machine (see BENCHMARKS.md for a real run)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.run import FULL, QUICK, TARGETS, table
+from bench.scenarios import bench_spec, percentile, validate_critical_path
+from coder_stack.spec import StackSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FIELDS = [
+    "detect_p50_ms",
+    "detect_p95_ms",
+    "validate_overhead_ratio",
+    "overlap_fraction",
+    "handoff_p50_s",
+    "handoff_p95_s",
+    "naive_poll_ratio",
+    "kubectl_wait_ratio",
+    "sequential_ratio",
+    "scale",
+    "peak_rss_mb",
+]
+
+
+def test_percentile_and_critical_path() -> None:
+    assert percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.5
+    assert percentile([5.0], 0.95) == 5.0
+    total, parts = validate_critical_path(StackSpec())
+    # coder-chat 240 + 240 + 150 + 40, two spend writes of 10, two terminations of 2, coder-fim 85 + 27
+    assert total == pytest.approx(670 + 10 + 2 + 112 + 10 + 2)
+    assert len(parts) == 6
+    spec = bench_spec(5, 2)
+    assert [m.name for m in spec.models] == ["m01", "m02", "m03", "m04", "m05"] and spec.gpus == 2
+
+
+def test_configs_cover_the_issue() -> None:
+    assert FULL.detect_n >= 20 and FULL.scale_models == (1, 5, 20) and FULL.scale_gpus == (1, 2, 4)
+    assert validate_critical_path(StackSpec())[0] * FULL.validate_scale >= 60  # the target's condition
+    assert QUICK.detect_n < FULL.detect_n
+
+
+@pytest.mark.timeout(600)
+def test_tiny_run_writes_every_field(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--tiny", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=580,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    for f in FIELDS:
+        assert f in res, f
+    for f in FIELDS[:9]:
+        assert isinstance(res[f], float) and math.isfinite(res[f]) and res[f] >= 0, (f, res[f])
+    assert res["detect_p50_ms"] <= res["detect_p95_ms"]
+    assert 0.0 <= res["overlap_fraction"] <= 1.0
+    assert {(r["models"], r["gpus"]) for r in res["scale"]} == {(1, 1), (1, 2), (2, 1), (2, 2)}
+    for r in res["scale"]:
+        assert r["total_s"] > 0 and r["failed_runs"] == 0 and r["overcommit"] >= 0
+    assert res["peak_rss_mb"]["flow_process"] > 0 and res["peak_rss_mb"]["sim"] > 0
+    assert set(TARGETS) <= set(res["targets"]) and "zero_overcommit" in res["targets"]
+    assert res["machine"]["cores"] and res["config"]["name"] == "tiny"
+    assert "detect_p95_ms" in proc.stdout and "overcommit" in proc.stdout
+    assert table(res) in proc.stdout
