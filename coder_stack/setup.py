@@ -77,10 +77,44 @@ def deploy_all(project_dir: Path = PROJECT_DIR, timeout_s: float = 180) -> str:
     return text
 
 
-async def run_setup(gpus: int, deploy: bool = True) -> SetupReport:
+def check_schedules(project_dir: Path | None = None) -> int:
+    """Parse every cron schedule (and its timezone) in prefect.yaml as Prefect will; a bad one is a
+    :class:`ConfigError` naming the deployment, the value and what to fix. Returns how many were checked."""
+    import yaml
+    from prefect.client.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
+
+    path = (project_dir or PROJECT_DIR) / "prefect.yaml"
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path} cannot be read as YAML ({type(e).__name__}); fix the file and rerun setup") from e
+    checked = 0
+    for dep in doc.get("deployments") or []:
+        for sched in (dep or {}).get("schedules") or []:
+            if not isinstance(sched, dict) or "cron" not in sched:
+                continue
+            cron, tz = sched.get("cron"), sched.get("timezone")
+            try:
+                CronSchedule(cron=cron, timezone=tz)
+            except ValidationError as e:
+                field = str(e.errors()[0]["loc"][0]) if e.errors() and e.errors()[0]["loc"] else "cron"
+                raise ConfigError(
+                    f"{path}: deployment {dep.get('name')!r} has a schedule whose {field} does not parse "
+                    f"(cron {cron!r}, timezone {tz!r}). Use five cron fields such as '0 7 * * 1-5' and an IANA "
+                    "timezone such as 'America/New_York'; nothing was changed"
+                ) from None
+            checked += 1
+    return checked
+
+
+async def run_setup(gpus: int, deploy: bool = True, project_dir: Path | None = None) -> SetupReport:
+    project_dir = project_dir or PROJECT_DIR
+    if deploy:
+        check_schedules(project_dir)  # before anything changes
     report = SetupReport(gpu_limit=await ensure_gpu_limit(gpus))
     report.pools = await ensure_work_pools()
     if deploy:
-        report.deploy_output = deploy_all()
+        report.deploy_output = deploy_all(project_dir)
         report.deployed = True
     return report
