@@ -17,6 +17,7 @@ from flows.common import (
     Connection,
     final_state,
     free_gpu,
+    gather_or_cancel,
     logger,
     publish,
     record_failure,
@@ -72,7 +73,7 @@ async def bring_up(
                     await asyncio.gather(*(wait_frontend_ready_task(target, spec, f) for f in frontends))
                     report.step(f"keys delivered; {', '.join(frontends)} Ready")
 
-                ready, _ = await asyncio.gather(wait_model_ready_task(target, spec, model.name), keys_and_frontends())
+                ready, _ = await gather_or_cancel(wait_model_ready_task(target, spec, model.name), keys_and_frontends())
                 section = report.section(model.name)
                 record_ready(section, ready)
                 report.step(f"{model.name} Ready after {ready.total_s:.1f} s")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
@@ -78,6 +79,22 @@ def record_smoke(section: ModelSection, res: SmokeResult, label: str | None = No
 
 def record_failure(section: ModelSection, label: str, err: BaseException) -> None:
     section.smokes.append(SmokeLine(check=label, ok=False, detail=str(err)))
+
+
+async def gather_or_cancel(*aws: Awaitable[Any]) -> list[Any]:
+    """``asyncio.gather`` that, when one awaitable fails, cancels the others and waits for them before raising.
+
+    Plain ``gather`` lets the siblings run on: a keys-and-front-ends branch kept scaling Open WebUI and Tabby to
+    1 *after* the ``finally`` clean-up had scaled them to 0 (a model's wait failed, or SIGTERM landed in it).
+    """
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 async def model_up(target: ClusterTarget, spec: StackSpec, name: str, report: RunReport) -> ReadyReport:

@@ -24,6 +24,7 @@ from flows.common import (
     Connection,
     final_state,
     free_gpu,
+    gather_or_cancel,
     logger,
     model_for_role,
     model_up,
@@ -135,7 +136,9 @@ async def validate_coder_stack(
                             await asyncio.gather(*(wait_frontend_ready_task(target, spec, f) for f in frontends))
                             report.step(f"keys delivered; {', '.join(frontends)} Ready")
 
-                        ready, _ = await asyncio.gather(wait_model_ready_task(target, spec, name), keys_and_frontends())
+                        ready, _ = await gather_or_cancel(
+                            wait_model_ready_task(target, spec, name), keys_and_frontends()
+                        )
                         record_ready(section, ready)
                         report.step(f"{name} Ready after {ready.total_s:.1f} s")
                     else:
