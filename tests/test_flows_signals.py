@@ -1,0 +1,167 @@
+"""The flows when their process is told to stop: SIGTERM (a pod eviction, `kill`, systemd) and a cancel from the
+UI/API of a worker-run deployment (the process worker terminates the flow's process).
+
+What users rely on: the flow's ``finally`` scales its GPU models down before the process exits, so a stopped
+run never leaves a GPU billing. Its own module (and Prefect test harness): these tests start flow processes
+and a worker, and a failure here must not leave a held ``tag:gpu`` slot for the other flow tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from prefect.client.orchestration import get_client
+from prefect.exceptions import ObjectNotFound
+
+from simstack.stack import SimStack
+from tests.conftest import is_ready, pods_of
+from tests.test_flows import (
+    PREFECT_BIN,
+    PROJECT,
+    SERVING,
+    SLOW_SCALE,
+    assert_all_down,
+    gpu_limit,
+    latest_run_of,
+    pod_names,
+    prefect_api,
+    scaled_up,
+    until,
+)
+
+__all__ = ["gpu_limit", "prefect_api"]  # the module's own harness and per-test GPU limit (fixtures)
+
+
+def flow_process_env(prefect_api: str, tmp_path: Path) -> dict[str, str]:
+    """Environment of a flow or worker process: the module's Prefect server, a throw-away Prefect home."""
+    env = dict(os.environ)
+    env.update(
+        PREFECT_API_URL=prefect_api,
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PYTHONPATH=str(PROJECT),
+    )
+    return env
+
+
+# ------------------------------------------------------------------ 7. SIGTERM
+SUBPROCESS_FLOW = """
+import asyncio, sys
+from flows.common import Connection
+from flows.validate import ValidateOptions, validate_coder_stack
+
+options = ValidateOptions(stages=["chat"])
+asyncio.run(validate_coder_stack(options=options, connection=Connection(kubeconfig=sys.argv[1])))
+"""
+
+
+async def test_sigterm_mid_cold_start_scales_the_gpu_down(
+    make_sim: Callable[..., SimStack], prefect_api: str, tmp_path: Path
+) -> None:
+    sim = make_sim(gpu_pool="autoscaled", time_scale=SLOW_SCALE)
+    env = flow_process_env(prefect_api, tmp_path)
+    log = tmp_path / "flow.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SUBPROCESS_FLOW, str(sim.kubeconfig_path)],
+            cwd=PROJECT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        await until(lambda: scaled_up(sim, "coder-chat") or proc.poll() is not None, 60, "coder-chat scaled up")
+        assert proc.poll() is None, log.read_text()[-3000:]
+        await until(lambda: sim.call(pod_names, sim.store, SERVING, ["coder-chat"]), 10, "a coder-chat pod")
+        ready = sim.call(lambda s: [is_ready(p) for p in pods_of(s, SERVING, "coder-chat")], sim.store)
+        assert ready == [False], "the signal must land during the cold start"
+        proc.send_signal(signal.SIGTERM)
+        rc = await until(lambda: proc.poll() is not None and (proc.returncode,), 30, "the flow process to exit")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    # Prefect's SIGTERM bridge raises TerminationSignal wherever the main thread is; the flow engine cancels the
+    # flow's asyncio tasks, the flow's finally scales everything down, the run ends Crashed (or Failed when
+    # Prefect trips over a task cancelled while it was starting), and the process exits non-zero.
+    assert rc[0] != 0, (rc, text[-3000:])
+    assert "Clean-up:" in text, f"the flow's finally did not run on SIGTERM (exit {rc[0]}):\n{text[-3000:]}"
+    assert_all_down(sim)  # the finally also waited until the pods were gone, before the process exited
+    _, run_state = await latest_run_of("validate_coder_stack")
+    assert run_state.is_final() and not run_state.is_completed(), run_state
+
+
+# ------------------------------------------------------------------ cancel from the API (worker-run)
+WORKER_POOL = "flows-test-process"
+
+
+async def test_api_cancel_of_a_worker_run_validate_scales_its_models_down(
+    make_sim: Callable[..., SimStack], prefect_api: str, tmp_path: Path
+) -> None:
+    """Cancel from the UI/API, as in production: a process worker runs the deployment, sees the run Cancelling,
+    and terminates the flow's process; the flow's finally scales the GPU model down first."""
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.states import Cancelling
+    from prefect.workers.process import ProcessWorker
+
+    sim = make_sim(gpu_pool="autoscaled", time_scale=SLOW_SCALE)
+    async with get_client() as client:
+        try:
+            await client.read_work_pool(WORKER_POOL)
+        except ObjectNotFound:
+            await client.create_work_pool(
+                WorkPoolCreate(
+                    name=WORKER_POOL, type="process", base_job_template=ProcessWorker.get_default_base_job_template()
+                )
+            )
+        flow_id = await client.create_flow_from_name("validate_coder_stack")
+        deployment_id = await client.create_deployment(
+            flow_id=flow_id,
+            name="cancel-probe",
+            work_pool_name=WORKER_POOL,
+            entrypoint="flows/validate.py:validate_coder_stack",
+            pull_steps=[{"prefect.deployments.steps.set_working_directory": {"directory": str(PROJECT)}}],
+        )
+        run = await client.create_flow_run_from_deployment(
+            deployment_id,
+            parameters={"options": {"stages": ["chat"]}, "connection": {"kubeconfig": str(sim.kubeconfig_path)}},
+        )
+    log = tmp_path / "worker.log"
+    env = flow_process_env(prefect_api, tmp_path) | {"PREFECT_WORKER_QUERY_SECONDS": "1"}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(PREFECT_BIN), "worker", "start", "--pool", WORKER_POOL, "--limit", "1", "--install-policy", "never"],
+            cwd=PROJECT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        await until(lambda: scaled_up(sim, "coder-chat") or proc.poll() is not None, 90, "coder-chat scaled up")
+        assert proc.poll() is None, log.read_text()[-3000:]
+        async with get_client() as client:
+            await client.set_flow_run_state(run.id, Cancelling(message="cancelled by test"), force=True)
+            deadline = time.monotonic() + 60
+            while not (state := (await client.read_flow_run(run.id)).state) or not state.is_final():
+                assert time.monotonic() < deadline, (state, log.read_text()[-3000:])
+                await asyncio.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = log.read_text()
+    assert state.is_cancelled(), (state, text[-3000:])
+    assert "Clean-up:" in text, f"the flow's finally did not run on the worker's cancel:\n{text[-3000:]}"
+    assert_all_down(sim, pods_timeout=10)
