@@ -1437,7 +1437,14 @@ class ApiServer:
                 if bookmarks:
                     wait = min(wait, max(0.0, next_bookmark - now))
                 try:
-                    item = await asyncio.wait_for(queue.get(), timeout=wait)
+                    # Queued events are taken without a timed wait. Once a bookmark is overdue ``wait`` is 0,
+                    # and on Python 3.11 ``wait_for(queue.get(), 0)`` cancels the get before it runs: with an
+                    # event queued (the bookmark waits for an empty queue) the stream then spun here, sending
+                    # nothing, until timeoutSeconds.
+                    if queue.empty():
+                        item = await asyncio.wait_for(queue.get(), timeout=wait)
+                    else:
+                        item = queue.get_nowait()
                 except TimeoutError:
                     if bookmarks and time.monotonic() >= next_bookmark and queue.empty():
                         await send(

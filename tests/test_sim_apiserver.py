@@ -624,6 +624,47 @@ async def test_watch_timeout_ends_stream_and_bookmarks_are_sent(
         assert r.status == 400
 
 
+async def test_watch_sends_events_queued_while_a_bookmark_is_overdue(server: ServerThread) -> None:
+    """An event still queued when a BOOKMARK is overdue is sent, not spun on until timeoutSeconds.
+
+    Regression: the handler waited with ``asyncio.wait_for(queue.get(), timeout=0)`` once the bookmark
+    was due; on Python 3.11 that cancels the get before it runs, so a non-empty queue made it loop
+    forever (no event, no bookmark). Under CPU load a busy server loop got there by itself; here the
+    loop is blocked past the bookmark interval (0.3 s) right after two changes, deterministically.
+    """
+    import time
+
+    store = server.store
+    rv = await server.acall(lambda: str(store.resource_version))
+    url = (
+        f"{server.url}/api/v1/namespaces/default/configmaps?watch=1&allowWatchBookmarks=1"
+        f"&resourceVersion={rv}&timeoutSeconds=10"
+    )
+
+    def burst() -> None:
+        store.create("configmaps", {"metadata": {"name": "bm-1"}, "data": {}}, "default")
+        store.create("configmaps", {"metadata": {"name": "bm-2"}, "data": {}}, "default")
+        time.sleep(0.45)  # the server loop is busy past the bookmark interval
+
+    async with aiohttp.ClientSession() as s:
+        r = await s.get(url)
+        assert r.status == 200
+        first = json.loads(await asyncio.wait_for(r.content.readline(), 5))
+        assert first["type"] == "BOOKMARK"  # the handler now waits on its queue until the next bookmark
+        await server.acall(burst)
+        names: list[str] = []
+
+        async def read() -> None:
+            while len(names) < 2:
+                ev = json.loads(await r.content.readline())
+                if ev["type"] != "BOOKMARK":
+                    names.append(ev["object"]["metadata"]["name"])
+
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(read(), 3)
+        assert names == ["bm-1", "bm-2"]
+
+
 # ====================================================================== tables
 async def test_tables_for_kubectl_get(server: ServerThread) -> None:
     accept = "application/json;as=Table;v=v1;g=meta.k8s.io,application/json"
