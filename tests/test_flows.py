@@ -32,7 +32,7 @@ from coder_stack.errors import GpuBusy, GpuLimitMissing, PodFailed, SpecError
 from coder_stack.gpu import GPU_LIMIT, ensure_gpu_limit
 from coder_stack.report import RunReport
 from coder_stack.spec import StackSpec
-from flows.bring_up import bring_up
+from flows.bring_up import BringUpOptions, bring_up
 from flows.common import Connection
 from flows.keys import KeyOptions, manage_keys
 from flows.swap import SwapOptions, swap_model
@@ -449,6 +449,7 @@ async def test_dry_runs_change_nothing(sim: SimStack) -> None:
         ),
         await swap_model(options=SwapOptions(target="coder-fim", dry_run=True), connection=conn(sim)),
         await teardown(options=TeardownOptions(dry_run=True), connection=conn(sim)),
+        await bring_up(options=BringUpOptions(model="coder-fim", dry_run=True), connection=conn(sim)),
         await manage_keys(options=KeyOptions(rotate=True, dry_run=True), connection=conn(sim)),
     ]
     for rep in reports:
