@@ -111,6 +111,7 @@ def test_no_key_in_the_prefect_home_cli_output_artifacts_or_logs(server: Prefect
         files = [p for p in server.home.rglob("*") if p.is_file()]
         names = {p.name for p in files}
         assert any(n.endswith(".db") for n in names), names  # the database is there to be scanned
+        print(f"scanned under the Prefect home: {sorted(str(p.relative_to(server.home)) for p in files)}")
         blobs |= {f"file {p.relative_to(server.home)}": p.read_bytes() for p in files}
         with httpx.Client(base_url=server.url, timeout=30) as api:
             arts = api.post("/artifacts/filter", json={"limit": 200})
