@@ -15,6 +15,7 @@ from coder_stack.gpu import gpu_session
 from coder_stack.report import RunReport
 from flows.common import (
     Connection,
+    SigtermGuard,
     final_state,
     free_gpu,
     gather_or_cancel,
@@ -49,6 +50,7 @@ async def bring_up(
     aliases = [k.alias for k in spec.virtual_keys if k.deliver_to != "keystore"]
     log = logger()
     report = RunReport(flow="bring_up")
+    sigterm = SigtermGuard()
     try:
         await preflight_task(target, spec, [model.name])
         await gateway_ready_task(target, spec)
@@ -99,7 +101,9 @@ async def bring_up(
     except BaseException as e:
         report.finish(f"failed: {type(e).__name__}")
         log.error("bring_up failed: %s", e)
+        await sigterm.reraise(e)
         raise
     finally:
+        sigterm.restore()
         report.final_state = await final_state(target, spec)
         await publish(report, "bring-up-report")

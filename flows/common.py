@@ -8,12 +8,19 @@ seconds (the runner kills a cancelled flow 30 s after the request).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
+import threading
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
+from prefect.client.orchestration import get_client
+from prefect.context import FlowRunContext
+from prefect.exceptions import TerminationSignal
 from prefect.logging import get_run_logger
+from prefect.states import Cancelled
 from pydantic import BaseModel, ConfigDict, Field
 
 from coder_stack import kube
@@ -79,6 +86,64 @@ def record_smoke(section: ModelSection, res: SmokeResult, label: str | None = No
 
 def record_failure(section: ModelSection, label: str, err: BaseException) -> None:
     section.smokes.append(SmokeLine(check=label, ok=False, detail=str(err)))
+
+
+class SigtermGuard:
+    """Turn SIGTERM into a cancellation of the running flow, delivered inside the event loop.
+
+    Prefect's own handler raises ``TerminationSignal`` wherever the main thread happens to be; when that
+    is inside an asyncio I/O callback, asyncio swallows it, the flow's ``finally`` never runs and the GPU
+    keeps billing until the worker kills the process. Cancelling the flow's task from the loop instead
+    always unwinds through the ``finally`` (scale-downs first); :meth:`reraise` then hands Prefect the
+    ``TerminationSignal`` it expects, so a cancel from the UI still ends the run Cancelled. The first
+    SIGTERM cancels; later ones are ignored so they cannot interrupt the clean-up. Main thread only.
+    """
+
+    def __init__(self) -> None:
+        self.fired = False
+        self._restore: Callable[[], None] = lambda: None
+        task = asyncio.current_task()
+        if threading.current_thread() is not threading.main_thread() or task is None:
+            return
+        loop = asyncio.get_running_loop()
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def on_sigterm() -> None:
+            if not self.fired:
+                self.fired = True
+                logger().warning("SIGTERM: cancelling the run; scaling down what it started.")
+                task.cancel()
+
+        try:
+            loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+        except (NotImplementedError, RuntimeError, ValueError):
+            return
+
+        def restore() -> None:
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(signal.SIGTERM)
+                signal.signal(signal.SIGTERM, previous)
+
+        self._restore = restore
+
+    def restore(self) -> None:
+        self._restore()
+
+    async def reraise(self, exc: BaseException) -> None:
+        """After the clean-up: mark the run Cancelled (it was asked to stop, and stopped cleanly) and hand
+        Prefect the ``TerminationSignal`` it expects from a SIGTERM."""
+        if not (self.fired and isinstance(exc, asyncio.CancelledError)):
+            return
+        ctx = FlowRunContext.get()
+        if ctx is not None and ctx.flow_run is not None:
+            with contextlib.suppress(Exception):
+                async with get_client() as client:
+                    await client.set_flow_run_state(
+                        ctx.flow_run.id,
+                        Cancelled(message="SIGTERM: stopped after scaling down what it started"),
+                        force=True,
+                    )
+        raise TerminationSignal(signal.SIGTERM) from exc
 
 
 async def gather_or_cancel(*aws: Awaitable[Any]) -> list[Any]:

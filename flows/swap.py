@@ -18,6 +18,7 @@ from coder_stack.report import RunReport
 from coder_stack.spec import DNS_LABEL
 from flows.common import (
     Connection,
+    SigtermGuard,
     final_state,
     free_gpu,
     logger,
@@ -55,6 +56,7 @@ async def swap_model(
     model = spec.model(options.target)  # unknown model: refused before anything changes
     log = logger()
     report = RunReport(flow=f"swap_model({model.name})")
+    sigterm = SigtermGuard()
     try:
         pf = await preflight_task(target, spec, [model.name])
         if options.dry_run:
@@ -97,7 +99,9 @@ async def swap_model(
     except BaseException as e:
         report.finish(f"failed: {type(e).__name__}")
         log.error("swap_model failed: %s", e)
+        await sigterm.reraise(e)
         raise
     finally:
+        sigterm.restore()
         report.final_state = await final_state(target, spec)
         await publish(report, "swap-report")

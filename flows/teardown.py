@@ -17,7 +17,7 @@ from coder_stack.errors import PermanentError
 from coder_stack.gpu import gpu_limit_status
 from coder_stack.k8s import open_api
 from coder_stack.report import RunReport
-from flows.common import Connection, final_state, logger, publish, release
+from flows.common import Connection, SigtermGuard, final_state, logger, publish, release
 
 NODE_DRAIN_MIN = 10
 
@@ -41,6 +41,7 @@ async def teardown(
     spec, target = connection.resolve()
     log = logger()
     report = RunReport(flow="teardown")
+    sigterm = SigtermGuard()
     models = [m.name for m in spec.models]
     frontends = [f.name for f in spec.frontends]
     try:
@@ -89,6 +90,8 @@ async def teardown(
     except BaseException as e:
         report.finish(f"failed: {type(e).__name__}")
         log.error("teardown failed: %s", e)
+        await sigterm.reraise(e)
         raise
     finally:
+        sigterm.restore()
         await publish(report, "teardown-report")

@@ -22,6 +22,7 @@ from coder_stack.report import RunReport
 from coder_stack.spec import StackSpec
 from flows.common import (
     Connection,
+    SigtermGuard,
     final_state,
     free_gpu,
     gather_or_cancel,
@@ -75,6 +76,7 @@ async def validate_coder_stack(
     spec, target = connection.resolve()
     log = logger()
     report = RunReport(flow="validate_coder_stack")
+    sigterm = SigtermGuard()
     stages = list(dict.fromkeys(options.stages))
     models = [model_for_role(spec, s.value) for s in stages]
     frontends = [f.name for f in spec.frontends]
@@ -169,8 +171,10 @@ async def validate_coder_stack(
     except BaseException as e:
         report.finish(f"failed: {type(e).__name__}")
         log.error("validate_coder_stack failed: %s", e)
+        await sigterm.reraise(e)
         raise
     finally:
+        sigterm.restore()
         report.final_state = await final_state(target, spec)
         await publish(report, "validate-report")
 
