@@ -5,12 +5,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from kubernetes_asyncio import client
 from kubernetes_asyncio.client import ApiClient
 
 from coder_stack.errors import NotFound, SpecError
-from coder_stack.k8s import API_TIMEOUT, api_errors
-from coder_stack.portforward import port_forward
+from coder_stack.portforward import port_forward, read_service
 from coder_stack.spec import AccessMode, StackSpec
 
 
@@ -20,14 +18,7 @@ def _strip_v1(url: str) -> str:
 
 
 async def _service_port(api: ApiClient, namespace: str, service: str) -> int:
-    core = client.CoreV1Api(api)
-    try:
-        with api_errors("get", "services", namespace, service):
-            svc = await core.read_namespaced_service(service, namespace, _request_timeout=API_TIMEOUT)
-    except NotFound as e:
-        raise NotFound(
-            f"service {service!r} not found in namespace {namespace!r}; check the stack spec"
-        ) from e.__cause__
+    svc = await read_service(api, namespace, service)
     ports = (svc.spec.ports if svc.spec else None) or []
     if not ports:
         raise NotFound(f"service {namespace}/{service} exposes no port")

@@ -31,16 +31,21 @@ ERROR_CHANNEL = 1
 CHUNK = 64 * 1024
 
 
-async def resolve_service(api: ApiClient, namespace: str, service: str, port: int) -> tuple[str, int]:
-    """(Ready pod name, container port) behind a Service port, as kube-proxy would pick."""
+async def read_service(api: ApiClient, namespace: str, service: str) -> client.V1Service:
+    """A Service, or NotFound naming it and pointing at the stack spec."""
     core = client.CoreV1Api(api)
     try:
         with api_errors("get", "services", namespace, service):
-            svc = await core.read_namespaced_service(service, namespace, _request_timeout=API_TIMEOUT)
+            return await core.read_namespaced_service(service, namespace, _request_timeout=API_TIMEOUT)
     except NotFound as e:
         raise NotFound(
             f"service {service!r} not found in namespace {namespace!r}; check the stack spec's names"
         ) from e.__cause__
+
+
+async def resolve_service(api: ApiClient, namespace: str, service: str, port: int) -> tuple[str, int]:
+    """(Ready pod name, container port) behind a Service port, as kube-proxy would pick."""
+    svc = await read_service(api, namespace, service)
     selector = (svc.spec.selector if svc.spec else None) or {}
     if not selector:
         raise EndpointUnavailable(f"service {namespace}/{service} has no selector: there is no pod to forward to")

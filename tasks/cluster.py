@@ -8,7 +8,6 @@ hiccups, a pod not Ready yet); a crash loop or an over-budget phase fails at onc
 
 from __future__ import annotations
 
-import inspect
 import logging
 from typing import Any
 from uuid import UUID
@@ -17,10 +16,9 @@ from prefect import task
 from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
-from prefect.logging import get_run_logger
 
 from coder_stack import kube
-from coder_stack.errors import SpecError, is_retriable, redact
+from coder_stack.errors import SpecError, redact
 from coder_stack.k8s import ClusterTarget, open_api
 from coder_stack.kube import (
     DeploymentStatus,
@@ -32,34 +30,10 @@ from coder_stack.kube import (
     ScaleResult,
 )
 from coder_stack.spec import PhaseBudgets, StackSpec
+from tasks._common import only_retriable, run_logger
 
 # stdout/stderr kept in a task result (the rest is cut; secrets are redacted by pattern).
 EXEC_OUTPUT_LIMIT = 4000
-
-
-def only_retriable(task: Any, task_run: Any, state: Any) -> bool:
-    """``retry_condition_fn``: retry only what a retry may fix.
-
-    The async task engine passes ``Failed(data=<the exception>)``; there ``state.result()`` would only
-    return an un-awaited coroutine (so nothing was ever retried): read the exception from ``state.data``.
-    """
-    data = getattr(state, "data", None)
-    if isinstance(data, BaseException):
-        return is_retriable(data)
-    try:
-        outcome = state.result()
-    except Exception as e:  # the task's own exception, re-raised by Prefect
-        return is_retriable(e)
-    if inspect.iscoroutine(outcome):
-        outcome.close()
-    return False
-
-
-def run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
-    try:
-        return get_run_logger()
-    except MissingContextError:  # called through .fn() outside a run (tests, scripts)
-        return logging.getLogger("coder_stack.tasks.cluster")
 
 
 _TASK: dict[str, Any] = {
@@ -223,7 +197,6 @@ async def exec_task(
 
 __all__ = [
     "exec_task",
-    "only_retriable",
     "preflight_task",
     "scale_task",
     "stack_status_task",

@@ -7,8 +7,6 @@ secrets it needs itself, and returns a pydantic report with no key in it. Retrie
 
 from __future__ import annotations
 
-import inspect
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -17,43 +15,17 @@ import httpx
 from kubernetes_asyncio.client import ApiClient
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.exceptions import MissingContextError
-from prefect.logging import get_run_logger
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from coder_stack import gateway
 from coder_stack.endpoints import open_endpoint
-from coder_stack.errors import SpecError, is_retriable
+from coder_stack.errors import SpecError
 from coder_stack.gateway import ModelRegistration, SpendRow
 from coder_stack.http import make_client, scrub_url
 from coder_stack.k8s import ClusterTarget, open_api, require_secret_key
 from coder_stack.keys import KeyReport, ensure_key
 from coder_stack.spec import SecretRef, StackSpec
-
-
-def only_retriable(task: Any, task_run: Any, state: Any) -> bool:
-    """``retry_condition_fn``: retry only what a retry may fix.
-
-    The async task engine passes ``Failed(data=<the exception>)``; there ``state.result()`` would only
-    return an un-awaited coroutine (so nothing was ever retried): read the exception from ``state.data``.
-    """
-    data = getattr(state, "data", None)
-    if isinstance(data, BaseException):
-        return is_retriable(data)
-    try:
-        outcome = state.result()
-    except Exception as e:  # the task's own exception, re-raised by Prefect
-        return is_retriable(e)
-    if inspect.iscoroutine(outcome):
-        outcome.close()
-    return False
-
-
-def run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
-    try:
-        return get_run_logger()
-    except MissingContextError:  # called through .fn() outside a run, e.g. in tests
-        return logging.getLogger("coder_stack.tasks")
+from tasks._common import only_retriable, run_logger
 
 
 async def read_ref(api: ApiClient, ref: SecretRef) -> SecretStr:
@@ -167,10 +139,8 @@ __all__ = [
     "GatewayHealth",
     "ensure_keys_task",
     "gateway_ready_task",
-    "only_retriable",
     "open_gateway",
     "read_spend_task",
     "register_model_task",
-    "run_logger",
     "spend_baseline_task",
 ]

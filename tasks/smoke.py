@@ -21,7 +21,8 @@ from coder_stack.k8s import ClusterTarget, open_api
 from coder_stack.keys import read_client_key
 from coder_stack.smoke import SmokeResult
 from coder_stack.spec import ClientKeySpec, ModelSpec, StackSpec
-from tasks.gateway import only_retriable, open_gateway, read_ref, run_logger
+from tasks._common import only_retriable, run_logger
+from tasks.gateway import open_gateway, read_ref
 
 
 class MeteredSmoke(BaseModel):

@@ -18,7 +18,8 @@ from coder_stack.kube import (
     scale,
 )
 from coder_stack.spec import ModelSpec, StackSpec
-from tasks.cluster import exec_task, only_retriable, preflight_task, scale_task
+from tasks._common import only_retriable
+from tasks.cluster import exec_task, preflight_task, scale_task
 from tests.test_kube_harness import NS, PodScript, ServerThread, deployment, namespace, node
 
 SPEC = StackSpec()
