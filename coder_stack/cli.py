@@ -356,6 +356,19 @@ def demo(
     raise typer.Exit(run_demo(home=home, time_scale=time_scale, keep_ui=keep_ui))
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(
+    ctx: typer.Context,
+    quick: Annotated[bool, typer.Option("--quick", help="Fewer, shorter runs (under 3 minutes).")] = False,
+    json_path: Annotated[Path, typer.Option("--json", help="Where to write the results.")] = Path("bench-results.json"),
+) -> None:
+    """Benchmark the flows on the simulated stack against the usual ways (see BENCHMARKS.md)."""
+    from bench.run import main as bench_main
+
+    argv = (["--quick"] if quick else []) + ["--json", str(json_path), *ctx.args]
+    raise typer.Exit(bench_main(argv))
+
+
 def main() -> None:  # pragma: no cover - console entry point
     try:
         app()
