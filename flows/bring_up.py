@@ -6,8 +6,6 @@ model is scaled back to 0 (front-ends too) so a failed morning never bills a GPU
 
 from __future__ import annotations
 
-import asyncio
-
 from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -18,16 +16,15 @@ from flows.common import (
     SigtermGuard,
     final_state,
     free_gpu,
-    gather_or_cancel,
     logger,
+    model_up_with_keys_and_frontends,
     publish,
     record_failure,
-    record_ready,
     record_smoke,
     release,
 )
-from tasks.cluster import preflight_task, scale_task, wait_frontend_ready_task, wait_model_ready_task
-from tasks.gateway import ensure_keys_task, gateway_ready_task
+from tasks.cluster import preflight_task
+from tasks.gateway import gateway_ready_task
 from tasks.smoke import smoke_direct_task, smoke_frontends_task, smoke_gateway_task
 
 
@@ -66,19 +63,8 @@ async def bring_up(
             await free_gpu(target, spec, model.name, report)
             ok = False
             try:
-                await scale_task(target, spec.serving_namespace, model.name, 1)
-
-                async def keys_and_frontends() -> None:
-                    reps = await ensure_keys_task(target, spec, aliases)
-                    report.key_actions += [f"{r.alias}: {r.action} ({r.delivered_to})" for r in reps]
-                    await asyncio.gather(*(scale_task(target, spec.experience_namespace, f, 1) for f in frontends))
-                    await asyncio.gather(*(wait_frontend_ready_task(target, spec, f) for f in frontends))
-                    report.step(f"keys delivered; {', '.join(frontends)} Ready")
-
-                ready, _ = await gather_or_cancel(wait_model_ready_task(target, spec, model.name), keys_and_frontends())
+                await model_up_with_keys_and_frontends(target, spec, model.name, aliases, frontends, report)
                 section = report.section(model.name)
-                record_ready(section, ready)
-                report.step(f"{model.name} Ready after {ready.total_s:.1f} s")
                 try:
                     direct = await smoke_direct_task(target, spec, model.name)
                     record_smoke(section, direct, "direct (pod, vLLM key)")

@@ -30,7 +30,14 @@ from coder_stack.kube import ReadyReport
 from coder_stack.report import ModelSection, RunReport, SmokeLine, SpendLine
 from coder_stack.smoke import SmokeResult
 from coder_stack.spec import StackSpec, load_spec
-from tasks.cluster import preflight_task, scale_task, wait_model_gone_task, wait_model_ready_task
+from tasks.cluster import (
+    preflight_task,
+    scale_task,
+    wait_frontend_ready_task,
+    wait_model_gone_task,
+    wait_model_ready_task,
+)
+from tasks.gateway import ensure_keys_task
 
 # How long the clean-up may spend issuing scale-downs before it moves on to waiting.
 RELEASE_ISSUE_S = 5.0
@@ -167,6 +174,30 @@ async def model_up(target: ClusterTarget, spec: StackSpec, name: str, report: Ru
     report.step(f"scale {name} to 1 and wait through its cold start")
     await scale_task(target, spec.serving_namespace, name, 1)
     ready = await wait_model_ready_task(target, spec, name)
+    record_ready(report.section(name), ready)
+    report.step(f"{name} Ready after {ready.total_s:.1f} s")
+    return ready
+
+
+async def model_up_with_keys_and_frontends(
+    target: ClusterTarget, spec: StackSpec, name: str, key_aliases: list[str], frontends: list[str], report: RunReport
+) -> ReadyReport:
+    """Scale a model to 1 and, while it cold starts, deliver the keys and bring the front-ends up.
+
+    The front-ends need their keys' Secrets before they can start, and both are CPU work that fits
+    inside the GPU model's ~10 min cold start.
+    """
+    await scale_task(target, spec.serving_namespace, name, 1)
+    report.step(f"{name} cold start; keys and front-ends meanwhile")
+
+    async def keys_and_frontends() -> None:
+        reps = await ensure_keys_task(target, spec, key_aliases)
+        report.key_actions += [f"{r.alias}: {r.action} ({r.delivered_to})" for r in reps]
+        await asyncio.gather(*(scale_task(target, spec.experience_namespace, f, 1) for f in frontends))
+        await asyncio.gather(*(wait_frontend_ready_task(target, spec, f) for f in frontends))
+        report.step(f"keys delivered; {', '.join(frontends)} Ready")
+
+    ready, _ = await gather_or_cancel(wait_model_ready_task(target, spec, name), keys_and_frontends())
     record_ready(report.section(name), ready)
     report.step(f"{name} Ready after {ready.total_s:.1f} s")
     return ready

@@ -7,7 +7,6 @@ coder-agent, register it, scoped key, tool loop) -> spend per key -> tear down.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable
 from enum import StrEnum
 from typing import Any
@@ -25,18 +24,17 @@ from flows.common import (
     SigtermGuard,
     final_state,
     free_gpu,
-    gather_or_cancel,
     logger,
     model_for_role,
     model_up,
+    model_up_with_keys_and_frontends,
     publish,
     record_failure,
-    record_ready,
     record_smoke,
     release,
     spend_lines,
 )
-from tasks.cluster import preflight_task, scale_task, wait_frontend_ready_task, wait_model_ready_task
+from tasks.cluster import preflight_task, scale_task, wait_model_ready_task
 from tasks.gateway import ensure_keys_task, gateway_ready_task, read_spend_task, register_model_task
 from tasks.smoke import smoke_agent_task, smoke_direct_task, smoke_frontends_task, smoke_gateway_task
 
@@ -97,7 +95,6 @@ async def validate_coder_stack(
             return report
 
         started: list[str] = []
-        frontends_up = False
         restore: list[str] = []
         async with gpu_session(spec.timeouts.gpu_limit_s):
             report.step("holding the GPU limit")
@@ -116,7 +113,6 @@ async def validate_coder_stack(
                 if restore:
                     await free_gpu(target, spec, None, report)
                 for i, (stage, name) in enumerate(zip(stages, models, strict=True)):
-                    section = report.section(name)
                     if i > 0:
                         prev = models[i - 1]
                         report.step(f"swap: scale {prev} to 0 and wait until its pod is gone")
@@ -124,25 +120,7 @@ async def validate_coder_stack(
                         started.remove(prev)
                     started.append(name)
                     if i == 0:
-                        await scale_task(target, spec.serving_namespace, name, 1)
-                        report.step(f"{name} cold start; keys and front-ends meanwhile")
-
-                        async def keys_and_frontends() -> None:
-                            nonlocal frontends_up
-                            reps = await ensure_keys_task(target, spec, key_aliases)
-                            report.key_actions += [f"{r.alias}: {r.action} ({r.delivered_to})" for r in reps]
-                            await asyncio.gather(
-                                *(scale_task(target, spec.experience_namespace, f, 1) for f in frontends)
-                            )
-                            frontends_up = True
-                            await asyncio.gather(*(wait_frontend_ready_task(target, spec, f) for f in frontends))
-                            report.step(f"keys delivered; {', '.join(frontends)} Ready")
-
-                        ready, _ = await gather_or_cancel(
-                            wait_model_ready_task(target, spec, name), keys_and_frontends()
-                        )
-                        record_ready(section, ready)
-                        report.step(f"{name} Ready after {ready.total_s:.1f} s")
+                        await model_up_with_keys_and_frontends(target, spec, name, key_aliases, frontends, report)
                     else:
                         await model_up(target, spec, name, report)
                     await _smoke_stage(target, spec, stage, name, report, agent_keys)
@@ -157,7 +135,7 @@ async def validate_coder_stack(
             finally:
                 report.step("tear down what this run started")
                 outcome = await release(target, spec, started, [] if options.keep_frontends else ours)
-                if frontends_up and options.keep_frontends:
+                if options.keep_frontends:
                     report.notes.append("front-ends left running (keep_frontends)")
                 report.notes += [f"{k}: {v}" for k, v in outcome.items()]
                 if restore:
