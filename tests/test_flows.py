@@ -12,8 +12,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import sys
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -25,8 +24,6 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from prefect.client.schemas.objects import State
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.exceptions import ObjectNotFound, ParameterTypeError
-from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
-from prefect.testing.utilities import prefect_test_harness
 
 from coder_stack.errors import GpuBusy, GpuLimitMissing, PodFailed, SpecError
 from coder_stack.gpu import GPU_LIMIT, ensure_gpu_limit
@@ -41,6 +38,9 @@ from flows.validate import ValidateOptions, validate_coder_stack
 from simstack.stack import SimStack
 from simstack.store import Store
 from tests.conftest import is_ready, pods_of, record, scale, wait_for
+from tests.faultkit import conn, gpu_overlaps, prefect_api, replicas, scaled_up, until
+
+__all__ = ["gpu_limit", "prefect_api"]  # fixtures: the module's Prefect harness and the per-test GPU limit
 
 PROJECT = Path(__file__).resolve().parent.parent
 PREFECT_BIN = Path(sys.executable).with_name("prefect")
@@ -54,18 +54,6 @@ SLOW_SCALE = 0.01
 
 
 # ------------------------------------------------------------------ Prefect API (once per module)
-@pytest.fixture(scope="module")
-def prefect_api() -> Iterator[str]:
-    """A Prefect test server for the whole module; yields its API URL."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        with (
-            temporary_settings(updates={PREFECT_SERVER_ANALYTICS_ENABLED: False}),
-            prefect_test_harness(server_startup_timeout=60),
-        ):
-            yield str(PREFECT_API_URL.value())
-
-
 @pytest.fixture(autouse=True)
 async def gpu_limit(prefect_api: str) -> AsyncIterator[None]:
     """Every test starts with ``tag:gpu`` = 1 slot (setup's job); none may leave a slot held."""
@@ -82,22 +70,6 @@ async def gpu_limit(prefect_api: str) -> AsyncIterator[None]:
 
 
 # ------------------------------------------------------------------ helpers
-def conn(sim: SimStack) -> Connection:
-    return Connection(kubeconfig=str(sim.kubeconfig_path))
-
-
-def replicas(sim: SimStack) -> dict[str, int]:
-    """spec.replicas of every GPU model and front-end, read from the sim's store."""
-
-    def _read(store: Store) -> dict[str, int]:
-        out = {m: int(store.get("deployments", SERVING, m)["spec"]["replicas"]) for m in MODELS}
-        out |= {f: int(store.get("deployments", EXPERIENCE, f)["spec"]["replicas"]) for f in FRONTENDS}
-        return out
-
-    result: dict[str, int] = sim.call(_read, sim.store)
-    return result
-
-
 def pod_names(store: Store, namespace: str, apps: list[str]) -> list[str]:
     return [p["metadata"]["name"] for a in apps for p in pods_of(store, namespace, a)]
 
@@ -130,32 +102,6 @@ def snapshot(sim: SimStack) -> dict[str, Any]:
 
     result: dict[str, Any] = sim.call(_read, sim.store)
     return result
-
-
-def gpu_overlaps(timeline: list[tuple[float, str, str, int]]) -> list[tuple[float, dict[str, int]]]:
-    """Moments at which more than one GPU model Deployment was above 0 replicas."""
-    state = dict.fromkeys(MODELS, 0)
-    bad = []
-    for t, ns, name, reps in timeline:
-        if ns == SERVING and name in state:
-            state[name] = reps
-            if sum(1 for v in state.values() if v > 0) > 1:
-                bad.append((t, dict(state)))
-    return bad
-
-
-async def until(cond: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Wait (polling, 20 ms) until ``cond()`` is truthy."""
-    deadline = time.monotonic() + timeout
-    while not (value := cond()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
-    return value
-
-
-def scaled_up(sim: SimStack, name: str, after: int = 0) -> bool:
-    return any(n == name and r > 0 for _, _, n, r in sim.timeline[after:])
 
 
 async def run_artifacts(flow_run_id: UUID) -> dict[str, Any]:
