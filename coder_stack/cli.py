@@ -71,6 +71,14 @@ def _check_spec(stack: Path | None) -> None:
         _fail(e)
 
 
+def _check_model(stack: Path | None, model: str) -> None:
+    """An unknown model name is refused before any flow starts, naming the known ones."""
+    try:
+        load_spec(stack).model(model)
+    except CoderStackError as e:
+        _fail(e)
+
+
 @app.command()
 def spec(stack: StackOpt = None) -> None:
     """Print the effective stack spec as YAML (a complete, valid file to start from)."""
@@ -201,10 +209,7 @@ def swap(
     from flows.swap import SwapOptions, swap_model
 
     conn = _connection(stack, kubeconfig, context)
-    try:
-        load_spec(stack).model(model)
-    except CoderStackError as e:
-        _fail(e)
+    _check_model(stack, model)
     _run_flow(
         swap_model(
             options=SwapOptions(target=model, smoke_gateway=not no_gateway_smoke, dry_run=dry_run), connection=conn
@@ -225,10 +230,7 @@ def up(
 
     conn = _connection(stack, kubeconfig, context)
     if model:
-        try:
-            load_spec(stack).model(model)
-        except CoderStackError as e:
-            _fail(e)
+        _check_model(stack, model)
     _run_flow(bring_up(options=BringUpOptions(model=model, dry_run=dry_run), connection=conn))
 
 
