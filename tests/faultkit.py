@@ -155,6 +155,18 @@ class PrefectServer:
         self.start()
 
 
+def flow_process_env(prefect_api: str, tmp_path: Path) -> dict[str, str]:
+    """Environment of a flow or worker process: the module's Prefect server, a throw-away Prefect home."""
+    env = dict(os.environ)
+    env.update(
+        PREFECT_API_URL=prefect_api,
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PYTHONPATH=str(PROJECT),
+    )
+    return env
+
+
 # ------------------------------------------------------------------ the simulated cluster
 def conn(sim: SimStack, **kwargs: Any) -> Connection:
     return Connection(kubeconfig=str(sim.kubeconfig_path), **kwargs)

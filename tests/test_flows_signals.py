@@ -22,6 +22,7 @@ from prefect.exceptions import ObjectNotFound
 
 from simstack.stack import SimStack
 from tests.conftest import is_ready, pods_of
+from tests.faultkit import flow_process_env
 from tests.test_flows import (
     PREFECT_BIN,
     PROJECT,
@@ -37,18 +38,6 @@ from tests.test_flows import (
 )
 
 __all__ = ["gpu_limit", "prefect_api"]  # the module's own harness and per-test GPU limit (fixtures)
-
-
-def flow_process_env(prefect_api: str, tmp_path: Path) -> dict[str, str]:
-    """Environment of a flow or worker process: the module's Prefect server, a throw-away Prefect home."""
-    env = dict(os.environ)
-    env.update(
-        PREFECT_API_URL=prefect_api,
-        PREFECT_HOME=str(tmp_path / "prefect-home"),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PYTHONPATH=str(PROJECT),
-    )
-    return env
 
 
 # ------------------------------------------------------------------ 7. SIGTERM

@@ -15,7 +15,6 @@ flows themselves run (one Prefect test harness for the module) against the simul
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
 import subprocess
@@ -60,6 +59,7 @@ from tests.faultkit import (
     PrefectServer,
     assert_no_gpu_model_running,
     conn,
+    flow_process_env,
     free_port,
     gpu_limit,
     gpu_overlaps,
@@ -406,13 +406,7 @@ async def test_sigkill_mid_session_is_cleaned_up_by_the_teardown_which_reports_w
     sims: Callable[..., SimStack], prefect_api: str, tmp_path: Path
 ) -> None:
     sim = sims(gpu_pool="autoscaled", time_scale=SLOW_SCALE)
-    env = dict(os.environ)
-    env.update(
-        PREFECT_API_URL=prefect_api,
-        PREFECT_HOME=str(tmp_path / "prefect-home"),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PYTHONPATH=str(PROJECT),
-    )
+    env = flow_process_env(prefect_api, tmp_path)
     log = tmp_path / "flow.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
