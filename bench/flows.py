@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from coder_stack import kube
 from coder_stack.errors import PodNotReady, WaitTimeout
 from coder_stack.gpu import gpu_session
-from coder_stack.k8s import ClusterTarget, open_api
+from coder_stack.k8s import ClusterTarget, cluster_session, open_api
 from coder_stack.report import RunReport
 from flows.common import Connection, record_ready, release, spend_lines
 from flows.validate import Stage, _smoke_stage
@@ -74,30 +74,31 @@ async def bench_bringup(
 ) -> dict[str, Any]:
     """Scale ``model`` to 1, wait until Ready with ``peer``; monotonic times of each step."""
     spec, target = connection.resolve()
-    m = spec.model(model)
-    t_start = time.monotonic()
-    await scale_task(target, spec.serving_namespace, m.name, 1)
-    t_scaled = time.monotonic()
-    out: dict[str, Any] = {"peer": peer, "model": m.name}
-    if peer == "ours":
-        rep = await wait_model_ready_task(target, spec, m.name)
-        out["ready_report"] = rep.model_dump(mode="json")
-    elif peer == "naive":
-        delay = 30.0 * time_scale
-        retries = int(m.budgets.total / 30.0) + 2
-        await naive_ready_check.with_options(retries=retries, retry_delay_seconds=delay)(
-            target, spec.serving_namespace, m.name
-        )
-    elif peer == "kubectl":
-        assert connection.kubeconfig is not None
-        out["kubectl_path"] = await kubectl_rollout_status(
-            connection.kubeconfig, spec.serving_namespace, m.name, m.budgets.total * time_scale + 30
-        )
-    else:
-        raise ValueError(f"unknown peer {peer!r}")
-    t_done = time.monotonic()
-    out.update(t_start=t_start, t_scaled=t_scaled, t_done=t_done)
-    return out
+    async with cluster_session(target):
+        m = spec.model(model)
+        t_start = time.monotonic()
+        await scale_task(target, spec.serving_namespace, m.name, 1)
+        t_scaled = time.monotonic()
+        out: dict[str, Any] = {"peer": peer, "model": m.name}
+        if peer == "ours":
+            rep = await wait_model_ready_task(target, spec, m.name)
+            out["ready_report"] = rep.model_dump(mode="json")
+        elif peer == "naive":
+            delay = 30.0 * time_scale
+            retries = int(m.budgets.total / 30.0) + 2
+            await naive_ready_check.with_options(retries=retries, retry_delay_seconds=delay)(
+                target, spec.serving_namespace, m.name
+            )
+        elif peer == "kubectl":
+            assert connection.kubeconfig is not None
+            out["kubectl_path"] = await kubectl_rollout_status(
+                connection.kubeconfig, spec.serving_namespace, m.name, m.budgets.total * time_scale + 30
+            )
+        else:
+            raise ValueError(f"unknown peer {peer!r}")
+        t_done = time.monotonic()
+        out.update(t_start=t_start, t_scaled=t_scaled, t_done=t_done)
+        return out
 
 
 # ------------------------------------------------------------------ the runbook without overlap
@@ -105,36 +106,37 @@ async def bench_bringup(
 async def sequential_runbook(connection: Connection) -> RunReport:
     """validate_coder_stack (chat, FIM) with every step after the previous one: no overlap at all."""
     spec, target = connection.resolve()
-    report = RunReport(flow="sequential_runbook")
-    frontends = [f.name for f in spec.frontends]
-    key_aliases = [k.alias for k in spec.virtual_keys if k.deliver_to != "keystore"]
-    stages = [(Stage.CHAT, "coder-chat"), (Stage.FIM, "coder-fim")]
-    await preflight_task(target, spec, [n for _, n in stages])
-    await gateway_ready_task(target, spec)
-    started: list[str] = []
-    async with gpu_session(spec.timeouts.gpu_limit_s):
-        await preflight_task(target, spec, [])
-        try:
-            await ensure_keys_task(target, spec, key_aliases)
-            for f in frontends:
-                await scale_task(target, spec.experience_namespace, f, 1)
-                await wait_frontend_ready_task(target, spec, f)
-            for i, (stage, name) in enumerate(stages):
-                if i > 0:
-                    await release(target, spec, [started.pop()], [])
-                started.append(name)
-                await scale_task(target, spec.serving_namespace, name, 1)
-                ready = await wait_model_ready_task(target, spec, name)
-                record_ready(report.section(name), ready)
-                await _smoke_stage(target, spec, stage, name, report, [])
-            rows = await read_spend_task(
-                target, spec, [k.alias for k in spec.virtual_keys], called=["open-webui", "tabby"]
-            )
-            report.spend = spend_lines(rows)
-        finally:
-            await release(target, spec, started, frontends)
-    report.finish("passed" if report.all_smokes_ok else "failed")
-    return report
+    async with cluster_session(target):
+        report = RunReport(flow="sequential_runbook")
+        frontends = [f.name for f in spec.frontends]
+        key_aliases = [k.alias for k in spec.virtual_keys if k.deliver_to != "keystore"]
+        stages = [(Stage.CHAT, "coder-chat"), (Stage.FIM, "coder-fim")]
+        await preflight_task(target, spec, [n for _, n in stages])
+        await gateway_ready_task(target, spec)
+        started: list[str] = []
+        async with gpu_session(spec.timeouts.gpu_limit_s):
+            await preflight_task(target, spec, [])
+            try:
+                await ensure_keys_task(target, spec, key_aliases)
+                for f in frontends:
+                    await scale_task(target, spec.experience_namespace, f, 1)
+                    await wait_frontend_ready_task(target, spec, f)
+                for i, (stage, name) in enumerate(stages):
+                    if i > 0:
+                        await release(target, spec, [started.pop()], [])
+                    started.append(name)
+                    await scale_task(target, spec.serving_namespace, name, 1)
+                    ready = await wait_model_ready_task(target, spec, name)
+                    record_ready(report.section(name), ready)
+                    await _smoke_stage(target, spec, stage, name, report, [])
+                rows = await read_spend_task(
+                    target, spec, [k.alias for k in spec.virtual_keys], called=["open-webui", "tabby"]
+                )
+                report.spend = spend_lines(rows)
+            finally:
+                await release(target, spec, started, frontends)
+        report.finish("passed" if report.all_smokes_ok else "failed")
+        return report
 
 
 # ------------------------------------------------------------------ one GPU session (scale scenario)
@@ -142,14 +144,15 @@ async def sequential_runbook(connection: Connection) -> RunReport:
 async def gpu_session_run(connection: Connection, model: str) -> dict[str, float]:
     """Hold one GPU slot: scale ``model`` up, wait Ready, scale it down, wait until its pod is gone."""
     spec, target = connection.resolve()
-    m = spec.model(model)
-    t_ask = time.monotonic()
-    async with gpu_session(spec.timeouts.gpu_limit_s):
-        t_got = time.monotonic()
-        try:
-            await scale_task(target, spec.serving_namespace, m.name, 1)
-            await wait_model_ready_task(target, spec, m.name, progress=False)
-        finally:
-            await release(target, spec, [m.name], [])
-        t_end = time.monotonic()
-    return {"t_ask": t_ask, "t_got": t_got, "t_end": t_end}
+    async with cluster_session(target):
+        m = spec.model(model)
+        t_ask = time.monotonic()
+        async with gpu_session(spec.timeouts.gpu_limit_s):
+            t_got = time.monotonic()
+            try:
+                await scale_task(target, spec.serving_namespace, m.name, 1)
+                await wait_model_ready_task(target, spec, m.name, progress=False)
+            finally:
+                await release(target, spec, [m.name], [])
+            t_end = time.monotonic()
+        return {"t_ask": t_ask, "t_got": t_got, "t_end": t_end}

@@ -10,6 +10,7 @@ from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
 from coder_stack.gpu import gpu_session
+from coder_stack.k8s import cluster_session
 from coder_stack.report import RunReport
 from flows.common import (
     Connection,
@@ -42,54 +43,57 @@ async def bring_up(
 ) -> RunReport:
     """Morning bring-up: the default model serving behind the gateway, front-ends up, keys delivered."""
     spec, target = connection.resolve()
-    model = spec.model(options.model or spec.default_model)
-    frontends = [f.name for f in spec.frontends]
-    aliases = [k.alias for k in spec.virtual_keys if k.deliver_to != "keystore"]
-    log = logger()
-    report = RunReport(flow="bring_up")
-    sigterm = SigtermGuard()
-    try:
-        await preflight_task(target, spec, [model.name])
-        await gateway_ready_task(target, spec)
-        if options.dry_run:
-            report.notes.append(
-                f"dry run: would check/mint keys {aliases}, scale {frontends} to 1, "
-                f"free the GPU and bring up {model.name}"
-            )
-            report.finish("dry run: nothing changed")
-            return report
-        async with gpu_session(spec.timeouts.gpu_limit_s):
-            report.step(f"holding the GPU limit; bringing up {model.name}")
-            await free_gpu(target, spec, model.name, report)
-            ok = False
-            try:
-                await model_up_with_keys_and_frontends(target, spec, model.name, aliases, frontends, report)
-                section = report.section(model.name)
+    async with cluster_session(target):
+        model = spec.model(options.model or spec.default_model)
+        frontends = [f.name for f in spec.frontends]
+        aliases = [k.alias for k in spec.virtual_keys if k.deliver_to != "keystore"]
+        log = logger()
+        report = RunReport(flow="bring_up")
+        sigterm = SigtermGuard()
+        try:
+            await preflight_task(target, spec, [model.name])
+            await gateway_ready_task(target, spec)
+            if options.dry_run:
+                report.notes.append(
+                    f"dry run: would check/mint keys {aliases}, scale {frontends} to 1, "
+                    f"free the GPU and bring up {model.name}"
+                )
+                report.finish("dry run: nothing changed")
+                return report
+            async with gpu_session(spec.timeouts.gpu_limit_s):
+                report.step(f"holding the GPU limit; bringing up {model.name}")
+                await free_gpu(target, spec, model.name, report)
+                ok = False
                 try:
-                    direct = await smoke_direct_task(target, spec, model.name)
-                    record_smoke(section, direct, "direct (pod, vLLM key)")
-                    via_key = await smoke_gateway_task(target, spec, model.name)
-                    record_smoke(section, via_key.smoke, "gateway (client key)")
-                except Exception as e:
-                    record_failure(section, "smoke", e)
-                    raise
-                fe = await smoke_frontends_task(target, spec, openwebui=model.role == "chat", tabby=model.role == "fim")
-                record_smoke(section, fe, "front-ends")
-                ok = True
-            finally:
-                if not ok:
-                    report.step("bring-up failed: scale the model and front-ends back to 0")
-                    outcome = await release(target, spec, [model.name], frontends)
-                    report.notes += [f"{k}: {v}" for k, v in outcome.items()]
-        report.finish("passed: serving")
-        log.info("%s is serving behind the gateway; Open WebUI and Tabby are up.", model.name)
-        return report
-    except BaseException as e:
-        report.finish(f"failed: {type(e).__name__}")
-        log.error("bring_up failed: %s", e)
-        await sigterm.reraise(e)
-        raise
-    finally:
-        sigterm.restore()
-        report.final_state = await final_state(target, spec)
-        await publish(report, "bring-up-report")
+                    await model_up_with_keys_and_frontends(target, spec, model.name, aliases, frontends, report)
+                    section = report.section(model.name)
+                    try:
+                        direct = await smoke_direct_task(target, spec, model.name)
+                        record_smoke(section, direct, "direct (pod, vLLM key)")
+                        via_key = await smoke_gateway_task(target, spec, model.name)
+                        record_smoke(section, via_key.smoke, "gateway (client key)")
+                    except Exception as e:
+                        record_failure(section, "smoke", e)
+                        raise
+                    fe = await smoke_frontends_task(
+                        target, spec, openwebui=model.role == "chat", tabby=model.role == "fim"
+                    )
+                    record_smoke(section, fe, "front-ends")
+                    ok = True
+                finally:
+                    if not ok:
+                        report.step("bring-up failed: scale the model and front-ends back to 0")
+                        outcome = await release(target, spec, [model.name], frontends)
+                        report.notes += [f"{k}: {v}" for k, v in outcome.items()]
+            report.finish("passed: serving")
+            log.info("%s is serving behind the gateway; Open WebUI and Tabby are up.", model.name)
+            return report
+        except BaseException as e:
+            report.finish(f"failed: {type(e).__name__}")
+            log.error("bring_up failed: %s", e)
+            await sigterm.reraise(e)
+            raise
+        finally:
+            sigterm.restore()
+            report.final_state = await final_state(target, spec)
+            await publish(report, "bring-up-report")

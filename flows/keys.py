@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
+from coder_stack.k8s import cluster_session
 from coder_stack.report import RunReport
 from flows.common import Connection, logger, publish, spend_lines
 from tasks.gateway import ensure_keys_task, gateway_ready_task, read_spend_task
@@ -22,34 +23,36 @@ class KeyOptions(BaseModel):
 async def manage_keys(options: KeyOptions = KeyOptions(), connection: Connection = Connection()) -> RunReport:
     """Mint, keep or correct each client's key and deliver it to its consumer (idempotent by alias)."""
     spec, target = connection.resolve()
-    aliases = options.aliases or [k.alias for k in spec.virtual_keys]
-    for a in aliases:
-        spec.key(a)  # unknown alias: refused before anything changes
-    report = RunReport(flow="manage_keys")
-    await gateway_ready_task(target, spec)
-    if options.dry_run:
-        verb = "rotate" if options.rotate else "check (and mint or correct if needed)"
-        report.notes.append(f"dry run: would {verb} keys {aliases}")
-        report.finish("dry run: nothing changed")
+    async with cluster_session(target):
+        aliases = options.aliases or [k.alias for k in spec.virtual_keys]
+        for a in aliases:
+            spec.key(a)  # unknown alias: refused before anything changes
+        report = RunReport(flow="manage_keys")
+        await gateway_ready_task(target, spec)
+        if options.dry_run:
+            verb = "rotate" if options.rotate else "check (and mint or correct if needed)"
+            report.notes.append(f"dry run: would {verb} keys {aliases}")
+            report.finish("dry run: nothing changed")
+            return report
+        reps = await ensure_keys_task(target, spec, aliases, rotate=options.rotate)
+        report.key_actions += [
+            f"{r.alias}: {r.action} ({r.delivered_to}{f'; restarted {r.consumer}' if r.consumer_restarted else ''})"
+            for r in reps
+        ]
+        report.finish("passed")
+        await publish(report, "keys-report")
+        logger().info("Keys: %s", "; ".join(report.key_actions))
         return report
-    reps = await ensure_keys_task(target, spec, aliases, rotate=options.rotate)
-    report.key_actions += [
-        f"{r.alias}: {r.action} ({r.delivered_to}{f'; restarted {r.consumer}' if r.consumer_restarted else ''})"
-        for r in reps
-    ]
-    report.finish("passed")
-    await publish(report, "keys-report")
-    logger().info("Keys: %s", "; ".join(report.key_actions))
-    return report
 
 
 @flow(name="report_spend", log_prints=False)
 async def report_spend(connection: Connection = Connection()) -> RunReport:
     """Spend, budget and share used per virtual key, read through the master key."""
     spec, target = connection.resolve()
-    report = RunReport(flow="report_spend")
-    rows = await read_spend_task(target, spec, [k.alias for k in spec.virtual_keys])
-    report.spend = spend_lines(rows)
-    report.finish("passed")
-    await publish(report, "spend-report")
-    return report
+    async with cluster_session(target):
+        report = RunReport(flow="report_spend")
+        rows = await read_spend_task(target, spec, [k.alias for k in spec.virtual_keys])
+        report.spend = spend_lines(rows)
+        report.finish("passed")
+        await publish(report, "spend-report")
+        return report

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from coder_stack.errors import NotFound
 from coder_stack.gpu import gpu_session
+from coder_stack.k8s import cluster_session
 from coder_stack.report import RunReport
 from coder_stack.spec import DNS_LABEL
 from flows.common import (
@@ -53,55 +54,56 @@ async def swap_model(
 ) -> RunReport:
     """Swap the GPU to ``options.target``; reports the swap time (start to target Ready)."""
     spec, target = connection.resolve()
-    model = spec.model(options.target)  # unknown model: refused before anything changes
-    log = logger()
-    report = RunReport(flow=f"swap_model({model.name})")
-    sigterm = SigtermGuard()
-    try:
-        pf = await preflight_task(target, spec, [model.name])
-        if options.dry_run:
-            others = [a.name for a in pf.active_models if a.name != model.name]
-            report.notes.append(f"dry run: would scale {others or 'nothing'} to 0, then {model.name} to 1")
-            report.finish("dry run: nothing changed")
-            return report
-        async with gpu_session(spec.timeouts.gpu_limit_s):
-            t0 = time.monotonic()
-            report.step(f"holding the GPU limit; swapping to {model.name}")
-            await free_gpu(target, spec, model.name, report)
-            ok = False
-            try:
-                await model_up(target, spec, model.name, report)
-                swap_s = time.monotonic() - t0
-                section = report.section(model.name)
+    async with cluster_session(target):
+        model = spec.model(options.target)  # unknown model: refused before anything changes
+        log = logger()
+        report = RunReport(flow=f"swap_model({model.name})")
+        sigterm = SigtermGuard()
+        try:
+            pf = await preflight_task(target, spec, [model.name])
+            if options.dry_run:
+                others = [a.name for a in pf.active_models if a.name != model.name]
+                report.notes.append(f"dry run: would scale {others or 'nothing'} to 0, then {model.name} to 1")
+                report.finish("dry run: nothing changed")
+                return report
+            async with gpu_session(spec.timeouts.gpu_limit_s):
+                t0 = time.monotonic()
+                report.step(f"holding the GPU limit; swapping to {model.name}")
+                await free_gpu(target, spec, model.name, report)
+                ok = False
                 try:
-                    res = await smoke_direct_task(target, spec, model.name)
-                except Exception as e:
-                    record_failure(section, "direct (pod, vLLM key)", e)
-                    raise
-                record_smoke(section, res, "direct (pod, vLLM key)")
-                if options.smoke_gateway and spec.key_for_model(model) is not None:
-                    await gateway_ready_task(target, spec)
+                    await model_up(target, spec, model.name, report)
+                    swap_s = time.monotonic() - t0
+                    section = report.section(model.name)
                     try:
-                        metered = await smoke_gateway_task(target, spec, model.name, check_spend=False)
-                        record_smoke(section, metered.smoke, "gateway (client key)")
-                    except NotFound as e:
-                        report.notes.append(f"gateway smoke skipped: {e} (run `coder-stack keys` to mint it)")
-                report.notes.append(f"swap time: {swap_s:.1f} s from start to {model.name} Ready")
-                log.info("%s is serving; the swap took %.1f s.", model.name, swap_s)
-                ok = True
-            finally:
-                if not ok:
-                    report.step(f"{model.name} failed: scale it back to 0 so no broken model holds the GPU")
-                    outcome = await release(target, spec, [model.name], [])
-                    report.notes += [f"{k}: {v}" for k, v in outcome.items()]
-        report.finish("passed")
-        return report
-    except BaseException as e:
-        report.finish(f"failed: {type(e).__name__}")
-        log.error("swap_model failed: %s", e)
-        await sigterm.reraise(e)
-        raise
-    finally:
-        sigterm.restore()
-        report.final_state = await final_state(target, spec)
-        await publish(report, "swap-report")
+                        res = await smoke_direct_task(target, spec, model.name)
+                    except Exception as e:
+                        record_failure(section, "direct (pod, vLLM key)", e)
+                        raise
+                    record_smoke(section, res, "direct (pod, vLLM key)")
+                    if options.smoke_gateway and spec.key_for_model(model) is not None:
+                        await gateway_ready_task(target, spec)
+                        try:
+                            metered = await smoke_gateway_task(target, spec, model.name, check_spend=False)
+                            record_smoke(section, metered.smoke, "gateway (client key)")
+                        except NotFound as e:
+                            report.notes.append(f"gateway smoke skipped: {e} (run `coder-stack keys` to mint it)")
+                    report.notes.append(f"swap time: {swap_s:.1f} s from start to {model.name} Ready")
+                    log.info("%s is serving; the swap took %.1f s.", model.name, swap_s)
+                    ok = True
+                finally:
+                    if not ok:
+                        report.step(f"{model.name} failed: scale it back to 0 so no broken model holds the GPU")
+                        outcome = await release(target, spec, [model.name], [])
+                        report.notes += [f"{k}: {v}" for k, v in outcome.items()]
+            report.finish("passed")
+            return report
+        except BaseException as e:
+            report.finish(f"failed: {type(e).__name__}")
+            log.error("swap_model failed: %s", e)
+            await sigterm.reraise(e)
+            raise
+        finally:
+            sigterm.restore()
+            report.final_state = await final_state(target, spec)
+            await publish(report, "swap-report")

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from coder_stack import kube
 from coder_stack.errors import PermanentError
 from coder_stack.gpu import gpu_limit_status
-from coder_stack.k8s import open_api
+from coder_stack.k8s import cluster_session, open_api
 from coder_stack.report import RunReport
 from flows.common import Connection, SigtermGuard, final_state, logger, publish, release
 
@@ -39,59 +39,60 @@ async def teardown(
 ) -> RunReport:
     """Scale every GPU model and front-end to 0, wait until their pods are gone, verify nothing is left."""
     spec, target = connection.resolve()
-    log = logger()
-    report = RunReport(flow="teardown")
-    sigterm = SigtermGuard()
-    models = [m.name for m in spec.models]
-    frontends = [f.name for f in spec.frontends]
-    try:
-        found: list[str] = []
-        async with open_api(target) as api:
-            for ns, name in [(spec.serving_namespace, m) for m in models] + [
-                (spec.experience_namespace, f) for f in frontends
-            ]:
-                st = await kube.deployment_status(api, ns, name)
-                if st.replicas or st.pods:
-                    found.append(f"{name} ({st.replicas} replica(s), {len(st.pods)} pod(s))")
-        report.notes.append(f"found running: {', '.join(found) if found else 'nothing'}")
-        log.info("Teardown found running: %s.", ", ".join(found) if found else "nothing")
-        if options.dry_run:
-            report.notes.append(f"dry run: would scale {', '.join(models + frontends)} to 0")
-            report.finish("dry run: nothing changed")
-            return report
-        outcome = await release(target, spec, models, frontends)
-        report.notes += [f"{k}: {v}" for k, v in outcome.items() if v != "scaled to 0"]
-        state = await final_state(target, spec)
-        report.final_state = state
-        left = [k for k, v in state.items() if v]
-        async with open_api(target) as api:
-            for m in spec.models:
-                pods = await kube.pod_summary(api, spec.serving_namespace, m.selector)
-                left += [f"pod {p.name}" for p in pods]
-        if left:
-            raise TeardownIncomplete(
-                f"still running after teardown: {', '.join(left)}. A GitOps controller with self-heal may be "
-                "scaling them back up; check it, then rerun `coder-stack down`"
-            )
-        drain_at = datetime.now(UTC) + timedelta(minutes=NODE_DRAIN_MIN)
-        report.notes.append(
-            f"no GPU pod left; the GPU node should drain by about {drain_at:%H:%M} UTC "
-            f"({NODE_DRAIN_MIN} min after the last GPU pod exits)"
-        )
+    async with cluster_session(target):
+        log = logger()
+        report = RunReport(flow="teardown")
+        sigterm = SigtermGuard()
+        models = [m.name for m in spec.models]
+        frontends = [f.name for f in spec.frontends]
         try:
-            gpu = await gpu_limit_status(("validate_coder_stack", "swap_model", "bring_up"))
-            report.notes.append(gpu.describe())
-            if gpu.leaked:
-                log.warning("%s", gpu.describe())
-        except Exception as e:  # the Prefect API is not needed to tear down; report and carry on
-            report.notes.append(f"GPU limit status unknown: {type(e).__name__}")
-        report.finish("passed: everything at 0")
-        return report
-    except BaseException as e:
-        report.finish(f"failed: {type(e).__name__}")
-        log.error("teardown failed: %s", e)
-        await sigterm.reraise(e)
-        raise
-    finally:
-        sigterm.restore()
-        await publish(report, "teardown-report")
+            found: list[str] = []
+            async with open_api(target) as api:
+                for ns, name in [(spec.serving_namespace, m) for m in models] + [
+                    (spec.experience_namespace, f) for f in frontends
+                ]:
+                    st = await kube.deployment_status(api, ns, name)
+                    if st.replicas or st.pods:
+                        found.append(f"{name} ({st.replicas} replica(s), {len(st.pods)} pod(s))")
+            report.notes.append(f"found running: {', '.join(found) if found else 'nothing'}")
+            log.info("Teardown found running: %s.", ", ".join(found) if found else "nothing")
+            if options.dry_run:
+                report.notes.append(f"dry run: would scale {', '.join(models + frontends)} to 0")
+                report.finish("dry run: nothing changed")
+                return report
+            outcome = await release(target, spec, models, frontends)
+            report.notes += [f"{k}: {v}" for k, v in outcome.items() if v != "scaled to 0"]
+            state = await final_state(target, spec)
+            report.final_state = state
+            left = [k for k, v in state.items() if v]
+            async with open_api(target) as api:
+                for m in spec.models:
+                    pods = await kube.pod_summary(api, spec.serving_namespace, m.selector)
+                    left += [f"pod {p.name}" for p in pods]
+            if left:
+                raise TeardownIncomplete(
+                    f"still running after teardown: {', '.join(left)}. A GitOps controller with self-heal may be "
+                    "scaling them back up; check it, then rerun `coder-stack down`"
+                )
+            drain_at = datetime.now(UTC) + timedelta(minutes=NODE_DRAIN_MIN)
+            report.notes.append(
+                f"no GPU pod left; the GPU node should drain by about {drain_at:%H:%M} UTC "
+                f"({NODE_DRAIN_MIN} min after the last GPU pod exits)"
+            )
+            try:
+                gpu = await gpu_limit_status(("validate_coder_stack", "swap_model", "bring_up"))
+                report.notes.append(gpu.describe())
+                if gpu.leaked:
+                    log.warning("%s", gpu.describe())
+            except Exception as e:  # the Prefect API is not needed to tear down; report and carry on
+                report.notes.append(f"GPU limit status unknown: {type(e).__name__}")
+            report.finish("passed: everything at 0")
+            return report
+        except BaseException as e:
+            report.finish(f"failed: {type(e).__name__}")
+            log.error("teardown failed: %s", e)
+            await sigterm.reraise(e)
+            raise
+        finally:
+            sigterm.restore()
+            await publish(report, "teardown-report")

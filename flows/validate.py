@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from coder_stack.errors import GpuBusy
 from coder_stack.gpu import gpu_session
-from coder_stack.k8s import ClusterTarget
+from coder_stack.k8s import ClusterTarget, cluster_session
 from coder_stack.report import RunReport
 from coder_stack.spec import StackSpec
 from flows.common import (
@@ -72,89 +72,91 @@ async def validate_coder_stack(
 ) -> RunReport:
     """The whole runbook, end to end; everything it started is scaled back to 0."""
     spec, target = connection.resolve()
-    log = logger()
-    report = RunReport(flow="validate_coder_stack")
-    sigterm = SigtermGuard()
-    stages = list(dict.fromkeys(options.stages))
-    models = [model_for_role(spec, s.value) for s in stages]
-    frontends = [f.name for f in spec.frontends]
-    key_aliases = [k.alias for k in spec.virtual_keys if k.deliver_to != "keystore"]
-    agent_keys = [k.alias for k in spec.virtual_keys if k.deliver_to == "keystore"]
-    try:
-        report.step("preflight: Deployments exist, models fit the GPU node's RAM, gateway ready")
-        pf = await preflight_task(target, spec, models)
-        await gateway_ready_task(target, spec)
-        if options.dry_run:
-            serving = ", ".join(a.name for a in pf.active_models) or "nothing"
-            report.notes.append(
-                f"dry run: would mint/check keys {key_aliases + (agent_keys if Stage.AGENT in stages else [])}, "
-                f"scale {', '.join(frontends)} to 1, then bring up {' -> '.join(models)} one at a time; "
-                f"register {[m for m in models if spec.model(m).register_at_runtime]}; serving now: {serving}."
-            )
-            report.finish("dry run: nothing changed")
-            return report
-
-        started: list[str] = []
-        restore: list[str] = []
-        async with gpu_session(spec.timeouts.gpu_limit_s):
-            report.step("holding the GPU limit")
-            pf = await preflight_task(target, spec, [])
-            active = sorted({a.name for a in pf.active_models})
-            if active and not options.take_over:
-                raise GpuBusy(
-                    f"{', '.join(active)} is serving on the GPU (perhaps the morning bring-up). Nothing was changed. "
-                    "Rerun with take_over (--take-over) to validate anyway; that model is restored at the end"
+    async with cluster_session(target):
+        log = logger()
+        report = RunReport(flow="validate_coder_stack")
+        sigterm = SigtermGuard()
+        stages = list(dict.fromkeys(options.stages))
+        models = [model_for_role(spec, s.value) for s in stages]
+        frontends = [f.name for f in spec.frontends]
+        key_aliases = [k.alias for k in spec.virtual_keys if k.deliver_to != "keystore"]
+        agent_keys = [k.alias for k in spec.virtual_keys if k.deliver_to == "keystore"]
+        try:
+            report.step("preflight: Deployments exist, models fit the GPU node's RAM, gateway ready")
+            pf = await preflight_task(target, spec, models)
+            await gateway_ready_task(target, spec)
+            if options.dry_run:
+                serving = ", ".join(a.name for a in pf.active_models) or "nothing"
+                report.notes.append(
+                    f"dry run: would mint/check keys {key_aliases + (agent_keys if Stage.AGENT in stages else [])}, "
+                    f"scale {', '.join(frontends)} to 1, then bring up {' -> '.join(models)} one at a time; "
+                    f"register {[m for m in models if spec.model(m).register_at_runtime]}; serving now: {serving}."
                 )
-            restore = active
-            # Front-ends already running (the morning bring-up's) are the users': this run did not start them.
-            before = await final_state(target, spec)
-            ours = [f for f in frontends if not before.get(f"{spec.experience_namespace}/{f}")]
-            try:
-                if restore:
-                    await free_gpu(target, spec, None, report)
-                for i, (stage, name) in enumerate(zip(stages, models, strict=True)):
-                    if i > 0:
-                        prev = models[i - 1]
-                        report.step(f"swap: scale {prev} to 0 and wait until its pod is gone")
-                        await release(target, spec, [prev], [])
-                        started.remove(prev)
-                    started.append(name)
-                    if i == 0:
-                        await model_up_with_keys_and_frontends(target, spec, name, key_aliases, frontends, report)
-                    else:
-                        await model_up(target, spec, name, report)
-                    await _smoke_stage(target, spec, stage, name, report, agent_keys)
-                webui_alias = _alias_delivered_to(spec, "openwebui-secrets")
-                tabby_alias = _alias_delivered_to(spec, "tabby-config")
-                used = [a for a, st in ((webui_alias, Stage.CHAT), (tabby_alias, Stage.FIM)) if a and st in stages]
-                if Stage.AGENT in stages:
-                    used += agent_keys
-                rows = await read_spend_task(target, spec, [k.alias for k in spec.virtual_keys], called=used)
-                report.spend = spend_lines(rows)
-                report.step("spend read back per key")
-            finally:
-                report.step("tear down what this run started")
-                outcome = await release(target, spec, started, [] if options.keep_frontends else ours)
-                if options.keep_frontends:
-                    report.notes.append("front-ends left running (keep_frontends)")
-                report.notes += [f"{k}: {v}" for k, v in outcome.items()]
-                if restore:
-                    report.step(f"restore {', '.join(restore)} (take_over)")
-                    for name in restore:
-                        await scale_task(target, spec.serving_namespace, name, 1)
-                        await wait_model_ready_task(target, spec, name, progress=False)
-                    report.notes.append(f"restored {', '.join(restore)} as it was before this run")
-        report.finish("passed" if report.all_smokes_ok else "failed")
-        return report
-    except BaseException as e:
-        report.finish(f"failed: {type(e).__name__}")
-        log.error("validate_coder_stack failed: %s", e)
-        await sigterm.reraise(e)
-        raise
-    finally:
-        sigterm.restore()
-        report.final_state = await final_state(target, spec)
-        await publish(report, "validate-report")
+                report.finish("dry run: nothing changed")
+                return report
+
+            started: list[str] = []
+            restore: list[str] = []
+            async with gpu_session(spec.timeouts.gpu_limit_s):
+                report.step("holding the GPU limit")
+                pf = await preflight_task(target, spec, [])
+                active = sorted({a.name for a in pf.active_models})
+                if active and not options.take_over:
+                    raise GpuBusy(
+                        f"{', '.join(active)} is serving on the GPU (perhaps the morning bring-up). "
+                        "Nothing was changed. "
+                        "Rerun with take_over (--take-over) to validate anyway; that model is restored at the end"
+                    )
+                restore = active
+                # Front-ends already running (the morning bring-up's) are the users': this run did not start them.
+                before = await final_state(target, spec)
+                ours = [f for f in frontends if not before.get(f"{spec.experience_namespace}/{f}")]
+                try:
+                    if restore:
+                        await free_gpu(target, spec, None, report)
+                    for i, (stage, name) in enumerate(zip(stages, models, strict=True)):
+                        if i > 0:
+                            prev = models[i - 1]
+                            report.step(f"swap: scale {prev} to 0 and wait until its pod is gone")
+                            await release(target, spec, [prev], [])
+                            started.remove(prev)
+                        started.append(name)
+                        if i == 0:
+                            await model_up_with_keys_and_frontends(target, spec, name, key_aliases, frontends, report)
+                        else:
+                            await model_up(target, spec, name, report)
+                        await _smoke_stage(target, spec, stage, name, report, agent_keys)
+                    webui_alias = _alias_delivered_to(spec, "openwebui-secrets")
+                    tabby_alias = _alias_delivered_to(spec, "tabby-config")
+                    used = [a for a, st in ((webui_alias, Stage.CHAT), (tabby_alias, Stage.FIM)) if a and st in stages]
+                    if Stage.AGENT in stages:
+                        used += agent_keys
+                    rows = await read_spend_task(target, spec, [k.alias for k in spec.virtual_keys], called=used)
+                    report.spend = spend_lines(rows)
+                    report.step("spend read back per key")
+                finally:
+                    report.step("tear down what this run started")
+                    outcome = await release(target, spec, started, [] if options.keep_frontends else ours)
+                    if options.keep_frontends:
+                        report.notes.append("front-ends left running (keep_frontends)")
+                    report.notes += [f"{k}: {v}" for k, v in outcome.items()]
+                    if restore:
+                        report.step(f"restore {', '.join(restore)} (take_over)")
+                        for name in restore:
+                            await scale_task(target, spec.serving_namespace, name, 1)
+                            await wait_model_ready_task(target, spec, name, progress=False)
+                        report.notes.append(f"restored {', '.join(restore)} as it was before this run")
+            report.finish("passed" if report.all_smokes_ok else "failed")
+            return report
+        except BaseException as e:
+            report.finish(f"failed: {type(e).__name__}")
+            log.error("validate_coder_stack failed: %s", e)
+            await sigterm.reraise(e)
+            raise
+        finally:
+            sigterm.restore()
+            report.final_state = await final_state(target, spec)
+            await publish(report, "validate-report")
 
 
 def _alias_delivered_to(spec: StackSpec, home: str) -> str | None:

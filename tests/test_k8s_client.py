@@ -1,0 +1,155 @@
+"""One Kubernetes API client per flow run, and credentials that stay fresh while it is held.
+
+What users rely on: a flow run's tasks share one client (the kubeconfig is read and an SSL context built
+once per run, not once per task or per watch), the client is closed when the run's block ends, a client
+never crosses event loops, and a token from an exec plugin (GKE, EKS, AKS) is refreshed before it expires
+however long the run holds the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import stat
+import sys
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from kubernetes_asyncio.client import api_client
+
+from coder_stack import kube
+from coder_stack.k8s import ClusterTarget, cluster_session, load_configuration, open_api
+from coder_stack.spec import StackSpec
+from simstack.stack import SimStack
+
+SPEC = StackSpec()
+CHAT = SPEC.model("coder-chat")
+
+
+def target_of(sim: SimStack) -> ClusterTarget:
+    return ClusterTarget(kubeconfig=str(sim.kubeconfig_path), context="coder-sim")
+
+
+@pytest.fixture
+def clients_built(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[object]]:
+    """Every plain ``ApiClient`` constructed during the test (each one builds an SSL context)."""
+    built: list[object] = []
+    orig = api_client.ApiClient.__init__
+
+    def counting(self: api_client.ApiClient, *args: object, **kwargs: object) -> None:
+        if type(self) is api_client.ApiClient:
+            built.append(self)
+        orig(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(api_client.ApiClient, "__init__", counting)
+    yield built
+
+
+async def test_a_session_shares_one_client_with_every_open_api_and_closes_it(sim: SimStack) -> None:
+    target = target_of(sim)
+    async with cluster_session(target):
+        async with open_api(target) as a, open_api(target) as b:
+            assert a is b
+        # asyncio tasks started inside the block (gather, create_task) see the same client
+        in_task = await asyncio.create_task(_client_id(target))
+        assert in_task == id(a)
+        async with cluster_session(target), open_api(target) as c:  # nested: reuses, does not close
+            assert c is a
+        assert not a.rest_client.pool_manager.closed
+    assert a.rest_client.pool_manager.closed
+
+    # outside a session: a client per call, closed on exit
+    async with open_api(target) as d, open_api(target) as e:
+        assert d is not e and d is not a
+    assert d.rest_client.pool_manager.closed and e.rest_client.pool_manager.closed
+
+
+async def _client_id(target: ClusterTarget) -> int:
+    async with open_api(target) as api:
+        return id(api)
+
+
+async def test_a_client_never_crosses_event_loops(sim: SimStack) -> None:
+    target = target_of(sim)
+    async with cluster_session(target), open_api(target) as shared:
+        # to_thread copies the context (the session is visible) but runs a different loop there
+        other = await asyncio.to_thread(lambda: asyncio.run(_client_id(target)))
+        assert other != id(shared)
+        assert not shared.rest_client.pool_manager.closed
+
+
+async def test_a_wait_through_a_cold_start_builds_no_client_beyond_the_sessions(
+    sim: SimStack, clients_built: list[object]
+) -> None:
+    """The library's ``Watch()`` builds a client of its own per watch (and per reconnect); ours reuses
+    the caller's. A whole scale-up-and-wait in a session builds exactly one client."""
+    target = target_of(sim)
+    async with cluster_session(target):
+        async with open_api(target) as api:
+            await kube.scale(api, SPEC.serving_namespace, CHAT.name, 1)
+        async with open_api(target) as api:
+            report = await kube.wait_ready(api, SPEC.serving_namespace, CHAT.name, CHAT.selector, CHAT.budgets)
+        async with open_api(target) as api:
+            await kube.scale(api, SPEC.serving_namespace, CHAT.name, 0)
+            await kube.wait_gone(api, SPEC.serving_namespace, CHAT.selector, 30)
+    assert report.pod
+    assert len(clients_built) == 1, f"{len(clients_built)} ApiClients built for one session"
+
+
+# ------------------------------------------------------------------ exec-plugin credentials
+def exec_kubeconfig(tmp_path: Path, sim: SimStack, expires_in: timedelta) -> tuple[Path, Path]:
+    """A copy of the sim's kubeconfig whose user gets its token from an exec plugin (as GKE/EKS/AKS do).
+    The plugin counts its runs in a file and returns token-<n>, expiring ``expires_in`` from now."""
+    import yaml
+
+    counter = tmp_path / "runs"
+    counter.write_text("0")
+    plugin = tmp_path / "plugin.py"
+    expiry = (datetime.now(UTC) + expires_in).strftime("%Y-%m-%dT%H:%M:%SZ")
+    plugin.write_text(
+        "import json, pathlib\n"
+        f"p = pathlib.Path({str(counter)!r}); n = int(p.read_text()) + 1; p.write_text(str(n))\n"
+        "print(json.dumps({'apiVersion': 'client.authentication.k8s.io/v1beta1', 'kind': 'ExecCredential',\n"
+        f"  'status': {{'token': f'token-{{n}}', 'expirationTimestamp': {expiry!r}}}}}))\n"
+    )
+    plugin.chmod(plugin.stat().st_mode | stat.S_IEXEC)
+    doc = yaml.safe_load(sim.kubeconfig_path.read_text())
+    for user in doc["users"]:
+        user["user"] = {
+            "exec": {
+                "apiVersion": "client.authentication.k8s.io/v1beta1",
+                "command": sys.executable,
+                "args": [str(plugin)],
+                "interactiveMode": "Never",
+            }
+        }
+    path = tmp_path / "kubeconfig"
+    path.write_text(json.dumps(doc))
+    return path, counter
+
+
+@pytest.mark.parametrize(
+    ("expires_in", "tokens", "runs"),
+    [
+        # within the library's 5-minute skew: treated as expiring, so the plugin runs before each request
+        (timedelta(minutes=1), ["Bearer token-2", "Bearer token-3"], 3),
+        # an hour left (GKE's gke-gcloud-auth-plugin): the token is reused, the plugin not run again
+        (timedelta(hours=1), ["Bearer token-1", "Bearer token-1"], 1),
+    ],
+)
+async def test_an_exec_plugin_token_is_refreshed_before_it_expires(
+    tmp_path: Path,
+    make_sim: Callable[..., SimStack],
+    expires_in: timedelta,
+    tokens: list[str],
+    runs: int,
+) -> None:
+    sim = make_sim()
+    path, counter = exec_kubeconfig(tmp_path, sim, expires_in)
+    cfg = await load_configuration(ClusterTarget(kubeconfig=str(path), context="coder-sim"))
+    assert counter.read_text() == "1"  # loading runs the plugin once
+    seen = [await cfg.get_api_key_with_prefix("BearerToken") for _ in range(2)]
+    assert seen == tokens
+    assert counter.read_text() == str(runs)
