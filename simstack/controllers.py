@@ -37,7 +37,7 @@ from simstack.cluster_objects import (
     parse_quantity,
 )
 from simstack.standins import ContainerRun, RunningBackend, SimServices
-from simstack.store import NotFoundError, Store, StoreError, WatchEvent, now_rfc3339
+from simstack.store import NotFoundError, Store, StoreError, WatchEvent, controller_uid, now_rfc3339
 from simstack.timings import Timings, model_timings
 
 log = logging.getLogger("simstack.controllers")
@@ -180,11 +180,7 @@ def _cond(obj: Obj, ctype: str) -> Obj | None:
     return None
 
 
-def _owner_uid(obj: Obj) -> str | None:
-    for ref in obj["metadata"].get("ownerReferences") or []:
-        if ref.get("controller"):
-            return str(ref["uid"])
-    return None
+_owner_uid = controller_uid
 
 
 def _match_labels(selector: Obj, labels: dict[str, str]) -> bool:
@@ -527,6 +523,7 @@ class DeploymentController:
         self.c = cluster
         self.loop = _Loop("deployment-controller", self.reconcile)
         self._progress_mark: dict[str, float] = {}  # deployment uid -> monotonic time of the last progress
+        self._hashes: dict[tuple[str, int], str] = {}  # (deployment uid, generation) -> pod-template-hash
 
     @property
     def store(self) -> Store:
@@ -543,16 +540,16 @@ class DeploymentController:
                 self.loop.kick_later(0.01)
         # garbage collection: replica sets of deleted deployments, pods of deleted replica sets
         rs_uids = set()
-        for rs in self.store.list("replicasets"):
-            owner = _owner_uid(rs)
+        for ns, name, uid, owner, _deleting in self.store.ownership("replicasets"):
             if owner and owner not in uids:
-                self.store.delete("replicasets", rs["metadata"]["namespace"], rs["metadata"]["name"])
+                self.store.delete("replicasets", ns, name)
             else:
-                rs_uids.add(rs["metadata"]["uid"])
-        for pod in self.store.list("pods"):
-            owner = _owner_uid(pod)
-            if owner and owner not in rs_uids and not pod["metadata"].get("deletionTimestamp"):
-                self._delete_pod(pod)
+                rs_uids.add(uid)
+        for ns, name, _uid, owner, deleting in self.store.ownership("pods"):
+            if owner and owner not in rs_uids and not deleting:
+                pod = self.store.find("pods", ns, name)
+                if pod is not None:
+                    self._delete_pod(pod)
 
     def _delete_pod(self, pod: Obj) -> None:
         grace = int(pod["spec"].get("terminationGracePeriodSeconds", 30))
@@ -708,6 +705,14 @@ class DeploymentController:
         return self.store.create("pods", pod)
 
     # -- deployments
+    def _template_hash(self, d: Obj) -> str:
+        """pod-template-hash, computed once per spec generation (a template change bumps it)."""
+        key = (d["metadata"]["uid"], d["metadata"].get("generation", 0))
+        h = self._hashes.get(key)
+        if h is None:
+            h = self._hashes[key] = template_hash(d["spec"]["template"])
+        return h
+
     def _sync(self, d: Obj) -> None:
         meta = d["metadata"]
         if meta.get("deletionTimestamp"):
@@ -715,9 +720,9 @@ class DeploymentController:
         ns, uid = meta["namespace"], meta["uid"]
         dspec = d["spec"]
         desired = int(dspec.get("replicas", 1))
-        pods = [p for p in self.store.list("pods", ns) if _owner_uid(p)]
-        rss = [rs for rs in self.store.list("replicasets", ns) if _owner_uid(rs) == uid]
-        h = template_hash(dspec["template"])
+        rss = self.store.list("replicasets", ns, owners={uid})
+        pods = self.store.list("pods", ns, owners={rs["metadata"]["uid"] for rs in rss})
+        h = self._template_hash(d)
         new = next((rs for rs in rss if (rs["metadata"].get("labels") or {}).get(HASH_LABEL) == h), None)
         old = [rs for rs in rss if rs is not new]
         created_new = False
@@ -745,7 +750,7 @@ class DeploymentController:
         if strategy.get("type") == "Recreate":
             if any(int(rs["spec"].get("replicas", 0)) > 0 for rs in old):
                 old = [self._scale_rs(d, rs, 0) for rs in old]
-            elif not any(self._rs_pods(rs, self.store.list("pods", ns)) for rs in old):
+            elif not self.store.list("pods", ns, owners={rs["metadata"]["uid"] for rs in old}):
                 new = self._scale_rs(d, new, desired)
         else:
             ru = strategy.get("rollingUpdate") or {}
@@ -794,7 +799,7 @@ class DeploymentController:
                         old[idx] = self._scale_rs(d, rs, reps - n)
                         down -= n
         # pods of the (re)scaled replica sets
-        pods = [p for p in self.store.list("pods", ns) if _owner_uid(p)]
+        pods = self.store.list("pods", ns, owners={rs["metadata"]["uid"] for rs in [new, *old]})
         new = self._sync_rs(new, self._rs_pods(new, pods))
         old = [self._sync_rs(rs, self._rs_pods(rs, pods)) for rs in old]
         self._cleanup_history(d, old)
@@ -807,7 +812,7 @@ class DeploymentController:
         ]
         idle.sort(key=lambda r: int(r["metadata"]["annotations"].get("deployment.kubernetes.io/revision", 0)))
         for rs in idle[: max(len(idle) - limit, 0)]:
-            if not self._rs_pods(rs, self.store.list("pods", rs["metadata"]["namespace"])):
+            if not self.store.list("pods", rs["metadata"]["namespace"], owners={rs["metadata"]["uid"]}):
                 self.store.delete("replicasets", rs["metadata"]["namespace"], rs["metadata"]["name"])
 
     def _write_status(

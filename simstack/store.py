@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import copy
+import builtins
+import pickle
 import re
 import time
 import uuid
@@ -261,6 +262,21 @@ def parse_field_selector(sel: str | None) -> Callable[[Obj], bool]:
     return match
 
 
+def _clone(obj: Any) -> Any:
+    """A deep copy. Stored objects are plain JSON-like data; a pickle round trip copies them ~4x faster
+    than ``copy.deepcopy`` (the simulated cluster copies on every read and write, as the API server
+    hands out fresh objects)."""
+    return pickle.loads(pickle.dumps(obj, pickle.HIGHEST_PROTOCOL))  # noqa: S301  # our own bytes, this process
+
+
+def controller_uid(obj: Obj) -> str | None:
+    """The uid of the object's controlling owner (``ownerReferences[].controller``), if any."""
+    for ref in obj["metadata"].get("ownerReferences") or []:
+        if ref.get("controller"):
+            return str(ref["uid"])
+    return None
+
+
 def labels_of(obj: Obj | None) -> dict[str, str]:
     if not obj:
         return {}
@@ -308,7 +324,7 @@ class Store:
     def _record(self, plural: str, etype: str, obj: Obj, old: Obj | None) -> None:
         if len(self._history) == self._history.maxlen and self._history:
             self._compacted_rv = self._history[0].rv
-        ev = WatchEvent(int(obj["metadata"]["resourceVersion"]), plural, etype, copy.deepcopy(obj), old)
+        ev = WatchEvent(int(obj["metadata"]["resourceVersion"]), plural, etype, _clone(obj), old)
         self._history.append(ev)
         for fn in list(self.listeners):
             fn(ev)
@@ -351,7 +367,7 @@ class Store:
         if obj is None:
             self.rtype(plural)
             raise NotFoundError(f'{self.qualified(plural)} "{name}" not found')
-        return copy.deepcopy(obj)
+        return _clone(obj)
 
     def find(self, plural: str, namespace: str | None, name: str) -> Obj | None:
         try:
@@ -365,7 +381,10 @@ class Store:
         namespace: str | None = None,
         label_selector: str | None = None,
         field_selector: str | None = None,
+        owners: set[str] | None = None,
     ) -> list[Obj]:
+        """Copies of the matching objects; ``owners``: only those whose controlling owner is one of these
+        uids (what a controller's informer index answers without copying the rest)."""
         self.rtype(plural)
         lmatch = parse_label_selector(label_selector)
         fmatch = parse_field_selector(field_selector)
@@ -373,14 +392,25 @@ class Store:
         for (ns, _name), obj in sorted(self._objects[plural].items()):
             if namespace and ns != namespace:
                 continue
+            if owners is not None and controller_uid(obj) not in owners:
+                continue
             if lmatch(labels_of(obj)) and fmatch(obj):
-                out.append(copy.deepcopy(obj))
+                out.append(_clone(obj))
         return out
+
+    def ownership(self, plural: str) -> builtins.list[tuple[str, str, str, str | None, bool]]:
+        """(namespace, name, uid, controller uid, being deleted) of every object: for garbage collection,
+        without copying the objects."""
+        self.rtype(plural)
+        return [
+            (ns, name, o["metadata"]["uid"], controller_uid(o), bool(o["metadata"].get("deletionTimestamp")))
+            for (ns, name), o in sorted(self._objects[plural].items())
+        ]
 
     # ------------------------------------------------------------------ writes
     def create(self, plural: str, obj: Obj, namespace: str | None = None) -> Obj:
         rt = self.rtype(plural)
-        obj = copy.deepcopy(obj)
+        obj = _clone(obj)
         meta = obj.setdefault("metadata", {})
         if rt.namespaced:
             meta["namespace"] = namespace or meta.get("namespace") or "default"
@@ -406,12 +436,12 @@ class Store:
             meta["generation"] = 1
         self._objects[plural][key] = obj
         self._record(plural, "ADDED", obj, None)
-        return copy.deepcopy(obj)
+        return _clone(obj)
 
     def update(self, plural: str, obj: Obj, *, status_only: bool = False, check_rv: bool = False) -> Obj:
         """Replace an object. ``status_only`` keeps the stored spec (the status subresource)."""
         rt = self.rtype(plural)
-        obj = copy.deepcopy(obj)
+        obj = _clone(obj)
         meta = obj.setdefault("metadata", {})
         key = self._key(plural, meta.get("namespace"), meta.get("name", ""))
         old = self._objects[plural].get(key)
@@ -423,12 +453,12 @@ class Store:
                 "the object has been modified; please apply your changes to the latest version and try again"
             )
         if status_only:
-            new = copy.deepcopy(old)
+            new = _clone(old)
             new["status"] = obj.get("status", {})
         else:
             new = default_object(plural, obj, creating=False)
             if "status" not in new and "status" in old:
-                new["status"] = copy.deepcopy(old["status"])
+                new["status"] = _clone(old["status"])
             # immutable / server-owned metadata
             for f in ("uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds"):
                 if f in old["metadata"]:
@@ -442,11 +472,11 @@ class Store:
             new["metadata"]["namespace"] = old["metadata"]["namespace"]
         new["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"]
         if new == old:
-            return copy.deepcopy(old)  # a no-op write changes nothing, as on a real API server
+            return _clone(old)  # a no-op write changes nothing, as on a real API server
         new["metadata"]["resourceVersion"] = self._next_rv()
         self._objects[plural][key] = new
-        self._record(plural, "MODIFIED", new, copy.deepcopy(old))
-        return copy.deepcopy(new)
+        self._record(plural, "MODIFIED", new, _clone(old))
+        return _clone(new)
 
     def mark_deleting(self, plural: str, namespace: str | None, name: str, grace_s: int) -> Obj:
         """Graceful deletion: set deletionTimestamp; the kubelet removes the object later."""
@@ -455,23 +485,23 @@ class Store:
             return obj
         key = self._key(plural, namespace, name)
         old = self._objects[plural][key]
-        new = copy.deepcopy(old)
+        new = _clone(old)
         new["metadata"]["deletionTimestamp"] = now_rfc3339(time.time() + grace_s)
         new["metadata"]["deletionGracePeriodSeconds"] = grace_s
         new["metadata"]["resourceVersion"] = self._next_rv()
         self._objects[plural][key] = new
-        self._record(plural, "MODIFIED", new, copy.deepcopy(old))
-        return copy.deepcopy(new)
+        self._record(plural, "MODIFIED", new, _clone(old))
+        return _clone(new)
 
     def delete(self, plural: str, namespace: str | None, name: str) -> Obj:
         key = self._key(plural, namespace, name)
         old = self._objects[plural].pop(key, None)
         if old is None:
             raise NotFoundError(f'{self.qualified(plural)} "{name}" not found')
-        gone = copy.deepcopy(old)
+        gone = _clone(old)
         gone["metadata"]["resourceVersion"] = self._next_rv()
-        self._record(plural, "DELETED", gone, copy.deepcopy(old))
-        return copy.deepcopy(gone)
+        self._record(plural, "DELETED", gone, _clone(old))
+        return _clone(gone)
 
     # ------------------------------------------------------------------ watch
     async def watch(

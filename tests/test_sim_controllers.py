@@ -11,7 +11,7 @@ from coder_stack.spec import ModelSpec, StackSpec
 from simstack.cluster_objects import b64, proxy_config, reference_objects
 from simstack.controllers import template_hash
 from simstack.stack import SimStack
-from simstack.store import Store
+from simstack.store import Store, controller_uid
 from tests.conftest import (
     FakeStandins,
     events_of,
@@ -697,3 +697,37 @@ def test_progress_deadline_exceeded_then_recovers(make_sim: Any) -> None:
     ready_pod(sim, S, "coder-fim", 10)
     cond = wait_for(sim, lambda s: (c := progressing(s)) and c["reason"] == "NewReplicaSetAvailable" and c, 5)
     assert cond["status"] == "True"
+
+
+def test_store_reads_are_private_copies_and_owner_lists_match_a_full_scan() -> None:
+    """The controllers read with ``owners=`` (only a deployment's own replica sets and pods are copied)
+    and collect garbage from ``ownership()``; both must agree with a full scan, and no read may alias
+    the stored object."""
+    store = Store()
+    rs = store.create("replicasets", {"metadata": {"name": "a-1", "namespace": "serving"}, "spec": {}})
+    other = store.create("replicasets", {"metadata": {"name": "b-1", "namespace": "serving"}, "spec": {}})
+    for i, owner in enumerate([rs, rs, other]):
+        ref = {"kind": "ReplicaSet", "name": owner["metadata"]["name"], "uid": owner["metadata"]["uid"]}
+        store.create(
+            "pods",
+            {
+                "metadata": {"name": f"p{i}", "namespace": "serving", "ownerReferences": [{**ref, "controller": True}]},
+                "spec": {"containers": [{"name": "c", "image": "x"}]},
+            },
+        )
+    store.create("pods", {"metadata": {"name": "bare", "namespace": "serving"}, "spec": {"containers": []}})
+    uid = rs["metadata"]["uid"]
+    owned = store.list("pods", "serving", owners={uid})
+    scan = [p for p in store.list("pods", "serving") if controller_uid(p) == uid]
+    assert [p["metadata"]["name"] for p in owned] == [p["metadata"]["name"] for p in scan] == ["p0", "p1"]
+    assert store.list("pods", "other-namespace", owners={uid}) == []
+    assert {(ns, name, owner) for ns, name, _uid, owner, _d in store.ownership("pods")} == {
+        ("serving", "p0", uid),
+        ("serving", "p1", uid),
+        ("serving", "p2", other["metadata"]["uid"]),
+        ("serving", "bare", None),
+    }
+    owned[0]["spec"]["containers"][0]["image"] = "changed"
+    owned[0]["metadata"]["ownerReferences"].clear()
+    again = store.get("pods", "serving", "p0")
+    assert again["spec"]["containers"][0]["image"] == "x" and controller_uid(again) == uid
