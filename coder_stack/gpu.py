@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import random
 import time
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from uuid import UUID
@@ -138,30 +140,92 @@ class _QuietBusyGpu(logging.Filter):
 logging.getLogger("prefect._internal.concurrency").addFilter(_QuietBusyGpu())
 
 
+class _WaitingRoom:
+    """The queued GPU sessions of one process (one event loop).
+
+    Only the first in line asks the server; the others wait here in arrival order (``asyncio.Lock`` is
+    FIFO). Prefect serialises slot requests per limit within a process (its acquisition service), so 20
+    queued flow runs each asking every 0.5 s queue behind each other's refusals and a freed GPU is seen
+    seconds late. One asker per process keeps the load on the server constant however many sessions
+    queue, and a session that ends in this process wakes the asker at once.
+    """
+
+    def __init__(self) -> None:
+        self.turn = asyncio.Lock()
+        self.freed = asyncio.Event()
+
+
+_ROOMS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _WaitingRoom] = weakref.WeakKeyDictionary()
+
+
+def _room() -> _WaitingRoom:
+    loop = asyncio.get_running_loop()
+    room = _ROOMS.get(loop)
+    if room is None:
+        room = _ROOMS[loop] = _WaitingRoom()
+    return room
+
+
+def _waited_too_long(timeout_s: float) -> RetriableError:
+    return RetriableError(
+        f"waited {timeout_s:.0f} s for the GPU ({GPU_LIMIT}) and another session still holds it; "
+        "see `coder-stack status` for who holds it"
+    )
+
+
+async def _slot_looks_free() -> bool:
+    """Read the limit (no write) before asking for a slot.
+
+    A refused request is not free on the server: it writes the limit's ``denied_slots``, and on SQLite,
+    next to the flow runs' own writes, it often fails with 503 (SQLITE_BUSY_SNAPSHOT), which Prefect's
+    client retries only after a 2 s back-off: a freed GPU then waits for that back-off. A read never
+    conflicts; the request is sent when a slot is free (another process may still win it: 423).
+    """
+    async with get_client() as client:
+        try:
+            gcl = await client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+        except ObjectNotFound:
+            return True  # gone since require_gpu_limit(): the strict request reports it
+    return gcl.active_slots < gcl.limit
+
+
 @asynccontextmanager
 async def gpu_session(timeout_s: float, poll_s: float = POLL_SECONDS) -> AsyncIterator[None]:
     """Hold one GPU slot for the whole block (scale-up to scale-down). Queues behind other sessions.
 
     Asks for the slot without Prefect's server-paced retry (``max_retries=0``) and again every ~``poll_s``
-    seconds (jittered), so a GPU freed by one session is taken by the next within about ``poll_s``.
+    seconds (jittered), so a GPU freed by another process is taken within about ``poll_s``; one freed in
+    this process, at once. Sessions of this process queue in arrival order and only the first asks.
     """
     await require_gpu_limit()
     deadline = time.monotonic() + timeout_s
+    room = _room()
     async with AsyncExitStack() as stack:
-        while True:
-            try:
-                await stack.enter_async_context(
-                    concurrency(GPU_LIMIT, occupy=1, strict=True, max_retries=0, lease_duration=LEASE_SECONDS)
-                )
-                break
-            except ConcurrencySlotAcquisitionError as e:
-                if not _locked(e):
-                    raise
+        # Registered first, so it runs last: after the slot is released, wake this process's next asker.
+        stack.callback(room.freed.set)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await room.turn.acquire()
+        except TimeoutError:
+            raise _waited_too_long(timeout_s) from None
+        try:
+            while True:
+                room.freed.clear()
+                if await _slot_looks_free():
+                    try:
+                        await stack.enter_async_context(
+                            concurrency(GPU_LIMIT, occupy=1, strict=True, max_retries=0, lease_duration=LEASE_SECONDS)
+                        )
+                        break
+                    except ConcurrencySlotAcquisitionError as e:
+                        if not _locked(e):
+                            raise
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise RetriableError(
-                        f"waited {timeout_s:.0f} s for the GPU ({GPU_LIMIT}) and another session still holds it; "
-                        "see `coder-stack status` for who holds it"
-                    ) from e
-                await asyncio.sleep(min(left, poll_s * random.uniform(0.8, 1.2)))
+                    raise _waited_too_long(timeout_s)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(left, poll_s * random.uniform(0.8, 1.2))):
+                        await room.freed.wait()  # a session of this process ended: ask now
+        finally:
+            room.turn.release()
         yield

@@ -12,21 +12,22 @@ from __future__ import annotations
 import asyncio
 import copy
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 import pytest
-from prefect.client.orchestration import get_client
+from prefect.client.orchestration import PrefectClient, get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowFilter, FlowFilterName
 from prefect.client.schemas.objects import State
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.exceptions import ObjectNotFound, ParameterTypeError
 
-from coder_stack.errors import GpuBusy, GpuLimitMissing, PodFailed, SpecError
-from coder_stack.gpu import GPU_LIMIT, ensure_gpu_limit
+from coder_stack.errors import GpuBusy, GpuLimitMissing, PodFailed, RetriableError, SpecError
+from coder_stack.gpu import GPU_LIMIT, ensure_gpu_limit, gpu_session
 from coder_stack.report import RunReport
 from coder_stack.spec import StackSpec
 from flows.bring_up import BringUpOptions, bring_up
@@ -316,6 +317,72 @@ async def test_two_concurrent_swaps_never_share_the_gpu(sim: SimStack) -> None:
     async with get_client() as client:
         gcl = await client.read_global_concurrency_limit_by_name(GPU_LIMIT)
     assert (gcl.limit, gcl.active_slots) == (1, 0)
+
+
+async def test_queued_sessions_take_the_gpu_in_arrival_order_at_once_without_refused_requests(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Sessions queued in one process: first come, first served; each takes the GPU as soon as the one
+    before releases it (not at its next poll: ``poll_s`` is 5 s here), and none asks the server for a
+    slot while it is held (a refused request writes to the Prefect database and, on SQLite, can stall
+    the next hand-off for Prefect's 2 s retry back-off)."""
+    asked: list[float] = []
+    orig = PrefectClient.increment_concurrency_slots_with_lease
+
+    async def counting(self: PrefectClient, *args: Any, **kwargs: Any) -> Any:
+        asked.append(time.monotonic())
+        return await orig(self, *args, **kwargs)
+
+    monkeypatch.setattr(PrefectClient, "increment_concurrency_slots_with_lease", counting)
+    marks: list[tuple[str, int, float]] = []
+
+    async def session(i: int) -> None:
+        async with gpu_session(timeout_s=60, poll_s=5.0):
+            marks.append(("in", i, time.monotonic()))
+            await asyncio.sleep(0.6)
+            marks.append(("out", i, time.monotonic()))
+
+    runs = []
+    for i in range(4):
+        runs.append(asyncio.create_task(session(i)))
+        await asyncio.sleep(0.1)
+    await asyncio.gather(*runs)
+    order = [(k, i) for k, i, _ in marks]
+    assert order == [(k, i) for i in range(4) for k in ("in", "out")], marks
+    handoffs = [marks[k + 1][2] - marks[k][2] for k in range(1, len(marks) - 1, 2)]
+    assert max(handoffs) < 2.0, handoffs  # woken by the release, not by the 5 s poll
+    assert len(asked) == 4, f"{len(asked)} slot requests for 4 sessions"
+
+
+async def test_a_queued_session_that_gives_up_or_is_cancelled_leaves_its_place_to_the_next() -> None:
+    holding, done = asyncio.Event(), asyncio.Event()
+
+    async def holder() -> None:
+        async with gpu_session(timeout_s=60):
+            holding.set()
+            await done.wait()
+
+    h = asyncio.create_task(holder())
+    await holding.wait()
+    with pytest.raises(RetriableError, match="waited 1 s for the GPU"):
+        async with gpu_session(timeout_s=1.0, poll_s=0.2):
+            pytest.fail("took the GPU while another session held it")
+    cancelled = asyncio.create_task(holder())
+    await asyncio.sleep(0.3)
+    cancelled.cancel()
+    got: list[float] = []
+
+    async def last() -> None:
+        async with gpu_session(timeout_s=60, poll_s=5.0):
+            got.append(time.monotonic())
+
+    waiting = asyncio.create_task(last())
+    await asyncio.sleep(0.3)
+    released = time.monotonic()
+    done.set()
+    await asyncio.wait_for(asyncio.gather(h, waiting), 10)
+    assert cancelled.cancelled()
+    assert got and got[0] - released < 2.0, "the next session was not woken when the GPU was released"
 
 
 # ------------------------------------------------------------------ 9. no limit, no GPU work
