@@ -39,8 +39,8 @@ class Config:
 
 
 FULL = Config("full", 0.01, 20, 3, 0.08, 6, 0.005, (1, 5, 20), (1, 2, 4), 0.005, 20, 4)
-QUICK = Config("quick", 0.005, 6, 1, 0.01, 3, 0.003, (1, 5), (1, 2), 0.003, 5, 2)
-TINY = Config("tiny", 0.002, 2, 1, 0.002, 2, 0.002, (1, 2), (1, 2), 0.002, 2, 1)  # the tests' plumbing run
+QUICK = Config("quick", 0.005, 6, 1, 0.01, 3, 0.003, (1, 3, 6), (1, 2), 0.003, 5, 2)
+TINY = Config("tiny", 0.002, 2, 1, 0.002, 2, 0.002, (1, 2, 3), (1,), 0.002, 2, 1)  # the tests' plumbing run
 
 TARGETS: dict[str, tuple[str, float]] = {
     "detect_p95_ms": ("<=", 250.0),
@@ -49,6 +49,11 @@ TARGETS: dict[str, tuple[str, float]] = {
     "handoff_p95_s": ("<=", 2.0),
     "flow_process_rss_mb": ("<=", 300.0),
 }
+
+
+# Linear: the seconds each extra round of sessions adds, from 5 to 20 sessions, at most this many times
+# what it adds from 1 to 5 (the machine's noise is ~20 %).
+LINEAR_RATIO = 1.5
 
 
 def machine() -> dict[str, Any]:
@@ -100,48 +105,117 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def linearity(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per GPU count: seconds each extra round of sessions added, from the fewest to the middle and from
+    the middle to the most sessions. Total time is linear in the sessions when the two agree."""
+    out = []
+    for g in sorted({r["gpus"] for r in rows}):
+        rs = sorted((r for r in rows if r["gpus"] == g), key=lambda r: r["models"])
+        if len(rs) < 3 or len({r["sessions_per_gpu"] for r in rs}) < 3:
+            continue
+        a, b, c = rs[0], rs[len(rs) // 2], rs[-1]
+
+        def slope(x: dict[str, Any], y: dict[str, Any]) -> float:
+            return (y["total_s"] - x["total_s"]) / (y["sessions_per_gpu"] - x["sessions_per_gpu"])
+
+        first, second = slope(a, b), slope(b, c)
+        out.append(
+            {
+                "gpus": g,
+                "sessions": [a["models"], b["models"], c["models"]],
+                "s_per_round_first": round(first, 3),
+                "s_per_round_second": round(second, 3),
+                "ratio": round(second / first, 3) if first > 0 else float("nan"),
+            }
+        )
+    return out
+
+
 def table(res: dict[str, Any]) -> str:
+    rss = res.get("peak_rss_mb") or {}
     rows = [
-        ("detect_p50_ms", res["detect_p50_ms"], ""),
-        ("detect_p95_ms", res["detect_p95_ms"], "<= 250"),
-        ("validate_overhead_ratio", res["validate_overhead_ratio"], "<= 1.05 (at a critical path >= 60 s)"),
+        ("detect_p50_ms", res.get("detect_p50_ms"), ""),
+        ("detect_p95_ms", res.get("detect_p95_ms"), "<= 250"),
+        ("validate_overhead_ratio", res.get("validate_overhead_ratio"), "<= 1.05 (at a critical path >= 60 s)"),
         (
             "  validate wall / critical path (s)",
-            f"{res['validate_wall_s']:.1f} / {res['validate_critical_path_s']:.1f}",
+            (
+                f"{res['validate_wall_s']:.1f} / {res['validate_critical_path_s']:.1f}"
+                if "validate_wall_s" in res
+                else None
+            ),
             "",
         ),
-        ("overlap_fraction", res["overlap_fraction"], ">= 0.95"),
-        ("handoff_p50_s", res["handoff_p50_s"], ""),
-        ("handoff_p95_s", res["handoff_p95_s"], "<= 2"),
-        ("naive_poll_ratio", res["naive_poll_ratio"], "(> 1: ours is faster)"),
-        ("kubectl_wait_ratio", res["kubectl_wait_ratio"], "~1"),
-        ("sequential_ratio", res["sequential_ratio"], "(> 1: ours is faster)"),
-        ("peak_rss_mb flow process", res["peak_rss_mb"]["flow_process"], "<= 300"),
-        ("peak_rss_mb simulated stack", res["peak_rss_mb"]["sim"], ""),
-        ("peak_rss_mb bench process (flows + sims)", res["peak_rss_mb"]["bench_process"], ""),
+        ("overlap_fraction", res.get("overlap_fraction"), ">= 0.95"),
+        ("handoff_p50_s", res.get("handoff_p50_s"), ""),
+        ("handoff_p95_s", res.get("handoff_p95_s"), "<= 2"),
+        ("naive_poll_ratio", res.get("naive_poll_ratio"), "(> 1: ours is faster)"),
+        ("kubectl_wait_ratio", res.get("kubectl_wait_ratio"), "~1"),
+        ("sequential_ratio", res.get("sequential_ratio"), "(> 1: ours is faster)"),
+        ("peak_rss_mb flow process", rss.get("flow_process"), "<= 300"),
+        ("peak_rss_mb simulated stack", rss.get("sim"), ""),
+        ("peak_rss_mb bench process (flows + sims)", rss.get("bench_process"), ""),
     ]
-    w = max(len(r[0]) for r in rows)
-    out = [f"{'figure':<{w}}  {'value':>12}  target", f"{'-' * w}  {'-' * 12}  {'-' * 30}"]
-    for name, value, target in rows:
-        out.append(f"{name:<{w}}  {_fmt(value):>12}  {target}")
-    out += ["", "scale: every model requested at once (one GPU session each)", ""]
-    out.append(
-        f"{'models':>6} {'GPUs':>4} {'total s':>8} {'ideal s':>8} {'ratio':>6} {'s/round':>8} "
-        f"{'overcommit':>10} {'max GPU pods':>12}"
-    )
-    for r in res["scale"]:
-        per = r["total_s"] / r["sessions_per_gpu"]
+    rows = [r for r in rows if r[1] is not None]
+    out: list[str] = []
+    if rows:
+        w = max(len(r[0]) for r in rows)
+        out += [f"{'figure':<{w}}  {'value':>12}  target", f"{'-' * w}  {'-' * 12}  {'-' * 30}"]
+        for name, value, target in rows:
+            out.append(f"{name:<{w}}  {_fmt(value):>12}  {target}")
+    if res.get("scale"):
+        out += ["", "scale: every model requested at once (one GPU session each)", ""]
         out.append(
-            f"{r['models']:>6} {r['gpus']:>4} {r['total_s']:>8.1f} {r['ideal_s']:>8.1f} {r['ratio_to_ideal']:>6.2f} "
-            f"{per:>8.2f} {r['overcommit']:>10} {r['max_gpu_pods']:>12}"
+            f"{'models':>6} {'GPUs':>4} {'total s':>8} {'ideal s':>8} {'ratio':>6} {'s/round':>8} "
+            f"{'overcommit':>10} {'max GPU pods':>12} {'slot req':>8} {'503':>4} {'in req s':>8}"
         )
-    out += ["", "targets:"]
-    for k, v in res["targets"].items():
-        out.append(f"  {k} {v['op']} {v['target']}: {_fmt(v['value'])} -> {'met' if v['met'] else 'MISSED'}")
+        for r in res["scale"]:
+            per = r["total_s"] / r["sessions_per_gpu"]
+            out.append(
+                f"{r['models']:>6} {r['gpus']:>4} {r['total_s']:>8.1f} {r['ideal_s']:>8.1f} "
+                f"{r['ratio_to_ideal']:>6.2f} {per:>8.2f} {r['overcommit']:>10} {r['max_gpu_pods']:>12} "
+                f"{r['slot_requests']:>8} {r['slot_request_503']:>4} {r['slot_request_s']:>8.1f}"
+            )
+        lin = res.get("scale_linearity") or []
+        if lin:
+            out += ["", "linearity: seconds added per extra round of sessions (equal = linear)"]
+            for x in lin:
+                a, b, c = x["sessions"]
+                out.append(
+                    f"  {x['gpus']} GPU(s): {a}->{b} sessions {x['s_per_round_first']:.2f} s/round, "
+                    f"{b}->{c} sessions {x['s_per_round_second']:.2f} s/round (ratio {x['ratio']:.2f})"
+                )
+    if res.get("targets"):
+        out += ["", "targets:"]
+        for k, v in res["targets"].items():
+            out.append(f"  {k} {v['op']} {v['target']}: {_fmt(v['value'])} -> {'met' if v['met'] else 'MISSED'}")
     return "\n".join(out)
 
 
-async def _run(cfg: Config, log: Any) -> dict[str, Any]:
+def targets(res: dict[str, Any]) -> dict[str, Any]:
+    """Each target whose figure this run measured: value and whether it is met."""
+    out = {
+        k: {"op": op, "target": target, "value": res[k], "met": _met(res[k], op, target)}
+        for k, (op, target) in TARGETS.items()
+        if k in res
+    }
+    if "scale" in res or "handoff_overcommit" in res:
+        counts = [r["overcommit"] for r in res.get("scale", [])] + [res.get("handoff_overcommit", 0)]
+        out["zero_overcommit"] = {"op": "==", "target": 0, "value": sum(counts), "met": not any(counts)}
+    for x in res.get("scale_linearity", []):
+        out[f"linear_in_sessions_{x['gpus']}_gpu"] = {
+            "op": "<=",
+            "target": LINEAR_RATIO,
+            "value": x["ratio"],
+            "met": _met(x["ratio"], "<=", LINEAR_RATIO),
+        }
+    return out
+
+
+GROUPS = ("detect", "validate", "handoff", "scale", "rss")
+
+
+async def _run(cfg: Config, log: Any, only: tuple[str, ...] = GROUPS) -> dict[str, Any]:
     from prefect.settings import PREFECT_API_URL
 
     from bench import rss, scenarios
@@ -154,47 +228,53 @@ async def _run(cfg: Config, log: Any) -> dict[str, Any]:
         timing[name] = round(time.monotonic() - t0, 1)
 
     await ensure_gpu_limit(1)
-    t = time.monotonic()
-    log(f"detect: {cfg.detect_n} coder-chat cold starts (time scale {cfg.time_scale})")
-    det = await scenarios.detect(cfg.time_scale, cfg.detect_n, log)
-    res.update(det)
-    lap("detect", t)
+    if "detect" in only:
+        t = time.monotonic()
+        log(f"detect: {cfg.detect_n} coder-chat cold starts (time scale {cfg.time_scale})")
+        det = await scenarios.detect(cfg.time_scale, cfg.detect_n, log)
+        res.update(det)
+        lap("detect", t)
 
-    t = time.monotonic()
-    log(f"peers: naive retry loop and kubectl rollout status, {cfg.peer_reps} each")
-    res.update(await scenarios.peers(cfg.time_scale, cfg.peer_reps, det["bringup_s"], log))
-    lap("peers", t)
+        t = time.monotonic()
+        log(f"peers: naive retry loop and kubectl rollout status, {cfg.peer_reps} each")
+        res.update(await scenarios.peers(cfg.time_scale, cfg.peer_reps, det["bringup_s"], log))
+        lap("peers", t)
 
-    t = time.monotonic()
-    log(f"validate_coder_stack (chat, FIM) at time scale {cfg.validate_scale}")
-    res.update(await scenarios.validate(cfg.validate_scale, log))
-    lap("validate", t)
+    if "validate" in only:
+        t = time.monotonic()
+        log(f"validate_coder_stack (chat, FIM) at time scale {cfg.validate_scale}")
+        res.update(await scenarios.validate(cfg.validate_scale, log))
+        lap("validate", t)
 
-    t = time.monotonic()
-    log("the same runbook strictly in order")
-    seq = await scenarios.sequential(cfg.validate_scale, log)
-    res.update(seq)
-    res["sequential_ratio"] = seq["sequential_wall_s"] / res["validate_wall_s"]
-    lap("sequential", t)
+        t = time.monotonic()
+        log("the same runbook strictly in order")
+        seq = await scenarios.sequential(cfg.validate_scale, log)
+        res.update(seq)
+        res["sequential_ratio"] = seq["sequential_wall_s"] / res["validate_wall_s"]
+        lap("sequential", t)
 
-    t = time.monotonic()
-    log(f"handoff: {cfg.handoff_sessions} swap_model runs queued on one GPU")
-    res.update(await scenarios.handoff(cfg.time_scale, cfg.handoff_sessions, log))
-    lap("handoff", t)
+    if "handoff" in only:
+        t = time.monotonic()
+        log(f"handoff: {cfg.handoff_sessions} swap_model runs queued on one GPU")
+        res.update(await scenarios.handoff(cfg.time_scale, cfg.handoff_sessions, log))
+        lap("handoff", t)
 
-    t = time.monotonic()
-    log(f"scale: {cfg.scale_models} models x {cfg.scale_gpus} GPUs (time scale {cfg.scale_scale})")
-    res["scale"] = await scenarios.scale(cfg.scale_scale, cfg.scale_models, cfg.scale_gpus, log)
-    await ensure_gpu_limit(1)
-    lap("scale", t)
+    if "scale" in only:
+        t = time.monotonic()
+        log(f"scale: {cfg.scale_models} models x {cfg.scale_gpus} GPUs (time scale {cfg.scale_scale})")
+        res["scale"] = await scenarios.scale(cfg.scale_scale, cfg.scale_models, cfg.scale_gpus, log)
+        await ensure_gpu_limit(1)
+        lap("scale", t)
 
-    t = time.monotonic()
-    log("peak RSS: flow process and simulated stack in separate processes")
-    api_url = PREFECT_API_URL.value()
-    mem = await asyncio.to_thread(rss.measure, api_url, cfg.rss_scale, cfg.rss_sessions, cfg.rss_gpus)
-    mem["bench_process"] = round(rss.vmhwm_mb(), 1)
-    res["peak_rss_mb"] = mem
-    lap("rss", t)
+    if "rss" in only:
+        t = time.monotonic()
+        log("peak RSS: flow process and simulated stack in separate processes")
+        api_url = PREFECT_API_URL.value()
+        mem = await asyncio.to_thread(rss.measure, api_url, cfg.rss_scale, cfg.rss_sessions, cfg.rss_gpus)
+        mem["bench_process"] = round(rss.vmhwm_mb(), 1)
+        res["peak_rss_mb"] = mem
+        res["flow_process_rss_mb"] = mem["flow_process"]
+        lap("rss", t)
     res["scenario_seconds"] = timing
     return res
 
@@ -205,10 +285,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the tests' plumbing run
     p.add_argument("--json", metavar="PATH", default="bench-results.json", help="Where to write the results.")
     p.add_argument("--verbose", action="store_true", help="Show Prefect's run logs on the terminal.")
+    p.add_argument(
+        "--only",
+        metavar="GROUPS",
+        default=",".join(GROUPS),
+        help=f"Comma-separated scenario groups to run, of: {', '.join(GROUPS)} (default: all).",
+    )
+    p.add_argument(
+        "--prefect-api",
+        metavar="URL",
+        help="Run the flows against this Prefect server (e.g. one on PostgreSQL) instead of a temporary "
+        "SQLite test server. It should be used by nothing else meanwhile; the run sets tag:gpu.",
+    )
     args = p.parse_args(argv)
     cfg = TINY if args.tiny else QUICK if args.quick else FULL
+    only = tuple(g.strip() for g in args.only.split(",") if g.strip())
+    unknown = sorted(set(only) - set(GROUPS))
+    if unknown or not only:
+        p.error(f"--only: unknown group(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(GROUPS)}")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+    from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
     def log(msg: str) -> None:
@@ -217,26 +314,24 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.monotonic()
     info = machine()
     log(f"coder-stack bench ({cfg.name}) on {info['cpu']} x{info['cores']}, load {info['loadavg_start']}")
-    with prefect_test_harness(server_startup_timeout=120):
-        log(f"Prefect test harness up after {time.monotonic() - t_start:.1f} s")
+    if args.prefect_api:
+        server: Any = temporary_settings(updates={PREFECT_API_URL: args.prefect_api})
+        info["prefect_server"] = "given: " + args.prefect_api
+    else:
+        server = prefect_test_harness(server_startup_timeout=120)
+        info["prefect_server"] = "prefect_test_harness (temporary, SQLite)"
+    with server:
+        log(f"Prefect API {PREFECT_API_URL.value()} ready after {time.monotonic() - t_start:.1f} s")
         if not args.verbose:
             _quiet_prefect_console()
-        res = asyncio.run(_run(cfg, log))
+        res = asyncio.run(_run(cfg, log, only))
     info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    res["flow_process_rss_mb"] = res["peak_rss_mb"]["flow_process"]
-    res["targets"] = {
-        k: {"op": op, "target": target, "value": res[k], "met": _met(res[k], op, target)}
-        for k, (op, target) in TARGETS.items()
-    }
-    res["targets"]["zero_overcommit"] = {
-        "op": "==",
-        "target": 0,
-        "value": sum(r["overcommit"] for r in res["scale"]) + res["handoff_overcommit"],
-        "met": all(r["overcommit"] == 0 for r in res["scale"]) and res["handoff_overcommit"] == 0,
-    }
+    if res.get("scale"):
+        res["scale_linearity"] = linearity(res["scale"])
+    res["targets"] = targets(res)
     res["config"] = asdict(cfg)
     res["machine"] = info
-    res["command"] = "python -m bench.run" + (" --quick" if args.quick else "") + (" --tiny" if args.tiny else "")
+    res["command"] = "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:])
     res["total_seconds"] = round(time.monotonic() - t_start, 1)
     Path(args.json).write_text(json.dumps(res, indent=2, default=str) + "\n")
     print(table(res))

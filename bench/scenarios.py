@@ -15,7 +15,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -313,10 +313,62 @@ async def handoff(time_scale: float, n: int, log: Any) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ scale
+@dataclass
+class SlotRequests:
+    """What the GPU slot requests cost in this process: each ``increment-with-lease`` call (Prefect's
+    client retries inside it) and the HTTP status of every attempt. 503 is the Prefect server on SQLite
+    failing the request's transaction (SQLITE_BUSY); the client then waits 2 s (4 s, ...) and retries."""
+
+    calls: int = 0
+    seconds: float = 0.0
+    statuses: dict[int, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "slot_requests": self.calls,
+            "slot_request_s": round(self.seconds, 3),
+            "slot_request_503": self.statuses.get(503, 0),
+            "slot_request_statuses": {str(k): v for k, v in sorted(self.statuses.items())},
+        }
+
+
+@contextlib.contextmanager
+def slot_requests() -> Iterator[SlotRequests]:
+    """Instrument Prefect's client in this process for the block (benchmark only)."""
+    import httpx
+    from prefect.client.orchestration import PrefectClient
+
+    rec = SlotRequests()
+    orig_call = PrefectClient.increment_concurrency_slots_with_lease
+    orig_send = httpx.AsyncClient.send
+
+    async def call(self: PrefectClient, *args: Any, **kwargs: Any) -> Any:
+        t = time.monotonic()
+        try:
+            return await orig_call(self, *args, **kwargs)
+        finally:
+            rec.calls += 1
+            rec.seconds += time.monotonic() - t
+
+    async def send(self: httpx.AsyncClient, request: httpx.Request, *args: Any, **kwargs: Any) -> httpx.Response:
+        response = await orig_send(self, request, *args, **kwargs)
+        if request.url.path.endswith("/increment-with-lease"):
+            rec.statuses[response.status_code] = rec.statuses.get(response.status_code, 0) + 1
+        return response
+
+    PrefectClient.increment_concurrency_slots_with_lease = call  # type: ignore[method-assign,assignment]
+    httpx.AsyncClient.send = send  # type: ignore[method-assign]
+    try:
+        yield rec
+    finally:
+        PrefectClient.increment_concurrency_slots_with_lease = orig_call  # type: ignore[method-assign]
+        httpx.AsyncClient.send = orig_send  # type: ignore[method-assign]
+
+
 async def scale_case(models: int, gpus: int, time_scale: float) -> dict[str, Any]:
     spec = bench_spec(models, gpus)
     await ensure_gpu_limit(gpus)
-    with fresh_sim(time_scale, spec) as b:
+    with fresh_sim(time_scale, spec) as b, slot_requests() as slots:
         t0 = time.monotonic()
         results = await asyncio.gather(
             *(gpu_session_run(connection=b.connection, model=m.name, return_state=True) for m in spec.models)
@@ -342,6 +394,7 @@ async def scale_case(models: int, gpus: int, time_scale: float) -> dict[str, Any
         "max_gpu_pods_bound": rec.max_bound,
         "gpu_pods_seen": rec.gpu_pods_seen,
         "failed_runs": failed,
+        **slots.as_dict(),
     }
 
 
@@ -353,6 +406,8 @@ async def scale(time_scale: float, models: tuple[int, ...], gpus: tuple[int, ...
             rows.append(row)
             log(
                 f"  {n} model(s) on {g} GPU(s): {row['total_s']:.1f} s (ideal {row['ideal_s']:.1f} s), "
-                f"overcommit {row['overcommit']}, max GPU pods {row['max_gpu_pods']}"
+                f"overcommit {row['overcommit']}, max GPU pods {row['max_gpu_pods']}, "
+                f"slot requests {row['slot_requests']} ({row['slot_request_503']} answered 503, "
+                f"{row['slot_request_s']:.1f} s in them)"
             )
     return rows

@@ -363,11 +363,24 @@ def bench(
     ctx: typer.Context,
     quick: Annotated[bool, typer.Option("--quick", help="Fewer, shorter runs (under 3 minutes).")] = False,
     json_path: Annotated[Path, typer.Option("--json", help="Where to write the results.")] = Path("bench-results.json"),
+    only: Annotated[
+        str | None,
+        typer.Option("--only", help="Scenario groups to run, comma-separated: detect, validate, handoff, scale, rss."),
+    ] = None,
+    prefect_api: Annotated[
+        str | None,
+        typer.Option(
+            "--prefect-api",
+            help="Run against this Prefect server (e.g. one on PostgreSQL) instead of a temporary SQLite one.",
+        ),
+    ] = None,
 ) -> None:
     """Benchmark the flows on the simulated stack against the usual ways (see BENCHMARKS.md)."""
     from bench.run import main as bench_main
 
     argv = (["--quick"] if quick else []) + ["--json", str(json_path), *ctx.args]
+    argv += ["--only", only] if only else []
+    argv += ["--prefect-api", prefect_api] if prefect_api else []
     raise typer.Exit(bench_main(argv))
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.run import FULL, QUICK, TARGETS, table
+from bench.run import FULL, QUICK, TARGETS, linearity, main, table
 from bench.scenarios import bench_spec, percentile, validate_critical_path
 from coder_stack.spec import StackSpec
 
@@ -45,6 +45,25 @@ def test_percentile_and_critical_path() -> None:
     assert [m.name for m in spec.models] == ["m01", "m02", "m03", "m04", "m05"] and spec.gpus == 2
 
 
+def test_linearity_compares_the_seconds_each_extra_round_adds() -> None:
+    def row(models: int, gpus: int, total: float) -> dict[str, float]:
+        return {"models": models, "gpus": gpus, "total_s": total, "sessions_per_gpu": -(-models // gpus)}
+
+    linear = [row(1, 1, 4.0), row(5, 1, 12.0), row(20, 1, 42.0)]  # 2 s per extra session throughout
+    curved = [row(1, 4, 4.0), row(5, 4, 6.0), row(20, 4, 30.0)]  # 2 s, then 8 s per extra round
+    out = linearity(linear + curved + [row(1, 2, 4.0), row(5, 2, 8.0)])  # 2 GPUs: two points, no verdict
+    assert out == [
+        {"gpus": 1, "sessions": [1, 5, 20], "s_per_round_first": 2.0, "s_per_round_second": 2.0, "ratio": 1.0},
+        {"gpus": 4, "sessions": [1, 5, 20], "s_per_round_first": 2.0, "s_per_round_second": 8.0, "ratio": 4.0},
+    ]
+
+
+def test_bad_arguments_are_refused_before_anything_starts(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["--only", "scale,warp"])
+    assert e.value.code == 2 and "unknown group(s) warp; choose from detect, validate" in capsys.readouterr().err
+
+
 def test_configs_cover_the_issue() -> None:
     assert FULL.detect_n >= 20 and FULL.scale_models == (1, 5, 20) and FULL.scale_gpus == (1, 2, 4)
     assert validate_critical_path(StackSpec())[0] * FULL.validate_scale >= 60  # the target's condition
@@ -70,9 +89,11 @@ def test_tiny_run_writes_every_field(tmp_path: Path) -> None:
         assert isinstance(res[f], float) and math.isfinite(res[f]) and res[f] >= 0, (f, res[f])
     assert res["detect_p50_ms"] <= res["detect_p95_ms"]
     assert 0.0 <= res["overlap_fraction"] <= 1.0
-    assert {(r["models"], r["gpus"]) for r in res["scale"]} == {(1, 1), (1, 2), (2, 1), (2, 2)}
+    assert {(r["models"], r["gpus"]) for r in res["scale"]} == {(1, 1), (2, 1), (3, 1)}
     for r in res["scale"]:
         assert r["total_s"] > 0 and r["failed_runs"] == 0 and r["overcommit"] >= 0
+        assert r["slot_requests"] >= r["models"] and r["slot_request_503"] >= 0
+    assert [x["gpus"] for x in res["scale_linearity"]] == [1] and "linear_in_sessions_1_gpu" in res["targets"]
     assert res["peak_rss_mb"]["flow_process"] > 0 and res["peak_rss_mb"]["sim"] > 0
     assert set(TARGETS) <= set(res["targets"]) and "zero_overcommit" in res["targets"]
     assert res["machine"]["cores"] and res["config"]["name"] == "tiny"
