@@ -14,12 +14,10 @@ from coder_stack.k8s import cluster_session
 from coder_stack.report import RunReport
 from flows.common import (
     Connection,
-    SigtermGuard,
-    final_state,
     free_gpu,
+    guarded,
     logger,
     model_up_with_keys_and_frontends,
-    publish,
     record_failure,
     record_smoke,
     release,
@@ -49,8 +47,7 @@ async def bring_up(
         aliases = [k.alias for k in spec.virtual_keys if k.deliver_to != "keystore"]
         log = logger()
         report = RunReport(flow="bring_up")
-        sigterm = SigtermGuard()
-        try:
+        async with guarded(report, "bring-up-report", "bring_up", final_state_of=(target, spec)):
             await preflight_task(target, spec, [model.name])
             await gateway_ready_task(target, spec)
             if options.dry_run:
@@ -88,12 +85,3 @@ async def bring_up(
             report.finish("passed: serving")
             log.info("%s is serving behind the gateway; Open WebUI and Tabby are up.", model.name)
             return report
-        except BaseException as e:
-            report.finish(f"failed: {type(e).__name__}")
-            log.error("bring_up failed: %s", e)
-            await sigterm.reraise(e)
-            raise
-        finally:
-            sigterm.restore()
-            report.final_state = await final_state(target, spec)
-            await publish(report, "bring-up-report")

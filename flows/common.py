@@ -12,7 +12,8 @@ import contextlib
 import signal
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
@@ -151,6 +152,28 @@ class SigtermGuard:
                         force=True,
                     )
         raise TerminationSignal(signal.SIGTERM) from exc
+
+
+@asynccontextmanager
+async def guarded(
+    report: RunReport, artifact_key: str, flow_name: str, final_state_of: tuple[ClusterTarget, StackSpec] | None
+) -> AsyncIterator[None]:
+    """Every flow's body runs inside this: SIGTERM becomes a clean cancellation (:class:`SigtermGuard`), a
+    failure is recorded in the report and logged, and the report is published whatever happens (with
+    the cluster's replicas as they are at the end when ``final_state_of`` is given)."""
+    sigterm = SigtermGuard()
+    try:
+        yield
+    except BaseException as e:
+        report.finish(f"failed: {type(e).__name__}")
+        logger().error("%s failed: %s", flow_name, e)
+        await sigterm.reraise(e)
+        raise
+    finally:
+        sigterm.restore()
+        if final_state_of is not None:
+            report.final_state = await final_state(*final_state_of)
+        await publish(report, artifact_key)
 
 
 async def gather_or_cancel(*aws: Awaitable[Any]) -> list[Any]:

@@ -19,12 +19,10 @@ from coder_stack.report import RunReport
 from coder_stack.spec import DNS_LABEL
 from flows.common import (
     Connection,
-    SigtermGuard,
-    final_state,
     free_gpu,
+    guarded,
     logger,
     model_up,
-    publish,
     record_failure,
     record_smoke,
     release,
@@ -58,8 +56,7 @@ async def swap_model(
         model = spec.model(options.target)  # unknown model: refused before anything changes
         log = logger()
         report = RunReport(flow=f"swap_model({model.name})")
-        sigterm = SigtermGuard()
-        try:
+        async with guarded(report, "swap-report", "swap_model", final_state_of=(target, spec)):
             pf = await preflight_task(target, spec, [model.name])
             if options.dry_run:
                 others = [a.name for a in pf.active_models if a.name != model.name]
@@ -98,12 +95,3 @@ async def swap_model(
                         report.notes += [f"{k}: {v}" for k, v in outcome.items()]
             report.finish("passed")
             return report
-        except BaseException as e:
-            report.finish(f"failed: {type(e).__name__}")
-            log.error("swap_model failed: %s", e)
-            await sigterm.reraise(e)
-            raise
-        finally:
-            sigterm.restore()
-            report.final_state = await final_state(target, spec)
-            await publish(report, "swap-report")

@@ -17,7 +17,7 @@ from coder_stack.errors import PermanentError
 from coder_stack.gpu import gpu_limit_status
 from coder_stack.k8s import cluster_session, open_api
 from coder_stack.report import RunReport
-from flows.common import Connection, SigtermGuard, final_state, logger, publish, release
+from flows.common import Connection, final_state, guarded, logger, release
 
 NODE_DRAIN_MIN = 10
 
@@ -42,10 +42,9 @@ async def teardown(
     async with cluster_session(target):
         log = logger()
         report = RunReport(flow="teardown")
-        sigterm = SigtermGuard()
         models = [m.name for m in spec.models]
         frontends = [f.name for f in spec.frontends]
-        try:
+        async with guarded(report, "teardown-report", "teardown", final_state_of=None):
             found: list[str] = []
             async with open_api(target) as api:
                 for ns, name in [(spec.serving_namespace, m) for m in models] + [
@@ -88,11 +87,3 @@ async def teardown(
                 report.notes.append(f"GPU limit status unknown: {type(e).__name__}")
             report.finish("passed: everything at 0")
             return report
-        except BaseException as e:
-            report.finish(f"failed: {type(e).__name__}")
-            log.error("teardown failed: %s", e)
-            await sigterm.reraise(e)
-            raise
-        finally:
-            sigterm.restore()
-            await publish(report, "teardown-report")

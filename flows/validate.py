@@ -21,14 +21,12 @@ from coder_stack.report import RunReport
 from coder_stack.spec import StackSpec
 from flows.common import (
     Connection,
-    SigtermGuard,
     final_state,
     free_gpu,
-    logger,
+    guarded,
     model_for_role,
     model_up,
     model_up_with_keys_and_frontends,
-    publish,
     record_failure,
     record_smoke,
     release,
@@ -73,15 +71,13 @@ async def validate_coder_stack(
     """The whole runbook, end to end; everything it started is scaled back to 0."""
     spec, target = connection.resolve()
     async with cluster_session(target):
-        log = logger()
         report = RunReport(flow="validate_coder_stack")
-        sigterm = SigtermGuard()
         stages = list(dict.fromkeys(options.stages))
         models = [model_for_role(spec, s.value) for s in stages]
         frontends = [f.name for f in spec.frontends]
         key_aliases = [k.alias for k in spec.virtual_keys if k.deliver_to != "keystore"]
         agent_keys = [k.alias for k in spec.virtual_keys if k.deliver_to == "keystore"]
-        try:
+        async with guarded(report, "validate-report", "validate_coder_stack", final_state_of=(target, spec)):
             report.step("preflight: Deployments exist, models fit the GPU node's RAM, gateway ready")
             pf = await preflight_task(target, spec, models)
             await gateway_ready_task(target, spec)
@@ -148,15 +144,6 @@ async def validate_coder_stack(
                         report.notes.append(f"restored {', '.join(restore)} as it was before this run")
             report.finish("passed" if report.all_smokes_ok else "failed")
             return report
-        except BaseException as e:
-            report.finish(f"failed: {type(e).__name__}")
-            log.error("validate_coder_stack failed: %s", e)
-            await sigterm.reraise(e)
-            raise
-        finally:
-            sigterm.restore()
-            report.final_state = await final_state(target, spec)
-            await publish(report, "validate-report")
 
 
 def _alias_delivered_to(spec: StackSpec, home: str) -> str | None:
