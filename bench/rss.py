@@ -48,12 +48,64 @@ def rss_spec(sessions: int, gpus: int) -> StackSpec:
 
 
 def _sim_main(args: argparse.Namespace) -> None:
+    from bench.simrec import SimRecorder
     from simstack.stack import SimStack
 
     spec = load_spec(args.stack)
-    with SimStack(spec=spec, time_scale=args.time_scale, gpu_pool="autoscaled", kubeconfig_path=args.kubeconfig):
+    with SimStack(spec=spec, time_scale=args.time_scale, gpu_pool="autoscaled", kubeconfig_path=args.kubeconfig) as sim:
+        rec = SimRecorder.attach(sim, spec.gpus)
         print("ready", flush=True)
         sys.stdin.read()  # until the parent closes our stdin
+        summary = sim.call(
+            lambda: {
+                k: getattr(rec, k)
+                for k in ("overcommit_live", "overcommit_bound", "max_live", "max_bound", "gpu_pods_seen")
+            }
+        )
+    print(json.dumps(summary), flush=True)
+
+
+class SimProcess:
+    """The simulated cluster in a child process (``python -m bench.rss sim``), as a real cluster is not
+    in the flows' process: its CPU does not compete with the flows' for this process's GIL. What its
+    recorder saw (GPU pods alive and bound, overcommits) comes back from :meth:`stop`."""
+
+    def __init__(self, spec: StackSpec, time_scale: float) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="coder-bench-sim-")
+        self.stack = Path(self._tmp.name) / "stack.yaml"
+        self.stack.write_text(spec_yaml(spec))
+        self.kubeconfig = Path(self._tmp.name) / "kubeconfig"
+        self._proc = subprocess.Popen(
+            [*self.cmd("sim"), "--time-scale", str(time_scale)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self._proc.stdout is not None
+        line = self._proc.stdout.readline()
+        if line.strip() != "ready":
+            self.stop()
+            raise RuntimeError(f"the simulated stack did not start: {line!r}")
+
+    def cmd(self, role: str) -> list[str]:
+        """``python -m bench.rss ROLE`` on this cluster's stack file and kubeconfig."""
+        files = ["--stack", str(self.stack), "--kubeconfig", str(self.kubeconfig)]
+        return [sys.executable, "-m", "bench.rss", role, *files]
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def stop(self) -> dict[str, Any]:
+        try:
+            out, _ = self._proc.communicate(input="", timeout=60)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            out, _ = self._proc.communicate()
+        finally:
+            self._tmp.cleanup()
+        lines = (out or "").strip().splitlines()
+        return json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
 
 
 async def _flows_main(args: argparse.Namespace) -> dict[str, Any]:
@@ -85,44 +137,23 @@ async def _flows_main(args: argparse.Namespace) -> dict[str, Any]:
 
 def measure(api_url: str, time_scale: float, sessions: int, gpus: int, timeout_s: float = 600) -> dict[str, Any]:
     """Run the sim and the flows in two child processes; their peak RSS in MB."""
-    py = sys.executable
-    with tempfile.TemporaryDirectory(prefix="coder-bench-rss-") as tmp:
-        stack = Path(tmp) / "stack.yaml"
-        stack.write_text(spec_yaml(rss_spec(sessions, gpus)))
-        kubeconfig = Path(tmp) / "kubeconfig"
-        common = ["--stack", str(stack), "--kubeconfig", str(kubeconfig)]
-        sim = subprocess.Popen(
-            [py, "-m", "bench.rss", "sim", *common, "--time-scale", str(time_scale)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
+    sim = SimProcess(rss_spec(sessions, gpus), time_scale)
+    try:
+        env = dict(os.environ, PREFECT_API_URL=api_url, PREFECT_LOGGING_LEVEL="WARNING")
+        flows = subprocess.run(
+            [*sim.cmd("flows"), "--sessions", str(sessions), "--gpus", str(gpus)],
+            env=env,
+            capture_output=True,
             text=True,
+            timeout=timeout_s,
+            check=False,
         )
-        try:
-            assert sim.stdout is not None and sim.stdin is not None
-            line = sim.stdout.readline()
-            if line.strip() != "ready":
-                raise RuntimeError(f"the simulated stack did not start: {line!r}")
-            env = dict(os.environ, PREFECT_API_URL=api_url, PREFECT_LOGGING_LEVEL="WARNING")
-            flows = subprocess.run(
-                [py, "-m", "bench.rss", "flows", *common, "--sessions", str(sessions), "--gpus", str(gpus)],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=timeout_s,
-                check=False,
-            )
-            sim_mb = vmhwm_mb(sim.pid)
-        finally:
-            if sim.stdin is not None:
-                sim.stdin.close()
-            try:
-                sim.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                sim.kill()
-                sim.wait()
-        if flows.returncode != 0:
-            raise RuntimeError(f"the flow process failed ({flows.returncode}): {flows.stderr[-2000:]}")
-        result = json.loads(flows.stdout.strip().splitlines()[-1])
+        sim_mb = vmhwm_mb(sim.pid)
+    finally:
+        sim.stop()
+    if flows.returncode != 0:
+        raise RuntimeError(f"the flow process failed ({flows.returncode}): {flows.stderr[-2000:]}")
+    result = json.loads(flows.stdout.strip().splitlines()[-1])
     return {
         "flow_process": result["vmhwm_mb"],
         "sim": round(sim_mb, 1),

@@ -17,7 +17,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -297,8 +297,18 @@ def main(argv: list[str] | None = None) -> int:
         help="Run the flows against this Prefect server (e.g. one on PostgreSQL) instead of a temporary "
         "SQLite test server. It should be used by nothing else meanwhile; the run sets tag:gpu.",
     )
+    p.add_argument(
+        "--scale-time-scale",
+        type=float,
+        metavar="F",
+        help="Time scale of the scale scenario only (default: the configuration's; 0.005 in the full run).",
+    )
     args = p.parse_args(argv)
     cfg = TINY if args.tiny else QUICK if args.quick else FULL
+    if args.scale_time_scale is not None:
+        if not 0.001 <= args.scale_time_scale <= 1.0:
+            p.error("--scale-time-scale: give a factor between 0.001 and 1 (0.01 makes coder-chat's cold start ~7 s)")
+        cfg = replace(cfg, scale_scale=args.scale_time_scale)
     only = tuple(g.strip() for g in args.only.split(",") if g.strip())
     unknown = sorted(set(only) - set(GROUPS))
     if unknown or not only:

@@ -23,6 +23,7 @@ from uuid import UUID
 
 import flows.swap
 from bench.flows import bench_bringup, gpu_session_run, sequential_runbook
+from bench.rss import SimProcess
 from bench.simrec import SimRecorder
 from coder_stack.gpu import ensure_gpu_limit, gpu_session
 from coder_stack.spec import ModelSpec, PhaseBudgets, StackSpec, spec_yaml
@@ -368,13 +369,21 @@ def slot_requests() -> Iterator[SlotRequests]:
 async def scale_case(models: int, gpus: int, time_scale: float) -> dict[str, Any]:
     spec = bench_spec(models, gpus)
     await ensure_gpu_limit(gpus)
-    with fresh_sim(time_scale, spec) as b, slot_requests() as slots:
-        t0 = time.monotonic()
-        results = await asyncio.gather(
-            *(gpu_session_run(connection=b.connection, model=m.name, return_state=True) for m in spec.models)
-        )
-        total = time.monotonic() - t0
-        rec = b.rec
+    # The cluster in its own process: 20 sessions' worth of simulated controllers must not share the
+    # flows' GIL (a real cluster is not in the worker's process).
+    sim = SimProcess(spec, time_scale)
+    try:
+        conn = Connection(kubeconfig=str(sim.kubeconfig), stack_file=str(sim.stack))
+        with slot_requests() as slots:
+            t0 = time.monotonic()
+            results = await asyncio.gather(
+                *(gpu_session_run(connection=conn, model=m.name, return_state=True) for m in spec.models)
+            )
+            total = time.monotonic() - t0
+    finally:
+        rec = sim.stop()
+    if not rec:
+        raise RuntimeError("the simulated cluster's process did not report what it recorded")
     failed = sum(1 for r in results if not r.is_completed())
     timings = Timings()
     mt = model_timings(spec.models[0])
@@ -389,10 +398,10 @@ async def scale_case(models: int, gpus: int, time_scale: float) -> dict[str, Any
         "ideal_s": round(ideal, 3),
         "ratio_to_ideal": round(total / ideal, 3),
         "sessions_per_gpu": rounds,
-        "overcommit": rec.overcommit_live + rec.overcommit_bound,
-        "max_gpu_pods": rec.max_live,
-        "max_gpu_pods_bound": rec.max_bound,
-        "gpu_pods_seen": rec.gpu_pods_seen,
+        "overcommit": rec["overcommit_live"] + rec["overcommit_bound"],
+        "max_gpu_pods": rec["max_live"],
+        "max_gpu_pods_bound": rec["max_bound"],
+        "gpu_pods_seen": rec["gpu_pods_seen"],
         "failed_runs": failed,
         **slots.as_dict(),
     }

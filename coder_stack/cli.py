@@ -374,6 +374,10 @@ def bench(
             help="Run against this Prefect server (e.g. one on PostgreSQL) instead of a temporary SQLite one.",
         ),
     ] = None,
+    scale_time_scale: Annotated[
+        float | None,
+        typer.Option("--scale-time-scale", help="Time scale of the scale scenario only (full run: 0.005)."),
+    ] = None,
 ) -> None:
     """Benchmark the flows on the simulated stack against the usual ways (see BENCHMARKS.md)."""
     from bench.run import main as bench_main
@@ -381,6 +385,7 @@ def bench(
     argv = (["--quick"] if quick else []) + ["--json", str(json_path), *ctx.args]
     argv += ["--only", only] if only else []
     argv += ["--prefect-api", prefect_api] if prefect_api else []
+    argv += ["--scale-time-scale", str(scale_time_scale)] if scale_time_scale is not None else []
     raise typer.Exit(bench_main(argv))
 
 

@@ -62,6 +62,9 @@ def test_bad_arguments_are_refused_before_anything_starts(capsys: pytest.Capture
     with pytest.raises(SystemExit) as e:
         main(["--only", "scale,warp"])
     assert e.value.code == 2 and "unknown group(s) warp; choose from detect, validate" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--scale-time-scale", "5"])
+    assert e.value.code == 2 and "between 0.001 and 1" in capsys.readouterr().err
 
 
 def test_configs_cover_the_issue() -> None:
