@@ -18,6 +18,7 @@ from typing import Any
 
 from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import State
 from prefect.context import FlowRunContext
 from prefect.exceptions import TerminationSignal
 from prefect.logging import get_run_logger
@@ -146,11 +147,13 @@ class SigtermGuard:
         if ctx is not None and ctx.flow_run is not None:
             with contextlib.suppress(Exception):
                 async with get_client() as client:
-                    await client.set_flow_run_state(
-                        ctx.flow_run.id,
-                        Cancelled(message="SIGTERM: stopped after scaling down what it started"),
-                        force=True,
-                    )
+                    cancelled: State[Any] = Cancelled(message="SIGTERM: stopped after scaling down what it started")
+                    state = (await client.set_flow_run_state(ctx.flow_run.id, cancelled, force=True)).state
+                # The engine's own copy of the run must see the final state too: when the worker's cancel
+                # intent has not reached the engine yet (a race seen under load), the engine turns the
+                # TerminationSignal into a forced Crashed unless its run is already final.
+                if state is not None:
+                    ctx.flow_run.state = state
         raise TerminationSignal(signal.SIGTERM) from exc
 
 
