@@ -14,7 +14,7 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -117,8 +117,9 @@ def _refresh_credentials(loader: KubeConfigLoader) -> Callable[[client.Configura
 
 @dataclass
 class _Shared:
-    api: ApiClient
     loop: asyncio.AbstractEventLoop
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    api: ApiClient | None = None  # built by the first open_api(): a bad kubeconfig fails there, in a task
 
 
 # Clients shared by every open_api() inside a cluster_session() block, keyed by target. A ContextVar, so
@@ -131,19 +132,22 @@ async def cluster_session(target: ClusterTarget) -> AsyncIterator[None]:
     """Share one API client for ``target`` among every :func:`open_api` in this block (a flow run's body).
 
     Without it each task opens its own client: the kubeconfig parsed again and a new SSL context built
-    (~35 ms of CPU each) for every task. Credentials that expire are refreshed before each request.
+    (~35 ms of CPU each) for every task. The client is built by the first :func:`open_api` (so a bad
+    kubeconfig fails in that task, as without a session) and closed at the end of the block. Credentials
+    that expire are refreshed before each request.
     """
     current = _SESSIONS.get() or {}
     if target in current:
         yield
         return
-    api = await _new_client(target)
-    token = _SESSIONS.set({**current, target: _Shared(api, asyncio.get_running_loop())})
+    shared = _Shared(asyncio.get_running_loop())
+    token = _SESSIONS.set({**current, target: shared})
     try:
         yield
     finally:
         _SESSIONS.reset(token)
-        await api.close()
+        if shared.api is not None:
+            await shared.api.close()
 
 
 async def _new_client(target: ClusterTarget) -> ApiClient:
@@ -157,6 +161,9 @@ async def open_api(target: ClusterTarget) -> AsyncIterator[ApiClient]:
     event loop), otherwise a client of its own, closed on exit."""
     shared = (_SESSIONS.get() or {}).get(target)
     if shared is not None and shared.loop is asyncio.get_running_loop():
+        async with shared.lock:
+            if shared.api is None:
+                shared.api = await _new_client(target)
         yield shared.api
         return
     async with await _new_client(target) as api:

@@ -20,6 +20,7 @@ import pytest
 from kubernetes_asyncio.client import api_client
 
 from coder_stack import kube
+from coder_stack.errors import ConfigError
 from coder_stack.k8s import ClusterTarget, cluster_session, load_configuration, open_api
 from coder_stack.spec import StackSpec
 from simstack.stack import SimStack
@@ -153,3 +154,13 @@ async def test_an_exec_plugin_token_is_refreshed_before_it_expires(
     seen = [await cfg.get_api_key_with_prefix("BearerToken") for _ in range(2)]
     assert seen == tokens
     assert counter.read_text() == str(runs)
+
+
+async def test_a_bad_kubeconfig_fails_at_the_first_use_not_when_the_session_opens(tmp_path: Path) -> None:
+    """A flow opens its session before its guarded body; the kubeconfig error must surface in the first
+    task (inside the body, so the run's report records it), with what to do."""
+    target = ClusterTarget(kubeconfig=str(tmp_path / "missing"))
+    async with cluster_session(target):
+        with pytest.raises(ConfigError, match="does not exist; pass --kubeconfig with an existing file"):
+            async with open_api(target):
+                pytest.fail("opened a client for a missing kubeconfig")
