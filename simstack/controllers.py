@@ -180,9 +180,6 @@ def _cond(obj: Obj, ctype: str) -> Obj | None:
     return None
 
 
-_owner_uid = controller_uid
-
-
 def _match_labels(selector: Obj, labels: dict[str, str]) -> bool:
     for k, v in (selector.get("matchLabels") or {}).items():
         if labels.get(k) != v:
@@ -608,7 +605,7 @@ class DeploymentController:
 
     def _rs_pods(self, rs: Obj, pods: list[Obj]) -> list[Obj]:
         uid = rs["metadata"]["uid"]
-        return [p for p in pods if _owner_uid(p) == uid]
+        return [p for p in pods if controller_uid(p) == uid]
 
     def _sync_rs(self, rs: Obj, pods: list[Obj]) -> Obj:
         """The replicaset controller: create/delete pods, then write status."""

@@ -167,6 +167,23 @@ def flow_process_env(prefect_api: str, tmp_path: Path) -> dict[str, str]:
     return env
 
 
+def start_flow_process(
+    script: str, sim: SimStack, prefect_api: str, tmp_path: Path
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """Run ``script`` (``python -c``; ``sys.argv[1]`` is the sim's kubeconfig) as a flow process of its own, as
+    a worker would; its output goes to ``tmp_path/flow.log``, returned with the process."""
+    log = tmp_path / "flow.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", script, str(sim.kubeconfig_path)],
+            cwd=PROJECT,
+            env=flow_process_env(prefect_api, tmp_path),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    return proc, log
+
+
 # ------------------------------------------------------------------ the simulated cluster
 def conn(sim: SimStack, **kwargs: Any) -> Connection:
     return Connection(kubeconfig=str(sim.kubeconfig_path), **kwargs)

@@ -12,7 +12,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +21,7 @@ from prefect.exceptions import ObjectNotFound
 
 from simstack.stack import SimStack
 from tests.conftest import is_ready, pods_of
-from tests.faultkit import flow_process_env
+from tests.faultkit import flow_process_env, start_flow_process
 from tests.test_flows import (
     PREFECT_BIN,
     PROJECT,
@@ -55,16 +54,7 @@ async def test_sigterm_mid_cold_start_scales_the_gpu_down(
     make_sim: Callable[..., SimStack], prefect_api: str, tmp_path: Path
 ) -> None:
     sim = make_sim(gpu_pool="autoscaled", time_scale=SLOW_SCALE)
-    env = flow_process_env(prefect_api, tmp_path)
-    log = tmp_path / "flow.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", SUBPROCESS_FLOW, str(sim.kubeconfig_path)],
-            cwd=PROJECT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    proc, log = start_flow_process(SUBPROCESS_FLOW, sim, prefect_api, tmp_path)
     try:
         await until(lambda: scaled_up(sim, "coder-chat") or proc.poll() is not None, 60, "coder-chat scaled up")
         assert proc.poll() is None, log.read_text()[-3000:]

@@ -20,7 +20,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +59,6 @@ from tests.faultkit import (
     PrefectServer,
     assert_no_gpu_model_running,
     conn,
-    flow_process_env,
     free_port,
     gpu_limit,
     gpu_overlaps,
@@ -67,6 +66,7 @@ from tests.faultkit import (
     prefect_api,
     replicas,
     scaled_up,
+    start_flow_process,
     until,
 )
 
@@ -76,22 +76,6 @@ pytestmark = pytest.mark.usefixtures("gpu_limit")
 
 SLOW_SCALE = 0.01  # coder-chat's cold start ~6 s on an autoscaled pool: long enough to act in the middle
 FLOW_TIMEOUT = 60.0  # a flow that hangs (e.g. missed Ready) fails the test instead of waiting out its budgets
-
-
-@pytest.fixture
-def sims() -> Iterator[Callable[..., SimStack]]:
-    stacks: list[SimStack] = []
-
-    def _make(**kwargs: Any) -> SimStack:
-        kwargs.setdefault("time_scale", 0.002)
-        kwargs.setdefault("gpu_pool", "static")
-        s = SimStack(**kwargs).start()
-        stacks.append(s)
-        return s
-
-    yield _make
-    for s in stacks:
-        s.stop()
 
 
 def stack_file(tmp_path: Path, spec: StackSpec) -> str:
@@ -113,9 +97,9 @@ async def swap(sim: SimStack, target: str = "coder-chat", *, smoke_gateway: bool
     [("crashloop", "CrashLoopBackOff"), ("imagepull", "ImagePullBackOff|ErrImagePull"), ("oom", "OOMKilled")],
 )
 async def test_pod_fault_fails_the_swap_fast_naming_the_cause_and_frees_the_gpu(
-    sims: Callable[..., SimStack], fault: str, reason: str
+    make_sim: Callable[..., SimStack], fault: str, reason: str
 ) -> None:
-    sim = sims(faults={"coder-chat": fault})
+    sim = make_sim(faults={"coder-chat": fault})
     t0 = time.monotonic()
     with pytest.raises(PodFailed) as info:
         await swap(sim)
@@ -126,9 +110,9 @@ async def test_pod_fault_fails_the_swap_fast_naming_the_cause_and_frees_the_gpu(
 
 
 async def test_unschedulable_without_scale_up_fails_naming_the_scheduler_and_frees_the_gpu(
-    sims: Callable[..., SimStack],
+    make_sim: Callable[..., SimStack],
 ) -> None:
-    sim = sims(faults={"coder-chat": "unschedulable"}, gpu_pool="autoscaled")
+    sim = make_sim(faults={"coder-chat": "unschedulable"}, gpu_pool="autoscaled")
     with pytest.raises((PodFailed, WaitTimeout)) as info:
         await swap(sim)
     msg = str(info.value)
@@ -136,8 +120,8 @@ async def test_unschedulable_without_scale_up_fails_naming_the_scheduler_and_fre
     await assert_no_gpu_model_running(sim)
 
 
-async def test_a_slow_gpu_node_within_its_budget_succeeds(sims: Callable[..., SimStack]) -> None:
-    sim = sims(faults={"coder-chat": "slow-node"}, gpu_pool="autoscaled", time_scale=0.004)
+async def test_a_slow_gpu_node_within_its_budget_succeeds(make_sim: Callable[..., SimStack]) -> None:
+    sim = make_sim(faults={"coder-chat": "slow-node"}, gpu_pool="autoscaled", time_scale=0.004)
     report = await swap(sim)
     assert report.outcome == "passed"
     sec = report.section("coder-chat")
@@ -148,7 +132,7 @@ async def test_a_slow_gpu_node_within_its_budget_succeeds(sims: Callable[..., Si
 
 
 async def test_a_phase_over_its_budget_fails_naming_the_phase_and_frees_the_gpu(
-    sims: Callable[..., SimStack], tmp_path: Path
+    make_sim: Callable[..., SimStack], tmp_path: Path
 ) -> None:
     base = StackSpec()
     models = [
@@ -156,7 +140,7 @@ async def test_a_phase_over_its_budget_fails_naming_the_phase_and_frees_the_gpu(
         for m in base.models
     ]
     path = stack_file(tmp_path, base.model_copy(update={"models": models}))
-    sim = sims(time_scale=SLOW_SCALE)  # image pull 240 simulated s -> 2.4 s, over the 1 s budget
+    sim = make_sim(time_scale=SLOW_SCALE)  # image pull 240 simulated s -> 2.4 s, over the 1 s budget
     with pytest.raises(WaitTimeout) as info:
         await swap(sim, stack_file=path)
     msg = str(info.value)
@@ -165,8 +149,8 @@ async def test_a_phase_over_its_budget_fails_naming_the_phase_and_frees_the_gpu(
 
 
 # ====================================================================== Kubernetes API faults
-async def test_500_and_429_from_the_api_are_retried_and_the_swap_passes(sims: Callable[..., SimStack]) -> None:
-    sim = sims()
+async def test_500_and_429_from_the_api_are_retried_and_the_swap_passes(make_sim: Callable[..., SimStack]) -> None:
+    sim = make_sim()
     faults = sim.api_server.faults
     faults.fail("PATCH", r"/namespaces/serving/deployments/coder-chat/scale$", 500)
     faults.fail("GET", r"/namespaces/serving/services/coder-chat$", 429, retry_after=1)
@@ -178,8 +162,8 @@ async def test_500_and_429_from_the_api_are_retried_and_the_swap_passes(sims: Ca
     await teardown(connection=conn(sim))
 
 
-async def test_403_is_permanent_and_names_the_missing_permission(sims: Callable[..., SimStack]) -> None:
-    sim = sims()
+async def test_403_is_permanent_and_names_the_missing_permission(make_sim: Callable[..., SimStack]) -> None:
+    sim = make_sim()
     sim.api_server.faults.fail("PATCH", r"/deployments/coder-chat/scale$", 403, times=10)
     mark = len(sim.timeline)
     with pytest.raises(Forbidden) as info:
@@ -192,8 +176,10 @@ async def test_403_is_permanent_and_names_the_missing_permission(sims: Callable[
     await assert_no_gpu_model_running(sim)
 
 
-async def test_a_dropped_watch_and_a_410_gone_are_resumed_without_missing_ready(sims: Callable[..., SimStack]) -> None:
-    sim = sims(gpu_pool="autoscaled", time_scale=SLOW_SCALE)
+async def test_a_dropped_watch_and_a_410_gone_are_resumed_without_missing_ready(
+    make_sim: Callable[..., SimStack],
+) -> None:
+    sim = make_sim(gpu_pool="autoscaled", time_scale=SLOW_SCALE)
     faults = sim.api_server.faults
     # The pod watch of the cold start is cut after 2 events (abort: a reset connection, then a clean end) ...
     faults.drop_watch(r"/namespaces/serving/pods$", after_events=2, abort=True)
@@ -252,8 +238,8 @@ def _set_replicas(store: Store, namespace: str, name: str, n: int) -> None:
     store.update("deployments", d)
 
 
-async def test_gateway_down_is_retried_and_the_run_recovers_when_it_is_back(sims: Callable[..., SimStack]) -> None:
-    sim = sims()
+async def test_gateway_down_is_retried_and_the_run_recovers_when_it_is_back(make_sim: Callable[..., SimStack]) -> None:
+    sim = make_sim()
     spec = StackSpec()
     sim.call(_set_replicas, sim.store, spec.gateway_namespace, spec.gateway_service, 0)
     await until(
@@ -270,13 +256,13 @@ async def test_gateway_down_is_retried_and_the_run_recovers_when_it_is_back(sims
     assert all(": minted" in a for a in report.key_actions), report.key_actions
 
 
-async def test_gateway_5xx_is_retried_and_the_run_recovers(sims: Callable[..., SimStack], tmp_path: Path) -> None:
+async def test_gateway_5xx_is_retried_and_the_run_recovers(make_sim: Callable[..., SimStack], tmp_path: Path) -> None:
     """The gateway (behind an ingress URL override) answers 500 to the first key call, then recovers.
 
     A gateway that keeps answering 5xx ends in a GatewayError naming the call and the status after the
     retries: tests/test_gateway_standins.py and tests/test_gateway_http.py.
     """
-    sim = sims()
+    sim = make_sim()
     failures = {"left": 1}
     seen: list[int] = []
 
@@ -317,9 +303,9 @@ async def test_gateway_5xx_is_retried_and_the_run_recovers(sims: Callable[..., S
 
 
 async def test_budget_exhausted_fails_the_gateway_smoke_at_the_budget_hop_and_frees_the_gpu(
-    sims: Callable[..., SimStack],
+    make_sim: Callable[..., SimStack],
 ) -> None:
-    sim = sims()
+    sim = make_sim()
     await manage_keys(connection=conn(sim))
 
     def exhaust() -> None:
@@ -335,8 +321,8 @@ async def test_budget_exhausted_fails_the_gateway_smoke_at_the_budget_hop_and_fr
     await assert_no_gpu_model_running(sim)
 
 
-async def test_a_key_deleted_behind_our_back_is_reminted_and_redelivered(sims: Callable[..., SimStack]) -> None:
-    sim = sims()
+async def test_a_key_deleted_behind_our_back_is_reminted_and_redelivered(make_sim: Callable[..., SimStack]) -> None:
+    sim = make_sim()
     first = await manage_keys(options=KeyOptions(aliases=["coder-agent"]), connection=conn(sim))
     assert first.key_actions[0].startswith("coder-agent: minted")
     target = ClusterTarget(kubeconfig=str(sim.kubeconfig_path))
@@ -359,8 +345,8 @@ async def test_a_key_deleted_behind_our_back_is_reminted_and_redelivered(sims: C
     assert r.status_code == 200
 
 
-async def test_a_model_registered_twice_by_someone_else_gets_no_third(sims: Callable[..., SimStack]) -> None:
-    sim = sims()
+async def test_a_model_registered_twice_by_someone_else_gets_no_third(make_sim: Callable[..., SimStack]) -> None:
+    sim = make_sim()
     spec = StackSpec()
     agent = spec.model("coder-agent")
     body = {
@@ -403,19 +389,10 @@ asyncio.run(swap_model(options=SwapOptions(target="coder-chat", smoke_gateway=Fa
 
 
 async def test_sigkill_mid_session_is_cleaned_up_by_the_teardown_which_reports_what_it_found(
-    sims: Callable[..., SimStack], prefect_api: str, tmp_path: Path
+    make_sim: Callable[..., SimStack], prefect_api: str, tmp_path: Path
 ) -> None:
-    sim = sims(gpu_pool="autoscaled", time_scale=SLOW_SCALE)
-    env = flow_process_env(prefect_api, tmp_path)
-    log = tmp_path / "flow.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", SIGKILL_FLOW, str(sim.kubeconfig_path)],
-            cwd=PROJECT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    sim = make_sim(gpu_pool="autoscaled", time_scale=SLOW_SCALE)
+    proc, log = start_flow_process(SIGKILL_FLOW, sim, prefect_api, tmp_path)
     try:
         await until(lambda: scaled_up(sim, "coder-chat") or proc.poll() is not None, 60, "coder-chat scaled up")
         assert proc.poll() is None, log.read_text()[-3000:]
@@ -506,13 +483,13 @@ def _hold_across_restart(server: PrefectServer) -> int:
     return int(_gcl(server)["active_slots"])
 
 
-def test_prefect_server_restart_while_the_gpu_limit_is_held(tmp_path: Path, sims: Callable[..., SimStack]) -> None:
+def test_prefect_server_restart_while_the_gpu_limit_is_held(tmp_path: Path, make_sim: Callable[..., SimStack]) -> None:
     """Without lease storage the slot leaks for good and `coder-stack status` says how to free it; with
     PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE=...filesystem (the README's setting) nothing leaks."""
     readme = (PROJECT / "README.md").read_text()
     assert "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE" in readme and LEASE_STORAGE in readme
 
-    sim = sims()
+    sim = make_sim()
     server = PrefectServer(tmp_path / "home")
     server.start()
     try:
@@ -553,8 +530,8 @@ def test_prefect_server_restart_while_the_gpu_limit_is_held(tmp_path: Path, sims
 
 
 # ====================================================================== load
-async def test_twenty_swaps_at_once_never_share_the_gpu_and_leave_no_slot(sims: Callable[..., SimStack]) -> None:
-    sim = sims(time_scale=0.0005)
+async def test_twenty_swaps_at_once_never_share_the_gpu_and_leave_no_slot(make_sim: Callable[..., SimStack]) -> None:
+    sim = make_sim(time_scale=0.0005)
     targets = [MODELS[i % len(MODELS)] for i in range(20)]
     t0 = time.monotonic()
     states = await asyncio.gather(
