@@ -26,6 +26,7 @@ from kubernetes_asyncio.stream import WsApiClient
 from pydantic import BaseModel, ConfigDict, Field
 
 from coder_stack.errors import (
+    ClusterError,
     ClusterRequestError,
     ClusterUnavailable,
     CoderStackError,
@@ -302,6 +303,8 @@ async def _watch_into(
 
     A stream that ends is resumed from the last resourceVersion seen (BOOKMARKs included); 410 Gone
     re-lists (the consumer replaces its state); errors are put into the queue for the consumer to raise.
+    Anything else the list or the stream raises (an undecodable event, a client bug) ends the watch as a
+    :class:`ClusterError` in the queue at once, so the wait fails now instead of at its phase budget.
     """
     try:
         rv = await _list_into(queue, resource, list_fn, namespace, kwargs)
@@ -337,7 +340,7 @@ async def _watch_into(
                         raise
                 failures += 1
                 await asyncio.sleep(min(0.2 * 2**failures, 3.0))  # reconnect back-off, not a poll
-            except (aiohttp.ClientError, TimeoutError) as e:
+            except (aiohttp.ClientError, ConnectionError, TimeoutError) as e:  # the connection dropped
                 failures += 1
                 if failures > WATCH_RECONNECTS:
                     raise ClusterUnavailable(
@@ -347,6 +350,27 @@ async def _watch_into(
                 await asyncio.sleep(min(0.2 * 2**failures, 3.0))  # reconnect back-off, not a poll
     except CoderStackError as e:
         await queue.put(("error", resource, "", e))
+    except Exception as e:  # not a timeout, a reconnect or a 410: the watch is dead, say so now
+        await queue.put(("error", resource, "", _watch_died(resource, namespace, kwargs, e)))
+
+
+def _watch_died(resource: str, namespace: str, kwargs: dict[str, Any], e: Exception) -> ClusterError:
+    """The error for a watch that died of something unexpected, chained to it as ``raise ... from e`` does.
+
+    Only the exception's type is named: its text may quote the event's object (a pod's env, say).
+    """
+    selector = kwargs.get("label_selector") or kwargs.get("field_selector")
+    err = ClusterError(
+        f"the watch on {resource} in namespace {namespace!r}"
+        + (f" ({selector})" if selector else "")
+        + f" failed unexpectedly ({type(e).__name__}), so the wait stopped: this is not a timeout. "
+        "The API server (or a proxy in front of it) sent a response the client could not read, or the client "
+        "failed: retry the wait; if it fails the same way again, check the API server's address in the "
+        "kubeconfig and the kubernetes-asyncio version, and report it with the chained traceback"
+    )
+    err.__cause__ = e
+    err.__suppress_context__ = True
+    return err
 
 
 @contextlib.asynccontextmanager
@@ -507,7 +531,7 @@ def _fatal(pod: client.V1Pod, events: list[client.CoreV1Event], namespace: str, 
         why = st.reason or st.phase
         return PodFailed(
             f"{where} ended with phase {st.phase} ({why}: {st.message or 'no message'}); "
-            "the deployment will replace it — look at `kubectl -n {namespace} describe pod {name}`",
+            f"the deployment will replace it — look at `kubectl -n {namespace} describe pod {name}`",
             pod=name,
             reason=str(why),
             phase=phase,

@@ -10,10 +10,11 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import aiohttp
 import pytest
 
 from coder_stack import kube
-from coder_stack.errors import NotFound, PodFailed, WaitTimeout
+from coder_stack.errors import ClusterError, NotFound, PodFailed, WaitTimeout
 from coder_stack.kube import PhaseUpdate, wait_gone, wait_ready
 from coder_stack.spec import PhaseBudgets
 from tests.test_kube_harness import NS, PodScript, ServerThread, deployment, namespace, set_deployment_ready
@@ -251,6 +252,29 @@ async def test_fault_report_latency_is_well_under_two_seconds(server: ServerThre
     assert max(lags) < 2.0
 
 
+async def test_failed_pod_message_names_the_pod_in_the_kubectl_hint(server: ServerThread) -> None:
+    app = await _new_model(server)
+    waiting = _start_wait(server, app)
+    await _settle()
+    pod = PodScript(server.store, app=app)
+    await server.write(pod.create)
+    await server.write(pod.bind)
+    await server.write(pod.main_running)
+    await asyncio.sleep(0.2)
+    assert not waiting.done()
+
+    def evicted() -> None:
+        pod._status(phase="Failed", reason="Evicted", message="The node was low on resource: memory.")
+
+    await server.write(evicted)
+    with pytest.raises(PodFailed) as info:
+        await asyncio.wait_for(waiting, 5)
+    text = str(info.value)
+    assert info.value.reason == "Evicted" and info.value.pod == pod.name
+    assert "{namespace}" not in text and "{name}" not in text, text
+    assert f"`kubectl -n {NS} describe pod {pod.name}`" in text, text
+
+
 async def test_phase_over_budget_raises_wait_timeout_naming_phase_and_budget(server: ServerThread) -> None:
     app = await _new_model(server)
     pod = PodScript(server.store, app=app)
@@ -353,6 +377,106 @@ async def test_410_gone_relists_without_missing_ready(server: ServerThread, monk
     after = list(server.runner.app["requests"])
     relists = [p for m, p in after if m == "GET" and f"/namespaces/{NS}/pods?" in p and "watch=" not in p]
     assert relists, f"expected a re-list after 410 Gone, requests were {after}"
+
+
+# A watch stream that dies of something other than a timeout, a reconnect or a 410. Each mimics a real
+# failure inside the stream kube.py consumes (kubernetes_asyncio's Watch), on the pods watch only, armed
+# once the wait is under way and fired by the first line that carries the test's pod.
+def _malformed(data: str | bytes) -> Any:  # the library's own error for a JSON line without type/object
+    raise Exception(f"Malformed JSON response, the 'object' and/or 'type' field is missing. JSON: {data!r}")
+
+
+def _not_json(data: str | bytes) -> Any:  # a proxy's HTML page: the library hands back the raw line
+    return "<html><body>502 Bad Gateway</body></html>"
+
+
+def _client_bug(data: str | bytes) -> Any:  # what aiohttp raises on a request through a closed session
+    raise RuntimeError("Session is closed")
+
+
+UNEXPECTED = {
+    "malformed-event": (_malformed, Exception),
+    "not-json-line": (_not_json, AttributeError),
+    "client-runtime-error": (_client_bug, RuntimeError),
+}
+
+
+def _inject(monkeypatch: pytest.MonkeyPatch, pod_name: str, fault: Any) -> dict[str, Any]:
+    """Make the pods watch's decoding of the first line naming ``pod_name`` do ``fault`` once armed."""
+    state: dict[str, Any] = {"armed": False, "fired": None}
+    original = kube._Watch.unmarshal_event
+
+    def unmarshal_event(self: kube._Watch, data: str | bytes, response_type: str | None) -> Any:
+        text = data.decode() if isinstance(data, bytes) else data
+        if state["armed"] and state["fired"] is None and response_type == "V1Pod" and pod_name in text:
+            state["fired"] = time.monotonic()
+            return fault(data)
+        return original(self, data, response_type)
+
+    monkeypatch.setattr(kube._Watch, "unmarshal_event", unmarshal_event)
+    return state
+
+
+@pytest.mark.parametrize("case", list(UNEXPECTED))
+async def test_watch_dying_of_an_unexpected_error_fails_at_once_not_as_a_timeout(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    fault, cause = UNEXPECTED[case]
+    budgets = PhaseBudgets(node=6, image=6, weights=6, start=6)
+    app = await _new_model(server)
+    pod = PodScript(server.store, app=app)
+    injected = _inject(monkeypatch, pod.name, fault)
+    waiting = _start_wait(server, app, budgets)
+    await _settle()
+    assert not waiting.done()
+    injected["armed"] = True
+    await server.write(pod.create)  # its ADDED event is the line the pods watch dies on
+    with pytest.raises(ClusterError) as info:
+        await asyncio.wait_for(waiting, 15)
+    assert injected["fired"] is not None, "the fault was not injected"
+    latency = time.monotonic() - injected["fired"]
+    err = info.value
+    assert not isinstance(err, WaitTimeout), f"reported as a timeout after {latency:.1f}s: {err}"
+    assert type(err) is ClusterError and not err.retriable
+    assert latency < budgets.node / 2, f"reported {latency:.2f}s after the watch died (phase budget {budgets.node}s)"
+    assert type(err.__cause__) is cause
+    text = str(err)
+    assert "watch on pods" in text and repr(NS) in text and cause.__name__ in text, text
+    assert "not a timeout" in text and "retry" in text, text
+    assert "from-test" not in text and "Malformed JSON" not in text, text  # the pod's env: no raw payloads
+
+
+# Transient ends of a watch stream: the watch resumes and the wait still sees the pod through to Ready.
+TRANSIENT = {
+    "payload-error": lambda: aiohttp.ClientPayloadError("Response payload is not completed"),
+    "server-disconnected": lambda: aiohttp.ServerDisconnectedError(),
+    "connection-reset": lambda: ConnectionResetError(104, "Connection reset by peer"),
+    "read-timeout": lambda: TimeoutError(),
+}
+
+
+@pytest.mark.parametrize("case", list(TRANSIENT))
+async def test_watch_dropping_mid_stream_is_resumed(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    app = await _new_model(server)
+    pod = PodScript(server.store, app=app)
+
+    def drop(data: str | bytes) -> Any:
+        raise TRANSIENT[case]()
+
+    injected = _inject(monkeypatch, pod.name, drop)
+    waiting = _start_wait(server, app)
+    await _settle()
+    injected["armed"] = True
+    await server.write(pod.create)
+    await server.write(pod.bind)
+    await server.write(pod.main_running)
+    await server.write(pod.ready)
+    await server.write(set_deployment_ready, server.store, app)
+    report = await asyncio.wait_for(waiting, 5)
+    assert injected["fired"] is not None, "the fault was not injected"
+    assert report.pod == pod.name
 
 
 async def test_missing_deployment_raises_not_found(server: ServerThread) -> None:
