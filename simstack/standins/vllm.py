@@ -1,9 +1,12 @@
-"""Stand-in for the vLLM OpenAI-compatible server (image ``vllm/vllm-openai``).
+"""Stand-in for the vLLM OpenAI-compatible server (image ``vllm/vllm-openai``), as vLLM 0.32.0 answers.
 
-Follows ``shared/reference/vllm.md``: open ``/health`` and ``/metrics``, bearer auth on ``/v1/*``, exact
-``/v1/models`` shape, vLLM's 404 body for an unknown model, chat (deterministic small code answers,
-streaming, tool calls in the hermes parser's shape, Qwen2.5-Coder's ``auto`` habit), raw completions with
-Qwen FIM tokens (the middle, then more code until ``max_tokens`` or a stop sequence), embeddings.
+Held to the exchanges recorded from real vLLM 0.32.0 (``simstack/recordings/vllm-0.32.0.jsonl``, replayed by
+``tests/conformance/test_vllm_conformance.py``): open ``/health`` (empty body), ``/version`` and ``/metrics``
+(every recorded ``vllm:*`` family), bearer auth on ``/v1/*`` only, every answer naming the first served
+name, vLLM's error bodies (400 "Bad Request" pydantic lists, 404 ``NotFoundError``, int ``code``), its
+vLLM-only null fields, stream chunks as recorded. Recorded prompts get the recorded texts token for token
+(``recorded_answers``); unrecorded ones run to ``max_tokens`` like the recorded answers do. Whatever no
+recording shows is marked ``GUESS``.
 
 Configuration, as the real server reads it: ``--model`` (or the positional model after ``serve``),
 ``--served-model-name`` (one or more), ``--api-key`` or env ``VLLM_API_KEY``, ``--enable-auto-tool-choice``
@@ -22,13 +25,14 @@ import re
 import secrets
 import struct
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 from aiohttp import web
 
+from simstack.recordings import VLLM, Exchange, exchange, exchanges
 from simstack.standins import FACTORIES, ContainerRun, RunningBackend, SimServices
 from simstack.standins._server import (
     Handler,
@@ -36,7 +40,6 @@ from simstack.standins._server import (
     counting_middleware,
     expand_k8s_vars,
     json_response,
-    read_json,
     serve,
 )
 
@@ -48,9 +51,22 @@ FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|fim_pad|>
 EOS_TOKENS = ("<|endoftext|>", "<|fim_pad|>", "<|im_end|>")
 
 # --------------------------------------------------------------------------------------------------
-# Tokens: a crude BPE-like split whose pieces concatenate back to the text.
+# Tokens: Qwen2's pre-tokenizer split (letters with one leading non-letter, single digits, punctuation
+# runs with their newlines, whitespace runs that leave the last space to the next word), control tokens
+# whole. For ordinary text each piece is one Qwen token: the recorded streams split exactly so
+# (chat-reverse-stream, tools-required-stream). The pieces concatenate back to the text.
 
-_TOKEN_RE = re.compile(r"<\|[a-z_]+\|>| ?[A-Za-z_]+| ?\d{1,3}| ?[^\w\s<]+| ?<|\s*\n|\s+")
+_L = r"[^\W\d_]"  # a letter
+_TOKEN_RE = re.compile(
+    r"<\|[a-z_]+\|>"
+    r"|'(?:[sStTmMdD]|[rR][eE]|[vV][eE]|[lL][lL])"
+    rf"|(?:[^\r\n\w]|_)?{_L}+"
+    r"|\d"
+    r"| ?(?:[^\s\w]|_)+[\r\n]*"
+    r"|\s*[\r\n]+"
+    r"|\s+(?!\S)"
+    r"|\s+"
+)
 
 
 def tokenize(text: str) -> list[str]:
@@ -59,6 +75,11 @@ def tokenize(text: str) -> list[str]:
 
 def count_tokens(text: str) -> int:
     return len(tokenize(text))
+
+
+def _hex16() -> str:
+    """vLLM 0.32's random id tail: 16 hex digits (chatcmpl-…, cmpl-…, chatcmpl-tool-…, modelperm-…)."""
+    return secrets.token_hex(8)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -295,27 +316,226 @@ def _text_of(content: Any) -> str:
     return str(content)
 
 
-def chat_answer(messages: list[dict[str, Any]]) -> str:
+def _run_on_chat() -> Iterator[str]:
+    """GUESS: what an instruct model keeps writing after its answer when it does not stop (the recordings
+    show answers cut by max_tokens, never what comes after): more explanation, then example after example."""
+    yield (
+        "\n\nThis works because the function does one small thing and returns its result, so it is easy to test"
+        " and to reuse. You can call it from anywhere in your code."
+    )
+    i = 1
+    while True:
+        yield f"\n\n### Example {i}\n\n```python\nresult = solution({i})\nprint(result)\n```\n\n"
+        yield f"This prints the result for {i}."
+        i += 1
+
+
+def chat_answer(messages: list[dict[str, Any]]) -> Iterator[str]:
+    """The text an unrecorded chat prompt gets: it never ends by itself (``finish_reason`` "length"), as the
+    recorded answers (chat-hi, chat-reverse) run to max_tokens. GUESS: the words, beyond the recorded ones."""
     all_text = " ".join(_text_of(m.get("content")) for m in messages)
     user = next((_text_of(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), "")
     if any(t in all_text for t in FIM_TOKENS):
-        # The chat template escapes the control tokens: the model sees odd markup, not a FIM task.
-        return (
+        # GUESS: the chat template escapes the control tokens: the model sees odd markup, not a FIM task.
+        yield (
             "It looks like your message contains special markers such as fim_prefix, fim_suffix and "
             "fim_middle. I'm not sure what you would like me to do with them. Could you describe the "
             "code you want me to write?"
         )
+        yield from _run_on_chat()
+        return
     low = user.lower()
     words = set(re.findall(r"[a-z]+", low))
-    for keys, answer in _CANNED:
+    for keys, code in _CANNED:
         if all(k in words or k in low for k in keys):
-            return answer
+            # GUESS: prose first, then the code, as the recorded chat-reverse answer does ("code only" is
+            # not obeyed).
+            yield f"In Python, you can do this in a few lines. Here's a simple code snippet:\n\n{code}"
+            yield from _run_on_chat()
+            return
     if words & {"hi", "hello", "hey"} or not words:
-        return "Hello! How can I help you with your code today?"
+        # Recorded (chat-hi, no temperature): "Hello! How can I assist you today". GUESS: what follows.
+        yield "Hello! How can I assist you today? If you have a question about code, just ask."
+        yield from _run_on_chat()
+        return
     if low.strip(" .!") in ("ok", "say ok", "reply ok") or "say ok" in low or "reply with ok" in low:
-        return "OK"
+        yield "OK"  # GUESS: obeyed, then runs on like every unrecorded answer
+        yield from _run_on_chat()
+        return
     topic = "_".join(sorted(words, key=lambda w: (-len(w), w))[:2]) or "task"
-    return f"Here is a simple starting point:\n\n```python\ndef {topic}():\n    pass\n```"
+    yield f"Here is a simple starting point:\n\n```python\ndef {topic}():\n    pass\n```"
+    yield from _run_on_chat()
+
+
+def tokens_of(pieces: Iterator[str]) -> Iterator[str]:
+    for piece in pieces:
+        yield from tokenize(piece)
+
+
+# --------------------------------------------------------------------------------------------------
+# Recorded answers: prompts the recording holds are answered with the recorded texts, token for token.
+
+
+def _norm_messages(messages: Any) -> str:
+    """A recorded chat prompt's key: roles, texts and tool calls (names, arguments), not the call ids."""
+    out = []
+    for m in messages if isinstance(messages, list) else []:
+        if not isinstance(m, dict):
+            return ""
+        calls = [
+            (c.get("function", {}).get("name"), c.get("function", {}).get("arguments"))
+            for c in m.get("tool_calls") or []
+            if isinstance(c, dict)
+        ]
+        out.append([m.get("role"), _text_of(m.get("content")), calls])
+    return json.dumps(out)
+
+
+def _tool_mode(body: dict[str, Any]) -> str:
+    choice = body.get("tool_choice")
+    if not body.get("tools"):
+        return "none"
+    if isinstance(choice, dict):
+        return "named:" + str((choice.get("function") or {}).get("name"))
+    return str(choice or "auto")
+
+
+@dataclass
+class Recorded:
+    """What the real model wrote for one prompt: its tokens and whether it ended there by itself."""
+
+    tokens: list[str]
+    ends: bool  # finish_reason "stop" without a stop string: EOS came right after these tokens
+    call: tuple[str, str] | None = None  # tool_choice "required": (name, arguments)
+    call_tokens: int | None = None
+
+
+def _recorded_tokens(ex: Exchange) -> list[str]:
+    if ex.is_stream:
+        toks: list[str] = []
+        for payload in ex.body:
+            if payload == "[DONE]":
+                continue
+            for c in json.loads(payload).get("choices") or []:
+                t = c.get("text") if "text" in c else (c.get("delta") or {}).get("content")
+                if t:
+                    toks.append(t)
+        return toks
+    ch = ex.body["choices"][0]
+    return tokenize(ch.get("text") if "text" in ch else ch["message"].get("content") or "")
+
+
+@cache
+def recorded_answers() -> dict[tuple[str, str, str], Recorded]:
+    """(endpoint, prompt key, tool mode) -> the recorded answer, from simstack/recordings (vLLM 0.32.0)."""
+    out: dict[tuple[str, str, str], Recorded] = {}
+    for ex in exchanges(VLLM):
+        body = ex.request.get("body")
+        if ex.status != 200 or not isinstance(body, dict) or body.get("stop"):
+            continue  # answers cut by a stop string are what generate() makes of the uncut ones
+        if ex.path == "/v1/completions" and isinstance(body.get("prompt"), str):
+            key = ("completions", body["prompt"], "none")
+        elif ex.path == "/v1/chat/completions":
+            key = ("chat", _norm_messages(body.get("messages")), _tool_mode(body))
+        else:
+            continue
+        if ex.is_stream:
+            finish = [
+                c.get("finish_reason")
+                for p in ex.body
+                if p != "[DONE]"
+                for c in json.loads(p).get("choices") or []
+                if c.get("finish_reason")
+            ]
+            ends = finish == ["stop"]
+        else:
+            ch = ex.body["choices"][0]
+            ends = ch.get("finish_reason") == "stop" and ch.get("stop_reason") is None
+        rec = Recorded(_recorded_tokens(ex), ends)
+        if not ex.is_stream and ex.body["choices"][0].get("message", {}).get("tool_calls"):
+            fn = ex.body["choices"][0]["message"]["tool_calls"][0]["function"]
+            rec = Recorded([], True, (fn["name"], fn["arguments"]), ex.body["usage"]["completion_tokens"])
+        elif ex.is_stream and key in out:
+            continue  # the non-streamed twin is as good; a streamed tool call has no text
+        prev = out.get(key)
+        if prev is None or (len(rec.tokens) > len(prev.tokens) and not prev.call):
+            out[key] = rec
+    return out
+
+
+def continue_recorded(rec: Recorded, after: Iterator[str]) -> Iterator[str]:
+    """The recorded tokens, then, if the model did not stop there, ``after``'s tokens."""
+    yield from rec.tokens
+    if not rec.ends:
+        yield from tokens_of(after)
+
+
+_REVERSE_RUN_ON = (
+    'input_string = "Hello, World!"\nreversed_string = reverse_string(input_string)\n'
+    "print(reversed_string)  # Output: !dlroW ,olleH\n```"
+)
+
+
+def after_recorded(kind: str, prompt: str, recorded_text: str) -> Iterator[str]:
+    """GUESS: the text after a recorded answer that max_tokens cut (the recording does not show it)."""
+    if kind == "completions":
+        # The FIM model's own continuation (completion_stream starts with the recorded text).
+        text = ""
+        gen = completion_stream(prompt)
+        for piece in gen:
+            text += piece
+            if len(text) >= len(recorded_text):
+                break
+        yield text[len(recorded_text) :]
+        yield from gen
+        return
+    lines = recorded_text.splitlines(keepends=True)
+    if len(lines) > 1 and len(set(lines)) == 1:
+        while True:  # the model was repeating one line (tools-followup): it goes on repeating it
+            yield lines[0]
+    if recorded_text.endswith("# Example usage\n"):
+        yield _REVERSE_RUN_ON
+    yield from _run_on_chat()
+
+
+def _after_tool_result(user: str, after_user: list[dict[str, Any]]) -> Iterator[str]:
+    """GUESS, generalised from tools-followup and tool-loop-answer: told to answer ("... then answer in one
+    sentence") the model answers in one sentence from the tool result and stops; otherwise it repeats the
+    call as bare JSON, line after line, until max_tokens."""
+    result = next((_text_of(m.get("content")) for m in reversed(after_user) if m.get("role") == "tool"), "")
+    if re.search(r"\banswer\b", user, re.IGNORECASE):
+        try:
+            data = json.loads(result)
+        except ValueError:
+            data = None
+        if isinstance(data, dict) and {"city", "condition"} <= set(data):
+            t = data.get("temperature_c")
+            tail = f" with a temperature of {t} degrees Celsius." if t is not None else "."
+            yield f"The weather in {data['city']} is {data['condition']}{tail}"
+        else:
+            yield f"The result is: {result.strip()}."
+        return
+    call = next(
+        (
+            c
+            for m in after_user
+            if m.get("role") == "assistant"
+            for c in m.get("tool_calls") or []
+            if isinstance(c, dict)
+        ),
+        None,
+    )
+    if call is not None:
+        fn = call.get("function") or {}
+        try:
+            args: Any = json.loads(fn.get("arguments") or "{}")
+        except ValueError:
+            args = fn.get("arguments")
+        line = json.dumps({"name": fn.get("name"), "arguments": args}, ensure_ascii=False) + "\n"
+    else:
+        line = result.strip() + "\n"
+    while True:
+        yield line
 
 
 # --------------------------------------------------------------------------------------------------
@@ -468,7 +688,7 @@ def tool_arguments(tool: dict[str, Any], user: str) -> dict[str, Any]:
 
 def tool_call(tool: dict[str, Any], user: str) -> dict[str, Any]:
     return {
-        "id": f"chatcmpl-tool-{uuid.uuid4().hex}",
+        "id": f"chatcmpl-tool-{_hex16()}",
         "type": "function",
         "function": {
             "name": tool["function"]["name"],
@@ -490,10 +710,28 @@ class VllmError(Exception):
         self.param = param
 
     def response(self) -> web.Response:
+        # error.code is the HTTP status as an int (every recorded error: err-*).
         return json_response(
             {"error": {"message": self.message, "type": self.err_type, "param": self.param, "code": self.status}},
             status=self.status,
         )
+
+
+def _input_repr(value: Any) -> str:
+    """vLLM's rendering of a pydantic error's ``input`` (err-malformed-json, err-missing-messages)."""
+    if isinstance(value, dict):
+        return f"<dict of {len(value)} items>"
+    if isinstance(value, list):
+        return f"<list of {len(value)} items>"  # GUESS: lists are summarised like dicts
+    return repr(value)
+
+
+def validation_error(errors: list[dict[str, Any]]) -> VllmError:
+    """A request-validation failure: 400 "Bad Request", the pydantic error list as the message, the first
+    location as ``param`` (err-malformed-json, err-missing-messages)."""
+    n = len(errors)
+    message = f"{n} validation error{'s' if n != 1 else ''}:\n" + "\n".join(f"  {e!r}" for e in errors)
+    return VllmError(400, message, "Bad Request", str(errors[0]["loc"]))
 
 
 @dataclass
@@ -502,24 +740,40 @@ class Generation:
     completion_tokens: int
     finish_reason: str  # stop | length
     stop_reason: str | None = None
+    deltas: list[str] = field(default_factory=list)  # text each generated token released (one chunk each)
 
 
-def generate(pieces: Iterator[str], max_tokens: int, stop: list[str], include_stop: bool = False) -> Generation:
-    """Take tokens from ``pieces`` until ``max_tokens``, cut at the first stop string (vLLM semantics)."""
-    out: list[str] = []
+def generate(tokens: Iterator[str], max_tokens: int, stop: list[str], include_stop: bool = False) -> Generation:
+    """Take tokens until ``max_tokens``, cut at the first stop string, as vLLM does.
+
+    ``tokens`` ending means the model wrote EOS: that token is counted too (tools-auto: 16 text tokens,
+    completion_tokens 17; tool-loop-answer likewise) and finishes "stop" with ``stop_reason`` None. With stop
+    strings, up to len(longest stop)-1 characters are held back from each chunk (fim-stop-stream: three
+    empty chunks, then "a + b" with the finish)."""
+    hold = max((len(s) for s in stop), default=1) - 1 if stop and not include_stop else 0
+    longest = max((len(s) for s in stop), default=0)
     text = ""
-    for piece in pieces:
-        for tok in tokenize(piece):
-            out.append(tok)
-            text += tok
-            for s in stop:
-                idx = text.find(s)
-                if s and idx != -1:
-                    end = idx + len(s) if include_stop else idx
-                    return Generation(text[:end], len(out), "stop", s)
-            if len(out) >= max_tokens:
-                return Generation(text, len(out), "length")
-    return Generation(text, len(out), "stop")
+    emitted = 0
+    deltas: list[str] = []
+    n = 0
+    for tok in tokens:
+        n += 1
+        before = len(text)
+        text += tok
+        for s in stop:
+            idx = text.find(s, max(0, before - longest + 1)) if s else -1
+            if idx != -1:
+                final = text[: idx + len(s) if include_stop else idx]
+                deltas.append(final[emitted:])
+                return Generation(final, n, "stop", s, deltas)
+        if n >= max_tokens:
+            deltas.append(text[emitted:])
+            return Generation(text, n, "length", None, deltas)
+        visible = max(emitted, len(text) - hold)
+        deltas.append(text[emitted:visible])
+        emitted = visible
+    deltas.append(text[emitted:])  # the EOS token's chunk: whatever was held back, and the finish
+    return Generation(text, n + 1, "stop", None, deltas)
 
 
 def _stop_list(value: Any) -> list[str]:
@@ -529,41 +783,140 @@ def _stop_list(value: Any) -> list[str]:
         return [value]
     if isinstance(value, list):
         return [s for s in value if isinstance(s, str)]
-    raise VllmError(400, "stop must be a string or a list of strings")
+    raise VllmError(400, "stop must be a string or a list of strings")  # GUESS: message
+
+
+# Qwen2.5's chat template (what the prompt token count is taken of). GUESS: counted with the stand-in's
+# tokenizer, so prompt_tokens are near, not equal to, the recorded ones (chat-hi: 30).
+QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+_HERMES_TOOLS = (
+    "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with "
+    "function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\nFor each function "
+    "call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n"
+    '<tool_call>\n{{"name": <function-name>, "arguments": <args-json-object>}}\n</tool_call>'
+)
+
+
+def chat_prompt_text(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> str:
+    system = QWEN_SYSTEM
+    rest = messages
+    if messages and messages[0].get("role") == "system":
+        system, rest = _text_of(messages[0].get("content")), messages[1:]
+    if tools:
+        system += _HERMES_TOOLS.format(tools="\n".join(json.dumps(t) for t in tools))
+    parts = [f"<|im_start|>system\n{system}<|im_end|>\n"]
+    for m in rest:
+        role = m.get("role")
+        content = _text_of(m.get("content"))
+        if role == "tool":
+            parts.append(f"<|im_start|>user\n<tool_response>\n{content}\n</tool_response><|im_end|>\n")
+            continue
+        for c in m.get("tool_calls") or []:
+            fn = c.get("function") or {} if isinstance(c, dict) else {}
+            content += (
+                f'\n<tool_call>\n{{"name": "{fn.get("name")}", "arguments": {fn.get("arguments")}}}\n</tool_call>'
+            )
+        parts.append(f"<|im_start|>{role}\n{content}<|im_end|>\n")
+    parts.append("<|im_start|>assistant\n")
+    return "".join(parts)
+
+
+# --------------------------------------------------------------------------------------------------
+# /metrics: the recorded exposition (simstack/recordings, exchange "metrics") is the template: every vllm:*
+# family, its HELP/TYPE, label sets and buckets as vLLM 0.32.0 writes them; the values are this stand-in's.
+
+_SAMPLE_RE = re.compile(r"^(?P<name>[a-zA-Z_:][\w:]*)(?:\{(?P<labels>.*)\})? (?P<value>\S+)$")
+_LABEL_RE = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+_HISTOGRAMS_TIMED = (
+    "e2e_request_latency_seconds",
+    "request_inference_time_seconds",
+    "request_decode_time_seconds",
+)
+
+
+@cache
+def _metrics_template() -> list[tuple[str, str, list[tuple[str, str]], str]]:
+    """(kind, name, labels, recorded value) per line; kind is "meta" (HELP/TYPE line kept as is) or the
+    family type of the sample (counter, gauge, histogram)."""
+    body = exchange(VLLM, "metrics").body
+    out: list[tuple[str, str, list[tuple[str, str]], str]] = []
+    ftype = "gauge"
+    for line in body.splitlines():
+        if line.startswith("#"):
+            if line.startswith("# TYPE "):
+                ftype = line.split(" ")[3]
+            out.append(("meta", line, [], ""))
+            continue
+        m = _SAMPLE_RE.match(line)
+        if m:
+            out.append((ftype, m.group("name"), _LABEL_RE.findall(m.group("labels") or ""), m.group("value")))
+    return out
 
 
 @dataclass
 class Metrics:
     running: int = 0
+    waiting: int = 0
     prompt_tokens: int = 0
     generation_tokens: int = 0
-    success: dict[str, int] = field(default_factory=lambda: {"stop": 0, "length": 0, "abort": 0, "error": 0})
+    started: float = field(default_factory=time.time)
+    success: dict[str, int] = field(
+        default_factory=lambda: {"stop": 0, "length": 0, "abort": 0, "error": 0, "repetition": 0}
+    )
+    hist: dict[str, list[float]] = field(default_factory=dict)
+    tool_parser: dict[tuple[str, str], int] = field(default_factory=dict)  # (mode, outcome) -> invocations
+
+    def observe(self, name: str, value: float) -> None:
+        self.hist.setdefault(name, []).append(float(value))
+
+    def _value(self, kind: str, name: str, labels: dict[str, str], recorded: str) -> float:
+        short = name.removeprefix("vllm:")
+        if short.endswith("_created"):
+            return self.started
+        if kind == "histogram":
+            for suffix in ("_bucket", "_count", "_sum"):
+                if short.endswith(suffix):
+                    obs = self.hist.get(short.removesuffix(suffix), [])
+                    if suffix == "_count":
+                        return float(len(obs))
+                    if suffix == "_sum":
+                        return float(sum(obs))
+                    le = labels.get("le", "+Inf")
+                    return float(len(obs) if le == "+Inf" else sum(1 for v in obs if v <= float(le)))
+        if short == "num_requests_running":
+            return float(self.running)
+        if short == "num_requests_waiting":
+            return float(self.waiting)
+        if short == "num_requests_waiting_by_reason":
+            return float(self.waiting if labels.get("reason") == "capacity" else 0)
+        if short == "kv_cache_usage_perc":
+            return 0.01 * self.running  # GUESS: 1 % of the KV cache per running request
+        if short in ("prompt_tokens_total", "prefix_cache_queries_total"):
+            return float(self.prompt_tokens)
+        if short == "prompt_tokens_by_source_total":
+            return float(self.prompt_tokens if labels.get("source") == "local_compute" else 0)
+        if short == "generation_tokens_total":
+            return float(self.generation_tokens)
+        if short == "request_success_total":
+            return float(self.success.get(labels.get("finished_reason", ""), 0))
+        if short == "tool_call_parser_invocations_total":
+            if labels.get("request_type") != "chat_completions":
+                return 0.0
+            return float(self.tool_parser.get((labels.get("mode", ""), labels.get("outcome", "")), 0))
+        if kind == "gauge":
+            return float(recorded)  # info-like gauges (engine_sleep_state, cache_config_info): as recorded
+        # GUESS: the other counters (prefix-cache hits, preemptions, FLOPs estimates ...) stay 0.
+        return 0.0
 
     def render(self, model: str) -> str:
-        lbl = f'engine="0",model_name="{model}"'
-        lines = [
-            "# HELP vllm:num_requests_running Number of requests in model execution batches.",
-            "# TYPE vllm:num_requests_running gauge",
-            f"vllm:num_requests_running{{{lbl}}} {float(self.running)}",
-            "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.",
-            "# TYPE vllm:num_requests_waiting gauge",
-            f"vllm:num_requests_waiting{{{lbl}}} 0.0",
-            "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.",
-            "# TYPE vllm:kv_cache_usage_perc gauge",
-            f"vllm:kv_cache_usage_perc{{{lbl}}} {0.01 * self.running}",
-            "# HELP vllm:prompt_tokens_total Number of prefill tokens processed.",
-            "# TYPE vllm:prompt_tokens_total counter",
-            f"vllm:prompt_tokens_total{{{lbl}}} {float(self.prompt_tokens)}",
-            "# HELP vllm:generation_tokens_total Number of generation tokens processed.",
-            "# TYPE vllm:generation_tokens_total counter",
-            f"vllm:generation_tokens_total{{{lbl}}} {float(self.generation_tokens)}",
-            "# HELP vllm:request_success_total Count of successfully processed requests.",
-            "# TYPE vllm:request_success_total counter",
-        ]
-        for reason, n in self.success.items():
-            lines.append(
-                f'vllm:request_success_total{{engine="0",finished_reason="{reason}",model_name="{model}"}} {float(n)}'
-            )
+        lines = []
+        for kind, name, labels, recorded in _metrics_template():
+            if kind == "meta":
+                lines.append(name)
+                continue
+            lab = {k: (model if k == "model_name" else v) for k, v in labels}
+            text = ",".join(f'{k}="{v}"' for k, v in lab.items())
+            lines.append(f"{name}{{{text}}} {self._value(kind, name, lab, recorded)!r}")
         return "\n".join(lines) + "\n"
 
 
@@ -574,6 +927,9 @@ class VllmServer:
         self.services = services
         self.metrics = Metrics()
         self.created = int(time.time())
+        # GUESS: a constant per configuration (the recording shows one value, vllm-0.32.0-c3c853d5).
+        digest = hashlib.sha256(json.dumps([cfg.model, cfg.served_names, cfg.max_model_len]).encode()).hexdigest()
+        self.fingerprint = f"vllm-{VERSION}-{digest[:8]}"
 
     # ---- app
     def app(self) -> web.Application:
@@ -596,6 +952,7 @@ class VllmServer:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        # Only /v1/* needs the key (health-noauth, version, metrics are open); 401 body is a bare string.
         if self.cfg.api_key and request.path.startswith("/v1") and request.method != "OPTIONS":
             token = bearer_token(request)
             if token is None or not secrets.compare_digest(token, self.cfg.api_key):
@@ -607,30 +964,34 @@ class VllmServer:
 
     # ---- open routes
     async def health(self, request: web.Request) -> web.Response:
-        return web.Response(status=200)
+        return web.Response(status=200)  # empty body, no content-type (health-noauth)
 
     async def version(self, request: web.Request) -> web.Response:
         return json_response({"version": VERSION})
 
     async def metrics_route(self, request: web.Request) -> web.Response:
-        return web.Response(text=self.metrics.render(self.cfg.name), content_type="text/plain", charset="utf-8")
+        return web.Response(
+            body=self.metrics.render(self.cfg.name).encode(),
+            headers={"Content-Type": "text/plain; version=1.0.0; charset=utf-8"},
+        )
 
     # ---- /v1
     async def models(self, request: web.Request) -> web.Response:
+        now = int(time.time())  # GUESS: the recording's "created" equals the clock at the request
         data = [
             {
                 "id": name,
                 "object": "model",
-                "created": self.created,
+                "created": now,
                 "owned_by": "vllm",
                 "root": self.cfg.model,
                 "parent": None,
                 "max_model_len": self.cfg.max_model_len,
                 "permission": [
                     {
-                        "id": f"modelperm-{uuid.uuid5(uuid.NAMESPACE_URL, name).hex}",
+                        "id": f"modelperm-{_hex16()}",
                         "object": "model_permission",
-                        "created": self.created,
+                        "created": now,
                         "allow_create_engine": False,
                         "allow_sampling": True,
                         "allow_logprobs": True,
@@ -647,38 +1008,112 @@ class VllmServer:
         ]
         return json_response({"object": "list", "data": data})
 
-    async def _body(self, request: web.Request) -> dict[str, Any]:
+    async def _body(self, request: web.Request, required: tuple[str, ...] = ()) -> dict[str, Any]:
+        raw = await request.read()
+        if not raw.strip():
+            # GUESS: an empty body is a missing body
+            raise validation_error([{"type": "missing", "loc": "body", "msg": "Field required", "input": None}])
         try:
-            body = await read_json(request)
-        except ValueError as e:
-            raise VllmError(400, f"JSON decode error: {e}") from e
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            pos = e.pos if isinstance(e, json.JSONDecodeError) else e.start
+            msg = e.msg if isinstance(e, json.JSONDecodeError) else "Invalid UTF-8"
+            raise validation_error(
+                [
+                    {
+                        "type": "json_invalid",
+                        "loc": f"body.{pos}",
+                        "msg": "JSON decode error",
+                        "input": _input_repr({}),
+                        "ctx": {"error": msg},
+                    }
+                ]
+            ) from e
         if not isinstance(body, dict):
-            raise VllmError(400, "Input should be a valid dictionary")
-        model = body.get("model")
-        if model is not None and model not in self.cfg.served_names:
-            raise VllmError(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+            # GUESS: pydantic's model_type error
+            raise validation_error(
+                [
+                    {
+                        "type": "model_attributes_type",
+                        "loc": "body",
+                        "msg": "Input should be a valid dictionary or object to extract fields from",
+                        "input": _input_repr(body),
+                    }
+                ]
+            )
+        missing = [k for k in required if k not in body]
+        if missing:
+            raise validation_error(
+                [
+                    {"type": "missing", "loc": f"body.{k}", "msg": "Field required", "input": _input_repr(body)}
+                    for k in missing
+                ]
+            )
         return body
 
+    def _check_model(self, body: dict[str, Any]) -> None:
+        model = body.get("model")
+        if model is not None and model not in self.cfg.served_names:
+            raise VllmError(
+                404,
+                f"The model `{model}` does not exist. Valid aliases: {', '.join(self.cfg.served_names)}.",
+                "NotFoundError",
+                "model",
+            )
+
     def _max_tokens(self, body: dict[str, Any], prompt_tokens: int, default: int | None) -> int:
-        value = body.get("max_completion_tokens", body.get("max_tokens"))
+        key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        value = body.get(key)
         if value is None:
             value = default if default is not None else self.cfg.max_model_len - prompt_tokens
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise VllmError(400, f"max_tokens must be at least 1, got {value}.")
+            raise VllmError(400, f"max_tokens must be at least 1, got {value}.", param=key)  # GUESS: message
+        if value > self.cfg.max_model_len:  # err-max-tokens-100000, err-completions-max-tokens-100000
+            raise VllmError(
+                400,
+                f"max_tokens={value} cannot be greater than max_model_len={self.cfg.max_model_len}. Please request "
+                f"fewer output tokens. (parameter=max_tokens, value={value})",
+                param="max_tokens",
+            )
         if prompt_tokens + value > self.cfg.max_model_len:
+            # GUESS: the message of the prompt-plus-completion check (not recorded)
             raise VllmError(
                 400,
                 f"This model's maximum context length is {self.cfg.max_model_len} tokens. However, you requested "
                 f"{prompt_tokens + value} tokens ({prompt_tokens} in the messages, {value} in the completion). "
                 "Please reduce the length of the messages or completion.",
+                param="max_tokens",
             )
         return value
 
-    def _account(self, prompt_tokens: int, completion_tokens: int, finish_reason: str) -> None:
-        self.metrics.prompt_tokens += prompt_tokens
-        self.metrics.generation_tokens += completion_tokens
-        key = finish_reason if finish_reason in ("stop", "length") else "stop"
-        self.metrics.success[key] = self.metrics.success.get(key, 0) + 1
+    def _account(
+        self, prompt_tokens: int, gen: Generation | None, completion_tokens: int, finish: str, t0: float, body: Any
+    ) -> None:
+        """Count one finished request in /metrics."""
+        m = self.metrics
+        m.prompt_tokens += prompt_tokens
+        m.generation_tokens += completion_tokens
+        key = finish if finish in m.success else "stop"
+        m.success[key] = m.success.get(key, 0) + 1
+        elapsed = time.monotonic() - t0
+        m.observe("request_prompt_tokens", prompt_tokens)
+        m.observe("request_prefill_kv_computed_tokens", prompt_tokens)
+        m.observe("request_generation_tokens", completion_tokens)
+        m.observe("request_max_num_generation_tokens", completion_tokens)
+        m.observe("request_params_n", int(body.get("n") or 1) if isinstance(body, dict) else 1)
+        max_tokens = body.get("max_tokens") if isinstance(body, dict) else None
+        if isinstance(max_tokens, int):
+            m.observe("request_params_max_tokens", max_tokens)
+        m.observe("request_num_preemptions", 0)
+        m.observe("request_queue_time_seconds", 0.0)
+        m.observe("time_to_first_token_seconds", elapsed)
+        m.observe("request_prefill_time_seconds", elapsed)
+        for name in _HISTOGRAMS_TIMED:
+            m.observe(name, elapsed)
+        if completion_tokens > 1:
+            m.observe("request_time_per_output_token_seconds", 0.0)
+            for _ in range(min(completion_tokens - 1, 10000)):
+                m.observe("inter_token_latency_seconds", 0.0)
 
     @staticmethod
     def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
@@ -687,22 +1122,87 @@ class VllmServer:
             "total_tokens": prompt_tokens + completion_tokens,
             "completion_tokens": completion_tokens,
             "prompt_tokens_details": None,
+            "completion_tokens_details": None,
         }
 
+    def _tool_answer(
+        self, body: dict[str, Any], messages: list[dict[str, Any]], tools: list[dict[str, Any]], tool_choice: Any
+    ) -> tuple[list[dict[str, Any]], int, str, str | None]:
+        """A tool call forced by ``tool_choice`` (required or named): (calls, completion tokens, finish, content)."""
+        user = next((_text_of(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), "")
+        if isinstance(tool_choice, dict):
+            fname = (tool_choice.get("function") or {}).get("name")
+            tool = next((t for t in tools if t.get("function", {}).get("name") == fname), None)
+            if tool is None:
+                raise VllmError(400, f"Tool '{fname}' has not been passed in `tools`.")  # GUESS: message
+            call = tool_call(tool, user)
+            # GUESS: a named tool call finishes "stop" with content "" (no recording)
+            return [call], count_tokens(call["function"]["arguments"]) + 1, "stop", ""
+        rec = recorded_answers().get(("chat", _norm_messages(messages), "required"))
+        if rec is not None and rec.call is not None and rec.call_tokens is not None:
+            name, arguments = rec.call  # tools-required, tool-loop-required
+            call = {
+                "id": f"chatcmpl-tool-{_hex16()}",
+                "type": "function",
+                "function": {"name": name, "arguments": arguments},
+            }
+            return [call], rec.call_tokens, "tool_calls", ""
+        call = tool_call(pick_tool(tools, user), user)
+        # GUESS: guided decoding writes [{"name": ..., "parameters": {...}}] and EOS; recorded calls are 25
+        # tokens for {"city": "Paris"}, this count gives 17 for it.
+        guided = json.dumps(
+            [{"name": call["function"]["name"], "parameters": json.loads(call["function"]["arguments"])}]
+        )
+        return [call], count_tokens(guided) + 1, "tool_calls", ""
+
+    def _text_tokens(self, body: dict[str, Any], messages: list[dict[str, Any]], mode: str) -> Iterator[str]:
+        """The model's tokens for a prompt answered in text (EOS = the iterator ends)."""
+        rec = recorded_answers().get(("chat", _norm_messages(messages), mode))
+        if rec is not None and rec.call is None:
+            return continue_recorded(rec, after_recorded("chat", "", "".join(rec.tokens)))
+        tools = body.get("tools") or []
+        user = next((_text_of(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), "")
+        last_user_idx = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
+        after_user = messages[last_user_idx + 1 :]
+        if any(m.get("role") == "tool" for m in after_user):
+            return tokens_of(_after_tool_result(user, after_user))
+        if mode == "auto" and tools:
+            call = tool_call(pick_tool(tools, user), user)
+            # Qwen2.5-Coder writes the call as bare JSON, no <tool_call> tags: the parser finds nothing and
+            # it is the content, finish "stop" (tools-auto).
+            plain = json.dumps(
+                {"name": call["function"]["name"], "arguments": json.loads(call["function"]["arguments"])},
+                ensure_ascii=False,
+            )
+            return iter(tokenize(plain))
+        return tokens_of(chat_answer(messages))
+
     async def chat(self, request: web.Request) -> web.StreamResponse:
+        t0 = time.monotonic()
         if self.cfg.embed:
-            raise VllmError(400, "The model does not support Chat Completions API")
-        body = await self._body(request)
+            raise VllmError(400, "The model does not support Chat Completions API")  # GUESS: message
+        body = await self._body(request, required=("messages",))
         messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-            raise VllmError(400, "messages: Field required (a non-empty list of messages)")
-        model = body.get("model") or self.cfg.name
-        prompt_tokens = sum(count_tokens(_text_of(m.get("content"))) + 4 for m in messages) + 3
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            # GUESS: pydantic's list error for messages
+            raise validation_error(
+                [
+                    {
+                        "type": "list_type",
+                        "loc": "body.messages",
+                        "msg": "Input should be a valid list",
+                        "input": _input_repr(messages),
+                    }
+                ]
+            )
+        self._check_model(body)
+        model = self.cfg.name  # every answer names the FIRST served name (all recorded answers)
+        tools = body.get("tools") or []
+        prompt_tokens = count_tokens(chat_prompt_text(messages, tools))
         max_tokens = self._max_tokens(body, prompt_tokens, None)
         stop = _stop_list(body.get("stop"))
         n = int(body.get("n") or 1)
 
-        tools = body.get("tools") or []
         tool_choice = body.get("tool_choice")
         if tools and tool_choice is None:
             tool_choice = "auto"
@@ -711,66 +1211,56 @@ class VllmServer:
         if tool_choice == "auto" and tools and not (self.cfg.auto_tool_choice and self.cfg.tool_call_parser):
             raise VllmError(
                 400, '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'
-            )
+            )  # GUESS: message (from vLLM's source, not recorded)
         if tool_choice not in ("none", "auto", "required") and not isinstance(tool_choice, dict):
-            raise VllmError(400, f"Invalid value for tool_choice: {tool_choice!r}")
+            raise VllmError(400, f"Invalid value for tool_choice: {tool_choice!r}")  # GUESS: message
         if tool_choice == "required" and not tools:
-            raise VllmError(400, "When using `tool_choice`, `tools` must be set.")
+            raise VllmError(400, "When using `tool_choice`, `tools` must be set.")  # GUESS: message
 
-        user = next((_text_of(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), "")
         last_user_idx = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
         has_tool_result = any(m.get("role") == "tool" for m in messages[last_user_idx + 1 :])
-
-        content: str | None
         calls: list[dict[str, Any]] = []
-        finish: str
-        stop_reason: str | None = None
-        if isinstance(tool_choice, dict):
-            fname = (tool_choice.get("function") or {}).get("name")
-            tool = next((t for t in tools if t.get("function", {}).get("name") == fname), None)
-            if tool is None:
-                raise VllmError(400, f"Tool '{fname}' has not been passed in `tools`.")
-            calls = [tool_call(tool, user)]
-            content, finish = "", "stop"
-            completion_tokens = count_tokens(calls[0]["function"]["arguments"])
-        elif tool_choice == "required":
+        gen: Generation | None = None
+        content: str | None
+        if tools and (tool_choice == "required" or isinstance(tool_choice, dict)):
+            calls, completion_tokens, finish, content = self._tool_answer(body, messages, tools, tool_choice)
+            stop_reason: str | None = None
+        elif tool_choice == "auto" and tools and not has_tool_result and not self.services.vllm_auto_tool_habit:
+            # Hook: a model that uses the hermes tags gets a proper call. GUESS: content None, finish tool_calls.
+            user = next((_text_of(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), "")
             calls = [tool_call(pick_tool(tools, user), user)]
-            content, finish = None, "tool_calls"
-            completion_tokens = count_tokens(json.dumps([{"name": calls[0]["function"]["name"]}])) + count_tokens(
-                calls[0]["function"]["arguments"]
+            completion_tokens, finish, content, stop_reason = (
+                count_tokens(calls[0]["function"]["arguments"]) + 5,
+                "tool_calls",
+                None,
+                None,
             )
-        elif tool_choice == "auto" and tools and not has_tool_result:
-            call = tool_call(pick_tool(tools, user), user)
-            plain = json.dumps(
-                {"name": call["function"]["name"], "arguments": json.loads(call["function"]["arguments"])},
-                ensure_ascii=False,
-            )
-            if self.services.vllm_auto_tool_habit:
-                # Qwen2.5-Coder writes the call as plain JSON, without <tool_call> tags: the parser finds nothing.
-                content, finish = plain, "stop"
-            else:
-                calls = [call]
-                content, finish = None, "tool_calls"
-            completion_tokens = count_tokens(plain) + (0 if self.services.vllm_auto_tool_habit else 4)
         else:
-            if has_tool_result:
-                result = next(_text_of(m.get("content")) for m in reversed(messages) if m.get("role") == "tool")
-                text = f"According to the tool result: {result.strip()}"
-            else:
-                text = chat_answer(messages)
-            gen = generate(iter([text]), max_tokens, stop, bool(body.get("include_stop_str_in_output")))
-            content, finish, stop_reason = gen.text, gen.finish_reason, gen.stop_reason
-            completion_tokens = gen.completion_tokens
+            mode = "auto" if tools and tool_choice == "auto" else "none"
+            gen = generate(
+                self._text_tokens(body, messages, mode), max_tokens, stop, bool(body.get("include_stop_str_in_output"))
+            )
+            content, finish, stop_reason, completion_tokens = (
+                gen.text,
+                gen.finish_reason,
+                gen.stop_reason,
+                gen.completion_tokens,
+            )
 
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        rid = f"chatcmpl-{_hex16()}"
         created = int(time.time())
-        self._account(prompt_tokens, completion_tokens * n, finish)
+        if tools and self.cfg.tool_call_parser and tool_choice == "auto":
+            mode_key = "streaming" if body.get("stream") else "non_streaming"
+            outcome = "tool_call" if calls else "no_tool_call"
+            steps = (len(gen.deltas) if gen else 2 + len(calls)) if body.get("stream") else n
+            self.metrics.tool_parser[(mode_key, outcome)] = self.metrics.tool_parser.get((mode_key, outcome), 0) + steps
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return await self._stream_chat(
-                request, rid, created, model, n, content, calls, finish, stop_reason,
-                prompt_tokens, completion_tokens, include_usage,
+                request, rid, created, model, n, gen, calls, finish, prompt_tokens, completion_tokens, include_usage,
+                t0, body,
             )  # fmt: skip
+        self._account(prompt_tokens, gen, completion_tokens * n, finish, t0, body)
         message: dict[str, Any] = {
             "role": "assistant",
             "content": content,
@@ -778,9 +1268,10 @@ class VllmServer:
             "annotations": None,
             "audio": None,
             "function_call": None,
-            "tool_calls": calls,
-            "reasoning_content": None,
         }
+        if calls:
+            message["tool_calls"] = calls  # absent, not [], when there are none (chat-hi)
+        message["reasoning"] = None
         return json_response(
             {
                 "id": rid,
@@ -794,14 +1285,20 @@ class VllmServer:
                         "logprobs": None,
                         "finish_reason": finish,
                         "stop_reason": stop_reason,
+                        "token_ids": None,
+                        "routed_experts": None,
                     }
                     for i in range(n)
                 ],
                 "service_tier": None,
-                "system_fingerprint": None,
+                "system_fingerprint": self.fingerprint,
                 "usage": self._usage(prompt_tokens, completion_tokens * n),
                 "prompt_logprobs": None,
+                "prompt_token_ids": None,
+                "prompt_text": None,
                 "kv_transfer_params": None,
+                "ec_transfer_params": None,
+                "metrics": None,
             }
         )
 
@@ -811,7 +1308,7 @@ class VllmServer:
         self.metrics.running += 1
         try:
             async for ev in events:
-                await resp.write(f"data: {json.dumps(ev)}\n\n".encode())
+                await resp.write(f"data: {json.dumps(ev, ensure_ascii=False, separators=(',', ':'))}\n\n".encode())
             await resp.write(b"data: [DONE]\n\n")
         finally:
             self.metrics.running -= 1
@@ -825,68 +1322,77 @@ class VllmServer:
         created: int,
         model: str,
         n: int,
-        content: str | None,
+        gen: Generation | None,
         calls: list[dict[str, Any]],
         finish: str,
-        stop_reason: str | None,
         prompt_tokens: int,
         completion_tokens: int,
         include_usage: bool,
+        t0: float,
+        body: dict[str, Any],
     ) -> web.StreamResponse:
-        def chunk(i: int, delta: dict[str, Any], finish_reason: str | None = None, **extra: Any) -> dict[str, Any]:
-            choice: dict[str, Any] = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-            if finish_reason is not None:
-                choice["stop_reason"] = extra.get("stop_reason")
-            return {
-                "id": rid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "choices": [choice],
-            }
+        """Chunks as chat-reverse-stream(-usage) and tools-required-stream show them."""
+
+        def chunk(choice: dict[str, Any], **top: Any) -> dict[str, Any]:
+            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [choice], **top}  # fmt: skip
+
+        def step(i: int, delta: dict[str, Any], last: bool, stop_reason: str | None = None) -> dict[str, Any]:
+            choice: dict[str, Any] = {"index": i, "delta": delta, "logprobs": None, "finish_reason": None}
+            if last:
+                choice["finish_reason"] = finish
+                choice["stop_reason"] = stop_reason
+            choice["token_ids"] = None
+            # system_fingerprint rides on the stream's last chunk: the usage chunk if there is one.
+            fp = {"system_fingerprint": self.fingerprint} if last and i == n - 1 and not include_usage else {}
+            return chunk(choice, **fp)
 
         async def events() -> AsyncIterator[dict[str, Any]]:
-            for i in range(n):
-                yield chunk(i, {"role": "assistant", "content": ""})
-            for i in range(n):
-                if calls:
-                    for j, c in enumerate(calls):
-                        yield chunk(
-                            i,
-                            {"tool_calls": [{"index": j, "id": c["id"], "type": "function",
-                                             "function": {"name": c["function"]["name"], "arguments": ""}}]},
-                        )  # fmt: skip
-                        yield chunk(
-                            i, {"tool_calls": [{"index": j, "function": {"arguments": c["function"]["arguments"]}}]}
-                        )
-                    yield chunk(i, {"content": ""}, finish, stop_reason=stop_reason)
-                else:
-                    toks = tokenize(content or "")
-                    for k, tok in enumerate(toks):
-                        last = k == len(toks) - 1
-                        yield chunk(i, {"content": tok}, finish if last else None, stop_reason=stop_reason)
-                        await asyncio.sleep(0)
-                    if not toks:
-                        yield chunk(i, {"content": ""}, finish, stop_reason=stop_reason)
-            if include_usage:
-                yield {
-                    "id": rid,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": model,
-                    "choices": [],
-                    "usage": {
-                        "prompt_tokens": prompt_tokens,
-                        "total_tokens": prompt_tokens + completion_tokens * n,
-                        "completion_tokens": completion_tokens * n,
-                    },
-                }
+            try:
+                for i in range(n):
+                    first = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None}  # fmt: skip
+                    yield chunk(first, prompt_token_ids=None, prompt_text=None)
+                for i in range(n):
+                    if calls:
+                        for j, c in enumerate(calls):
+                            head = {
+                                "id": c["id"],
+                                "type": "function",
+                                "index": j,
+                                "function": {"name": c["function"]["name"]},
+                            }
+                            yield step(i, {"content": None, "tool_calls": [head]}, False)
+                            for piece in tokenize(c["function"]["arguments"]):
+                                yield step(
+                                    i,
+                                    {"content": None, "tool_calls": [{"index": j, "function": {"arguments": piece}}]},
+                                    False,
+                                )
+                                await asyncio.sleep(0)
+                        yield step(i, {}, True)
+                    else:
+                        assert gen is not None
+                        for k, delta in enumerate(gen.deltas):
+                            last = k == len(gen.deltas) - 1
+                            yield step(i, {"content": delta}, last, gen.stop_reason if last else None)
+                            await asyncio.sleep(0)
+                if include_usage:
+                    usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + completion_tokens * n,
+                             "completion_tokens": completion_tokens * n}  # fmt: skip
+                    yield {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                           "choices": [], "usage": usage, "system_fingerprint": self.fingerprint}  # fmt: skip
+                self._account(prompt_tokens, gen, completion_tokens * n, finish, t0, body)
+            except (ConnectionResetError, asyncio.CancelledError):
+                self.metrics.success["abort"] += 1
+                raise
 
         return await self._sse(request, events())
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
+        t0 = time.monotonic()
         if self.cfg.embed:
-            raise VllmError(400, "The model does not support Completions API")
+            raise VllmError(400, "The model does not support Completions API")  # GUESS: message
         body = await self._body(request)
         prompt = body.get("prompt")
         if isinstance(prompt, str):
@@ -896,56 +1402,59 @@ class VllmServer:
         elif isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
             prompts = [" ".join(f"t{p}" for p in prompt)]
         else:
-            raise VllmError(400, "Either prompt or prompt_embeds must be provided and non-empty.")
-        model = body.get("model") or self.cfg.name
+            # GUESS: message
+            raise VllmError(400, "Either prompt or prompt_embeds must be provided and non-empty.", param="prompt")
+        self._check_model(body)
+        model = self.cfg.name  # the FIRST served name, whichever was asked for (fim-nostop)
         n = int(body.get("n") or 1)
         stop = _stop_list(body.get("stop"))
         include_stop = bool(body.get("include_stop_str_in_output"))
         prompt_tokens_each = [count_tokens(p) for p in prompts]
         max_tokens = self._max_tokens(body, max(prompt_tokens_each), 16)
-        gens = [generate(completion_stream(p), max_tokens, stop, include_stop) for p in prompts]
+        gens = [generate(self._completion_tokens(p), max_tokens, stop, include_stop) for p in prompts]
         prompt_tokens = sum(prompt_tokens_each)
         completion_tokens = sum(g.completion_tokens for g in gens) * n
-        for g in gens:
-            self._account(0, g.completion_tokens * n, g.finish_reason)
-        self.metrics.prompt_tokens += prompt_tokens
-        rid = f"cmpl-{uuid.uuid4().hex}"
+        rid = f"cmpl-{_hex16()}"
         created = int(time.time())
         echo = bool(body.get("echo"))
         choices = []
         for pi, g in enumerate(gens):
             for k in range(n):
-                text = (prompts[pi] + g.text) if echo else g.text
-                choices.append((pi * n + k, text, g))
+                choices.append((pi * n + k, prompts[pi] if echo else "", g))
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
+            def chunk(idx: int, text: str, g: Generation, last: bool, final: bool) -> dict[str, Any]:
+                choice = {"index": idx, "text": text, "logprobs": None,
+                          "finish_reason": g.finish_reason if last else None,
+                          "stop_reason": g.stop_reason if last else None,
+                          "prompt_token_ids": None, "token_ids": None}  # fmt: skip
+                fp = {"system_fingerprint": self.fingerprint} if final and not include_usage else {}
+                return {"id": rid, "object": "text_completion", "created": created, "model": model,
+                        "choices": [choice], **fp}  # fmt: skip
+
             async def events() -> AsyncIterator[dict[str, Any]]:
-                for idx, text, g in choices:
-                    toks = tokenize(text)
-                    for j, tok in enumerate(toks):
-                        last = j == len(toks) - 1
-                        yield {
-                            "id": rid, "object": "text_completion", "created": created, "model": model,
-                            "choices": [{"index": idx, "text": tok, "logprobs": None,
-                                         "finish_reason": g.finish_reason if last else None,
-                                         "stop_reason": g.stop_reason if last else None}],
-                        }  # fmt: skip
+                for c, (idx, echoed, g) in enumerate(choices):
+                    for j, delta in enumerate(g.deltas):
+                        last = j == len(g.deltas) - 1
+                        yield chunk(idx, (echoed if j == 0 else "") + delta, g, last, last and c == len(choices) - 1)
                         await asyncio.sleep(0)
-                    if not toks:
-                        yield {
-                            "id": rid, "object": "text_completion", "created": created, "model": model,
-                            "choices": [{"index": idx, "text": "", "logprobs": None,
-                                         "finish_reason": g.finish_reason, "stop_reason": g.stop_reason}],
-                        }  # fmt: skip
                 if include_usage:
+                    # GUESS: the completions usage chunk is shaped like the recorded chat one
                     yield {
                         "id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
                         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + completion_tokens,
                                   "completion_tokens": completion_tokens},
+                        "system_fingerprint": self.fingerprint,
                     }  # fmt: skip
+                for g in gens:
+                    self._account(0, g, g.completion_tokens * n, g.finish_reason, t0, body)
+                self.metrics.prompt_tokens += prompt_tokens
 
             return await self._sse(request, events())
+        for g in gens:
+            self._account(0, g, g.completion_tokens * n, g.finish_reason, t0, body)
+        self.metrics.prompt_tokens += prompt_tokens
         return json_response(
             {
                 "id": rid,
@@ -955,20 +1464,34 @@ class VllmServer:
                 "choices": [
                     {
                         "index": idx,
-                        "text": text,
+                        "text": echoed + g.text,
                         "logprobs": None,
                         "finish_reason": g.finish_reason,
                         "stop_reason": g.stop_reason,
+                        "token_ids": None,
                         "prompt_logprobs": None,
+                        "prompt_token_ids": None,
+                        "routed_experts": None,
                     }
-                    for idx, text, g in choices
+                    for idx, echoed, g in choices
                 ],
                 "service_tier": None,
-                "system_fingerprint": None,
+                "system_fingerprint": self.fingerprint,
                 "usage": self._usage(prompt_tokens, completion_tokens),
                 "kv_transfer_params": None,
+                "ec_transfer_params": None,
+                "metrics": None,
             }
         )
+
+    @staticmethod
+    def _completion_tokens(prompt: str) -> Iterator[str]:
+        """A raw prompt's tokens: the recorded answer (fim-nostop) and its continuation, else the FIM/code
+        model's own; a base model never stops by itself (finish "length")."""
+        rec = recorded_answers().get(("completions", prompt, "none"))
+        if rec is not None:
+            return continue_recorded(rec, after_recorded("completions", prompt, "".join(rec.tokens)))
+        return tokens_of(completion_stream(prompt))
 
     async def embeddings(self, request: web.Request) -> web.Response:
         if not self.cfg.embed:
@@ -998,7 +1521,7 @@ class VllmServer:
         self.metrics.success["stop"] += len(texts)
         return json_response(
             {
-                "id": f"embd-{uuid.uuid4().hex}",
+                "id": f"embd-{_hex16()}",  # GUESS: embeddings are not recorded
                 "object": "list",
                 "created": int(time.time()),
                 "model": body.get("model") or self.cfg.name,
