@@ -12,6 +12,7 @@ Prefect retries consult :func:`is_retriable` through ``retry_condition_fn``.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 MAX_MESSAGE = 800
 
@@ -36,9 +37,11 @@ def redact(text: str, *secrets: str | None, limit: int = MAX_MESSAGE) -> str:
 
 
 class CoderStackError(Exception):
-    """Base of every error this project raises."""
+    """Base of every error this project raises. ``step`` is the flow step it ended (set by the flow)."""
 
     retriable: bool = False
+    step: str | None = None
+    report: Any = None  # the flow's RunReport when a flow ended with this error (the CLI prints it)
 
     def __init__(self, message: str) -> None:
         self.message = redact(message)
@@ -138,6 +141,11 @@ class GatewayRequestError(PermanentError, GatewayError):
     """The gateway refused an admin call (bad master key, bad request)."""
 
 
+class KeyUnusable(PermanentError, GatewayError):
+    """A virtual key exists but cannot be used (blocked, budget spent, an unknown status) and replacing it
+    is not ours to decide; the message names the key's alias, what is wrong and what to do."""
+
+
 # --- GPU exclusivity -----------------------------------------------------------------------------
 class GpuLimitMissing(PermanentError):
     """The tag:gpu global concurrency limit does not exist, so GPU work would run unprotected."""
@@ -145,6 +153,26 @@ class GpuLimitMissing(PermanentError):
 
 class GpuBusy(PermanentError):
     """Another model is serving and take_over was not set."""
+
+
+class UnexpectedError(PermanentError):
+    """An exception that is not the project's own ended a flow (a bug, or an answer nobody foresaw).
+    Carries the original's type and redacted first line; the original is chained as ``__cause__``."""
+
+    def __init__(self, original: BaseException, *, step: str | None = None) -> None:
+        first = (str(original).strip().splitlines() or [""])[0]
+        super().__init__(
+            f"unexpected {type(original).__name__}: {redact(first, limit=300)} — this is a bug in coder-stack or an "
+            "answer it did not expect; the run's report and the Prefect flow-run log have the details"
+        )
+        self.step = step
+
+
+def one_line(err: BaseException) -> str:
+    """The error as the one line a user sees: the step it ended, then what broke and what to do."""
+    message = str(err).strip().replace("\n", " ") if isinstance(err, CoderStackError) else str(UnexpectedError(err))
+    step = getattr(err, "step", None)
+    return f"{step}: {message}" if step else message
 
 
 def is_retriable(exc: BaseException) -> bool:

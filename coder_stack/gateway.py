@@ -8,6 +8,7 @@ wrapped; ``/key/info?key=`` is the one URL that carries a key, so it is never lo
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
@@ -27,14 +28,42 @@ class _Report(BaseModel):
 
 
 class KeyRecord(_Report):
-    """What the gateway knows about a virtual key — never the key itself."""
+    """What the gateway knows about a virtual key — never the key itself.
 
-    token: str = Field(max_length=200, description="LiteLLM's hashed key id (safe to show).")
+    LiteLLM gives the hashed id (``token``) only in ``/key/generate`` and ``/key/list`` answers; ``/key/info``
+    never carries it, and its display ``key_name`` (``sk-...last4``) is no identifier anywhere (404). So a
+    key is addressed by its value (wrapped) or by a ``token`` from those two calls, never by ``key_name``.
+    ``/key/info`` answers 200 for dead keys too and says why in ``status`` (``deleted``...).
+    """
+
+    token: str | None = Field(
+        None, max_length=200, description="LiteLLM's hashed key id (safe to show); None when the answer had none."
+    )
     alias: str | None = Field(None, max_length=253, description="key_alias.")
     models: list[str] = Field(default_factory=list, max_length=200, description="Models the key may call.")
     max_budget: float | None = Field(None, ge=0, description="USD cap per period; None = unlimited.")
     budget_duration: str | None = Field(None, max_length=20, description="Budget reset period.")
+    budget_reset_at: str | None = Field(None, max_length=60, description="When the budget resets (gateway's time).")
     spend: float = Field(0.0, ge=0, description="USD spent so far (as of the last batched write).")
+    status: str = Field(
+        "active", max_length=40, description="The gateway's status for the key ('active', 'deleted', ...)."
+    )
+    blocked: bool = Field(False, description="An admin blocked the key (/key/block).")
+    expires: dt.datetime | None = Field(None, description="When the key stops working; None = never.")
+
+    def problem(self, now: dt.datetime | None = None) -> str | None:
+        """Why the key cannot be used now, in plain words (``deleted``, ``blocked``, ``expired``, ``over
+        budget`` or the gateway's own status); None when it can."""
+        if self.status != "active":
+            return self.status
+        if self.blocked:
+            return "blocked"
+        now = now or dt.datetime.now(dt.UTC)
+        if self.expires is not None and self.expires <= now:
+            return "expired"
+        if self.max_budget is not None and self.spend >= self.max_budget:
+            return "over budget"
+        return None
 
 
 class MintedKey(BaseModel):
@@ -64,9 +93,9 @@ class SpendRow(_Report):
     max_budget: float | None = Field(None, ge=0, description="USD cap per period.")
     share_used: float | None = Field(None, ge=0, description="spend / max_budget (0..1+).")
     models: list[str] = Field(default_factory=list, max_length=200, description="Key scope.")
-    status: Literal["metered", "no prices configured", "not moved", "no calls", "key not found"] = Field(
-        description="What the numbers mean."
-    )
+    status: Literal[
+        "metered", "not metered", "no prices configured", "not moved", "not compared", "no calls", "key not found"
+    ] = Field(description="What the numbers mean.")
     waited_s: float = Field(0.0, ge=0, description="How long we waited for the batched spend write.")
     note: str = Field("", max_length=500, description="Plain-words explanation for an operator.")
 
@@ -119,14 +148,32 @@ def _json(resp: httpx.Response, what: str) -> Any:
         raise GatewayRequestError(f"could not {what}: the gateway answered with something that is not JSON") from None
 
 
-def _record(obj: Mapping[str, Any]) -> KeyRecord:
+def _expires(value: Any) -> dt.datetime | None:
+    if not value:
+        return None
+    try:
+        t = dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
+
+
+def _record(obj: Mapping[str, Any], token: str | None = None) -> KeyRecord:
+    """A record from a /key/generate, /key/list or /key/info object. Only ``token`` (or /key/generate's
+    ``token_id``) identifies the key; ``key_name`` is a display string and is ignored."""
+    found = obj.get("token") or obj.get("token_id") or token
+    spend = obj.get("spend")
     return KeyRecord(
-        token=str(obj.get("token") or obj.get("key_name") or "")[:200],
+        token=str(found)[:200] if found else None,
         alias=obj.get("key_alias"),
         models=[str(m) for m in obj.get("models") or []],
         max_budget=obj.get("max_budget"),
         budget_duration=obj.get("budget_duration"),
-        spend=float(obj.get("spend") or 0.0),
+        budget_reset_at=str(obj["budget_reset_at"])[:60] if obj.get("budget_reset_at") else None,
+        spend=max(0.0, float(spend)) if isinstance(spend, int | float) else 0.0,
+        status=str(obj.get("status") or "active")[:40],
+        blocked=bool(obj.get("blocked")),
+        expires=_expires(obj.get("expires")),
     )
 
 
@@ -167,7 +214,8 @@ async def list_keys_by_alias(gw: httpx.AsyncClient, master: SecretStr, alias: st
 
 
 async def key_info_by_token(gw: httpx.AsyncClient, master: SecretStr, token: str) -> KeyRecord | None:
-    """Info for a key by its hashed id (LiteLLM accepts either the key or its hash). None if unknown."""
+    """Info for a key by its hashed id. None only if the gateway never knew it (404); a deleted key is a
+    record with ``status == "deleted"``."""
     what = "read key info"
     resp = await _call(
         gw, master, "GET", "/key/info", what=what, params={"key": token}, ok_statuses=(200, 404), secret_url=True
@@ -178,7 +226,9 @@ async def key_info_by_token(gw: httpx.AsyncClient, master: SecretStr, token: str
 
 
 async def key_info(gw: httpx.AsyncClient, master: SecretStr, key: SecretStr) -> KeyRecord | None:
-    """What the gateway knows about this key value; None if the gateway does not know it (deleted)."""
+    """What the gateway knows about this key value. None only if it was never a key (404); a deleted,
+    blocked, expired or spent key is a record whose :meth:`KeyRecord.problem` says so. The record has no
+    ``token``: /key/info never returns the hash."""
     what = "read key info"
     resp = await _call(
         gw,
@@ -187,23 +237,20 @@ async def key_info(gw: httpx.AsyncClient, master: SecretStr, key: SecretStr) -> 
         "/key/info",
         what=what,
         params={"key": key.get_secret_value()},
-        ok_statuses=(200, 400, 401, 404),
+        ok_statuses=(200, 404),
         secret_url=True,
     )
-    if resp.status_code != 200:
+    if resp.status_code == 404:
         return None
     return _info_record(resp, what, None)
 
 
-def _info_record(resp: httpx.Response, what: str, token: str | None) -> KeyRecord | None:
+def _info_record(resp: httpx.Response, what: str, token: str | None) -> KeyRecord:
     data = _json(resp, what)
     info = data.get("info") if isinstance(data, dict) else None
     if not isinstance(info, dict):
-        return None
-    info = dict(info)
-    if not info.get("token"):
-        info["token"] = token or ""
-    return _record(info)
+        raise GatewayRequestError(f"could not {what}: the gateway's answer has no 'info' object")
+    return _record(info, token)
 
 
 async def generate_key(
@@ -227,18 +274,30 @@ async def generate_key(
     return MintedKey(record=rec, key=value)
 
 
+KeyRef = SecretStr | str
+"""How a key is addressed in admin calls: its value (wrapped) or its hashed id from /key/generate or /key/list."""
+
+
+def _ref(key: KeyRef) -> tuple[str, str]:
+    """(the identifier to send, a label fit for a message)."""
+    if isinstance(key, SecretStr):
+        return key.get_secret_value(), "the key"
+    return key, f"key {key[:12]}..."
+
+
 async def update_key(
     gw: httpx.AsyncClient,
     master: SecretStr,
-    token: str,
+    key: KeyRef,
     *,
     models: list[str] | None = None,
     max_budget: float | None = None,
     budget_duration: str | None = None,
     alias: str | None = None,
 ) -> None:
-    """``/key/update`` by hashed id: scope, budget or alias change; the key value stays the same."""
-    body: dict[str, Any] = {"key": token}
+    """``/key/update`` by value or hashed id: scope, budget or alias change; the key value stays the same."""
+    ident, label = _ref(key)
+    body: dict[str, Any] = {"key": ident}
     if models is not None:
         body["models"] = models
     if max_budget is not None:
@@ -247,25 +306,27 @@ async def update_key(
         body["budget_duration"] = budget_duration
     if alias is not None:
         body["key_alias"] = alias
-    await _call(gw, master, "POST", "/key/update", what=f"update key {token[:12]}...", body=body)
+    await _call(gw, master, "POST", "/key/update", what=f"update {label}", body=body)
 
 
-async def delete_keys(gw: httpx.AsyncClient, master: SecretStr, tokens: list[str]) -> None:
-    """``/key/delete`` by hashed ids. Keys already gone count as deleted (safe to run twice)."""
-    for token in tokens:  # one at a time: LiteLLM refuses the whole batch if one key is already gone
+async def delete_keys(gw: httpx.AsyncClient, master: SecretStr, keys: Iterable[KeyRef]) -> None:
+    """``/key/delete`` by value or hashed id. Keys already gone count as deleted (safe to run twice):
+    LiteLLM answers those with 404 ``{'error': 'No keys found'}``."""
+    for key in keys:  # one at a time: LiteLLM refuses the whole batch if one key is already gone
+        ident, label = _ref(key)
         resp = await _call(
             gw,
             master,
             "POST",
             "/key/delete",
-            what=f"delete key {token[:12]}...",
-            body={"keys": [token]},
+            what=f"delete {label}",
+            body={"keys": [ident]},
             ok_statuses=(200, 400, 404),
         )
         if resp.status_code == 400:
             _, msg = error_detail(resp.content)
             if "not found" not in msg.lower():
-                raise GatewayRequestError(f"could not delete key {token[:12]}...: the gateway answered 400: {msg}")
+                raise GatewayRequestError(f"could not delete {label}: the gateway answered 400: {msg}")
 
 
 # --------------------------------------------------------------------------------------------- models
@@ -334,14 +395,74 @@ async def _spend_of(gw: httpx.AsyncClient, master: SecretStr, alias: str) -> Key
     if not recs:
         return None
     # /key/list may omit spend: confirm from /key/info by hashed id
-    info = await key_info_by_token(gw, master, recs[0].token)
+    token = recs[0].token
+    info = await key_info_by_token(gw, master, token) if token else None
     return info or recs[0]
+
+
+async def spend_logs(gw: httpx.AsyncClient, master: SecretStr, token: str) -> list[dict[str, Any]]:
+    """``/spend/logs?api_key=<hash>``: the key's spend-log entries (newest first), refused calls included.
+    Each has ``request_id`` (the answer's ``id``), ``spend``, ``total_tokens``, ``status``, ``call_type``."""
+    what = "read /spend/logs"
+    resp = await _call(gw, master, "GET", "/spend/logs", what=what, params={"api_key": token})
+    data = _json(resp, what)
+    return [e for e in data if isinstance(e, dict)] if isinstance(data, list) else []
+
+
+STREAMED_FIM_ADVICE = (
+    "this gateway logs streamed /v1/completions (how Tabby calls) at $0 and 0 tokens, so the key's budget does "
+    "not limit Tabby: cap the key with rpm_limit/tpm_limit, or use a LiteLLM version that meters streamed "
+    "completions (`coder-stack doctor` checks it)"
+)
+
+
+async def probe_streamed_calls(
+    gw: httpx.AsyncClient, master: SecretStr, alias: str, request_ids: Iterable[str], *, wait_s: float, poll_s: float
+) -> tuple[bool | None, str]:
+    """Were these streamed calls metered? Waits (bounded) for their spend-log entries; returns (True: each
+    was charged, False: logged at $0 and 0 tokens, None: not logged in time) and a note."""
+    wanted = set(request_ids)
+    recs = await list_keys_by_alias(gw, master, alias)
+    token = recs[0].token if recs else None
+    if not wanted or token is None:
+        return None, "no spend-log entry to look at (no streamed call id, or the key has no hashed id)"
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = {e["request_id"]: e for e in await spend_logs(gw, master, token) if e.get("request_id") in wanted}
+        if len(found) == len(wanted) or time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+    if len(found) < len(wanted):
+        return None, f"the spend log had no entry for {len(wanted) - len(found)} streamed call(s) after {wait_s:.0f}s"
+    charged = [e for e in found.values() if float(e.get("spend") or 0) > 0 or int(e.get("total_tokens") or 0) > 0]
+    if len(charged) == len(found):
+        return True, "streamed calls are metered"
+    return False, STREAMED_FIM_ADVICE
 
 
 def _moved_enough(spend: float, before: float, expected: float | None) -> bool:
     if expected is None or expected <= 0:
         return spend > before
     return spend - before >= expected * (1 - 1e-6)
+
+
+def expected_aliases(spec: StackSpec) -> list[str]:
+    """Every alias the stack calls that the gateway must already serve: the models' and the embeddings
+    alias when a key uses it (models registered at run time are added by the flows, not expected)."""
+    runtime = {m.alias for m in spec.models if m.register_at_runtime}
+    used = {m.alias for m in spec.models} | {a for k in spec.virtual_keys for a in k.models}
+    return sorted(used - runtime)
+
+
+async def missing_aliases(gw: httpx.AsyncClient, master: SecretStr, aliases: Iterable[str]) -> list[str]:
+    """The aliases with no deployment in ``/model/info``. A key's ``/v1/models`` cannot tell: it echoes the
+    key's scope verbatim, aliases the gateway lacks included, and calling one answers 400 "Invalid model
+    name"."""
+    what = "read /model/info"
+    data = _json(await _call(gw, master, "GET", "/model/info", what=what), what)
+    items = data.get("data", []) if isinstance(data, dict) else []
+    have = {str(i.get("model_name")) for i in items if isinstance(i, dict)}
+    return sorted(set(aliases) - have)
 
 
 async def model_prices(gw: httpx.AsyncClient, master: SecretStr) -> dict[str, tuple[float, float]]:
@@ -356,7 +477,10 @@ async def model_prices(gw: httpx.AsyncClient, master: SecretStr) -> dict[str, tu
         params = item.get("litellm_params") or {}
 
         def price(k: str, info: Any = info, params: Any = params) -> float:
-            v = info.get(k, params.get(k)) if isinstance(info, dict) else None
+            # model_info carries the price (null when unset); litellm_params too: take the first given
+            v = info.get(k) if isinstance(info, dict) else None
+            if v is None and isinstance(params, dict):
+                v = params.get(k)
             try:
                 return float(v or 0.0)
             except (TypeError, ValueError):
@@ -389,15 +513,18 @@ async def read_spend(
     before: Mapping[str, float] | None = None,
     called: Iterable[str] = (),
     expected: Mapping[str, float] | None = None,
+    streamed: Mapping[str, list[str]] | None = None,
     wait_s: float = 0.0,
     poll_s: float = 0.5,
 ) -> list[SpendRow]:
     """Spend per key. For keys in ``called`` (smoke calls were made with them) wait, bounded by
     ``wait_s``, until spend moves past ``before`` (LiteLLM writes spend in batches, ~10 s late) — or, when
     ``expected`` USD is given for the alias, until it has moved by that much (the calls may land in
-    different batches)."""
+    different batches). ``streamed`` names, per alias, the ids of streamed calls made the way its consumer
+    calls (Tabby streams FIM): their spend-log entries decide whether that way of calling is metered."""
     before = dict(before or {})
     expected = dict(expected or {})
+    streamed = dict(streamed or {})
     called_set = set(called)
     aliases = list(aliases)
     deadline = time.monotonic() + wait_s
@@ -410,7 +537,7 @@ async def read_spend(
                 continue
             rec = await _spend_of(gw, master, a)
             latest[a] = rec
-            if rec is None or _moved_enough(rec.spend, before.get(a, 0.0), expected.get(a)):
+            if rec is None or a not in before or _moved_enough(rec.spend, before[a], expected.get(a)):
                 pending.discard(a)
         if not pending or time.monotonic() >= deadline:
             break
@@ -426,26 +553,15 @@ async def read_spend(
             continue
         share = rec.spend / rec.max_budget if rec.max_budget else None
         prev = before.get(a)
-        if a not in called_set:
-            status, note = "no calls", "no smoke calls were made with this key in this run"
-        elif rec.spend > (prev or 0.0):
-            status, note = "metered", f"spend moved from ${prev or 0.0:.6f} to ${rec.spend:.6f}"
-            if a in expected:
-                note += f" (expected +${expected[a]:.6f} from the calls' tokens x the gateway's prices)"
-                if not _moved_enough(rec.spend, prev or 0.0, expected[a]):
-                    note += "; not all of it is written yet (LiteLLM batches spend writes)"
-        elif rec.spend == 0.0:
-            status = "no prices configured"
-            note = (
-                f"calls were made but spend stayed $0 after {waited:.1f}s: the models have no "
-                "input_cost_per_token/output_cost_per_token in the gateway, so nothing is metered"
+        status, note = _spend_verdict(rec, a in called_set, prev, expected.get(a), waited)
+        if a in streamed and status != "no calls":
+            metered, how = await probe_streamed_calls(
+                gw, master, a, streamed[a], wait_s=max(0.0, deadline - time.monotonic()), poll_s=poll_s
             )
-        else:
-            status = "not moved"
-            note = (
-                f"spend stayed at ${rec.spend:.6f} for {waited:.1f}s after the calls; LiteLLM writes spend in "
-                "batches (PROXY_BATCH_WRITE_AT) — read again later or raise spec.timeouts.spend_visible_s"
-            )
+            if metered is False:
+                status, note = "not metered", how
+            else:
+                note = f"{note}; {how}"
         rows.append(
             SpendRow(
                 alias=a,
@@ -457,19 +573,49 @@ async def read_spend(
                 models=rec.models,
                 status=status,
                 waited_s=waited if a in called_set else 0.0,
-                note=note,
+                note=note[:500],
             )
         )
     return rows
 
 
+def _spend_verdict(
+    rec: KeyRecord, called: bool, prev: float | None, expected: float | None, waited: float
+) -> tuple[Any, str]:
+    if not called:
+        return "no calls", "no smoke calls were made with this key in this run"
+    if prev is None:
+        return "not compared", (
+            f"spend is ${rec.spend:.6f}; there is no reading from before the calls to compare it with"
+        )
+    if rec.spend > prev:
+        note = f"spend moved from ${prev:.6f} to ${rec.spend:.6f}"
+        if expected is not None:
+            note += f" (expected +${expected:.6f} from the calls' tokens x the gateway's prices)"
+            if not _moved_enough(rec.spend, prev, expected):
+                note += "; not all of it is written yet (LiteLLM batches spend writes)"
+        return "metered", note
+    if rec.spend == 0.0:
+        return "no prices configured", (
+            f"calls were made but spend stayed $0 after {waited:.1f}s: the models have no "
+            "input_cost_per_token/output_cost_per_token in the gateway, so nothing is metered"
+        )
+    return "not moved", (
+        f"spend stayed at ${rec.spend:.6f} for {waited:.1f}s after the calls; LiteLLM writes spend in "
+        "batches (PROXY_BATCH_WRITE_AT) — read again later or raise spec.timeouts.spend_visible_s"
+    )
+
+
 __all__ = [
+    "STREAMED_FIM_ADVICE",
     "KeyRecord",
+    "KeyRef",
     "MintedKey",
     "ModelRegistration",
     "SpendRow",
     "delete_keys",
     "ensure_model_registered",
+    "expected_aliases",
     "expected_cost",
     "gateway_ready",
     "generate_key",
@@ -477,9 +623,12 @@ __all__ = [
     "key_info_by_token",
     "list_keys_by_alias",
     "list_model_deployments",
+    "missing_aliases",
     "model_api_base",
     "model_prices",
+    "probe_streamed_calls",
     "read_spend",
     "read_spend_baseline",
+    "spend_logs",
     "update_key",
 ]

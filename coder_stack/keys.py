@@ -26,8 +26,16 @@ from kubernetes_asyncio.client import ApiClient
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from coder_stack.errors import GatewayRequestError, NotFound, SpecError
-from coder_stack.gateway import KeyRecord, delete_keys, generate_key, key_info, list_keys_by_alias, update_key
-from coder_stack.k8s import read_secret, restart_deployment, write_secret_keys
+from coder_stack.gateway import (
+    KeyRecord,
+    delete_keys,
+    generate_key,
+    key_info,
+    key_info_by_token,
+    list_keys_by_alias,
+    update_key,
+)
+from coder_stack.k8s import delete_secret_keys, read_secret, restart_deployment, write_secret_keys
 from coder_stack.spec import ClientKeySpec, StackSpec
 
 FIM_PROMPT_TEMPLATE = "<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>"
@@ -36,18 +44,30 @@ OPENWEBUI_SESSION_KEY = "WEBUI_SECRET_KEY"  # signs user sessions: generated onc
 TABBY_CONFIG_KEY = "config.toml"
 
 
+KeyAction = Literal["kept", "updated", "minted", "reminted", "rotated", "unusable"]
+
+
 class KeyReport(BaseModel):
     """What :func:`ensure_key` did. Holds no key value."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     alias: str = Field(max_length=253, description="key_alias in the gateway.")
-    action: Literal["kept", "updated", "minted", "reminted", "rotated"] = Field(description="What this run did.")
-    token_id: str = Field(max_length=200, description="LiteLLM's hashed key id (never the key).")
+    action: KeyAction = Field(
+        description="What this run did; 'unusable': the key cannot be used and was left as it is (see notes)."
+    )
+    token_id: str | None = Field(None, max_length=200, description="LiteLLM's hashed key id (never the key).")
     delivered_to: str = Field(max_length=300, description="namespace/secret:data-key where the key lives.")
     consumer: str | None = Field(None, max_length=300, description="namespace/deployment that reads the key.")
     consumer_restarted: bool = Field(False, description="True if the consumer was restarted to pick up a change.")
+    problem: str | None = Field(
+        None, max_length=60, description="What was wrong with the key found at home (deleted, expired, ...)."
+    )
     notes: list[str] = Field(default_factory=list, max_length=20, description="Plain-words details for an operator.")
+
+    @property
+    def usable(self) -> bool:
+        return self.action != "unusable"
 
 
 @dataclass(frozen=True)
@@ -206,6 +226,27 @@ def _drift(rec: KeyRecord, key_spec: ClientKeySpec) -> list[str]:
     return out
 
 
+REPAIRABLE = frozenset({"deleted", "expired"})
+"""Problems a new key fixes without undoing anyone's decision: the old key cannot work again anyway. A
+blocked key (an admin's decision), a spent budget (the budget's purpose) and a status we do not know are
+reported, never replaced behind the operator's back."""
+
+
+def _unusable_advice(problem: str, rec: KeyRecord, key_spec: ClientKeySpec) -> str:
+    if problem == "blocked":
+        return "an admin blocked it: unblock it (POST /key/unblock) or delete it (POST /key/delete), then run keys"
+    if problem == "over budget":
+        reset = f" at {rec.budget_reset_at}" if rec.budget_reset_at else ""
+        return (
+            f"its budget is spent (${rec.spend:.6f} of ${rec.max_budget}); it resets{reset}; to go on now raise "
+            f"max_budget for {key_spec.alias!r} in the stack spec (the keys flow updates it in place)"
+        )
+    return (
+        f"the gateway reports status {problem!r}, which coder-stack does not know how to repair safely: "
+        "delete the key (POST /key/delete) and run keys to mint a new one"
+    )
+
+
 async def ensure_key(
     api: ApiClient,
     gw_client: httpx.AsyncClient,
@@ -217,15 +258,19 @@ async def ensure_key(
 ) -> KeyReport:
     """Make sure ``key_spec``'s key exists in the gateway with the right scope and budget, and in its home.
 
-    Idempotent by alias: a valid key at home is kept (scope/budget drift fixed in place with /key/update,
-    same key, no restart); a key deleted in the gateway is re-minted and re-delivered; an alias whose value
-    we no longer hold is replaced (old key deleted, new one minted). ``rotate`` replaces a valid key:
-    see :func:`_rotate`.
+    Idempotent by alias. A usable key at home is kept (scope/budget drift fixed in place with /key/update,
+    same key, no restart). A key the gateway reports deleted or expired is replaced: re-minted,
+    re-delivered, consumer restarted. A blocked, spent or otherwise unusable key is reported (action
+    ``unusable``) and left as it is. An alias whose value we no longer hold is replaced (old key deleted,
+    new one minted). ``rotate`` replaces a usable key: see :func:`_rotate`. A rotation an earlier run left
+    half done is finished or undone first (:func:`recover_rotation`).
+
+    Keys are addressed by value or by the hash from /key/list, never by /key/info's display ``key_name``.
     """
     alias = key_spec.alias
     home = key_home(spec, key_spec)
     consumer = f"{home.consumer_namespace}/{home.consumer}" if home.consumer else None
-    notes: list[str] = []
+    notes = await recover_rotation(api, gw_client, master, spec, key_spec)
     at_home = await _read_home(api, home)
     info = await key_info(gw_client, master, at_home) if at_home is not None else None
     if info is not None and info.alias != alias:
@@ -233,36 +278,56 @@ async def ensure_key(
         info = None
     records = await list_keys_by_alias(gw_client, master, alias)
 
-    if info is not None and at_home is not None:
-        token = info.token or (records[0].token if records else "")
-        if rotate:
-            return await _rotate(api, gw_client, master, spec, key_spec, home, info, token, notes)
+    def report(action: KeyAction, token: str | None, restarted: bool = False, problem: str | None = None) -> KeyReport:
+        return KeyReport(
+            alias=alias,
+            action=action,
+            token_id=token,
+            delivered_to=home.where,
+            consumer=consumer,
+            consumer_restarted=restarted,
+            problem=problem,
+            notes=notes,
+        )
+
+    problem = info.problem() if info is not None else None
+    if info is not None and at_home is not None and problem not in REPAIRABLE:
+        # Our key, alive. Aliases are unique among live keys, so the live record of this alias is ours.
+        token = records[0].token if records else None
         drift = _drift(info, key_spec)
         if drift:
             await update_key(
                 gw_client,
                 master,
-                token,
+                at_home,
                 models=list(key_spec.models),
                 max_budget=key_spec.max_budget,
                 budget_duration=key_spec.budget_duration,
             )
             notes.append("corrected in place (same key, consumer not restarted): " + "; ".join(drift))
+            if problem is not None:
+                after = await key_info(gw_client, master, at_home)
+                problem = after.problem() if after is not None else "deleted"
+                info = after or info
+        if problem is not None:
+            notes.append(
+                f"the key in {home.where} is {problem}; left as it is: {_unusable_advice(problem, info, key_spec)}"
+            )
+            return report("unusable", token, problem=problem)
+        if rotate:
+            return await _rotate(api, gw_client, master, spec, key_spec, home, token, notes)
         changed = await _deliver(api, spec, key_spec, home, at_home)
         restarted = await _restart_consumer(api, home, changed, notes)
-        return KeyReport(
-            alias=alias,
-            action="updated" if drift else "kept",
-            token_id=token,
-            delivered_to=home.where,
-            consumer=consumer,
-            consumer_restarted=restarted,
-            notes=notes,
-        )
+        return report("updated" if drift else "kept", token, restarted)
 
-    # No valid key of ours at home.
-    if at_home is not None and not notes:
-        notes.append(f"the key in {home.where} is no longer known to the gateway (deleted?); minting a new one")
+    # No usable key of ours at home: mint one.
+    if problem is not None and at_home is not None:
+        notes.append(f"the key in {home.where} is {problem} in the gateway; minting a new one and delivering it")
+        if problem == "expired":
+            await delete_keys(gw_client, master, [at_home])  # it still holds the alias, and is the only one that can
+            records = []
+    elif at_home is not None and not notes:
+        notes.append(f"the key in {home.where} is not known to the gateway; minting a new one")
     stale = [r.token for r in records if r.token]
     if stale:
         await delete_keys(gw_client, master, stale)
@@ -271,7 +336,7 @@ async def ensure_key(
             f"deleted the old key ({len(stale)}) and minted a new one"
         )
     if rotate:
-        notes.append("nothing to rotate: there was no valid key; minted one")
+        notes.append("nothing to rotate: there was no usable key; minted one")
     minted = await generate_key(
         gw_client,
         master,
@@ -282,15 +347,83 @@ async def ensure_key(
     )
     changed = await _deliver(api, spec, key_spec, home, minted.key)
     restarted = await _restart_consumer(api, home, changed, notes)
-    return KeyReport(
-        alias=alias,
-        action="reminted" if (at_home is not None or stale) else "minted",
-        token_id=minted.record.token,
-        delivered_to=home.where,
-        consumer=consumer,
-        consumer_restarted=restarted,
-        notes=notes,
+    action: KeyAction = "reminted" if (at_home is not None or stale) else "minted"
+    return report(action, minted.record.token, restarted, problem)
+
+
+# ------------------------------------------------------------------------------------------ rotation
+# LiteLLM aliases are unique among live keys and /key/regenerate is Enterprise-only (500 in the open
+# build), so a rotation renames the old key out of the way, mints the new one under the alias, delivers
+# it, restarts the consumer and deletes the old key. Before the first step, a marker naming the old key's
+# hash and its temporary alias is written to the keystore Secret; whatever interrupts the rotation (an
+# error, a cancellation, a killed process), the same run or the next one reads the marker and finishes
+# or undoes it, so that exactly one usable key holds the alias and it is the one at home.
+
+
+def _marker_key(alias: str) -> str:
+    return f"rotating.{alias}"
+
+
+async def _read_marker(api: ApiClient, spec: StackSpec, alias: str) -> tuple[str, str] | None:
+    data = await read_secret(api, spec.gateway_namespace, spec.keystore_secret)
+    raw = (data or {}).get(_marker_key(alias))
+    if raw is None:
+        return None
+    try:
+        marker = json.loads(raw.get_secret_value())
+        return str(marker["old_token"]), str(marker["retired_alias"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+async def _write_marker(api: ApiClient, spec: StackSpec, alias: str, old_token: str, retired: str) -> None:
+    value = json.dumps({"old_token": old_token, "retired_alias": retired})
+    await write_secret_keys(api, spec.gateway_namespace, spec.keystore_secret, {_marker_key(alias): SecretStr(value)})
+
+
+async def _clear_marker(api: ApiClient, spec: StackSpec, alias: str) -> None:
+    await delete_secret_keys(api, spec.gateway_namespace, spec.keystore_secret, [_marker_key(alias)])
+
+
+async def recover_rotation(
+    api: ApiClient, gw_client: httpx.AsyncClient, master: SecretStr, spec: StackSpec, key_spec: ClientKeySpec
+) -> list[str]:
+    """Finish or undo a rotation of ``key_spec`` that was interrupted; returns notes (empty if none was).
+
+    - the new key reached home: delete the old (renamed) key, restart the consumer;
+    - it did not: delete any key minted under the alias (its value is lost), give the old key its alias
+      back. Either way exactly one usable key holds the alias, and it is the one at home.
+    """
+    alias = key_spec.alias
+    marker = await _read_marker(api, spec, alias)
+    if marker is None:
+        return []
+    old_token, retired = marker
+    home = key_home(spec, key_spec)
+    old = await key_info_by_token(gw_client, master, old_token)
+    old_live = old is not None and old.status != "deleted"
+    at_home = await _read_home(api, home)
+    home_info = await key_info(gw_client, master, at_home) if at_home is not None else None
+    home_is_new = (
+        home_info is not None
+        and home_info.status != "deleted"
+        and home_info.alias == alias
+        and not (old_live and old is not None and old.alias == alias)
     )
+    notes: list[str]
+    if home_is_new:
+        if old_live:
+            await delete_keys(gw_client, master, [old_token])
+        await _restart_consumer(api, home, ["the rotated key"], [])
+        notes = [f"finished an interrupted rotation: the new key is in {home.where}; the old key is deleted"]
+    else:
+        if old_live and old is not None and old.alias == retired:
+            orphans = [r.token for r in await list_keys_by_alias(gw_client, master, alias) if r.token]
+            await delete_keys(gw_client, master, orphans)
+            await update_key(gw_client, master, old_token, alias=alias)
+        notes = [f"undid an interrupted rotation: the old key, still in {home.where}, holds {alias!r} again"]
+    await _clear_marker(api, spec, alias)
+    return notes
 
 
 async def _rotate(
@@ -300,21 +433,24 @@ async def _rotate(
     spec: StackSpec,
     key_spec: ClientKeySpec,
     home: KeyHome,
-    old: KeyRecord,
-    old_token: str,
+    old_token: str | None,
     notes: list[str],
 ) -> KeyReport:
-    """Mint new, swap in, delete old — with no moment where the home holds an invalid key.
+    """Mint new, swap in, delete old — with no moment where the home holds an invalid key (see above).
 
-    LiteLLM aliases are unique and /key/regenerate is Enterprise-only, so: rename the old key to
-    ``<alias>-retired-<hex>`` (it stays valid), mint the new key under the real alias, deliver it, restart
-    the consumer, then delete the old key. The one window left: consumer pods still on the old key while
-    the restart rolls out get 401 once the old key is deleted.
+    The one window left: consumer pods still on the old key while the restart rolls out get 401 once the
+    old key is deleted.
     """
     alias = key_spec.alias
+    if old_token is None:
+        raise GatewayRequestError(
+            f"cannot rotate {alias!r}: /key/list gave no hashed id for the key, so it could not be renamed and "
+            "deleted safely; nothing was changed"
+        )
     retired = f"{alias}-retired-{secrets.token_hex(3)}"
-    await update_key(gw_client, master, old_token, alias=retired)
+    await _write_marker(api, spec, alias, old_token, retired)
     try:
+        await update_key(gw_client, master, old_token, alias=retired)
         minted = await generate_key(
             gw_client,
             master,
@@ -323,12 +459,19 @@ async def _rotate(
             max_budget=key_spec.max_budget,
             budget_duration=key_spec.budget_duration,
         )
-    except GatewayRequestError:
-        await update_key(gw_client, master, old_token, alias=alias)  # put the old key back as it was
+        changed = await _deliver(api, spec, key_spec, home, minted.key)
+        restarted = await _restart_consumer(api, home, changed, notes)
+        await delete_keys(gw_client, master, [old_token])
+        await _clear_marker(api, spec, alias)
+    except BaseException as e:
+        try:
+            await recover_rotation(api, gw_client, master, spec, key_spec)
+        except Exception as again:  # the gateway or the cluster is still failing: the next run recovers
+            raise GatewayRequestError(
+                f"rotating {alias!r} was interrupted ({type(e).__name__}: {e}) and could not be tidied up yet "
+                f"({type(again).__name__}); run keys again: it finishes or undoes the rotation"
+            ) from e
         raise
-    changed = await _deliver(api, spec, key_spec, home, minted.key)
-    restarted = await _restart_consumer(api, home, changed, notes)
-    await delete_keys(gw_client, master, [old_token])
     notes.append(
         f"rotated: new key minted and delivered to {home.where}, old key {old_token[:12]}... deleted after the "
         "swap; consumer pods still rolling over may see 401 until replaced"
@@ -346,6 +489,7 @@ async def _rotate(
 
 __all__ = [
     "FIM_PROMPT_TEMPLATE",
+    "KeyAction",
     "KeyHome",
     "KeyReport",
     "TabbyConfig",
@@ -354,6 +498,7 @@ __all__ = [
     "key_home",
     "parse_tabby_config",
     "read_client_key",
+    "recover_rotation",
     "render_tabby_config",
     "tabby_fim_alias",
 ]

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from coder_stack import gateway
 from coder_stack.endpoints import open_endpoint
-from coder_stack.errors import SpecError
+from coder_stack.errors import KeyUnusable, PreflightError, SpecError
 from coder_stack.gateway import ModelRegistration, SpendRow
 from coder_stack.http import make_client, scrub_url
 from coder_stack.k8s import ClusterTarget, open_api, require_secret_key
@@ -44,6 +44,9 @@ class GatewayHealth(BaseModel):
 
     url: str = Field(max_length=500, description="Gateway base URL used (no credentials).")
     ready: bool = Field(description="/health/readiness answered 200.")
+    aliases: list[str] = Field(
+        default_factory=list, max_length=200, description="Aliases the stack uses, each found in /model/info."
+    )
 
 
 _RETRY: dict[str, Any] = {
@@ -56,13 +59,22 @@ _RETRY: dict[str, Any] = {
 
 @task(name="gateway-ready", **_RETRY)
 async def gateway_ready_task(target: ClusterTarget, spec: StackSpec) -> GatewayHealth:
-    """LiteLLM answers /health/readiness (no auth)."""
+    """LiteLLM answers /health/readiness (no auth) and serves every alias the stack calls (/model/info)."""
     log = run_logger()
+    aliases = gateway.expected_aliases(spec)
     async with open_api(target) as api, open_gateway(api, spec) as gw:
         await gateway.gateway_ready(gw)
         url = scrub_url(gw.base_url)
-    log.info("The LiteLLM gateway at %s is ready.", url)
-    return GatewayHealth(url=url, ready=True)
+        master = await read_ref(api, spec.master_key)
+        missing = await gateway.missing_aliases(gw, master, aliases)
+    if missing:
+        raise PreflightError(
+            f"the gateway at {url} has no model named {', '.join(repr(a) for a in missing)} (/model/info): calls "
+            "to it answer 400 'Invalid model name', though a key's /v1/models lists it. Add it to the gateway's "
+            "proxy_config model_list (or fix the alias in the stack spec); nothing was changed"
+        )
+    log.info("The LiteLLM gateway at %s is ready and serves %s.", url, ", ".join(aliases))
+    return GatewayHealth(url=url, ready=True, aliases=aliases)
 
 
 @task(name="ensure-keys", **_RETRY)
@@ -78,11 +90,16 @@ async def ensure_keys_task(
         for ks in key_specs:
             rep = await ensure_key(api, gw, master, spec, ks, rotate=rotate)
             restarted = f"; restarted {rep.consumer}" if rep.consumer_restarted else ""
-            log.info("Key %r: %s (id %s...) in %s%s.", rep.alias, rep.action, rep.token_id[:12], rep.delivered_to,
-                     restarted)  # fmt: skip
+            ident = f"id {rep.token_id[:12]}..." if rep.token_id else "id not given by the gateway"
+            log.info("Key %r: %s (%s) in %s%s.", rep.alias, rep.action, ident, rep.delivered_to, restarted)
             for note in rep.notes:
-                log.info("Key %r: %s", rep.alias, note)
+                (log.info if rep.usable else log.error)("Key %r: %s", rep.alias, note)
             reports.append(rep)
+    unusable = [r for r in reports if not r.usable]
+    if unusable:
+        raise KeyUnusable(
+            "; ".join(f"key {r.alias!r} is {r.problem}: {r.notes[-1] if r.notes else ''}" for r in unusable)
+        )
     return reports
 
 
@@ -121,17 +138,27 @@ async def read_spend_task(
     aliases: list[str],
     before: dict[str, float] | None = None,
     called: list[str] | None = None,
+    streamed: dict[str, list[str]] | None = None,
 ) -> list[SpendRow]:
-    """Per-key spend, waiting (bounded by spec.timeouts.spend_visible_s) for LiteLLM's batched write."""
+    """Per-key spend, waiting (bounded by spec.timeouts.spend_visible_s) for LiteLLM's batched write;
+    ``streamed``: per alias, ids of streamed calls whose metering the spend log decides."""
     log = run_logger()
     async with open_api(target) as api, open_gateway(api, spec) as gw:
         master = await read_ref(api, spec.master_key)
         rows = await gateway.read_spend(
-            gw, master, aliases, before=before, called=called or [], wait_s=spec.timeouts.spend_visible_s
+            gw,
+            master,
+            aliases,
+            before=before,
+            called=called or [],
+            streamed=streamed,
+            wait_s=spec.timeouts.spend_visible_s,
         )
     for r in rows:
         budget = f" of ${r.max_budget:.2f} ({(r.share_used or 0) * 100:.4f}%)" if r.max_budget else ""
-        log.info("Key %r: spent $%.6f%s: %s. %s", r.alias, r.spend, budget, r.status, r.note)
+        (log.warning if r.status == "not metered" else log.info)(
+            "Key %r: spent $%.6f%s: %s. %s", r.alias, r.spend, budget, r.status, r.note
+        )
     return rows
 
 
