@@ -46,9 +46,15 @@ class RunReport(BaseModel):
     final_state: dict[str, int] = Field(default_factory=dict, description="Replicas per Deployment at the end.")
     notes: list[str] = Field(default_factory=list)
 
-    def step(self, text: str) -> None:
+    current_step: str = Field("start", exclude=True, description="The last step begun that is not a clean-up.")
+
+    def step(self, text: str, *, cleanup: bool = False) -> None:
+        """Record a step. Clean-up steps (run in a ``finally`` after a failure) do not become the step a
+        failure is reported at."""
         elapsed = time.monotonic() - self.started_monotonic
         self.steps.append(f"+{elapsed:6.1f}s {text}")
+        if not cleanup:
+            self.current_step = text
 
     def section(self, model: str) -> ModelSection:
         for s in self.models:

@@ -79,7 +79,7 @@ async def bring_up(
                     ok = True
                 finally:
                     if not ok:
-                        report.step("bring-up failed: scale the model and front-ends back to 0")
+                        report.step("bring-up failed: scale the model and front-ends back to 0", cleanup=True)
                         outcome = await release(target, spec, [model.name], frontends)
                         report.notes += [f"{k}: {v}" for k, v in outcome.items()]
             report.finish("passed: serving")

@@ -26,7 +26,7 @@ from prefect.states import Cancelled
 from pydantic import BaseModel, ConfigDict, Field
 
 from coder_stack import kube
-from coder_stack.errors import CoderStackError, SpecError
+from coder_stack.errors import CoderStackError, SpecError, UnexpectedError
 from coder_stack.k8s import ClusterTarget, open_api
 from coder_stack.kube import ReadyReport
 from coder_stack.report import ModelSection, RunReport, SmokeLine, SpendLine
@@ -168,9 +168,19 @@ async def guarded(
     try:
         yield
     except BaseException as e:
+        step = report.current_step
         report.finish(f"failed: {type(e).__name__}")
-        logger().error("%s failed: %s", flow_name, e)
+        if isinstance(e, CoderStackError):
+            e.step = e.step or step
+        logger().error("%s failed at %r: %s", flow_name, step, e)
         await sigterm.reraise(e)
+        if isinstance(e, Exception) and not isinstance(e, CoderStackError):
+            # Whatever fails, the user gets one line naming the step (the report is still published below)
+            wrapped = UnexpectedError(e, step=step)
+            wrapped.report = report
+            raise wrapped from e
+        if isinstance(e, CoderStackError):
+            e.report = report
         raise
     finally:
         sigterm.restore()

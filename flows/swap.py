@@ -1,8 +1,10 @@
 """swap_model: give the GPU to another model and leave it serving.
 
 Every other GPU model to 0, wait until their pods are gone (the GPU is free only then), the target up,
-wait ready, smoke it, leave it serving. If the target fails, it is scaled back to 0: no broken model
-holds the GPU.
+wait ready, smoke it, leave it serving. If the target fails to come up or its direct smoke fails, it is
+scaled back to 0: no broken model holds the GPU. Once it works directly, a failure through the gateway
+(a stale key, a spent budget) leaves it serving and says what to fix: a cold start is not thrown away
+over a key.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ import time
 from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
-from coder_stack.errors import NotFound
+from coder_stack.errors import KeyUnusable, SmokeFailed
 from coder_stack.gpu import gpu_session
-from coder_stack.k8s import cluster_session
+from coder_stack.k8s import ClusterTarget, cluster_session
 from coder_stack.report import RunReport
-from coder_stack.spec import DNS_LABEL
+from coder_stack.smoke import KEY_HOPS
+from coder_stack.spec import DNS_LABEL, StackSpec
 from flows.common import (
     Connection,
     free_gpu,
@@ -28,7 +31,7 @@ from flows.common import (
     release,
 )
 from tasks.cluster import preflight_task
-from tasks.gateway import gateway_ready_task
+from tasks.gateway import ensure_keys_task, gateway_ready_task
 from tasks.smoke import smoke_direct_task, smoke_gateway_task
 
 
@@ -78,20 +81,42 @@ async def swap_model(
                         record_failure(section, "direct (pod, vLLM key)", e)
                         raise
                     record_smoke(section, res, "direct (pod, vLLM key)")
-                    if options.smoke_gateway and spec.key_for_model(model) is not None:
-                        await gateway_ready_task(target, spec)
-                        try:
-                            metered = await smoke_gateway_task(target, spec, model.name, check_spend=False)
-                            record_smoke(section, metered.smoke, "gateway (client key)")
-                        except NotFound as e:
-                            report.notes.append(f"gateway smoke skipped: {e} (run `coder-stack keys` to mint it)")
                     report.notes.append(f"swap time: {swap_s:.1f} s from start to {model.name} Ready")
                     log.info("%s is serving; the swap took %.1f s.", model.name, swap_s)
-                    ok = True
+                    ok = True  # the model works: from here on, a problem is the key's, not a reason to give the GPU up
+                    ks = spec.key_for_model(model)
+                    if options.smoke_gateway and ks is not None:
+                        await _smoke_through_gateway(target, spec, model.name, ks.alias, report)
                 finally:
                     if not ok:
-                        report.step(f"{model.name} failed: scale it back to 0 so no broken model holds the GPU")
+                        report.step(
+                            f"{model.name} failed: scale it back to 0 so no broken model holds the GPU", cleanup=True
+                        )
                         outcome = await release(target, spec, [model.name], [])
                         report.notes += [f"{k}: {v}" for k, v in outcome.items()]
             report.finish("passed")
             return report
+
+
+async def _smoke_through_gateway(
+    target: ClusterTarget, spec: StackSpec, name: str, alias: str, report: RunReport
+) -> None:
+    """The model through the gateway with its client's key, repaired first as the keys flow would (a key
+    deleted in the gateway is re-minted and re-delivered). A key that still fails leaves the model serving:
+    the error says the key is the problem and what to do."""
+    section = report.section(name)
+    await gateway_ready_task(target, spec)
+    report.step(f"check the {alias!r} key as the keys flow does, then smoke {name} through the gateway")
+    try:
+        reps = await ensure_keys_task(target, spec, [alias])
+        report.key_actions += [f"{r.alias}: {r.action} ({r.delivered_to})" for r in reps]
+        metered = await smoke_gateway_task(target, spec, name, check_spend=False)
+    except (KeyUnusable, SmokeFailed) as e:
+        record_failure(section, "gateway (client key)", e)
+        if isinstance(e, SmokeFailed) and e.hop not in KEY_HOPS:
+            raise
+        raise KeyUnusable(
+            f"{name} is serving and its direct smoke passed, so it is left up; the gateway smoke failed on the "
+            f"{alias!r} key: {e}"
+        ) from e
+    record_smoke(section, metered.smoke, "gateway (client key)")

@@ -18,6 +18,7 @@ from coder_stack.errors import GpuBusy
 from coder_stack.gpu import gpu_session
 from coder_stack.k8s import ClusterTarget, cluster_session
 from coder_stack.report import RunReport
+from coder_stack.smoke import SmokeResult
 from coder_stack.spec import StackSpec
 from flows.common import (
     Connection,
@@ -33,7 +34,13 @@ from flows.common import (
     spend_lines,
 )
 from tasks.cluster import preflight_task, scale_task, wait_model_ready_task
-from tasks.gateway import ensure_keys_task, gateway_ready_task, read_spend_task, register_model_task
+from tasks.gateway import (
+    ensure_keys_task,
+    gateway_ready_task,
+    read_spend_task,
+    register_model_task,
+    spend_baseline_task,
+)
 from tasks.smoke import smoke_agent_task, smoke_direct_task, smoke_frontends_task, smoke_gateway_task
 
 
@@ -93,6 +100,8 @@ async def validate_coder_stack(
 
             started: list[str] = []
             restore: list[str] = []
+            spend_before: dict[str, float] = {}
+            streamed: dict[str, list[str]] = {}  # alias -> ids of calls streamed the way its consumer calls
             async with gpu_session(spec.timeouts.gpu_limit_s):
                 report.step("holding the GPU limit")
                 pf = await preflight_task(target, spec, [])
@@ -119,25 +128,35 @@ async def validate_coder_stack(
                         started.append(name)
                         if i == 0:
                             await model_up_with_keys_and_frontends(target, spec, name, key_aliases, frontends, report)
+                            spend_before = await spend_baseline_task(target, spec, [k.alias for k in spec.virtual_keys])
                         else:
                             await model_up(target, spec, name, report)
-                        await _smoke_stage(target, spec, stage, name, report, agent_keys)
+                        results = await _smoke_stage(target, spec, stage, name, report, agent_keys)
+                        for res in results:
+                            for u in res.usage:
+                                if u.streamed and u.request_id and u.key_alias:
+                                    streamed.setdefault(u.key_alias, []).append(u.request_id)
+                        if stage is Stage.AGENT:
+                            # the agent key is minted in its stage: its spend before the calls is 0
+                            spend_before.update({a: 0.0 for a in agent_keys if a not in spend_before})
                     webui_alias = _alias_delivered_to(spec, "openwebui-secrets")
                     tabby_alias = _alias_delivered_to(spec, "tabby-config")
                     used = [a for a, st in ((webui_alias, Stage.CHAT), (tabby_alias, Stage.FIM)) if a and st in stages]
                     if Stage.AGENT in stages:
                         used += agent_keys
-                    rows = await read_spend_task(target, spec, [k.alias for k in spec.virtual_keys], called=used)
+                    rows = await read_spend_task(
+                        target, spec, [k.alias for k in spec.virtual_keys], spend_before, called=used, streamed=streamed
+                    )
                     report.spend = spend_lines(rows)
                     report.step("spend read back per key")
                 finally:
-                    report.step("tear down what this run started")
+                    report.step("tear down what this run started", cleanup=True)
                     outcome = await release(target, spec, started, [] if options.keep_frontends else ours)
                     if options.keep_frontends:
                         report.notes.append("front-ends left running (keep_frontends)")
                     report.notes += [f"{k}: {v}" for k, v in outcome.items()]
                     if restore:
-                        report.step(f"restore {', '.join(restore)} (take_over)")
+                        report.step(f"restore {', '.join(restore)} (take_over)", cleanup=True)
                         for name in restore:
                             await scale_task(target, spec.serving_namespace, name, 1)
                             await wait_model_ready_task(target, spec, name, progress=False)
@@ -152,8 +171,10 @@ def _alias_delivered_to(spec: StackSpec, home: str) -> str | None:
 
 async def _smoke_stage(
     target: ClusterTarget, spec: StackSpec, stage: Stage, name: str, report: RunReport, agent_keys: list[str]
-) -> None:
+) -> list[SmokeResult]:
+    """The stage's smokes, recorded in the report; returns their results."""
     section = report.section(name)
+    results: list[SmokeResult] = []
 
     async def run(label: str, coro: Awaitable[Any]) -> Any:
         try:
@@ -163,6 +184,7 @@ async def _smoke_stage(
             raise
         smoke = getattr(res, "smoke", res)
         record_smoke(section, smoke, label)
+        results.append(smoke)
         return res
 
     await run("direct (pod, vLLM key)", smoke_direct_task(target, spec, name))
@@ -182,3 +204,4 @@ async def _smoke_stage(
         reps = await ensure_keys_task(target, spec, agent_keys)
         report.key_actions += [f"{r.alias}: {r.action} ({r.delivered_to})" for r in reps]
         await run("tool loop through the gateway (agent key)", smoke_agent_task(target, spec, name))
+    return results
