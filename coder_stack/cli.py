@@ -11,8 +11,9 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
-from coder_stack.errors import CoderStackError
+from coder_stack.errors import CoderStackError, one_line
 from coder_stack.spec import load_spec, spec_yaml
 
 # Without PREFECT_API_URL every command starts a temporary Prefect server (15-20 s on 2 cores); Prefect's
@@ -44,7 +45,9 @@ DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print what would cha
 
 
 def _fail(err: BaseException) -> None:
-    console.print(f"[bold red]error:[/] {err}")
+    """One line on stderr: the step it ended (for flows), what broke and what to do. Printed as plain
+    text: error messages carry hop tags such as ``[key]`` that rich would take for markup."""
+    console.print(Text.assemble(("error: ", "bold red"), one_line(err)), soft_wrap=True)
     raise typer.Exit(1)
 
 
@@ -52,6 +55,10 @@ def _run(coro: Any) -> Any:
     try:
         return asyncio.run(coro)
     except CoderStackError as e:
+        if e.report is not None:
+            _show(e.report)
+        _fail(e)
+    except Exception as e:  # not ours: still one line, never a traceback
         _fail(e)
     except KeyboardInterrupt:
         console.print("interrupted")
@@ -322,6 +329,47 @@ def status(stack: StackOpt = None, kubeconfig: KubeconfigOpt = None, context: Co
         out.print(st)
 
 
+DOCTOR_HELP = (
+    "Check the gateway and the model servers before the morning run meets them: quick, no Prefect flow or server."
+    "\n\n"
+    "Read-only, except for throwaway virtual keys (alias coder-stack-doctor-HEX, budget $0.01) that it always "
+    "deletes again, even when a check fails."
+    "\n\n"
+    "Checks: the gateway is ready, and its version; every alias the stack uses is in /model/info (a missing one "
+    "breaks calls with 400 although /v1/models lists it), has prices (else spend reads $0) and routes to the spec's "
+    "Service; a key's lifecycle (mint, /key/info, /key/list, /key/update, /key/delete, refused with 401 after); "
+    "whether a streamed FIM completion (as Tabby sends it) is metered, when coder-fim is serving; /health, /version "
+    "and the served name in /v1/models of each model whose Deployment has replicas > 0."
+    "\n\n"
+    "Each row is ok, warn, fail or skipped, with what was seen and what to do. Exit code 0 when nothing failed, "
+    "1 otherwise. No key value is ever printed."
+)
+
+
+@app.command(help=DOCTOR_HELP)
+def doctor(
+    json_out: Annotated[bool, typer.Option("--json", help="Print the rows as JSON instead of a table.")] = False,
+    stack: StackOpt = None,
+    kubeconfig: KubeconfigOpt = None,
+    context: ContextOpt = None,
+) -> None:
+    """Check the gateway and the model servers before the morning run meets them (see DOCTOR_HELP)."""
+    from rich.text import Text
+
+    from coder_stack.doctor import doctor_cluster, render
+
+    _check_spec(stack)
+    if kubeconfig is not None and not kubeconfig.is_file():
+        _fail(CoderStackError(f"--kubeconfig {kubeconfig} does not exist; pass the path of a kubeconfig file"))
+    report = _run(doctor_cluster(_target(kubeconfig, context), load_spec(stack)))
+    if json_out:
+        typer.echo(report.to_json())
+    else:
+        out.print(render(report))
+        out.print(Text(report.summary(), style="bold" if report.ok else "bold red"))
+    raise typer.Exit(0 if report.ok else 1)
+
+
 @app.command()
 def setup(
     no_deploy: Annotated[bool, typer.Option("--no-deploy", help="Only the GPU limit and work pools.")] = False,
@@ -393,5 +441,5 @@ def main() -> None:  # pragma: no cover - console entry point
     try:
         app()
     except CoderStackError as e:
-        console.print(f"[bold red]error:[/] {e}")
+        console.print(Text.assemble(("error: ", "bold red"), one_line(e)), soft_wrap=True)
         sys.exit(1)
