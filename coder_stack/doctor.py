@@ -16,10 +16,8 @@ do. No key value, header or master key ever goes into a row, a log line or an ex
 
 from __future__ import annotations
 
-import asyncio
 import json
 import secrets
-import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from contextlib import AsyncExitStack
 from typing import Any, Literal
@@ -29,9 +27,9 @@ import openai
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from coder_stack import gateway
-from coder_stack.errors import CoderStackError, EndpointUnavailable, GatewayRequestError, redact
+from coder_stack.errors import CoderStackError, redact
 from coder_stack.http import bearer, error_detail, openai_client, scrub_url
-from coder_stack.smoke import FIM_MAX_TOKENS, FIM_STOP, fim_prompt
+from coder_stack.smoke import fim_streamed
 from coder_stack.spec import ModelSpec, StackSpec
 
 Status = Literal["ok", "warn", "fail", "skipped"]
@@ -148,11 +146,10 @@ class _VersionSeen:
 
 
 def stack_aliases(spec: StackSpec) -> list[str]:
-    """Every gateway alias the stack uses: its models', the embeddings alias, and the keys' scopes."""
-    out = [m.alias for m in spec.models] + [spec.embeddings_alias]
-    for k in spec.virtual_keys:
-        out.extend(k.models)
-    return list(dict.fromkeys(out))
+    """Every gateway alias the stack uses: those the gateway must serve already, then those the flows
+    register at run time."""
+    runtime = [m.alias for m in spec.models if m.register_at_runtime]
+    return gateway.expected_aliases(spec) + [a for a in runtime if a not in gateway.expected_aliases(spec)]
 
 
 def _chat_model(spec: StackSpec) -> ModelSpec:
@@ -423,42 +420,6 @@ async def _check_key_lifecycle(
                 )
 
 
-async def _spend_logs(gw: httpx.AsyncClient, master: SecretStr, token: str) -> list[dict[str, Any]]:
-    """Entries of ``/spend/logs?api_key=<hash>`` (LiteLLM: newest first)."""
-    try:
-        resp = await gw.get("/spend/logs", params={"api_key": token}, headers=bearer(master))
-    except httpx.TransportError as e:
-        raise EndpointUnavailable(
-            f"could not read /spend/logs: the gateway is unreachable ({type(e).__name__})"
-        ) from None
-    if resp.status_code != 200:
-        raise GatewayRequestError(f"could not read /spend/logs: the gateway answered {_answer(resp)}")
-    try:
-        data = resp.json()
-    except ValueError:
-        raise GatewayRequestError("could not read /spend/logs: the answer is not JSON") from None
-    items = data.get("data", []) if isinstance(data, dict) else data
-    return [i for i in items or [] if isinstance(i, dict)]
-
-
-async def _stream_fim(gw: httpx.AsyncClient, key: SecretStr, spec: StackSpec, alias: str) -> tuple[str, str]:
-    """One streamed ``/v1/completions`` as Tabby sends it; (the completion's id, its text)."""
-    oai = openai_client(gw, str(gw.base_url), key, spec.timeouts)
-    stream = await oai.completions.create(
-        model=alias,
-        prompt=fim_prompt(),
-        max_tokens=FIM_MAX_TOKENS,
-        temperature=0,
-        stop=FIM_STOP,
-        stream=True,
-    )
-    ident, parts = "", list[str]()
-    async for chunk in stream:
-        ident = ident or str(getattr(chunk, "id", "") or "")
-        parts.extend(c.text or "" for c in chunk.choices or [])
-    return ident, "".join(parts)
-
-
 async def _check_fim_metering(
     gw: httpx.AsyncClient, master: SecretStr, spec: StackSpec, rows: _Rows, serving: Mapping[str, int] | None
 ) -> None:
@@ -483,20 +444,18 @@ async def _check_fim_metering(
             recs = await gateway.list_keys_by_alias(gw, master, alias)
             token = recs[0].token if recs else None
         try:
-            ident, _text = await _stream_fim(gw, minted.key, spec, fim.alias)
+            oai = openai_client(gw, str(gw.base_url), minted.key, spec.timeouts)
+            _text, _usage, ident = await fim_streamed(oai, fim.alias)
         except (openai.OpenAIError, httpx.HTTPError) as e:
             rows.add(name, "fail", f"streamed /v1/completions to {fim.alias}: {_why(e)}", "read the gateway's log")
             return
         if not token or not ident:
             rows.add(name, "warn", "cannot match the stream to a spend-log entry (no key hash or no completion id)")
             return
-        deadline = time.monotonic() + spec.timeouts.spend_visible_s
-        entry: dict[str, Any] | None = None
-        while True:
-            entry = next((e for e in await _spend_logs(gw, master, token) if e.get("request_id") == ident), None)
-            if entry is not None or time.monotonic() >= deadline:
-                break
-            await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+        found = await gateway.wait_for_spend_log_entries(
+            gw, master, token, [ident], wait_s=spec.timeouts.spend_visible_s
+        )
+        entry = found.get(ident)
         if entry is None:
             rows.add(
                 name,

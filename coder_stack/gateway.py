@@ -409,6 +409,26 @@ async def spend_logs(gw: httpx.AsyncClient, master: SecretStr, token: str) -> li
     return [e for e in data if isinstance(e, dict)] if isinstance(data, list) else []
 
 
+async def wait_for_spend_log_entries(
+    gw: httpx.AsyncClient,
+    master: SecretStr,
+    token: str,
+    request_ids: Iterable[str],
+    *,
+    wait_s: float,
+    poll_s: float = 0.5,
+) -> dict[str, dict[str, Any]]:
+    """The spend-log entries of these calls (by the answers' ids), polling until all are there or
+    ``wait_s`` has passed: LiteLLM writes the log in batches, seconds after the call."""
+    wanted = set(request_ids)
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = {e["request_id"]: e for e in await spend_logs(gw, master, token) if e.get("request_id") in wanted}
+        if len(found) == len(wanted) or time.monotonic() >= deadline:
+            return found
+        await asyncio.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+
+
 STREAMED_FIM_ADVICE = (
     "this gateway logs streamed /v1/completions (how Tabby calls) at $0 and 0 tokens, so the key's budget does "
     "not limit Tabby: cap the key with rpm_limit/tpm_limit, or use a LiteLLM version that meters streamed "
@@ -426,12 +446,7 @@ async def probe_streamed_calls(
     token = recs[0].token if recs else None
     if not wanted or token is None:
         return None, "no spend-log entry to look at (no streamed call id, or the key has no hashed id)"
-    deadline = time.monotonic() + wait_s
-    while True:
-        found = {e["request_id"]: e for e in await spend_logs(gw, master, token) if e.get("request_id") in wanted}
-        if len(found) == len(wanted) or time.monotonic() >= deadline:
-            break
-        await asyncio.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+    found = await wait_for_spend_log_entries(gw, master, token, wanted, wait_s=wait_s, poll_s=poll_s)
     if len(found) < len(wanted):
         return None, f"the spend log had no entry for {len(wanted) - len(found)} streamed call(s) after {wait_s:.0f}s"
     charged = [e for e in found.values() if float(e.get("spend") or 0) > 0 or int(e.get("total_tokens") or 0) > 0]
@@ -631,4 +646,5 @@ __all__ = [
     "read_spend_baseline",
     "spend_logs",
     "update_key",
+    "wait_for_spend_log_entries",
 ]
