@@ -2,8 +2,8 @@
 
 - any failure inside a flow reaches the CLI as one line naming the step, after the run's report, never a
   traceback; hop tags such as ``[key]`` survive the terminal;
-- ``swap`` with a stale key repairs it as the keys flow would and leaves a healthy model serving; a key
-  that cannot be repaired (a spent budget) leaves the model serving too, and the error says it is the key;
+- ``swap`` with a stale key repairs it as the keys flow would and leaves a healthy model serving (a key
+  that cannot be repaired, a spent budget: tests/test_reliability.py);
 - preflight names an alias the gateway does not serve (a key's /v1/models would list it anyway);
 - the spend report compares against the spend before the calls, and says when Tabby's way of calling
   (streamed FIM) is not metered.
@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from coder_stack import smoke
 from coder_stack.cli import app
-from coder_stack.errors import KeyUnusable, PreflightError, SmokeFailed
+from coder_stack.errors import PreflightError, SmokeFailed
 from coder_stack.spec import StackSpec
 from flows.swap import SwapOptions, swap_model
 from flows.validate import ValidateOptions, validate_coder_stack
@@ -97,20 +97,6 @@ async def test_swap_with_a_key_deleted_in_the_gateway_repairs_it_and_leaves_the_
     assert report.outcome == "passed", report.to_markdown()
     assert any(a.startswith("open-webui: reminted") for a in report.key_actions), report.key_actions
     assert [s.ok for s in report.section("coder-chat").smokes] == [True, True]
-    assert replicas(sim)["coder-chat"] == 1 and serving_ready(sim, "coder-chat")
-
-
-async def test_swap_with_a_spent_key_leaves_the_model_serving_and_says_the_key_is_the_problem(
-    sim: SimStack,
-) -> None:
-    from tasks.gateway import ensure_keys_task
-
-    target = conn(sim).resolve()[1]
-    await ensure_keys_task.fn(target, SPEC, ["open-webui"])
-    set_key_fields(sim, "open-webui", spend=6.0)  # over its $5 budget
-
-    with pytest.raises(KeyUnusable, match="coder-chat is serving .* left up.*'open-webui' key.*over budget"):
-        await swap_model(options=SwapOptions(target="coder-chat"), connection=conn(sim))
     assert replicas(sim)["coder-chat"] == 1 and serving_ready(sim, "coder-chat")
 
 

@@ -37,8 +37,8 @@ from prefect.states import Crashed
 from coder_stack.errors import (
     ClusterUnavailable,
     Forbidden,
+    KeyUnusable,
     PodFailed,
-    SmokeFailed,
     WaitTimeout,
 )
 from coder_stack.gpu import GPU_LIMIT, gpu_limit_status
@@ -302,9 +302,11 @@ async def test_gateway_5xx_is_retried_and_the_run_recovers(make_sim: Callable[..
         await runner.cleanup()
 
 
-async def test_budget_exhausted_fails_the_gateway_smoke_at_the_budget_hop_and_frees_the_gpu(
+async def test_budget_exhausted_fails_naming_the_key_and_keeps_the_healthy_model_serving(
     make_sim: Callable[..., SimStack],
 ) -> None:
+    """A spent budget is the key's problem: re-minting would bypass it, and scaling the model down would
+    throw away a cold start. The swap leaves coder-chat serving and says what to do about the key."""
     sim = make_sim()
     await manage_keys(connection=conn(sim))
 
@@ -314,10 +316,14 @@ async def test_budget_exhausted_fails_the_gateway_smoke_at_the_budget_hop_and_fr
                 rec["spend"] = float(rec["max_budget"])
 
     sim.call(exhaust)
-    with pytest.raises(SmokeFailed) as info:
+    keys_before = sim.call(lambda: sorted(sim.services.litellm_db["keys"]))
+    with pytest.raises(KeyUnusable) as info:
         await swap(sim, smoke_gateway=True)
-    assert info.value.hop == "budget", str(info.value)
-    assert "budget" in str(info.value).lower()
+    msg = str(info.value)
+    assert "coder-chat is serving" in msg and "'open-webui' is over budget" in msg and "raise max_budget" in msg
+    assert replicas(sim)["coder-chat"] == 1
+    assert sim.call(lambda: sorted(sim.services.litellm_db["keys"])) == keys_before  # nothing re-minted
+    await teardown(connection=conn(sim))
     await assert_no_gpu_model_running(sim)
 
 
