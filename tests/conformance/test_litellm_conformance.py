@@ -1,0 +1,479 @@
+"""Conformance of the LiteLLM stand-in with real LiteLLM 1.108.7: every recorded exchange replayed, in order.
+
+``simstack/recordings/litellm-1.108.7.jsonl`` is one stateful session with a real proxy (keys minted, used,
+updated, deleted; spend polled; a model registered at run time). This module starts the LiteLLM stand-in
+configured like that proxy (same aliases, upstream URLs, prices, ``store_model_in_db``, a 1 s batch write)
+in front of vLLM stand-ins, replays every exchange once, in recorded order (module scope), and then holds
+each answer to its recording, one test id per exchange:
+
+- the status;
+- the body's SHAPE: every JSON path (fields present AND absent) with its JSON type (stream payloads one by
+  one, so the chunk count and each chunk's shape count too);
+- the VALUES at every path, after the recording's placeholders are replaced by the live values of this
+  replay (keys, hashes, display names, model ids), except the paths allow-listed below, each with its
+  reason (timestamps, generated ids, durations ...);
+- the ``x-litellm-*`` header names (present and absent), their values where they are not per-call, that
+  ``x-litellm-key-spend`` is the call's own cost, and that no ``retry-after`` is sent.
+
+Polling exchanges (``*-poll-NN``) are replayed as "ask until the answer has the recorded shape and values",
+bounded by a few seconds, since the timing of the batched spend write differs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import math
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+import pytest
+import yaml
+
+from simstack.recordings import LITELLM, Exchange, exchanges
+from simstack.standins import ContainerRun, RunningBackend, SimServices, start_standin
+from tests.conformance.shape import shape_diff
+
+EXCHANGES = exchanges(LITELLM)
+MASTER = "sk-conformance-master-" + secrets.token_hex(8)
+UPSTREAM = "upstream-conformance-" + secrets.token_hex(8)
+# The recorded proxy reached vLLM at 127.0.0.1:18213 (one vLLM, three served names) and the embeddings
+# server at 127.0.0.1:18214; the resolver below sends those addresses to the stand-ins.
+VLLM_HOSTPORT, EMBED_HOSTPORT = "127.0.0.1:18213", "127.0.0.1:18214"
+VLLM_BASE, EMBED_BASE = f"http://{VLLM_HOSTPORT}/v1", f"http://{EMBED_HOSTPORT}/v1"
+EMBED_SERVED = "qwen-mean-pool-embeddings"
+# The recorded proxy's model list, read back from its /model/info (exchange model-info-all).
+CONFIG: dict[str, Any] = {
+    "model_list": [
+        {
+            "model_name": "coder-chat",
+            "litellm_params": {
+                "model": "openai/qwen2.5-coder-7b-instruct",
+                "api_base": VLLM_BASE,
+                "api_key": "os.environ/UPSTREAM_API_KEY",
+                "input_cost_per_token": 5e-7,
+                "output_cost_per_token": 1.5e-6,
+            },
+            "model_info": {"max_tokens": 4096, "max_input_tokens": 4096, "max_output_tokens": 4096},
+        },
+        {
+            "model_name": "coder-fim",
+            "litellm_params": {
+                "model": "text-completion-openai/qwen2.5-coder-1.5b",
+                "api_base": VLLM_BASE,
+                "api_key": "os.environ/UPSTREAM_API_KEY",
+                "input_cost_per_token": 1e-7,
+                "output_cost_per_token": 2e-7,
+            },
+            "model_info": {"max_tokens": 4096, "max_input_tokens": 4096, "max_output_tokens": 4096},
+        },
+        {
+            "model_name": "embeddings",
+            "litellm_params": {
+                "model": f"openai/{EMBED_SERVED}",
+                "api_base": EMBED_BASE,
+                "api_key": "os.environ/UPSTREAM_API_KEY",
+                "input_cost_per_token": 2e-8,
+                "output_cost_per_token": 0.0,
+            },
+            "model_info": {"mode": "embedding"},
+        },
+    ],
+    "general_settings": {"master_key": "os.environ/PROXY_MASTER_KEY", "store_model_in_db": True},
+}
+POLL_RE = re.compile(r"-poll-\d+$")
+POLL_BOUND_S = 6.0
+
+# ------------------------------------------------------------------ what is compared by type only
+# Paths (regex over the dotted path, list items as [i]) whose VALUES may differ; their types still count.
+VALUE_ALLOW: list[tuple[str, str]] = [
+    (r"(^|\.)(created_at|updated_at|settings_updated_at|last_active|deleted_at)$", "wall-clock timestamps"),
+    (r"(^|\.)(startTime|endTime|completionStartTime)$", "wall-clock timestamps"),
+    (r"(^|\.)created$", "epoch seconds of the answer"),
+    (r"(^|\.)budget_reset_at$", "depends on today's date; checked by the midnight rule instead"),
+    (r"^(\[\d+\]\.)?id$|^info\.id$", "generated ids (chatcmpl-/cmpl- ids of vLLM, the deleted row's uuid)"),
+    (r"(^|\.)(request_id|litellm_call_id|session_id)$", "per-call ids"),
+    (r"(^|\.)(request_duration_ms|litellm_overhead_time_ms)$", "durations"),
+    (r"^litellm_params\.(model|api_base|api_key)$", "encrypted blobs with a random nonce (checked not clear)"),
+    (r"(^|\.)embedding(\[\*\])?$", "the embeddings server's numbers (vLLM side)"),
+    (r"(^|\.)(user_agent|request_tags)$", "the replaying client's User-Agent"),
+    (r"\.tool_calls\[\d+\]\.id$", "vLLM's random chatcmpl-tool- ids (checked by pattern)"),
+    (r"^metadata\.error_information\.traceback$", "traceback text"),
+]
+# Message texts that vary at the model (no temperature: "hi" prompts) are the vLLM side's business.
+TEXT_PATHS = re.compile(r"(\.message\.content|\.delta\.content|\.text)$")
+VARYING_TEXT_IDS = {"chat-del-value-before-delete", "chat-hi", "budget-call-1", "budget-immediate-call-1"}
+# x-litellm-* headers whose values are per call.
+HEADER_VALUE_ALLOW = {
+    "x-litellm-call-id",
+    "x-litellm-response-duration-ms",
+    "x-litellm-overhead-duration-ms",
+    "x-litellm-callback-duration-ms",
+}
+HEX64 = re.compile(r"^[0-9a-f]{64}$")
+UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+# ------------------------------------------------------------------ shape and value comparison
+def jtype(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "bool"
+    if isinstance(v, int | float):
+        return "number"
+    if isinstance(v, str):
+        return "string"
+    if isinstance(v, list):
+        return "list"
+    return "object"
+
+
+def flatten(v: Any, path: str = "") -> dict[str, Any]:
+    """path -> value for every node; items of a list of objects by index, of a list of scalars as [*]."""
+    out: dict[str, Any] = {path: v}
+    if isinstance(v, dict):
+        for k, x in v.items():
+            out.update(flatten(x, f"{path}.{k}" if path else str(k)))
+    elif isinstance(v, list):
+        if all(not isinstance(x, dict | list) for x in v):
+            out[f"{path}[*]"] = v
+        else:
+            for i, x in enumerate(v):
+                out.update(flatten(x, f"{path}[{i}]"))
+    return out
+
+
+def _allowed(path: str) -> bool:
+    return any(re.search(p, path) for p, _ in VALUE_ALLOW)
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, int | float) and isinstance(b, int | float) and not isinstance(a, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-15)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
+def _norm_message(s: str) -> str:
+    # The cost in a budget message is the spend this replay made (token counts at the upstream).
+    return re.sub(r"Current cost: [0-9.e+-]+", "Current cost: <n>", s)
+
+
+def compare(expected: Any, actual: Any, ex_id: str, where: str = "body") -> list[str]:
+    e, a = flatten(expected), flatten(actual)
+    out = []
+    for p in sorted(set(e) - set(a)):
+        out.append(f"{where}: missing {p or '<root>'} ({jtype(e[p])})")
+    for p in sorted(set(a) - set(e)):
+        out.append(f"{where}: extra {p or '<root>'} ({jtype(a[p])})")
+    for p in sorted(set(e) & set(a)):
+        ev, av = e[p], a[p]
+        if jtype(ev) != jtype(av):
+            out.append(f"{where}: {p or '<root>'} is {jtype(av)}, recorded {jtype(ev)}")
+            continue
+        if isinstance(ev, dict) or (isinstance(ev, list) and not p.endswith("[*]")):
+            continue  # containers: their members are compared one by one ([*]: a list of scalars as a whole)
+        if _allowed(p) or (TEXT_PATHS.search(p) and ex_id in VARYING_TEXT_IDS):
+            continue
+        if isinstance(ev, str) and isinstance(av, str) and p.endswith("message"):
+            ev, av = _norm_message(ev), _norm_message(av)
+        if not _same_value(ev, av):
+            out.append(f"{where}: {p or '<root>'} = {av!r:.200}, recorded {ev!r:.200}")
+    return out
+
+
+# ------------------------------------------------------------------ the replay
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: Any
+
+
+@dataclass
+class Live:
+    """Live values the recording's placeholders stand for."""
+
+    subs: dict[str, str] = field(default_factory=dict)
+    model_ids: dict[str, str] = field(default_factory=dict)  # recorded /model/new id -> live id
+
+    def sub(self, v: Any) -> Any:
+        if isinstance(v, str):
+            for ph in sorted(self.subs, key=len, reverse=True):
+                if ph in v:
+                    v = v.replace(ph, self.subs[ph])
+            for rec, live in self.model_ids.items():
+                v = v.replace(rec, live)
+            return v
+        if isinstance(v, list):
+            return [self.sub(x) for x in v]
+        if isinstance(v, dict):
+            return {self.sub(k): self.sub(x) for k, x in v.items()}
+        return v
+
+
+def _resolver(hosts: dict[str, int]) -> Any:
+    def resolve(url: str) -> str | None:
+        parts = urlsplit(url)
+        hostport = parts.netloc
+        if hostport not in hosts:
+            return url
+        return urlunsplit((parts.scheme, f"127.0.0.1:{hosts[hostport]}", parts.path, parts.query, parts.fragment))
+
+    return resolve
+
+
+def _litellm_run() -> ContainerRun:
+    path = "/etc/litellm/proxy_config.yaml"
+    return ContainerRun(
+        namespace="litellm",
+        pod_name="litellm-0",
+        app="litellm",
+        image="ghcr.io/berriai/litellm:main-v1.108.7",
+        args=["--config", path, "--port", "4000"],
+        env={"PROXY_MASTER_KEY": MASTER, "UPSTREAM_API_KEY": UPSTREAM, "DATABASE_URL": "postgresql://x"},
+        files={path: yaml.safe_dump(CONFIG)},
+        container_port=4000,
+    )
+
+
+def _parse_sse(text: str) -> list[Any]:
+    out: list[Any] = []
+    for line in text.splitlines():
+        if line.startswith("data:"):
+            payload = line[5:].strip()
+            try:
+                out.append(json.loads(payload))
+            except json.JSONDecodeError:
+                out.append(payload)
+    return out
+
+
+def _recorded_body(ex: Exchange) -> Any:
+    if ex.is_stream:
+        out: list[Any] = []
+        for p in ex.body:
+            try:
+                out.append(json.loads(p))
+            except json.JSONDecodeError:
+                out.append(p)
+        return out
+    return ex.body
+
+
+async def _send(c: httpx.AsyncClient, url: str, ex: Exchange, live: Live) -> Answer:
+    req = ex.request
+    headers = {}
+    if ex.auth != "<none>":
+        headers["Authorization"] = f"Bearer {live.sub(ex.auth)}"
+    params = live.sub(req.get("query") or {})
+    body = live.sub(req.get("body"))
+    kwargs: dict[str, Any] = {"headers": headers, "params": params}
+    if body is not None and req["method"] != "GET":
+        kwargs["json"] = body
+    r = await c.request(req["method"], url + live.sub(req["path"]), **kwargs)
+    ctype = r.headers.get("content-type", "")
+    if ctype.startswith("text/event-stream"):
+        parsed: Any = _parse_sse(r.text)
+    else:
+        try:
+            parsed = r.json()
+        except json.JSONDecodeError:
+            parsed = r.text
+    return Answer(r.status_code, {k.lower(): v for k, v in r.headers.items()}, parsed)
+
+
+def _capture(ex: Exchange, ans: Answer, live: Live) -> None:
+    """Placeholders whose live value this answer mints."""
+    if ex.path == "/key/generate" and ans.status == 200 and ex.status == 200:
+        alias = ex.request["body"]["key_alias"]
+        key, token = ans.body.get("key"), ans.body.get("token") or ans.body.get("token_id")
+        if isinstance(key, str):
+            live.subs[f"<vkey:{alias}>"] = key
+            live.subs[f"<last4:{alias}>"] = key[-4:]
+        if isinstance(token, str):
+            live.subs[f"<hash:{alias}>"] = token
+    if ex.path == "/model/new" and ans.status == 200 and isinstance(ans.body, dict):
+        live.model_ids[str(ex.body["model_id"])] = str(ans.body.get("model_id"))
+    if ex.id == "model-info-all" and ans.status == 200:
+        # config deployments' ids (64 hex) in the recording -> the stand-in's, by model name
+        rec = {d["model_name"]: d["model_info"]["id"] for d in ex.body["data"]}
+        for d in ans.body.get("data", []):
+            rid = rec.get(d.get("model_name"))
+            if rid is not None and HEX64.match(rid):
+                live.model_ids[rid] = d["model_info"]["id"]
+
+
+@dataclass
+class Replay:
+    answers: dict[str, Answer]
+    live: Live
+    errors: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+async def replay() -> AsyncIterator[Replay]:
+    hosts: dict[str, int] = {}
+    services = SimServices(resolve_url=_resolver(hosts), time_scale=1.0, spend_write_delay_s=1.0)
+    backends: list[RunningBackend] = []
+    gw: RunningBackend | None = None
+    live = Live(
+        subs={
+            "<master>": MASTER,
+            "<vllm-key>": UPSTREAM,
+            "<wrong-key>": "sk-" + secrets.token_urlsafe(16),
+            "<never-minted>": "sk-" + secrets.token_urlsafe(16),
+        }
+    )
+    answers: dict[str, Answer] = {}
+    errors: dict[str, str] = {}
+    try:
+        vllm_args = [
+            "--served-model-name", "qwen2.5-coder-7b-instruct", "qwen2.5-coder-1.5b", "qwen2.5-coder-14b-instruct",
+            "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--api-key", UPSTREAM,
+        ]  # fmt: skip
+        embed_args = ["--served-model-name", EMBED_SERVED, "--task", "embed", "--api-key", UPSTREAM]
+        for hostport, args in ((VLLM_HOSTPORT, vllm_args), (EMBED_HOSTPORT, embed_args)):
+            run = ContainerRun("serving", f"vllm-{len(backends)}", "vllm", "vllm/vllm-openai:v0.32.0", args, {})
+            b = await start_standin(run, services)
+            assert b is not None
+            backends.append(b)
+            hosts[hostport] = b.port
+        gw = await start_standin(_litellm_run(), services)
+        assert gw is not None
+        url = f"http://127.0.0.1:{gw.port}"
+        async with httpx.AsyncClient(timeout=60) as c:
+            for ex in EXCHANGES:
+                try:
+                    ans = await _send(c, url, ex, live)
+                    if POLL_RE.search(ex.id):
+                        deadline = time.monotonic() + POLL_BOUND_S
+                        while check(ex, ans, live) and time.monotonic() < deadline:
+                            await asyncio.sleep(0.1)
+                            ans = await _send(c, url, ex, live)
+                    answers[ex.id] = ans
+                    _capture(ex, ans, live)
+                except Exception as e:  # one exchange's failure must not hide the others
+                    errors[ex.id] = f"{type(e).__name__}: {e}"
+        yield Replay(answers, live, errors)
+    finally:
+        if gw is not None:
+            await gw.stop()
+        for b in backends:
+            await b.stop()
+
+
+def _midnight_after(t: dt.datetime) -> dt.datetime:
+    day = dt.datetime(t.year, t.month, t.day, tzinfo=t.tzinfo)
+    return day if t == day else day + dt.timedelta(days=1)
+
+
+def _special_checks(ex: Exchange, ans: Answer) -> list[str]:
+    out: list[str] = []
+    body = ans.body if isinstance(ans.body, dict) else {}
+    # budget_reset_at (exchanges 16 of the notes): created + budget_duration, rounded up to midnight
+    for holder in (body, body.get("info") or {}):
+        if isinstance(holder, dict) and holder.get("budget_duration") == "30d" and holder.get("budget_reset_at"):
+            created = dt.datetime.fromisoformat(str(holder["created_at"]).replace("Z", "+00:00"))
+            want = _midnight_after(created + dt.timedelta(days=30))
+            got = dt.datetime.fromisoformat(str(holder["budget_reset_at"]).replace("Z", "+00:00"))
+            if got != want:
+                out.append(f"budget_reset_at {got.isoformat()} != {want.isoformat()} (midnight after created+30d)")
+    # timestamp spelling: ...Z from /key/generate and /key/list, ...+00:00 from /key/info
+    rec_flat, act_flat = flatten(ex.body), flatten(ans.body)
+    for p, v in rec_flat.items():
+        if isinstance(v, str) and re.match(r"^\d{4}-\d\d-\d\dT", v) and isinstance(act_flat.get(p), str):
+            for suffix in ("Z", "+00:00"):
+                if v.endswith(suffix) and not str(act_flat[p]).endswith(suffix):
+                    out.append(f"body: {p} = {act_flat[p]!r} should end with {suffix!r} like {v!r}")
+    # /model/new echoes encrypted params, never the clear values
+    if ex.path == "/model/new" and ans.status == 200:
+        params = body.get("litellm_params") or {}
+        req = ex.request["body"]["litellm_params"]
+        for k in ("model", "api_base", "api_key"):
+            if params.get(k) in (req.get(k), UPSTREAM):
+                out.append(f"/model/new litellm_params.{k} echoed in clear")
+    if UPSTREAM in json.dumps(ans.body) and ex.path != "/model/new":
+        out.append("the upstream key appears in the answer")
+    # tool call ids pass vLLM's through
+    for p, v in act_flat.items():
+        if re.search(r"\.tool_calls\[\d+\]\.id$", p) and not str(v).startswith("chatcmpl-tool-"):
+            out.append(f"body: {p} = {v!r} is not a vLLM chatcmpl-tool- id")
+    return out
+
+
+def _header_checks(ex: Exchange, ans: Answer, live: Live) -> list[str]:
+    out: list[str] = []
+    rec = {k.lower(): v for k, v in (ex.response.get("headers") or {}).items()}
+    got = ans.headers
+    rec_x = {k for k in rec if k.startswith("x-litellm-")}
+    got_x = {k for k in got if k.startswith("x-litellm-")}
+    out += [f"headers: missing {h}" for h in sorted(rec_x - got_x)]
+    out += [f"headers: extra {h}" for h in sorted(got_x - rec_x)]
+    if "retry-after" in got:
+        out.append("headers: retry-after sent")
+    rec_ct = rec.get("content-type", "").split(";")[0]
+    got_ct = got.get("content-type", "").split(";")[0]
+    if rec_ct != got_ct:
+        out.append(f"headers: content-type {got_ct!r}, recorded {rec_ct!r}")
+    for h in sorted(rec_x & got_x):
+        want, have = live.sub(rec[h]), got[h]
+        if h in HEADER_VALUE_ALLOW:
+            continue
+        if h == "x-litellm-model-id":
+            if not (HEX64.match(have) or UUID.match(have)) or (UUID.match(want) and want != have):
+                out.append(f"headers: {h} = {have!r}, recorded {want!r}")
+            continue
+        if h == "x-litellm-model-api-base":
+            continue  # the stand-in's upstream address is the recorded one (mapped by the resolver)
+        try:
+            same = math.isclose(float(want), float(have), rel_tol=1e-9, abs_tol=1e-15)
+        except ValueError:
+            same = want == have
+        if not same:
+            out.append(f"headers: {h} = {have!r}, recorded {want!r}")
+    spend, cost = got.get("x-litellm-key-spend"), got.get("x-litellm-response-cost")
+    if spend is not None and cost is not None and not math.isclose(float(spend), float(cost), abs_tol=1e-15):
+        out.append("headers: x-litellm-key-spend is not this call's own cost")
+    return out
+
+
+def check(ex: Exchange, ans: Answer, live: Live) -> list[str]:
+    """Every way the answer differs from the recording (empty: it conforms)."""
+    out: list[str] = []
+    if ans.status != ex.status:
+        out.append(f"status {ans.status}, recorded {ex.status}")
+    expected = live.sub(_recorded_body(ex))
+    # the shared shape helper (list items merged, int/float told apart) ...
+    out += shape_diff(expected, ans.body, where="shape: ")
+    # ... and item by item, with the values
+    out += compare(expected, ans.body, ex.id)
+    out += _header_checks(ex, ans, live)
+    out += _special_checks(ex, ans)
+    return out
+
+
+def _ids() -> Iterator[str]:
+    for ex in EXCHANGES:
+        yield ex.id
+
+
+@pytest.mark.parametrize("ex", EXCHANGES, ids=list(_ids()))
+def test_exchange(replay: Replay, ex: Exchange) -> None:
+    assert ex.id not in replay.errors, replay.errors.get(ex.id)
+    problems = check(ex, replay.answers[ex.id], replay.live)
+    assert not problems, f"{ex.id}: {ex.what}\n  " + "\n  ".join(problems[:60])
+
+
+def test_every_exchange_replayed(replay: Replay) -> None:
+    assert len(EXCHANGES) == 124
+    assert set(replay.answers) | set(replay.errors) == {ex.id for ex in EXCHANGES}
