@@ -389,28 +389,44 @@ def embeddings_deployment(spec: StackSpec) -> Obj:
     return _deployment(spec.gateway_namespace, "embeddings", 1, pod_spec)
 
 
-def openwebui_deployment(spec: StackSpec, name: str, gateway_local_url: str, app_label: str | None = None) -> Obj:
+def openwebui_deployment(
+    spec: StackSpec,
+    name: str,
+    gateway_local_url: str,
+    app_label: str | None = None,
+    *,
+    persistent_config: str | None = "False",
+    secret_via_env_from: bool = False,
+) -> Obj:
+    """Open WebUI reading its OpenAI connection and session secret from ``spec.openwebui_secret``.
+
+    ``persistent_config``: the ``ENABLE_PERSISTENT_CONFIG`` env value; the default ``"False"`` makes the
+    environment win, so a re-minted key reaches the app. ``None`` leaves it out: Open WebUI's own default
+    (persistence on), where the connection stored at the first launch wins over the environment.
+    ``secret_via_env_from``: load the whole Secret with ``envFrom`` instead of one ``secretKeyRef`` per key.
+    """
     sec = spec.openwebui_secret
-    pod_spec = {
-        "containers": [
-            {
-                "name": "open-webui",
-                "image": OPENWEBUI_IMAGE,
-                "env": [
-                    {"name": "OPENAI_API_BASE_URL", "value": gateway_local_url.rstrip("/") + "/v1"},
-                    _secret_env("OPENAI_API_KEY", sec, "OPENAI_API_KEY"),
-                    _secret_env("WEBUI_SECRET_KEY", sec, "WEBUI_SECRET_KEY"),
-                    {"name": "ENABLE_OLLAMA_API", "value": "False"},
-                    {"name": "ENABLE_PERSISTENT_CONFIG", "value": "False"},
-                    {"name": "PORT", "value": "8080"},
-                ],
-                "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"}],
-                "resources": {"requests": {"cpu": "250m", "memory": "1Gi"}},
-                "readinessProbe": {"httpGet": {"path": "/health", "port": 8080}, "periodSeconds": 10},
-            }
+    env: list[Obj] = [{"name": "OPENAI_API_BASE_URL", "value": gateway_local_url.rstrip("/") + "/v1"}]
+    if not secret_via_env_from:
+        env += [
+            _secret_env("OPENAI_API_KEY", sec, "OPENAI_API_KEY"),
+            _secret_env("WEBUI_SECRET_KEY", sec, "WEBUI_SECRET_KEY"),
         ]
+    env.append({"name": "ENABLE_OLLAMA_API", "value": "False"})
+    if persistent_config is not None:
+        env.append({"name": "ENABLE_PERSISTENT_CONFIG", "value": persistent_config})
+    env.append({"name": "PORT", "value": "8080"})
+    container: Obj = {
+        "name": "open-webui",
+        "image": OPENWEBUI_IMAGE,
+        "env": env,
+        "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"}],
+        "resources": {"requests": {"cpu": "250m", "memory": "1Gi"}},
+        "readinessProbe": {"httpGet": {"path": "/health", "port": 8080}, "periodSeconds": 10},
     }
-    return _deployment(spec.experience_namespace, name, 0, pod_spec, app_label=app_label)
+    if secret_via_env_from:
+        container["envFrom"] = [{"secretRef": {"name": sec}}]
+    return _deployment(spec.experience_namespace, name, 0, {"containers": [container]}, app_label=app_label)
 
 
 def tabby_deployment(spec: StackSpec, name: str, app_label: str | None = None) -> Obj:

@@ -10,10 +10,11 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import SecretStr
 
 import coder_stack.smoke as smoke_mod
-from coder_stack.errors import EndpointUnavailable, SmokeFailed
+from coder_stack.errors import EndpointUnavailable, SmokeFailed, SpecError
 from coder_stack.keys import render_tabby_config
+from coder_stack.openwebui import PERSISTENT_CONFIG_PROBE_CMD
 from coder_stack.smoke import OPENWEBUI_MODELS_CMD, smoke_frontends
-from coder_stack.spec import StackSpec
+from coder_stack.spec import FrontendSpec, StackSpec
 from tasks import gateway as gateway_tasks
 from tasks import smoke as smoke_tasks
 
@@ -29,10 +30,14 @@ class Res:
     stderr: str = ""
 
 
-def exec_returning(res: Res, seen: list[Any]) -> Any:
+def exec_returning(res: Res, seen: list[Any], persistent_config: Res | None = None) -> Any:
+    """An exec that answers the curl with ``res`` and the ENABLE_PERSISTENT_CONFIG probe with
+    ``persistent_config`` (default: set to False, so the environment wins)."""
+    probe = persistent_config or Res(0, "set:False")
+
     async def fn(api: Any, namespace: str, selector: str, command: list[str], timeout_s: float) -> Res:
         seen.append((namespace, selector, command))
-        return res
+        return probe if command == PERSISTENT_CONFIG_PROBE_CMD else res
 
     return fn
 
@@ -45,9 +50,57 @@ async def test_openwebui_is_asked_from_inside_its_pod_with_its_own_env() -> None
     seen: list[Any] = []
     ok = exec_returning(Res(0, models_json("coder-chat", "coder-fim", "embeddings")), seen)
     res = await smoke_frontends(NO_API, SPEC, ok, "http://gw", tabby=False)
-    assert seen == [("experience", "app.kubernetes.io/name=open-webui", OPENWEBUI_MODELS_CMD)]
+    assert seen == [
+        ("experience", "app.kubernetes.io/name=open-webui", OPENWEBUI_MODELS_CMD),
+        ("experience", "app.kubernetes.io/name=open-webui", PERSISTENT_CONFIG_PROBE_CMD),
+    ]
     assert "$OPENAI_API_KEY" in OPENWEBUI_MODELS_CMD[2] and "$OPENAI_API_BASE_URL/models" in OPENWEBUI_MODELS_CMD[2]
     assert res.checks[0].detail == "coder-chat, coder-fim, embeddings"
+    assert "ENABLE_PERSISTENT_CONFIG" in res.checks[1].name
+
+
+@pytest.mark.parametrize("probe", ["unset", "set:True", "set:TRUE"])
+async def test_openwebui_whose_stored_connection_wins_fails_saying_the_check_cannot_prove_its_key(probe: str) -> None:
+    """Persistence on (the variable absent, or 'true' in any case): the pod's $OPENAI_API_KEY is not what
+    the app uses, so a passing curl proves nothing; the smoke says so and how to fix it."""
+    ok = exec_returning(Res(0, models_json("coder-chat", "coder-fim", "embeddings")), [], Res(0, probe))
+    with pytest.raises(SmokeFailed) as ei:
+        await smoke_frontends(NO_API, SPEC, ok, "http://gw", tabby=False)
+    msg = str(ei.value)
+    assert ei.value.hop == "frontend"
+    assert "stored in its database at its first launch, not $OPENAI_API_KEY" in msg
+    assert "cannot prove" in msg and "ENABLE_PERSISTENT_CONFIG=False on deploy/open-webui" in msg
+    assert "openwebui-secrets" in msg
+
+
+@pytest.mark.parametrize("probe", ["set:False", "set:false", "set:0", "set:"])
+async def test_openwebui_env_wins_for_any_value_but_true(probe: str) -> None:
+    """Open WebUI's config.py: persistence is on only for 'true' (any case); every other value is off."""
+    ok = exec_returning(Res(0, models_json("coder-chat", "coder-fim", "embeddings")), [], Res(0, probe))
+    res = await smoke_frontends(NO_API, SPEC, ok, "http://gw", tabby=False)
+    assert len(res.checks) == 2
+
+
+async def test_openwebui_probe_that_cannot_run_is_a_frontend_failure() -> None:
+    ok = exec_returning(Res(0, models_json("coder-chat", "coder-fim", "embeddings")), [], Res(127, "", "sh: not found"))
+    with pytest.raises(SmokeFailed, match="could not read ENABLE_PERSISTENT_CONFIG") as ei:
+        await smoke_frontends(NO_API, SPEC, ok, "http://gw", tabby=False)
+    assert ei.value.hop == "frontend"
+
+
+async def test_openwebui_frontend_name_and_selector_come_from_the_spec() -> None:
+    spec = SPEC.model_copy(
+        update={"frontends": [FrontendSpec(name="chat-ui", selector_name="open-webui"), FrontendSpec(name="tabby")]}
+    )
+    seen: list[Any] = []
+    ok = exec_returning(Res(0, models_json("coder-chat", "coder-fim", "embeddings")), seen, Res(0, "unset"))
+    with pytest.raises(SmokeFailed) as ei:
+        await smoke_frontends(NO_API, spec, ok, "http://gw", tabby=False)
+    assert {sel for _, sel, _ in seen} == {"app.kubernetes.io/name=open-webui"}
+    assert "deploy/chat-ui" in str(ei.value) and str(ei.value).startswith("[frontend] chat-ui:")
+    no_webui = SPEC.model_copy(update={"frontends": [FrontendSpec(name="tabby")]})
+    with pytest.raises(SpecError, match="no Open WebUI front-end"):
+        await smoke_frontends(NO_API, no_webui, ok, "http://gw", tabby=False)
 
 
 async def test_openwebui_scope_drift_fails_at_the_frontend_hop_naming_the_models() -> None:

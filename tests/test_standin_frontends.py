@@ -186,6 +186,27 @@ async def test_openwebui_persistent_config_wins_over_env(env: Env) -> None:
     ]
 
 
+@pytest.mark.parametrize(("value", "env_wins"), [("false", True), ("0", True), ("", True), ("TRUE", False)])
+async def test_openwebui_persistence_is_off_for_any_value_but_true(env: Env, value: str, env_wins: bool) -> None:
+    """Open WebUI's config.py: ``ENABLE_PERSISTENT_CONFIG`` is on only when absent or "true" in any case."""
+    services = SimServices(resolve_url=env.services.resolve_url, time_scale=0.01)
+    h = {"Authorization": f"Bearer {sign_session(SECRET)}"}
+
+    async def model_ids(run: ContainerRun) -> list[str]:
+        ui = await start_standin(run, services)
+        assert ui is not None
+        try:
+            async with httpx.AsyncClient() as c:
+                r = await c.get(f"http://127.0.0.1:{ui.port}/api/models", headers=h)
+            return [m["id"] for m in r.json()["data"]]
+        finally:
+            await ui.stop()
+
+    assert await model_ids(_webui_run(env.keys["tabby"])) == ["coder-fim", "embeddings"]  # first boot stores it
+    later = await model_ids(_webui_run(env.keys["open-webui"], ENABLE_PERSISTENT_CONFIG=value))
+    assert later == (["coder-chat", "coder-fim", "embeddings"] if env_wins else ["coder-fim", "embeddings"])
+
+
 async def test_openwebui_hangs_on_unreachable_upstream(env: Env) -> None:
     run = _webui_run("sk-x", ENABLE_PERSISTENT_CONFIG="False", AIOHTTP_CLIENT_TIMEOUT_MODEL_LIST="30")
     run.env["OPENAI_API_BASE_URL"] = f"http://gone.litellm.{DOM}:4000/v1"

@@ -3,7 +3,7 @@
 Reads env like the real app: ``OPENAI_API_BASE_URL`` (or the first of ``OPENAI_API_BASE_URLS``, ``;``-separated),
 ``OPENAI_API_KEY`` (or ``OPENAI_API_KEYS``), ``WEBUI_SECRET_KEY`` (generated when empty, as ``start.sh`` does),
 ``ENABLE_PERSISTENT_CONFIG`` (default true: the connection settings seen at first boot are stored in the app's
-database and win over the environment on later boots; ``False`` makes the environment win),
+database and win over the environment on later boots; any value but ``true`` makes the environment win),
 ``AIOHTTP_CLIENT_TIMEOUT_MODEL_LIST`` (seconds; how long ``/api/models`` hangs on an unreachable upstream).
 
 Routes: ``/health`` and ``/health/db`` -> ``{"status": true}``, ``/api/version``, ``/api/config`` (open);
@@ -80,11 +80,25 @@ class OpenWebUI:
         self.secret = env.get("WEBUI_SECRET_KEY") or secrets.token_hex(16)
         base = env.get("OPENAI_API_BASE_URL") or _first(env.get("OPENAI_API_BASE_URLS")) or "https://api.openai.com/v1"
         key = env.get("OPENAI_API_KEY") or _first(env.get("OPENAI_API_KEYS")) or ""
-        persistent = env.get("ENABLE_PERSISTENT_CONFIG", "True").lower() not in ("false", "0", "no")
+        # Open WebUI's docs (env-configuration, "Important Note on PersistentConfig Environment Variables"):
+        # PersistentConfig variables -- OPENAI_API_KEY(S) and OPENAI_API_BASE_URL(S) among them -- are taken
+        # from the environment at the first launch and stored; on later starts the stored values are used
+        # and the environment is ignored, unless ENABLE_PERSISTENT_CONFIG is False.
+        # The parsing is the app's source (backend/open_webui/config.py), not the docs: persistence is on
+        # only if the variable is absent or "true" in any case; any other value (even "0" or "") is off.
+        persistent = env.get("ENABLE_PERSISTENT_CONFIG", "True").lower() == "true"
+        # GUESS: one database per namespace (the chart's PVC survives pod restarts). GUESS: the connection
+        # is stored at the first boot, as the docs word it; in the app's source (PersistentConfig) a stored
+        # value is used only if the database has an entry for it, and when that entry is first written is
+        # not in the docs, so a real instance may follow its environment a little longer. The stand-in
+        # models the docs' (worst) case.
         store = services.app_data.setdefault(f"open-webui:{run.namespace}", {})
         if persistent and "config" in store:
             cfg = store["config"]  # the database wins over the environment after the first boot
         else:
+            # ENABLE_PERSISTENT_CONFIG off, or the first boot: the environment is used (and stored).
+            # GUESS: with persistence off the environment's value is stored too, so turning persistence
+            # back on later keeps the last key the app saw.
             cfg = {"OPENAI_API_BASE_URL": base, "OPENAI_API_KEY": key}
             store["config"] = cfg
         self.base_url: str = cfg["OPENAI_API_BASE_URL"].rstrip("/")
