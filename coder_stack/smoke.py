@@ -16,7 +16,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Literal, Protocol, cast
+from typing import Annotated, Any, Literal, Protocol, cast
 
 import httpx
 import jsonschema
@@ -25,7 +25,7 @@ import openai.resources  # openai loads it on first use: ~1.7 s here, after the 
 from kubernetes_asyncio.client import ApiClient
 from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionFunctionToolParam
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr
 
 from coder_stack.errors import SmokeFailed, SpecError, redact
 from coder_stack.http import error_detail, make_client, openai_client
@@ -37,9 +37,18 @@ from coder_stack.keys import (
     parse_tabby_config,
     tabby_fim_alias,
 )
+from coder_stack.openwebui import (
+    PERSISTENT_CONFIG_PROBE_CMD,
+    PERSISTENT_CONFIG_VAR,
+    env_wins_for,
+    openwebui_frontend,
+    parse_persistent_config_probe,
+)
 from coder_stack.spec import ClientKeySpec, ModelSpec, StackSpec, Timeouts
 
 Hop = Literal["pod", "service", "gateway", "key", "key-scope", "budget", "model", "frontend"]
+KEY_HOPS: frozenset[str] = frozenset({"key", "key-scope", "budget"})
+"""Hops where the client's key, not the model, is what failed."""
 
 FIM_PREFIX = "def add(a, b):\n    return "
 FIM_SUFFIX = "\n"
@@ -62,10 +71,22 @@ class _Report(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def clip(limit: int) -> BeforeValidator:
+    """Cut a text to ``limit`` characters (ending with an ellipsis) before validation: real answers have any
+    length, and a report must never fail because a model said more than expected."""
+
+    def cut(value: Any) -> Any:
+        if isinstance(value, str) and len(value) > limit:
+            return value[: limit - 1] + "…"
+        return value
+
+    return BeforeValidator(cut)
+
+
 class Check(_Report):
     name: str = Field(max_length=120, description="What was checked.")
     seconds: float = Field(ge=0, description="How long it took.")
-    detail: str = Field("", max_length=400, description="What was seen (redacted, short).")
+    detail: Annotated[str, clip(400)] = Field("", max_length=400, description="What was seen (redacted, short).")
 
 
 class CallUsage(_Report):
@@ -73,6 +94,11 @@ class CallUsage(_Report):
     endpoint: Literal["chat", "completions", "embeddings"] = Field(description="Which OpenAI endpoint.")
     prompt_tokens: int = Field(0, ge=0, description="usage.prompt_tokens as reported.")
     completion_tokens: int = Field(0, ge=0, description="usage.completion_tokens as reported.")
+    streamed: bool = Field(False, description="The call was streamed (as Tabby calls FIM).")
+    key_alias: str | None = Field(None, max_length=253, description="Virtual key the call was made with (alias).")
+    request_id: str | None = Field(
+        None, max_length=200, description="The answer's id: the gateway's spend log names the call by it."
+    )
 
 
 class SmokeResult(_Report):
@@ -82,13 +108,18 @@ class SmokeResult(_Report):
     checks: list[Check] = Field(default_factory=list, max_length=50, description="Checks that passed, in order.")
     ttft_s: float | None = Field(None, ge=0, description="Time to first token of the streamed completion.")
     total_s: float = Field(0.0, ge=0, description="Wall time of the whole smoke.")
-    excerpt: str = Field("", max_length=EXCERPT_CHARS + 20, description="Start of the model's answer (redacted).")
+    excerpt: Annotated[str, clip(EXCERPT_CHARS)] = Field(
+        "", max_length=EXCERPT_CHARS, description="Start of the model's answer (redacted)."
+    )
     usage: list[CallUsage] = Field(default_factory=list, max_length=50, description="Tokens per metered call.")
     diagnostics: list[str] = Field(default_factory=list, max_length=20, description="Non-fatal observations.")
 
 
 def _excerpt(text: str | None, *secrets: str) -> str:
-    return redact((text or "").strip(), *secrets, limit=EXCERPT_CHARS)
+    """The start of an answer, redacted, at most EXCERPT_CHARS long (redaction first, so no secret is cut
+    into a piece the patterns no longer recognise)."""
+    clean = redact((text or "").strip(), *secrets, limit=len(text or "") + 1)
+    return clean if len(clean) <= EXCERPT_CHARS else clean[: EXCERPT_CHARS - 1] + "…"
 
 
 class _Timer:
@@ -155,12 +186,23 @@ def _hops(
         ) from None
 
 
-def _usage(model: str, endpoint: Literal["chat", "completions", "embeddings"], usage: Any) -> CallUsage:
+def _usage(
+    model: str,
+    endpoint: Literal["chat", "completions", "embeddings"],
+    usage: Any,
+    *,
+    streamed: bool = False,
+    request_id: str | None = None,
+    key_alias: str | None = None,
+) -> CallUsage:
     return CallUsage(
         model=model,
         endpoint=endpoint,
-        prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
-        completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+        prompt_tokens=max(0, int(getattr(usage, "prompt_tokens", 0) or 0)),
+        completion_tokens=max(0, int(getattr(usage, "completion_tokens", 0) or 0)),
+        streamed=streamed,
+        request_id=request_id[:200] if request_id else None,
+        key_alias=key_alias,
     )
 
 
@@ -196,6 +238,27 @@ async def fim_once(oai: AsyncOpenAI, model_id: str, prompt: str | None = None) -
         stop=FIM_STOP,
     )
     return (resp.choices[0].text or "") if resp.choices else "", resp.usage
+
+
+async def fim_streamed(oai: AsyncOpenAI, model_id: str, prompt: str | None = None) -> tuple[str, Any, str | None]:
+    """One FIM completion streamed, as Tabby asks for it: (text, usage or None, the answer's id). With stop
+    strings the server may hold text back until the last chunk; usage may be absent or all zero."""
+    stream: AsyncIterator[Any] = await oai.completions.create(
+        model=model_id,
+        prompt=prompt or fim_prompt(),
+        max_tokens=FIM_MAX_TOKENS,
+        temperature=0,
+        stop=FIM_STOP,
+        stream=True,
+    )
+    parts: list[str] = []
+    usage = None
+    request_id: str | None = None
+    async for chunk in stream:
+        request_id = request_id or getattr(chunk, "id", None)
+        parts.append((chunk.choices[0].text or "") if chunk.choices else "")
+        usage = getattr(chunk, "usage", None) or usage
+    return "".join(parts), usage, request_id
 
 
 def judge_fim(text: str, *, hop: Hop, where: str) -> None:
@@ -587,32 +650,71 @@ async def smoke_frontends(
                 raise SpecError(
                     "no key in spec.virtual_keys is delivered to openwebui-secrets; nothing to check Open WebUI with"
                 )
-            fe = next((f for f in spec.frontends if f.name == "open-webui"), None)
-            selector = fe.selector if fe else "app.kubernetes.io/name=open-webui"
-            res = exec_fn(api, spec.experience_namespace, selector, OPENWEBUI_MODELS_CMD, spec.timeouts.request_s)
+            fe = openwebui_frontend(spec)
+            if fe is None:
+                raise SpecError(
+                    "spec.frontends has no Open WebUI front-end (a Deployment named or labelled 'open-webui'); "
+                    "nothing to smoke"
+                )
+            ns, who = spec.experience_namespace, fe.name
+            res = exec_fn(api, ns, fe.selector, OPENWEBUI_MODELS_CMD, spec.timeouts.request_s)
             if inspect.isawaitable(res):
                 res = await res
             out = redact(res.stdout or "")
             if res.exit_code != 0:
                 raise SmokeFailed(
-                    f"open-webui: curl to $OPENAI_API_BASE_URL/models exited {res.exit_code} "
+                    f"{who}: curl to $OPENAI_API_BASE_URL/models exited {res.exit_code} "
                     f"({redact(res.stderr or '', limit=200)!r}); can the pod reach the gateway?",
                     hop="frontend",
                 )
             try:
                 body = json.loads(res.stdout)
             except ValueError:
-                raise SmokeFailed(f"open-webui: /models answered non-JSON {out[:200]!r}", hop="frontend") from None
+                raise SmokeFailed(f"{who}: /models answered non-JSON {out[:200]!r}", hop="frontend") from None
             if not isinstance(body, dict) or "data" not in body:
                 etype, msg = error_detail(body)
                 raise SmokeFailed(
-                    f"open-webui: the gateway refused Open WebUI's key ({etype}: {msg}); run the keys flow",
+                    f"{who}: the gateway refused Open WebUI's key ({etype}: {msg}); run the keys flow",
                     hop="frontend",
                 )
             ids = [str(m.get("id")) for m in body.get("data") or [] if isinstance(m, dict)]
-            scope_mismatch(ids, ks.models, what="open-webui (its own OPENAI_API_KEY)", hop="frontend")
+            scope_mismatch(ids, ks.models, what=f"{who} (its own OPENAI_API_KEY)", hop="frontend")
             checks.append(
-                Check(name="open-webui pod: /models = key scope", seconds=lap.lap(), detail=", ".join(sorted(ids)))
+                Check(name=f"{who} pod: /models = key scope", seconds=lap.lap(), detail=", ".join(sorted(ids)))
+            )
+            # The curl above uses the pod's $OPENAI_API_KEY. Open WebUI itself uses it only if its environment
+            # wins over the connection it stored at first launch (docs: PersistentConfig variables such as
+            # OPENAI_API_KEY(S) are read from the environment at the first launch only, unless
+            # ENABLE_PERSISTENT_CONFIG is False). Ask the same pod's environment.
+            probe = exec_fn(api, ns, fe.selector, PERSISTENT_CONFIG_PROBE_CMD, spec.timeouts.request_s)
+            if inspect.isawaitable(probe):
+                probe = await probe
+            try:
+                if probe.exit_code != 0:
+                    raise ValueError(f"exited {probe.exit_code}")
+                value = parse_persistent_config_probe(probe.stdout or "")
+            except ValueError as e:
+                raise SmokeFailed(
+                    f"{who}: could not read {PERSISTENT_CONFIG_VAR} in the pod ({e}); the check of the key Open "
+                    "WebUI itself uses needs a shell in its container",
+                    hop="frontend",
+                ) from None
+            if not env_wins_for(value):
+                seen = "is not set (default True)" if value is None else "is 'true'"
+                raise SmokeFailed(
+                    f"{who}: {PERSISTENT_CONFIG_VAR} {seen} in the pod, so Open WebUI uses the OpenAI connection "
+                    "stored in its database at its first launch, not $OPENAI_API_KEY, so this check cannot prove "
+                    f"the key Open WebUI calls the gateway with (a re-minted or rotated key never reaches it). Set "
+                    f"{PERSISTENT_CONFIG_VAR}=False on deploy/{who} (or in the Secret {spec.openwebui_secret} if it "
+                    "loads it via envFrom) and restart it",
+                    hop="frontend",
+                )
+            checks.append(
+                Check(
+                    name=f"{who} pod: {PERSISTENT_CONFIG_VAR} lets the environment win",
+                    seconds=lap.lap(),
+                    detail="the app uses $OPENAI_API_KEY",
+                )
             )
         if tabby:
             ks = _key_for(spec, "tabby-config")
@@ -642,11 +744,16 @@ async def smoke_frontends(
             secrets = (cfg.api_key.get_secret_value(),)
             oai = openai_client(client, gateway_base_url, cfg.api_key, spec.timeouts)
             with _hops("tabby's key: FIM via the gateway", via="gateway", unreachable="gateway", secrets=secrets):
-                text, u = await fim_once(oai, cfg.model_name, fim_prompt(template=cfg.prompt_template))
+                # Streamed, as Tabby's vllm/completion backend calls: the gateway may meter this differently
+                text, u, request_id = await fim_streamed(oai, cfg.model_name, fim_prompt(template=cfg.prompt_template))
             judge_fim(text, hop="model", where="tabby's key: FIM via the gateway")
-            usage.append(_usage(cfg.model_name, "completions", u))
+            usage.append(
+                _usage(cfg.model_name, "completions", u, streamed=True, request_id=request_id, key_alias=ks.alias)
+            )
             excerpt = _excerpt(text, *secrets)
-            checks.append(Check(name="tabby config key: FIM through the gateway", seconds=lap.lap(), detail=excerpt))
+            checks.append(
+                Check(name="tabby config key: streamed FIM through the gateway", seconds=lap.lap(), detail=excerpt)
+            )
     finally:
         if own_http:
             await client.aclose()
@@ -663,6 +770,7 @@ async def smoke_frontends(
 __all__ = [
     "FIM_EXPECTED",
     "FIM_STOP",
+    "KEY_HOPS",
     "OPENWEBUI_MODELS_CMD",
     "WEATHER_TOOL",
     "CallUsage",
@@ -672,6 +780,7 @@ __all__ = [
     "chat_once",
     "fim_once",
     "fim_prompt",
+    "fim_streamed",
     "judge_fim",
     "refuse_fim_through_chat",
     "run_weather_tool",
