@@ -141,6 +141,11 @@ class GatewayRequestError(PermanentError, GatewayError):
     """The gateway refused an admin call (bad master key, bad request)."""
 
 
+class DeliveryRefused(PermanentError):
+    """A key change would reach its Secret but not the app that uses it (e.g. Open WebUI keeping the key
+    stored at its first launch); nothing was changed. The message names the setting to change."""
+
+
 class KeyUnusable(PermanentError, GatewayError):
     """A virtual key exists but cannot be used (blocked, budget spent, an unknown status) and replacing it
     is not ours to decide; the message names the key's alias, what is wrong and what to do."""

@@ -25,7 +25,7 @@ import httpx
 from kubernetes_asyncio.client import ApiClient
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from coder_stack.errors import GatewayRequestError, NotFound, SpecError
+from coder_stack.errors import DeliveryRefused, GatewayRequestError, NotFound, SpecError
 from coder_stack.gateway import (
     KeyRecord,
     delete_keys,
@@ -36,6 +36,7 @@ from coder_stack.gateway import (
     update_key,
 )
 from coder_stack.k8s import delete_secret_keys, read_secret, restart_deployment, write_secret_keys
+from coder_stack.openwebui import persistent_config_status, set_env_wins_in_secret
 from coder_stack.spec import ClientKeySpec, StackSpec
 
 FIM_PROMPT_TEMPLATE = "<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>"
@@ -215,6 +216,38 @@ async def _restart_consumer(api: ApiClient, home: KeyHome, changed: list[str], n
     return True
 
 
+async def _consumer_follows(
+    api: ApiClient, spec: StackSpec, key_spec: ClientKeySpec, home: KeyHome, notes: list[str], *, refuse: bool
+) -> list[str]:
+    """Make a new key reach the app, not only its Secret: Open WebUI reads ``OPENAI_API_KEY`` from its
+    environment only while ``ENABLE_PERSISTENT_CONFIG`` lets it (else it keeps the key stored at its first
+    launch). Sets the variable in the Secret when the Deployment loads that Secret whole; otherwise refuses
+    (``refuse``: before anything changed) or says so in the notes. Returns the Secret keys it changed."""
+    if key_spec.deliver_to != "openwebui-secrets" or home.consumer is None:
+        return []
+    try:
+        status = await persistent_config_status(api, spec, home.consumer)
+    except NotFound:
+        return []  # no Deployment to follow; _restart_consumer says so
+    if status.env_wins:
+        return []
+    if status.can_set_in_secret:
+        changed = await set_env_wins_in_secret(api, spec, home.consumer, status)
+        if changed:
+            notes.append(
+                f"set ENABLE_PERSISTENT_CONFIG=False in {home.namespace}/{home.secret} (loaded by "
+                f"{status.deployment}) so that Open WebUI reads the new key from its environment"
+            )
+        return changed
+    if refuse:
+        raise DeliveryRefused(
+            f"not rotating {key_spec.alias!r}: Open WebUI would go on calling with the key stored at its first "
+            f"launch and fail once the old key is deleted. {status.reason}. Nothing was changed"
+        )
+    notes.append(f"Open WebUI may go on using the key stored at its first launch, not this one: {status.reason}")
+    return []
+
+
 def _drift(rec: KeyRecord, key_spec: ClientKeySpec) -> list[str]:
     out = []
     if sorted(rec.models) != sorted(key_spec.models):
@@ -345,7 +378,8 @@ async def ensure_key(
         max_budget=key_spec.max_budget,
         budget_duration=key_spec.budget_duration,
     )
-    changed = await _deliver(api, spec, key_spec, home, minted.key)
+    changed = await _consumer_follows(api, spec, key_spec, home, notes, refuse=False)
+    changed += await _deliver(api, spec, key_spec, home, minted.key)
     restarted = await _restart_consumer(api, home, changed, notes)
     action: KeyAction = "reminted" if (at_home is not None or stale) else "minted"
     return report(action, minted.record.token, restarted, problem)
@@ -447,6 +481,7 @@ async def _rotate(
             f"cannot rotate {alias!r}: /key/list gave no hashed id for the key, so it could not be renamed and "
             "deleted safely; nothing was changed"
         )
+    follow = await _consumer_follows(api, spec, key_spec, home, notes, refuse=True)
     retired = f"{alias}-retired-{secrets.token_hex(3)}"
     await _write_marker(api, spec, alias, old_token, retired)
     try:
@@ -459,7 +494,7 @@ async def _rotate(
             max_budget=key_spec.max_budget,
             budget_duration=key_spec.budget_duration,
         )
-        changed = await _deliver(api, spec, key_spec, home, minted.key)
+        changed = follow + await _deliver(api, spec, key_spec, home, minted.key)
         restarted = await _restart_consumer(api, home, changed, notes)
         await delete_keys(gw_client, master, [old_token])
         await _clear_marker(api, spec, alias)

@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+from kubernetes_asyncio import client
 from kubernetes_asyncio.client import ApiClient
 from pydantic import SecretStr
 
@@ -142,6 +143,11 @@ def start_ui(e: Env) -> str:
 async def restart_ui(e: Env, old_pod: str) -> str:
     """`kubectl rollout restart deploy/open-webui` and wait until its only pod is a new, Ready one."""
     await restart_deployment(e.api, EXP, UI)
+    return await wait_rolled(e, old_pod)
+
+
+async def wait_rolled(e: Env, old_pod: str) -> str:
+    """Wait until deploy/open-webui's only pod is a Ready one other than ``old_pod``."""
 
     def rolled(store: Store) -> str | None:
         pods = pods_of(store, EXP, UI)
@@ -421,3 +427,53 @@ async def test_setting_delivered_into_the_env_from_secret_makes_the_restarted_ap
     assert len(res.checks) == 2
     after = await persistent_config_status(env.api, SPEC, UI)
     assert (after.env_wins, after.source) == (True, f"envFrom[0] secret {EXP}/{SPEC.openwebui_secret}")
+
+
+# ---------------------------------------------------------------------------------------------- keys flow
+
+
+async def test_rotation_is_refused_when_open_webui_would_keep_its_stored_key_and_nothing_changes(env: Env) -> None:
+    """No ENABLE_PERSISTENT_CONFIG and the Secret loaded key by key: a rotated key would reach the pod but not
+    the app, which fails once the old key is deleted. ensure_key refuses before touching anything."""
+    from coder_stack.errors import DeliveryRefused
+    from coder_stack.keys import ensure_key
+
+    use_deployment(env.sim, persistent_config=None)
+    first = await ensure_key(env.api, env.gw, env.master, SPEC, SPEC.key("open-webui"))
+    assert first.action == "minted"
+    assert any("may go on using the key stored at its first launch" in n for n in first.notes), first.notes
+    secret_before = await read_secret(env.api, EXP, SPEC.openwebui_secret)
+    keys_before = await gateway.list_keys_by_alias(env.gw, env.master, "open-webui")
+
+    with pytest.raises(DeliveryRefused, match=r"not rotating 'open-webui'.*ENABLE_PERSISTENT_CONFIG=False.*Nothing"):
+        await ensure_key(env.api, env.gw, env.master, SPEC, SPEC.key("open-webui"), rotate=True)
+    after = await read_secret(env.api, EXP, SPEC.openwebui_secret)
+    assert {k: v.get_secret_value() for k, v in (after or {}).items()} == {
+        k: v.get_secret_value() for k, v in (secret_before or {}).items()
+    }
+    assert await gateway.list_keys_by_alias(env.gw, env.master, "open-webui") == keys_before
+    assert "rotating.open-webui" not in (await read_secret(env.api, "litellm", SPEC.keystore_secret) or {})
+
+
+async def test_rotation_through_an_env_from_secret_sets_the_variable_and_the_app_follows(env: Env) -> None:
+    from coder_stack.keys import ensure_key
+
+    use_deployment(env.sim, persistent_config=None, secret_via_env_from=True)
+    minted = await ensure_key(env.api, env.gw, env.master, SPEC, SPEC.key("open-webui"))
+    assert any("set ENABLE_PERSISTENT_CONFIG=False" in n for n in minted.notes), minted.notes
+    assert (await read_secret(env.api, EXP, SPEC.openwebui_secret) or {})[PERSISTENT_CONFIG_VAR].get_secret_value() == (
+        "False"
+    )
+    first = start_ui(env)
+    assert await app_models(env) == FULL
+    # a restart stamp from the mint's restart would equal the rotation's within the same second: clear it
+    body = {"spec": {"template": {"metadata": {"annotations": {"kubectl.kubernetes.io/restartedAt": "cleared"}}}}}
+    await client.AppsV1Api(env.api).patch_namespaced_deployment(UI, EXP, body)
+    first = await wait_rolled(env, first)
+
+    rep = await ensure_key(env.api, env.gw, env.master, SPEC, SPEC.key("open-webui"), rotate=True)
+    assert rep.action == "rotated" and rep.consumer_restarted
+    await wait_rolled(env, first)  # the restart ensure_key asked for
+    assert await app_models(env) == FULL  # the old key is deleted: the app lists models only with the new one
+    new = (await read_secret(env.api, EXP, SPEC.openwebui_secret) or {})["OPENAI_API_KEY"]
+    assert await pod_key(env) == new.get_secret_value()
