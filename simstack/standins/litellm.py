@@ -14,7 +14,7 @@ proxy's in-memory view, which includes not-yet-written spend.
 from __future__ import annotations
 
 import base64
-import contextlib
+import copy
 import datetime as dt
 import hashlib
 import itertools
@@ -31,6 +31,7 @@ import aiohttp
 import yaml
 from aiohttp import web
 
+from simstack.recordings import LITELLM, exchange
 from simstack.standins import FACTORIES, ContainerRun, RunningBackend, SimServices
 from simstack.standins._server import AppServer, Handler, bump, counting_middleware, json_response, read_json, serve
 from simstack.standins.vllm import count_tokens
@@ -42,9 +43,90 @@ DATA_ROUTES = {"/chat/completions": "chat", "/completions": "completions", "/emb
 PUBLIC_ROUTES = {"/health/readiness", "/health/liveliness", "/health/liveness", "/"}
 NOT_PREMIUM = (
     "You must be a LiteLLM Enterprise user to use this feature. If you have a license please set `LITELLM_LICENSE` "
-    "in your env. Get a 7 day trial key here: https://www.litellm.ai/#trial. \nPricing: https://www.litellm.ai/#pricing"
+    "in your env. Get a 7 day trial key here: https://www.litellm.ai/enterprise#trial. \nPricing: "
+    "https://www.litellm.ai/#pricing"
+)
+ACCESS_DENIED = (
+    "The requested model '{model}' is not available for this API key, or the model name is invalid. "
+    "Check the models available to you and try again."
 )
 _DURATION_RE = re.compile(r"^(\d+)(s|m|h|d|w|mo)$")
+
+
+# ------------------------------------------------------------------ recorded shapes
+# The answers of real LiteLLM 1.108.7 carry many fields the stand-in has no behaviour behind (team, org,
+# rotation ... all null/empty for these keys). The recorded answers (simstack/recordings) are the templates:
+# an answer is the stand-in's own values molded into the recorded field set, with the recorded JSON types.
+def _recorded(ex_id: str, *path: str | int) -> Any:
+    v: Any = exchange(LITELLM, ex_id).body
+    for p in path:
+        v = v[p]
+    return copy.deepcopy(v)
+
+
+_T_GENERATE = _recorded("key-generate-open-webui")
+_T_INFO = _recorded("key-info-by-value", "info")
+_T_INFO_DELETED = _recorded("key-info-deleted-by-value", "info")
+_T_UPDATE = _recorded("key-update-by-value")
+_T_LIST_FULL = _recorded("key-list-alias-full", "keys", 0)
+_T_MODEL_NEW = _recorded("model-new")
+_T_MODEL_INFO = {d["model_name"]: d for d in _recorded("model-info-all", "data")}
+_T_SPEND = _recorded("spend-logs-poll-04")
+_T_SPEND_OK = next(e for e in _T_SPEND if e["status"] == "success")
+_T_SPEND_FAIL = next(e for e in _T_SPEND if e["status"] == "failure")
+_T_SPEND_STREAM = _recorded("spend-fim-stream-logs-poll-03", 0)
+_T_SPEND_V2 = _recorded("spend-logs-v2-dated", "data")
+_T_SPEND_V2_OK = next(e for e in _T_SPEND_V2 if e["status"] == "success")
+_T_SPEND_V2_FAIL = next(e for e in _T_SPEND_V2 if e["status"] == "failure")
+_KEY_EXTRA = ("_deleted", "_last4")
+
+
+def mold(value: Any, template: Any) -> Any:
+    """``value`` with exactly ``template``'s fields (missing ones from the template) and its number types."""
+    if isinstance(template, dict) and isinstance(value, dict):
+        return {k: mold(value[k], t) if k in value else copy.deepcopy(t) for k, t in template.items()}
+    if isinstance(template, bool) or isinstance(value, bool):
+        return value
+    if isinstance(template, float) and isinstance(value, int):
+        return float(value)
+    if isinstance(template, int) and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _jsonb(v: Any) -> Any:
+    """Postgres jsonb round trip (recorded: spend-logs-v2-dated): 0.0 comes back as 0."""
+    if isinstance(v, dict):
+        return {k: _jsonb(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_jsonb(x) for x in v]
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v
+
+
+def _z(t: str | None) -> str | None:
+    """``...+00:00`` -> ``...Z`` (how /key/generate, /key/list and /spend/logs spell times)."""
+    if t is None:
+        return None
+    d = dt.datetime.fromisoformat(t)
+    return d.strftime("%Y-%m-%dT%H:%M:%S.%f") + "Z"
+
+
+def _plus(t: str | None) -> str | None:
+    """``...+00:00`` with microseconds (how /key/info spells times)."""
+    if t is None:
+        return None
+    d = dt.datetime.fromisoformat(t)
+    return d.strftime("%Y-%m-%dT%H:%M:%S.%f") + "+00:00"
+
+
+def budget_reset_at(start: dt.datetime, duration: str) -> dt.datetime:
+    """Recorded (key-info-by-value): created 2026-12-01 08:40 with 30d -> 2027-01-01T00:00:00, i.e. the
+    midnight after created + duration. GUESS: the same midnight rounding for s/m/h durations."""
+    t = start + parse_duration(duration)
+    day = dt.datetime(t.year, t.month, t.day, tzinfo=dt.UTC)
+    return day if t == day else day + dt.timedelta(days=1)
 
 
 class ProxyError(Exception):
@@ -56,12 +138,12 @@ class ProxyError(Exception):
         self.message = message
         self.err_type = err_type
         self.param = param
+        self.extra: dict[str, Any] = {}
+        self.headers: dict[str, str] = {}
 
     def response(self) -> web.Response:
-        return json_response(
-            {"error": {"message": self.message, "type": self.err_type, "param": self.param, "code": str(self.status)}},
-            status=self.status,
-        )
+        err = {"message": self.message, "type": self.err_type, "param": self.param, "code": str(self.status)}
+        return json_response({"error": err | self.extra}, status=self.status, headers=self.headers or None)
 
 
 def _now() -> dt.datetime:
@@ -139,21 +221,32 @@ class Deployment:
             return 0.0
 
     def public(self) -> dict[str, Any]:
+        """A /model/info entry, molded into the recorded one (model-info-all): prices sit both in
+        ``litellm_params`` and in ``model_info``; ``api_key`` never shows."""
+        if self.model_name in _T_MODEL_INFO:
+            tpl = _T_MODEL_INFO[self.model_name]
+        else:  # GUESS: other aliases look like the recorded ones of their kind
+            tpl = _T_MODEL_INFO["coder-agent" if self.db_model else "coder-chat"]
         params = {k: v for k, v in self.litellm_params.items() if k not in ("api_key", "aws_secret_access_key")}
-        info = {
+        params |= {k: v for k, v in tpl["litellm_params"].items() if isinstance(v, bool)}
+        prices = {k: self.price(k) for k in ("input_cost_per_token", "output_cost_per_token")}
+        info = copy.deepcopy(tpl["model_info"]) | dict(self.model_info) | prices
+        info |= {
             "id": self.model_id,
             "db_model": self.db_model,
-            "key": self.served_name,
-            "mode": self.model_info.get("mode", "chat"),
+            "key": str(self.litellm_params.get("model") or ""),
             "litellm_provider": self.provider,
-            "input_cost_per_token": self.price("input_cost_per_token"),
-            "output_cost_per_token": self.price("output_cost_per_token"),
-            "max_tokens": self.model_info.get("max_tokens"),
-            "max_input_tokens": self.model_info.get("max_input_tokens"),
-            "max_output_tokens": self.model_info.get("max_output_tokens"),
+            "mode": self.model_info.get("mode"),
+            "pricing_overrides": [k for k in prices if k in self.litellm_params],
         }
-        info.update({k: v for k, v in self.model_info.items() if k not in info})
-        info["id"] = self.model_id
+        if self.provider == "text-completion-openai":
+            info["supported_openai_params"] = _T_MODEL_INFO["coder-fim"]["model_info"]["supported_openai_params"]
+        for k in ("max_tokens", "max_input_tokens", "max_output_tokens"):
+            info[k] = self.model_info.get(k)
+        if self.db_model:
+            info["blocked"] = False
+        else:
+            info.pop("blocked", None)
         return {"model_name": self.model_name, "litellm_params": params, "model_info": info}
 
 
@@ -213,10 +306,11 @@ class LiteLLMProxy:
         self.config_deployments = [self._config_deployment(i, m) for i, m in enumerate(cfg.get("model_list") or [])]
         db = services.litellm_db
         db.setdefault("keys", {})
+        db.setdefault("deleted_keys", {})
         db.setdefault("models", [])
         db.setdefault("spend_logs", [])
         self.db = db
-        self.pending: list[tuple[float, str, float]] = []  # (due monotonic, token, cost)
+        self.pending: list[tuple[float, str | None, float, dict[str, Any] | None]] = []  # (due, token, cost, log row)
         self.mem_spend: dict[str, float] = {}  # in-memory view (cache) of not-yet-written spend
         self.rr = itertools.count()
         self.session: aiohttp.ClientSession | None = None
@@ -253,46 +347,171 @@ class LiteLLMProxy:
 
     # ------------------------------------------------------------------ spend
     def flush_due(self, everything: bool = False) -> None:
+        """The batched write (PROXY_BATCH_WRITE_AT): key spend and spend-log rows reach the database late."""
         now = time.monotonic()
         keep = []
-        for due, token, cost in self.pending:
+        for item in self.pending:
+            due, token, cost, log = item
             if everything or due <= now:
-                rec = self.db["keys"].get(token)
+                rec = self.db["keys"].get(token) if token else None
                 if rec is not None:
                     rec["spend"] = rec.get("spend", 0.0) + cost
-                    rec["updated_at"] = _iso(_now())
-                self.mem_spend[token] = self.mem_spend.get(token, 0.0) - cost
+                    rec["updated_at"] = rec["last_active"] = _iso(_now())
+                if token:
+                    self.mem_spend[token] = self.mem_spend.get(token, 0.0) - cost
+                if log is not None:
+                    self.db["spend_logs"].append(log)
             else:
-                keep.append((due, token, cost))
+                keep.append(item)
         self.pending = keep
 
     def current_spend(self, token: str) -> float:
         rec = self.db["keys"].get(token) or {}
         return float(rec.get("spend", 0.0)) + self.mem_spend.get(token, 0.0)
 
-    def record_spend(self, caller: Caller, dep: Deployment, usage: dict[str, Any] | None, route: str) -> float:
+    def cost_of(self, dep: Deployment, usage: dict[str, Any] | None) -> tuple[float, float]:
         usage = usage or {}
         pt = int(usage.get("prompt_tokens") or 0)
         ct = int(usage.get("completion_tokens") or 0)
-        cost = pt * dep.price("input_cost_per_token") + ct * dep.price("output_cost_per_token")
-        self.db["spend_logs"].append(
-            {
-                "request_id": str(uuid.uuid4()),
-                "api_key": caller.token or "master",
-                "model_group": dep.model_name,
-                "model_id": dep.model_id,
-                "call_type": route,
-                "prompt_tokens": pt,
-                "completion_tokens": ct,
-                "spend": cost,
-                "startTime": _iso(_now()),
-            }
+        return pt * dep.price("input_cost_per_token"), ct * dep.price("output_cost_per_token")
+
+    def record_spend(
+        self,
+        caller: Caller,
+        dep: Deployment | None,
+        usage: dict[str, Any] | None,
+        route: str,
+        *,
+        model: str | None = None,
+        error: ProxyError | None = None,
+        stream: bool = False,
+        started: dt.datetime | None = None,
+        request_id: str | None = None,
+        user_agent: str = "",
+    ) -> float:
+        usage = usage or {}
+        pt = int(usage.get("prompt_tokens") or 0)
+        ct = int(usage.get("completion_tokens") or 0)
+        cin, cout = self.cost_of(dep, usage) if dep is not None and error is None else (0.0, 0.0)
+        cost = cin + cout
+        now = _now()
+        rec = self.db["keys"].get(caller.token or "") or {}
+        call_id = str(uuid.uuid4())
+        log = {
+            "request_id": request_id or call_id,
+            "litellm_call_id": call_id,
+            "call_type": {"/chat/completions": "acompletion", "/completions": "atext_completion"}.get(
+                route, "aembedding"
+            ),
+            "api_key": caller.token or "litellm_proxy_master_key",  # GUESS: what the master key's rows say
+            "alias": rec.get("key_alias"),
+            "spend": cost,
+            "cost_in": cin,
+            "cost_out": cout,
+            "prompt_tokens": pt,
+            "completion_tokens": ct,
+            "total_tokens": pt + ct,
+            "startTime": _iso(started or now),
+            "endTime": _iso(now),
+            "model": str(dep.litellm_params.get("model") or "") if dep else "",
+            "model_id": dep.model_id if dep else "",
+            "model_group": model or (dep.model_name if dep else ""),
+            "provider": dep.provider if dep else "",
+            "api_base": str(dep.litellm_params.get("api_base") or "") if dep and error is None else "",
+            "status": "failure" if error else "success",
+            "error": error,
+            "stream": stream,
+            "user_agent": user_agent,
+        }
+        log["error"] = (
+            {"code": str(error.status), "message": error.message, "class": type(error).__name__} if error else None
         )
+        delay = self.services.spend_write_delay_s * self.services.time_scale
+        self.pending.append((time.monotonic() + delay, caller.token, cost, log))
         if caller.token is not None:
-            delay = self.services.spend_write_delay_s * self.services.time_scale
-            self.pending.append((time.monotonic() + delay, caller.token, cost))
             self.mem_spend[caller.token] = self.mem_spend.get(caller.token, 0.0) + cost
         return cost
+
+    def _log_template(self, e: dict[str, Any]) -> dict[str, Any]:
+        if e["status"] == "failure":
+            return _T_SPEND_FAIL
+        return _T_SPEND_STREAM if e["stream"] and e["call_type"] == "atext_completion" else _T_SPEND_OK
+
+    @staticmethod
+    def _model_map(e: dict[str, Any]) -> dict[str, Any]:
+        # The recorded rows' model_map_information per alias (spend-logs-poll-04). GUESS: other aliases
+        # look like coder-chat's.
+        rows = {r["model_group"]: r for r in _T_SPEND}
+        tpl = rows.get(e["model_group"]) or rows["coder-chat"]
+        mmi = copy.deepcopy(tpl["metadata"]["model_map_information"])
+        mmi["model_map_key"] = e["model"]
+        mmi["model_map_value"]["key"] = e["model_id"]
+        return mmi
+
+    def _log_view(self, e: dict[str, Any]) -> dict[str, Any]:
+        """A spend-log row as /spend/logs shows it (recorded: spend-logs-poll-04, spend-fim-stream-logs-poll-03)."""
+        tpl = self._log_template(e)
+        usage = {"total_tokens": e["total_tokens"], "prompt_tokens": e["prompt_tokens"]}
+        usage["completion_tokens"] = e["completion_tokens"]
+        ok = e["status"] == "success"
+        meta = copy.deepcopy(tpl["metadata"]) | {
+            "user_agent": e["user_agent"],
+            "user_api_key": e["api_key"],
+            "user_api_key_alias": e["alias"],
+            "litellm_call_id": e["litellm_call_id"],
+            "model_map_information": self._model_map(e),
+            "original_model_group": e["model_group"] if ok else None,
+            # GUESS: a fixed overhead (the recording has real milliseconds, null for streams and failures)
+            "litellm_overhead_time_ms": 1.5
+            if ok and not e["stream"] and e["provider"] != "text-completion-openai"
+            else None,
+        }
+        if ok:
+            meta["usage_object"] = mold(usage, tpl["metadata"]["usage_object"])
+            meta["cost_breakdown"] = tpl["metadata"]["cost_breakdown"] | {
+                "input_cost": e["cost_in"],
+                "output_cost": e["cost_out"],
+                "total_cost": e["spend"],
+                "original_cost": e["spend"],
+            }
+        else:
+            err = e["error"] or {}
+            meta["error_information"] = tpl["metadata"]["error_information"] | {
+                "error_code": err.get("code"),
+                "error_message": err.get("message"),
+            }
+        t0 = dt.datetime.fromisoformat(e["startTime"])
+        t1 = dt.datetime.fromisoformat(e["endTime"])
+        return {
+            "request_id": e["request_id"],
+            "call_type": e["call_type"],
+            "api_key": e["api_key"],
+            "spend": e["spend"],
+            "total_tokens": e["total_tokens"],
+            "prompt_tokens": e["prompt_tokens"],
+            "completion_tokens": e["completion_tokens"],
+            "startTime": _z(e["startTime"]),
+            "endTime": _z(e["endTime"]),
+            "completionStartTime": _z(e["endTime"]),
+            "request_duration_ms": int((t1 - t0).total_seconds() * 1000),
+            "model": e["model"],
+            "model_id": e["model_id"],
+            "model_group": e["model_group"],
+            "custom_llm_provider": e["provider"],
+            "api_base": e["api_base"],
+            "status": e["status"],
+            "metadata": meta,
+            "session_id": str(uuid.uuid5(uuid.NAMESPACE_URL, e["litellm_call_id"])),
+            "litellm_call_id": e["litellm_call_id"],
+            "created_at": _z(e["endTime"]),
+            "updated_at": _z(e["endTime"]),
+            "cache_hit": "None" if ok and not e["stream"] else "False",
+            "request_tags": (
+                [f"User-Agent: {e['user_agent'].split('/')[0]}", f"User-Agent: {e['user_agent']}"]
+                if ok and e["user_agent"]
+                else []
+            ),
+        }
 
     # ------------------------------------------------------------------ app
     def app(self) -> web.Application:
@@ -327,6 +546,7 @@ class LiteLLMProxy:
         r.add_get("/v2/model/info", self.model_info)
         r.add_post("/model/delete", self.model_delete)
         r.add_get("/spend/logs", self.spend_logs)
+        r.add_get("/spend/logs/v2", self.spend_logs_v2)
         app.on_startup.append(self._on_startup)
         app.on_cleanup.append(self._on_cleanup)
         return app
@@ -392,17 +612,7 @@ class LiteLLMProxy:
         return json_response({"message": "LiteLLM: RUNNING"})
 
     async def readiness(self, request: web.Request) -> web.Response:
-        return json_response(
-            {
-                "status": "healthy",
-                "db": "connected",
-                "cache": None,
-                "litellm_version": VERSION,
-                "success_callbacks": [],
-                "use_aiohttp_transport": True,
-                "last_updated": _iso(_now()),
-            }
-        )
+        return json_response({"status": "healthy", "db": "connected"})  # recorded: health-readiness
 
     async def liveliness(self, request: web.Request) -> web.Response:
         return json_response("I'm alive!")
@@ -457,13 +667,19 @@ class LiteLLMProxy:
     async def models(self, request: web.Request) -> web.Response:
         caller = self.authenticate(request)
         scope = self.key_models(caller)
+        # recorded (models-v1-ghost): a key's scope verbatim, aliases that do not exist included
         names = scope if scope is not None else self.model_names()
-        modes = {d.model_name: d.model_info.get("mode") for d in self.deployments()}
+        infos = {d.model_name: d.model_info for d in self.deployments()}
         data = []
         for name in dict.fromkeys(names):
             entry: dict[str, Any] = {"id": name, "object": "model", "created": 1677610602, "owned_by": "openai"}
-            if modes.get(name) == "embedding":
+            info = infos.get(name) or {}
+            if info.get("mode") == "embedding":
                 entry["mode"] = "embedding"
+            else:
+                for k in ("max_input_tokens", "max_output_tokens"):
+                    if info.get(k) is not None:
+                        entry[k] = info[k]
             data.append(entry)
         return json_response({"data": data, "object": "list"})
 
@@ -474,14 +690,21 @@ class LiteLLMProxy:
         max_budget = rec.get("max_budget")
         if max_budget is None:
             return
+        written = float(rec.get("spend", 0.0))
         spend = self.current_spend(caller.token)
-        if spend >= float(max_budget):
-            raise ProxyError(
-                422,
-                f"Budget has been exceeded! Key={rec.get('key_alias')} ({rec.get('key_name')}) "
-                f"Current cost: {spend}, Max budget: {float(max_budget)}",
-                "budget_exceeded",
-            )
+        if written >= float(max_budget):  # recorded (budget-call-2): after the write, alias and key_name
+            who = f"{rec.get('key_alias')} ({rec.get('key_name')})"
+        elif spend >= float(max_budget):  # recorded (budget-immediate-call-2): before it, the hash
+            who = caller.token
+        else:
+            return
+        raise ProxyError(
+            422,
+            f"Budget has been exceeded! Key={who} Current cost: {spend if who == caller.token else written}, "
+            f"Max budget: {float(max_budget)}",
+            "budget_exceeded",
+            None,
+        )
 
     def pick(self, model: str) -> Deployment | None:
         deps = [d for d in self.deployments() if d.model_name == model]
@@ -489,44 +712,64 @@ class LiteLLMProxy:
             return None
         return deps[next(self.rr) % len(deps)]
 
+    def _router_error(self, caller: Caller, message: str, param: str | None, echo: bool) -> ProxyError:
+        """Recorded (chat-ghost, chat-missing-messages): router 400s carry call-id, cost 0, key spend."""
+        err = ProxyError(400, message, "invalid_request_error", param)
+        err.extra = {"provider_specific_fields": {"error": message}} if echo else {}
+        err.headers = {"x-litellm-call-id": str(uuid.uuid4()), "x-litellm-response-cost": "0"}
+        rec = self.db["keys"].get(caller.token or "") or {}
+        if rec.get("max_budget") is not None:
+            err.headers["x-litellm-key-max-budget"] = str(float(rec["max_budget"]))
+        err.headers["x-litellm-key-spend"] = "0.0"
+        return err
+
     async def data_plane(self, request: web.Request) -> web.StreamResponse:
         caller = self.authenticate(request)
         route = normalize_route(request.path).removeprefix("/v1")
+        started = _now()
+        ua = request.headers.get("User-Agent", "")
         try:
             body = await read_json(request)
         except ValueError as e:
-            raise ProxyError(400, f"Invalid request body: {e}", "bad_request_error") from e
+            raise ProxyError(400, f"Invalid request body: {e}", "bad_request_error") from e  # GUESS
         if not isinstance(body, dict):
-            raise ProxyError(400, "Invalid request body: expected a JSON object", "bad_request_error")
+            raise ProxyError(400, "Invalid request body: expected a JSON object", "bad_request_error")  # GUESS
         model = body.get("model")
         known = self.model_names()
         scope = self.key_models(caller)
-        if not caller.is_master and (
-            (scope is not None and model not in scope) or not isinstance(model, str) or model not in known
-        ):
-            raise ProxyError(
-                403,
-                f"The requested model '{model}' is not available for this API key, or the model name is invalid. "
-                f"This key can only access models={scope if scope is not None else known}. Tried to access {model}",
-                "key_model_access_denied",
-                "model",
-            )
-        if not isinstance(model, str) or model not in known:
-            raise ProxyError(
-                400,
-                f"{route}: Invalid model name passed in model={model}. Call `/v1/models` to view available models "
-                "for your key.",
-                "bad_request_error",
-                "model",
-            )
+        if not caller.is_master and scope is not None and model not in scope:
+            # recorded (chat-out-of-scope, chat-unknown-model): 403 for anything outside the scope, and
+            # the refusal is logged as a failed call of the key
+            err = ProxyError(403, ACCESS_DENIED.format(model=model), "key_model_access_denied", "model")
+            dep = self.pick(str(model)) if isinstance(model, str) else None
+            self.record_spend(caller, dep, None, route, model=str(model), error=err, started=started, user_agent=ua)
+            raise err
         self._check_budget(caller)
+        if not isinstance(model, str) or model not in known:
+            msg = (
+                f"{route}: Invalid model name passed in model={model}. Call `/v1/models` to view available models "
+                "for your key."
+            )
+            raise self._router_error(caller, msg, None, echo=True)
+        if route == "/chat/completions" and "messages" not in body:
+            raise self._router_error(caller, f"{route}: Missing required parameter: 'messages'.", "messages", False)
         dep = self.pick(model)
         assert dep is not None
         bump(self.services.counters, f"litellm:upstream:{model}")
         bump(self.services.counters, f"litellm:deployment:{dep.model_id}")
         upstream_body = dict(body)
         upstream_body["model"] = dep.served_name
-        url = self._upstream_url(dep, route)
+        upstream_route = route
+        text_model = dep.provider == "text-completion-openai"
+        if text_model and route == "/chat/completions":
+            # recorded (fim-via-chat): a text-completion model on the chat route gets the messages' content
+            # as the raw prompt; the completion comes back as message.content
+            upstream_body.pop("messages", None)
+            upstream_body["prompt"] = "".join(
+                str(m.get("content") or "") for m in body.get("messages") or [] if isinstance(m, dict)
+            )
+            upstream_route = "/completions"
+        url = self._upstream_url(dep, upstream_route)
         if url is None:
             raise self._connection_error(model)
         headers = {"Content-Type": "application/json"}
@@ -534,6 +777,8 @@ class LiteLLMProxy:
             headers["Authorization"] = f"Bearer {dep.litellm_params['api_key']}"
         assert self.session is not None
         stream = bool(body.get("stream")) and route != "/embeddings"
+        if stream and route == "/chat/completions" and not text_model:
+            upstream_body["stream_options"] = {"include_usage": True}  # LiteLLM meters chat streams itself
         try:
             resp = await self.session.post(url, data=json.dumps(upstream_body), headers=headers)
         except (aiohttp.ClientError, OSError) as e:
@@ -543,31 +788,149 @@ class LiteLLMProxy:
                 text = await resp.text()
                 raise self._upstream_error(resp.status, text, model)
             if stream:
-                return await self._relay_stream(request, resp, caller, dep, body, route)
+                return await self._relay_stream(request, resp, caller, dep, body, route, started, ua)
             try:
                 payload = await resp.json(content_type=None)
             except (json.JSONDecodeError, aiohttp.ContentTypeError) as e:
-                raise ProxyError(
+                raise ProxyError(  # GUESS
                     500, f"litellm.APIError: APIError: OpenAIException - invalid JSON from upstream: {e}", None, None
                 ) from e
         except (aiohttp.ClientError, OSError) as e:
             raise self._connection_error(model) from e
         finally:
             resp.release()
-        cost = self.record_spend(caller, dep, payload.get("usage"), route)
-        return json_response(payload, headers=self._headers(caller, dep, cost))
+        usage = payload.get("usage") if isinstance(payload, dict) else None
+        self.record_spend(caller, dep, usage, route, started=started, request_id=payload.get("id"), user_agent=ua)
+        out = self._reshape(payload, model, route, text_model)
+        return json_response(out, headers=self._headers(caller, dep, usage, started, route))
 
-    def _headers(self, caller: Caller, dep: Deployment, cost: float) -> dict[str, str]:
-        h = {
-            "x-litellm-model-id": dep.model_id,
-            "x-litellm-model-group": dep.model_name,
-            "x-litellm-response-cost": str(cost),
-            "x-litellm-version": VERSION,
-            "x-litellm-call-id": str(uuid.uuid4()),
-            "x-litellm-model-api-base": str(dep.litellm_params.get("api_base") or ""),
+    @staticmethod
+    def _reshape(payload: dict[str, Any], alias: str, route: str, text_model: bool) -> dict[str, Any]:
+        """vLLM's answer as LiteLLM passes it on (recorded: chat-reverse, fim-stop, fim-via-chat, embeddings)."""
+        usage = payload.get("usage") or {}
+        u3 = {k: usage.get(k) for k in ("completion_tokens", "prompt_tokens", "total_tokens")}
+        if route == "/embeddings":
+            return {
+                "model": alias,
+                "data": payload.get("data") or [],
+                "object": "list",
+                "usage": u3
+                | {"completion_tokens": 0, "completion_tokens_details": None, "prompt_tokens_details": None},
+            }
+        if route == "/completions":
+            out = dict(payload) | {"model": alias}
+            out["usage"] = u3 | {"completion_tokens_details": None, "prompt_tokens_details": None}
+            for k in ("system_fingerprint", "service_tier", "kv_transfer_params", "ec_transfer_params", "metrics"):
+                out.setdefault(k, None)
+            choices = []
+            for ch in payload.get("choices") or []:
+                c = {k: ch.get(k) for k in ("stop_reason", "token_ids", "prompt_logprobs", "prompt_token_ids")}
+                c |= {"routed_experts": ch.get("routed_experts"), "finish_reason": ch.get("finish_reason")}
+                c |= {"index": ch.get("index", 0), "text": ch.get("text"), "logprobs": ch.get("logprobs")}
+                choices.append(c)
+            out["choices"] = choices
+            return out
+        if text_model:  # a text completion answered on the chat route (fim-via-chat)
+            return {
+                "id": payload.get("id"),
+                "created": payload.get("created"),
+                "model": alias,
+                "object": "chat.completion",
+                "choices": [
+                    {
+                        "finish_reason": ch.get("finish_reason"),
+                        "index": ch.get("index", 0),
+                        "message": {"content": ch.get("text"), "role": "assistant"},
+                    }
+                    for ch in payload.get("choices") or []
+                ],
+                "usage": u3,
+            }
+        choices = []
+        for ch in payload.get("choices") or []:
+            m = ch.get("message") or {}
+            msg: dict[str, Any] = {"content": m.get("content"), "role": m.get("role", "assistant")}
+            if m.get("tool_calls"):
+                msg["tool_calls"] = [
+                    {
+                        "function": {"arguments": tc["function"].get("arguments"), "name": tc["function"].get("name")},
+                        "id": tc.get("id"),  # recorded (agent-tools-required): vLLM's chatcmpl-tool- id
+                        "type": "function",
+                    }
+                    for tc in m["tool_calls"]
+                ]
+            msg |= {"provider_specific_fields": {"reasoning": m.get("reasoning")}, "refusal": m.get("refusal")}
+            choices.append(
+                {
+                    "finish_reason": ch.get("finish_reason"),
+                    "index": ch.get("index", 0),
+                    "message": msg,
+                    "provider_specific_fields": {
+                        "token_ids": ch.get("token_ids"),
+                        "routed_experts": ch.get("routed_experts"),
+                        "stop_reason": ch.get("stop_reason"),
+                    },
+                    "logprobs": ch.get("logprobs"),
+                }
+            )
+        return {
+            "id": payload.get("id"),
+            "created": payload.get("created"),
+            "model": alias,
+            "object": "chat.completion",
+            "system_fingerprint": payload.get("system_fingerprint"),
+            "choices": choices,
+            "usage": u3,
         }
-        if caller.token is not None:
-            h["x-litellm-key-spend"] = str(self.current_spend(caller.token))
+
+    def _headers(
+        self,
+        caller: Caller,
+        dep: Deployment,
+        usage: dict[str, Any] | None,
+        started: dt.datetime,
+        route: str,
+        stream: bool = False,
+    ) -> dict[str, str]:
+        """Recorded x-litellm-* headers: cost parts of this call; key-spend is this call's own cost."""
+        cin, cout = self.cost_of(dep, usage) if not stream else (0.0, 0.0)
+        text_model = dep.provider == "text-completion-openai"
+        ms = str((_now() - started).total_seconds() * 1000)
+        h = {
+            "x-litellm-call-id": str(uuid.uuid4()),
+            "x-litellm-model-id": dep.model_id,
+            "x-litellm-model-name": str(dep.litellm_params.get("model") or ""),
+        }
+        fim_stream = stream and text_model
+        if not fim_stream:
+            h["x-litellm-model-api-base"] = str(dep.litellm_params.get("api_base") or "")
+        h["x-litellm-version"] = VERSION
+        if not stream:
+            h["x-litellm-response-cost"] = str(cin + cout)
+        if not fim_stream:
+            h |= {
+                "x-litellm-response-cost-original": str(cin + cout),
+                "x-litellm-response-cost-discount-amount": "0.0",
+                "x-litellm-response-cost-margin-amount": "0.0",
+                "x-litellm-response-cost-margin-percent": "0.0",
+                "x-litellm-response-cost-input": str(cin),
+                "x-litellm-response-cost-output": str(cout),
+                "x-litellm-response-cost-tool-usage": "0.0",
+            }
+        rec = self.db["keys"].get(caller.token or "") or {}
+        if rec.get("max_budget") is not None:
+            h["x-litellm-key-max-budget"] = str(float(rec["max_budget"]))
+        h["x-litellm-key-spend"] = str(cin + cout)
+        h["x-litellm-response-duration-ms"] = ms
+        if not text_model:
+            h["x-litellm-overhead-duration-ms"] = "1.0"
+        if not fim_stream:
+            h["x-litellm-callback-duration-ms"] = "0.0"
+        h |= {
+            "x-litellm-model-group": dep.model_name,
+            "x-litellm-attempted-retries": "0",
+            "x-litellm-attempted-fallbacks": "0",
+        }
         return h
 
     async def _relay_stream(
@@ -578,34 +941,120 @@ class LiteLLMProxy:
         dep: Deployment,
         body: dict[str, Any],
         route: str,
+        started: dt.datetime,
+        ua: str,
     ) -> web.StreamResponse:
+        """Reshaped like LiteLLM (recorded: chat-reverse-stream(-usage), fim-stop-stream, agent-tools-required-stream).
+
+        GUESS: more than one choice (n > 1) in a stream; every recorded stream has one."""
         out = web.StreamResponse(
-            status=200, headers={"Content-Type": "text/event-stream; charset=utf-8"} | self._headers(caller, dep, 0.0)
+            status=200,
+            headers={"Content-Type": "text/event-stream; charset=utf-8"}
+            | self._headers(caller, dep, None, started, route, stream=True),
         )
         await out.prepare(request)
+        alias = dep.model_name
+        text_route = route == "/completions" or dep.provider == "text-completion-openai"
+
+        async def send(obj: dict[str, Any]) -> None:
+            await out.write(f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode())
+
         usage: dict[str, Any] | None = None
         text_parts: list[str] = []
+        finish: str | None = None
+        finish_had_content = False
+        head: dict[str, Any] = {}
+        fingerprint: str | None = None
         buf = b""
         async for chunk in resp.content.iter_any():
-            await out.write(chunk)
             buf += chunk
             while b"\n" in buf:
                 line, buf = buf.split(b"\n", 1)
                 s = line.decode(errors="replace").strip()
                 if not s.startswith("data:") or s == "data: [DONE]":
                     continue
-                with contextlib.suppress(json.JSONDecodeError):
+                try:
                     ev = json.loads(s[5:].strip())
-                    if ev.get("usage"):
-                        usage = ev["usage"]
-                    for ch in ev.get("choices") or []:
-                        text_parts.append((ch.get("delta") or {}).get("content") or ch.get("text") or "")
-        if usage is None:  # LiteLLM counts the tokens itself when the backend sent no usage
-            prompt = body.get("prompt") or " ".join(
-                str(m.get("content") or "") for m in body.get("messages") or [] if isinstance(m, dict)
+                except json.JSONDecodeError:
+                    continue
+                head = head or {"id": ev.get("id"), "created": ev.get("created")}
+                fingerprint = ev.get("system_fingerprint") or fingerprint
+                if ev.get("usage"):
+                    usage = ev["usage"]
+                for ch in ev.get("choices") or []:
+                    if ch.get("finish_reason"):
+                        finish = ch["finish_reason"]
+                    if text_route:
+                        text_parts.append(ch.get("text") or "")
+                        continue
+                    delta = ch.get("delta") or {}
+                    content = delta.get("content")
+                    if content:
+                        text_parts.append(content)
+                    if "role" in delta:
+                        d = {"role": delta["role"], "content": content or ""}
+                    elif delta.get("tool_calls"):
+                        d = {"tool_calls": []}
+                        for tc in delta["tool_calls"]:
+                            fn = tc.get("function") or {}
+                            t: dict[str, Any] = {}
+                            if tc.get("id"):
+                                t["id"] = tc["id"]
+                            t["function"] = {"arguments": fn.get("arguments") or ""}
+                            if fn.get("name"):
+                                t["function"]["name"] = fn["name"]
+                            t |= {"type": "function", "index": tc.get("index", 0)}
+                            d["tool_calls"].append(t)
+                    elif content:
+                        d = {"content": content}
+                        finish_had_content = finish_had_content or bool(ch.get("finish_reason"))
+                    else:
+                        continue
+                    base = {"id": ev.get("id"), "object": "chat.completion.chunk", "created": ev.get("created")}
+                    await send(base | {"model": alias, "choices": [{"index": ch.get("index", 0), "delta": d}]})
+        base = {"id": head.get("id"), "created": head.get("created"), "model": alias}
+        if text_route:
+            # recorded (fim-stop-stream): vLLM's empty chunks dropped, the text in one chunk, then the finish;
+            # every chunk with zero usage, and the call is not metered (spend 0, tokens 0)
+            zero = {"completion_tokens": 0, "prompt_tokens": 0, "total_tokens": 0}
+            tbase = {"id": head.get("id"), "object": "text_completion", "created": head.get("created"), "model": alias}
+            await send(tbase | {"choices": [{"index": 0, "text": "".join(text_parts)}], "usage": zero})
+            await send(tbase | {"choices": [{"finish_reason": finish or "stop", "index": 0}], "usage": zero})
+            self.record_spend(
+                caller, dep, zero, route, stream=True, started=started, request_id=head.get("id"), user_agent=ua
             )
-            usage = {"prompt_tokens": count_tokens(str(prompt)), "completion_tokens": count_tokens("".join(text_parts))}
-        self.record_spend(caller, dep, usage, route)
+        else:
+            if finish_had_content or finish != "tool_calls":
+                await send(
+                    base
+                    | {"object": "chat.completion.chunk", "system_fingerprint": fingerprint}
+                    | {"choices": [{"finish_reason": finish, "index": 0, "delta": {}}]}
+                )
+            else:
+                await send(
+                    {"id": head.get("id"), "object": "chat.completion.chunk", "created": head.get("created")}
+                    | {"model": alias, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}
+                )
+            if usage is None:  # LiteLLM counts the tokens itself when the backend sent no usage
+                prompt = " ".join(
+                    str(m.get("content") or "") for m in body.get("messages") or [] if isinstance(m, dict)
+                )
+                n = count_tokens("".join(text_parts))
+                usage = {"prompt_tokens": count_tokens(prompt), "completion_tokens": n}
+                usage["total_tokens"] = usage["prompt_tokens"] + n
+            cost = self.record_spend(
+                caller, dep, usage, route, stream=True, started=started, request_id=head.get("id"), user_agent=ua
+            )
+            if (body.get("stream_options") or {}).get("include_usage"):
+                ct = int(usage.get("completion_tokens") or 0)
+                u = {k: usage.get(k) for k in ("completion_tokens", "prompt_tokens", "total_tokens")}
+                u |= {"completion_tokens_details": {"reasoning_tokens": 0, "text_tokens": ct}, "cost": cost}
+                await send(
+                    base
+                    | {"object": "chat.completion.chunk", "system_fingerprint": fingerprint}
+                    | {"choices": [{"index": 0, "delta": {}}], "usage": u}
+                )
+        await out.write(b"data: [DONE]\n\n")
         await out.write_eof()
         return out
 
@@ -666,15 +1115,21 @@ class LiteLLMProxy:
         )
 
     # ------------------------------------------------------------------ keys
-    def _find_key(self, value: str) -> dict[str, Any] | None:
+    def _find_key(self, value: str, deleted: bool = False) -> dict[str, Any] | None:
+        """By value (``sk-...``) or by hash. The display ``key_name`` (``sk-...abcd``) is no identifier: it
+        hashes to nothing (recorded: key-info-by-key-name, key-update-by-key-name, key-delete-by-key-name)."""
         token = hash_token(value) if value.startswith("sk-") else value
-        return self.db["keys"].get(token)
+        rec = self.db["keys"].get(token)
+        if rec is None and deleted:
+            rec = self.db["deleted_keys"].get(token)
+        return rec
 
     def _alias_taken(self, alias: str, except_token: str | None = None) -> bool:
         return any(r.get("key_alias") == alias and t != except_token for t, r in self.db["keys"].items())
 
     @staticmethod
     def _validate_key_fields(body: dict[str, Any]) -> None:
+        # GUESS: the validation messages (no recording sends a malformed key body).
         models = body.get("models")
         if models is not None and (not isinstance(models, list) or not all(isinstance(m, str) for m in models)):
             raise ProxyError(400, "models must be a list of model names", "bad_request_error", "models")
@@ -697,8 +1152,23 @@ class LiteLLMProxy:
             raise ProxyError(400, "Invalid request body: expected a JSON object", "bad_request_error")
         return body
 
-    def _key_view(self, rec: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in rec.items() if not k.startswith("_")}
+    @staticmethod
+    def _key_view(rec: dict[str, Any]) -> dict[str, Any]:
+        out = {k: v for k, v in rec.items() if not k.startswith("_")}
+        out["total_spend"] = out.get("spend", 0.0)
+        return out
+
+    def _info_view(self, rec: dict[str, Any]) -> dict[str, Any]:
+        """/key/info's ``info``: never the hashed ``token`` (recorded: key-info-by-value/-by-hash/-self)."""
+        v = self._key_view(rec)
+        v.pop("token", None)
+        for f in ("created_at", "updated_at", "settings_updated_at", "last_active", "budget_reset_at", "expires"):
+            v[f] = _plus(v.get(f))
+        deleted = rec.get("_deleted")
+        if deleted:
+            v |= deleted | {"deleted_at": _plus(deleted["deleted_at"]), "status": "deleted"}
+            return mold(v, _T_INFO_DELETED)
+        return mold(v | {"status": "active"}, _T_INFO)
 
     async def key_generate(self, request: web.Request) -> web.Response:
         self.require_admin(request)
@@ -714,10 +1184,11 @@ class LiteLLMProxy:
             )
         key = body.get("key") or "sk-" + secrets.token_urlsafe(16)
         if not isinstance(key, str) or not key.startswith("sk-"):
+            # GUESS: the message for a custom key without the sk- prefix
             raise ProxyError(400, "Invalid key format. LiteLLM Virtual Key must start with 'sk-'.", "bad_request_error")
         token = hash_token(key)
         if token in self.db["keys"]:
-            raise ProxyError(400, "Unique key required: this key already exists.", "bad_request_error", "key")
+            raise ProxyError(400, "Unique key required: this key already exists.", "bad_request_error", "key")  # GUESS
         now = _now()
         budget_duration = body.get("budget_duration")
         expires = now + parse_duration(body["duration"]) if body.get("duration") else None
@@ -728,7 +1199,7 @@ class LiteLLMProxy:
             "spend": 0.0,
             "max_budget": float(body["max_budget"]) if body.get("max_budget") is not None else None,
             "budget_duration": budget_duration,
-            "budget_reset_at": _iso(now + parse_duration(budget_duration)) if budget_duration else None,
+            "budget_reset_at": _iso(budget_reset_at(now, budget_duration)) if budget_duration else None,
             "expires": _iso(expires),
             "models": list(body.get("models") or []),
             "aliases": body.get("aliases") or {},
@@ -746,36 +1217,38 @@ class LiteLLMProxy:
             "soft_budget_cooldown": False,
             "created_at": _iso(now),
             "updated_at": _iso(now),
+            "settings_updated_at": None,
+            "last_active": None,
             "created_by": "default_user_id",
             "updated_by": "default_user_id",
         }
         self.db["keys"][token] = rec
-        out = self._key_view(rec) | {
-            "key": key,
-            "token_id": token,
-            "duration": body.get("duration"),
-            "litellm_budget_table": None,
-        }
-        return json_response(out)
+        # recorded (key-generate-*): no status, no budget_reset_at; times as ...Z; token and token_id
+        view = self._key_view(rec)
+        view |= {f: _z(view.get(f)) for f in ("created_at", "updated_at", "expires")}
+        out = view | {"key": key, "token_id": token, "duration": body.get("duration"), "litellm_budget_table": None}
+        return json_response(mold(out, _T_GENERATE))
 
     async def key_info(self, request: web.Request) -> web.Response:
+        # recorded (key-info-other-key-as-vkey): any virtual key may read any key's info
         caller = self.authenticate(request)
         value = request.query.get("key")
         if value is None:
             if caller.token is None:
-                raise ProxyError(400, "Key not passed in. Pass `key` as a query parameter.", "bad_request_error", "key")
+                # GUESS: the master key's self lookup
+                raise ProxyError(404, "Key not found in database", "not_found_error", "key")
             rec = self.db["keys"].get(caller.token)
-            value = caller.token
+            value = caller.token  # recorded (key-info-self): the top-level key is the hash
         else:
-            rec = self._find_key(value)
+            rec = self._find_key(value, deleted=True)
         if rec is None:
-            raise ProxyError(404, "Key not found in database.", "not_found_error", "key")
-        return json_response({"key": value, "info": self._key_view(rec)})
+            raise ProxyError(404, "Key not found in database", "not_found_error", "key")
+        return json_response({"key": value, "info": self._info_view(rec)})
 
     async def key_list(self, request: web.Request) -> web.Response:
         self.require_admin(request)
         q = request.query
-        recs = list(self.db["keys"].values())
+        recs = list(self.db["keys"].values())  # deleted keys are not listed (recorded: key-list-deleted-alias)
         for field_ in ("key_alias", "user_id", "team_id"):
             if q.get(field_) is not None:
                 recs = [r for r in recs if r.get(field_) == q[field_]]
@@ -786,12 +1259,21 @@ class LiteLLMProxy:
             page = max(1, int(q.get("page", "1")))
             size = max(1, min(100, int(q.get("size", "10"))))
         except ValueError as e:
-            raise ProxyError(422, f"Invalid pagination: {e}", "bad_request_error") from e
+            raise ProxyError(422, f"Invalid pagination: {e}", "bad_request_error") from e  # GUESS
         total = len(recs)
         chunk = recs[(page - 1) * size : page * size]
-        keys: list[Any] = [self._key_view(r) for r in chunk] if full else [r["token"] for r in chunk]
+        keys: list[Any] = []
+        for r in chunk:
+            if not full:
+                keys.append(r["token"])
+                continue
+            v = self._key_view(r)
+            times = ("created_at", "updated_at", "settings_updated_at", "last_active", "budget_reset_at", "expires")
+            v |= {f: _z(v.get(f)) for f in times}
+            keys.append(mold(v, _T_LIST_FULL))
+        # recorded (key-list-deleted-alias): total_pages 0 when nothing matches
         return json_response(
-            {"keys": keys, "total_count": total, "current_page": page, "total_pages": max(1, -(-total // size))}
+            {"keys": keys, "total_count": total, "current_page": page, "total_pages": -(-total // size)}
         )
 
     async def key_update(self, request: web.Request) -> web.Response:
@@ -799,10 +1281,10 @@ class LiteLLMProxy:
         body = await self._body(request)
         value = body.get("key")
         if not isinstance(value, str):
-            raise ProxyError(400, "key is required", "bad_request_error", "key")
+            raise ProxyError(400, "key is required", "bad_request_error", "key")  # GUESS
         rec = self._find_key(value)
         if rec is None:
-            raise ProxyError(404, f"Key not found: {abbreviate(value)}", "not_found_error", "key")
+            raise ProxyError(404, "Key not found.", "not_found_error", "key")
         self._validate_key_fields(body)
         alias = body.get("key_alias")
         if alias is not None and self._alias_taken(alias, except_token=rec["token"]):
@@ -820,14 +1302,17 @@ class LiteLLMProxy:
         if "budget_duration" in body:
             rec["budget_duration"] = body["budget_duration"]
             rec["budget_reset_at"] = (
-                _iso(_now() + parse_duration(body["budget_duration"])) if body["budget_duration"] else None
+                _iso(budget_reset_at(_now(), body["budget_duration"])) if body["budget_duration"] else None
             )
         if body.get("duration"):
             rec["expires"] = _iso(_now() + parse_duration(body["duration"]))
         if "spend" in body:
             rec["spend"] = float(body["spend"])
-        rec["updated_at"] = _iso(_now())
-        return json_response({"key": value} | {k: v for k, v in self._key_view(rec).items() if k != "token"})
+        rec["updated_at"] = rec["settings_updated_at"] = _iso(_now())
+        # recorded (key-update-by-value/-by-hash): key as sent, token, the info fields without status
+        view = self._info_view(rec)
+        view.pop("status", None)
+        return json_response(mold({"key": value, "token": rec["token"]} | view, _T_UPDATE))
 
     async def key_delete(self, request: web.Request) -> web.Response:
         self.require_admin(request)
@@ -835,34 +1320,40 @@ class LiteLLMProxy:
         keys = body.get("keys") or []
         aliases = body.get("key_aliases") or []
         if not isinstance(keys, list) or not isinstance(aliases, list) or not (keys or aliases):
+            # GUESS: the message for an empty delete
             raise ProxyError(400, "Pass `keys` (or `key_aliases`) as a non-empty list", "bad_request_error", "keys")
-        tokens: list[tuple[str, str | None]] = []
+        found: list[str] = []
         for v in keys:
             rec = self._find_key(str(v))
-            tokens.append((str(v), rec["token"] if rec else None))
+            if rec is not None:
+                found.append(rec["token"])
         for a in aliases:
-            tok = next((t for t, r in self.db["keys"].items() if r.get("key_alias") == a), None)
-            tokens.append((str(a), tok))
-        missing = [abbreviate(v) if v.startswith("sk-") else v for v, t in tokens if t is None]
-        if missing:
-            raise ProxyError(
-                400,
-                f"Failed to delete all keys. Keys passed in which were not found in the database: {missing}",
-                "bad_request_error",
-                "keys",
-            )
-        for _, tok in tokens:
-            self.db["keys"].pop(tok, None)
-            self.mem_spend.pop(tok or "", None)
-        self.pending = [p for p in self.pending if p[1] not in {t for _, t in tokens}]
-        return json_response({"deleted_keys": [v for v, _ in tokens]})
+            found += [t for t, r in self.db["keys"].items() if r.get("key_alias") == a]
+        if not found:
+            # recorded (key-delete-by-value-again, key-delete-never-minted, key-delete-by-key-name)
+            raise ProxyError(404, "{'error': 'No keys found'}", "internal_server_error", None)
+        # GUESS: a mixture of found and unknown keys deletes the found ones and answers 200
+        now = _iso(_now())
+        for tok in dict.fromkeys(found):
+            rec = self.db["keys"].pop(tok)
+            rec["_deleted"] = {
+                "id": str(uuid.uuid4()),
+                "org_id": None,
+                "deleted_at": now,
+                "deleted_by": "default_user_id",
+                "deleted_by_api_key": "litellm_proxy_master_key",
+                "litellm_changed_by": None,
+            }
+            self.db["deleted_keys"][tok] = rec
+            self.mem_spend.pop(tok, None)
+        self.pending = [p for p in self.pending if p[1] not in found]
+        # recorded: deleted_keys is exactly what was sent (values, hashes or the aliases)
+        return json_response({"deleted_keys": [*keys, *aliases]})
 
     async def key_regenerate(self, request: web.Request) -> web.Response:
         self.require_admin(request)
         raise ProxyError(
-            500,
-            f"Internal Server Error, Regenerating Virtual Keys is an Enterprise feature, {NOT_PREMIUM}",
-            "internal_server_error",
+            500, f"Regenerating Virtual Keys is an Enterprise feature, {NOT_PREMIUM}", "internal_server_error", None
         )
 
     # ------------------------------------------------------------------ models (admin)
@@ -870,6 +1361,7 @@ class LiteLLMProxy:
         self.require_admin(request)
         body = await self._body(request)
         if not self.store_model_in_db:
+            # GUESS: no recording without store_model_in_db
             raise ProxyError(
                 500,
                 "Set `'STORE_MODEL_IN_DB='True'` in your env to enable this feature.",
@@ -878,13 +1370,11 @@ class LiteLLMProxy:
         name = body.get("model_name")
         params = body.get("litellm_params")
         if not isinstance(name, str) or not name or not isinstance(params, dict) or not params.get("model"):
-            raise ProxyError(
+            raise ProxyError(  # GUESS
                 400, "model_name and litellm_params.model are required", "bad_request_error", "litellm_params"
             )
         info = dict(body.get("model_info") or {})
-        mid = str(info.get("id") or uuid.uuid4())
-        if any(d.model_id == mid for d in self.deployments()):
-            raise ProxyError(400, f"Model with id={mid} already exists.", "bad_request_error", "model_info")
+        mid = str(info.get("id") or uuid.uuid4())  # recorded (model-new-again): the same body twice, two rows
         info["id"] = mid
         now = _iso(_now())
         row = {
@@ -898,18 +1388,33 @@ class LiteLLMProxy:
             "updated_by": "default_user_id",
         }
         self.db["models"].append(row)
-        encrypted = {k: (_encrypt_looking(v, self.salt) if isinstance(v, str) else v) for k, v in dict(params).items()}
-        return json_response(row | {"litellm_params": encrypted, "model_info": info | {"db_model": True}})
+        enc = {
+            k: (_encrypt_looking(v, self.salt) if k in ("model", "api_base", "api_key") and isinstance(v, str) else v)
+            for k, v in dict(params).items()
+        }
+        flags = {k: v for k, v in _T_MODEL_NEW["litellm_params"].items() if isinstance(v, bool)}
+        out = row | {
+            "litellm_params": enc | flags,
+            # recorded: db_model false in this answer, true in /model/info
+            "model_info": info | {"db_model": False, "member_auto_router": False},
+            "blocked": False,
+            "created_at": _z(now),
+            "updated_at": _z(now),
+        }
+        return json_response(out)
 
     async def model_info(self, request: web.Request) -> web.Response:
         caller = self.authenticate(request)
         scope = self.key_models(caller)
         deps = self.deployments()
         if scope is not None:
-            deps = [d for d in deps if d.model_name in scope]
+            deps = [d for d in deps if d.model_name in scope]  # GUESS: a scoped key sees its models only
         mid = request.query.get("litellm_model_id") or request.query.get("model_id")
         if mid:
             deps = [d for d in deps if d.model_id == mid]
+            if not deps:
+                # recorded (model-info-unknown-id): FastAPI's detail, not LiteLLM's error object
+                return json_response({"detail": {"error": f"Model id = {mid} not found on litellm proxy"}}, 400)
         return json_response({"data": [d.public() for d in deps]})
 
     async def model_delete(self, request: web.Request) -> web.Response:
@@ -919,13 +1424,66 @@ class LiteLLMProxy:
         rows = self.db["models"]
         idx = next((i for i, r in enumerate(rows) if r["model_id"] == mid), None)
         if idx is None:
-            raise ProxyError(400, f"Model with id={mid} not found in db", "bad_request_error", "id")
+            # recorded (model-delete-unknown): type auth_error, param "None"
+            raise ProxyError(400, f"{{'error': 'Model with id={mid} not found in db'}}", "auth_error")
         rows.pop(idx)
         return json_response({"message": f"Model: {mid} deleted successfully"})
 
+    # ------------------------------------------------------------------ spend logs
+    def _token_of(self, value: str) -> str:
+        return hash_token(value) if value.startswith("sk-") else value
+
     async def spend_logs(self, request: web.Request) -> web.Response:
         self.require_admin(request)
-        return json_response(self.db["spend_logs"][-1000:])
+        logs = self.db["spend_logs"]
+        api_key = request.query.get("api_key")
+        if api_key:
+            # recorded (spend-logs-by-key-value): the hash or the raw key
+            token = self._token_of(api_key)
+            logs = [e for e in logs if e["api_key"] == token]
+        # recorded: newest first
+        return json_response([mold(self._log_view(e), self._log_template(e)) for e in reversed(logs[-1000:])])
+
+    async def spend_logs_v2(self, request: web.Request) -> web.Response:
+        self.require_admin(request)
+        q = request.query
+        if not q.get("start_date") or not q.get("end_date"):
+            raise ProxyError(400, "Start date and end date are required", "bad_request")
+        try:
+            start = dt.datetime.fromisoformat(q["start_date"]).replace(tzinfo=dt.UTC)
+            end = dt.datetime.fromisoformat(q["end_date"]).replace(tzinfo=dt.UTC)
+            page = max(1, int(q.get("page", "1")))
+            size = max(1, min(100, int(q.get("page_size", "50"))))
+        except ValueError as exc:
+            raise ProxyError(400, f"Invalid query: {exc}", "bad_request") from exc  # GUESS
+        logs = [
+            row
+            for row in reversed(self.db["spend_logs"])
+            if start <= dt.datetime.fromisoformat(row["startTime"]) <= end
+        ]
+        if q.get("api_key"):
+            token = self._token_of(q["api_key"])
+            logs = [row for row in logs if row["api_key"] == token]
+        total = len(logs)
+        chunk = logs[(page - 1) * size : page * size]
+        data = []
+        for row in chunk:
+            v = self._log_view(row)
+            for f, src in (("startTime", "startTime"), ("endTime", "endTime"), ("completionStartTime", "endTime")):
+                d = dt.datetime.fromisoformat(row[src])
+                v[f] = d.strftime("%Y-%m-%dT%H:%M:%S.") + f"{d.microsecond // 1000:03d}+00:00"
+            molded = mold(v, _T_SPEND_V2_OK if row["status"] == "success" else _T_SPEND_V2_FAIL)
+            data.append(molded | {"metadata": _jsonb(molded["metadata"])})
+        return json_response(
+            {
+                "data": data,
+                "total": total,
+                "page": page,
+                "page_size": size,
+                "total_pages": -(-total // size),
+                "total_is_capped": False,
+            }
+        )
 
 
 def normalize_route(path: str) -> str:
