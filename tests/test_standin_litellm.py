@@ -246,7 +246,9 @@ async def test_key_info_list_update_delete(stack: Stack) -> None:
         for key in (k["key"], k2["key"]):
             r = await c.get(f"{stack.url}/v1/models", headers=_b(key))
             assert r.status_code == 401 and r.json()["error"]["type"] == "token_not_found_in_db"
-        assert (await c.get(f"{stack.url}/key/info", headers=_m(), params={"key": k["key"]})).status_code == 404
+        # a deleted key's info is still there, status "deleted" (recorded: key-info-deleted-by-hash)
+        r = await c.get(f"{stack.url}/key/info", headers=_m(), params={"key": k["key"]})
+        assert r.status_code == 200 and r.json()["info"]["status"] == "deleted"
 
 
 async def test_missing_and_invalid_keys(stack: Stack) -> None:
@@ -312,7 +314,7 @@ async def test_chat_through_key_and_spend_after_batch_write(stack: Stack) -> Non
         )
         resp = r.parse()
         assert "[::-1]" in (resp.choices[0].message.content or "")
-        assert resp.model == "qwen2.5-coder-7b-instruct"  # the backend saw the served name
+        assert resp.model == "coder-chat"  # the answer names the alias (recorded: chat-reverse)
         assert stack.services.counters["coder-chat:/v1/chat/completions"] == before + 1
         assert resp.usage is not None and resp.usage.prompt_tokens > 0 and resp.usage.completion_tokens > 0
         expected = resp.usage.prompt_tokens * IN_PRICE + resp.usage.completion_tokens * OUT_PRICE
@@ -382,6 +384,16 @@ async def test_budget_422_on_the_call_after_going_over(stack: Stack) -> None:
         assert r2.status_code == 422  # the next one fails, before the spend is even written
         err = r2.json()["error"]
         assert err["type"] == "budget_exceeded"
+        # before the batched write the message names the hash (recorded: budget-immediate-call-2) ...
+        assert re.fullmatch(
+            rf"Budget has been exceeded! Key={k['token']} Current cost: [0-9.e-]+, Max budget: 1e-06", err["message"]
+        ), err["message"]
+        assert k["key"] not in err["message"]
+        # ... after it, the alias and key_name (recorded: budget-call-2)
+        await _poll_spend(c, stack.url, k["key"], 0.0)
+        r2 = await c.post(f"{stack.url}/v1/chat/completions", headers=_b(k["key"]), json=body)
+        assert r2.status_code == 422
+        err = r2.json()["error"]
         assert re.fullmatch(
             rf"Budget has been exceeded! Key=budgeted \(sk-\.\.\.{re.escape(k['key'][-4:])}\) "
             r"Current cost: [0-9.e-]+, Max budget: 1e-06",
