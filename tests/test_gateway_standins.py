@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from contextlib import AbstractAsyncContextManager
 
 import httpx
 import pytest
@@ -22,8 +19,7 @@ from coder_stack.errors import EndpointUnavailable, GatewayRequestError, SmokeFa
 from coder_stack.http import make_client
 from coder_stack.smoke import SmokeResult, smoke_agent, smoke_gateway
 from coder_stack.spec import ClientKeySpec, StackSpec, Timeouts
-from simstack.cluster_objects import EMBEDDINGS_SERVED, proxy_config
-from simstack.standins import ContainerRun, RunningBackend, SimServices, start_standin
+from tests.gatewaykit import GwStack, gateway_stack
 
 MASTER = "sk-master-gw-test-0123456789abcdef"
 UPSTREAM = "upstream-gw-test-key-0123456789"
@@ -31,81 +27,13 @@ SPEC = StackSpec(timeouts=Timeouts(spend_visible_s=5, request_s=20))
 EMBED_PRICE = 2e-8  # the simulated cluster's proxy_config prices embeddings at this
 
 
-@dataclass
-class GwStack:
-    services: SimServices
-    hosts: dict[str, int]
-    backends: dict[str, RunningBackend] = field(default_factory=dict)
-    gw: RunningBackend | None = None
-
-    @property
-    def url(self) -> str:
-        assert self.gw is not None
-        return f"http://127.0.0.1:{self.gw.port}"
-
-    async def stop_model(self, name: str) -> None:
-        b = self.backends.pop(name)
-        host = next(h for h, p in self.hosts.items() if p == b.port)
-        del self.hosts[host]
-        await b.stop()
-
-
-def _resolver(hosts: dict[str, int]) -> Any:
-    def resolve(url: str) -> str | None:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        if ".svc." not in host:
-            return url
-        port = hosts.get(host)
-        if port is None:
-            return None
-        return urlunsplit((parts.scheme, f"127.0.0.1:{port}", parts.path, parts.query, parts.fragment))
-
-    return resolve
-
-
-@asynccontextmanager
-async def gateway_stack(spec: StackSpec = SPEC, spend_write_delay_s: float = 10) -> AsyncIterator[GwStack]:
-    """LiteLLM + every model's vLLM + embeddings, as the simulated cluster configures them."""
-    hosts: dict[str, int] = {}
-    services = SimServices(resolve_url=_resolver(hosts), time_scale=0.01, spend_write_delay_s=spend_write_delay_s)
-    st = GwStack(services, hosts)
-    dom = spec.access.cluster_domain
-    servers: list[tuple[str, str, str, int, list[str]]] = [
-        (m.name, spec.serving_namespace, m.served_model_name, m.port, []) for m in spec.models
-    ]
-    servers.append(("embeddings", spec.gateway_namespace, EMBEDDINGS_SERVED, 8000, ["--task", "embed"]))
-    try:
-        for app, ns, served, _port, extra in servers:
-            args = ["--served-model-name", served, "--api-key", UPSTREAM, "--enable-auto-tool-choice",
-                    "--tool-call-parser", "hermes", *extra]  # fmt: skip
-            b = await start_standin(ContainerRun(ns, f"{app}-0", app, "vllm/vllm-openai:v0.32.0", args, {}), services)
-            assert b is not None
-            st.backends[app] = b
-            hosts[f"{app}.{ns}.svc.{dom}"] = b.port
-        path = "/etc/litellm/proxy_config.yaml"
-        run = ContainerRun(
-            spec.gateway_namespace,
-            "litellm-0",
-            "litellm",
-            "ghcr.io/berriai/litellm:main-v1.108.7",
-            ["--config", path, "--port", str(spec.gateway_port)],
-            {"PROXY_MASTER_KEY": MASTER, "UPSTREAM_API_KEY": UPSTREAM, "STORE_MODEL_IN_DB": "True"},
-            files={path: proxy_config(spec)},
-            container_port=spec.gateway_port,
-        )
-        st.gw = await start_standin(run, services)
-        yield st
-    finally:
-        if st.gw is not None:
-            await st.gw.stop()
-        for b in st.backends.values():
-            await b.stop()
+def local_stack(spec: StackSpec = SPEC) -> AbstractAsyncContextManager[GwStack]:
+    return gateway_stack(spec, master=MASTER, upstream=UPSTREAM)
 
 
 @pytest.fixture(scope="module")
 async def stack() -> AsyncIterator[GwStack]:
-    async with gateway_stack() as st:
+    async with local_stack() as st:
         yield st
 
 
@@ -144,7 +72,10 @@ def expected_spend(res: SmokeResult, spec: StackSpec = SPEC) -> float:
 
 
 async def test_gateway_ready_and_gateway_down() -> None:
-    async with gateway_stack() as st, make_client(SPEC.timeouts, base_url=st.url) as c:
+    async with (
+        local_stack() as st,
+        make_client(SPEC.timeouts, base_url=st.url) as c,
+    ):
         await gateway.gateway_ready(c)
     async with make_client(SPEC.timeouts, base_url="http://127.0.0.1:9", backoff_s=0.01, max_wait_s=0.1) as c:
         with pytest.raises(EndpointUnavailable, match="unreachable"):
@@ -156,7 +87,8 @@ async def test_key_lifecycle_by_alias_and_the_key_never_in_errors(gw: httpx.Asyn
     [rec] = await gateway.list_keys_by_alias(gw, M, ks.alias)
     assert rec.models == ["coder-chat"] and rec.max_budget == 5.0
     info = await gateway.key_info(gw, M, key)
-    assert info is not None and info.alias == ks.alias and info.token == rec.token
+    # /key/info never carries the hash (recorded: key-info-*); /key/list does
+    assert info is not None and info.alias == ks.alias and info.token is None and rec.token
     await gateway.update_key(gw, M, rec.token, models=["coder-chat", "coder-fim"], max_budget=2.0)
     info2 = await gateway.key_info(gw, M, key)
     assert info2 is not None and sorted(info2.models) == ["coder-chat", "coder-fim"] and info2.max_budget == 2.0
@@ -165,7 +97,8 @@ async def test_key_lifecycle_by_alias_and_the_key_never_in_errors(gw: httpx.Asyn
     assert key.get_secret_value() not in str(ei.value)
     await gateway.delete_keys(gw, M, [rec.token])
     await gateway.delete_keys(gw, M, [rec.token])  # twice: already gone counts as deleted
-    assert await gateway.key_info(gw, M, key) is None
+    gone = await gateway.key_info(gw, M, key)  # still 200, status "deleted" (recorded: key-info-deleted-*)
+    assert gone is not None and gone.problem() == "deleted"
     assert await gateway.list_keys_by_alias(gw, M, ks.alias) == []
 
 
@@ -193,7 +126,10 @@ async def test_registering_twice_leaves_one_deployment(stack: GwStack, gw: httpx
 
 
 async def test_existing_duplicates_are_reported_and_not_added_to() -> None:
-    async with gateway_stack() as st, make_client(SPEC.timeouts, base_url=st.url) as c:
+    async with (
+        local_stack() as st,
+        make_client(SPEC.timeouts, base_url=st.url) as c,
+    ):
         body = {"model_name": "coder-agent", "litellm_params": {"model": "openai/x", "api_base": "http://x/v1"}}
         for _ in range(2):
             r = await c.post("/model/new", json=body, headers={"Authorization": f"Bearer {MASTER}"})
@@ -293,7 +229,10 @@ async def test_gateway_down_fails_at_the_gateway_hop() -> None:
 
 
 async def test_model_down_behind_the_gateway_fails_at_the_model_hop() -> None:
-    async with gateway_stack() as st, make_client(SPEC.timeouts, base_url=st.url, max_wait_s=0.2) as c:
+    async with (
+        local_stack() as st,
+        make_client(SPEC.timeouts, base_url=st.url, max_wait_s=0.2) as c,
+    ):
         await st.stop_model("coder-chat")
         ks, key = await mint(c, ["coder-chat"])
         with pytest.raises(SmokeFailed) as ei:
@@ -322,7 +261,10 @@ async def test_spend_stays_zero_without_prices_and_says_so() -> None:
     free = StackSpec(
         models=[m.model_copy(update={"input_cost_per_token": 0.0, "output_cost_per_token": 0.0}) for m in SPEC.models]
     )
-    async with gateway_stack(free) as st, make_client(SPEC.timeouts, base_url=st.url) as c:
+    async with (
+        local_stack(free) as st,
+        make_client(SPEC.timeouts, base_url=st.url) as c,
+    ):
         ks, key = await mint(c, ["coder-chat"])
         await smoke_gateway(c, st.url, key, ks, free.model("coder-chat"), free)
         [row] = await gateway.read_spend(c, M, [ks.alias], before={ks.alias: 0.0}, called=[ks.alias], wait_s=0.5)

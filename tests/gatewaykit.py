@@ -1,8 +1,7 @@
 """Start the LiteLLM stand-in with vLLM stand-ins behind it, on 127.0.0.1, as the simulated cluster configures
 them (its own proxy_config), with in-cluster Service names resolved to the local ports.
 
-Moved here from ``tests/test_gateway_standins.py`` (whose ``gateway_stack`` it is) so that more than one test
-tier can start the same thing; that module still has its own copy until it imports this one.
+Shared by the gateway function tests, the contract tier and the stand-in tests.
 """
 
 from __future__ import annotations
