@@ -587,6 +587,8 @@ class LiteLLMProxy:
         if rec is None:
             raise ProxyError(401, "Authentication Error, Invalid API key provided.", "token_not_found_in_db", "key")
         expires = rec.get("expires")
+        # GUESS: no expired key was recorded; status 400, type expired_key and this message are from memory of
+        # LiteLLM's auth checks. The product reads expiry from /key/info's `expires`, not from this answer.
         if expires and dt.datetime.fromisoformat(expires) < _now():
             raise ProxyError(
                 400,
@@ -597,6 +599,8 @@ class LiteLLMProxy:
         return Caller(is_master=False, token=token)
 
     def require_admin(self, request: web.Request) -> Caller:
+        # GUESS: a virtual key on an admin route was not recorded (except /key/info, which any key may read:
+        # key-info-other-key-as-vkey); the 401 auth_error text is from memory of LiteLLM's route checks.
         caller = self.authenticate(request)
         if not caller.is_master:
             raise ProxyError(
@@ -609,6 +613,7 @@ class LiteLLMProxy:
 
     # ------------------------------------------------------------------ health
     async def root(self, request: web.Request) -> web.Response:
+        # GUESS: "/" was not recorded
         return json_response({"message": "LiteLLM: RUNNING"})
 
     async def readiness(self, request: web.Request) -> web.Response:
@@ -618,6 +623,7 @@ class LiteLLMProxy:
         return json_response("I'm alive!")
 
     async def health(self, request: web.Request) -> web.Response:
+        # GUESS: /health (which calls every model) was not recorded; its shape is from LiteLLM's docs
         self.authenticate(request)
         healthy, unhealthy = [], []
         for dep in self.deployments():
@@ -744,6 +750,8 @@ class LiteLLMProxy:
             dep = self.pick(str(model)) if isinstance(model, str) else None
             self.record_spend(caller, dep, None, route, model=str(model), error=err, started=started, user_agent=ua)
             raise err
+        # GUESS: the order scope -> budget -> unknown model is recorded only pairwise (an over-budget key calling
+        # a model it lacks, or an alias the gateway lacks, was not recorded)
         self._check_budget(caller)
         if not isinstance(model, str) or model not in known:
             msg = (
@@ -1079,6 +1087,7 @@ class LiteLLMProxy:
 
     @staticmethod
     def _connection_error(model: str) -> ProxyError:
+        # GUESS: an unreachable upstream was not recorded; 500 and this message are from memory of LiteLLM
         return ProxyError(
             500,
             "litellm.APIConnectionError: APIConnectionError: OpenAIException - Connection error.. "
@@ -1089,6 +1098,8 @@ class LiteLLMProxy:
 
     @staticmethod
     def _upstream_error(status: int, text: str, model: str) -> ProxyError:
+        # GUESS: upstream errors passed through the gateway were not recorded (the recorded 400s come from
+        # LiteLLM's own router); status kept and the exception class names are from memory of LiteLLM
         names = {
             400: "BadRequestError",
             401: "AuthenticationError",
