@@ -269,6 +269,23 @@ async def _chat_status(gw: httpx.AsyncClient, key: SecretStr, alias: str) -> htt
     )
 
 
+async def _delete_throwaway(
+    gw: httpx.AsyncClient, master: SecretStr, minted: gateway.MintedKey | None, alias: str, rows: _Rows, name: str
+) -> None:
+    """Delete a throwaway key (always, even after a failed check); a row only if that fails."""
+    if minted is None:
+        return
+    try:
+        await gateway.delete_keys(gw, master, [minted.key])
+    except (CoderStackError, httpx.HTTPError) as e:
+        rows.add(
+            name,
+            "fail",
+            f"could not delete the throwaway key {alias!r}: {_why(e)}",
+            f"delete it: POST /key/delete with key_aliases [{alias}]",
+        )
+
+
 async def _check_key_lifecycle(
     gw: httpx.AsyncClient, master: SecretStr, spec: StackSpec, rows: _Rows, serving: Mapping[str, int] | None
 ) -> None:
@@ -408,16 +425,7 @@ async def _check_key_lifecycle(
         for name in steps:
             if name not in done:
                 rows.add(name, "skipped", "an earlier step failed")
-        if minted is not None:
-            try:
-                await gateway.delete_keys(gw, master, [minted.key])
-            except (CoderStackError, httpx.HTTPError) as e:
-                rows.add(
-                    "key: clean-up",
-                    "fail",
-                    f"could not delete the throwaway key {alias!r}: {_why(e)}",
-                    f"delete it: POST /key/delete with key_aliases [{alias}]",
-                )
+        await _delete_throwaway(gw, master, minted, alias, rows, "key: clean-up")
 
 
 async def _check_fim_metering(
@@ -475,16 +483,7 @@ async def _check_fim_metering(
     except CoderStackError as e:
         rows.add(name, "fail", _why(e), "fix the gateway and run doctor again")
     finally:
-        if minted is not None:
-            try:
-                await gateway.delete_keys(gw, master, [minted.key])
-            except (CoderStackError, httpx.HTTPError) as e:
-                rows.add(
-                    "streamed FIM: clean-up",
-                    "fail",
-                    f"could not delete the throwaway key {alias!r}: {_why(e)}",
-                    f"delete it: POST /key/delete with key_aliases [{alias}]",
-                )
+        await _delete_throwaway(gw, master, minted, alias, rows, "streamed FIM: clean-up")
 
 
 async def gateway_checks(

@@ -231,6 +231,17 @@ async def read_secret(api: ApiClient, namespace: str, name: str) -> dict[str, Se
     return _decode(sec.data)
 
 
+async def read_config_map(api: ApiClient, namespace: str, name: str) -> dict[str, str] | None:
+    """A ConfigMap's data, or None if it does not exist."""
+    core = client.CoreV1Api(api)
+    try:
+        with api_errors("get", "configmaps", namespace, name):
+            cm = await core.read_namespaced_config_map(name, namespace, _request_timeout=API_TIMEOUT)
+    except NotFound:
+        return None
+    return dict(cm.data or {})
+
+
 async def read_secret_key(api: ApiClient, namespace: str, name: str, key: str) -> SecretStr | None:
     """One key of a Secret, or None if the Secret or the key is absent."""
     data = await read_secret(api, namespace, name)
@@ -310,6 +321,7 @@ __all__ = [
     "delete_secret_keys",
     "load_configuration",
     "open_api",
+    "read_config_map",
     "read_secret",
     "read_secret_key",
     "require_secret_key",

@@ -234,11 +234,16 @@ def _selector_of(dep: client.V1Deployment) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
 
 
-async def deployment_status(api: ApiClient, namespace: str, name: str) -> DeploymentStatus:
-    """Replicas, readiness and pods of one deployment (for `coder-stack status`)."""
+async def read_deployment(api: ApiClient, namespace: str, name: str) -> client.V1Deployment:
+    """A Deployment, or NotFound naming it and pointing at the stack spec's names."""
     apps = client.AppsV1Api(api)
     with _deployment_not_found(namespace, name), api_errors("get", "deployments", namespace, name):
-        dep = await apps.read_namespaced_deployment(name, namespace, _request_timeout=API_TIMEOUT)
+        return await apps.read_namespaced_deployment(name, namespace, _request_timeout=API_TIMEOUT)
+
+
+async def deployment_status(api: ApiClient, namespace: str, name: str) -> DeploymentStatus:
+    """Replicas, readiness and pods of one deployment (for `coder-stack status`)."""
+    dep = await read_deployment(api, namespace, name)
     selector = _selector_of(dep)
     pods = await pod_summary(api, namespace, selector) if selector else []
     st = dep.status or client.V1DeploymentStatus()
@@ -1302,6 +1307,7 @@ __all__ = [
     "parse_memory_gb",
     "pod_summary",
     "preflight",
+    "read_deployment",
     "ready_pod",
     "scale",
     "wait_gone",

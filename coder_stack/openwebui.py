@@ -33,7 +33,8 @@ from kubernetes_asyncio.client import ApiClient
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from coder_stack.errors import NotFound
-from coder_stack.k8s import API_TIMEOUT, api_errors, read_secret, write_secret_keys
+from coder_stack.k8s import read_config_map, read_secret, write_secret_keys
+from coder_stack.kube import read_deployment
 from coder_stack.spec import FrontendSpec, StackSpec
 
 PERSISTENT_CONFIG_VAR = "ENABLE_PERSISTENT_CONFIG"
@@ -120,28 +121,6 @@ class _Found:
 _EXPANSION = re.compile(r"\$\([A-Za-z_][A-Za-z0-9_]*\)")
 
 
-async def _read_deployment(api: ApiClient, namespace: str, name: str) -> client.V1Deployment:
-    apps = client.AppsV1Api(api)
-    try:
-        with api_errors("get", "deployments", namespace, name):
-            return await apps.read_namespaced_deployment(name, namespace, _request_timeout=API_TIMEOUT)
-    except NotFound as e:
-        raise NotFound(
-            f"deployment {name!r} not found in namespace {namespace!r}; check spec.frontends "
-            f"(`kubectl -n {namespace} get deploy`)"
-        ) from e.__cause__
-
-
-async def _read_config_map(api: ApiClient, namespace: str, name: str) -> dict[str, str] | None:
-    core = client.CoreV1Api(api)
-    try:
-        with api_errors("get", "configmaps", namespace, name):
-            cm = await core.read_namespaced_config_map(name, namespace, _request_timeout=API_TIMEOUT)
-    except NotFound:
-        return None
-    return dict(cm.data or {})
-
-
 def _container(dep: client.V1Deployment) -> client.V1Container:
     pod = dep.spec.template.spec if dep.spec and dep.spec.template else None
     containers = list(pod.containers or []) if pod else []
@@ -168,7 +147,7 @@ class _Sources:
 
     async def config_map(self, name: str) -> dict[str, SecretStr] | None:
         if name not in self._config_maps:
-            self._config_maps[name] = await _read_config_map(self.api, self.namespace, name)
+            self._config_maps[name] = await read_config_map(self.api, self.namespace, name)
         data = self._config_maps[name]
         return None if data is None else {k: SecretStr(v) for k, v in data.items()}
 
@@ -238,7 +217,7 @@ async def persistent_config_status(api: ApiClient, spec: StackSpec, name: str) -
     "the environment does not win", with the reason saying why.
     """
     ns = spec.experience_namespace
-    dep = await _read_deployment(api, ns, name)
+    dep = await read_deployment(api, ns, name)
     c = _container(dep)
     env, env_from = list(c.env or []), list(c.env_from or [])
     sources = _Sources(api, ns)

@@ -10,7 +10,8 @@ takes ~1 s) with a static one-GPU pool, or an autoscaled one (0 GPU nodes at sta
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -175,3 +176,30 @@ def record(sim: SimStack, plural: str) -> list[tuple[float, str, dict[str, Any]]
 
     on_loop(sim, _add)
     return seen
+
+
+# ------------------------------------------------------------------ clients on a started stack
+@dataclass
+class SimClients:
+    """A started SimStack with a cluster client, a gateway client and the gateway's master key."""
+
+    sim: SimStack
+    api: Any  # kubernetes_asyncio ApiClient
+    gw: Any  # httpx.AsyncClient on the gateway
+    master: Any  # SecretStr
+
+
+@asynccontextmanager
+async def sim_clients(sim: SimStack, spec: Any = None) -> AsyncIterator[SimClients]:
+    from pydantic import SecretStr
+
+    from coder_stack.http import make_client
+    from coder_stack.k8s import ClusterTarget, open_api
+    from coder_stack.spec import StackSpec
+
+    timeouts = (spec or StackSpec()).timeouts
+    async with (
+        open_api(ClusterTarget(kubeconfig=str(sim.kubeconfig_path))) as api,
+        make_client(timeouts, base_url=sim.gateway_url) as gw,
+    ):
+        yield SimClients(sim, api, gw, SecretStr(sim.secrets["master_key"]))

@@ -10,7 +10,10 @@ import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+
+import yaml
 
 from coder_stack.spec import StackSpec
 from simstack.cluster_objects import EMBEDDINGS_SERVED, proxy_config
@@ -55,6 +58,22 @@ def service_resolver(hosts: dict[str, int]) -> Callable[[str], str | None]:
         return urlunsplit((parts.scheme, f"127.0.0.1:{port}", parts.path, parts.query, parts.fragment))
 
     return resolve
+
+
+def litellm_run(
+    config: dict[str, Any], master: str, upstream: str, *, path: str = "/etc/litellm/proxy_config.yaml"
+) -> ContainerRun:
+    """The LiteLLM container as the cluster would run it: this proxy config, the keys in its environment."""
+    return ContainerRun(
+        namespace="litellm",
+        pod_name="litellm-0",
+        app="litellm",
+        image="ghcr.io/berriai/litellm:main-v1.108.7",
+        args=["--config", path, "--port", "4000"],
+        env={"PROXY_MASTER_KEY": master, "UPSTREAM_API_KEY": upstream, "DATABASE_URL": "postgresql://x"},
+        files={path: yaml.safe_dump(config)},
+        container_port=4000,
+    )
 
 
 @asynccontextmanager
@@ -106,4 +125,4 @@ async def gateway_stack(
             await b.stop()
 
 
-__all__ = ["GwStack", "gateway_stack", "service_resolver"]
+__all__ = ["GwStack", "gateway_stack", "litellm_run", "service_resolver"]

@@ -7,42 +7,31 @@ from __future__ import annotations
 import logging
 import tomllib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
-import httpx
 import pytest
 from kubernetes_asyncio import client
-from kubernetes_asyncio.client import ApiClient
 from pydantic import SecretStr
 
 from coder_stack import gateway
 from coder_stack.errors import NotFound
-from coder_stack.http import make_client
-from coder_stack.k8s import ClusterTarget, delete_secret_keys, open_api, read_secret
+from coder_stack.k8s import ClusterTarget, delete_secret_keys, read_secret
 from coder_stack.keys import KeyReport, ensure_key, read_client_key
 from coder_stack.spec import StackSpec
 from simstack.stack import SimStack
+from tests.conftest import SimClients, sim_clients
 
 SPEC = StackSpec()
 EXP = SPEC.experience_namespace
 HOMES = [(EXP, "openwebui-secrets"), (EXP, "tabby-config"), ("litellm", "coder-stack-keys")]
 
 
-@dataclass
-class Env:
-    sim: SimStack
-    api: ApiClient
-    gw: httpx.AsyncClient
-    master: SecretStr
+Env = SimClients
 
 
 @pytest.fixture
 async def env(sim: SimStack) -> AsyncIterator[Env]:
-    async with (
-        open_api(ClusterTarget(kubeconfig=str(sim.kubeconfig_path))) as api,
-        make_client(SPEC.timeouts, base_url=sim.gateway_url) as gw,
-    ):
-        yield Env(sim, api, gw, SecretStr(sim.secrets["master_key"]))
+    async with sim_clients(sim, SPEC) as e:
+        yield e
 
 
 async def ensure_all(e: Env, *, rotate: bool = False) -> dict[str, KeyReport]:

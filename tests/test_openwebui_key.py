@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -23,7 +22,6 @@ from pydantic import SecretStr
 
 from coder_stack import gateway
 from coder_stack.errors import SmokeFailed
-from coder_stack.http import make_client
 from coder_stack.k8s import ClusterTarget, open_api, read_secret, restart_deployment, write_secret_keys
 from coder_stack.kube import exec_in_deployment
 from coder_stack.openwebui import (
@@ -39,7 +37,7 @@ from simstack.cluster_objects import b64, openwebui_deployment
 from simstack.stack import SimStack
 from simstack.standins.openwebui import sign_session
 from simstack.store import Store
-from tests.conftest import SIM_SCALE, is_ready, on_loop, pods_of, ready_pod, scale, wait_for
+from tests.conftest import SIM_SCALE, SimClients, is_ready, on_loop, pods_of, ready_pod, scale, sim_clients, wait_for
 
 SPEC = StackSpec(timeouts=Timeouts(request_s=20))
 EXP = SPEC.experience_namespace
@@ -52,22 +50,13 @@ CHAT_ONLY = ["coder-chat"]  # key A's scope: tells "the app still uses A" apart 
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-@dataclass
-class Env:
-    sim: SimStack
-    api: ApiClient
-    gw: httpx.AsyncClient
-    master: SecretStr
+Env = SimClients
 
 
 @pytest.fixture
 async def env(make_sim: Callable[..., SimStack]) -> AsyncIterator[Env]:
-    sim = make_sim(spec=SPEC)
-    async with (
-        open_api(ClusterTarget(kubeconfig=str(sim.kubeconfig_path))) as api,
-        make_client(SPEC.timeouts, base_url=sim.gateway_url) as gw,
-    ):
-        yield Env(sim, api, gw, SecretStr(sim.secrets["master_key"]))
+    async with sim_clients(make_sim(spec=SPEC), SPEC) as e:
+        yield e
 
 
 def use_deployment(sim: SimStack, **kwargs: Any) -> None:

@@ -7,8 +7,6 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
@@ -17,6 +15,7 @@ import yaml
 from simstack.standins import ContainerRun, RunningBackend, SimServices, start_standin
 from simstack.standins.openwebui import sign_session
 from simstack.standins.tabby import TabbyConfigError
+from tests.gatewaykit import service_resolver
 
 MASTER = "sk-master-frontends-0123"
 UPSTREAM = "upstream-frontends"
@@ -54,24 +53,10 @@ class Env:
     running: list[RunningBackend] = field(default_factory=list)
 
 
-def _resolver(hosts: dict[str, int]) -> Any:
-    def resolve(url: str) -> str | None:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        if not host.endswith(DOM):
-            return url
-        port = hosts.get(host)
-        if port is None:
-            return None
-        return urlunsplit((parts.scheme, f"127.0.0.1:{port}", parts.path, parts.query, parts.fragment))
-
-    return resolve
-
-
 @pytest.fixture(scope="module")
 async def env() -> AsyncIterator[Env]:
     hosts: dict[str, int] = {}
-    e = Env(SimServices(resolve_url=_resolver(hosts), time_scale=0.01, spend_write_delay_s=10), hosts)
+    e = Env(SimServices(resolve_url=service_resolver(hosts), time_scale=0.01, spend_write_delay_s=10), hosts)
     try:
         fim = await start_standin(
             ContainerRun(

@@ -10,14 +10,13 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import openai
 import pytest
-import yaml
 
 from simstack.standins import ContainerRun, RunningBackend, SimServices, start_standin
+from tests.gatewaykit import litellm_run, service_resolver
 
 MASTER = "sk-master-test-0123456789"
 UPSTREAM = "upstream-test-key"
@@ -73,37 +72,14 @@ class Stack:
         return f"http://127.0.0.1:{self.gw.port}"
 
 
-def _resolver(hosts: dict[str, int]) -> Any:
-    def resolve(url: str) -> str | None:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        if not host.endswith(DOM):
-            return url
-        port = hosts.get(host)
-        if port is None:
-            return None  # no ready pod behind the Service: connection refused
-        return urlunsplit((parts.scheme, f"127.0.0.1:{port}", parts.path, parts.query, parts.fragment))
-
-    return resolve
-
-
 def _litellm_run(config: dict[str, Any] = CONFIG, path: str = "/etc/litellm/proxy_config.yaml") -> ContainerRun:
-    return ContainerRun(
-        namespace="litellm",
-        pod_name="litellm-0",
-        app="litellm",
-        image="ghcr.io/berriai/litellm:main-v1.108.7",
-        args=["--config", path, "--port", "4000"],
-        env={"PROXY_MASTER_KEY": MASTER, "UPSTREAM_API_KEY": UPSTREAM, "DATABASE_URL": "postgresql://x"},
-        files={path: yaml.safe_dump(config)},
-        container_port=4000,
-    )
+    return litellm_run(config, MASTER, UPSTREAM, path=path)
 
 
 @pytest.fixture(scope="module")
 async def stack() -> AsyncIterator[Stack]:
     hosts: dict[str, int] = {}
-    services = SimServices(resolve_url=_resolver(hosts), time_scale=0.01, spend_write_delay_s=10)
+    services = SimServices(resolve_url=service_resolver(hosts), time_scale=0.01, spend_write_delay_s=10)
     st = Stack(services, hosts)
     vllms = [
         ("coder-chat", "serving", ["--served-model-name", "qwen2.5-coder-7b-instruct"]),

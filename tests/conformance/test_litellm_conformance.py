@@ -35,11 +35,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
-import yaml
 
 from simstack.recordings import LITELLM, Exchange, exchanges
 from simstack.standins import ContainerRun, RunningBackend, SimServices, start_standin
 from tests.conformance.shape import shape_diff
+from tests.gatewaykit import litellm_run
 
 EXCHANGES = exchanges(LITELLM)
 MASTER = "sk-conformance-master-" + secrets.token_hex(8)
@@ -251,20 +251,6 @@ def _resolver(hosts: dict[str, int]) -> Any:
     return resolve
 
 
-def _litellm_run() -> ContainerRun:
-    path = "/etc/litellm/proxy_config.yaml"
-    return ContainerRun(
-        namespace="litellm",
-        pod_name="litellm-0",
-        app="litellm",
-        image="ghcr.io/berriai/litellm:main-v1.108.7",
-        args=["--config", path, "--port", "4000"],
-        env={"PROXY_MASTER_KEY": MASTER, "UPSTREAM_API_KEY": UPSTREAM, "DATABASE_URL": "postgresql://x"},
-        files={path: yaml.safe_dump(CONFIG)},
-        container_port=4000,
-    )
-
-
 def _parse_sse(text: str) -> list[Any]:
     out: list[Any] = []
     for line in text.splitlines():
@@ -370,7 +356,7 @@ async def replay() -> AsyncIterator[Replay]:
             assert b is not None
             backends.append(b)
             hosts[hostport] = b.port
-        gw = await start_standin(_litellm_run(), services)
+        gw = await start_standin(litellm_run(CONFIG, MASTER, UPSTREAM), services)
         assert gw is not None
         url = f"http://127.0.0.1:{gw.port}"
         async with httpx.AsyncClient(timeout=60) as c:
