@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 
 import httpx
@@ -145,20 +145,25 @@ async def test_openwebui_health_and_models_through_the_key(env: Env) -> None:
         await ui.stop()
 
 
+async def ui_model_ids(services: SimServices, run: ContainerRun, headers: dict[str, str]) -> list[str]:
+    """Start Open WebUI as ``run`` says, ask its own /api/models, stop it."""
+    ui = await start_standin(run, services)
+    assert ui is not None
+    try:
+        async with httpx.AsyncClient() as c:
+            r = await c.get(f"http://127.0.0.1:{ui.port}/api/models", headers=headers)
+        return [m["id"] for m in r.json()["data"]]
+    finally:
+        await ui.stop()
+
+
 async def test_openwebui_persistent_config_wins_over_env(env: Env) -> None:
     services = SimServices(resolve_url=env.services.resolve_url, time_scale=0.01)
     tok = sign_session(SECRET)
     h = {"Authorization": f"Bearer {tok}"}
 
-    async def model_ids(run: ContainerRun) -> list[str]:
-        ui = await start_standin(run, services)
-        assert ui is not None
-        try:
-            async with httpx.AsyncClient() as c:
-                r = await c.get(f"http://127.0.0.1:{ui.port}/api/models", headers=h)
-            return [m["id"] for m in r.json()["data"]]
-        finally:
-            await ui.stop()
+    def model_ids(run: ContainerRun) -> Awaitable[list[str]]:
+        return ui_model_ids(services, run, h)
 
     assert await model_ids(_webui_run(env.keys["tabby"])) == ["coder-fim", "embeddings"]  # first boot stores it
     # the Secret changed, but the database still holds the first key (ENABLE_PERSISTENT_CONFIG defaults to True)
@@ -177,15 +182,8 @@ async def test_openwebui_persistence_is_off_for_any_value_but_true(env: Env, val
     services = SimServices(resolve_url=env.services.resolve_url, time_scale=0.01)
     h = {"Authorization": f"Bearer {sign_session(SECRET)}"}
 
-    async def model_ids(run: ContainerRun) -> list[str]:
-        ui = await start_standin(run, services)
-        assert ui is not None
-        try:
-            async with httpx.AsyncClient() as c:
-                r = await c.get(f"http://127.0.0.1:{ui.port}/api/models", headers=h)
-            return [m["id"] for m in r.json()["data"]]
-        finally:
-            await ui.stop()
+    def model_ids(run: ContainerRun) -> Awaitable[list[str]]:
+        return ui_model_ids(services, run, h)
 
     assert await model_ids(_webui_run(env.keys["tabby"])) == ["coder-fim", "embeddings"]  # first boot stores it
     later = await model_ids(_webui_run(env.keys["open-webui"], ENABLE_PERSISTENT_CONFIG=value))
