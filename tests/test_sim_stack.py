@@ -146,7 +146,8 @@ def test_gateway_url_reaches_the_model_through_litellm(sim: SimStack) -> None:
         timeout=10,
     )
     assert r.status_code == 200, r.text
-    assert r.json()["model"] == "qwen2.5-coder-7b-instruct"
+    assert r.json()["model"] == "coder-chat"  # LiteLLM answers with the alias (recorded: chat-reverse)
+    assert r.headers["x-litellm-model-api-base"].startswith("http://coder-chat.serving.svc")  # routed to the pod
     # no Ready gateway pod: the local URL answers like an ingress without endpoints, then recovers
     scale(sim, "litellm", "litellm", 0)
     wait_for(sim, lambda s: not pods_of(s, "litellm", "litellm"), 5, "gateway pods gone")
