@@ -9,8 +9,8 @@ from __future__ import annotations
 from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
-from coder_stack.gpu import gpu_session
-from coder_stack.k8s import cluster_session
+from coder_stack.kubernetes.client import cluster_session
+from coder_stack.orchestration.gpu import gpu_session
 from coder_stack.report import RunReport
 from flows.common import (
     Connection,

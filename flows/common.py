@@ -25,13 +25,13 @@ from prefect.logging import get_run_logger
 from prefect.states import Cancelled
 from pydantic import BaseModel, ConfigDict, Field
 
-from coder_stack import kube
 from coder_stack.errors import CoderStackError, SpecError, UnexpectedError
-from coder_stack.k8s import ClusterTarget, open_api
-from coder_stack.kube import ReadyReport
+from coder_stack.kubernetes import cluster as kube
+from coder_stack.kubernetes.client import ClusterTarget, open_api
+from coder_stack.kubernetes.cluster import ReadyReport
 from coder_stack.report import ModelSection, RunReport, SmokeLine, SpendLine
-from coder_stack.smoke import SmokeResult
 from coder_stack.spec import StackSpec, load_spec
+from coder_stack.usecases.smoke import SmokeResult
 from tasks.cluster import (
     preflight_task,
     scale_task,

@@ -15,11 +15,11 @@ from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
 from coder_stack.errors import KeyUnusable, SmokeFailed
-from coder_stack.gpu import gpu_session
-from coder_stack.k8s import ClusterTarget, cluster_session
+from coder_stack.kubernetes.client import ClusterTarget, cluster_session
+from coder_stack.orchestration.gpu import gpu_session
 from coder_stack.report import RunReport
-from coder_stack.smoke import KEY_HOPS
 from coder_stack.spec import DNS_LABEL, StackSpec
+from coder_stack.usecases.smoke import KEY_HOPS
 from flows.common import (
     Connection,
     free_gpu,

@@ -12,10 +12,10 @@ from datetime import UTC, datetime, timedelta
 from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
-from coder_stack import kube
 from coder_stack.errors import PermanentError
-from coder_stack.gpu import gpu_limit_status
-from coder_stack.k8s import cluster_session, open_api
+from coder_stack.kubernetes import cluster as kube
+from coder_stack.kubernetes.client import cluster_session, open_api
+from coder_stack.orchestration.gpu import gpu_limit_status
 from coder_stack.report import RunReport
 from flows.common import Connection, final_state, guarded, logger, release
 

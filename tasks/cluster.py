@@ -1,4 +1,4 @@
-"""Thin Prefect tasks over :mod:`coder_stack.kube`.
+"""Thin Prefect tasks over :mod:`coder_stack.kubernetes.cluster`.
 
 Each task opens its own cluster client from a serialisable :class:`ClusterTarget`, calls one function and
 returns its pydantic report. Retries only :class:`~coder_stack.errors.RetriableError` (API server
@@ -17,10 +17,10 @@ from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifa
 from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 
-from coder_stack import kube
 from coder_stack.errors import SpecError, redact
-from coder_stack.k8s import ClusterTarget, open_api
-from coder_stack.kube import (
+from coder_stack.kubernetes import cluster as kube
+from coder_stack.kubernetes.client import ClusterTarget, open_api
+from coder_stack.kubernetes.cluster import (
     DeploymentStatus,
     ExecResult,
     GoneReport,

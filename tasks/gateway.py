@@ -1,4 +1,4 @@
-"""Thin Prefect tasks over :mod:`coder_stack.gateway` and :mod:`coder_stack.keys`.
+"""Thin Prefect tasks over :mod:`coder_stack.litellm.admin` and :mod:`coder_stack.usecases.keys`.
 
 Each task opens its own cluster client (``open_api``) and gateway endpoint (``open_endpoint``), reads the
 secrets it needs itself, and returns a pydantic report with no key in it. Retries: only
@@ -17,14 +17,14 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from coder_stack import gateway
-from coder_stack.endpoints import open_endpoint
 from coder_stack.errors import KeyUnusable, PreflightError, SpecError
-from coder_stack.gateway import ModelRegistration, SpendRow
 from coder_stack.http import make_client, scrub_url
-from coder_stack.k8s import ClusterTarget, open_api, require_secret_key
-from coder_stack.keys import KeyReport, ensure_key
+from coder_stack.kubernetes.client import ClusterTarget, open_api, require_secret_key
+from coder_stack.litellm import admin as gateway
+from coder_stack.litellm.admin import ModelRegistration, SpendRow
 from coder_stack.spec import SecretRef, StackSpec
+from coder_stack.usecases.endpoints import open_endpoint
+from coder_stack.usecases.keys import KeyReport, ensure_key
 from tasks._common import only_retriable, run_logger
 
 

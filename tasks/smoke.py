@@ -1,4 +1,4 @@
-"""Thin Prefect tasks over :mod:`coder_stack.smoke`: open the cluster client and endpoints, read the keys
+"""Thin Prefect tasks over :mod:`coder_stack.usecases.smoke`: open the cluster client and endpoints, read the keys
 from their homes, smoke, and return reports without secrets. ``SmokeFailed`` is permanent (no retry);
 only :class:`~coder_stack.errors.RetriableError` is retried. No ``gpu`` tag: these run inside a GPU session.
 """
@@ -12,15 +12,16 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from coder_stack import kube, smoke
-from coder_stack.endpoints import open_endpoint
 from coder_stack.errors import SmokeFailed, SpecError
-from coder_stack.gateway import SpendRow, expected_cost, model_prices, read_spend, read_spend_baseline
 from coder_stack.http import make_client, scrub_url
-from coder_stack.k8s import ClusterTarget, open_api
-from coder_stack.keys import read_client_key
-from coder_stack.smoke import SmokeResult
+from coder_stack.kubernetes import cluster as kube
+from coder_stack.kubernetes.client import ClusterTarget, open_api
+from coder_stack.litellm.admin import SpendRow, expected_cost, model_prices, read_spend, read_spend_baseline
 from coder_stack.spec import ClientKeySpec, ModelSpec, StackSpec
+from coder_stack.usecases import smoke
+from coder_stack.usecases.endpoints import open_endpoint
+from coder_stack.usecases.keys import read_client_key
+from coder_stack.usecases.smoke import SmokeResult
 from tasks._common import only_retriable, run_logger
 from tasks.gateway import open_gateway, read_ref
 

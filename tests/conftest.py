@@ -194,7 +194,7 @@ async def sim_clients(sim: SimStack, spec: Any = None) -> AsyncIterator[SimClien
     from pydantic import SecretStr
 
     from coder_stack.http import make_client
-    from coder_stack.k8s import ClusterTarget, open_api
+    from coder_stack.kubernetes.client import ClusterTarget, open_api
     from coder_stack.spec import StackSpec
 
     timeouts = (spec or StackSpec()).timeouts

@@ -27,7 +27,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 
-from coder_stack.gpu import GPU_LIMIT, ensure_gpu_limit
+from coder_stack.orchestration.gpu import GPU_LIMIT, ensure_gpu_limit
 from coder_stack.spec import StackSpec
 from flows.common import Connection
 from simstack.stack import SimStack

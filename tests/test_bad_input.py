@@ -16,8 +16,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-import coder_stack.setup as cs_setup
-from coder_stack.cli import app
+import coder_stack.app.setup as cs_setup
+from coder_stack.app.cli import app
 from coder_stack.spec import StackSpec
 from simstack.stack import SimStack
 from simstack.store import Store

@@ -15,8 +15,8 @@ import pytest
 from pydantic import SecretStr
 from typer.testing import CliRunner
 
-from coder_stack import doctor
 from coder_stack.spec import StackSpec, Timeouts
+from coder_stack.usecases import doctor
 
 MASTER = "sk-master-doctor-" + "0" * 16
 SPEC = StackSpec(timeouts=Timeouts(spend_visible_s=1.0))
@@ -244,7 +244,7 @@ async def test_model_servers_at_zero_are_skipped_and_a_wrong_served_name_fails()
 
 @pytest.mark.parametrize("fail", [False, True])
 def test_cli_prints_brackets_as_text_and_exits_by_the_result(monkeypatch: pytest.MonkeyPatch, fail: bool) -> None:
-    from coder_stack import cli
+    from coder_stack.app import cli
 
     rows = [doctor.DoctorRow(name="gateway ready", status="ok", seen="[key] [bold]not markup[/bold]")]
     if fail:

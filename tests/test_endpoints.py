@@ -8,9 +8,9 @@ import httpx
 import pytest
 from aiohttp import web
 
-from coder_stack.endpoints import open_endpoint
 from coder_stack.errors import SpecError
 from coder_stack.spec import AccessSpec, EndpointOverrides, StackSpec
+from coder_stack.usecases.endpoints import open_endpoint
 from tests.test_kube_harness import PodScript, ServerThread, namespace, service
 
 

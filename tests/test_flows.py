@@ -27,7 +27,7 @@ from prefect.client.schemas.sorting import FlowRunSort
 from prefect.exceptions import ObjectNotFound, ParameterTypeError
 
 from coder_stack.errors import GpuBusy, GpuLimitMissing, PodFailed, RetriableError, SpecError
-from coder_stack.gpu import GPU_LIMIT, ensure_gpu_limit, gpu_session
+from coder_stack.orchestration.gpu import GPU_LIMIT, ensure_gpu_limit, gpu_session
 from coder_stack.report import RunReport
 from coder_stack.spec import StackSpec
 from flows.bring_up import BringUpOptions, bring_up
@@ -405,7 +405,7 @@ async def test_gpu_work_refuses_without_the_limit(sim: SimStack) -> None:
 async def test_setup_deploys_every_deployment_with_its_schedule(
     prefect_api: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from coder_stack.setup import run_setup
+    from coder_stack.app.setup import run_setup
 
     monkeypatch.setenv("PREFECT_API_URL", prefect_api)
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))

@@ -19,10 +19,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from coder_stack import smoke
-from coder_stack.cli import app
+from coder_stack.app.cli import app
 from coder_stack.errors import PreflightError, SmokeFailed
 from coder_stack.spec import StackSpec
+from coder_stack.usecases import smoke
 from flows.swap import SwapOptions, swap_model
 from flows.validate import ValidateOptions, validate_coder_stack
 from simstack.stack import SimStack

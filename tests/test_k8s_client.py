@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 from kubernetes_asyncio.client import api_client
 
-from coder_stack import kube
 from coder_stack.errors import ConfigError
-from coder_stack.k8s import ClusterTarget, cluster_session, load_configuration, open_api
+from coder_stack.kubernetes import cluster as kube
+from coder_stack.kubernetes.client import ClusterTarget, cluster_session, load_configuration, open_api
 from coder_stack.spec import StackSpec
 from simstack.stack import SimStack
 

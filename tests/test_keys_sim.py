@@ -12,11 +12,11 @@ import pytest
 from kubernetes_asyncio import client
 from pydantic import SecretStr
 
-from coder_stack import gateway
 from coder_stack.errors import NotFound
-from coder_stack.k8s import ClusterTarget, delete_secret_keys, read_secret
-from coder_stack.keys import KeyReport, ensure_key, read_client_key
+from coder_stack.kubernetes.client import ClusterTarget, delete_secret_keys, read_secret
+from coder_stack.litellm import admin as gateway
 from coder_stack.spec import StackSpec
+from coder_stack.usecases.keys import KeyReport, ensure_key, read_client_key
 from simstack.stack import SimStack
 from tests.conftest import SimClients, sim_clients
 
@@ -302,8 +302,8 @@ async def test_rotation_interrupted_at_any_step_leaves_one_usable_key_the_one_at
 ) -> None:
     import asyncio
 
-    from coder_stack import keys
     from coder_stack.errors import EndpointUnavailable
+    from coder_stack.usecases import keys
 
     await ensure_all(env)
     exc: BaseException = EndpointUnavailable("the gateway answered 503") if how == "503" else asyncio.CancelledError()
@@ -349,8 +349,8 @@ async def test_rotation_cut_short_before_it_could_tidy_up_is_finished_by_the_nex
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """As if the process died after the old key was renamed: the marker stays, the next run undoes it."""
-    from coder_stack import keys
     from coder_stack.errors import EndpointUnavailable, GatewayRequestError
+    from coder_stack.usecases import keys
 
     await ensure_all(env)
     real_generate, real_recover = keys.generate_key, keys.recover_rotation

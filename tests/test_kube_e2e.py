@@ -11,12 +11,12 @@ import httpx
 import pytest
 from kubernetes_asyncio.client import ApiClient
 
-from coder_stack.endpoints import open_endpoint
 from coder_stack.errors import PodFailed, PreflightError
-from coder_stack.k8s import ClusterTarget, open_api
-from coder_stack.kube import exec_in_deployment, pod_summary, preflight, scale, wait_gone, wait_ready
-from coder_stack.portforward import port_forward
+from coder_stack.kubernetes.client import ClusterTarget, open_api
+from coder_stack.kubernetes.cluster import exec_in_deployment, pod_summary, preflight, scale, wait_gone, wait_ready
+from coder_stack.kubernetes.portforward import port_forward
 from coder_stack.spec import AccessSpec, EndpointOverrides, ModelSpec, PhaseBudgets, StackSpec
+from coder_stack.usecases.endpoints import open_endpoint
 from simstack.stack import SimStack
 
 SPEC = StackSpec()

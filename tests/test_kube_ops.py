@@ -8,7 +8,7 @@ import pytest
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from coder_stack.errors import ClusterUnavailable, CoderStackError, NotFound, PodNotReady, PreflightError
-from coder_stack.kube import (
+from coder_stack.kubernetes.cluster import (
     deployment_status,
     exec_in_deployment,
     node_size_for,

@@ -13,9 +13,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from coder_stack import kube
 from coder_stack.errors import ClusterError, NotFound, PodFailed, WaitTimeout
-from coder_stack.kube import PhaseUpdate, wait_gone, wait_ready
+from coder_stack.kubernetes import cluster as kube
+from coder_stack.kubernetes.cluster import PhaseUpdate, wait_gone, wait_ready
 from coder_stack.spec import PhaseBudgets
 from tests.test_kube_harness import NS, PodScript, ServerThread, deployment, namespace, set_deployment_ready
 

@@ -20,19 +20,19 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client import ApiClient
 from pydantic import SecretStr
 
-from coder_stack import gateway
 from coder_stack.errors import SmokeFailed
-from coder_stack.k8s import ClusterTarget, open_api, read_secret, restart_deployment, write_secret_keys
-from coder_stack.kube import exec_in_deployment
-from coder_stack.openwebui import (
+from coder_stack.kubernetes.client import ClusterTarget, open_api, read_secret, restart_deployment, write_secret_keys
+from coder_stack.kubernetes.cluster import exec_in_deployment
+from coder_stack.kubernetes.portforward import port_forward
+from coder_stack.litellm import admin as gateway
+from coder_stack.spec import StackSpec, Timeouts
+from coder_stack.usecases.openwebui import (
     PERSISTENT_CONFIG_VAR,
     PersistentConfigStatus,
     persistent_config_status,
     set_env_wins_in_secret,
 )
-from coder_stack.portforward import port_forward
-from coder_stack.smoke import smoke_frontends
-from coder_stack.spec import StackSpec, Timeouts
+from coder_stack.usecases.smoke import smoke_frontends
 from simstack.cluster_objects import b64, openwebui_deployment
 from simstack.stack import SimStack
 from simstack.standins.openwebui import sign_session
@@ -425,7 +425,7 @@ async def test_rotation_is_refused_when_open_webui_would_keep_its_stored_key_and
     """No ENABLE_PERSISTENT_CONFIG and the Secret loaded key by key: a rotated key would reach the pod but not
     the app, which fails once the old key is deleted. ensure_key refuses before touching anything."""
     from coder_stack.errors import DeliveryRefused
-    from coder_stack.keys import ensure_key
+    from coder_stack.usecases.keys import ensure_key
 
     use_deployment(env.sim, persistent_config=None)
     first = await ensure_key(env.api, env.gw, env.master, SPEC, SPEC.key("open-webui"))
@@ -445,7 +445,7 @@ async def test_rotation_is_refused_when_open_webui_would_keep_its_stored_key_and
 
 
 async def test_rotation_through_an_env_from_secret_sets_the_variable_and_the_app_follows(env: Env) -> None:
-    from coder_stack.keys import ensure_key
+    from coder_stack.usecases.keys import ensure_key
 
     use_deployment(env.sim, persistent_config=None, secret_via_env_from=True)
     minted = await ensure_key(env.api, env.gw, env.master, SPEC, SPEC.key("open-webui"))

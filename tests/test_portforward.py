@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 
 from coder_stack.errors import EndpointUnavailable, NotFound
-from coder_stack.portforward import port_forward, resolve_service
+from coder_stack.kubernetes.portforward import port_forward, resolve_service
 from tests.test_kube_harness import NS, PodScript, ServerThread, namespace, service
 
 APP = "pf-model"

@@ -41,8 +41,8 @@ from coder_stack.errors import (
     PodFailed,
     WaitTimeout,
 )
-from coder_stack.gpu import GPU_LIMIT, gpu_limit_status
-from coder_stack.k8s import ClusterTarget, open_api, read_secret
+from coder_stack.kubernetes.client import ClusterTarget, open_api, read_secret
+from coder_stack.orchestration.gpu import GPU_LIMIT, gpu_limit_status
 from coder_stack.spec import StackSpec, spec_yaml
 from flows.common import Connection
 from flows.keys import KeyOptions, manage_keys

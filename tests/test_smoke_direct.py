@@ -10,11 +10,11 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from coder_stack import smoke
 from coder_stack.errors import SmokeFailed, SpecError
 from coder_stack.http import make_client, openai_client
-from coder_stack.smoke import EXCERPT_CHARS, Check, SmokeResult, chat_once, fim_prompt, judge_fim, smoke_direct
 from coder_stack.spec import StackSpec, Timeouts
+from coder_stack.usecases import smoke
+from coder_stack.usecases.smoke import EXCERPT_CHARS, Check, SmokeResult, chat_once, fim_prompt, judge_fim, smoke_direct
 from simstack.standins import ContainerRun, SimServices, start_standin
 
 KEY = "sk-direct-test-0123456789abcdef"

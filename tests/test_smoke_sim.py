@@ -10,7 +10,7 @@ import logging
 import pytest
 
 from coder_stack.errors import SmokeFailed
-from coder_stack.k8s import ClusterTarget
+from coder_stack.kubernetes.client import ClusterTarget
 from coder_stack.spec import StackSpec, Timeouts
 from simstack.stack import SimStack
 from simstack.store import Store

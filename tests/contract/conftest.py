@@ -24,8 +24,8 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from coder_stack import gateway
 from coder_stack.http import make_client
+from coder_stack.litellm import admin as gateway
 from coder_stack.spec import ClientKeySpec, StackSpec, Timeouts
 from tests.gatewaykit import gateway_stack
 

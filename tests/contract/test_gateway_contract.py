@@ -14,11 +14,12 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from coder_stack import doctor, gateway
 from coder_stack.errors import SmokeFailed
 from coder_stack.http import bearer, error_detail, make_client
-from coder_stack.smoke import smoke_direct, smoke_gateway
+from coder_stack.litellm import admin as gateway
 from coder_stack.spec import ClientKeySpec
+from coder_stack.usecases import doctor
+from coder_stack.usecases.smoke import smoke_direct, smoke_gateway
 from tests.contract.conftest import ALIAS_PREFIX, Mint, Target
 
 

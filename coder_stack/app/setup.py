@@ -17,7 +17,7 @@ from prefect.exceptions import ObjectNotFound
 from pydantic import BaseModel, Field
 
 from coder_stack.errors import ConfigError
-from coder_stack.gpu import ensure_gpu_limit
+from coder_stack.orchestration.gpu import ensure_gpu_limit
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 POOLS = {"coder-stack-process": "process", "coder-stack-k8s": "kubernetes"}

@@ -33,8 +33,8 @@ from kubernetes_asyncio.client import ApiClient
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from coder_stack.errors import NotFound
-from coder_stack.k8s import read_config_map, read_secret, write_secret_keys
-from coder_stack.kube import read_deployment
+from coder_stack.kubernetes.client import read_config_map, read_secret, write_secret_keys
+from coder_stack.kubernetes.cluster import read_deployment
 from coder_stack.spec import FrontendSpec, StackSpec
 
 PERSISTENT_CONFIG_VAR = "ENABLE_PERSISTENT_CONFIG"

@@ -142,7 +142,7 @@ def _drain_prefect_workers() -> None:
 
 
 async def _run_validate(kubeconfig: Path) -> Any:
-    from coder_stack.gpu import ensure_gpu_limit
+    from coder_stack.orchestration.gpu import ensure_gpu_limit
     from flows.common import Connection
     from flows.validate import Stage, ValidateOptions, validate_coder_stack
 

@@ -1,4 +1,4 @@
-"""``python -m bench.run [--quick] [--json PATH]``: the benchmark of issue 5 on the simulated stack.
+"""``python -m coder_stack.app.bench.run [--quick] [--json PATH]``: the benchmark of issue 5 on the simulated stack.
 
 One ``prefect_test_harness()`` (a local Prefect API server on SQLite, in a subprocess) serves every
 flow of the run: it starts once (~15 s here) and nothing else shares it, so its latency is the API's,
@@ -218,8 +218,8 @@ GROUPS = ("detect", "validate", "handoff", "scale", "rss")
 async def _run(cfg: Config, log: Any, only: tuple[str, ...] = GROUPS) -> dict[str, Any]:
     from prefect.settings import PREFECT_API_URL
 
-    from bench import rss, scenarios
-    from coder_stack.gpu import ensure_gpu_limit
+    from coder_stack.app.bench import rss, scenarios
+    from coder_stack.orchestration.gpu import ensure_gpu_limit
 
     res: dict[str, Any] = {}
     timing: dict[str, float] = {}
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     res["targets"] = targets(res)
     res["config"] = asdict(cfg)
     res["machine"] = info
-    res["command"] = "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:])
+    res["command"] = "python -m coder_stack.app.bench.run " + " ".join(argv if argv is not None else sys.argv[1:])
     res["total_seconds"] = round(time.monotonic() - t_start, 1)
     Path(args.json).write_text(json.dumps(res, indent=2, default=str) + "\n")
     print(table(res))

@@ -26,11 +26,11 @@ import httpx
 import openai
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from coder_stack import gateway
 from coder_stack.errors import CoderStackError, redact
 from coder_stack.http import bearer, error_detail, openai_client, scrub_url
-from coder_stack.smoke import fim_streamed
+from coder_stack.litellm import admin as gateway
 from coder_stack.spec import ModelSpec, StackSpec
+from coder_stack.usecases.smoke import fim_streamed
 
 Status = Literal["ok", "warn", "fail", "skipped"]
 
@@ -641,10 +641,10 @@ async def run_doctor(
 async def doctor_cluster(target: Any, spec: StackSpec) -> DoctorReport:
     """Read the master and vLLM keys from their Secrets and the models' replicas from their Deployments,
     open the gateway and the serving models' endpoints as the spec says, and run every check."""
-    from coder_stack.endpoints import open_endpoint
     from coder_stack.http import make_client
-    from coder_stack.k8s import open_api
-    from coder_stack.kube import deployment_status
+    from coder_stack.kubernetes.client import open_api
+    from coder_stack.kubernetes.cluster import deployment_status
+    from coder_stack.usecases.endpoints import open_endpoint
     from tasks.gateway import open_gateway, read_ref
 
     pre = _Rows()

@@ -29,22 +29,22 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr
 
 from coder_stack.errors import SmokeFailed, SpecError, redact
 from coder_stack.http import error_detail, make_client, openai_client
-from coder_stack.k8s import read_secret
-from coder_stack.keys import (
+from coder_stack.kubernetes.client import read_secret
+from coder_stack.spec import ClientKeySpec, ModelSpec, StackSpec, Timeouts
+from coder_stack.usecases.keys import (
     FIM_PROMPT_TEMPLATE,
     TABBY_CONFIG_KEY,
     gateway_incluster_url,
     parse_tabby_config,
     tabby_fim_alias,
 )
-from coder_stack.openwebui import (
+from coder_stack.usecases.openwebui import (
     PERSISTENT_CONFIG_PROBE_CMD,
     PERSISTENT_CONFIG_VAR,
     env_wins_for,
     openwebui_frontend,
     parse_persistent_config_probe,
 )
-from coder_stack.spec import ClientKeySpec, ModelSpec, StackSpec, Timeouts
 
 Hop = Literal["pod", "service", "gateway", "key", "key-scope", "budget", "model", "frontend"]
 KEY_HOPS: frozenset[str] = frozenset({"key", "key-scope", "budget"})

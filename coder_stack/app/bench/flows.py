@@ -17,10 +17,10 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from coder_stack import kube
 from coder_stack.errors import PodNotReady, WaitTimeout
-from coder_stack.gpu import gpu_session
-from coder_stack.k8s import ClusterTarget, cluster_session, open_api
+from coder_stack.kubernetes import cluster as kube
+from coder_stack.kubernetes.client import ClusterTarget, cluster_session, open_api
+from coder_stack.orchestration.gpu import gpu_session
 from coder_stack.report import RunReport
 from flows.common import Connection, record_ready, release, spend_lines
 from flows.validate import Stage, _smoke_stage

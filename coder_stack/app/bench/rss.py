@@ -1,8 +1,8 @@
 """Peak RSS of the flow process and of the simulated stack, each in its own process.
 
 The benchmark's main process runs the simulated clusters as threads beside the flows, so its own peak
-RSS mixes both. Here they are separated: ``python -m bench.rss sim`` runs one simulated cluster and
-``python -m bench.rss flows`` runs validate_coder_stack and then ``sessions`` GPU sessions at once
+RSS mixes both. Here they are separated: ``python -m coder_stack.app.bench.rss sim`` runs one simulated cluster and
+``python -m coder_stack.app.bench.rss flows`` runs validate_coder_stack and then ``sessions`` GPU sessions at once
 against it (the Prefect API from $PREFECT_API_URL); the parent reads each one's VmHWM.
 """
 
@@ -48,7 +48,7 @@ def rss_spec(sessions: int, gpus: int) -> StackSpec:
 
 
 def _sim_main(args: argparse.Namespace) -> None:
-    from bench.simrec import SimRecorder
+    from coder_stack.app.bench.simrec import SimRecorder
     from simstack.stack import SimStack
 
     spec = load_spec(args.stack)
@@ -66,7 +66,7 @@ def _sim_main(args: argparse.Namespace) -> None:
 
 
 class SimProcess:
-    """The simulated cluster in a child process (``python -m bench.rss sim``), as a real cluster is not
+    """The simulated cluster in a child process (``python -m coder_stack.app.bench.rss sim``), as a real cluster is not
     in the flows' process: its CPU does not compete with the flows' for this process's GIL. What its
     recorder saw (GPU pods alive and bound, overcommits) comes back from :meth:`stop`."""
 
@@ -88,9 +88,9 @@ class SimProcess:
             raise RuntimeError(f"the simulated stack did not start: {line!r}")
 
     def cmd(self, role: str) -> list[str]:
-        """``python -m bench.rss ROLE`` on this cluster's stack file and kubeconfig."""
+        """``python -m coder_stack.app.bench.rss ROLE`` on this cluster's stack file and kubeconfig."""
         files = ["--stack", str(self.stack), "--kubeconfig", str(self.kubeconfig)]
-        return [sys.executable, "-m", "bench.rss", role, *files]
+        return [sys.executable, "-m", "coder_stack.app.bench.rss", role, *files]
 
     @property
     def pid(self) -> int:
@@ -109,8 +109,8 @@ class SimProcess:
 
 
 async def _flows_main(args: argparse.Namespace) -> dict[str, Any]:
-    from bench.flows import gpu_session_run
-    from coder_stack.gpu import ensure_gpu_limit
+    from coder_stack.app.bench.flows import gpu_session_run
+    from coder_stack.orchestration.gpu import ensure_gpu_limit
     from flows.common import Connection
     from flows.validate import Stage, ValidateOptions, validate_coder_stack
 
@@ -163,7 +163,7 @@ def measure(api_url: str, time_scale: float, sessions: int, gpus: int, timeout_s
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.rss")
+    p = argparse.ArgumentParser(prog="python -m coder_stack.app.bench.rss")
     p.add_argument("role", choices=["sim", "flows"])
     p.add_argument("--stack", required=True)
     p.add_argument("--kubeconfig", required=True)

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from kubernetes_asyncio.client import ApiClient
 
 from coder_stack.errors import NotFound, SpecError
-from coder_stack.portforward import port_forward, read_service
+from coder_stack.kubernetes.portforward import port_forward, read_service
 from coder_stack.spec import AccessMode, StackSpec
 
 

@@ -4,7 +4,7 @@ status, exec, preflight.
 Written against real Kubernetes semantics with kubernetes-asyncio. Every function takes an ``ApiClient``
 first. Waits are watch-based (pods, their events, the deployment), never sleep loops: a watch stream
 that ends (``timeoutSeconds``) is resumed from the last resourceVersion, a 410 Gone re-lists, BOOKMARK
-events are skipped. Library errors are translated with :func:`coder_stack.k8s.api_errors`.
+events are skipped. Library errors are translated with :func:`coder_stack.kubernetes.client.api_errors`.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from coder_stack.errors import (
     SpecError,
     WaitTimeout,
 )
-from coder_stack.k8s import API_TIMEOUT, api_errors
+from coder_stack.kubernetes.client import API_TIMEOUT, api_errors
 from coder_stack.spec import PhaseBudgets, StackSpec
 
 # Server-side watch timeout (seconds). A stream that ends is resumed from the last resourceVersion.

@@ -66,7 +66,7 @@ def _run(coro: Any) -> Any:
 
 
 def _target(kubeconfig: Path | None, context: str | None) -> Any:
-    from coder_stack.k8s import ClusterTarget
+    from coder_stack.kubernetes.client import ClusterTarget
 
     return ClusterTarget(kubeconfig=str(kubeconfig) if kubeconfig else None, context=context)
 
@@ -289,7 +289,7 @@ def status(stack: StackOpt = None, kubeconfig: KubeconfigOpt = None, context: Co
     """Replicas and pod status per model and front-end, who holds the GPU limit, spend per key (read-only)."""
     from rich.table import Table
 
-    from coder_stack.gpu import gpu_limit_status
+    from coder_stack.orchestration.gpu import gpu_limit_status
     from tasks.cluster import stack_status_task
     from tasks.gateway import read_spend_task
 
@@ -356,7 +356,7 @@ def doctor(
     """Check the gateway and the model servers before the morning run meets them (see DOCTOR_HELP)."""
     from rich.text import Text
 
-    from coder_stack.doctor import doctor_cluster, render
+    from coder_stack.usecases.doctor import doctor_cluster, render
 
     _check_spec(stack)
     if kubeconfig is not None and not kubeconfig.is_file():
@@ -376,7 +376,7 @@ def setup(
     stack: StackOpt = None,
 ) -> None:
     """Create or resize the tag:gpu limit (= GPUs in the spec), create the work pools, deploy prefect.yaml."""
-    from coder_stack.setup import run_setup
+    from coder_stack.app.setup import run_setup
 
     spec_obj = load_spec(stack) if stack else None
     _check_spec(stack)
@@ -401,7 +401,7 @@ def demo(
     ),
 ) -> None:
     """Start the simulated stack and a local Prefect server, run validate_coder_stack with the agent stage."""
-    from coder_stack.demo import run_demo
+    from coder_stack.app.demo import run_demo
 
     raise typer.Exit(run_demo(home=home, time_scale=time_scale, keep_ui=keep_ui))
 
@@ -428,7 +428,7 @@ def bench(
     ] = None,
 ) -> None:
     """Benchmark the flows on the simulated stack against the usual ways (see BENCHMARKS.md)."""
-    from bench.run import main as bench_main
+    from coder_stack.app.bench.run import main as bench_main
 
     argv = (["--quick"] if quick else []) + ["--json", str(json_path), *ctx.args]
     argv += ["--only", only] if only else []

@@ -26,7 +26,8 @@ from kubernetes_asyncio.client import ApiClient
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from coder_stack.errors import DeliveryRefused, GatewayRequestError, NotFound, SpecError
-from coder_stack.gateway import (
+from coder_stack.kubernetes.client import delete_secret_keys, read_secret, restart_deployment, write_secret_keys
+from coder_stack.litellm.admin import (
     KeyRecord,
     delete_keys,
     generate_key,
@@ -35,9 +36,8 @@ from coder_stack.gateway import (
     list_keys_by_alias,
     update_key,
 )
-from coder_stack.k8s import delete_secret_keys, read_secret, restart_deployment, write_secret_keys
-from coder_stack.openwebui import persistent_config_status, set_env_wins_in_secret
 from coder_stack.spec import ClientKeySpec, StackSpec
+from coder_stack.usecases.openwebui import persistent_config_status, set_env_wins_in_secret
 
 FIM_PROMPT_TEMPLATE = "<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>"
 OPENWEBUI_KEY = "OPENAI_API_KEY"

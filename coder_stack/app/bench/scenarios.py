@@ -22,10 +22,10 @@ from typing import Any
 from uuid import UUID
 
 import flows.swap
-from bench.flows import bench_bringup, gpu_session_run, sequential_runbook
-from bench.rss import SimProcess
-from bench.simrec import SimRecorder
-from coder_stack.gpu import ensure_gpu_limit, gpu_session
+from coder_stack.app.bench.flows import bench_bringup, gpu_session_run, sequential_runbook
+from coder_stack.app.bench.rss import SimProcess
+from coder_stack.app.bench.simrec import SimRecorder
+from coder_stack.orchestration.gpu import ensure_gpu_limit, gpu_session
 from coder_stack.spec import ModelSpec, PhaseBudgets, StackSpec, spec_yaml
 from flows.common import Connection
 from flows.swap import SwapOptions, swap_model
