@@ -26,9 +26,9 @@ from prefect.states import Cancelled
 from pydantic import BaseModel, ConfigDict, Field
 
 from coder_stack.errors import CoderStackError, SpecError, UnexpectedError
-from coder_stack.kubernetes import cluster as kube
 from coder_stack.kubernetes.client import ClusterTarget, open_api
-from coder_stack.kubernetes.cluster import ReadyReport
+from coder_stack.kubernetes.wait import ReadyReport, wait_gone
+from coder_stack.kubernetes.workloads import deployment_status, scale
 from coder_stack.report import ModelSection, RunReport, SmokeLine, SpendLine
 from coder_stack.spec import StackSpec, load_spec
 from coder_stack.usecases.smoke import SmokeResult
@@ -279,7 +279,7 @@ async def release(
 
             async def down(ns: str, name: str) -> None:
                 try:
-                    await kube.scale(api, ns, name, 0)
+                    await scale(api, ns, name, 0)
                     outcome[name] = "scaled to 0"
                 except CoderStackError as e:
                     outcome[name] = f"scale-down failed: {e}"
@@ -295,7 +295,7 @@ async def release(
                     (spec.experience_namespace, f.name, f.selector) for f in spec.frontends if f.name in frontends
                 ]:
                     try:
-                        gone = await kube.wait_gone(api, ns, sel, spec.timeouts.deletion_s)
+                        gone = await wait_gone(api, ns, sel, spec.timeouts.deletion_s)
                         if gone.pods_seen:
                             outcome[n] = f"scaled to 0, pods gone after {gone.seconds:.1f} s"
                     except CoderStackError as e:
@@ -314,7 +314,7 @@ async def final_state(target: ClusterTarget, spec: StackSpec) -> dict[str, int]:
             for ns, name in [(spec.serving_namespace, m.name) for m in spec.models] + [
                 (spec.experience_namespace, f.name) for f in spec.frontends
             ]:
-                st = await kube.deployment_status(api, ns, name)
+                st = await deployment_status(api, ns, name)
                 state[f"{ns}/{name}"] = st.replicas
     except CoderStackError as e:
         logger().warning("Could not read the final state: %s", e)

@@ -13,8 +13,9 @@ from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
 from coder_stack.errors import PermanentError
-from coder_stack.kubernetes import cluster as kube
 from coder_stack.kubernetes.client import cluster_session, open_api
+from coder_stack.kubernetes.pods import pod_summary
+from coder_stack.kubernetes.workloads import deployment_status
 from coder_stack.orchestration.gpu import gpu_limit_status
 from coder_stack.report import RunReport
 from flows.common import Connection, final_state, guarded, logger, release
@@ -50,7 +51,7 @@ async def teardown(
                 for ns, name in [(spec.serving_namespace, m) for m in models] + [
                     (spec.experience_namespace, f) for f in frontends
                 ]:
-                    st = await kube.deployment_status(api, ns, name)
+                    st = await deployment_status(api, ns, name)
                     if st.replicas or st.pods:
                         found.append(f"{name} ({st.replicas} replica(s), {len(st.pods)} pod(s))")
             report.notes.append(f"found running: {', '.join(found) if found else 'nothing'}")
@@ -66,7 +67,7 @@ async def teardown(
             left = [k for k, v in state.items() if v]
             async with open_api(target) as api:
                 for m in spec.models:
-                    pods = await kube.pod_summary(api, spec.serving_namespace, m.selector)
+                    pods = await pod_summary(api, spec.serving_namespace, m.selector)
                     left += [f"pod {p.name}" for p in pods]
             if left:
                 raise TeardownIncomplete(

@@ -1,4 +1,4 @@
-"""Thin Prefect tasks over :mod:`coder_stack.kubernetes.cluster`.
+"""Thin Prefect tasks over the cluster functions in :mod:`coder_stack.kubernetes` (workloads, wait, exec, preflight).
 
 Each task opens its own cluster client from a serialisable :class:`ClusterTarget`, calls one function and
 returns its pydantic report. Retries only :class:`~coder_stack.errors.RetriableError` (API server
@@ -18,17 +18,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 
 from coder_stack.errors import SpecError, redact
-from coder_stack.kubernetes import cluster as kube
 from coder_stack.kubernetes.client import ClusterTarget, open_api
-from coder_stack.kubernetes.cluster import (
-    DeploymentStatus,
-    ExecResult,
-    GoneReport,
-    PhaseUpdate,
-    PreflightReport,
-    ReadyReport,
-    ScaleResult,
-)
+from coder_stack.kubernetes.exec import ExecResult, exec_in_deployment
+from coder_stack.kubernetes.preflight import PreflightReport, preflight
+from coder_stack.kubernetes.wait import GoneReport, OnPhase, PhaseUpdate, ReadyReport, wait_gone, wait_ready
+from coder_stack.kubernetes.workloads import DeploymentStatus, ScaleResult, deployment_status, scale
 from coder_stack.spec import PhaseBudgets, StackSpec
 from tasks._common import only_retriable, run_logger
 
@@ -49,7 +43,7 @@ async def preflight_task(target: ClusterTarget, spec: StackSpec, models: list[st
     """Namespaces and Deployments exist, the models fit the GPU node's RAM; which models hold the GPU."""
     log = run_logger()
     async with open_api(target) as api:
-        report = await kube.preflight(api, spec, models)
+        report = await preflight(api, spec, models)
     fits = ", ".join(f"{m.name} {m.need_gb:g}/{m.node_memory_gb:g} GB" for m in report.models)
     log.info("Preflight passed: every Deployment exists; host RAM per model: %s (%s).", fits, report.memory_source)
     if report.active_models:
@@ -69,7 +63,7 @@ async def scale_task(target: ClusterTarget, namespace: str, name: str, replicas:
     """`kubectl scale deploy/<name> --replicas=N` (no change if already there)."""
     log = run_logger()
     async with open_api(target) as api:
-        result = await kube.scale(api, namespace, name, replicas)
+        result = await scale(api, namespace, name, replicas)
     if result.changed:
         log.info("Scaled %s/%s from %d to %d replicas.", namespace, name, result.found, replicas)
     else:
@@ -79,7 +73,7 @@ async def scale_task(target: ClusterTarget, namespace: str, name: str, replicas:
 
 def _progress_callback(
     log: logging.Logger | logging.LoggerAdapter[logging.Logger], artifact: UUID | None, label: str
-) -> kube.OnPhase:
+) -> OnPhase:
     async def on_phase(phase: str, info: PhaseUpdate) -> None:
         log.info("%s: %s (%.0fs in).", label, info.detail or phase, info.elapsed_s)
         if artifact is not None:
@@ -113,7 +107,7 @@ async def wait_model_ready_task(
         except MissingContextError:
             artifact = None
     async with open_api(target) as api:
-        report = await kube.wait_ready(
+        report = await wait_ready(
             api,
             spec.serving_namespace,
             model.name,
@@ -135,7 +129,7 @@ async def wait_frontend_ready_task(target: ClusterTarget, spec: StackSpec, name:
     t = spec.timeouts.frontend_ready_s
     budgets = PhaseBudgets(node=t, image=t, weights=t, start=t)
     async with open_api(target) as api:
-        report = await kube.wait_ready(
+        report = await wait_ready(
             api,
             spec.experience_namespace,
             fe.name,
@@ -154,7 +148,7 @@ async def wait_model_gone_task(target: ClusterTarget, spec: StackSpec, model_nam
     log = run_logger()
     model = spec.model(model_name)
     async with open_api(target) as api:
-        report = await kube.wait_gone(api, spec.serving_namespace, model.selector, spec.timeouts.deletion_s)
+        report = await wait_gone(api, spec.serving_namespace, model.selector, spec.timeouts.deletion_s)
     if report.pods_seen:
         log.info("%s: %d pod(s) gone after %.1fs; its GPU is free.", model.name, report.pods_seen, report.seconds)
     else:
@@ -171,7 +165,7 @@ async def stack_status_task(target: ClusterTarget, spec: StackSpec) -> list[Depl
         for ns, name in [(spec.serving_namespace, m.name) for m in spec.models] + [
             (spec.experience_namespace, f.name) for f in spec.frontends
         ]:
-            st = await kube.deployment_status(api, ns, name)
+            st = await deployment_status(api, ns, name)
             pods = ", ".join(f"{p.name} {p.status}" for p in st.pods) or "no pods"
             log.info("%s/%s: %d/%d ready (%s).", ns, name, st.ready_replicas, st.replicas, pods)
             out.append(st)
@@ -185,7 +179,7 @@ async def exec_task(
     """`kubectl exec` into a Ready pod; the output kept in the result is redacted and truncated."""
     log = run_logger()
     async with open_api(target) as api:
-        result = await kube.exec_in_deployment(api, namespace, selector, command, timeout_s)
+        result = await exec_in_deployment(api, namespace, selector, command, timeout_s)
     log.info("Ran a command in pod %s/%s: exit code %d.", namespace, result.pod, result.exit_code)
     return result.model_copy(
         update={

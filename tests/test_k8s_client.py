@@ -20,8 +20,9 @@ import pytest
 from kubernetes_asyncio.client import api_client
 
 from coder_stack.errors import ConfigError
-from coder_stack.kubernetes import cluster as kube
 from coder_stack.kubernetes.client import ClusterTarget, cluster_session, load_configuration, open_api
+from coder_stack.kubernetes.wait import wait_gone, wait_ready
+from coder_stack.kubernetes.workloads import scale
 from coder_stack.spec import StackSpec
 from simstack.stack import SimStack
 
@@ -89,12 +90,12 @@ async def test_a_wait_through_a_cold_start_builds_no_client_beyond_the_sessions(
     target = target_of(sim)
     async with cluster_session(target):
         async with open_api(target) as api:
-            await kube.scale(api, SPEC.serving_namespace, CHAT.name, 1)
+            await scale(api, SPEC.serving_namespace, CHAT.name, 1)
         async with open_api(target) as api:
-            report = await kube.wait_ready(api, SPEC.serving_namespace, CHAT.name, CHAT.selector, CHAT.budgets)
+            report = await wait_ready(api, SPEC.serving_namespace, CHAT.name, CHAT.selector, CHAT.budgets)
         async with open_api(target) as api:
-            await kube.scale(api, SPEC.serving_namespace, CHAT.name, 0)
-            await kube.wait_gone(api, SPEC.serving_namespace, CHAT.selector, 30)
+            await scale(api, SPEC.serving_namespace, CHAT.name, 0)
+            await wait_gone(api, SPEC.serving_namespace, CHAT.selector, 30)
     assert report.pod
     assert len(clients_built) == 1, f"{len(clients_built)} ApiClients built for one session"
 

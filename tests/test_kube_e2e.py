@@ -13,8 +13,12 @@ from kubernetes_asyncio.client import ApiClient
 
 from coder_stack.errors import PodFailed, PreflightError
 from coder_stack.kubernetes.client import ClusterTarget, open_api
-from coder_stack.kubernetes.cluster import exec_in_deployment, pod_summary, preflight, scale, wait_gone, wait_ready
+from coder_stack.kubernetes.exec import exec_in_deployment
+from coder_stack.kubernetes.pods import pod_summary
 from coder_stack.kubernetes.portforward import port_forward
+from coder_stack.kubernetes.preflight import preflight
+from coder_stack.kubernetes.wait import wait_gone, wait_ready
+from coder_stack.kubernetes.workloads import scale
 from coder_stack.spec import AccessSpec, EndpointOverrides, ModelSpec, PhaseBudgets, StackSpec
 from coder_stack.usecases.endpoints import open_endpoint
 from simstack.stack import SimStack

@@ -8,15 +8,10 @@ import pytest
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from coder_stack.errors import ClusterUnavailable, CoderStackError, NotFound, PodNotReady, PreflightError
-from coder_stack.kubernetes.cluster import (
-    deployment_status,
-    exec_in_deployment,
-    node_size_for,
-    parse_memory_gb,
-    pod_summary,
-    preflight,
-    scale,
-)
+from coder_stack.kubernetes.exec import exec_in_deployment
+from coder_stack.kubernetes.pods import pod_summary
+from coder_stack.kubernetes.preflight import node_size_for, parse_memory_gb, preflight
+from coder_stack.kubernetes.workloads import deployment_status, scale
 from coder_stack.spec import ModelSpec, StackSpec
 from tasks._common import only_retriable
 from tasks.cluster import exec_task, preflight_task, scale_task

@@ -14,8 +14,8 @@ import aiohttp
 import pytest
 
 from coder_stack.errors import ClusterError, NotFound, PodFailed, WaitTimeout
-from coder_stack.kubernetes import cluster as kube
-from coder_stack.kubernetes.cluster import PhaseUpdate, wait_gone, wait_ready
+from coder_stack.kubernetes import watch as kwatch
+from coder_stack.kubernetes.wait import GoneReport, PhaseUpdate, wait_gone, wait_ready
 from coder_stack.spec import PhaseBudgets
 from tests.test_kube_harness import NS, PodScript, ServerThread, deployment, namespace, set_deployment_ready
 
@@ -331,7 +331,7 @@ async def test_deleting_pod_is_not_ready_and_replacement_is_followed(server: Ser
 
 
 async def test_watch_stream_end_is_resumed(server: ServerThread, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kube, "WATCH_TIMEOUT_S", 1)
+    monkeypatch.setattr(kwatch, "WATCH_TIMEOUT_S", 1)
     app = await _new_model(server)
     waiting = _start_wait(server, app)
     await _settle()
@@ -349,7 +349,7 @@ async def test_watch_stream_end_is_resumed(server: ServerThread, monkeypatch: py
 
 
 async def test_410_gone_relists_without_missing_ready(server: ServerThread, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kube, "WATCH_TIMEOUT_S", 1)
+    monkeypatch.setattr(kwatch, "WATCH_TIMEOUT_S", 1)
     app = await _new_model(server)
     pod = PodScript(server.store, app=app)
     for step in (pod.create, pod.bind, pod.main_running):
@@ -380,7 +380,7 @@ async def test_410_gone_relists_without_missing_ready(server: ServerThread, monk
 
 
 # A watch stream that dies of something other than a timeout, a reconnect or a 410. Each mimics a real
-# failure inside the stream kube.py consumes (kubernetes_asyncio's Watch), on the pods watch only, armed
+# failure inside the stream watch.py consumes (kubernetes_asyncio's Watch), on the pods watch only, armed
 # once the wait is under way and fired by the first line that carries the test's pod.
 def _malformed(data: str | bytes) -> Any:  # the library's own error for a JSON line without type/object
     raise Exception(f"Malformed JSON response, the 'object' and/or 'type' field is missing. JSON: {data!r}")
@@ -404,16 +404,16 @@ UNEXPECTED = {
 def _inject(monkeypatch: pytest.MonkeyPatch, pod_name: str, fault: Any) -> dict[str, Any]:
     """Make the pods watch's decoding of the first line naming ``pod_name`` do ``fault`` once armed."""
     state: dict[str, Any] = {"armed": False, "fired": None}
-    original = kube._Watch.unmarshal_event
+    original = kwatch._Watch.unmarshal_event
 
-    def unmarshal_event(self: kube._Watch, data: str | bytes, response_type: str | None) -> Any:
+    def unmarshal_event(self: kwatch._Watch, data: str | bytes, response_type: str | None) -> Any:
         text = data.decode() if isinstance(data, bytes) else data
         if state["armed"] and state["fired"] is None and response_type == "V1Pod" and pod_name in text:
             state["fired"] = time.monotonic()
             return fault(data)
         return original(self, data, response_type)
 
-    monkeypatch.setattr(kube._Watch, "unmarshal_event", unmarshal_event)
+    monkeypatch.setattr(kwatch._Watch, "unmarshal_event", unmarshal_event)
     return state
 
 
@@ -508,7 +508,7 @@ async def test_wait_gone_waits_until_the_pod_is_deleted_not_just_terminating(ser
     for step in (pod.create, pod.bind, pod.main_running, pod.ready):
         await server.write(step)
 
-    async def run() -> kube.GoneReport:
+    async def run() -> GoneReport:
         async with server.api() as api:
             return await wait_gone(api, NS, f"app.kubernetes.io/name={app}", 5)
 

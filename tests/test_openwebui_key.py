@@ -21,9 +21,10 @@ from kubernetes_asyncio.client import ApiClient
 from pydantic import SecretStr
 
 from coder_stack.errors import SmokeFailed
-from coder_stack.kubernetes.client import ClusterTarget, open_api, read_secret, restart_deployment, write_secret_keys
-from coder_stack.kubernetes.cluster import exec_in_deployment
+from coder_stack.kubernetes.client import ClusterTarget, open_api, read_secret, write_secret_keys
+from coder_stack.kubernetes.exec import exec_in_deployment
 from coder_stack.kubernetes.portforward import port_forward
+from coder_stack.kubernetes.workloads import restart_deployment
 from coder_stack.litellm import admin as gateway
 from coder_stack.spec import StackSpec, Timeouts
 from coder_stack.usecases.openwebui import (

@@ -1,4 +1,4 @@
-"""Kubernetes client plumbing shared by every cluster function: connecting, error translation, Secrets.
+"""Kubernetes client plumbing shared by every cluster function: connecting, error translation, Secrets, ConfigMaps.
 
 Functions take a ``kubernetes_asyncio`` ``ApiClient`` as their first argument. ``ClusterTarget`` is the
 serialisable description of *which* cluster (kubeconfig path + context) that Prefect tasks receive; they
@@ -212,6 +212,16 @@ def api_errors(verb: str, resource: str, namespace: str | None = None, name: str
         raise ClusterUnavailable(f"{verb} {what}{where}: connection problem ({type(e).__name__})") from e
 
 
+@contextmanager
+def ws_errors(verb: str, resource: str, namespace: str, name: str) -> Iterator[None]:
+    """api_errors for WebSocket upgrades: a refused handshake carries the HTTP status."""
+    with api_errors(verb, resource, namespace, name):
+        try:
+            yield
+        except aiohttp.WSServerHandshakeError as e:
+            raise ApiException(status=e.status, reason=e.message) from e
+
+
 # ------------------------------------------------------------------------------------- secrets
 def _decode(data: Mapping[str, str] | None) -> dict[str, SecretStr]:
     out: dict[str, SecretStr] = {}
@@ -325,17 +335,6 @@ __all__ = [
     "read_secret",
     "read_secret_key",
     "require_secret_key",
-    "restart_deployment",
     "write_secret_keys",
+    "ws_errors",
 ]
-
-
-async def restart_deployment(api: ApiClient, namespace: str, name: str) -> None:
-    """`kubectl rollout restart`: stamp the pod template so the controller replaces the pods."""
-    from datetime import UTC, datetime
-
-    apps = client.AppsV1Api(api)
-    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    body = {"spec": {"template": {"metadata": {"annotations": {"kubectl.kubernetes.io/restartedAt": stamp}}}}}
-    with api_errors("patch", "deployments", namespace, name):
-        await apps.patch_namespaced_deployment(name, namespace, body, _request_timeout=API_TIMEOUT)

@@ -21,8 +21,8 @@ from kubernetes_asyncio.client import ApiClient
 from kubernetes_asyncio.stream import WsApiClient
 
 from coder_stack.errors import ClusterError, EndpointUnavailable, NotFound
-from coder_stack.kubernetes.client import API_TIMEOUT, api_errors
-from coder_stack.kubernetes.cluster import is_pod_ready, list_pods, ws_errors
+from coder_stack.kubernetes.client import API_TIMEOUT, api_errors, ws_errors
+from coder_stack.kubernetes.pods import is_pod_ready, list_pods
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from coder_stack.errors import PodNotReady, WaitTimeout
-from coder_stack.kubernetes import cluster as kube
 from coder_stack.kubernetes.client import ClusterTarget, cluster_session, open_api
+from coder_stack.kubernetes.workloads import deployment_status
 from coder_stack.orchestration.gpu import gpu_session
 from coder_stack.report import RunReport
 from flows.common import Connection, record_ready, release, spend_lines
@@ -33,7 +33,7 @@ from tasks.gateway import ensure_keys_task, gateway_ready_task, read_spend_task
 async def naive_ready_check(target: ClusterTarget, namespace: str, name: str) -> int:
     """Check readiness once and raise if not Ready: "retries absorb the cold start"."""
     async with open_api(target) as api:
-        st = await kube.deployment_status(api, namespace, name)
+        st = await deployment_status(api, namespace, name)
     if not st.ready:
         raise PodNotReady(f"{namespace}/{name}: {st.ready_replicas}/{st.replicas} ready")
     return st.ready_replicas

@@ -1,0 +1,201 @@
+"""The check before anything is scaled: namespaces and Deployments exist, each model fits the GPU node's
+host RAM (machine type advice), and which GPU models are active now.
+"""
+
+from __future__ import annotations
+
+from kubernetes_asyncio import client
+from kubernetes_asyncio.client import ApiClient
+from pydantic import BaseModel, ConfigDict, Field
+
+from coder_stack.errors import Forbidden, NotFound, PreflightError
+from coder_stack.kubernetes.client import API_TIMEOUT, api_errors
+from coder_stack.kubernetes.pods import list_pods
+from coder_stack.spec import StackSpec
+
+GPU_RESOURCE = "nvidia.com/gpu"
+# GCP G2 machine types (one L4) by host RAM: the memory caps the model size (weights staged through RAM).
+G2_BY_MEMORY_GB: tuple[tuple[int, str], ...] = (
+    (16, "g2-standard-4"),
+    (32, "g2-standard-8"),
+    (64, "g2-standard-16"),
+    (128, "g2-standard-32"),
+)
+
+
+class _Report(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def parse_memory_gb(quantity: str) -> float:
+    """A Kubernetes memory quantity in GB, binary units counted as GB ("16Gi" -> 16.0) as machine types are."""
+    q = str(quantity).strip()
+    units = {
+        "Ki": 2**10,
+        "Mi": 2**20,
+        "Gi": 2**30,
+        "Ti": 2**40,
+        "Pi": 2**50,
+        "k": 10**3,
+        "K": 10**3,
+        "M": 10**6,
+        "G": 10**9,
+        "T": 10**12,
+        "P": 10**15,
+    }
+    for suffix in sorted(units, key=len, reverse=True):
+        if q.endswith(suffix):
+            return float(q[: -len(suffix)]) * units[suffix] / 2**30
+    if q.endswith("m"):
+        return float(q[:-1]) / 1000 / 2**30
+    return float(q) / 2**30
+
+
+def node_size_for(need_gb: float) -> str:
+    for gb, machine in G2_BY_MEMORY_GB:
+        if need_gb <= gb:
+            return f"{machine} ({gb} GB)"
+    return f"a node with more than {G2_BY_MEMORY_GB[-1][0]} GB of RAM"
+
+
+class ModelFit(_Report):
+    name: str = Field(description="Model deployment name.")
+    weights_gb: float = Field(ge=0, description="Size of the weights.")
+    need_gb: float = Field(ge=0, description="Weights plus vLLM's host-RAM overhead.")
+    node_memory_gb: float = Field(ge=0, description="Host RAM of the GPU node.")
+    fits: bool = Field(description="need_gb <= node_memory_gb.")
+
+
+class ActiveModel(_Report):
+    name: str = Field(description="Model deployment name.")
+    replicas: int = Field(ge=0, description="spec.replicas.")
+    ready_replicas: int = Field(ge=0, description="status.readyReplicas.")
+
+
+class PreflightReport(_Report):
+    namespaces: list[str] = Field(description="Namespaces that exist.")
+    deployments: list[str] = Field(description="Deployments checked (namespace/name).")
+    gpu_nodes: list[str] = Field(description="Nodes with nvidia.com/gpu capacity.")
+    gpu_node_memory_gb: float = Field(ge=0, description="Host RAM of the smallest GPU node (or the spec's value).")
+    memory_source: str = Field(description="Where gpu_node_memory_gb came from: nodes or spec.")
+    models: list[ModelFit] = Field(description="Each requested model against the node memory.")
+    active_models: list[ActiveModel] = Field(description="GPU models with replicas > 0 right now.")
+    gpu_pods: list[str] = Field(description="Pods of GPU models that still exist (the GPU is busy until gone).")
+    notes: list[str] = Field(default_factory=list, description="Anything the operator should know.")
+
+
+async def preflight(api: ApiClient, spec: StackSpec, models: list[str] | None = None) -> PreflightReport:
+    """Check before anything is scaled: namespaces and Deployments exist, each model fits the GPU node's RAM.
+
+    ``models`` limits the fit check to those model names (default: all of the spec's models).
+    Reports which GPU models have replicas > 0 now, for take-over decisions.
+    """
+    core = client.CoreV1Api(api)
+    apps = client.AppsV1Api(api)
+    notes: list[str] = []
+    missing: list[str] = []
+    namespaces = [spec.serving_namespace, spec.gateway_namespace, spec.experience_namespace]
+    present_ns: list[str] = []
+    for ns in dict.fromkeys(namespaces):
+        try:
+            with api_errors("get", "namespaces", None, ns):
+                await core.read_namespace(ns, _request_timeout=API_TIMEOUT)
+            present_ns.append(ns)
+        except NotFound:
+            missing.append(f"namespace {ns}")
+    wanted = [(spec.serving_namespace, m.name) for m in spec.models] + [
+        (spec.experience_namespace, f.name) for f in spec.frontends
+    ]
+    deployments: dict[tuple[str, str], client.V1Deployment] = {}
+    for ns in dict.fromkeys(ns for ns, _ in wanted):
+        if ns not in present_ns:
+            continue
+        with api_errors("list", "deployments", ns):
+            deps = await apps.list_namespaced_deployment(ns, _request_timeout=API_TIMEOUT)
+        for d in deps.items or []:
+            deployments[(ns, d.metadata.name)] = d
+    for ns, name in wanted:
+        if ns in present_ns and (ns, name) not in deployments:
+            missing.append(f"deployment {ns}/{name}")
+    if missing:
+        raise NotFound(
+            f"the cluster lacks what the stack needs: {', '.join(missing)}. Sync the platform's apps "
+            "(coder-chat, coder-fim, coder-agent, open-webui, tabby) or fix the stack spec's names; nothing was changed"
+        )
+
+    gpu_nodes: list[str] = []
+    memory = spec.gpu_node_memory_gb
+    source = "spec"
+    try:
+        with api_errors("list", "nodes"):
+            nodes = await core.list_node(_request_timeout=API_TIMEOUT)
+        mems = []
+        for n in nodes.items or []:
+            cap = (n.status.capacity if n.status else None) or {}
+            try:
+                gpus = int(str(cap.get(GPU_RESOURCE, "0")))
+            except ValueError:
+                gpus = 0
+            if gpus > 0:
+                gpu_nodes.append(n.metadata.name)
+                if cap.get("memory"):
+                    mems.append(parse_memory_gb(cap["memory"]))
+        if mems:
+            memory = round(min(mems), 2)
+            source = "nodes"
+        else:
+            notes.append(f"no GPU node exists now (autoscaled pool at 0?): using spec.gpu_node_memory_gb={memory:g} GB")
+    except Forbidden:
+        notes.append(f"not allowed to list nodes: using spec.gpu_node_memory_gb={memory:g} GB")
+
+    names = models if models is not None else [m.name for m in spec.models]
+    fits = []
+    for model_name in names:
+        m = spec.model(model_name)
+        need = m.weights_gb + spec.host_ram_overhead_gb
+        fits.append(
+            ModelFit(name=m.name, weights_gb=m.weights_gb, need_gb=need, node_memory_gb=memory, fits=need <= memory)
+        )
+    too_big = [f for f in fits if not f.fits]
+    if too_big:
+        f = too_big[0]
+        raise PreflightError(
+            f"model {f.name} needs {f.need_gb:g} GB of host RAM ({f.weights_gb:g} GB weights + "
+            f"{spec.host_ram_overhead_gb:g} GB vLLM overhead) but the GPU node has {memory:g} GB ({source}); "
+            "vLLM stages weights through host RAM, so it would be OOMKilled while loading. Use a smaller model or "
+            f"a GPU node pool of {node_size_for(f.need_gb)}; nothing was changed"
+            + (f" (also too big: {', '.join(x.name for x in too_big[1:])})" if len(too_big) > 1 else "")
+        )
+
+    active = []
+    gpu_pods: list[str] = []
+    for m in spec.models:
+        d = deployments[(spec.serving_namespace, m.name)]
+        replicas = int(d.spec.replicas or 0) if d.spec else 0
+        if replicas > 0:
+            st = d.status or client.V1DeploymentStatus()
+            active.append(ActiveModel(name=m.name, replicas=replicas, ready_replicas=int(st.ready_replicas or 0)))
+        gpu_pods += [p.metadata.name for p in await list_pods(api, spec.serving_namespace, m.selector)]
+    return PreflightReport(
+        namespaces=present_ns,
+        deployments=[f"{ns}/{n}" for ns, n in wanted],
+        gpu_nodes=gpu_nodes,
+        gpu_node_memory_gb=memory,
+        memory_source=source,
+        models=fits,
+        active_models=active,
+        gpu_pods=gpu_pods,
+        notes=notes,
+    )
+
+
+__all__ = [
+    "G2_BY_MEMORY_GB",
+    "GPU_RESOURCE",
+    "ActiveModel",
+    "ModelFit",
+    "PreflightReport",
+    "node_size_for",
+    "parse_memory_gb",
+    "preflight",
+]
