@@ -6,6 +6,7 @@ The spec names *where* secrets live (namespace/name/key), never their values.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal
@@ -84,19 +85,55 @@ class ClientKeySpec(_Model):
     budget_duration: str = Field(
         "30d", pattern=r"^[1-9][0-9]*[smhd]$", description="Budget reset period, e.g. 30d, 12h."
     )
-    deliver_to: Literal["openwebui-secrets", "tabby-config", "keystore"] = Field(
+    deliver_to: KeyDestination = Field(
         "keystore",
         description="Where the key lives: Open WebUI's Secret, Tabby's config, or the stack's keystore Secret.",
     )
 
 
+FrontendApp = Literal["open-webui", "tabby"]
+FRONTEND_APPS: tuple[FrontendApp, ...] = ("open-webui", "tabby")
+
+
 class FrontendSpec(_Model):
     name: Name = Field(description="Deployment name in the experience namespace.")
+    app: FrontendApp = Field(
+        description="The app the Deployment runs: open-webui or tabby (defaults to the name when it is one of them)."
+    )
     selector_name: Name | None = Field(None, description="app.kubernetes.io/name label; defaults to name.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _app_from_name(cls, data: object) -> object:
+        if isinstance(data, dict) and "app" not in data and data.get("name") in FRONTEND_APPS:
+            return {**data, "app": data["name"]}
+        return data
 
     @property
     def selector(self) -> str:
         return f"app.kubernetes.io/name={self.selector_name or self.name}"
+
+
+KeyDestination = Literal["openwebui-secrets", "tabby-config", "keystore"]
+OPENWEBUI_KEY = "OPENAI_API_KEY"  # Open WebUI's key, in its Secret
+OPENWEBUI_SESSION_KEY = "WEBUI_SECRET_KEY"  # signs Open WebUI's user sessions: generated once, never replaced
+TABBY_CONFIG_KEY = "config.toml"  # Tabby's whole config file, in its Secret
+CONSUMER_OF: dict[KeyDestination, FrontendApp] = {"openwebui-secrets": "open-webui", "tabby-config": "tabby"}
+
+
+@dataclass(frozen=True)
+class KeyHome:
+    """Where a client's key lives and which Deployment reads it (restarted when it changes)."""
+
+    namespace: str
+    secret: str
+    data_key: str
+    consumer: str | None
+    consumer_namespace: str
+
+    @property
+    def where(self) -> str:
+        return f"{self.namespace}/{self.secret}:{self.data_key}"
 
 
 class EndpointOverrides(_Model):
@@ -182,7 +219,10 @@ class StackSpec(_Model):
     )
     default_model: Name = Field("coder-chat", description="Model the morning bring-up leaves serving.")
     frontends: list[FrontendSpec] = Field(
-        default_factory=lambda: [FrontendSpec(name="open-webui"), FrontendSpec(name="tabby")],
+        default_factory=lambda: [
+            FrontendSpec(name="open-webui", app="open-webui"),
+            FrontendSpec(name="tabby", app="tabby"),
+        ],
         max_length=16,
         description="CPU front-end Deployments in the experience namespace.",
     )
@@ -242,6 +282,45 @@ class StackSpec(_Model):
             if k.alias == alias:
                 return k
         raise SpecError(f"unknown key alias {alias!r}; this stack has: {', '.join(k.alias for k in self.virtual_keys)}")
+
+    # ------------------------------------------------------------------------------ derived facts
+    def frontend(self, app: FrontendApp) -> FrontendSpec | None:
+        """The front-end Deployment that runs ``app``, if the stack has one."""
+        return next((f for f in self.frontends if f.app == app), None)
+
+    def key_delivered_to(self, destination: KeyDestination) -> ClientKeySpec | None:
+        """The key delivered to ``destination`` (the first, if several are)."""
+        return next((k for k in self.virtual_keys if k.deliver_to == destination), None)
+
+    def key_home(self, key_spec: ClientKeySpec) -> KeyHome:
+        """Where ``key_spec``'s key lives and which front-end Deployment consumes it."""
+        ns = self.experience_namespace
+        if key_spec.deliver_to == "keystore":
+            return KeyHome(self.gateway_namespace, self.keystore_secret, key_spec.alias, None, ns)
+        fe = self.frontend(CONSUMER_OF[key_spec.deliver_to])
+        consumer = fe.name if fe else None
+        if key_spec.deliver_to == "openwebui-secrets":
+            return KeyHome(ns, self.openwebui_secret, OPENWEBUI_KEY, consumer, ns)
+        return KeyHome(ns, self.tabby_config_secret, TABBY_CONFIG_KEY, consumer, ns)
+
+    def deployments(self) -> list[tuple[str, str]]:
+        """(namespace, name) of every Deployment the stack scales: the models, then the front-ends."""
+        return [(self.serving_namespace, m.name) for m in self.models] + [
+            (self.experience_namespace, f.name) for f in self.frontends
+        ]
+
+    def service_url(self, service: str, namespace: str, port: int) -> str:
+        """A Service's URL as pods see it (cluster DNS)."""
+        return f"http://{service}.{namespace}.svc.{self.access.cluster_domain}:{port}"
+
+    @property
+    def gateway_incluster_url(self) -> str:
+        """The gateway as pods see it, without /v1."""
+        return self.service_url(self.gateway_service, self.gateway_namespace, self.gateway_port)
+
+    def model_incluster_url(self, model: ModelSpec) -> str:
+        """A model server's OpenAI base URL as pods (and the gateway) see it, with /v1."""
+        return self.service_url(model.name, self.serving_namespace, model.port) + "/v1"
 
     def key_for_model(self, model: ModelSpec) -> ClientKeySpec | None:
         """The key a smoke of this model uses: the first key scoped to its alias."""

@@ -38,11 +38,12 @@ from tasks.smoke import smoke_direct_task, smoke_gateway_task
 class SwapOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    target: str = Field(
-        "coder-fim",
+    target: str | None = Field(
+        None,
         pattern=DNS_LABEL,
         max_length=63,
-        description="Model Deployment to leave serving: coder-chat, coder-fim or coder-agent in the reference stack.",
+        description="Model Deployment to leave serving (coder-chat, coder-fim or coder-agent in the reference stack); "
+        "default: the stack's default_model.",
     )
     smoke_gateway: bool = Field(True, description="Also smoke through the gateway with the model's client key.")
     dry_run: bool = Field(False, description="Only report what would be scaled.")
@@ -56,7 +57,7 @@ async def swap_model(
     """Swap the GPU to ``options.target``; reports the swap time (start to target Ready)."""
     spec, target = connection.resolve()
     async with cluster_session(target):
-        model = spec.model(options.target)  # unknown model: refused before anything changes
+        model = spec.model(options.target or spec.default_model)  # unknown model: refused before anything changes
         log = logger()
         report = RunReport(flow=f"swap_model({model.name})")
         async with guarded(report, "swap-report", "swap_model", final_state_of=(target, spec)):

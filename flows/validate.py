@@ -18,7 +18,7 @@ from coder_stack.errors import GpuBusy
 from coder_stack.kubernetes.client import ClusterTarget, cluster_session
 from coder_stack.orchestration.gpu import gpu_session
 from coder_stack.report import RunReport
-from coder_stack.spec import StackSpec
+from coder_stack.spec import KeyDestination, StackSpec
 from coder_stack.usecases.smoke import SmokeResult
 from flows.common import (
     Connection,
@@ -165,8 +165,9 @@ async def validate_coder_stack(
             return report
 
 
-def _alias_delivered_to(spec: StackSpec, home: str) -> str | None:
-    return next((k.alias for k in spec.virtual_keys if k.deliver_to == home), None)
+def _alias_delivered_to(spec: StackSpec, home: KeyDestination) -> str | None:
+    key = spec.key_delivered_to(home)
+    return key.alias if key else None
 
 
 async def _smoke_stage(

@@ -14,8 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from coder_stack.errors import SmokeFailed, SpecError
 from coder_stack.http import make_client, scrub_url
-from coder_stack.kubernetes import cluster as kube
 from coder_stack.kubernetes.client import ClusterTarget, open_api
+from coder_stack.kubernetes.exec import exec_in_deployment
 from coder_stack.litellm.admin import SpendRow, expected_cost, model_prices, read_spend, read_spend_baseline
 from coder_stack.spec import ClientKeySpec, ModelSpec, StackSpec
 from coder_stack.usecases import smoke
@@ -128,7 +128,7 @@ async def smoke_gateway_task(
 async def smoke_agent_task(
     target: ClusterTarget,
     spec: StackSpec,
-    model_name: str = "coder-agent",
+    model_name: str,
     key_alias: str | None = None,
     check_spend: bool = True,
 ) -> MeteredSmoke:
@@ -159,7 +159,7 @@ async def smoke_frontends_task(
     async with open_api(target) as api, open_gateway(api, spec) as gw:
         try:
             res = await smoke.smoke_frontends(
-                api, spec, kube.exec_in_deployment, str(gw.base_url), http=gw, openwebui=openwebui, tabby=tabby
+                api, spec, exec_in_deployment, str(gw.base_url), http=gw, openwebui=openwebui, tabby=tabby
             )
         except SmokeFailed as e:
             run_logger().error("Front-end smoke failed at the %s hop: %s", e.hop, e.message)

@@ -90,7 +90,12 @@ async def test_openwebui_probe_that_cannot_run_is_a_frontend_failure() -> None:
 
 async def test_openwebui_frontend_name_and_selector_come_from_the_spec() -> None:
     spec = SPEC.model_copy(
-        update={"frontends": [FrontendSpec(name="chat-ui", selector_name="open-webui"), FrontendSpec(name="tabby")]}
+        update={
+            "frontends": [
+                FrontendSpec(name="chat-ui", app="open-webui", selector_name="open-webui"),
+                FrontendSpec(name="tabby"),
+            ]
+        }
     )
     seen: list[Any] = []
     ok = exec_returning(Res(0, models_json("coder-chat", "coder-fim", "embeddings")), seen, Res(0, "unset"))

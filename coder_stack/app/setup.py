@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 from coder_stack.errors import ConfigError
 from coder_stack.orchestration.gpu import ensure_gpu_limit
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+PROJECT_DIR = Path(__file__).resolve().parents[2]  # coder_stack/app/setup.py -> the checkout
 POOLS = {"coder-stack-process": "process", "coder-stack-k8s": "kubernetes"}
 
 

@@ -332,10 +332,6 @@ async def delete_keys(gw: httpx.AsyncClient, master: SecretStr, keys: Iterable[K
 # --------------------------------------------------------------------------------------------- models
 
 
-def model_api_base(spec: StackSpec, model: ModelSpec) -> str:
-    return f"http://{model.name}.{spec.serving_namespace}.svc.{spec.access.cluster_domain}:{model.port}/v1"
-
-
 async def list_model_deployments(gw: httpx.AsyncClient, master: SecretStr, alias: str) -> list[dict[str, Any]]:
     """Entries of ``/model/info`` whose ``model_name`` is ``alias`` (one per deployment)."""
     what = "read /model/info"
@@ -353,7 +349,7 @@ async def ensure_model_registered(
     Never adds a deployment when one or more exist (a second run registers nothing); more than one is
     reported as a warning, since LiteLLM load-balances across same-name entries.
     """
-    api_base = model_api_base(spec, model)
+    api_base = spec.model_incluster_url(model)
     existing = await list_model_deployments(gw, master, model.alias)
     warnings = []
     if len(existing) > 1:
@@ -639,7 +635,6 @@ __all__ = [
     "list_keys_by_alias",
     "list_model_deployments",
     "missing_aliases",
-    "model_api_base",
     "model_prices",
     "probe_streamed_calls",
     "read_spend",

@@ -238,7 +238,7 @@ async def _check_models(gw: httpx.AsyncClient, master: SecretStr, spec: StackSpe
         m = by_alias.get(a)
         if m is None:
             continue  # the embeddings server is not a spec model: no Service URL to compare with
-        want = gateway.model_api_base(spec, m).rstrip("/")
+        want = spec.model_incluster_url(m).rstrip("/")
         bases = [str((d.get("litellm_params") or {}).get("api_base") or "").rstrip("/") for d in deployments[a]]
         shown = [b for b in bases if b]
         if not shown:
@@ -643,7 +643,7 @@ async def doctor_cluster(target: Any, spec: StackSpec) -> DoctorReport:
     open the gateway and the serving models' endpoints as the spec says, and run every check."""
     from coder_stack.http import make_client
     from coder_stack.kubernetes.client import open_api
-    from coder_stack.kubernetes.cluster import deployment_status
+    from coder_stack.kubernetes.workloads import deployment_status
     from coder_stack.usecases.endpoints import open_endpoint
     from tasks.gateway import open_gateway, read_ref
 

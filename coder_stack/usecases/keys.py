@@ -26,7 +26,8 @@ from kubernetes_asyncio.client import ApiClient
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from coder_stack.errors import DeliveryRefused, GatewayRequestError, NotFound, SpecError
-from coder_stack.kubernetes.client import delete_secret_keys, read_secret, restart_deployment, write_secret_keys
+from coder_stack.kubernetes.client import delete_secret_keys, read_secret, write_secret_keys
+from coder_stack.kubernetes.workloads import restart_deployment
 from coder_stack.litellm.admin import (
     KeyRecord,
     delete_keys,
@@ -36,13 +37,17 @@ from coder_stack.litellm.admin import (
     list_keys_by_alias,
     update_key,
 )
-from coder_stack.spec import ClientKeySpec, StackSpec
+from coder_stack.spec import (
+    OPENWEBUI_KEY,
+    OPENWEBUI_SESSION_KEY,
+    TABBY_CONFIG_KEY,
+    ClientKeySpec,
+    KeyHome,
+    StackSpec,
+)
 from coder_stack.usecases.openwebui import persistent_config_status, set_env_wins_in_secret
 
 FIM_PROMPT_TEMPLATE = "<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>"
-OPENWEBUI_KEY = "OPENAI_API_KEY"
-OPENWEBUI_SESSION_KEY = "WEBUI_SECRET_KEY"  # signs user sessions: generated once, never replaced
-TABBY_CONFIG_KEY = "config.toml"
 
 
 KeyAction = Literal["kept", "updated", "minted", "reminted", "rotated", "unusable"]
@@ -71,38 +76,6 @@ class KeyReport(BaseModel):
         return self.action != "unusable"
 
 
-@dataclass(frozen=True)
-class KeyHome:
-    namespace: str
-    secret: str
-    data_key: str
-    consumer: str | None  # Deployment in consumer_namespace restarted when the key changes
-    consumer_namespace: str
-
-    @property
-    def where(self) -> str:
-        return f"{self.namespace}/{self.secret}:{self.data_key}"
-
-
-def key_home(spec: StackSpec, key_spec: ClientKeySpec) -> KeyHome:
-    ns = spec.experience_namespace
-    frontends = {f.name for f in spec.frontends}
-    if key_spec.deliver_to == "openwebui-secrets":
-        consumer = "open-webui" if "open-webui" in frontends else None
-        return KeyHome(ns, spec.openwebui_secret, OPENWEBUI_KEY, consumer, ns)
-    if key_spec.deliver_to == "tabby-config":
-        consumer = "tabby" if "tabby" in frontends else None
-        return KeyHome(ns, spec.tabby_config_secret, TABBY_CONFIG_KEY, consumer, ns)
-    return KeyHome(spec.gateway_namespace, spec.keystore_secret, key_spec.alias, None, ns)
-
-
-def gateway_incluster_url(spec: StackSpec) -> str:
-    """The gateway as pods see it, without /v1."""
-    return (
-        f"http://{spec.gateway_service}.{spec.gateway_namespace}.svc.{spec.access.cluster_domain}:{spec.gateway_port}"
-    )
-
-
 def _toml_str(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)  # JSON string escapes are valid TOML basic strings
 
@@ -128,7 +101,7 @@ def render_tabby_config(spec: StackSpec, key_spec: ClientKeySpec, key: SecretStr
         "[model.completion.http]\n"
         'kind = "vllm/completion"\n'
         f"model_name = {_toml_str(tabby_fim_alias(spec, key_spec))}\n"
-        f"api_endpoint = {_toml_str(gateway_incluster_url(spec) + '/v1')}\n"
+        f"api_endpoint = {_toml_str(spec.gateway_incluster_url + '/v1')}\n"
         f"api_key = {_toml_str(key.get_secret_value())}\n"
         f"prompt_template = {_toml_str(FIM_PROMPT_TEMPLATE)}\n"
     )
@@ -176,7 +149,7 @@ async def _read_home(api: ApiClient, home: KeyHome) -> SecretStr | None:
 async def read_client_key(api: ApiClient, spec: StackSpec, alias: str) -> SecretStr:
     """A client's key, read back from its home (for smokes). Raises NotFound if it is not there."""
     key_spec = spec.key(alias)
-    home = key_home(spec, key_spec)
+    home = spec.key_home(key_spec)
     value = await _read_home(api, home)
     if value is None:
         raise NotFound(
@@ -301,7 +274,7 @@ async def ensure_key(
     Keys are addressed by value or by the hash from /key/list, never by /key/info's display ``key_name``.
     """
     alias = key_spec.alias
-    home = key_home(spec, key_spec)
+    home = spec.key_home(key_spec)
     consumer = f"{home.consumer_namespace}/{home.consumer}" if home.consumer else None
     notes = await recover_rotation(api, gw_client, master, spec, key_spec)
     at_home = await _read_home(api, home)
@@ -433,7 +406,7 @@ async def recover_rotation(
     if marker is None:
         return []
     old_token, retired = marker
-    home = key_home(spec, key_spec)
+    home = spec.key_home(key_spec)
     old = await key_info_by_token(gw_client, master, old_token)
     old_live = old is not None and old.status != "deleted"
     at_home = await _read_home(api, home)
@@ -525,12 +498,9 @@ async def _rotate(
 __all__ = [
     "FIM_PROMPT_TEMPLATE",
     "KeyAction",
-    "KeyHome",
     "KeyReport",
     "TabbyConfig",
     "ensure_key",
-    "gateway_incluster_url",
-    "key_home",
     "parse_tabby_config",
     "read_client_key",
     "recover_rotation",

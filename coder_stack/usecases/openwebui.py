@@ -34,12 +34,11 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from coder_stack.errors import NotFound
 from coder_stack.kubernetes.client import read_config_map, read_secret, write_secret_keys
-from coder_stack.kubernetes.cluster import read_deployment
-from coder_stack.spec import FrontendSpec, StackSpec
+from coder_stack.kubernetes.workloads import read_deployment
+from coder_stack.spec import StackSpec
 
 PERSISTENT_CONFIG_VAR = "ENABLE_PERSISTENT_CONFIG"
 ENV_WINS_VALUE = "False"  # what set_env_wins_in_secret writes (the docs' spelling)
-OPENWEBUI_APP = "open-webui"  # the Deployment key_home restarts for openwebui-secrets, and the app label
 OPENWEBUI_IMAGE_REPO = "open-webui/open-webui"  # ghcr.io/open-webui/open-webui
 
 
@@ -65,18 +64,6 @@ def parse_persistent_config_probe(stdout: str) -> str | None:
     if stdout.startswith("set:"):
         return stdout[len("set:") :]
     raise ValueError("unexpected output from the ENABLE_PERSISTENT_CONFIG probe")
-
-
-def openwebui_frontend(spec: StackSpec) -> FrontendSpec | None:
-    """The Open WebUI front-end of ``spec.frontends``: the one named ``open-webui`` (the consumer
-    ``keys.key_home`` restarts for openwebui-secrets), else one whose app label is ``open-webui``."""
-    for f in spec.frontends:
-        if f.name == OPENWEBUI_APP:
-            return f
-    for f in spec.frontends:
-        if (f.selector_name or f.name) == OPENWEBUI_APP:
-            return f
-    return None
 
 
 class PersistentConfigStatus(BaseModel):
@@ -299,7 +286,6 @@ __all__ = [
     "PERSISTENT_CONFIG_VAR",
     "PersistentConfigStatus",
     "env_wins_for",
-    "openwebui_frontend",
     "parse_persistent_config_probe",
     "persistent_config_status",
     "set_env_wins_in_secret",

@@ -34,7 +34,6 @@ from coder_stack.spec import ClientKeySpec, ModelSpec, StackSpec, Timeouts
 from coder_stack.usecases.keys import (
     FIM_PROMPT_TEMPLATE,
     TABBY_CONFIG_KEY,
-    gateway_incluster_url,
     parse_tabby_config,
     tabby_fim_alias,
 )
@@ -42,7 +41,6 @@ from coder_stack.usecases.openwebui import (
     PERSISTENT_CONFIG_PROBE_CMD,
     PERSISTENT_CONFIG_VAR,
     env_wins_for,
-    openwebui_frontend,
     parse_persistent_config_probe,
 )
 
@@ -621,10 +619,6 @@ OPENWEBUI_MODELS_CMD = [
 ]
 
 
-def _key_for(spec: StackSpec, deliver_to: str) -> ClientKeySpec | None:
-    return next((k for k in spec.virtual_keys if k.deliver_to == deliver_to), None)
-
-
 async def smoke_frontends(
     api: ApiClient,
     spec: StackSpec,
@@ -645,12 +639,12 @@ async def smoke_frontends(
     client = http or make_client(spec.timeouts)
     try:
         if openwebui:
-            ks = _key_for(spec, "openwebui-secrets")
+            ks = spec.key_delivered_to("openwebui-secrets")
             if ks is None:
                 raise SpecError(
                     "no key in spec.virtual_keys is delivered to openwebui-secrets; nothing to check Open WebUI with"
                 )
-            fe = openwebui_frontend(spec)
+            fe = spec.frontend("open-webui")
             if fe is None:
                 raise SpecError(
                     "spec.frontends has no Open WebUI front-end (a Deployment named or labelled 'open-webui'); "
@@ -717,7 +711,7 @@ async def smoke_frontends(
                 )
             )
         if tabby:
-            ks = _key_for(spec, "tabby-config")
+            ks = spec.key_delivered_to("tabby-config")
             if ks is None:
                 raise SpecError("no key in spec.virtual_keys is delivered to tabby-config; nothing to check Tabby with")
             data = await read_secret(api, spec.experience_namespace, spec.tabby_config_secret)
@@ -729,7 +723,7 @@ async def smoke_frontends(
                     f"tabby: {where} has no config.toml with [model.completion.http] api_key; run the keys flow",
                     hop="frontend",
                 )
-            expected_endpoint = gateway_incluster_url(spec) + "/v1"
+            expected_endpoint = spec.gateway_incluster_url + "/v1"
             problems = []
             if cfg.kind != "vllm/completion":
                 problems.append(f"kind {cfg.kind!r} (want 'vllm/completion')")
@@ -759,7 +753,9 @@ async def smoke_frontends(
             await client.aclose()
     return SmokeResult(
         kind="frontends",
-        target=", ".join(n for n, on in (("open-webui", openwebui), ("tabby", tabby)) if on),
+        target=", ".join(
+            f.name for f in spec.frontends if (f.app == "open-webui" and openwebui) or (f.app == "tabby" and tabby)
+        ),
         checks=checks,
         total_s=total.lap(),
         excerpt=excerpt,
