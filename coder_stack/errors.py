@@ -37,14 +37,18 @@ def redact(text: str, *secrets: str | None, limit: int = MAX_MESSAGE) -> str:
 
 
 class CoderStackError(Exception):
-    """Base of every error this project raises. ``step`` is the flow step it ended (set by the flow)."""
+    """Base of every error this project raises. ``step`` is the flow step it ended (set by the flow);
+    ``status`` and ``resource``, when known, are the HTTP status a system answered and what was asked for
+    (``secrets/openwebui-secrets``, ``/key/update``), for callers to branch on instead of parsing the text."""
 
     retriable: bool = False
     step: str | None = None
     report: Any = None  # the flow's RunReport when a flow ended with this error (the CLI prints it)
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, status: int | None = None, resource: str | None = None) -> None:
         self.message = redact(message)
+        self.status = status
+        self.resource = resource
         super().__init__(self.message)
 
     def __repr__(self) -> str:

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import signal
 import threading
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -350,7 +349,3 @@ async def publish(report: RunReport, key: str) -> None:
             )
     except Exception as e:  # an artifact must never turn a clean-up into a crash
         logger().warning("Could not publish the report artifact: %s", type(e).__name__)
-
-
-def elapsed(t0: float) -> float:
-    return round(time.monotonic() - t0, 3)

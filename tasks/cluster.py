@@ -17,17 +17,13 @@ from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifa
 from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 
-from coder_stack.errors import SpecError, redact
+from coder_stack.errors import SpecError
 from coder_stack.kubernetes.client import ClusterTarget, open_api
-from coder_stack.kubernetes.exec import ExecResult, exec_in_deployment
 from coder_stack.kubernetes.preflight import PreflightReport, preflight
 from coder_stack.kubernetes.wait import GoneReport, OnPhase, PhaseUpdate, ReadyReport, wait_gone, wait_ready
 from coder_stack.kubernetes.workloads import DeploymentStatus, ScaleResult, deployment_status, scale
 from coder_stack.spec import PhaseBudgets, StackSpec
 from tasks._common import only_retriable, run_logger
-
-# stdout/stderr kept in a task result (the rest is cut; secrets are redacted by pattern).
-EXEC_OUTPUT_LIMIT = 4000
 
 
 _TASK: dict[str, Any] = {
@@ -172,25 +168,7 @@ async def stack_status_task(target: ClusterTarget, spec: StackSpec) -> list[Depl
     return out
 
 
-@task(name="exec", **_TASK)
-async def exec_task(
-    target: ClusterTarget, namespace: str, selector: str, command: list[str], timeout_s: float = 60.0
-) -> ExecResult:
-    """`kubectl exec` into a Ready pod; the output kept in the result is redacted and truncated."""
-    log = run_logger()
-    async with open_api(target) as api:
-        result = await exec_in_deployment(api, namespace, selector, command, timeout_s)
-    log.info("Ran a command in pod %s/%s: exit code %d.", namespace, result.pod, result.exit_code)
-    return result.model_copy(
-        update={
-            "stdout": redact(result.stdout, limit=EXEC_OUTPUT_LIMIT),
-            "stderr": redact(result.stderr, limit=EXEC_OUTPUT_LIMIT),
-        }
-    )
-
-
 __all__ = [
-    "exec_task",
     "preflight_task",
     "scale_task",
     "stack_status_task",

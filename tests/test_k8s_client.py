@@ -165,3 +165,43 @@ async def test_a_bad_kubeconfig_fails_at_the_first_use_not_when_the_session_open
         with pytest.raises(ConfigError, match="does not exist; pass --kubeconfig with an existing file"):
             async with open_api(target):
                 pytest.fail("opened a client for a missing kubeconfig")
+
+
+@pytest.mark.parametrize(("status", "outcome"), [(409, "patched"), (422, "raised"), (400, "raised")])
+async def test_creating_a_secret_treats_only_already_exists_as_created_concurrently(
+    monkeypatch: pytest.MonkeyPatch, status: int, outcome: str
+) -> None:
+    """A 409 AlreadyExists on create means someone created it meanwhile: patch it. Any other 4xx is an error
+    that names the Secret and carries the status, never a silent patch."""
+    from kubernetes_asyncio.client import CoreV1Api
+    from kubernetes_asyncio.client.exceptions import ApiException
+    from pydantic import SecretStr
+
+    from coder_stack.errors import ClusterRequestError
+    from coder_stack.kubernetes import client as kclient
+
+    patched: list[str] = []
+
+    async def absent(*a: object, **kw: object) -> None:
+        return None
+
+    async def create(self: object, namespace: str, body: object, **kw: object) -> None:
+        raise ApiException(status=status, reason="refused")
+
+    async def patch(self: object, name: str, namespace: str, body: object, **kw: object) -> None:
+        patched.append(name)
+
+    monkeypatch.setattr(kclient, "read_secret", absent)
+    monkeypatch.setattr(CoreV1Api, "create_namespaced_secret", create)
+    monkeypatch.setattr(CoreV1Api, "patch_namespaced_secret", patch)
+    api = api_client.ApiClient()
+    try:
+        if outcome == "patched":
+            assert await kclient.write_secret_keys(api, "apps", "s", {"k": SecretStr("v")}) == ["k"]
+            assert patched == ["s"]
+        else:
+            with pytest.raises(ClusterRequestError) as err:
+                await kclient.write_secret_keys(api, "apps", "s", {"k": SecretStr("v")})
+            assert err.value.status == status and err.value.resource == "secrets/s" and patched == []
+    finally:
+        await api.close()

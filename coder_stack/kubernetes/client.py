@@ -194,15 +194,27 @@ def api_errors(verb: str, resource: str, namespace: str | None = None, name: str
             raise Forbidden(
                 f"the cluster refused to {verb} {resource}{where}: {msg}. "
                 f"Grant verb {verb!r} on resource {resource!r}{where} to the flows' ServiceAccount "
-                "(see deployments/rbac.yaml)"
+                "(see deployments/rbac.yaml)",
+                status=e.status,
+                resource=what,
             ) from e
         if e.status == 401:
-            raise ConfigError(f"the cluster rejected our credentials ({msg}); refresh the kubeconfig's token") from e
+            raise ConfigError(
+                f"the cluster rejected our credentials ({msg}); refresh the kubeconfig's token",
+                status=e.status,
+                resource=what,
+            ) from e
         if e.status == 404:
-            raise NotFound(f"{what}{where} does not exist ({msg}); check the stack spec's names") from e
+            raise NotFound(
+                f"{what}{where} does not exist ({msg}); check the stack spec's names", status=e.status, resource=what
+            ) from e
         if e.status in (429, 500, 502, 503, 504) or e.status == 0:
-            raise ClusterUnavailable(f"the API server answered {e.status} to {verb} {what}{where}: {msg}") from e
-        raise ClusterRequestError(f"{verb} {what}{where} failed with {e.status}: {msg}") from e
+            raise ClusterUnavailable(
+                f"the API server answered {e.status} to {verb} {what}{where}: {msg}", status=e.status, resource=what
+            ) from e
+        raise ClusterRequestError(
+            f"{verb} {what}{where} failed with {e.status}: {msg}", status=e.status, resource=what
+        ) from e
     except (aiohttp.ClientConnectionError, TimeoutError) as e:
         raise ClusterUnavailable(
             f"the API server could not be reached to {verb} {what}{where} ({type(e).__name__}); "
@@ -303,8 +315,10 @@ async def write_secret_keys(
             with api_errors("create", "secrets", namespace, name):
                 await core.create_namespaced_secret(namespace, body, _request_timeout=API_TIMEOUT)
             return changed
-        except ClusterRequestError:
-            pass  # created concurrently: fall through to a patch
+        except ClusterRequestError as e:
+            if e.status != 409:  # only AlreadyExists means "created concurrently"; anything else is an error
+                raise
+            # created concurrently: fall through to a patch
     with api_errors("patch", "secrets", namespace, name):
         await core.patch_namespaced_secret(name, namespace, {"data": data}, _request_timeout=API_TIMEOUT)
     return changed

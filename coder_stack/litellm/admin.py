@@ -132,13 +132,19 @@ async def _call(
     etype, msg = error_detail(resp.content)
     detail = f"{resp.status_code} {etype}: {msg}".strip()
     if resp.status_code in (429, 500, 502, 503, 504):
-        raise EndpointUnavailable(f"could not {what}: {where} answered {detail}; retry when the gateway is healthy")
+        raise EndpointUnavailable(
+            f"could not {what}: {where} answered {detail}; retry when the gateway is healthy",
+            status=resp.status_code,
+            resource=path,
+        )
     if resp.status_code in (401, 403):
         raise GatewayRequestError(
             f"could not {what}: {where} refused the master key ({detail}); check the Secret named by "
-            "spec.master_key (litellm/litellm-secrets PROXY_MASTER_KEY)"
+            "spec.master_key (litellm/litellm-secrets PROXY_MASTER_KEY)",
+            status=resp.status_code,
+            resource=path,
         )
-    raise GatewayRequestError(f"could not {what}: {where} answered {detail}")
+    raise GatewayRequestError(f"could not {what}: {where} answered {detail}", status=resp.status_code, resource=path)
 
 
 def _json(resp: httpx.Response, what: str) -> Any:
