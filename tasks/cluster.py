@@ -25,7 +25,6 @@ from coder_stack.kubernetes.workloads import DeploymentStatus, ScaleResult, depl
 from coder_stack.spec import PhaseBudgets, StackSpec
 from tasks._common import only_retriable, run_logger
 
-
 _TASK: dict[str, Any] = {
     "cache_policy": NO_CACHE,
     "retries": 3,
