@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
+from simstack.pods import pod_is_ready
 from simstack.store import Store, parse_label_selector
 
 
@@ -36,12 +37,6 @@ class Backends:
     def lookup(self, namespace: str, pod: str, container_port: int) -> BackendAddress | None:
         return self._by_pod.get((namespace, pod, container_port))
 
-    def _pod_is_ready(self, pod: dict) -> bool:
-        if pod["metadata"].get("deletionTimestamp"):
-            return False
-        conds = pod.get("status", {}).get("conditions") or []
-        return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conds)
-
     def service_backend(self, namespace: str, service: str, port: int) -> BackendAddress | None:
         """A Ready pod's backend behind a Service port (what kube-proxy would pick)."""
         svc = self._store.find("services", namespace, service)
@@ -54,7 +49,8 @@ class Backends:
                 target = tp if isinstance(tp, int) else port
         match = parse_label_selector(",".join(f"{k}={v}" for k, v in (svc["spec"].get("selector") or {}).items()))
         for pod in self._store.list("pods", namespace):
-            if match(pod["metadata"].get("labels") or {}) and self._pod_is_ready(pod):
+            terminating = bool(pod["metadata"].get("deletionTimestamp"))
+            if match(pod["metadata"].get("labels") or {}) and pod_is_ready(pod) and not terminating:
                 addr = self.lookup(namespace, pod["metadata"]["name"], target)
                 if addr:
                     return addr

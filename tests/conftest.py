@@ -19,6 +19,7 @@ import pytest
 from aiohttp import web
 
 from simstack import standins
+from simstack.pods import pod_is_ready as is_ready
 from simstack.stack import SimStack
 from simstack.store import Store
 
@@ -139,12 +140,6 @@ def scale(sim: SimStack, namespace: str, name: str, replicas: int) -> None:
 
 def pods_of(store: Store, namespace: str, app: str) -> list[dict[str, Any]]:
     return store.list("pods", namespace, label_selector=f"app.kubernetes.io/name={app}")
-
-
-def is_ready(pod: dict[str, Any]) -> bool:
-    return any(
-        c["type"] == "Ready" and c["status"] == "True" for c in (pod.get("status") or {}).get("conditions") or []
-    )
 
 
 def ready_pod(sim: SimStack, namespace: str, app: str, timeout: float = 10.0) -> dict[str, Any]:
