@@ -23,7 +23,10 @@ from typing import Any, TypeVar
 from coder_stack.spec import StackSpec
 from simstack.backends import Backends
 from simstack.cluster_objects import generate_secrets, reference_objects
-from simstack.controllers import FAULTS, Cluster, StandinStarter
+from simstack.controllers.cluster import Cluster
+from simstack.controllers.context import StandinStarter
+from simstack.controllers.faults import check_fault
+from simstack.layout import gateway_workloads
 from simstack.standins import SimServices
 from simstack.store import Store, WatchEvent
 from simstack.timings import Timings
@@ -129,8 +132,7 @@ class SimStack:
         if gpu_pool not in ("autoscaled", "static"):
             raise ValueError(f"gpu_pool must be 'autoscaled' or 'static', got {gpu_pool!r}")
         for name, fault in (faults or {}).items():
-            if fault not in FAULTS:
-                raise ValueError(f"unknown fault {fault!r} for {name}; known: {', '.join(FAULTS)}")
+            check_fault(name, fault)
         if time_scale <= 0:
             raise ValueError("time_scale must be > 0")
         self.spec = spec or StackSpec()
@@ -234,7 +236,7 @@ class SimStack:
         store = self.store
         spec = self.spec
         deadline = time.monotonic() + timeout
-        wanted = [(spec.gateway_namespace, spec.gateway_service), (spec.gateway_namespace, "embeddings")]
+        wanted = [(w.namespace, w.name) for w in gateway_workloads(spec)]
         while True:
             ok = True
             for ns, name in wanted:
@@ -308,8 +310,7 @@ class SimStack:
 
     def set_fault(self, deployment: str, fault: str | None) -> None:
         """Inject (or clear with None) a fault for a deployment: crashloop, imagepull, oom, unschedulable, slow-node."""
-        if fault is not None and fault not in FAULTS:
-            raise ValueError(f"unknown fault {fault!r}; known: {', '.join(FAULTS)}")
+        check_fault(deployment, fault)
         self._faults[deployment] = fault or ""
         if self.cluster is None:
             return

@@ -21,7 +21,7 @@ from flows.keys import KeyOptions, manage_keys, report_spend
 from flows.swap import SwapOptions, swap_model
 from flows.teardown import teardown
 from flows.validate import ValidateOptions, validate_coder_stack
-from simstack.apiserver import RBACAuthorizer
+from simstack.apiserver.rbac import RBACAuthorizer
 from simstack.stack import SimStack
 from simstack.store import RESOURCES, Store
 from simstack.timings import Timings

@@ -26,13 +26,10 @@ from kubernetes_asyncio.stream import WsApiClient
 from kubernetes_asyncio.watch import Watch
 from prefect_kubernetes.credentials import KubernetesClusterConfig, KubernetesCredentials
 
-from simstack.apiserver import (
-    RBACAuthorizer,
-    kubeconfig_yaml,
-    pod_status_reason,
-    start_apiserver,
-    strategic_merge_patch,
-)
+from simstack.apiserver import kubeconfig_yaml, start_apiserver
+from simstack.apiserver.patch import strategic_merge_patch
+from simstack.apiserver.rbac import RBACAuthorizer
+from simstack.apiserver.tables import pod_status_reason
 from simstack.backends import Backends
 from simstack.store import Store, now_rfc3339
 
@@ -727,6 +724,11 @@ def _cs(state: dict, ready: bool = False, restarts: int = 0, **extra: Any) -> di
             "CrashLoopBackOff",
         ),
         ({"phase": "Running", "containerStatuses": [_cs({"running": {}}, ready=True)]}, True, "Terminating"),
+        (
+            {"phase": "Succeeded", "containerStatuses": [_cs({"terminated": {"exitCode": 0, "reason": "Completed"}})]},
+            True,
+            "Completed",
+        ),
     ],
 )
 def test_pod_status_column_like_kubectl(status: dict, deleting: bool, expected: str) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from coder_stack.spec import ModelSpec, StackSpec
 from simstack.cluster_objects import b64, proxy_config, reference_objects
-from simstack.controllers import template_hash
+from simstack.controllers.deployment import template_hash
 from simstack.stack import SimStack
 from simstack.store import Store, controller_uid
 from tests.conftest import (

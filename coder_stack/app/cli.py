@@ -120,7 +120,7 @@ def sim(
     stack: StackOpt = None,
 ) -> None:
     """Serve a simulated cluster (Kubernetes API on 127.0.0.1) with the runbook's objects until interrupted."""
-    from simstack.controllers import FAULT_KINDS
+    from simstack.controllers.faults import FAULTS as FAULT_KINDS
     from simstack.stack import run_sim
 
     faults: dict[str, str] = {}
