@@ -14,6 +14,7 @@ from coder_stack.orchestration.gpu import gpu_session
 from coder_stack.report import RunReport
 from flows.common import (
     Connection,
+    Run,
     free_gpu,
     guarded,
     logger,
@@ -46,7 +47,8 @@ async def bring_up(
         frontends = [f.name for f in spec.frontends]
         aliases = [k.alias for k in spec.virtual_keys if k.deliver_to != "keystore"]
         log = logger()
-        report = RunReport(flow="bring_up")
+        run = Run(target, spec, RunReport(flow="bring_up"))
+        report = run.report
         async with guarded(report, "bring-up-report", "bring_up", final_state_of=(target, spec)):
             await preflight_task(target, spec, [model.name])
             await gateway_ready_task(target, spec)
@@ -58,16 +60,16 @@ async def bring_up(
                 report.finish("dry run: nothing changed")
                 return report
             async with gpu_session(spec.timeouts.gpu_limit_s):
-                report.step(f"holding the GPU limit; bringing up {model.name}")
-                await free_gpu(target, spec, model.name, report)
+                run.step(f"holding the GPU limit; bringing up {model.name}")
+                await free_gpu(run, model)
                 ok = False
                 try:
-                    await model_up_with_keys_and_frontends(target, spec, model.name, aliases, frontends, report)
+                    await model_up_with_keys_and_frontends(run, model, aliases, frontends)
                     section = report.section(model.name)
                     try:
-                        direct = await smoke_direct_task(target, spec, model.name)
+                        direct = await smoke_direct_task(target, spec, model)
                         record_smoke(section, direct, "direct (pod, vLLM key)")
-                        via_key = await smoke_gateway_task(target, spec, model.name)
+                        via_key = await smoke_gateway_task(target, spec, model)
                         record_smoke(section, via_key.smoke, "gateway (client key)")
                     except Exception as e:
                         record_failure(section, "smoke", e)
@@ -79,8 +81,8 @@ async def bring_up(
                     ok = True
                 finally:
                     if not ok:
-                        report.step("bring-up failed: scale the model and front-ends back to 0", cleanup=True)
-                        outcome = await release(target, spec, [model.name], frontends)
+                        run.step("bring-up failed: scale the model and front-ends back to 0", cleanup=True)
+                        outcome = await release(target, spec, [model], frontends)
                         report.notes += [f"{k}: {v}" for k, v in outcome.items()]
             report.finish("passed: serving")
             log.info("%s is serving behind the gateway; Open WebUI and Tabby are up.", model.name)

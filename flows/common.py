@@ -13,6 +13,7 @@ import signal
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
@@ -29,7 +30,7 @@ from coder_stack.kubernetes.client import ClusterTarget, open_api
 from coder_stack.kubernetes.wait import ReadyReport, wait_gone
 from coder_stack.kubernetes.workloads import deployment_status, scale
 from coder_stack.report import ModelSection, RunReport, SmokeLine, SpendLine
-from coder_stack.spec import StackSpec, load_spec
+from coder_stack.spec import ModelSpec, StackSpec, load_spec
 from coder_stack.usecases.smoke import SmokeResult
 from tasks.cluster import (
     preflight_task,
@@ -62,14 +63,26 @@ class Connection(BaseModel):
         return load_spec(self.stack_file), ClusterTarget(kubeconfig=self.kubeconfig, context=self.context)
 
 
+@dataclass(frozen=True)
+class Run:
+    """What every step of a flow run works with: the cluster, the stack, and the run's report."""
+
+    target: ClusterTarget
+    spec: StackSpec
+    report: RunReport
+
+    def step(self, text: str, *, cleanup: bool = False) -> None:
+        self.report.step(text, cleanup=cleanup)
+
+
 def logger() -> Any:
     return get_run_logger()
 
 
-def model_for_role(spec: StackSpec, role: str) -> str:
+def model_for_role(spec: StackSpec, role: str) -> ModelSpec:
     for m in spec.models:
         if m.role == role:
-            return m.name
+            return m
     raise SpecError(
         f"the stack has no model with role {role!r}; roles present: {sorted({m.role for m in spec.models})}"
     )
@@ -204,50 +217,55 @@ async def gather_or_cancel(*aws: Awaitable[Any]) -> list[Any]:
         raise
 
 
-async def model_up(target: ClusterTarget, spec: StackSpec, name: str, report: RunReport) -> ReadyReport:
+async def model_up(run: Run, model: ModelSpec) -> ReadyReport:
     """Scale a model to 1 and wait through its cold start (phase budgets from the spec)."""
-    report.step(f"scale {name} to 1 and wait through its cold start")
-    await scale_task(target, spec.serving_namespace, name, 1)
-    ready = await wait_model_ready_task(target, spec, name)
-    record_ready(report.section(name), ready)
-    report.step(f"{name} Ready after {ready.total_s:.1f} s")
+    run.step(f"scale {model.name} to 1 and wait through its cold start")
+    await scale_task(run.target, run.spec.serving_namespace, model.name, 1)
+    ready = await wait_model_ready_task(run.target, run.spec, model)
+    record_ready(run.report.section(model.name), ready)
+    run.step(f"{model.name} Ready after {ready.total_s:.1f} s")
     return ready
 
 
 async def model_up_with_keys_and_frontends(
-    target: ClusterTarget, spec: StackSpec, name: str, key_aliases: list[str], frontends: list[str], report: RunReport
+    run: Run, model: ModelSpec, key_aliases: list[str], frontends: list[str]
 ) -> ReadyReport:
     """Scale a model to 1 and, while it cold starts, deliver the keys and bring the front-ends up.
 
     The front-ends need their keys' Secrets before they can start, and both are CPU work that fits
     inside the GPU model's ~10 min cold start.
     """
-    await scale_task(target, spec.serving_namespace, name, 1)
-    report.step(f"{name} cold start; keys and front-ends meanwhile")
+    target, spec, report = run.target, run.spec, run.report
+    await scale_task(target, spec.serving_namespace, model.name, 1)
+    run.step(f"{model.name} cold start; keys and front-ends meanwhile")
 
     async def keys_and_frontends() -> None:
         reps = await ensure_keys_task(target, spec, key_aliases)
         report.key_actions += [f"{r.alias}: {r.action} ({r.delivered_to})" for r in reps]
         await asyncio.gather(*(scale_task(target, spec.experience_namespace, f, 1) for f in frontends))
         await asyncio.gather(*(wait_frontend_ready_task(target, spec, f) for f in frontends))
-        report.step(f"keys delivered; {', '.join(frontends)} Ready")
+        run.step(f"keys delivered; {', '.join(frontends)} Ready")
 
-    ready, _ = await gather_or_cancel(wait_model_ready_task(target, spec, name), keys_and_frontends())
-    record_ready(report.section(name), ready)
-    report.step(f"{name} Ready after {ready.total_s:.1f} s")
+    ready, _ = await gather_or_cancel(wait_model_ready_task(target, spec, model), keys_and_frontends())
+    record_ready(report.section(model.name), ready)
+    run.step(f"{model.name} Ready after {ready.total_s:.1f} s")
     return ready
 
 
-async def free_gpu(target: ClusterTarget, spec: StackSpec, keep: str | None, report: RunReport) -> list[str]:
+async def free_gpu(run: Run, keep: ModelSpec | None) -> list[ModelSpec]:
     """Scale every GPU model except ``keep`` to 0 and wait until their pods are gone. Returns who was stopped."""
-    pf = await preflight_task(target, spec, [])
-    busy = sorted({a.name for a in pf.active_models if a.name != keep} | _models_of_pods(spec, pf.gpu_pods, keep))
+    spec = run.spec
+    keep_name = keep.name if keep else None
+    pf = await preflight_task(run.target, spec, [])
+    names = {a.name for a in pf.active_models if a.name != keep_name} | _models_of_pods(spec, pf.gpu_pods, keep_name)
+    busy = [m for m in spec.models if m.name in names]
     if not busy:
         return []
-    report.step(f"free the GPU: scale {', '.join(busy)} to 0")
-    await asyncio.gather(*(scale_task(target, spec.serving_namespace, n, 0) for n in busy))
-    await asyncio.gather(*(wait_model_gone_task(target, spec, n) for n in busy))
-    report.step(f"GPU free ({', '.join(busy)} gone)")
+    listed = ", ".join(m.name for m in busy)
+    run.step(f"free the GPU: scale {listed} to 0")
+    await asyncio.gather(*(scale_task(run.target, spec.serving_namespace, m.name, 0) for m in busy))
+    await asyncio.gather(*(wait_model_gone_task(run.target, spec, m) for m in busy))
+    run.step(f"GPU free ({listed} gone)")
     return busy
 
 
@@ -261,7 +279,7 @@ def _models_of_pods(spec: StackSpec, pods: list[str], keep: str | None) -> set[s
 
 
 async def release(
-    target: ClusterTarget, spec: StackSpec, models: list[str], frontends: list[str], *, wait: bool = True
+    target: ClusterTarget, spec: StackSpec, models: list[ModelSpec], frontends: list[str], *, wait: bool = True
 ) -> dict[str, str]:
     """Scale the given models and front-ends to 0 at once, then (optionally) wait until their pods are gone.
 
@@ -272,7 +290,7 @@ async def release(
     if not models and not frontends:
         return outcome
     log = logger()
-    targets = [(spec.serving_namespace, n) for n in models] + [(spec.experience_namespace, n) for n in frontends]
+    targets = [(spec.serving_namespace, m.name) for m in models] + [(spec.experience_namespace, n) for n in frontends]
     try:
         async with open_api(target) as api:
 
@@ -290,7 +308,7 @@ async def release(
                     outcome.setdefault(n, f"scale-down not confirmed within {RELEASE_ISSUE_S:.0f} s")
             log.info("Clean-up: %s.", "; ".join(f"{k} {v}" for k, v in outcome.items()))
             if wait:
-                for ns, n, sel in [(spec.serving_namespace, m, spec.model(m).selector) for m in models] + [
+                for ns, n, sel in [(spec.serving_namespace, m.name, m.selector) for m in models] + [
                     (spec.experience_namespace, f.name, f.selector) for f in spec.frontends if f.name in frontends
                 ]:
                     try:
@@ -310,9 +328,7 @@ async def final_state(target: ClusterTarget, spec: StackSpec) -> dict[str, int]:
     state: dict[str, int] = {}
     try:
         async with open_api(target) as api:
-            for ns, name in [(spec.serving_namespace, m.name) for m in spec.models] + [
-                (spec.experience_namespace, f.name) for f in spec.frontends
-            ]:
+            for ns, name in spec.deployments():
                 st = await deployment_status(api, ns, name)
                 state[f"{ns}/{name}"] = st.replicas
     except CoderStackError as e:

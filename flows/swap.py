@@ -15,13 +15,14 @@ from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
 from coder_stack.errors import KeyUnusable, SmokeFailed
-from coder_stack.kubernetes.client import ClusterTarget, cluster_session
+from coder_stack.kubernetes.client import cluster_session
 from coder_stack.orchestration.gpu import gpu_session
 from coder_stack.report import RunReport
-from coder_stack.spec import DNS_LABEL, StackSpec
+from coder_stack.spec import DNS_LABEL, ModelSpec
 from coder_stack.usecases.smoke import KEY_HOPS
 from flows.common import (
     Connection,
+    Run,
     free_gpu,
     guarded,
     logger,
@@ -59,7 +60,8 @@ async def swap_model(
     async with cluster_session(target):
         model = spec.model(options.target or spec.default_model)  # unknown model: refused before anything changes
         log = logger()
-        report = RunReport(flow=f"swap_model({model.name})")
+        run = Run(target, spec, RunReport(flow=f"swap_model({model.name})"))
+        report = run.report
         async with guarded(report, "swap-report", "swap_model", final_state_of=(target, spec)):
             pf = await preflight_task(target, spec, [model.name])
             if options.dry_run:
@@ -69,15 +71,15 @@ async def swap_model(
                 return report
             async with gpu_session(spec.timeouts.gpu_limit_s):
                 t0 = time.monotonic()
-                report.step(f"holding the GPU limit; swapping to {model.name}")
-                await free_gpu(target, spec, model.name, report)
+                run.step(f"holding the GPU limit; swapping to {model.name}")
+                await free_gpu(run, model)
                 ok = False
                 try:
-                    await model_up(target, spec, model.name, report)
+                    await model_up(run, model)
                     swap_s = time.monotonic() - t0
                     section = report.section(model.name)
                     try:
-                        res = await smoke_direct_task(target, spec, model.name)
+                        res = await smoke_direct_task(target, spec, model)
                     except Exception as e:
                         record_failure(section, "direct (pod, vLLM key)", e)
                         raise
@@ -87,31 +89,30 @@ async def swap_model(
                     ok = True  # the model works: from here on, a problem is the key's, not a reason to give the GPU up
                     ks = spec.key_for_model(model)
                     if options.smoke_gateway and ks is not None:
-                        await _smoke_through_gateway(target, spec, model.name, ks.alias, report)
+                        await _smoke_through_gateway(run, model, ks.alias)
                 finally:
                     if not ok:
-                        report.step(
+                        run.step(
                             f"{model.name} failed: scale it back to 0 so no broken model holds the GPU", cleanup=True
                         )
-                        outcome = await release(target, spec, [model.name], [])
+                        outcome = await release(target, spec, [model], [])
                         report.notes += [f"{k}: {v}" for k, v in outcome.items()]
             report.finish("passed")
             return report
 
 
-async def _smoke_through_gateway(
-    target: ClusterTarget, spec: StackSpec, name: str, alias: str, report: RunReport
-) -> None:
+async def _smoke_through_gateway(run: Run, model: ModelSpec, alias: str) -> None:
     """The model through the gateway with its client's key, repaired first as the keys flow would (a key
     deleted in the gateway is re-minted and re-delivered). A key that still fails leaves the model serving:
     the error says the key is the problem and what to do."""
+    target, spec, report, name = run.target, run.spec, run.report, model.name
     section = report.section(name)
     await gateway_ready_task(target, spec)
-    report.step(f"check the {alias!r} key as the keys flow does, then smoke {name} through the gateway")
+    run.step(f"check the {alias!r} key as the keys flow does, then smoke {name} through the gateway")
     try:
         reps = await ensure_keys_task(target, spec, [alias])
         report.key_actions += [f"{r.alias}: {r.action} ({r.delivered_to})" for r in reps]
-        metered = await smoke_gateway_task(target, spec, name, check_spend=False)
+        metered = await smoke_gateway_task(target, spec, model, check_spend=False)
     except (KeyUnusable, SmokeFailed) as e:
         record_failure(section, "gateway (client key)", e)
         if isinstance(e, SmokeFailed) and e.hop not in KEY_HOPS:

@@ -43,24 +43,21 @@ async def teardown(
     async with cluster_session(target):
         log = logger()
         report = RunReport(flow="teardown")
-        models = [m.name for m in spec.models]
         frontends = [f.name for f in spec.frontends]
         async with guarded(report, "teardown-report", "teardown", final_state_of=None):
             found: list[str] = []
             async with open_api(target) as api:
-                for ns, name in [(spec.serving_namespace, m) for m in models] + [
-                    (spec.experience_namespace, f) for f in frontends
-                ]:
+                for ns, name in spec.deployments():
                     st = await deployment_status(api, ns, name)
                     if st.replicas or st.pods:
                         found.append(f"{name} ({st.replicas} replica(s), {len(st.pods)} pod(s))")
             report.notes.append(f"found running: {', '.join(found) if found else 'nothing'}")
             log.info("Teardown found running: %s.", ", ".join(found) if found else "nothing")
             if options.dry_run:
-                report.notes.append(f"dry run: would scale {', '.join(models + frontends)} to 0")
+                report.notes.append(f"dry run: would scale {', '.join(n for _, n in spec.deployments())} to 0")
                 report.finish("dry run: nothing changed")
                 return report
-            outcome = await release(target, spec, models, frontends)
+            outcome = await release(target, spec, list(spec.models), frontends)
             report.notes += [f"{k}: {v}" for k, v in outcome.items() if v != "scaled to 0"]
             state = await final_state(target, spec)
             report.final_state = state

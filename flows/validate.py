@@ -15,13 +15,14 @@ from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
 from coder_stack.errors import GpuBusy
-from coder_stack.kubernetes.client import ClusterTarget, cluster_session
+from coder_stack.kubernetes.client import cluster_session
 from coder_stack.orchestration.gpu import gpu_session
 from coder_stack.report import RunReport
-from coder_stack.spec import KeyDestination, StackSpec
+from coder_stack.spec import KeyDestination, ModelSpec, StackSpec
 from coder_stack.usecases.smoke import SmokeResult
 from flows.common import (
     Connection,
+    Run,
     final_state,
     free_gpu,
     guarded,
@@ -78,61 +79,61 @@ async def validate_coder_stack(
     """The whole runbook, end to end; everything it started is scaled back to 0."""
     spec, target = connection.resolve()
     async with cluster_session(target):
-        report = RunReport(flow="validate_coder_stack")
+        run = Run(target, spec, RunReport(flow="validate_coder_stack"))
+        report = run.report
         stages = list(dict.fromkeys(options.stages))
         models = [model_for_role(spec, s.value) for s in stages]
         frontends = [f.name for f in spec.frontends]
         key_aliases = [k.alias for k in spec.virtual_keys if k.deliver_to != "keystore"]
         agent_keys = [k.alias for k in spec.virtual_keys if k.deliver_to == "keystore"]
         async with guarded(report, "validate-report", "validate_coder_stack", final_state_of=(target, spec)):
-            report.step("preflight: Deployments exist, models fit the GPU node's RAM, gateway ready")
-            pf = await preflight_task(target, spec, models)
+            run.step("preflight: Deployments exist, models fit the GPU node's RAM, gateway ready")
+            pf = await preflight_task(target, spec, [m.name for m in models])
             await gateway_ready_task(target, spec)
             if options.dry_run:
                 serving = ", ".join(a.name for a in pf.active_models) or "nothing"
                 report.notes.append(
                     f"dry run: would mint/check keys {key_aliases + (agent_keys if Stage.AGENT in stages else [])}, "
-                    f"scale {', '.join(frontends)} to 1, then bring up {' -> '.join(models)} one at a time; "
-                    f"register {[m for m in models if spec.model(m).register_at_runtime]}; serving now: {serving}."
+                    f"scale {', '.join(frontends)} to 1, then bring up {' -> '.join(m.name for m in models)} one at "
+                    f"a time; register {[m.name for m in models if m.register_at_runtime]}; serving now: {serving}."
                 )
                 report.finish("dry run: nothing changed")
                 return report
 
-            started: list[str] = []
-            restore: list[str] = []
+            started: list[ModelSpec] = []
+            restore: list[ModelSpec] = []
             spend_before: dict[str, float] = {}
             streamed: dict[str, list[str]] = {}  # alias -> ids of calls streamed the way its consumer calls
             async with gpu_session(spec.timeouts.gpu_limit_s):
-                report.step("holding the GPU limit")
+                run.step("holding the GPU limit")
                 pf = await preflight_task(target, spec, [])
-                active = sorted({a.name for a in pf.active_models})
+                active = {a.name for a in pf.active_models}
                 if active and not options.take_over:
                     raise GpuBusy(
-                        f"{', '.join(active)} is serving on the GPU (perhaps the morning bring-up). "
+                        f"{', '.join(sorted(active))} is serving on the GPU (perhaps the morning bring-up). "
                         "Nothing was changed. "
                         "Rerun with take_over (--take-over) to validate anyway; that model is restored at the end"
                     )
-                restore = active
+                restore = [m for m in spec.models if m.name in active]
                 # Front-ends already running (the morning bring-up's) are the users': this run did not start them.
                 before = await final_state(target, spec)
                 ours = [f for f in frontends if not before.get(f"{spec.experience_namespace}/{f}")]
                 try:
                     if restore:
-                        await free_gpu(target, spec, None, report)
-                    for i, (stage, name) in enumerate(zip(stages, models, strict=True)):
+                        await free_gpu(run, None)
+                    for i, (stage, model) in enumerate(zip(stages, models, strict=True)):
                         if i > 0:
                             prev = models[i - 1]
-                            report.step(f"swap: scale {prev} to 0 and wait until its pod is gone")
+                            run.step(f"swap: scale {prev.name} to 0 and wait until its pod is gone")
                             await release(target, spec, [prev], [])
                             started.remove(prev)
-                        started.append(name)
+                        started.append(model)
                         if i == 0:
-                            await model_up_with_keys_and_frontends(target, spec, name, key_aliases, frontends, report)
+                            await model_up_with_keys_and_frontends(run, model, key_aliases, frontends)
                             spend_before = await spend_baseline_task(target, spec, [k.alias for k in spec.virtual_keys])
                         else:
-                            await model_up(target, spec, name, report)
-                        results = await _smoke_stage(target, spec, stage, name, report, agent_keys)
-                        for res in results:
+                            await model_up(run, model)
+                        for res in await _smoke_stage(run, stage, model, agent_keys):
                             for u in res.usage:
                                 if u.streamed and u.request_id and u.key_alias:
                                     streamed.setdefault(u.key_alias, []).append(u.request_id)
@@ -148,19 +149,20 @@ async def validate_coder_stack(
                         target, spec, [k.alias for k in spec.virtual_keys], spend_before, called=used, streamed=streamed
                     )
                     report.spend = spend_lines(rows)
-                    report.step("spend read back per key")
+                    run.step("spend read back per key")
                 finally:
-                    report.step("tear down what this run started", cleanup=True)
+                    run.step("tear down what this run started", cleanup=True)
                     outcome = await release(target, spec, started, [] if options.keep_frontends else ours)
                     if options.keep_frontends:
                         report.notes.append("front-ends left running (keep_frontends)")
                     report.notes += [f"{k}: {v}" for k, v in outcome.items()]
                     if restore:
-                        report.step(f"restore {', '.join(restore)} (take_over)", cleanup=True)
-                        for name in restore:
-                            await scale_task(target, spec.serving_namespace, name, 1)
-                            await wait_model_ready_task(target, spec, name, progress=False)
-                        report.notes.append(f"restored {', '.join(restore)} as it was before this run")
+                        names = ", ".join(m.name for m in restore)
+                        run.step(f"restore {names} (take_over)", cleanup=True)
+                        for m in restore:
+                            await scale_task(target, spec.serving_namespace, m.name, 1)
+                            await wait_model_ready_task(target, spec, m, progress=False)
+                        report.notes.append(f"restored {names} as it was before this run")
             report.finish("passed")  # every failed smoke raised above
             return report
 
@@ -170,39 +172,38 @@ def _alias_delivered_to(spec: StackSpec, home: KeyDestination) -> str | None:
     return key.alias if key else None
 
 
-async def _smoke_stage(
-    target: ClusterTarget, spec: StackSpec, stage: Stage, name: str, report: RunReport, agent_keys: list[str]
-) -> list[SmokeResult]:
+async def _smoke_stage(run: Run, stage: Stage, model: ModelSpec, agent_keys: list[str]) -> list[SmokeResult]:
     """The stage's smokes, recorded in the report; returns their results."""
-    section = report.section(name)
+    target, spec = run.target, run.spec
+    section = run.report.section(model.name)
     results: list[SmokeResult] = []
 
-    async def run(label: str, coro: Awaitable[Any]) -> Any:
+    async def smoke(label: str, coro: Awaitable[Any]) -> Any:
         try:
             res = await coro
         except Exception as e:
             record_failure(section, label, e)
             raise
-        smoke = getattr(res, "smoke", res)
-        record_smoke(section, smoke, label)
-        results.append(smoke)
+        result = getattr(res, "smoke", res)
+        record_smoke(section, result, label)
+        results.append(result)
         return res
 
-    await run("direct (pod, vLLM key)", smoke_direct_task(target, spec, name))
+    await smoke("direct (pod, vLLM key)", smoke_direct_task(target, spec, model))
     webui_key = _alias_delivered_to(spec, "openwebui-secrets")
     tabby_key = _alias_delivered_to(spec, "tabby-config")
     if stage is Stage.CHAT:
-        await run(f"gateway chat ({webui_key} key)", smoke_gateway_task(target, spec, name, key_alias=webui_key))
-        await run("Open WebUI pod lists its models", smoke_frontends_task(target, spec, openwebui=True, tabby=False))
+        await smoke(f"gateway chat ({webui_key} key)", smoke_gateway_task(target, spec, model, key_alias=webui_key))
+        await smoke("Open WebUI pod lists its models", smoke_frontends_task(target, spec, openwebui=True, tabby=False))
     elif stage is Stage.FIM:
-        await run(f"gateway FIM ({tabby_key} key)", smoke_gateway_task(target, spec, name, key_alias=tabby_key))
-        await run(
+        await smoke(f"gateway FIM ({tabby_key} key)", smoke_gateway_task(target, spec, model, key_alias=tabby_key))
+        await smoke(
             "Tabby's configured key completes FIM", smoke_frontends_task(target, spec, openwebui=False, tabby=True)
         )
     else:
-        reg = await register_model_task(target, spec, name)
-        report.step(f"{name} {reg.action} in the gateway")
+        reg = await register_model_task(target, spec, model)
+        run.step(f"{model.name} {reg.action} in the gateway")
         reps = await ensure_keys_task(target, spec, agent_keys)
-        report.key_actions += [f"{r.alias}: {r.action} ({r.delivered_to})" for r in reps]
-        await run("tool loop through the gateway (agent key)", smoke_agent_task(target, spec, name))
+        run.report.key_actions += [f"{r.alias}: {r.action} ({r.delivered_to})" for r in reps]
+        await smoke("tool loop through the gateway (agent key)", smoke_agent_task(target, spec, model))
     return results

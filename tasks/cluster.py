@@ -22,7 +22,7 @@ from coder_stack.kubernetes.client import ClusterTarget, open_api
 from coder_stack.kubernetes.preflight import PreflightReport, preflight
 from coder_stack.kubernetes.wait import GoneReport, OnPhase, PhaseUpdate, ReadyReport, wait_gone, wait_ready
 from coder_stack.kubernetes.workloads import DeploymentStatus, ScaleResult, deployment_status, scale
-from coder_stack.spec import PhaseBudgets, StackSpec
+from coder_stack.spec import ModelSpec, PhaseBudgets, StackSpec
 from tasks._common import only_retriable, run_logger
 
 _TASK: dict[str, Any] = {
@@ -88,11 +88,10 @@ def _log_ready(log: logging.Logger | logging.LoggerAdapter[logging.Logger], labe
 
 @task(name="wait-model-ready", **_TASK)
 async def wait_model_ready_task(
-    target: ClusterTarget, spec: StackSpec, model_name: str, progress: bool = True
+    target: ClusterTarget, spec: StackSpec, model: ModelSpec, progress: bool = True
 ) -> ReadyReport:
     """Follow a model's pod through node, image, weights, start until Ready, each phase within its budget."""
     log = run_logger()
-    model = spec.model(model_name)
     artifact = None
     if progress:
         try:
@@ -138,10 +137,9 @@ async def wait_frontend_ready_task(target: ClusterTarget, spec: StackSpec, name:
 
 
 @task(name="wait-model-gone", **_TASK)
-async def wait_model_gone_task(target: ClusterTarget, spec: StackSpec, model_name: str) -> GoneReport:
+async def wait_model_gone_task(target: ClusterTarget, spec: StackSpec, model: ModelSpec) -> GoneReport:
     """Until no pod of the model exists (the GPU is free only then), within spec.timeouts.deletion_s."""
     log = run_logger()
-    model = spec.model(model_name)
     async with open_api(target) as api:
         report = await wait_gone(api, spec.serving_namespace, model.selector, spec.timeouts.deletion_s)
     if report.pods_seen:

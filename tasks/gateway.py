@@ -22,7 +22,7 @@ from coder_stack.http import make_client, scrub_url
 from coder_stack.kubernetes.client import ClusterTarget, open_api, require_secret_key
 from coder_stack.litellm import admin as gateway
 from coder_stack.litellm.admin import ModelRegistration, SpendRow
-from coder_stack.spec import SecretRef, StackSpec
+from coder_stack.spec import ModelSpec, SecretRef, StackSpec
 from coder_stack.usecases.endpoints import open_endpoint
 from coder_stack.usecases.keys import KeyReport, ensure_key
 from tasks._common import only_retriable, run_logger
@@ -104,10 +104,9 @@ async def ensure_keys_task(
 
 
 @task(name="register-model", **_RETRY)
-async def register_model_task(target: ClusterTarget, spec: StackSpec, model_name: str) -> ModelRegistration:
+async def register_model_task(target: ClusterTarget, spec: StackSpec, model: ModelSpec) -> ModelRegistration:
     """Register a runtime model (e.g. coder-agent) in LiteLLM once, with the spec's prices."""
     log = run_logger()
-    model = spec.model(model_name)
     if not model.register_at_runtime:
         raise SpecError(f"{model.name} is defined in the gateway's values (register_at_runtime is false)")
     async with open_api(target) as api, open_gateway(api, spec) as gw:

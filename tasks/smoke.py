@@ -90,9 +90,8 @@ async def _metered(
 
 
 @task(name="smoke-direct", **_RETRY)
-async def smoke_direct_task(target: ClusterTarget, spec: StackSpec, model_name: str) -> SmokeResult:
+async def smoke_direct_task(target: ClusterTarget, spec: StackSpec, model: ModelSpec) -> SmokeResult:
     """The model pod itself, with the shared vLLM key: /health, served name, one streamed completion."""
-    model = spec.model(model_name)
     async with open_api(target) as api:
         vllm_key = await read_ref(api, spec.vllm_key)
         async with open_endpoint(api, spec, model.name) as base_url, make_client(spec.timeouts) as http:
@@ -106,12 +105,11 @@ async def smoke_direct_task(target: ClusterTarget, spec: StackSpec, model_name: 
 async def smoke_gateway_task(
     target: ClusterTarget,
     spec: StackSpec,
-    model_name: str,
+    model: ModelSpec,
     key_alias: str | None = None,
     check_spend: bool = True,
 ) -> MeteredSmoke:
     """The model through the gateway with a client's own key (read from its home), then its metered spend."""
-    model = spec.model(model_name)
     ks = _key_spec(spec, model, key_alias)
     async with open_api(target) as api, open_gateway(api, spec) as gw:
         client_key = await read_client_key(api, spec, ks.alias)
@@ -128,12 +126,11 @@ async def smoke_gateway_task(
 async def smoke_agent_task(
     target: ClusterTarget,
     spec: StackSpec,
-    model_name: str,
+    model: ModelSpec,
     key_alias: str | None = None,
     check_spend: bool = True,
 ) -> MeteredSmoke:
     """A real tool loop through the gateway with the agent's key (from the keystore Secret)."""
-    model = spec.model(model_name)
     if model.role != "agent":
         raise SpecError(f"{model.name} has role {model.role!r}; the tool-loop smoke is for agent models")
     ks = _key_spec(spec, model, key_alias)

@@ -47,9 +47,9 @@ async def test_keys_smokes_and_metering_end_to_end(sim: SimStack, caplog: pytest
 
     # chat: direct, through Open WebUI's key (metered), and from inside the Open WebUI pod
     swap_to(sim, "coder-chat")
-    direct = await smoke_direct_task.fn(target, SPEC, "coder-chat")
+    direct = await smoke_direct_task.fn(target, SPEC, SPEC.model("coder-chat"))
     assert direct.ttft_s is not None and direct.target == "qwen2.5-coder-7b-instruct"
-    chat = await smoke_gateway_task.fn(target, SPEC, "coder-chat")
+    chat = await smoke_gateway_task.fn(target, SPEC, SPEC.model("coder-chat"))
     assert chat.smoke.key_alias == "open-webui"
     assert chat.spend is not None and chat.spend.status == "metered"
     assert chat.spend.expected_increase and chat.spend.spend == pytest.approx(chat.spend.expected_increase, rel=1e-9)
@@ -60,17 +60,17 @@ async def test_keys_smokes_and_metering_end_to_end(sim: SimStack, caplog: pytest
 
     # FIM: swap, then through Tabby's key and with the key Tabby is configured with
     swap_to(sim, "coder-fim")
-    fim = await smoke_gateway_task.fn(target, SPEC, "coder-fim", key_alias="tabby")
+    fim = await smoke_gateway_task.fn(target, SPEC, SPEC.model("coder-fim"), key_alias="tabby")
     assert fim.smoke.excerpt.startswith("a + b") and fim.spend is not None and fim.spend.status == "metered"
     tabby = await smoke_frontends_task.fn(target, SPEC, openwebui=False, tabby=True)
     assert tabby.excerpt.startswith("a + b")
 
     # agent: register once (twice is a no-op), then the tool loop with the keystore key
     swap_to(sim, "coder-agent")
-    first = await register_model_task.fn(target, SPEC, "coder-agent")
-    second = await register_model_task.fn(target, SPEC, "coder-agent")
+    first = await register_model_task.fn(target, SPEC, SPEC.model("coder-agent"))
+    second = await register_model_task.fn(target, SPEC, SPEC.model("coder-agent"))
     assert (first.action, second.action, second.deployments) == ("registered", "already-registered", 1)
-    agent = await smoke_agent_task.fn(target, SPEC)
+    agent = await smoke_agent_task.fn(target, SPEC, SPEC.model("coder-agent"))
     assert agent.spend is not None and agent.spend.status == "metered"
     assert "plain JSON" in agent.smoke.diagnostics[0]
 
@@ -79,7 +79,7 @@ async def test_keys_smokes_and_metering_end_to_end(sim: SimStack, caplog: pytest
 
     # the chat model is down now: the chat smoke through the gateway names the model hop
     with pytest.raises(SmokeFailed) as ei:
-        await smoke_gateway_task.fn(target, SPEC, "coder-chat", check_spend=False)
+        await smoke_gateway_task.fn(target, SPEC, SPEC.model("coder-chat"), check_spend=False)
     assert ei.value.hop == "model"
 
     secrets = list(sim.secrets.values())

@@ -22,7 +22,8 @@ from coder_stack.kubernetes.client import ClusterTarget, cluster_session, open_a
 from coder_stack.kubernetes.workloads import deployment_status
 from coder_stack.orchestration.gpu import gpu_session
 from coder_stack.report import RunReport
-from flows.common import Connection, record_ready, release, spend_lines
+from coder_stack.spec import ModelSpec
+from flows.common import Connection, Run, record_ready, release, spend_lines
 from flows.validate import Stage, _smoke_stage
 from tasks.cluster import preflight_task, scale_task, wait_frontend_ready_task, wait_model_ready_task
 from tasks.gateway import ensure_keys_task, gateway_ready_task, read_spend_task
@@ -81,7 +82,7 @@ async def bench_bringup(
         t_scaled = time.monotonic()
         out: dict[str, Any] = {"peer": peer, "model": m.name}
         if peer == "ours":
-            rep = await wait_model_ready_task(target, spec, m.name)
+            rep = await wait_model_ready_task(target, spec, m)
             out["ready_report"] = rep.model_dump(mode="json")
         elif peer == "naive":
             delay = 30.0 * time_scale
@@ -107,13 +108,14 @@ async def sequential_runbook(connection: Connection) -> RunReport:
     """validate_coder_stack (chat, FIM) with every step after the previous one: no overlap at all."""
     spec, target = connection.resolve()
     async with cluster_session(target):
-        report = RunReport(flow="sequential_runbook")
+        run = Run(target, spec, RunReport(flow="sequential_runbook"))
+        report = run.report
         frontends = [f.name for f in spec.frontends]
         key_aliases = [k.alias for k in spec.virtual_keys if k.deliver_to != "keystore"]
-        stages = [(Stage.CHAT, "coder-chat"), (Stage.FIM, "coder-fim")]
-        await preflight_task(target, spec, [n for _, n in stages])
+        stages = [(Stage.CHAT, spec.model("coder-chat")), (Stage.FIM, spec.model("coder-fim"))]
+        await preflight_task(target, spec, [m.name for _, m in stages])
         await gateway_ready_task(target, spec)
-        started: list[str] = []
+        started: list[ModelSpec] = []
         async with gpu_session(spec.timeouts.gpu_limit_s):
             await preflight_task(target, spec, [])
             try:
@@ -121,21 +123,21 @@ async def sequential_runbook(connection: Connection) -> RunReport:
                 for f in frontends:
                     await scale_task(target, spec.experience_namespace, f, 1)
                     await wait_frontend_ready_task(target, spec, f)
-                for i, (stage, name) in enumerate(stages):
+                for i, (stage, model) in enumerate(stages):
                     if i > 0:
                         await release(target, spec, [started.pop()], [])
-                    started.append(name)
-                    await scale_task(target, spec.serving_namespace, name, 1)
-                    ready = await wait_model_ready_task(target, spec, name)
-                    record_ready(report.section(name), ready)
-                    await _smoke_stage(target, spec, stage, name, report, [])
+                    started.append(model)
+                    await scale_task(target, spec.serving_namespace, model.name, 1)
+                    ready = await wait_model_ready_task(target, spec, model)
+                    record_ready(report.section(model.name), ready)
+                    await _smoke_stage(run, stage, model, [])
                 rows = await read_spend_task(
                     target, spec, [k.alias for k in spec.virtual_keys], called=["open-webui", "tabby"]
                 )
                 report.spend = spend_lines(rows)
             finally:
                 await release(target, spec, started, frontends)
-        report.finish("passed" if report.all_smokes_ok else "failed")
+        report.finish("passed")  # a failed smoke raised above
         return report
 
 
@@ -151,8 +153,8 @@ async def gpu_session_run(connection: Connection, model: str) -> dict[str, float
             t_got = time.monotonic()
             try:
                 await scale_task(target, spec.serving_namespace, m.name, 1)
-                await wait_model_ready_task(target, spec, m.name, progress=False)
+                await wait_model_ready_task(target, spec, m, progress=False)
             finally:
-                await release(target, spec, [m.name], [])
+                await release(target, spec, [m], [])
             t_end = time.monotonic()
         return {"t_ask": t_ask, "t_got": t_got, "t_end": t_end}
