@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from coder_stack.spec import ModelSpec, StackSpec
+from simstack.layout import EMBEDDINGS_PORT, EMBEDDINGS_SERVICE, service_url, stack_workloads
 
 Obj = dict[str, Any]
 
@@ -285,7 +286,6 @@ def model_deployment(spec: StackSpec, model: ModelSpec) -> Obj:
 
 
 def proxy_config(spec: StackSpec) -> str:
-    dom = spec.access.cluster_domain
     model_list: list[Obj] = []
     for m in spec.models:
         if m.register_at_runtime:
@@ -295,7 +295,7 @@ def proxy_config(spec: StackSpec) -> str:
                 "model_name": m.alias,
                 "litellm_params": {
                     "model": f"openai/{m.served_model_name}",
-                    "api_base": f"http://{m.name}.{spec.serving_namespace}.svc.{dom}:{m.port}/v1",
+                    "api_base": service_url(spec, m.name, spec.serving_namespace, m.port) + "/v1",
                     "api_key": "os.environ/UPSTREAM_API_KEY",
                     "input_cost_per_token": m.input_cost_per_token,
                     "output_cost_per_token": m.output_cost_per_token,
@@ -307,7 +307,7 @@ def proxy_config(spec: StackSpec) -> str:
             "model_name": spec.embeddings_alias,
             "litellm_params": {
                 "model": f"openai/{EMBEDDINGS_SERVED}",
-                "api_base": f"http://embeddings.{spec.gateway_namespace}.svc.{dom}:8000/v1",
+                "api_base": service_url(spec, EMBEDDINGS_SERVICE, spec.gateway_namespace, EMBEDDINGS_PORT) + "/v1",
                 "api_key": "os.environ/UPSTREAM_API_KEY",
                 "input_cost_per_token": 2e-8,
                 "output_cost_per_token": 0.0,
@@ -386,7 +386,7 @@ def embeddings_deployment(spec: StackSpec) -> Obj:
             }
         ]
     }
-    return _deployment(spec.gateway_namespace, "embeddings", 1, pod_spec)
+    return _deployment(spec.gateway_namespace, EMBEDDINGS_SERVICE, 1, pod_spec)
 
 
 def openwebui_deployment(
@@ -484,19 +484,20 @@ def reference_objects(spec: StackSpec, secrets: dict[str, str], gateway_local_ur
             {"metadata": {"name": LITELLM_CONFIG, "namespace": gw}, "data": {"proxy_config.yaml": proxy_config(spec)}},
         )
     )
-    out.append(("services", _service(gw, spec.gateway_service, spec.gateway_port)))
-    out.append(("services", _service(gw, "embeddings", 8000)))
-    for m in spec.models:
-        out.append(("services", _service(spec.serving_namespace, m.name, m.port)))
-    for fe in spec.frontends:
-        out.append(("services", _service(spec.experience_namespace, fe.name, 8080, app_label=fe.selector_name)))
-    out.append(("deployments", litellm_deployment(spec)))
-    out.append(("deployments", embeddings_deployment(spec)))
-    for m in spec.models:
-        out.append(("deployments", model_deployment(spec, m)))
-    for fe in spec.frontends:
-        if "tabby" in fe.name:
-            out.append(("deployments", tabby_deployment(spec, fe.name, fe.selector_name)))
+    workloads = stack_workloads(spec)
+    for w in workloads:
+        out.append(("services", _service(w.namespace, w.name, w.port, app_label=w.app_label)))
+    models = {m.name: m for m in spec.models}
+    frontends = {fe.name: fe for fe in spec.frontends}
+    for w in workloads:
+        if w.kind == "gateway":
+            out.append(("deployments", litellm_deployment(spec)))
+        elif w.kind == "embeddings":
+            out.append(("deployments", embeddings_deployment(spec)))
+        elif w.kind == "model":
+            out.append(("deployments", model_deployment(spec, models[w.name])))
+        elif frontends[w.name].app == "tabby":
+            out.append(("deployments", tabby_deployment(spec, w.name, w.app_label)))
         else:
-            out.append(("deployments", openwebui_deployment(spec, fe.name, gateway_local_url, fe.selector_name)))
+            out.append(("deployments", openwebui_deployment(spec, w.name, gateway_local_url, w.app_label)))
     return out
