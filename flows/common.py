@@ -29,9 +29,9 @@ from coder_stack.errors import CoderStackError, SpecError, UnexpectedError
 from coder_stack.kubernetes.client import ClusterTarget, open_api
 from coder_stack.kubernetes.wait import ReadyReport, wait_gone
 from coder_stack.kubernetes.workloads import deployment_status, scale
+from coder_stack.probe import SmokeResult
 from coder_stack.report import ModelSection, RunReport, SmokeLine, SpendLine
 from coder_stack.spec import ModelSpec, StackSpec, load_spec
-from coder_stack.usecases.smoke import SmokeResult
 from tasks.cluster import (
     preflight_task,
     scale_task,

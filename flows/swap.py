@@ -17,9 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from coder_stack.errors import KeyUnusable, SmokeFailed
 from coder_stack.kubernetes.client import cluster_session
 from coder_stack.orchestration.gpu import gpu_session
+from coder_stack.probe import KEY_HOPS
 from coder_stack.report import RunReport
 from coder_stack.spec import DNS_LABEL, ModelSpec
-from coder_stack.usecases.smoke import KEY_HOPS
 from flows.common import (
     Connection,
     Run,

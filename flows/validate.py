@@ -17,9 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from coder_stack.errors import GpuBusy
 from coder_stack.kubernetes.client import cluster_session
 from coder_stack.orchestration.gpu import gpu_session
+from coder_stack.probe import SmokeResult
 from coder_stack.report import RunReport
 from coder_stack.spec import KeyDestination, ModelSpec, StackSpec
-from coder_stack.usecases.smoke import SmokeResult
 from flows.common import (
     Connection,
     Run,

@@ -1,5 +1,6 @@
-"""Thin Prefect tasks over :mod:`coder_stack.usecases.smoke`: open the cluster client and endpoints, read the keys
-from their homes, smoke, and return reports without secrets. ``SmokeFailed`` is permanent (no retry);
+"""Thin Prefect tasks over the smokes (:mod:`coder_stack.vllm.smoke`, :mod:`coder_stack.litellm.smoke`,
+:mod:`coder_stack.usecases.frontends`): open the cluster client and endpoints, read the keys from their
+homes, smoke, and return reports without secrets. ``SmokeFailed`` is permanent (no retry);
 only :class:`~coder_stack.errors.RetriableError` is retried. No ``gpu`` tag: these run inside a GPU session.
 """
 
@@ -16,12 +17,14 @@ from coder_stack.errors import SmokeFailed, SpecError
 from coder_stack.http import make_client, scrub_url
 from coder_stack.kubernetes.client import ClusterTarget, open_api
 from coder_stack.kubernetes.exec import exec_in_deployment
+from coder_stack.litellm import smoke as gateway_smoke
 from coder_stack.litellm.admin import SpendRow, expected_cost, model_prices, read_spend, read_spend_baseline
+from coder_stack.probe import SmokeResult
 from coder_stack.spec import ClientKeySpec, ModelSpec, StackSpec
-from coder_stack.usecases import smoke
+from coder_stack.usecases import frontends
 from coder_stack.usecases.endpoints import open_endpoint
 from coder_stack.usecases.keys import read_client_key
-from coder_stack.usecases.smoke import SmokeResult
+from coder_stack.vllm import smoke as vllm_smoke
 from tasks._common import only_retriable, run_logger
 from tasks.gateway import open_gateway, read_ref
 
@@ -96,7 +99,7 @@ async def smoke_direct_task(target: ClusterTarget, spec: StackSpec, model: Model
         vllm_key = await read_ref(api, spec.vllm_key)
         async with open_endpoint(api, spec, model.name) as base_url, make_client(spec.timeouts) as http:
             run_logger().info("Smoking %s directly at %s.", model.name, scrub_url(base_url))
-            res = await smoke.smoke_direct(http, base_url, vllm_key, model, spec.timeouts)
+            res = await vllm_smoke.smoke_direct(http, base_url, vllm_key, model, spec.timeouts)
     _log_result(res)
     return res
 
@@ -115,7 +118,7 @@ async def smoke_gateway_task(
         client_key = await read_client_key(api, spec, ks.alias)
         master = await read_ref(api, spec.master_key)
         before = await read_spend_baseline(gw, master, [ks.alias]) if check_spend else None
-        res = await smoke.smoke_gateway(gw, str(gw.base_url), client_key, ks, model, spec)
+        res = await gateway_smoke.smoke_gateway(gw, str(gw.base_url), client_key, ks, model, spec)
         spend = await _metered(gw, master, spec, ks.alias, res, before) if check_spend else None
     _log_result(res)
     _log_spend(spend)
@@ -138,7 +141,7 @@ async def smoke_agent_task(
         agent_key = await read_client_key(api, spec, ks.alias)
         master = await read_ref(api, spec.master_key)
         before = await read_spend_baseline(gw, master, [ks.alias]) if check_spend else None
-        res = await smoke.smoke_agent(gw, str(gw.base_url), agent_key, model, spec.timeouts, key_alias=ks.alias)
+        res = await gateway_smoke.smoke_agent(gw, str(gw.base_url), agent_key, model, spec.timeouts, key_alias=ks.alias)
         spend = await _metered(gw, master, spec, ks.alias, res, before) if check_spend else None
     _log_result(res)
     _log_spend(spend)
@@ -155,7 +158,7 @@ async def smoke_frontends_task(
     """
     async with open_api(target) as api, open_gateway(api, spec) as gw:
         try:
-            res = await smoke.smoke_frontends(
+            res = await frontends.smoke_frontends(
                 api, spec, exec_in_deployment, str(gw.base_url), http=gw, openwebui=openwebui, tabby=tabby
             )
         except SmokeFailed as e:

@@ -19,10 +19,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from coder_stack import probe
 from coder_stack.app.cli import app
 from coder_stack.errors import PreflightError, SmokeFailed
 from coder_stack.spec import StackSpec
-from coder_stack.usecases import smoke
+from coder_stack.vllm import smoke as vllm_smoke
 from flows.swap import SwapOptions, swap_model
 from flows.validate import ValidateOptions, validate_coder_stack
 from simstack.stack import SimStack
@@ -60,10 +61,10 @@ def test_an_unexpected_error_is_one_line_naming_the_step_after_the_report(
     sim: SimStack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async def broken(*a: Any, **kw: Any) -> Any:
-        smoke.SmokeResult(kind="direct", target="x", total_s=-1)  # pydantic ValidationError: not ours
+        probe.SmokeResult(kind="direct", target="x", total_s=-1)  # pydantic ValidationError: not ours
         raise AssertionError("unreachable")
 
-    monkeypatch.setattr(smoke, "smoke_direct", broken)
+    monkeypatch.setattr(vllm_smoke, "smoke_direct", broken)
     code, out, exc = cli("swap", "coder-chat", "--no-gateway-smoke", "--kubeconfig", str(sim.kubeconfig_path))
     assert exc is None, f"{type(exc).__name__} reached the user: {exc}"
     assert code == 1 and "Traceback" not in out
@@ -78,7 +79,7 @@ def test_the_hop_tag_survives_the_terminal(sim: SimStack, monkeypatch: pytest.Mo
     async def refused(*a: Any, **kw: Any) -> Any:
         raise SmokeFailed("vLLM rejected the key (answered 401: Unauthorized)", hop="key")
 
-    monkeypatch.setattr(smoke, "smoke_direct", refused)
+    monkeypatch.setattr(vllm_smoke, "smoke_direct", refused)
     code, out, exc = cli("swap", "coder-chat", "--no-gateway-smoke", "--kubeconfig", str(sim.kubeconfig_path))
     assert exc is None and code == 1
     assert "[key] vLLM rejected the key" in out.strip().splitlines()[-1], out

@@ -17,8 +17,9 @@ from pydantic import SecretStr
 from coder_stack.errors import EndpointUnavailable, GatewayRequestError, SmokeFailed
 from coder_stack.http import make_client
 from coder_stack.litellm import admin as gateway
+from coder_stack.litellm.smoke import smoke_agent, smoke_gateway
+from coder_stack.probe import SmokeResult
 from coder_stack.spec import ClientKeySpec, StackSpec, Timeouts
-from coder_stack.usecases.smoke import SmokeResult, smoke_agent, smoke_gateway
 from tests.gatewaykit import GwStack, gateway_stack
 
 MASTER = "sk-master-gw-test-0123456789abcdef"
@@ -190,12 +191,11 @@ async def test_model_outside_the_key_is_a_403_at_key_scope(stack: GwStack, gw: h
         await smoke_gateway(gw, stack.url, key, lying, SPEC.model("coder-chat"), SPEC)
     assert ei.value.hop == "key-scope"
     from coder_stack.http import openai_client
-    from coder_stack.usecases.smoke import chat_once
+    from coder_stack.probe import chat_once, hops
 
     oai = openai_client(gw, stack.url, key, SPEC.timeouts)
-    from coder_stack.usecases.smoke import _hops
 
-    with pytest.raises(SmokeFailed) as ei2, _hops("chat", via="gateway", unreachable="gateway"):
+    with pytest.raises(SmokeFailed) as ei2, hops("chat", via="gateway", unreachable="gateway"):
         await chat_once(oai, SPEC.model("coder-chat"), "coder-chat")
     assert ei2.value.hop == "key-scope" and "key_model_access_denied" in str(ei2.value)
 

@@ -27,13 +27,13 @@ from coder_stack.kubernetes.portforward import port_forward
 from coder_stack.kubernetes.workloads import restart_deployment
 from coder_stack.litellm import admin as gateway
 from coder_stack.spec import StackSpec, Timeouts
+from coder_stack.usecases.frontends import smoke_frontends
 from coder_stack.usecases.openwebui import (
     PERSISTENT_CONFIG_VAR,
     PersistentConfigStatus,
     persistent_config_status,
     set_env_wins_in_secret,
 )
-from coder_stack.usecases.smoke import smoke_frontends
 from simstack.cluster_objects import b64, openwebui_deployment
 from simstack.stack import SimStack
 from simstack.standins.openwebui import sign_session

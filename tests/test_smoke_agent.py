@@ -11,8 +11,8 @@ from pydantic import SecretStr
 
 from coder_stack.errors import SmokeFailed
 from coder_stack.http import make_client
+from coder_stack.litellm.smoke import smoke_agent
 from coder_stack.spec import StackSpec, Timeouts
-from coder_stack.usecases.smoke import smoke_agent
 from simstack.standins import ContainerRun, SimServices, start_standin
 
 KEY = "sk-agent-test-0123456789abcdef"

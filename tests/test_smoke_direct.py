@@ -10,11 +10,12 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
+from coder_stack import probe
 from coder_stack.errors import SmokeFailed, SpecError
 from coder_stack.http import make_client, openai_client
+from coder_stack.probe import EXCERPT_CHARS, Check, SmokeResult, chat_once, fim_prompt, judge_fim
 from coder_stack.spec import StackSpec, Timeouts
-from coder_stack.usecases import smoke
-from coder_stack.usecases.smoke import EXCERPT_CHARS, Check, SmokeResult, chat_once, fim_prompt, judge_fim, smoke_direct
+from coder_stack.vllm.smoke import smoke_direct
 from simstack.standins import ContainerRun, SimServices, start_standin
 
 KEY = "sk-direct-test-0123456789abcdef"
@@ -86,7 +87,7 @@ async def test_any_answer_length_or_content_fits_the_report() -> None:
     long = "x" * 5000 + " sk-" + "a" * 40
     res = SmokeResult(kind="direct", target="m", excerpt=long, checks=[Check(name="c", seconds=0, detail=long)])
     assert len(res.excerpt) == EXCERPT_CHARS and len(res.checks[0].detail) == 400
-    cut = smoke._excerpt("y" * 115 + " sk-" + "b" * 30)
+    cut = probe.excerpt("y" * 115 + " sk-" + "b" * 30)
     assert "b" * 8 not in cut and len(cut) <= EXCERPT_CHARS
 
 

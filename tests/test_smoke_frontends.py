@@ -9,12 +9,12 @@ import pytest
 from prefect.cache_policies import NO_CACHE
 from pydantic import SecretStr
 
-import coder_stack.usecases.smoke as smoke_mod
+import coder_stack.usecases.frontends as smoke_mod
 from coder_stack.errors import EndpointUnavailable, SmokeFailed, SpecError
 from coder_stack.spec import FrontendSpec, StackSpec
+from coder_stack.usecases.frontends import OPENWEBUI_MODELS_CMD, smoke_frontends
 from coder_stack.usecases.keys import render_tabby_config
 from coder_stack.usecases.openwebui import PERSISTENT_CONFIG_PROBE_CMD
-from coder_stack.usecases.smoke import OPENWEBUI_MODELS_CMD, smoke_frontends
 from tasks import gateway as gateway_tasks
 from tasks import smoke as smoke_tasks
 

@@ -29,8 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from coder_stack.errors import CoderStackError, redact
 from coder_stack.http import bearer, error_detail, openai_client, scrub_url
 from coder_stack.litellm import admin as gateway
+from coder_stack.probe import fim_streamed
 from coder_stack.spec import ModelSpec, StackSpec
-from coder_stack.usecases.smoke import fim_streamed
 
 Status = Literal["ok", "warn", "fail", "skipped"]
 

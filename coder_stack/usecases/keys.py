@@ -37,6 +37,7 @@ from coder_stack.litellm.admin import (
     list_keys_by_alias,
     update_key,
 )
+from coder_stack.probe import FIM_PROMPT_TEMPLATE
 from coder_stack.spec import (
     OPENWEBUI_KEY,
     OPENWEBUI_SESSION_KEY,
@@ -46,9 +47,6 @@ from coder_stack.spec import (
     StackSpec,
 )
 from coder_stack.usecases.openwebui import persistent_config_status, set_env_wins_in_secret
-
-FIM_PROMPT_TEMPLATE = "<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>"
-
 
 KeyAction = Literal["kept", "updated", "minted", "reminted", "rotated", "unusable"]
 
@@ -496,7 +494,6 @@ async def _rotate(
 
 
 __all__ = [
-    "FIM_PROMPT_TEMPLATE",
     "KeyAction",
     "KeyReport",
     "TabbyConfig",

@@ -1,0 +1,1 @@
+"""The vLLM model servers: smoke.py checks a model pod directly."""
