@@ -7,36 +7,21 @@ secrets it needs itself, and returns a pydantic report with no key in it. Retrie
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx
-from kubernetes_asyncio.client import ApiClient
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field
 
 from coder_stack.errors import KeyUnusable, PreflightError, SpecError
-from coder_stack.http import make_client, scrub_url
-from coder_stack.kubernetes.client import ClusterTarget, open_api, require_secret_key
+from coder_stack.http import scrub_url
+from coder_stack.kubernetes.client import ClusterTarget, open_api
 from coder_stack.litellm import admin as gateway
 from coder_stack.litellm.admin import ModelRegistration, SpendRow
-from coder_stack.spec import ModelSpec, SecretRef, StackSpec
-from coder_stack.usecases.endpoints import open_endpoint
+from coder_stack.spec import ModelSpec, StackSpec
+from coder_stack.usecases.endpoints import open_gateway, read_ref
 from coder_stack.usecases.keys import KeyReport, ensure_key
 from tasks._common import only_retriable, run_logger
-
-
-async def read_ref(api: ApiClient, ref: SecretRef) -> SecretStr:
-    return await require_secret_key(api, ref.namespace, ref.name, ref.key)
-
-
-@asynccontextmanager
-async def open_gateway(api: ApiClient, spec: StackSpec) -> AsyncIterator[httpx.AsyncClient]:
-    """An httpx client on the gateway's base URL, however the spec reaches it (port-forward, in-cluster, URL)."""
-    async with open_endpoint(api, spec, "gateway") as base_url, make_client(spec.timeouts, base_url=base_url) as gw:
-        yield gw
 
 
 class GatewayHealth(BaseModel):

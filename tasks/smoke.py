@@ -22,11 +22,10 @@ from coder_stack.litellm.admin import SpendRow, expected_cost, model_prices, rea
 from coder_stack.probe import SmokeResult
 from coder_stack.spec import ClientKeySpec, ModelSpec, StackSpec
 from coder_stack.usecases import frontends
-from coder_stack.usecases.endpoints import open_endpoint
+from coder_stack.usecases.endpoints import open_endpoint, open_gateway, read_ref
 from coder_stack.usecases.keys import read_client_key
 from coder_stack.vllm import smoke as vllm_smoke
 from tasks._common import only_retriable, run_logger
-from tasks.gateway import open_gateway, read_ref
 
 
 class MeteredSmoke(BaseModel):

@@ -644,8 +644,7 @@ async def doctor_cluster(target: Any, spec: StackSpec) -> DoctorReport:
     from coder_stack.http import make_client
     from coder_stack.kubernetes.client import open_api
     from coder_stack.kubernetes.workloads import deployment_status
-    from coder_stack.usecases.endpoints import open_endpoint
-    from tasks.gateway import open_gateway, read_ref
+    from coder_stack.usecases.endpoints import open_endpoint, open_gateway, read_ref
 
     pre = _Rows()
     async with open_api(target) as api, AsyncExitStack() as stack:

@@ -5,11 +5,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import httpx
 from kubernetes_asyncio.client import ApiClient
+from pydantic import SecretStr
 
 from coder_stack.errors import NotFound, SpecError
+from coder_stack.http import make_client
+from coder_stack.kubernetes.client import require_secret_key
 from coder_stack.kubernetes.portforward import port_forward, read_service
-from coder_stack.spec import AccessMode, StackSpec
+from coder_stack.spec import AccessMode, SecretRef, StackSpec
 
 
 def _strip_v1(url: str) -> str:
@@ -52,10 +56,22 @@ async def open_endpoint(api: ApiClient, spec: StackSpec, target: str) -> AsyncIt
     if override:
         yield _strip_v1(override)
     elif spec.access.mode == AccessMode.IN_CLUSTER:
-        yield f"http://{service}.{namespace}.svc.{spec.access.cluster_domain}:{port}"
+        yield spec.service_url(service, namespace, port)
     else:
         async with port_forward(api, namespace, service, port) as (host, local_port):
             yield f"http://{host}:{local_port}"
 
 
-__all__ = ["open_endpoint", "resolve_target"]
+async def read_ref(api: ApiClient, ref: SecretRef) -> SecretStr:
+    """The secret a spec field points at (master key, upstream key, vLLM key)."""
+    return await require_secret_key(api, ref.namespace, ref.name, ref.key)
+
+
+@asynccontextmanager
+async def open_gateway(api: ApiClient, spec: StackSpec) -> AsyncIterator[httpx.AsyncClient]:
+    """An httpx client on the gateway's base URL, however the spec reaches it (port-forward, in-cluster, URL)."""
+    async with open_endpoint(api, spec, "gateway") as base_url, make_client(spec.timeouts, base_url=base_url) as gw:
+        yield gw
+
+
+__all__ = ["open_endpoint", "open_gateway", "read_ref", "resolve_target"]
