@@ -1,4 +1,4 @@
-"""``python -m coder_stack.app.bench.run [--quick] [--json PATH]``: the benchmark of issue 5 on the simulated stack.
+"""``python -m coder_stack.app.bench.run [--quick] [--json PATH]``: the benchmark on the simulated stack.
 
 One ``prefect_test_harness()`` (a local Prefect API server on SQLite, in a subprocess) serves every
 flow of the run: it starts once (~15 s here) and nothing else shares it, so its latency is the API's,
