@@ -7,7 +7,7 @@ import asyncio
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -44,7 +44,7 @@ ContextOpt = Annotated[str | None, typer.Option("--context", help="Kubeconfig co
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print what would change; change nothing.")]
 
 
-def _fail(err: BaseException) -> None:
+def _fail(err: BaseException) -> NoReturn:
     """One line on stderr: the step it ended (for flows), what broke and what to do. Printed as plain
     text: error messages carry hop tags such as ``[key]`` that rich would take for markup."""
     console.print(Text.assemble(("error: ", "bold red"), one_line(err)), soft_wrap=True)
@@ -71,17 +71,18 @@ def _target(kubeconfig: Path | None, context: str | None) -> Any:
     return ClusterTarget(kubeconfig=str(kubeconfig) if kubeconfig else None, context=context)
 
 
-def _check_spec(stack: Path | None) -> None:
+def _load(stack: Path | None) -> Any:
+    """The stack spec, once per command; a bad file is one error line before anything starts."""
     try:
-        load_spec(stack)
+        return load_spec(stack)
     except CoderStackError as e:
         _fail(e)
 
 
-def _check_model(stack: Path | None, model: str) -> None:
-    """An unknown model name is refused before any flow starts, naming the known ones."""
+def _check(check: Any, *args: Any) -> None:
+    """``check(*args)`` (e.g. ``spec.model(name)``); a SpecError is one error line before any flow starts."""
     try:
-        load_spec(stack).model(model)
+        check(*args)
     except CoderStackError as e:
         _fail(e)
 
@@ -143,17 +144,24 @@ def sim(
 
 
 # --------------------------------------------------------------------------------------- flows
-def _connection(stack: Path | None, kubeconfig: Path | None, context: str | None) -> Any:
+def _connection(stack: Path | None, kubeconfig: Path | None, context: str | None) -> tuple[Any, Any]:
+    """(the flow's Connection, the spec loaded once here). The flow loads the file again where it runs (a
+    worker may run it elsewhere); loading it here first refuses a bad file before any flow starts."""
     from flows.common import Connection
 
-    _check_spec(stack)
-    if kubeconfig is not None and not kubeconfig.is_file():
-        _fail(CoderStackError(f"--kubeconfig {kubeconfig} does not exist; pass the path of a kubeconfig file"))
-    return Connection(
+    spec_obj = _load(stack)
+    _check_kubeconfig(kubeconfig)
+    conn = Connection(
         kubeconfig=str(kubeconfig.resolve()) if kubeconfig else None,
         context=context,
         stack_file=str(stack.resolve()) if stack else None,
     )
+    return conn, spec_obj
+
+
+def _check_kubeconfig(kubeconfig: Path | None) -> None:
+    if kubeconfig is not None and not kubeconfig.is_file():
+        _fail(CoderStackError(f"--kubeconfig {kubeconfig} does not exist; pass the path of a kubeconfig file"))
 
 
 def _show(report: Any) -> None:
@@ -198,7 +206,7 @@ def validate(
     except ValidationError:
         _fail(CoderStackError(f"--stage {stages}: each stage must be one of chat, fim, agent"))
         return
-    _run_flow(validate_coder_stack(options=options, connection=_connection(stack, kubeconfig, context)))
+    _run_flow(validate_coder_stack(options=options, connection=_connection(stack, kubeconfig, context)[0]))
 
 
 @app.command()
@@ -215,8 +223,8 @@ def swap(
     """Give the GPU to MODEL: others to 0 (pods gone), MODEL up, ready, smoked, left serving."""
     from flows.swap import SwapOptions, swap_model
 
-    conn = _connection(stack, kubeconfig, context)
-    _check_model(stack, model)
+    conn, spec_obj = _connection(stack, kubeconfig, context)
+    _check(spec_obj.model, model)
     _run_flow(
         swap_model(
             options=SwapOptions(target=model, smoke_gateway=not no_gateway_smoke, dry_run=dry_run), connection=conn
@@ -235,9 +243,9 @@ def up(
     """Morning bring-up: keys, front-ends, the default model serving and smoked (bring_up)."""
     from flows.bring_up import BringUpOptions, bring_up
 
-    conn = _connection(stack, kubeconfig, context)
+    conn, spec_obj = _connection(stack, kubeconfig, context)
     if model:
-        _check_model(stack, model)
+        _check(spec_obj.model, model)
     _run_flow(bring_up(options=BringUpOptions(model=model, dry_run=dry_run), connection=conn))
 
 
@@ -251,7 +259,7 @@ def down(
     """Evening teardown to $0: every GPU model and front-end to 0, verified. Never waits for the GPU limit."""
     from flows.teardown import TeardownOptions, teardown
 
-    _run_flow(teardown(options=TeardownOptions(dry_run=dry_run), connection=_connection(stack, kubeconfig, context)))
+    _run_flow(teardown(options=TeardownOptions(dry_run=dry_run), connection=_connection(stack, kubeconfig, context)[0]))
 
 
 @app.command()
@@ -266,13 +274,9 @@ def keys(
     """Mint or check the virtual keys and deliver them to Open WebUI, Tabby and the keystore (idempotent)."""
     from flows.keys import KeyOptions, manage_keys
 
-    conn = _connection(stack, kubeconfig, context)
-    spec_obj = load_spec(stack)
+    conn, spec_obj = _connection(stack, kubeconfig, context)
     for a in alias or []:
-        try:
-            spec_obj.key(a)
-        except CoderStackError as e:
-            _fail(e)
+        _check(spec_obj.key, a)
     _run_flow(manage_keys(options=KeyOptions(aliases=alias, rotate=rotate, dry_run=dry_run), connection=conn))
 
 
@@ -281,7 +285,7 @@ def spend(stack: StackOpt = None, kubeconfig: KubeconfigOpt = None, context: Con
     """Spend, budget and share used per virtual key."""
     from flows.keys import report_spend
 
-    _run_flow(report_spend(connection=_connection(stack, kubeconfig, context)))
+    _run_flow(report_spend(connection=_connection(stack, kubeconfig, context)[0]))
 
 
 @app.command()
@@ -293,8 +297,8 @@ def status(stack: StackOpt = None, kubeconfig: KubeconfigOpt = None, context: Co
     from tasks.cluster import stack_status_task
     from tasks.gateway import read_spend_task
 
-    conn = _connection(stack, kubeconfig, context)
-    spec_obj, target = conn.resolve()
+    conn, spec_obj = _connection(stack, kubeconfig, context)
+    target = conn.resolve()[1]
 
     async def gather() -> tuple[Any, Any, Any]:
         deps = await stack_status_task.fn(target, spec_obj)
@@ -358,10 +362,9 @@ def doctor(
 
     from coder_stack.usecases.doctor import doctor_cluster, render
 
-    _check_spec(stack)
-    if kubeconfig is not None and not kubeconfig.is_file():
-        _fail(CoderStackError(f"--kubeconfig {kubeconfig} does not exist; pass the path of a kubeconfig file"))
-    report = _run(doctor_cluster(_target(kubeconfig, context), load_spec(stack)))
+    spec_obj = _load(stack)
+    _check_kubeconfig(kubeconfig)
+    report = _run(doctor_cluster(_target(kubeconfig, context), spec_obj))
     if json_out:
         typer.echo(report.to_json())
     else:
@@ -378,9 +381,8 @@ def setup(
     """Create or resize the tag:gpu limit (= GPUs in the spec), create the work pools, deploy prefect.yaml."""
     from coder_stack.app.setup import run_setup
 
-    spec_obj = load_spec(stack) if stack else None
-    _check_spec(stack)
-    report = _run(run_setup(gpus=(spec_obj.gpus if spec_obj else 1), deploy=not no_deploy))
+    spec_obj = _load(stack)
+    report = _run(run_setup(gpus=spec_obj.gpus, deploy=not no_deploy))
     out.print(report.gpu_limit)
     for p in report.pools:
         out.print(p)
