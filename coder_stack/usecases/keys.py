@@ -30,6 +30,7 @@ from coder_stack.kubernetes.client import delete_secret_keys, read_secret, write
 from coder_stack.kubernetes.workloads import restart_deployment
 from coder_stack.litellm.admin import (
     KeyRecord,
+    MintedKey,
     delete_keys,
     generate_key,
     key_info,
@@ -230,6 +231,18 @@ def _drift(rec: KeyRecord, key_spec: ClientKeySpec) -> list[str]:
     return out
 
 
+async def _mint(gw_client: httpx.AsyncClient, master: SecretStr, key_spec: ClientKeySpec) -> MintedKey:
+    """A new key under ``key_spec``'s alias, scope and budget."""
+    return await generate_key(
+        gw_client,
+        master,
+        alias=key_spec.alias,
+        models=list(key_spec.models),
+        max_budget=key_spec.max_budget,
+        budget_duration=key_spec.budget_duration,
+    )
+
+
 REPAIRABLE = frozenset({"deleted", "expired"})
 """Problems a new key fixes without undoing anyone's decision: the old key cannot work again anyway. A
 blocked key (an admin's decision), a spent budget (the budget's purpose) and a status we do not know are
@@ -341,14 +354,7 @@ async def ensure_key(
         )
     if rotate:
         notes.append("nothing to rotate: there was no usable key; minted one")
-    minted = await generate_key(
-        gw_client,
-        master,
-        alias=alias,
-        models=list(key_spec.models),
-        max_budget=key_spec.max_budget,
-        budget_duration=key_spec.budget_duration,
-    )
+    minted = await _mint(gw_client, master, key_spec)
     changed = await _consumer_follows(api, spec, key_spec, home, notes, refuse=False)
     changed += await _deliver(api, spec, key_spec, home, minted.key)
     restarted = await _restart_consumer(api, home, changed, notes)
@@ -457,14 +463,7 @@ async def _rotate(
     await _write_marker(api, spec, alias, old_token, retired)
     try:
         await update_key(gw_client, master, old_token, alias=retired)
-        minted = await generate_key(
-            gw_client,
-            master,
-            alias=alias,
-            models=list(key_spec.models),
-            max_budget=key_spec.max_budget,
-            budget_duration=key_spec.budget_duration,
-        )
+        minted = await _mint(gw_client, master, key_spec)
         changed = follow + await _deliver(api, spec, key_spec, home, minted.key)
         restarted = await _restart_consumer(api, home, changed, notes)
         await delete_keys(gw_client, master, [old_token])
