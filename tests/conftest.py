@@ -1,10 +1,10 @@
 """Shared fixtures: a started simulated cluster per test, fake stand-ins, store helpers.
 
-``sim`` / ``sim_autoscaled``: a started ``SimStack`` (time_scale 0.002: coder-chat's ~10 min cold start
-takes ~1 s) with a static one-GPU pool, or an autoscaled one (0 GPU nodes at start, max 1).
-``make_sim(**kwargs)``: build more stacks (spec, faults, gpu_pool, time_scale ...), all stopped after the test.
-``fake_standins``: tiny aiohttp servers registered in ``simstack.standins.FACTORIES`` for every image
-(answer ``/health`` and ``/v1/models``); ``fake_standins.runs`` holds every ``ContainerRun`` started.
+``sim``: a started ``SimStack`` (time_scale 0.002: coder-chat's ~10 min cold start takes ~1 s) with a
+static one-GPU pool. ``make_sim(**kwargs)``: build more stacks (spec, faults, gpu_pool, time_scale ...), all
+stopped after the test. The sim and flow tiers use both; the helpers below read and drive a started stack.
+Tier-only fixtures live in the tiers' conftest.py (tests/sim/: ``sim_autoscaled``, ``fake_standins``;
+tests/flows/: ``prefect_api``, ``gpu_limit``).
 """
 
 from __future__ import annotations
@@ -12,18 +12,24 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 
-from simstack import standins
 from simstack.pods import pod_is_ready as is_ready
 from simstack.stack import SimStack
 from simstack.store import Store
 
 SIM_SCALE = 0.002
+TESTS = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The flow tier runs last: its session Prefect harness (tests/flows/conftest.py) starts with the first flow
+    test and stops when the session ends, so no unit, sim, conformance or contract test runs beside it."""
+    items.sort(key=lambda item: item.path.resolve().is_relative_to(TESTS / "flows"))  # stable: order kept within
 
 
 @pytest.fixture
@@ -46,64 +52,6 @@ def make_sim() -> Iterator[Callable[..., SimStack]]:
 def sim(make_sim: Callable[..., SimStack]) -> SimStack:
     """A started SimStack: static GPU pool (one L4 node from the start), time_scale 0.002."""
     return make_sim(gpu_pool="static")
-
-
-@pytest.fixture
-def sim_autoscaled(make_sim: Callable[..., SimStack]) -> SimStack:
-    """A started SimStack whose GPU pool starts empty and scales up on demand (max spec.gpus nodes)."""
-    return make_sim(gpu_pool="autoscaled")
-
-
-# ------------------------------------------------------------------ fake stand-ins
-class _FakeBackend:
-    def __init__(self, runner: web.AppRunner, port: int, fakes: FakeStandins, run: standins.ContainerRun) -> None:
-        self._runner = runner
-        self.port = port
-        self._fakes = fakes
-        self._run = run
-
-    async def stop(self) -> None:
-        self._fakes.stopped.append(self._run.pod_name)
-        await self._runner.cleanup()
-
-
-@dataclass
-class FakeStandins:
-    runs: list[standins.ContainerRun] = field(default_factory=list)
-    stopped: list[str] = field(default_factory=list)
-    fail_apps: set[str] = field(default_factory=set)
-
-    async def factory(self, run: standins.ContainerRun, services: standins.SimServices) -> _FakeBackend:
-        if run.app in self.fail_apps:
-            raise RuntimeError(f"fake stand-in for {run.app} refuses to start")
-        self.runs.append(run)
-
-        async def health(request: web.Request) -> web.Response:
-            return web.json_response({"status": "ok", "app": run.app, "pod": run.pod_name})
-
-        async def models(request: web.Request) -> web.Response:
-            return web.json_response({"object": "list", "data": [{"id": run.app, "object": "model"}]})
-
-        app = web.Application()
-        app.router.add_get("/health", health)
-        app.router.add_get("/v1/models", models)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        return _FakeBackend(runner, port, self, run)
-
-    def run_for(self, app: str) -> standins.ContainerRun:
-        return next(r for r in reversed(self.runs) if r.app == app)
-
-
-@pytest.fixture
-def fake_standins(monkeypatch: pytest.MonkeyPatch) -> FakeStandins:
-    fakes = FakeStandins()
-    for repo in ("vllm/vllm-openai", "ghcr.io/berriai/litellm", "ghcr.io/open-webui/open-webui", "tabbyml/tabby"):
-        monkeypatch.setitem(standins.FACTORIES, repo, fakes.factory)
-    return fakes
 
 
 # ------------------------------------------------------------------ helpers (run on the sim's loop)

@@ -39,7 +39,7 @@ import pytest
 from simstack.recordings import LITELLM, Exchange, exchanges
 from simstack.standins import ContainerRun, RunningBackend, SimServices, start_standin
 from tests.conformance.shape import shape_diff
-from tests.gatewaykit import litellm_run
+from tests.kits.gateway import litellm_run
 
 EXCHANGES = exchanges(LITELLM)
 MASTER = "sk-conformance-master-" + secrets.token_hex(8)

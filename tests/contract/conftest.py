@@ -27,7 +27,7 @@ from pydantic import SecretStr
 from coder_stack.http import make_client
 from coder_stack.litellm import admin as gateway
 from coder_stack.spec import ClientKeySpec, StackSpec, Timeouts
-from tests.gatewaykit import gateway_stack
+from tests.kits.gateway import gateway_stack
 
 ENV = "CODER_STACK_CONTRACT_"
 ALIAS_PREFIX = "coder-stack-contract-"

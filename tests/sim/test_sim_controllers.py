@@ -13,7 +13,6 @@ from simstack.controllers.deployment import template_hash
 from simstack.stack import SimStack
 from simstack.store import Store, controller_uid
 from tests.conftest import (
-    FakeStandins,
     events_of,
     is_ready,
     on_loop,
@@ -23,6 +22,7 @@ from tests.conftest import (
     scale,
     wait_for,
 )
+from tests.kits.standins import FakeStandins
 
 S = "serving"
 FAST = 0.001  # the fixtures' 0.002 halved, for the tests that walk several cold starts

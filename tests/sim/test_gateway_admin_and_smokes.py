@@ -20,7 +20,7 @@ from coder_stack.litellm import admin as gateway
 from coder_stack.litellm.smoke import smoke_agent, smoke_gateway
 from coder_stack.probe import SmokeResult
 from coder_stack.spec import ClientKeySpec, StackSpec, Timeouts
-from tests.gatewaykit import GwStack, gateway_stack
+from tests.kits.gateway import GwStack, gateway_stack
 
 MASTER = "sk-master-gw-test-0123456789abcdef"
 UPSTREAM = "upstream-gw-test-key-0123456789"

@@ -15,7 +15,7 @@ from coder_stack.kubernetes.workloads import deployment_status, scale
 from coder_stack.spec import ModelSpec, StackSpec
 from tasks._common import only_retriable
 from tasks.cluster import preflight_task, scale_task
-from tests.test_kube_harness import NS, PodScript, ServerThread, deployment, namespace, node
+from tests.kits.apiserver import NS, PodScript, ServerThread, deployment, namespace, node
 
 SPEC = StackSpec()
 

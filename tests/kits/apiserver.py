@@ -2,7 +2,7 @@
 and pod statuses written step by step exactly as docs/DESIGN.md's "pod life cycle" table describes.
 
 No controllers run here: the tests play the scheduler, kubelet and autoscaler themselves, so phase and
-fault classification can be timed precisely. (No tests in this module.)
+fault classification can be timed precisely.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from aiohttp import web
 from coder_stack.errors import SpecError
 from coder_stack.spec import AccessSpec, EndpointOverrides, StackSpec
 from coder_stack.usecases.endpoints import open_endpoint
-from tests.test_kube_harness import PodScript, ServerThread, namespace, service
+from tests.kits.apiserver import PodScript, ServerThread, namespace, service
 
 
 @pytest.fixture(scope="module")

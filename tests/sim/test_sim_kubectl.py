@@ -15,7 +15,7 @@ import pytest
 
 from simstack.apiserver import kubeconfig_yaml
 from simstack.store import Store
-from tests.test_sim_apiserver import SECRET_VALUE, ServerThread, seed
+from tests.kits.seeded_apiserver import SECRET_VALUE, ServerThread, seed
 
 KUBECTL = shutil.which("kubectl") or "/usr/bin/kubectl"
 pytestmark = pytest.mark.skipif(not os.path.exists(KUBECTL), reason="kubectl not installed")

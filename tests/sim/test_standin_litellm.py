@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from simstack.standins import ContainerRun, RunningBackend, SimServices, start_standin
-from tests.gatewaykit import litellm_run, service_resolver
+from tests.kits.gateway import litellm_run, service_resolver
 
 MASTER = "sk-master-test-0123456789"
 UPSTREAM = "upstream-test-key"

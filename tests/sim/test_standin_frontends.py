@@ -15,7 +15,7 @@ import yaml
 from simstack.standins import ContainerRun, RunningBackend, SimServices, start_standin
 from simstack.standins.openwebui import sign_session
 from simstack.standins.tabby import TabbyConfigError
-from tests.gatewaykit import service_resolver
+from tests.kits.gateway import service_resolver
 
 MASTER = "sk-master-frontends-0123"
 UPSTREAM = "upstream-frontends"

@@ -17,7 +17,7 @@ from coder_stack.errors import ClusterError, NotFound, PodFailed, WaitTimeout
 from coder_stack.kubernetes import watch as kwatch
 from coder_stack.kubernetes.wait import GoneReport, PhaseUpdate, wait_gone, wait_ready
 from coder_stack.spec import PhaseBudgets
-from tests.test_kube_harness import NS, PodScript, ServerThread, deployment, namespace, set_deployment_ready
+from tests.kits.apiserver import NS, PodScript, ServerThread, deployment, namespace, set_deployment_ready
 
 BUDGETS = PhaseBudgets(node=10, image=10, weights=10, start=10)
 STEP = 0.2  # seconds each simulated phase lasts

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from coder_stack.errors import EndpointUnavailable, NotFound
 from coder_stack.kubernetes.portforward import port_forward, resolve_service
-from tests.test_kube_harness import NS, PodScript, ServerThread, namespace, service
+from tests.kits.apiserver import NS, PodScript, ServerThread, namespace, service
 
 APP = "pf-model"
 
