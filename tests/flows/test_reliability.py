@@ -1,8 +1,8 @@
 """Issue 6, flow level: every fault ends with a clear error or a recovery, and no GPU model left running.
 
-Function-level tests of the same faults live beside the code (tests/test_kube_wait.py, test_kube_e2e.py,
-test_gateway_standins.py, test_keys_sim.py ...); docs/FAULTS.md maps each fault to its tests. Here the
-flows themselves run (one Prefect test harness for the module) against the simulated cluster:
+Function-level tests of the same faults live beside the code (tests/sim/test_kube_wait.py, test_rollout_outcomes.py,
+test_gateway_admin_and_smokes.py, test_keys.py ...); docs/FAULTS.md maps each fault to its tests. Here the
+flows themselves run (on the flow tier's session Prefect harness) against the simulated cluster:
 
 * pod faults: crash loop, image pull, OOM, unschedulable without scale-up, a slow node, a phase over budget;
 * Kubernetes API faults: 500 and 429 (retried), 403, a watch dropped mid-wait plus 410 Gone, unreachable;
@@ -52,7 +52,7 @@ from flows.validate import ValidateOptions, validate_coder_stack
 from simstack.stack import SimStack
 from simstack.store import Store
 from tests.conftest import is_ready, pods_of
-from tests.faultkit import (
+from tests.kits.flowkit import (
     MODELS,
     PROJECT,
     SERVING,
@@ -60,17 +60,13 @@ from tests.faultkit import (
     assert_no_gpu_model_running,
     conn,
     free_port,
-    gpu_limit,
     gpu_overlaps,
     gpu_pods,
-    prefect_api,
     replicas,
     scaled_up,
     start_flow_process,
     until,
 )
-
-__all__ = ["gpu_limit", "prefect_api"]  # fixtures imported for this module
 
 pytestmark = pytest.mark.usefixtures("gpu_limit")
 
@@ -260,7 +256,7 @@ async def test_gateway_5xx_is_retried_and_the_run_recovers(make_sim: Callable[..
     """The gateway (behind an ingress URL override) answers 500 to the first key call, then recovers.
 
     A gateway that keeps answering 5xx ends in a GatewayError naming the call and the status after the
-    retries: tests/test_gateway_standins.py and tests/test_gateway_http.py.
+    retries: tests/sim/test_gateway_admin_and_smokes.py and tests/unit/test_http.py.
     """
     sim = make_sim()
     failures = {"left": 1}

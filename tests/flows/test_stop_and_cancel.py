@@ -2,8 +2,9 @@
 UI/API of a worker-run deployment (the process worker terminates the flow's process).
 
 What users rely on: the flow's ``finally`` scales its GPU models down before the process exits, so a stopped
-run never leaves a GPU billing. Its own module (and Prefect test harness): these tests start flow processes
-and a worker, and a failure here must not leave a held ``tag:gpu`` slot for the other flow tests.
+run never leaves a GPU billing. These tests start flow processes and a worker against the tier's shared
+Prefect API; ``gpu_limit`` frees a slot one of them left held before the next test, so a failure here does
+not leave a held ``tag:gpu`` slot for the other flow tests.
 """
 
 from __future__ import annotations
@@ -16,27 +17,28 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound
 
 from simstack.stack import SimStack
 from tests.conftest import is_ready, pods_of
-from tests.faultkit import flow_process_env, start_flow_process
-from tests.test_flows import (
+from tests.kits.flowkit import (
     PREFECT_BIN,
     PROJECT,
     SERVING,
     SLOW_SCALE,
     assert_all_down,
-    gpu_limit,
+    flow_process_env,
     latest_run_of,
     pod_names,
-    prefect_api,
     scaled_up,
+    start_flow_process,
     until,
 )
 
-__all__ = ["gpu_limit", "prefect_api"]  # the module's own harness and per-test GPU limit (fixtures)
+# Every test starts with ``tag:gpu`` = 1 slot and may leave none held (tests/flows/conftest.py).
+pytestmark = pytest.mark.usefixtures("gpu_limit")
 
 
 # ------------------------------------------------------------------ 7. SIGTERM

@@ -3,7 +3,7 @@
 - any failure inside a flow reaches the CLI as one line naming the step, after the run's report, never a
   traceback; hop tags such as ``[key]`` survive the terminal;
 - ``swap`` with a stale key repairs it as the keys flow would and leaves a healthy model serving (a key
-  that cannot be repaired, a spent budget: tests/test_reliability.py);
+  that cannot be repaired, a spent budget: tests/flows/test_reliability.py);
 - preflight names an alias the gateway does not serve (a key's /v1/models would list it anyway);
 - the spend report compares against the spend before the calls, and says when Tabby's way of calling
   (streamed FIM) is not metered.
@@ -28,9 +28,7 @@ from flows.swap import SwapOptions, swap_model
 from flows.validate import ValidateOptions, validate_coder_stack
 from simstack.stack import SimStack
 from tests.conftest import is_ready, pods_of
-from tests.faultkit import conn, gpu_limit, prefect_api, replicas
-
-__all__ = ["gpu_limit", "prefect_api"]  # fixtures: the module's Prefect harness and the per-test GPU limit
+from tests.kits.flowkit import conn, replicas
 
 pytestmark = pytest.mark.usefixtures("gpu_limit")
 

@@ -25,18 +25,14 @@ from simstack.apiserver.rbac import RBACAuthorizer
 from simstack.stack import SimStack
 from simstack.store import RESOURCES, Store
 from simstack.timings import Timings
-from tests.faultkit import (
+from tests.kits.flowkit import (
     PROJECT,
     SERVING,
     assert_no_gpu_model_running,
     conn,
-    gpu_limit,
     gpu_overlaps,
-    prefect_api,
     replicas,
 )
-
-__all__ = ["gpu_limit", "prefect_api"]  # fixtures imported for this module
 
 pytestmark = pytest.mark.usefixtures("gpu_limit")
 

@@ -2,7 +2,7 @@
 
 The commands run in-process (typer's CliRunner) against a Prefect test harness and a simulated cluster;
 "nothing changes" = no Deployment replica change on the sim's timeline, no Secret created or modified,
-no key minted. Spec-level unit tests of the same inputs: tests/test_spec.py.
+no key minted. Spec-level unit tests of the same inputs: tests/unit/test_spec.py.
 """
 
 from __future__ import annotations
@@ -21,9 +21,7 @@ from coder_stack.app.cli import app
 from coder_stack.spec import StackSpec
 from simstack.stack import SimStack
 from simstack.store import Store
-from tests.faultkit import PROJECT, gpu_limit, prefect_api
-
-__all__ = ["gpu_limit", "prefect_api"]  # fixtures imported for this module
+from tests.kits.flowkit import PROJECT
 
 pytestmark = pytest.mark.usefixtures("gpu_limit")
 

@@ -18,9 +18,7 @@ from flows.keys import KeyOptions, manage_keys
 from flows.teardown import teardown
 from flows.validate import ValidateOptions, validate_coder_stack
 from simstack.stack import SimStack
-from tests.faultkit import conn, gpu_limit, prefect_api
-
-__all__ = ["gpu_limit", "prefect_api"]  # fixtures: the module's Prefect harness and the per-test GPU limit
+from tests.kits.flowkit import conn
 
 pytestmark = pytest.mark.usefixtures("gpu_limit")
 

@@ -1,4 +1,5 @@
-"""The flows end to end on the simulated cluster, against a real Prefect API (one test harness per module).
+"""The flows end to end on the simulated cluster, against a real Prefect API (the flow tier's
+session harness, tests/flows/conftest.py).
 
 What users rely on: a validate run passes and leaves the GPU at $0; a swap frees the GPU before the next
 model starts; a serving model is never taken without ``take_over`` (and is restored with it); teardown is
@@ -11,25 +12,20 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 import pytest
 from prefect.client.orchestration import PrefectClient, get_client
-from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowFilter, FlowFilterName
-from prefect.client.schemas.objects import State
-from prefect.client.schemas.sorting import FlowRunSort
-from prefect.exceptions import ObjectNotFound, ParameterTypeError
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from prefect.exceptions import ParameterTypeError
 
 from coder_stack.errors import GpuBusy, GpuLimitMissing, PodFailed, RetriableError, SpecError
 from coder_stack.orchestration.gpu import GPU_LIMIT, ensure_gpu_limit, gpu_session
 from coder_stack.report import RunReport
-from coder_stack.spec import StackSpec
 from flows.bring_up import BringUpOptions, bring_up
 from flows.common import Connection
 from flows.keys import KeyOptions, manage_keys
@@ -39,51 +35,26 @@ from flows.validate import ValidateOptions, validate_coder_stack
 from simstack.stack import SimStack
 from simstack.store import Store
 from tests.conftest import is_ready, pods_of, record, scale, wait_for
-from tests.faultkit import conn, gpu_overlaps, prefect_api, replicas, scaled_up, until
+from tests.kits.flowkit import (
+    EXPERIENCE,
+    FRONTENDS,
+    SERVING,
+    SLOW_SCALE,
+    assert_all_down,
+    conn,
+    gpu_overlaps,
+    latest_run_of,
+    pod_names,
+    replicas,
+    scaled_up,
+    until,
+)
 
-__all__ = ["gpu_limit", "prefect_api"]  # fixtures: the module's Prefect harness and the per-test GPU limit
-
-PROJECT = Path(__file__).resolve().parent.parent
-PREFECT_BIN = Path(sys.executable).with_name("prefect")
-SPEC = StackSpec()
-SERVING = SPEC.serving_namespace
-EXPERIENCE = SPEC.experience_namespace
-MODELS = [m.name for m in SPEC.models]
-FRONTENDS = [f.name for f in SPEC.frontends]
-# Cold starts long enough to signal a run in the middle of one (~6 s for coder-chat on an autoscaled pool).
-SLOW_SCALE = 0.01
-
-
-# ------------------------------------------------------------------ Prefect API (once per module)
-@pytest.fixture(autouse=True)
-async def gpu_limit(prefect_api: str) -> AsyncIterator[None]:
-    """Every test starts with ``tag:gpu`` = 1 slot (setup's job); none may leave a slot held."""
-    await ensure_gpu_limit(1)
-    yield
-    async with get_client() as client:
-        try:
-            gcl = await client.read_global_concurrency_limit_by_name(GPU_LIMIT)
-        except ObjectNotFound:
-            return
-        if gcl.active_slots:  # free it for the next test, then fail this one
-            await client.update_global_concurrency_limit(GPU_LIMIT, GlobalConcurrencyLimitUpdate(active_slots=0))
-    assert gcl.active_slots == 0, f"{GPU_LIMIT} still has {gcl.active_slots} active slot(s) after the test"
+# Every test starts with ``tag:gpu`` = 1 slot and may leave none held (tests/flows/conftest.py).
+pytestmark = pytest.mark.usefixtures("gpu_limit")
 
 
 # ------------------------------------------------------------------ helpers
-def pod_names(store: Store, namespace: str, apps: list[str]) -> list[str]:
-    return [p["metadata"]["name"] for a in apps for p in pods_of(store, namespace, a)]
-
-
-def assert_all_down(sim: SimStack, pods_timeout: float = 0.0) -> None:
-    """Every GPU model and front-end at 0 replicas, and (within ``pods_timeout``) no GPU model pod left."""
-    assert replicas(sim) == dict.fromkeys(MODELS + FRONTENDS, 0)
-    if pods_timeout:
-        wait_for(sim, lambda s: not pod_names(s, SERVING, MODELS), pods_timeout, "GPU model pods gone")
-    left = sim.call(pod_names, sim.store, SERVING, MODELS)
-    assert left == [], f"GPU model pods left: {left}"
-
-
 def snapshot(sim: SimStack) -> dict[str, Any]:
     """What a run may change: Deployment specs (generation), Secrets/ConfigMaps, the gateway's keys and models."""
 
@@ -111,18 +82,6 @@ async def run_artifacts(flow_run_id: UUID) -> dict[str, Any]:
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
         )
     return {a.key or "": a for a in arts}
-
-
-async def latest_run_of(flow_name: str) -> tuple[UUID, State[Any]]:
-    """The id and state of the flow's most recent run."""
-    async with get_client() as client:
-        runs = await client.read_flow_runs(
-            flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
-            sort=FlowRunSort.EXPECTED_START_TIME_DESC,
-            limit=1,
-        )
-    assert runs and runs[0].state is not None
-    return runs[0].id, runs[0].state
 
 
 # ------------------------------------------------------------------ 1. full validate

@@ -1,9 +1,9 @@
-"""Helpers shared by the issue-6 modules (test_reliability, test_bad_input, test_rbac, test_secrets_scan).
+"""Helpers of the flow tier (tests/flows/): readers of the simulated cluster a flow ran on, flow processes of
+their own, and a real ``prefect server start`` subprocess for the tests that need a server they can restart or
+a Prefect home they can scan.
 
-A Prefect test harness per module (``prefect_api``), the ``tag:gpu`` limit per test (``gpu_limit``, which
-also asserts that no test leaves a slot held), readers of the simulated cluster, and a real
-``prefect server start`` subprocess for the tests that need a server they can restart or a Prefect home
-they can scan.
+The Prefect API every flow test shares (``prefect_api``, one test harness per session) and the per-test
+``tag:gpu`` limit (``gpu_limit``) are fixtures in tests/flows/conftest.py.
 """
 
 from __future__ import annotations
@@ -16,63 +16,35 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import httpx
-import pytest
 from prefect.client.orchestration import get_client
-from prefect.exceptions import ObjectNotFound
-from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
-from prefect.testing.utilities import prefect_test_harness
+from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+from prefect.client.schemas.objects import State
+from prefect.client.schemas.sorting import FlowRunSort
 
-from coder_stack.orchestration.gpu import GPU_LIMIT, ensure_gpu_limit
 from coder_stack.spec import StackSpec
 from flows.common import Connection
 from simstack.stack import SimStack
 from simstack.store import Store
-from tests.conftest import pods_of
+from tests.conftest import pods_of, wait_for
 
-PROJECT = Path(__file__).resolve().parent.parent
+PROJECT = Path(__file__).resolve().parents[2]
 SPEC = StackSpec()
 SERVING = SPEC.serving_namespace
 EXPERIENCE = SPEC.experience_namespace
 MODELS = [m.name for m in SPEC.models]
 FRONTENDS = [f.name for f in SPEC.frontends]
 PREFECT_BIN = Path(sys.executable).with_name("prefect")
+# Cold starts long enough to signal a run in the middle of one (~6 s for coder-chat on an autoscaled pool).
+SLOW_SCALE = 0.01
 
 
 # ------------------------------------------------------------------ Prefect
-@pytest.fixture(scope="module")
-def prefect_api() -> Iterator[str]:
-    """A Prefect test server for the whole module; yields its API URL."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        with (
-            temporary_settings(updates={PREFECT_SERVER_ANALYTICS_ENABLED: False}),
-            prefect_test_harness(server_startup_timeout=60),
-        ):
-            yield str(PREFECT_API_URL.value())
-
-
-@pytest.fixture
-async def gpu_limit(prefect_api: str) -> AsyncIterator[None]:
-    """``tag:gpu`` = 1 slot before the test; after it, no slot may be held."""
-    await ensure_gpu_limit(1)
-    yield
-    await assert_no_slot_held()
-
-
-async def assert_no_slot_held() -> None:
-    try:
-        async with get_client() as client:
-            gcl = await client.read_global_concurrency_limit_by_name(GPU_LIMIT)
-    except ObjectNotFound:
-        return
-    assert gcl.active_slots == 0, f"{GPU_LIMIT} still has {gcl.active_slots} active slot(s) after the test"
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -156,7 +128,7 @@ class PrefectServer:
 
 
 def flow_process_env(prefect_api: str, tmp_path: Path) -> dict[str, str]:
-    """Environment of a flow or worker process: the module's Prefect server, a throw-away Prefect home."""
+    """Environment of a flow or worker process: the given Prefect API, a throw-away Prefect home."""
     env = dict(os.environ)
     env.update(
         PREFECT_API_URL=prefect_api,
@@ -249,3 +221,28 @@ def minted_keys(sim: SimStack) -> list[str]:
 
     result: list[str] = sim.call(_read)
     return result
+
+
+def pod_names(store: Store, namespace: str, apps: list[str]) -> list[str]:
+    return [p["metadata"]["name"] for a in apps for p in pods_of(store, namespace, a)]
+
+
+def assert_all_down(sim: SimStack, pods_timeout: float = 0.0) -> None:
+    """Every GPU model and front-end at 0 replicas, and (within ``pods_timeout``) no GPU model pod left."""
+    assert replicas(sim) == dict.fromkeys(MODELS + FRONTENDS, 0)
+    if pods_timeout:
+        wait_for(sim, lambda s: not pod_names(s, SERVING, MODELS), pods_timeout, "GPU model pods gone")
+    left = sim.call(pod_names, sim.store, SERVING, MODELS)
+    assert left == [], f"GPU model pods left: {left}"
+
+
+async def latest_run_of(flow_name: str) -> tuple[UUID, State[Any]]:
+    """The id and state of the flow's most recent run."""
+    async with get_client() as client:
+        runs = await client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+            sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+            limit=1,
+        )
+    assert runs and runs[0].state is not None
+    return runs[0].id, runs[0].state

@@ -21,7 +21,7 @@ from coder_stack import errors
 from coder_stack.errors import CoderStackError, PodFailed, SmokeFailed, WaitTimeout
 from simstack.stack import SimStack
 from simstack.store import Store
-from tests.faultkit import PROJECT, PrefectServer
+from tests.kits.flowkit import PROJECT, PrefectServer
 
 CODER_STACK = Path(sys.executable).with_name("coder-stack")
 

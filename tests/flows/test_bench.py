@@ -16,7 +16,7 @@ from coder_stack.app.bench.run import FULL, QUICK, TARGETS, linearity, main, tab
 from coder_stack.app.bench.scenarios import bench_spec, percentile, validate_critical_path
 from coder_stack.spec import StackSpec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 FIELDS = [
     "detect_p50_ms",
