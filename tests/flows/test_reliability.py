@@ -1,4 +1,4 @@
-"""Issue 6, flow level: every fault ends with a clear error or a recovery, and no GPU model left running.
+"""Flow level: every fault ends with a clear error or a recovery, and no GPU model left running.
 
 Function-level tests of the same faults live beside the code (tests/sim/test_kube_wait.py, test_rollout_outcomes.py,
 test_gateway_admin_and_smokes.py, test_keys.py ...); docs/FAULTS.md maps each fault to its tests. Here the

@@ -110,6 +110,7 @@ async def test_minting_twice_changes_nothing(env: Env) -> None:
 async def test_scope_and_budget_drift_is_corrected_in_place_without_a_restart(env: Env) -> None:
     first = await ensure_all(env)
     token = first["open-webui"].token_id
+    assert token is not None
     await gateway.update_key(env.gw, env.master, token, models=["coder-chat"], max_budget=0.5)
     value = (await data(env, EXP, "openwebui-secrets"))["OPENAI_API_KEY"]
     await restamp(env, "open-webui")
@@ -126,7 +127,9 @@ async def test_key_deleted_in_the_gateway_is_reminted_and_redelivered(env: Env) 
     first = await ensure_all(env)
     old_cfg = (await data(env, EXP, "tabby-config"))["config.toml"]
     webui_before = (await data(env, EXP, "openwebui-secrets"))["WEBUI_SECRET_KEY"]
-    await gateway.delete_keys(env.gw, env.master, [first["tabby"].token_id])
+    tabby_token = first["tabby"].token_id
+    assert tabby_token is not None
+    await gateway.delete_keys(env.gw, env.master, [tabby_token])
     await restamp(env, "tabby")
     rep = await ensure_key(env.api, env.gw, env.master, SPEC, SPEC.key("tabby"))
     # LiteLLM answers /key/info for a deleted key with 200 and status "deleted" (recorded: key-info-deleted-*)
@@ -150,7 +153,9 @@ async def test_alias_whose_value_we_lost_is_replaced_and_said_so(env: Env) -> No
     assert any("existed in the gateway but its value is not in" in n for n in rep.notes)
     [only] = await gateway.list_keys_by_alias(env.gw, env.master, "coder-agent")
     assert only.token == rep.token_id
-    gone = await gateway.key_info_by_token(env.gw, env.master, first["coder-agent"].token_id)
+    old_token = first["coder-agent"].token_id
+    assert old_token is not None
+    gone = await gateway.key_info_by_token(env.gw, env.master, old_token)
     assert gone is not None and gone.problem() == "deleted"
 
 

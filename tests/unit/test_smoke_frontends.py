@@ -93,7 +93,7 @@ async def test_openwebui_frontend_name_and_selector_come_from_the_spec() -> None
         update={
             "frontends": [
                 FrontendSpec(name="chat-ui", app="open-webui", selector_name="open-webui"),
-                FrontendSpec(name="tabby"),
+                FrontendSpec(name="tabby", app="tabby"),
             ]
         }
     )
@@ -103,7 +103,7 @@ async def test_openwebui_frontend_name_and_selector_come_from_the_spec() -> None
         await smoke_frontends(NO_API, spec, ok, "http://gw", tabby=False)
     assert {sel for _, sel, _ in seen} == {"app.kubernetes.io/name=open-webui"}
     assert "deploy/chat-ui" in str(ei.value) and str(ei.value).startswith("[frontend] chat-ui:")
-    no_webui = SPEC.model_copy(update={"frontends": [FrontendSpec(name="tabby")]})
+    no_webui = SPEC.model_copy(update={"frontends": [FrontendSpec(name="tabby", app="tabby")]})
     with pytest.raises(SpecError, match="no Open WebUI front-end"):
         await smoke_frontends(NO_API, no_webui, ok, "http://gw", tabby=False)
 
