@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from coder_stack.spec import ModelSpec, StackSpec
-from simstack.layout import EMBEDDINGS_PORT, EMBEDDINGS_SERVICE, service_url, stack_workloads
+from simstack.layout import EMBEDDINGS_PORT, EMBEDDINGS_SERVICE, stack_workloads
 
 Obj = dict[str, Any]
 
@@ -295,7 +295,7 @@ def proxy_config(spec: StackSpec) -> str:
                 "model_name": m.alias,
                 "litellm_params": {
                     "model": f"openai/{m.served_model_name}",
-                    "api_base": service_url(spec, m.name, spec.serving_namespace, m.port) + "/v1",
+                    "api_base": spec.model_incluster_url(m),
                     "api_key": "os.environ/UPSTREAM_API_KEY",
                     "input_cost_per_token": m.input_cost_per_token,
                     "output_cost_per_token": m.output_cost_per_token,
@@ -307,7 +307,7 @@ def proxy_config(spec: StackSpec) -> str:
             "model_name": spec.embeddings_alias,
             "litellm_params": {
                 "model": f"openai/{EMBEDDINGS_SERVED}",
-                "api_base": service_url(spec, EMBEDDINGS_SERVICE, spec.gateway_namespace, EMBEDDINGS_PORT) + "/v1",
+                "api_base": spec.service_url(EMBEDDINGS_SERVICE, spec.gateway_namespace, EMBEDDINGS_PORT) + "/v1",
                 "api_key": "os.environ/UPSTREAM_API_KEY",
                 "input_cost_per_token": 2e-8,
                 "output_cost_per_token": 0.0,

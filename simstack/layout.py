@@ -1,7 +1,8 @@
 """The stack's workloads as the simulated cluster lays them out, derived once from a ``StackSpec``: every
-Deployment with its Service (the gateway and its embeddings server, the models, the front-ends) and a
-Service's in-cluster URL. The spec does not carry these yet; the objects (``cluster_objects``) and
-the sim's readiness wait (``stack``) read them here.
+Deployment with its Service (the gateway and its embeddings server, the models, the front-ends). The
+spec knows the stack's own Deployments (``StackSpec.deployments``) and Service URLs
+(``StackSpec.service_url``); the gateway's embeddings server and the Services' ports are the simulated
+cluster's layout, read here by the objects (``cluster_objects``) and the sim's readiness wait (``stack``).
 """
 
 from __future__ import annotations
@@ -46,8 +47,3 @@ def stack_workloads(spec: StackSpec) -> list[Workload]:
             for fe in spec.frontends
         ]
     )
-
-
-def service_url(spec: StackSpec, service: str, namespace: str, port: int) -> str:
-    """A Service's URL as pods see it (cluster DNS), without a path."""
-    return f"http://{service}.{namespace}.svc.{spec.access.cluster_domain}:{port}"
