@@ -141,6 +141,11 @@ class SmokeFailed(PermanentError, GatewayError):
         self.hop = hop
 
 
+class MetricsUnreadable(PermanentError, GatewayError):
+    """A model server's /metrics could not be read, or lacks what idleness is judged by (running and
+    waiting gauges, request counters for the served model): the model is left serving."""
+
+
 class GatewayRequestError(PermanentError, GatewayError):
     """The gateway refused an admin call (bad master key, bad request)."""
 

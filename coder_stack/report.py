@@ -33,6 +33,15 @@ class SpendLine(BaseModel):
     note: str = ""
 
 
+class IdleLine(BaseModel):
+    model: str
+    action: str = Field(description="reclaimed, would reclaim, or left serving.")
+    reason: str = Field(description="How idle it was, or why it was left.")
+    idle_s: float | None = Field(None, description="Seconds its request counters had stood still.")
+    at: str | None = Field(None, description="When it was reclaimed (UTC).")
+    bring_back: str | None = Field(None, description="The command that brings it back.")
+
+
 class RunReport(BaseModel):
     flow: str
     started_at: str = Field(default_factory=lambda: datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"))
@@ -43,6 +52,7 @@ class RunReport(BaseModel):
     key_actions: list[str] = Field(default_factory=list, description="Key actions (alias: kept/minted/...).")
     models: list[ModelSection] = Field(default_factory=list)
     spend: list[SpendLine] = Field(default_factory=list)
+    idle: list[IdleLine] = Field(default_factory=list, description="Idle models reclaimed or left serving.")
     final_state: dict[str, int] = Field(default_factory=dict, description="Replicas per Deployment at the end.")
     notes: list[str] = Field(default_factory=list)
 
@@ -108,6 +118,13 @@ class RunReport(BaseModel):
                 budget = line.max_budget if line.max_budget is not None else "-"
                 out.append(
                     f"| {line.alias} | {line.spend:.6f} | {budget} | {used} | {', '.join(line.models)} | {line.note} |"
+                )
+            out.append("")
+        if self.idle:
+            out += ["## Idle models", "", "| model | action | why | at | bring it back |", "|---|---|---|---|---|"]
+            for i in self.idle:
+                out.append(
+                    f"| {i.model} | {i.action} | {i.reason.replace('|', '/')} | {i.at or '-'} | {i.bring_back or '-'} |"
                 )
             out.append("")
         if self.final_state:

@@ -249,6 +249,19 @@ class StackSpec(_Model):
     keystore_secret: Name = Field(
         "coder-stack-keys", description="Secret in the gateway namespace holding keys with no other consumer."
     )
+    idle_after_s: float = Field(
+        1800.0,
+        ge=0,
+        le=86400,
+        description="Reclaim a serving model (scale it to 0) once its request counters have not moved for this "
+        "many seconds and nothing is running or waiting; 0: never reclaim.",
+    )
+    idle_grace_s: float = Field(
+        600.0,
+        ge=0,
+        le=86400,
+        description="Never reclaim a model whose pod has been Ready for less than this many seconds.",
+    )
     access: AccessSpec = Field(default_factory=AccessSpec, description="How endpoints are reached.")
     timeouts: Timeouts = Field(default_factory=Timeouts, description="Timeouts outside cold starts.")
 

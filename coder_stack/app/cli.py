@@ -263,6 +263,20 @@ def down(
 
 
 @app.command()
+def reclaim(
+    dry_run: DryRunOpt = False,
+    stack: StackOpt = None,
+    kubeconfig: KubeconfigOpt = None,
+    context: ContextOpt = None,
+) -> None:
+    """Scale serving models idle for idle_after_s (nothing running or waiting, counters unchanged) to 0."""
+    from flows.reclaim import ReclaimOptions, reclaim_idle_models
+
+    conn = _connection(stack, kubeconfig, context)[0]
+    _run_flow(reclaim_idle_models(options=ReclaimOptions(dry_run=dry_run), connection=conn))
+
+
+@app.command()
 def keys(
     alias: Annotated[list[str] | None, typer.Option("--alias", help="Only this key alias (repeatable).")] = None,
     rotate: Annotated[bool, typer.Option("--rotate", help="Mint new keys, swap them in, delete the old.")] = False,
@@ -294,6 +308,7 @@ def status(stack: StackOpt = None, kubeconfig: KubeconfigOpt = None, context: Co
     from rich.table import Table
 
     from coder_stack.orchestration.gpu import gpu_limit_status
+    from coder_stack.usecases.idle import reclaimed_note
     from tasks.cluster import stack_status_task
     from tasks.gateway import read_spend_task
 
@@ -303,7 +318,7 @@ def status(stack: StackOpt = None, kubeconfig: KubeconfigOpt = None, context: Co
     async def gather() -> tuple[Any, Any, Any]:
         deps = await stack_status_task.fn(target, spec_obj)
         try:
-            gpu: Any = await gpu_limit_status(("validate_coder_stack", "swap_model", "bring_up"))
+            gpu: Any = await gpu_limit_status(("validate_coder_stack", "swap_model", "bring_up", "reclaim_idle_models"))
         except Exception as e:  # Prefect API down: still show the cluster
             gpu = f"GPU limit: unknown ({type(e).__name__}: is the Prefect API reachable?)"
         try:
@@ -320,6 +335,11 @@ def status(stack: StackOpt = None, kubeconfig: KubeconfigOpt = None, context: Co
         t.add_row(f"{d.namespace}/{d.name}", str(d.replicas), str(d.ready_replicas),
                   ", ".join(f"{p.name} {p.status}" for p in d.pods) or "-")  # fmt: skip
     out.print(t)
+    for d in deps:
+        if d.namespace == spec_obj.serving_namespace and not d.replicas:
+            note = reclaimed_note(spec_obj, spec_obj.model(d.name), d.annotations)
+            if note:
+                out.print(note)
     out.print(gpu if isinstance(gpu, str) else gpu.describe())
     if isinstance(rows, str):
         out.print(rows)

@@ -27,6 +27,16 @@ def is_pod_ready(pod: client.V1Pod) -> bool:
     return False
 
 
+def ready_since(pod: client.V1Pod) -> datetime | None:
+    """When the pod last became Ready (its Ready condition's lastTransitionTime); None if it is not Ready."""
+    if not is_pod_ready(pod):
+        return None
+    for c in (pod.status.conditions if pod.status else None) or []:
+        if c.type == "Ready" and isinstance(c.last_transition_time, datetime):
+            return c.last_transition_time
+    return None
+
+
 def is_deleting(pod: client.V1Pod) -> bool:
     """metadata.deletionTimestamp is set: the pod is terminating."""
     return bool(pod.metadata and pod.metadata.deletion_timestamp)
@@ -146,4 +156,5 @@ __all__ = [
     "main_container",
     "pod_summary",
     "ready_pod",
+    "ready_since",
 ]

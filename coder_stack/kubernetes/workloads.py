@@ -16,6 +16,9 @@ from coder_stack.errors import NotFound, SpecError
 from coder_stack.kubernetes.client import API_TIMEOUT, api_errors
 from coder_stack.kubernetes.pods import PodSummary, pod_summary
 
+# The prefix of the annotations coder-stack keeps on Deployments (e.g. a model's activity reading).
+OWN_ANNOTATIONS = "coder-stack.io/"
+
 
 class _Report(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -66,6 +69,9 @@ class DeploymentStatus(_Report):
     observed_generation: int = Field(ge=0, description="status.observedGeneration.")
     ready: bool = Field(description="observedGeneration >= generation and readyReplicas == replicas.")
     pods: list[PodSummary] = Field(default_factory=list, description="Pods of the deployment.")
+    annotations: dict[str, str] = Field(
+        default_factory=dict, description=f"The Deployment's own annotations under {OWN_ANNOTATIONS!r}."
+    )
 
 
 def is_deployment_ready(dep: client.V1Deployment) -> bool:
@@ -104,7 +110,24 @@ async def deployment_status(api: ApiClient, namespace: str, name: str) -> Deploy
         observed_generation=int(st.observed_generation or 0),
         ready=is_deployment_ready(dep),
         pods=pods,
+        annotations=own_annotations(dep),
     )
+
+
+def own_annotations(dep: client.V1Deployment) -> dict[str, str]:
+    """The Deployment's annotations under :data:`OWN_ANNOTATIONS`."""
+    found = (dep.metadata.annotations if dep.metadata else None) or {}
+    return {k: str(v) for k, v in found.items() if k.startswith(OWN_ANNOTATIONS)}
+
+
+async def annotate_deployment(api: ApiClient, namespace: str, name: str, annotations: dict[str, str | None]) -> None:
+    """`kubectl annotate deploy/<name> k=v` (None removes ``k``). A metadata-only merge patch: no rollout."""
+    if not annotations:
+        return
+    apps = client.AppsV1Api(api)
+    body = {"metadata": {"annotations": annotations}}
+    with _deployment_not_found(namespace, name), api_errors("patch", "deployments", namespace, name):
+        await apps.patch_namespaced_deployment(name, namespace, body, _request_timeout=API_TIMEOUT)
 
 
 async def restart_deployment(api: ApiClient, namespace: str, name: str) -> None:
@@ -117,10 +140,13 @@ async def restart_deployment(api: ApiClient, namespace: str, name: str) -> None:
 
 
 __all__ = [
+    "OWN_ANNOTATIONS",
     "DeploymentStatus",
     "ScaleResult",
+    "annotate_deployment",
     "deployment_status",
     "is_deployment_ready",
+    "own_annotations",
     "read_deployment",
     "restart_deployment",
     "scale",

@@ -34,6 +34,9 @@ class SimServices:
     time_scale: float = 1.0
     spend_write_delay_s: float = 10.0  # LiteLLM PROXY_BATCH_WRITE_AT, simulated seconds (scaled)
     litellm_db: dict[str, Any] = field(default_factory=dict)  # LiteLLM's Postgres: survives pod restarts
+    # vLLM's decode time per streamed token, simulated seconds (scaled); 0: as fast as the loop. A slow stream
+    # keeps vllm:num_requests_running at 1 while it runs, as a long generation does on the real server.
+    vllm_decode_s: float = 0.0
     vllm_auto_tool_habit: bool = True  # Qwen2.5-Coder with tool_choice=auto answers with a plain JSON block
     counters: dict[str, int] = field(default_factory=dict)  # request counts per stand-in, for tests
     # Other apps' persistent state (e.g. Tabby's registration token), keyed "<app>:<namespace>".

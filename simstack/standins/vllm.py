@@ -1086,6 +1086,10 @@ class VllmServer:
             )
         return value
 
+    async def _decode_pause(self) -> None:
+        """Between streamed tokens: the configured decode time (SimServices.vllm_decode_s), else a yield."""
+        await asyncio.sleep(max(0.0, self.services.vllm_decode_s) * self.services.time_scale)
+
     def _account(
         self, prompt_tokens: int, gen: Generation | None, completion_tokens: int, finish: str, t0: float, body: Any
     ) -> None:
@@ -1376,7 +1380,7 @@ class VllmServer:
                         for k, delta in enumerate(gen.deltas):
                             last = k == len(gen.deltas) - 1
                             yield step(i, {"content": delta}, last, gen.stop_reason if last else None)
-                            await asyncio.sleep(0)
+                            await self._decode_pause()
                 if include_usage:
                     usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + completion_tokens * n,
                              "completion_tokens": completion_tokens * n}  # fmt: skip
@@ -1438,7 +1442,7 @@ class VllmServer:
                     for j, delta in enumerate(g.deltas):
                         last = j == len(g.deltas) - 1
                         yield chunk(idx, (echoed if j == 0 else "") + delta, g, last, last and c == len(choices) - 1)
-                        await asyncio.sleep(0)
+                        await self._decode_pause()
                 if include_usage:
                     # GUESS: the completions usage chunk is shaped like the recorded chat one
                     yield {

@@ -382,11 +382,15 @@ async def test_setup_deploys_every_deployment_with_its_schedule(
             "teardown/evening-teardown": ("0 19 * * *", "coder-stack-process"),
             "validate_coder_stack/validate-coder-stack": (None, "coder-stack-process"),
             "swap_model/swap-model": (None, "coder-stack-process"),
+            "reclaim_idle_models/reclaim-idle-models": ("*/5 * * * *", "coder-stack-process"),
             "bring_up/morning-bring-up-in-cluster": (None, "coder-stack-k8s"),
             "teardown/evening-teardown-in-cluster": (None, "coder-stack-k8s"),
             "validate_coder_stack/validate-coder-stack-in-cluster": (None, "coder-stack-k8s"),
             "swap_model/swap-model-in-cluster": (None, "coder-stack-k8s"),
+            "reclaim_idle_models/reclaim-idle-models-in-cluster": (None, "coder-stack-k8s"),
         }
+        # A reclaim still running when the next is due: the next one is dropped, not queued behind it.
+        collision = {"reclaim_idle_models/reclaim-idle-models": "CANCEL_NEW"}
         for name, (cron, pool) in want.items():
             d = await client.read_deployment_by_name(name)
             assert d.work_pool_name == pool, name
@@ -403,7 +407,7 @@ async def test_setup_deploys_every_deployment_with_its_schedule(
             ), (name, sched.schedule)
             assert d.global_concurrency_limit is not None and d.global_concurrency_limit.limit == 1, name
             assert d.concurrency_options is not None, name
-            assert d.concurrency_options.collision_strategy == "ENQUEUE", name
+            assert d.concurrency_options.collision_strategy == collision.get(name, "ENQUEUE"), name
 
 
 # ------------------------------------------------------------------ 11. dry runs

@@ -18,6 +18,7 @@ import yaml
 from coder_stack.errors import Forbidden
 from flows.bring_up import bring_up
 from flows.keys import KeyOptions, manage_keys, report_spend
+from flows.reclaim import reclaim_idle_models
 from flows.swap import SwapOptions, swap_model
 from flows.teardown import teardown
 from flows.validate import ValidateOptions, validate_coder_stack
@@ -145,6 +146,8 @@ async def test_every_flow_passes_under_the_role_and_every_grant_is_used(rbac_sim
     assert report.outcome == "passed", report.to_markdown()
     up = await bring_up(connection=c)
     assert up.outcome.startswith("passed"), up.to_markdown()
+    idle = await reclaim_idle_models(connection=c)  # coder-chat serving, just up: its first reading is kept
+    assert idle.outcome == "passed: nothing idle", idle.to_markdown()
     sw = await swap_model(options=SwapOptions(target="coder-fim"), connection=c)
     assert sw.outcome == "passed", sw.to_markdown()
     keys = await manage_keys(options=KeyOptions(rotate=True), connection=c)

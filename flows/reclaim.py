@@ -1,0 +1,143 @@
+"""reclaim_idle_models (every 5 min): scale serving models nobody uses back to 0.
+
+A model is reclaimed only when its idleness is *read*: no request running or waiting on its /metrics and
+its request counters unchanged since a reading at least ``idle_after_s`` old (kept on its Deployment,
+``coder-stack.io/activity``), and its pod Ready for at least ``idle_grace_s``. A model whose metrics cannot
+be read is left serving, with the reason. A model another run holds is busy by definition: the flow takes
+the GPU limit without waiting long and, if another run holds it, changes nothing. Safe to run twice: a
+reclaimed model is at 0 and no longer serving.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from prefect import flow
+from prefect.artifacts import acreate_markdown_artifact
+from pydantic import BaseModel, ConfigDict, Field
+
+from coder_stack.errors import PermanentError, RetriableError
+from coder_stack.kubernetes.client import cluster_session
+from coder_stack.orchestration.gpu import GPU_LIMIT, gpu_session
+from coder_stack.report import IdleLine, RunReport
+from coder_stack.spec import ModelSpec
+from coder_stack.usecases.idle import Idleness, bring_back
+from flows.common import Connection, Run, guarded, logger, release
+from tasks.cluster import stack_status_task
+from tasks.idle import mark_reclaimed_task, read_idleness_task
+
+# How long the flow waits for the GPU limit: a run holding it is using the GPU, so the flow does not queue.
+GPU_WAIT_S = 3.0
+HELD = "held by another run"
+
+
+class ReclaimIncomplete(PermanentError):
+    """An idle model's scale-down was not confirmed (its pods are still there)."""
+
+
+class ReclaimOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dry_run: bool = Field(False, description="Only report what would be reclaimed; change nothing (no reading kept).")
+
+
+@flow(name="reclaim_idle_models", log_prints=False)
+async def reclaim_idle_models(
+    options: ReclaimOptions = ReclaimOptions(),
+    connection: Connection = Connection(),
+) -> RunReport:
+    """Scale every serving model idle for ``idle_after_s`` (and past ``idle_grace_s``) to 0; pods gone."""
+    spec, target = connection.resolve()
+    async with cluster_session(target):
+        run = Run(target, spec, RunReport(flow="reclaim_idle_models"))
+        report = run.report
+        async with guarded(report, "reclaim-report", "reclaim_idle_models", final_state_of=(target, spec)):
+            if spec.idle_after_s <= 0:
+                report.notes.append("idle reclaim is off (idle_after_s: 0); nothing read")
+                report.finish("passed: reclaim off")
+                return report
+            run.step("find the serving models")
+            statuses = {
+                s.name: s for s in await stack_status_task(target, spec) if s.namespace == spec.serving_namespace
+            }
+            serving = [
+                m for m in spec.models if m.name in statuses and (statuses[m.name].replicas or statuses[m.name].pods)
+            ]
+            if not serving:
+                report.notes.append("no model is serving; nothing to reclaim")
+                report.finish("passed: nothing serving")
+                return report
+            if options.dry_run:
+                for m in serving:
+                    idle = await read_idleness_task(target, spec, m, record=False)
+                    _record(run, m, idle, "would reclaim" if idle.idle else "left serving")
+                report.finish("dry run: nothing changed")
+                return report
+            held = False
+            try:
+                async with gpu_session(GPU_WAIT_S):
+                    held = True
+                    await _reclaim(run, serving)
+            except RetriableError as e:
+                if held:
+                    raise
+                why = HELD if "holds it" in str(e) else f"not taken: {e}"
+                for m in serving:
+                    report.idle.append(IdleLine(model=m.name, action="left serving", reason=f"busy: GPU limit {why}"))
+                report.notes.append(f"the GPU limit {GPU_LIMIT} is {why} ({e}); nothing read or changed")
+                logger().info("GPU limit %s is %s; leaving %s serving.", GPU_LIMIT, why, [m.name for m in serving])
+                report.finish(f"skipped: GPU limit {why}")
+                return report
+            await _publish(run)
+            reclaimed = [i.model for i in report.idle if i.action == "reclaimed"]
+            report.finish(f"passed: reclaimed {', '.join(reclaimed)}" if reclaimed else "passed: nothing idle")
+            return report
+
+
+async def _reclaim(run: Run, serving: list[ModelSpec]) -> None:
+    target, spec = run.target, run.spec
+    run.step(f"holding the GPU limit; reading the activity of {', '.join(m.name for m in serving)}")
+    idle = [(m, await read_idleness_task(target, spec, m)) for m in serving]
+    for m, i in idle:
+        if not i.idle:
+            _record(run, m, i, "left serving")
+    for m, i in idle:
+        if not i.idle:
+            continue
+        run.step(f"{m.name} {i.reason}: scale it to 0")
+        outcome = (await release(target, spec, [m], [])).get(m.name, "")
+        if not outcome.startswith("scaled to 0") or "still has pods" in outcome:
+            raise ReclaimIncomplete(f"{m.name} was idle but could not be reclaimed: {outcome or 'no answer'}")
+        at = datetime.now(UTC)
+        await mark_reclaimed_task(target, spec, m, at)
+        run.step(f"{m.name} reclaimed: {outcome}")
+        _record(run, m, i, "reclaimed", at)
+
+
+def _record(run: Run, model: ModelSpec, idle: Idleness, action: str, at: datetime | None = None) -> None:
+    back = bring_back(run.spec, model) if action != "left serving" else None
+    run.report.idle.append(
+        IdleLine(
+            model=model.name,
+            action=action,
+            reason=idle.reason,
+            idle_s=round(idle.idle_s, 1) if idle.readable else None,
+            at=f"{at:%Y-%m-%d %H:%M:%S} UTC" if at else None,
+            bring_back=back,
+        )
+    )
+    tail = f"; bring it back with {back}" if back else ""
+    run.report.notes.append(f"{model.name}: {action}: {idle.reason}{tail}")
+
+
+async def _publish(run: Run) -> None:
+    """What was reclaimed, as its own markdown artifact (the run's report is published by ``guarded``)."""
+    lines = [i for i in run.report.idle if i.action == "reclaimed"]
+    if not lines:
+        return
+    md = ["# Reclaimed idle models", "", "| model | reclaimed at | idle | bring it back |", "|---|---|---|---|"]
+    md += [f"| {i.model} | {i.at} | {(i.idle_s or 0) / 60:.1f} min | {i.bring_back} |" for i in lines]
+    try:
+        await acreate_markdown_artifact(key="reclaimed-models", markdown="\n".join(md), description="Reclaimed models")
+    except Exception as e:  # an artifact must never fail a reclaim that happened
+        logger().warning("Could not publish the reclaimed-models artifact: %s", type(e).__name__)

@@ -1,0 +1,41 @@
+"""Thin Prefect tasks over :mod:`coder_stack.usecases.idle`: read a serving model's idleness (keeping the
+reading on its Deployment) and stamp a reclaim. Retries only :class:`~coder_stack.errors.RetriableError`."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from coder_stack.kubernetes.client import ClusterTarget, open_api
+from coder_stack.spec import ModelSpec, StackSpec
+from coder_stack.usecases.idle import Idleness, mark_reclaimed, read_idleness
+from tasks._common import only_retriable, run_logger
+
+_TASK: dict[str, Any] = {
+    "cache_policy": NO_CACHE,
+    "retries": 2,
+    "retry_delay_seconds": [2, 5],
+    "retry_condition_fn": only_retriable,
+}
+
+
+@task(name="read-idleness", **_TASK)
+async def read_idleness_task(target: ClusterTarget, spec: StackSpec, model: ModelSpec, record: bool = True) -> Idleness:
+    """Running/waiting requests and counters from the model's /metrics, judged against the kept reading."""
+    async with open_api(target) as api:
+        idle = await read_idleness(api, spec, model, record=record)
+    run_logger().info("%s: %s.", model.name, idle.reason)
+    return idle
+
+
+@task(name="mark-reclaimed", **_TASK)
+async def mark_reclaimed_task(target: ClusterTarget, spec: StackSpec, model: ModelSpec, at: datetime) -> None:
+    """Annotate the Deployment with when it was reclaimed."""
+    async with open_api(target) as api:
+        await mark_reclaimed(api, spec, model, at)
+
+
+__all__ = ["mark_reclaimed_task", "read_idleness_task"]
