@@ -2,16 +2,15 @@
 
 Tagging tasks ``gpu`` only serialises single task runs (two flows can interleave between them), and a
 flow that holds ``tag:gpu`` and then runs a ``gpu``-tagged task deadlocks. So no task carries the tag;
-each flow holds the limit around its GPU session with ``concurrency(..., strict=True)``. A missing limit
-refuses GPU work instead of running unprotected.
+each flow holds the limit around its GPU session (``gpu_session``: a slot with a lease, renewed and released
+as Prefect's ``concurrency(..., strict=True)`` does; the slot request itself is ours, see below). A missing
+limit refuses GPU work instead of running unprotected.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
-import logging
 import random
 import time
 import weakref
@@ -20,10 +19,13 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from uuid import UUID
 
 import httpx
-from prefect.client.orchestration import get_client
+from prefect.client.orchestration import PrefectClient, get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
 from prefect.client.schemas.objects import StateType
-from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError, concurrency
+from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
+from prefect.concurrency._events import emit_concurrency_acquisition_events, emit_concurrency_release_events
+from prefect.concurrency._leases import amaintain_concurrency_lease
+from prefect.concurrency.context import ConcurrencyContext
 from prefect.exceptions import ObjectNotFound
 from pydantic import BaseModel, Field
 
@@ -36,6 +38,11 @@ LEASE_SECONDS = 300.0
 # with jitter — for GPU sessions of minutes, a freed GPU sat idle for ~0-13 s before the next session
 # noticed (bench: handoff). Asking every ~0.5 s costs one small API call per queued flow run.
 POLL_SECONDS = 0.5
+# A slot request the server answers 503 (on SQLite: SQLITE_BUSY_SNAPSHOT, the request's transaction lost to
+# a concurrent write and was rolled back, so nothing is held) is asked again after 20-50 ms (jittered), for
+# at most BUSY_BOUND_SECONDS in a row; then the session fails with a RetriableError and holds no slot.
+BUSY_RETRY_SECONDS = (0.02, 0.05)
+BUSY_BOUND_SECONDS = 5.0
 
 
 class GpuLimitStatus(BaseModel):
@@ -116,28 +123,124 @@ async def require_gpu_limit() -> None:
         raise GpuLimitMissing(f"the GPU concurrency limit {GPU_LIMIT} is inactive; activate it and rerun")
 
 
-def _is_423(err: BaseException | None) -> bool:
-    return isinstance(err, httpx.HTTPStatusError) and err.response.status_code == 423
+# ------------------------------------------------------------------ the slot request, ours
+# Where Prefect (3.9.1) retried the 503: ``concurrency()`` sends the request from
+# ConcurrencySlotAcquisitionWithLeaseService (prefect/concurrency/services.py, ``acquire``; its
+# ``max_retries`` only counts 423s), a thread with its own event loop and PrefectClient, which calls
+# ``increment_concurrency_slots_with_lease`` (prefect/client/orchestration/_concurrency_limits/client.py) ->
+# ``PrefectHttpxAsyncClient.send`` -> ``_send_with_retry`` (prefect/client/base.py). That retries 503 (and
+# 408, 429, 502, PREFECT_CLIENT_RETRY_EXTRA_CODES) up to PREFECT_CLIENT_MAX_RETRIES (5) times after
+# ``2**try_count`` s (2 s, 4 s, ...; jittered), as the server's 503 has no Retry-After.
+# What does not work: ``temporary_settings`` around ``concurrency()`` (the service thread does not run in
+# the caller's context), and PREFECT_CLIENT_MAX_RETRIES=0 even on our own client (``_send_with_retry``
+# still sleeps 2 s after its only attempt before it returns the 503: base.py, ``await anyio.sleep`` at the
+# end of the ``while try_count <= ...`` loop).
+# What we do: send the request ourselves with the same public client method, on a client made for it
+# (``get_client(httpx_settings=...)``) whose httpx response hook raises _ServerBusy on a 503 to the slot
+# request. The hook runs inside httpx's ``send``, so the exception leaves Prefect's retry loop at once (it
+# retries only its own list of exceptions); everything else about the request (other codes, dropped
+# connections, CSRF) stays Prefect's. The 503 is asked again here within tens of ms. Holding and giving
+# back the slot stay Prefect's, as ``concurrency()`` does them (prefect/concurrency/_asyncio.py): its lease
+# renewal (``amaintain_concurrency_lease``; a failed renewal cancels the session, as ``strict=True`` did),
+# its acquired/released events, the lease recorded on the run's ConcurrencyContext (released when the run
+# ends if our release is cancelled), release by lease id. Those helpers live in underscore modules:
+# called, never patched; re-check them on a Prefect upgrade.
+
+_SLOT_REQUEST_PATH = "/v2/concurrency_limits/increment-with-lease"
 
 
-def _locked(err: BaseException) -> bool:
-    return _is_423(err.__cause__)
+class _ServerBusy(Exception):
+    """The server answered the slot request 503: its transaction was rolled back, nothing is held."""
 
 
-class _QuietBusyGpu(logging.Filter):
-    """Prefect's slot service logs every refused attempt at ERROR ("failed to process item"): with
-    ``max_retries=0`` a 423 (the GPU is busy) is the expected answer while queued, so drop those lines."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        args = record.args if isinstance(record.args, tuple) else ()
-        if len(args) == 2 and args[0] == "ConcurrencySlotAcquisitionWithLeaseService" and isinstance(args[1], tuple):
-            fut = args[1][-1] if args[1] else None
-            if isinstance(fut, concurrent.futures.Future) and fut.done() and _is_423(fut.exception()):
-                return False
-        return True
+async def _no_retry_on_503(response: httpx.Response) -> None:
+    if response.status_code == 503 and response.request.url.path.endswith(_SLOT_REQUEST_PATH):
+        raise _ServerBusy(response.status_code)
 
 
-logging.getLogger("prefect._internal.concurrency").addFilter(_QuietBusyGpu())
+def _slot_client() -> PrefectClient:
+    return get_client(httpx_settings={"event_hooks": {"response": [_no_retry_on_503]}})
+
+
+async def _release(lease_id: UUID) -> None:
+    async with get_client() as client:
+        await client.release_concurrency_slots_with_lease(lease_id=lease_id)
+
+
+def _lease_of(response: httpx.Response) -> ConcurrencyLimitWithLeaseResponse:
+    lease = ConcurrencyLimitWithLeaseResponse.model_validate(response.json())
+    if not lease.limits:
+        raise GpuLimitMissing(f"the GPU concurrency limit {GPU_LIMIT} is gone; run `coder-stack setup` and rerun")
+    return lease
+
+
+def _server_busy(tries: int, seconds: float) -> RetriableError:
+    return RetriableError(
+        f"the Prefect server answered 503 (busy: on SQLite, a database write conflict) to {tries} GPU slot "
+        f"request(s) in {seconds:.1f} s; no GPU slot is held. Retry the flow run; if it recurs, the Prefect "
+        "server is overloaded (consider PostgreSQL)"
+    )
+
+
+async def _request_slot(client: PrefectClient) -> httpx.Response:
+    """One slot request. If this task is cancelled meanwhile, the request still finishes and a slot it was
+    granted is given back (Prefect's acquisition service does the same for a cancelled caller)."""
+    req = asyncio.ensure_future(
+        client.increment_concurrency_slots_with_lease(
+            names=[GPU_LIMIT], slots=1, mode="concurrency", lease_duration=LEASE_SECONDS
+        )
+    )
+    try:
+        return await asyncio.shield(req)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            lease = ConcurrencyLimitWithLeaseResponse.model_validate((await req).json())
+            if lease.limits:
+                await client.release_concurrency_slots_with_lease(lease_id=lease.lease_id)
+        raise
+
+
+async def _take_slot(client: PrefectClient) -> ConcurrencyLimitWithLeaseResponse | None:
+    """Ask for the slot: its lease, or None when another session holds it (423).
+
+    A 503 is asked again after 20-50 ms (jittered) for up to BUSY_BOUND_SECONDS, then RetriableError."""
+    first_503: float | None = None
+    tries = 0
+    while True:
+        try:
+            return _lease_of(await _request_slot(client))
+        except httpx.HTTPStatusError as e:
+            if e.response.status_code == 423:
+                return None
+            raise
+        except _ServerBusy as e:
+            tries += 1
+            now = time.monotonic()
+            first_503 = now if first_503 is None else first_503
+            if now - first_503 >= BUSY_BOUND_SECONDS:
+                raise _server_busy(tries, now - first_503) from e
+            await asyncio.sleep(random.uniform(*BUSY_RETRY_SECONDS))
+
+
+@asynccontextmanager
+async def _holding(lease: ConcurrencyLimitWithLeaseResponse) -> AsyncIterator[None]:
+    """Hold a granted slot as ``concurrency(..., strict=True)`` does, and give it back on exit."""
+    ctx = ConcurrencyContext.get()
+    if ctx is not None:
+        ctx.cleanup_lease_ids.append(lease.lease_id)
+    events = emit_concurrency_acquisition_events(lease.limits, 1)
+    try:
+        async with amaintain_concurrency_lease(lease.lease_id, LEASE_SECONDS, raise_on_lease_renewal_failure=True):
+            yield
+    finally:
+        try:
+            await _release(lease.lease_id)
+        except asyncio.CancelledError:
+            pass  # left on the ConcurrencyContext: released when the run ends (or the lease expires)
+        else:
+            if ctx is not None and lease.lease_id in ctx.cleanup_lease_ids:
+                ctx.cleanup_lease_ids.remove(lease.lease_id)
+        emit_concurrency_release_events(lease.limits, 1, events)
 
 
 class _WaitingRoom:
@@ -173,19 +276,18 @@ def _waited_too_long(timeout_s: float) -> RetriableError:
     )
 
 
-async def _slot_looks_free() -> bool:
+async def _slot_looks_free(client: PrefectClient) -> bool:
     """Read the limit (no write) before asking for a slot.
 
     A refused request is not free on the server: it writes the limit's ``denied_slots``, and on SQLite,
-    next to the flow runs' own writes, it often fails with 503 (SQLITE_BUSY_SNAPSHOT), which Prefect's
-    client retries only after a 2 s back-off: a freed GPU then waits for that back-off. A read never
-    conflicts; the request is sent when a slot is free (another process may still win it: 423).
+    next to the flow runs' own writes, it can fail with 503 (SQLITE_BUSY_SNAPSHOT) like any write. A read
+    never conflicts; the request is sent when a slot is free (another process may still win it: 423), and
+    a 503 to it is asked again within tens of ms (``_take_slot``).
     """
-    async with get_client() as client:
-        try:
-            gcl = await client.read_global_concurrency_limit_by_name(GPU_LIMIT)
-        except ObjectNotFound:
-            return True  # gone since require_gpu_limit(): the strict request reports it
+    try:
+        gcl = await client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+    except ObjectNotFound:
+        return True  # gone since require_gpu_limit(): the slot request reports it
     return gcl.active_slots < gcl.limit
 
 
@@ -193,9 +295,11 @@ async def _slot_looks_free() -> bool:
 async def gpu_session(timeout_s: float, poll_s: float = POLL_SECONDS) -> AsyncIterator[None]:
     """Hold one GPU slot for the whole block (scale-up to scale-down). Queues behind other sessions.
 
-    Asks for the slot without Prefect's server-paced retry (``max_retries=0``) and again every ~``poll_s``
-    seconds (jittered), so a GPU freed by another process is taken within about ``poll_s``; one freed in
-    this process, at once. Sessions of this process queue in arrival order and only the first asks.
+    Asks for the slot without Prefect's retries (neither its server-paced 423 retry nor its 2 s, 4 s, ...
+    HTTP back-off on 503) and again every ~``poll_s`` seconds (jittered), so a GPU freed by another process
+    is taken within about ``poll_s``; one freed in this process, at once. A 503 is asked again after 20-50 ms
+    for up to ``BUSY_BOUND_SECONDS``, then RetriableError with no slot held. Sessions of this process queue
+    in arrival order and only the first asks.
     """
     await require_gpu_limit()
     deadline = time.monotonic() + timeout_s
@@ -209,23 +313,21 @@ async def gpu_session(timeout_s: float, poll_s: float = POLL_SECONDS) -> AsyncIt
         except TimeoutError:
             raise _waited_too_long(timeout_s) from None
         try:
-            while True:
-                room.freed.clear()
-                if await _slot_looks_free():
-                    try:
-                        await stack.enter_async_context(
-                            concurrency(GPU_LIMIT, occupy=1, strict=True, max_retries=0, lease_duration=LEASE_SECONDS)
-                        )
+            # One client for the whole turn, made when the turn starts (while the GPU is still held by the
+            # session before): a new client costs ~20 ms here (its TLS context), and its connection is kept
+            # alive by the polls, so the request at hand-off time pays neither.
+            async with _slot_client() as client:
+                while True:
+                    room.freed.clear()
+                    if await _slot_looks_free(client) and (lease := await _take_slot(client)) is not None:
+                        await stack.enter_async_context(_holding(lease))
                         break
-                    except ConcurrencySlotAcquisitionError as e:
-                        if not _locked(e):
-                            raise
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise _waited_too_long(timeout_s)
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(min(left, poll_s * random.uniform(0.8, 1.2))):
-                        await room.freed.wait()  # a session of this process ended: ask now
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise _waited_too_long(timeout_s)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(min(left, poll_s * random.uniform(0.8, 1.2))):
+                            await room.freed.wait()  # a session of this process ended: ask now
         finally:
             room.turn.release()
         yield

@@ -29,7 +29,7 @@ class Config:
     detect_n: int
     peer_reps: int
     validate_scale: float  # validate and the sequential runbook
-    handoff_sessions: int
+    handoff_sessions: int  # queued swaps: one hand-off fewer (full: 10 hand-offs for the p95)
     scale_scale: float
     scale_models: tuple[int, ...]
     scale_gpus: tuple[int, ...]
@@ -38,7 +38,7 @@ class Config:
     rss_gpus: int
 
 
-FULL = Config("full", 0.01, 20, 3, 0.08, 6, 0.005, (1, 5, 20), (1, 2, 4), 0.005, 20, 4)
+FULL = Config("full", 0.01, 20, 3, 0.08, 11, 0.005, (1, 5, 20), (1, 2, 4), 0.005, 20, 4)
 QUICK = Config("quick", 0.005, 6, 1, 0.01, 3, 0.003, (1, 3, 6), (1, 2), 0.003, 5, 2)
 TINY = Config("tiny", 0.002, 2, 1, 0.002, 2, 0.002, (1, 2, 3), (1,), 0.002, 2, 1)  # the tests' plumbing run
 
