@@ -165,6 +165,10 @@ class GpuLimitMissing(PermanentError):
     """The tag:gpu global concurrency limit does not exist, so GPU work would run unprotected."""
 
 
+class GpuSlotTimeout(RetriableError):
+    """A GPU session waited its time for the ``tag:gpu`` slot and another session still holds it."""
+
+
 class GpuBusy(PermanentError):
     """Another model is serving and take_over was not set."""
 

@@ -16,7 +16,7 @@ from prefect import flow
 from prefect.artifacts import acreate_markdown_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
-from coder_stack.errors import PermanentError, RetriableError
+from coder_stack.errors import GpuSlotTimeout, PermanentError, RetriableError
 from coder_stack.kubernetes.client import cluster_session
 from coder_stack.orchestration.gpu import GPU_LIMIT, gpu_session
 from coder_stack.report import IdleLine, RunReport
@@ -81,7 +81,7 @@ async def reclaim_idle_models(
             except RetriableError as e:
                 if held:
                     raise
-                why = HELD if "holds it" in str(e) else f"not taken: {e}"
+                why = HELD if isinstance(e, GpuSlotTimeout) else f"not taken: {e}"
                 for m in serving:
                     report.idle.append(IdleLine(model=m.name, action="left serving", reason=f"busy: GPU limit {why}"))
                 report.notes.append(f"the GPU limit {GPU_LIMIT} is {why} ({e}); nothing read or changed")

@@ -29,7 +29,7 @@ from prefect.concurrency.context import ConcurrencyContext
 from prefect.exceptions import ObjectNotFound
 from pydantic import BaseModel, Field
 
-from coder_stack.errors import GpuLimitMissing, RetriableError
+from coder_stack.errors import GpuLimitMissing, GpuSlotTimeout, RetriableError
 
 GPU_LIMIT = "tag:gpu"
 LEASE_SECONDS = 300.0
@@ -269,8 +269,8 @@ def _room() -> _WaitingRoom:
     return room
 
 
-def _waited_too_long(timeout_s: float) -> RetriableError:
-    return RetriableError(
+def _waited_too_long(timeout_s: float) -> GpuSlotTimeout:
+    return GpuSlotTimeout(
         f"waited {timeout_s:.0f} s for the GPU ({GPU_LIMIT}) and another session still holds it; "
         "see `coder-stack status` for who holds it"
     )
