@@ -6,6 +6,7 @@ import inspect
 import logging
 from typing import Any
 
+from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 
@@ -36,3 +37,14 @@ def run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
         return get_run_logger()
     except MissingContextError:
         return logging.getLogger("coder_stack.tasks")
+
+
+def retrying(*delays_s: float) -> dict[str, Any]:
+    """The options every task shares: no result cache, and a retry after each delay in ``delays_s`` for
+    :class:`~coder_stack.errors.RetriableError` only."""
+    return {
+        "cache_policy": NO_CACHE,
+        "retries": len(delays_s),
+        "retry_delay_seconds": list(delays_s),
+        "retry_condition_fn": only_retriable,
+    }

@@ -9,12 +9,10 @@ hiccups, a pod not Ready yet); a crash loop or an over-budget phase fails at onc
 from __future__ import annotations
 
 import logging
-from typing import Any
 from uuid import UUID
 
 from prefect import task
 from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifact
-from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 
 from coder_stack.errors import SpecError
@@ -23,14 +21,9 @@ from coder_stack.kubernetes.preflight import PreflightReport, preflight
 from coder_stack.kubernetes.wait import GoneReport, OnPhase, PhaseUpdate, ReadyReport, wait_gone, wait_ready
 from coder_stack.kubernetes.workloads import DeploymentStatus, ScaleResult, deployment_status, scale
 from coder_stack.spec import ModelSpec, PhaseBudgets, StackSpec
-from tasks._common import only_retriable, run_logger
+from tasks._common import retrying, run_logger
 
-_TASK: dict[str, Any] = {
-    "cache_policy": NO_CACHE,
-    "retries": 3,
-    "retry_delay_seconds": [2, 5, 10],
-    "retry_condition_fn": only_retriable,
-}
+_TASK = retrying(2, 5, 10)
 
 
 @task(name="preflight", **_TASK)

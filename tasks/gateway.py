@@ -7,10 +7,7 @@ secrets it needs itself, and returns a pydantic report with no key in it. Retrie
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field
 
 from coder_stack.errors import KeyUnusable, PreflightError, SpecError
@@ -21,7 +18,7 @@ from coder_stack.litellm.admin import ModelRegistration, SpendRow
 from coder_stack.spec import ModelSpec, StackSpec
 from coder_stack.usecases.endpoints import open_gateway, read_ref
 from coder_stack.usecases.keys import KeyReport, ensure_key
-from tasks._common import only_retriable, run_logger
+from tasks._common import retrying, run_logger
 
 
 class GatewayHealth(BaseModel):
@@ -34,12 +31,7 @@ class GatewayHealth(BaseModel):
     )
 
 
-_RETRY: dict[str, Any] = {
-    "cache_policy": NO_CACHE,
-    "retries": 3,
-    "retry_delay_seconds": [2, 5, 10],
-    "retry_condition_fn": only_retriable,
-}
+_RETRY = retrying(2, 5, 10)
 
 
 @task(name="gateway-ready", **_RETRY)

@@ -4,22 +4,15 @@ reading on its Deployment) and stamp a reclaim. Retries only :class:`~coder_stac
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from coder_stack.kubernetes.client import ClusterTarget, open_api
 from coder_stack.spec import ModelSpec, StackSpec
 from coder_stack.usecases.idle import Idleness, mark_reclaimed, read_idleness
-from tasks._common import only_retriable, run_logger
+from tasks._common import retrying, run_logger
 
-_TASK: dict[str, Any] = {
-    "cache_policy": NO_CACHE,
-    "retries": 2,
-    "retry_delay_seconds": [2, 5],
-    "retry_condition_fn": only_retriable,
-}
+_TASK = retrying(2, 5)
 
 
 @task(name="read-idleness", **_TASK)

@@ -6,11 +6,8 @@ only :class:`~coder_stack.errors.RetriableError` is retried. No ``gpu`` tag: the
 
 from __future__ import annotations
 
-from typing import Any
-
 import httpx
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from coder_stack.errors import SmokeFailed, SpecError
@@ -25,7 +22,7 @@ from coder_stack.usecases import frontends
 from coder_stack.usecases.endpoints import open_endpoint, open_gateway, read_ref
 from coder_stack.usecases.keys import read_client_key
 from coder_stack.vllm import smoke as vllm_smoke
-from tasks._common import only_retriable, run_logger
+from tasks._common import retrying, run_logger
 
 
 class MeteredSmoke(BaseModel):
@@ -37,12 +34,7 @@ class MeteredSmoke(BaseModel):
     spend: SpendRow | None = Field(None, description="The key's spend after the calls (None if not checked).")
 
 
-_RETRY: dict[str, Any] = {
-    "cache_policy": NO_CACHE,
-    "retries": 2,
-    "retry_delay_seconds": [3, 10],
-    "retry_condition_fn": only_retriable,
-}
+_RETRY = retrying(3, 10)
 
 
 def _key_spec(spec: StackSpec, model: ModelSpec, key_alias: str | None) -> ClientKeySpec:

@@ -17,6 +17,7 @@ from coder_stack.usecases.keys import render_tabby_config
 from coder_stack.usecases.openwebui import PERSISTENT_CONFIG_PROBE_CMD
 from tasks import gateway as gateway_tasks
 from tasks import smoke as smoke_tasks
+from tasks._common import only_retriable
 
 SPEC = StackSpec()
 KEY = "sk-frontend-test-0123456789abcdef"
@@ -166,9 +167,9 @@ class _State:
 
 
 def test_tasks_retry_only_retriable_errors() -> None:
-    assert gateway_tasks.only_retriable(None, None, _State(EndpointUnavailable("503")))
-    assert not gateway_tasks.only_retriable(None, None, _State(SmokeFailed("wrong", hop="model")))
-    assert not gateway_tasks.only_retriable(None, None, _State(ValueError("bug")))
+    assert only_retriable(None, None, _State(EndpointUnavailable("503")))
+    assert not only_retriable(None, None, _State(SmokeFailed("wrong", hop="model")))
+    assert not only_retriable(None, None, _State(ValueError("bug")))
 
 
 def test_tasks_have_no_gpu_tag_no_cache_and_a_retry_condition() -> None:
@@ -185,5 +186,5 @@ def test_tasks_have_no_gpu_tag_no_cache_and_a_retry_condition() -> None:
     ]
     for t in tasks:
         assert "gpu" not in t.tags, t.name
-        assert t.retry_condition_fn is gateway_tasks.only_retriable, t.name
+        assert t.retry_condition_fn is only_retriable, t.name
         assert t.cache_policy is NO_CACHE, t.name
