@@ -338,13 +338,17 @@ async def delete_keys(gw: httpx.AsyncClient, master: SecretStr, keys: Iterable[K
 # --------------------------------------------------------------------------------------------- models
 
 
+async def model_deployments(gw: httpx.AsyncClient, master: SecretStr) -> list[dict[str, Any]]:
+    """Every entry of ``/model/info`` (one per deployment; ``model_name`` is its alias)."""
+    what = "read /model/info"
+    data = _json(await _call(gw, master, "GET", "/model/info", what=what), what)
+    items = data.get("data", []) if isinstance(data, dict) else []
+    return [i for i in items if isinstance(i, dict)]
+
+
 async def list_model_deployments(gw: httpx.AsyncClient, master: SecretStr, alias: str) -> list[dict[str, Any]]:
     """Entries of ``/model/info`` whose ``model_name`` is ``alias`` (one per deployment)."""
-    what = "read /model/info"
-    resp = await _call(gw, master, "GET", "/model/info", what=what)
-    data = _json(resp, what)
-    items = data.get("data", []) if isinstance(data, dict) else []
-    return [i for i in items if isinstance(i, dict) and i.get("model_name") == alias]
+    return [i for i in await model_deployments(gw, master) if i.get("model_name") == alias]
 
 
 async def ensure_model_registered(
@@ -475,20 +479,20 @@ async def missing_aliases(gw: httpx.AsyncClient, master: SecretStr, aliases: Ite
     """The aliases with no deployment in ``/model/info``. A key's ``/v1/models`` cannot tell: it echoes the
     key's scope verbatim, aliases the gateway lacks included, and calling one answers 400 "Invalid model
     name"."""
-    what = "read /model/info"
-    data = _json(await _call(gw, master, "GET", "/model/info", what=what), what)
-    items = data.get("data", []) if isinstance(data, dict) else []
-    have = {str(i.get("model_name")) for i in items if isinstance(i, dict)}
+    have = {str(i.get("model_name")) for i in await model_deployments(gw, master)}
     return sorted(set(aliases) - have)
 
 
 async def model_prices(gw: httpx.AsyncClient, master: SecretStr) -> dict[str, tuple[float, float]]:
     """(input, output) USD per token for each model_name, as the gateway prices it (first deployment)."""
-    what = "read /model/info"
-    data = _json(await _call(gw, master, "GET", "/model/info", what=what), what)
+    return prices_of(await model_deployments(gw, master))
+
+
+def prices_of(deployments: Iterable[Mapping[str, Any]]) -> dict[str, tuple[float, float]]:
+    """(input, output) USD per token for each model_name of these ``/model/info`` entries (first one)."""
     out: dict[str, tuple[float, float]] = {}
-    for item in data.get("data", []) if isinstance(data, dict) else []:
-        if not isinstance(item, dict) or item.get("model_name") in out:
+    for item in deployments:
+        if item.get("model_name") in out:
             continue
         info = item.get("model_info") or {}
         params = item.get("litellm_params") or {}
@@ -641,7 +645,9 @@ __all__ = [
     "list_keys_by_alias",
     "list_model_deployments",
     "missing_aliases",
+    "model_deployments",
     "model_prices",
+    "prices_of",
     "probe_streamed_calls",
     "read_spend",
     "read_spend_baseline",

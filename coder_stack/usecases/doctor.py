@@ -179,9 +179,10 @@ async def _check_models(gw: httpx.AsyncClient, master: SecretStr, spec: StackSpe
     aliases = stack_aliases(spec)
     deployments: dict[str, list[dict[str, Any]]] = {}
     try:
+        entries = await gateway.model_deployments(gw, master)  # one read of /model/info for every check here
         for a in aliases:
-            deployments[a] = await gateway.list_model_deployments(gw, master, a)
-        prices = await gateway.model_prices(gw, master)
+            deployments[a] = [e for e in entries if e.get("model_name") == a]
+        prices = gateway.prices_of(entries)
     except CoderStackError as e:
         rows.add("aliases in /model/info", "fail", _why(e), "fix the gateway (or the master key) and run doctor again")
         return
