@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any, Literal
 
@@ -226,9 +226,7 @@ async def fim_once(oai: AsyncOpenAI, model_id: str, prompt: str | None = None) -
     return (resp.choices[0].text or "") if resp.choices else "", resp.usage
 
 
-async def fim_streamed(oai: AsyncOpenAI, model_id: str, prompt: str | None = None) -> tuple[str, Any, str | None]:
-    """One FIM completion streamed, as Tabby asks for it: (text, usage or None, the answer's id). With stop
-    strings the server may hold text back until the last chunk; usage may be absent or all zero."""
+async def _fim_stream(oai: AsyncOpenAI, model_id: str, prompt: str | None = None) -> AsyncIterator[Any]:
     stream: AsyncIterator[Any] = await oai.completions.create(
         model=model_id,
         prompt=prompt or fim_prompt(),
@@ -237,14 +235,41 @@ async def fim_streamed(oai: AsyncOpenAI, model_id: str, prompt: str | None = Non
         stop=FIM_STOP,
         stream=True,
     )
+    return stream
+
+
+async def _collect(
+    stream: AsyncIterator[Any], text_of: Callable[[Any], str | None], t0: float
+) -> tuple[float | None, str, Any, str | None]:
+    """Read a stream to its end: (seconds from ``t0`` to the first text, the text, usage or None, the id)."""
+    ttft: float | None = None
     parts: list[str] = []
     usage = None
     request_id: str | None = None
     async for chunk in stream:
         request_id = request_id or getattr(chunk, "id", None)
-        parts.append((chunk.choices[0].text or "") if chunk.choices else "")
+        text = (text_of(chunk) if chunk.choices else None) or ""
+        if text and ttft is None:
+            ttft = time.monotonic() - t0
+        parts.append(text)
         usage = getattr(chunk, "usage", None) or usage
-    return "".join(parts), usage, request_id
+    return ttft, "".join(parts), usage, request_id
+
+
+async def fim_streamed(oai: AsyncOpenAI, model_id: str, prompt: str | None = None) -> tuple[str, Any, str | None]:
+    """One FIM completion streamed, as Tabby asks for it: (text, usage or None, the answer's id). With stop
+    strings the server may hold text back until the last chunk; usage may be absent or all zero."""
+    t0 = time.monotonic()
+    _, text, usage, request_id = await _collect(await _fim_stream(oai, model_id, prompt), _completion_text, t0)
+    return text, usage, request_id
+
+
+def _completion_text(chunk: Any) -> str | None:
+    return chunk.choices[0].text
+
+
+def _chat_delta(chunk: Any) -> str | None:
+    return chunk.choices[0].delta.content
 
 
 def judge_fim(text: str, *, hop: Hop, where: str) -> None:
@@ -264,24 +289,8 @@ def judge_fim(text: str, *, hop: Hop, where: str) -> None:
 async def stream_first_token(oai: AsyncOpenAI, model: ModelSpec) -> tuple[float | None, str, Any]:
     """Stream one tiny completion; returns (time to first token, text, usage-or-None)."""
     t0 = time.monotonic()
-    ttft: float | None = None
-    parts: list[str] = []
-    usage = None
     if model.role == "fim":
-        fstream: AsyncIterator[Any] = await oai.completions.create(
-            model=model.served_model_name,
-            prompt=fim_prompt(),
-            max_tokens=FIM_MAX_TOKENS,
-            temperature=0,
-            stop=FIM_STOP,
-            stream=True,
-        )
-        async for chunk in fstream:
-            text = chunk.choices[0].text if chunk.choices else ""
-            if text and ttft is None:
-                ttft = time.monotonic() - t0
-            parts.append(text or "")
-            usage = getattr(chunk, "usage", None) or usage
+        ttft, text, usage, _ = await _collect(await _fim_stream(oai, model.served_model_name), _completion_text, t0)
     else:
         refuse_fim_through_chat(model)
         cstream: AsyncIterator[Any] = await oai.chat.completions.create(
@@ -291,13 +300,8 @@ async def stream_first_token(oai: AsyncOpenAI, model: ModelSpec) -> tuple[float 
             temperature=0,
             stream=True,
         )
-        async for chunk in cstream:
-            delta = chunk.choices[0].delta.content if chunk.choices else None
-            if delta and ttft is None:
-                ttft = time.monotonic() - t0
-            parts.append(delta or "")
-            usage = getattr(chunk, "usage", None) or usage
-    return (round(ttft, 4) if ttft is not None else None), "".join(parts), usage
+        ttft, text, usage, _ = await _collect(cstream, _chat_delta, t0)
+    return (round(ttft, 4) if ttft is not None else None), text, usage
 
 
 __all__ = [
