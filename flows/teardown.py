@@ -18,6 +18,7 @@ from coder_stack.kubernetes.pods import pod_summary
 from coder_stack.kubernetes.workloads import deployment_status
 from coder_stack.orchestration.gpu import gpu_limit_status
 from coder_stack.report import RunReport
+from flows.cleanup import GPU_FLOWS
 from flows.common import Connection, final_state, guarded, logger, release
 
 NODE_DRAIN_MIN = 10
@@ -77,7 +78,7 @@ async def teardown(
                 f"({NODE_DRAIN_MIN} min after the last GPU pod exits)"
             )
             try:
-                gpu = await gpu_limit_status(("validate_coder_stack", "swap_model", "bring_up"))
+                gpu = await gpu_limit_status(GPU_FLOWS)
                 report.notes.append(gpu.describe())
                 if gpu.leaked:
                     log.warning("%s", gpu.describe())

@@ -21,6 +21,7 @@ from coder_stack.kubernetes.preflight import PreflightReport, preflight
 from coder_stack.kubernetes.wait import GoneReport, OnPhase, PhaseUpdate, ReadyReport, wait_gone, wait_ready
 from coder_stack.kubernetes.workloads import DeploymentStatus, ScaleResult, deployment_status, scale
 from coder_stack.spec import ModelSpec, PhaseBudgets, StackSpec
+from coder_stack.usecases.holders import mark_held
 from tasks._common import retrying, run_logger
 
 _TASK = retrying(2, 5, 10)
@@ -158,7 +159,16 @@ async def stack_status_task(target: ClusterTarget, spec: StackSpec) -> list[Depl
     return out
 
 
+@task(name="hold-model", **_TASK)
+async def hold_model_task(target: ClusterTarget, spec: StackSpec, model: ModelSpec, run_id: str) -> None:
+    """Stamp the flow run that now holds ``model`` on its Deployment, before it is scaled up (the crash
+    clean-up scales to 0 what a dead run holds, and nothing else)."""
+    async with open_api(target) as api:
+        await mark_held(api, spec, model, run_id)
+
+
 __all__ = [
+    "hold_model_task",
     "preflight_task",
     "scale_task",
     "stack_status_task",

@@ -20,6 +20,9 @@ from coder_stack.spec import load_spec, spec_yaml
 # default 20 s start-up limit is too tight on a busy machine. A real server (`prefect server start`) is faster.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# A flow run's heartbeat every 30 s (Prefect's default is 180): the crash automation takes a run silent for
+# 60 s for dead and frees its GPU; a GPU session refuses to start with rarer heartbeats.
+os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")
 
 app = typer.Typer(
     help=(
@@ -263,6 +266,21 @@ def down(
 
 
 @app.command()
+def cleanup(
+    run_id: Annotated[str, typer.Argument(help="The dead flow run's id (from `coder-stack status` or the UI).")],
+    stack: StackOpt = None,
+    kubeconfig: KubeconfigOpt = None,
+    context: ContextOpt = None,
+) -> None:
+    """Free the GPU a dead run left: scale to 0 the models it holds, wait until the pods are gone, free its GPU
+    slot. A run still sending heartbeats is left alone. Without --stack/--kubeconfig, the dead run's own."""
+    from flows.cleanup import clean_up_crashed_run
+
+    conn = _connection(stack, kubeconfig, context)[0] if (stack or kubeconfig or context) else None
+    _run_flow(clean_up_crashed_run(crashed_run=run_id, connection=conn))
+
+
+@app.command()
 def reclaim(
     dry_run: DryRunOpt = False,
     stack: StackOpt = None,
@@ -309,6 +327,7 @@ def status(stack: StackOpt = None, kubeconfig: KubeconfigOpt = None, context: Co
 
     from coder_stack.orchestration.gpu import gpu_limit_status
     from coder_stack.usecases.idle import reclaimed_note
+    from flows.cleanup import GPU_FLOWS
     from tasks.cluster import stack_status_task
     from tasks.gateway import read_spend_task
 
@@ -318,7 +337,7 @@ def status(stack: StackOpt = None, kubeconfig: KubeconfigOpt = None, context: Co
     async def gather() -> tuple[Any, Any, Any]:
         deps = await stack_status_task.fn(target, spec_obj)
         try:
-            gpu: Any = await gpu_limit_status(("validate_coder_stack", "swap_model", "bring_up", "reclaim_idle_models"))
+            gpu: Any = await gpu_limit_status(GPU_FLOWS)
         except Exception as e:  # Prefect API down: still show the cluster
             gpu = f"GPU limit: unknown ({type(e).__name__}: is the Prefect API reachable?)"
         try:
@@ -406,6 +425,7 @@ def setup(
     out.print(report.gpu_limit)
     for p in report.pools:
         out.print(p)
+    out.print(report.automation)
     if report.deployed:
         out.print("deployed prefect.yaml (prefect deploy --all)")
 

@@ -1,7 +1,9 @@
-"""`coder-stack setup`: the Prefect side of the stack — the GPU limit, the work pools, the deployments.
+"""`coder-stack setup`: the Prefect side of the stack — the GPU limit, the work pools, the crash automation,
+the deployments.
 
-Safe to run twice: the limit is resized (never duplicated), existing pools are kept, deployments are
-re-applied by `prefect deploy --all`.
+Safe to run twice: the limit is resized (never duplicated), existing pools are kept, the crash automation is
+replaced only when its definition changed, deployments (and the clean-up deployment's trigger) are re-applied
+by `prefect deploy --all`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from pydantic import BaseModel, Field
 
 from coder_stack.errors import ConfigError
 from coder_stack.orchestration.gpu import ensure_gpu_limit
+from coder_stack.orchestration.liveness import ensure_crash_automation
+from flows.cleanup import GPU_FLOWS
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]  # coder_stack/app/setup.py -> the checkout
 POOLS = {"coder-stack-process": "process", "coder-stack-k8s": "kubernetes"}
@@ -26,6 +30,7 @@ POOLS = {"coder-stack-process": "process", "coder-stack-k8s": "kubernetes"}
 class SetupReport(BaseModel):
     gpu_limit: str
     pools: list[str] = Field(default_factory=list)
+    automation: str = ""
     deployed: bool = False
     deploy_output: str = ""
 
@@ -57,13 +62,15 @@ async def ensure_work_pools(names: dict[str, str] | None = None) -> list[str]:
     return done
 
 
-def deploy_all(project_dir: Path = PROJECT_DIR, timeout_s: float = 180) -> str:
-    """`prefect --no-prompt deploy --all` for prefect.yaml, with the checkout as working directory."""
+def deploy_all(project_dir: Path = PROJECT_DIR, timeout_s: float = 180, names: list[str] | None = None) -> str:
+    """`prefect --no-prompt deploy --all` for prefect.yaml (only ``names``, when given), with the checkout as
+    working directory."""
     env = dict(os.environ)
     env.setdefault("CODER_STACK_DIR", str(project_dir))
     env.setdefault("CODER_STACK_IMAGE", "coder-stack:latest")
     prefect = Path(sys.executable).with_name("prefect")
-    cmd = [str(prefect) if prefect.exists() else "prefect", "--no-prompt", "deploy", "--all"]
+    cmd = [str(prefect) if prefect.exists() else "prefect", "--no-prompt", "deploy"]
+    cmd += [a for n in names for a in ("--name", n)] if names else ["--all"]
     try:
         proc = subprocess.run(
             cmd, cwd=project_dir, env=env, capture_output=True, text=True, timeout=timeout_s, check=False
@@ -114,6 +121,7 @@ async def run_setup(gpus: int, deploy: bool = True, project_dir: Path | None = N
         check_schedules(project_dir)  # before anything changes
     report = SetupReport(gpu_limit=await ensure_gpu_limit(gpus))
     report.pools = await ensure_work_pools()
+    report.automation = await ensure_crash_automation(list(GPU_FLOWS))
     if deploy:
         report.deploy_output = deploy_all(project_dir)
         report.deployed = True

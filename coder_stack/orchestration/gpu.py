@@ -21,15 +21,23 @@ from uuid import UUID
 import httpx
 from prefect.client.orchestration import PrefectClient, get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
-from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.objects import ConcurrencyLeaseHolder, StateType
 from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
 from prefect.concurrency._events import emit_concurrency_acquisition_events, emit_concurrency_release_events
 from prefect.concurrency._leases import amaintain_concurrency_lease
 from prefect.concurrency.context import ConcurrencyContext
+from prefect.context import FlowRunContext
 from prefect.exceptions import ObjectNotFound
 from pydantic import BaseModel, Field
 
 from coder_stack.errors import GpuLimitMissing, GpuSlotTimeout, RetriableError
+from coder_stack.orchestration.liveness import (
+    HEARTBEAT_S,
+    SILENT_AFTER_S,
+    liveness_of,
+    record_lease,
+    require_heartbeats,
+)
 
 GPU_LIMIT = "tag:gpu"
 LEASE_SECONDS = 300.0
@@ -45,11 +53,40 @@ BUSY_RETRY_SECONDS = (0.02, 0.05)
 BUSY_BOUND_SECONDS = 5.0
 
 
+class GpuHolder(BaseModel):
+    """A running coder-stack flow run, and whether it is alive (its heartbeats) and holds a GPU slot."""
+
+    run_id: str
+    label: str
+    heartbeat_age_s: float | None = None
+    holds_slot: bool = Field(False, description="The run recorded a tag:gpu lease it has not given back.")
+    dead: bool = Field(False, description=f"No heartbeat for {SILENT_AFTER_S} s: its process is gone.")
+    lease_expires_by: str | None = Field(None, description="When its lease frees itself at the latest (UTC).")
+
+    def describe(self) -> str:
+        what = "holds the GPU" if self.holds_slot else "running"
+        if self.heartbeat_age_s is None:
+            beat = "no heartbeat seen"
+        else:
+            beat = f"last heartbeat {self.heartbeat_age_s:.0f} s ago"
+        if not self.dead:
+            return f"{self.label} {what}: live ({beat}; one every {HEARTBEAT_S} s)"
+        text = f"{self.label} {what}: DEAD ({beat}; one is due every {HEARTBEAT_S} s)"
+        if self.holds_slot:
+            text += (
+                "; the crash automation marks it Crashed and its clean-up frees the GPU within ~2 min"
+                + (f", else its slot frees itself by {self.lease_expires_by}" if self.lease_expires_by else "")
+                + f"; free it now: `coder-stack cleanup {self.run_id}`"
+            )
+        return text
+
+
 class GpuLimitStatus(BaseModel):
     exists: bool
     limit: int = 0
     active_slots: int = 0
     running_flow_runs: list[str] = Field(default_factory=list, description="Names of running coder-stack flows.")
+    holders: list[GpuHolder] = Field(default_factory=list, description="Running coder-stack runs, live or dead.")
     leaked: bool = Field(False, description="A slot is held but no coder-stack flow is running.")
 
     def describe(self) -> str:
@@ -58,6 +95,8 @@ class GpuLimitStatus(BaseModel):
         text = f"GPU limit {GPU_LIMIT}: {self.active_slots}/{self.limit} slot(s) held"
         if self.running_flow_runs:
             text += f" (running: {', '.join(self.running_flow_runs)})"
+        if self.holders:
+            text += "; " + "; ".join(h.describe() for h in self.holders)
         if self.leaked:
             text += (
                 f"; a slot is held by no running flow (a crashed run or a server restart without lease storage) "
@@ -82,6 +121,8 @@ async def ensure_gpu_limit(gpus: int) -> str:
 
 
 async def gpu_limit_status(flow_names: tuple[str, ...] = ()) -> GpuLimitStatus:
+    """The limit, and each running coder-stack run (of ``flow_names``; all if empty): live or dead, and
+    whether it holds a slot."""
     async with get_client() as client:
         try:
             gcl = await client.read_global_concurrency_limit_by_name(GPU_LIMIT)
@@ -93,18 +134,30 @@ async def gpu_limit_status(flow_names: tuple[str, ...] = ()) -> GpuLimitStatus:
             ),
             limit=50,
         )
-        names = []
-        flow_ids: dict[UUID, str] = {}
-        for r in runs:
-            if r.flow_id not in flow_ids:
-                flow_ids[r.flow_id] = (await client.read_flow(r.flow_id)).name
-            if not flow_names or flow_ids[r.flow_id] in flow_names:
-                names.append(f"{flow_ids[r.flow_id]}/{r.name}")
+    names = []
+    holders = []
+    for r in runs:
+        live = await liveness_of(r)
+        if flow_names and live.flow not in flow_names:
+            continue
+        names.append(live.label())
+        expires = live.lease_expires_by()
+        holders.append(
+            GpuHolder(
+                run_id=str(r.id),
+                label=live.label(),
+                heartbeat_age_s=live.heartbeat_age_s,
+                holds_slot=live.lease_id is not None,
+                dead=live.silent,
+                lease_expires_by=f"{expires:%H:%M:%S} UTC" if expires else None,
+            )
+        )
     return GpuLimitStatus(
         exists=True,
         limit=gcl.limit,
         active_slots=gcl.active_slots,
         running_flow_runs=names,
+        holders=holders,
         leaked=gcl.active_slots > 0 and not names,
     )
 
@@ -185,9 +238,11 @@ def _server_busy(tries: int, seconds: float) -> RetriableError:
 async def _request_slot(client: PrefectClient) -> httpx.Response:
     """One slot request. If this task is cancelled meanwhile, the request still finishes and a slot it was
     granted is given back (Prefect's acquisition service does the same for a cancelled caller)."""
+    ctx = FlowRunContext.get()
+    holder = ConcurrencyLeaseHolder(type="flow_run", id=ctx.flow_run.id) if ctx and ctx.flow_run else None
     req = asyncio.ensure_future(
         client.increment_concurrency_slots_with_lease(
-            names=[GPU_LIMIT], slots=1, mode="concurrency", lease_duration=LEASE_SECONDS
+            names=[GPU_LIMIT], slots=1, mode="concurrency", lease_duration=LEASE_SECONDS, holder=holder
         )
     )
     try:
@@ -231,6 +286,8 @@ async def _holding(lease: ConcurrencyLimitWithLeaseResponse) -> AsyncIterator[No
     events = emit_concurrency_acquisition_events(lease.limits, 1)
     try:
         async with amaintain_concurrency_lease(lease.lease_id, LEASE_SECONDS, raise_on_lease_renewal_failure=True):
+            # On the flow run, for the crash clean-up and `status` (the API lists no holders).
+            await record_lease(lease.lease_id)
             yield
     finally:
         try:
@@ -240,6 +297,7 @@ async def _holding(lease: ConcurrencyLimitWithLeaseResponse) -> AsyncIterator[No
         else:
             if ctx is not None and lease.lease_id in ctx.cleanup_lease_ids:
                 ctx.cleanup_lease_ids.remove(lease.lease_id)
+            await record_lease(None)
         emit_concurrency_release_events(lease.limits, 1, events)
 
 
@@ -301,6 +359,7 @@ async def gpu_session(timeout_s: float, poll_s: float = POLL_SECONDS) -> AsyncIt
     for up to ``BUSY_BOUND_SECONDS``, then RetriableError with no slot held. Sessions of this process queue
     in arrival order and only the first asks.
     """
+    require_heartbeats()
     await require_gpu_limit()
     deadline = time.monotonic() + timeout_s
     room = _room()

@@ -1,0 +1,247 @@
+"""Is a coder-stack flow run alive? Prefect's flow-run heartbeats, the automation that marks a silent run
+Crashed, and the run's GPU lease recorded on the run.
+
+Every flow run sends a ``prefect.flow-run.heartbeat`` event every ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``
+seconds from a thread of its own (Prefect 3.9: ``flow_engine._send_heartbeats``; default 180, at least 30).
+coder-stack runs send one every :data:`HEARTBEAT_S` (the CLI, the tests and the deployments in prefect.yaml
+set it; a GPU session refuses to start without it, see :func:`require_heartbeats`). The automation
+:data:`CRASH_AUTOMATION` (created by ``coder-stack setup``) is Prefect's documented zombie-run detector: a
+proactive trigger that fires when a run that sent a heartbeat sends neither another one nor a final state
+within :data:`SILENT_AFTER_S`, and changes the run to Crashed. The run's Crashed state then starts the
+clean-up deployment (its trigger is in prefect.yaml).
+
+A GPU session records the id of its ``tag:gpu`` lease on its flow run (label :data:`LEASE_LABEL`): the
+API does not list a limit's holders, so this is how the clean-up frees exactly that run's slot and how
+``coder-stack status`` tells a live holder from a dead one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from datetime import UTC, datetime, timedelta
+from uuid import UUID
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.context import FlowRunContext
+from prefect.events.actions import ChangeFlowRunState
+from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventOrder, EventResourceFilter
+from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+from prefect.exceptions import ObjectNotFound
+from prefect.settings import get_current_settings
+from pydantic import BaseModel, Field
+
+from coder_stack.errors import ConfigError
+
+# How often a coder-stack flow run sends its heartbeat: Prefect's minimum.
+HEARTBEAT_S = 30
+# A run that sent no heartbeat (and no final state) for this long is dead: two heartbeats missed. The
+# clean-up starts at once, so SIGKILL -> Crashed takes SILENT_AFTER_S - (time since the last heartbeat),
+# 30-60 s, plus Prefect's proactive evaluation (every 5 s).
+SILENT_AFTER_S = 2 * HEARTBEAT_S
+CRASH_AUTOMATION = "coder-stack: mark silent runs Crashed"
+LEASE_LABEL = "coder-stack.io/gpu-lease"
+RELEASED = "released"
+HEARTBEAT_EVENT = "prefect.flow-run.heartbeat"
+FINAL_EVENTS = ("prefect.flow-run.Completed", "prefect.flow-run.Failed", "prefect.flow-run.Cancelled")
+
+
+def require_heartbeats() -> None:
+    """Refuse a GPU session in a run that sends heartbeats too rarely: the crash automation would take
+    it for dead after SILENT_AFTER_S and the clean-up would scale its model down under it."""
+    if FlowRunContext.get() is None:
+        return  # not a flow run (the benchmark's bare sessions): no heartbeats, no automation watches it
+    every = get_current_settings().flows.heartbeat_frequency
+    if every is None or every > HEARTBEAT_S:
+        sent = "sends no heartbeats" if every is None else f"sends a heartbeat every {every} s"
+        raise ConfigError(
+            f"this flow run {sent}, but coder-stack takes a run silent for {SILENT_AFTER_S} s for dead and "
+            f"scales its GPU model down. Set PREFECT_FLOWS_HEARTBEAT_FREQUENCY={HEARTBEAT_S} where the flow "
+            "runs (the coder-stack CLI and the deployments in prefect.yaml set it) and rerun; nothing was changed"
+        )
+
+
+def crash_automation(flow_names: list[str]) -> AutomationCore:
+    """The proactive trigger of Prefect's zombie-run recipe, for coder-stack's GPU flows only."""
+    return AutomationCore(
+        name=CRASH_AUTOMATION,
+        description=(
+            f"A coder-stack GPU flow run that sent no heartbeat for {SILENT_AFTER_S} s (it sends one every "
+            f"{HEARTBEAT_S} s) is dead: marked Crashed, which starts the clean-up-crashed-run deployment."
+        ),
+        enabled=True,
+        trigger=EventTrigger(
+            posture=Posture.Proactive,
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            match_related={"prefect.resource.role": "flow", "prefect.resource.name": flow_names},
+            after={HEARTBEAT_EVENT},
+            expect={HEARTBEAT_EVENT, *FINAL_EVENTS, "prefect.flow-run.Crashed"},
+            for_each={"prefect.resource.id"},
+            threshold=1,
+            within=timedelta(seconds=SILENT_AFTER_S),
+        ),
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message=f"no heartbeat for {SILENT_AFTER_S} s: the flow's process is gone (killed, OOM, node lost)",
+            )
+        ],
+    )
+
+
+async def ensure_crash_automation(flow_names: list[str]) -> str:
+    """Create the automation, or replace one of that name whose definition differs. Returns what was done."""
+    want = crash_automation(flow_names)
+    async with get_client() as client:
+        found = await client.read_automations_by_name(CRASH_AUTOMATION)
+        same = [a for a in found if _same(a, want)]
+        for a in found:
+            if a not in same[:1]:
+                await client.delete_automation(a.id)
+        if same:
+            return f"automation {CRASH_AUTOMATION!r} already in place"
+        await client.create_automation(want)
+    return f"{'replaced' if found else 'created'} automation {CRASH_AUTOMATION!r}"
+
+
+def _same(have: AutomationCore, want: AutomationCore) -> bool:
+    keys = {"name", "description", "enabled", "trigger", "actions"}
+    return bool(have.model_dump(mode="json", include=keys) == want.model_dump(mode="json", include=keys))
+
+
+class RunLiveness(BaseModel):
+    """What Prefect knows about a flow run's life."""
+
+    run_id: UUID
+    name: str = ""
+    flow: str = ""
+    state: str = Field("", description="State type, e.g. RUNNING, CRASHED.")
+    state_message: str = ""
+    state_at: datetime | None = None
+    last_heartbeat: datetime | None = None
+    heartbeat_age_s: float | None = None
+    lease_id: UUID | None = Field(None, description="The tag:gpu lease the run recorded and has not released.")
+    lease_released: bool = Field(False, description="The run's recorded lease was given back.")
+    parameters: dict[str, object] = Field(default_factory=dict)
+
+    @property
+    def final(self) -> bool:
+        return self.state in {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
+
+    @property
+    def silent(self) -> bool:
+        """No heartbeat for SILENT_AFTER_S (or none at all) and not final: the process is gone."""
+        return not self.final and (self.heartbeat_age_s is None or self.heartbeat_age_s > SILENT_AFTER_S)
+
+    def heartbeats_after(self, when: datetime | None) -> bool:
+        return bool(when and self.last_heartbeat and self.last_heartbeat > when)
+
+    def lease_expires_by(self) -> datetime | None:
+        """The latest time the run's lease frees itself: it renewed the lease at most one heartbeat after
+        its last one (its process was gone by then), and a lease lives LEASE_SECONDS after a renewal."""
+        from coder_stack.orchestration.gpu import LEASE_SECONDS
+
+        if self.last_heartbeat is None:
+            return None
+        return self.last_heartbeat + timedelta(seconds=HEARTBEAT_S + LEASE_SECONDS)
+
+    def label(self) -> str:
+        return f"{self.flow}/{self.name}" if self.flow else self.name or str(self.run_id)
+
+
+def parse_run_id(text: str) -> UUID:
+    """A flow run id, bare or as the event resource id ``prefect.flow-run.<id>`` (what the trigger passes)."""
+    raw = text.strip().removeprefix("prefect.flow-run.")
+    try:
+        return UUID(raw)
+    except ValueError:
+        raise ConfigError(
+            f"{text!r} is not a flow run id: pass the id from the Prefect UI or `coder-stack status` "
+            "(e.g. 0f6c3a1e-...), or the event resource id prefect.flow-run.<id>"
+        ) from None
+
+
+async def last_heartbeat(run_id: UUID, since: timedelta = timedelta(hours=12)) -> datetime | None:
+    now = datetime.now(UTC)
+    flt = EventFilter(
+        occurred=EventOccurredFilter(since=now - since, until=now + timedelta(minutes=5)),
+        event=EventNameFilter(name=[HEARTBEAT_EVENT]),
+        resource=EventResourceFilter(id=[f"prefect.flow-run.{run_id}"]),
+        order=EventOrder.DESC,
+    )
+    async with get_client() as client:
+        page = await client.read_events(filter=flt, limit=1)
+    return page.events[0].occurred if page.events else None
+
+
+async def liveness_of(run: FlowRun) -> RunLiveness:
+    beat = await last_heartbeat(run.id)
+    state = run.state
+    async with get_client() as client:
+        try:
+            flow_name = (await client.read_flow(run.flow_id)).name
+        except ObjectNotFound:
+            flow_name = ""
+    lease = _lease_of(run)
+    now = datetime.now(UTC)
+    return RunLiveness(
+        run_id=run.id,
+        name=run.name or "",
+        flow=flow_name,
+        state=state.type.value if state else "",
+        state_message=(state.message or "") if state else "",
+        state_at=state.timestamp if state else None,
+        last_heartbeat=beat,
+        heartbeat_age_s=(now - beat).total_seconds() if beat else None,
+        lease_id=lease,
+        lease_released=(run.labels or {}).get(LEASE_LABEL) == RELEASED,
+        parameters=dict(run.parameters or {}),
+    )
+
+
+async def read_liveness(run_id: UUID) -> RunLiveness:
+    async with get_client() as client:
+        try:
+            run = await client.read_flow_run(run_id)
+        except ObjectNotFound:
+            raise ConfigError(
+                f"no flow run {run_id} on this Prefect server (is PREFECT_API_URL the right one?)"
+            ) from None
+    return await liveness_of(run)
+
+
+def _lease_of(run: FlowRun) -> UUID | None:
+    value = (run.labels or {}).get(LEASE_LABEL)
+    if not value or value == RELEASED:
+        return None
+    with contextlib.suppress(ValueError):
+        return UUID(str(value))
+    return None
+
+
+async def record_lease(lease_id: UUID | None) -> None:
+    """Write the run's GPU lease on its flow run (``RELEASED`` once given back). Best effort: the label only
+    helps the clean-up and ``status``; a GPU session never fails for it."""
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return
+    with contextlib.suppress(Exception):
+        async with get_client() as client:
+            await client.update_flow_run_labels(ctx.flow_run.id, {LEASE_LABEL: str(lease_id) if lease_id else RELEASED})
+
+
+async def release_lease_of(live: RunLiveness, limit_name: str) -> str:
+    """Give back the run's recorded GPU lease (the server answers 204 for a lease already gone, too). Returns
+    what happened, read from the limit's active slots before and after."""
+    if live.lease_id is None:
+        return (
+            "GPU slot already free (its lease was released)" if live.lease_released else "no GPU slot recorded as held"
+        )
+    async with get_client() as client:
+        before = (await client.read_global_concurrency_limit_by_name(limit_name)).active_slots
+        await client.release_concurrency_slots_with_lease(lease_id=live.lease_id)
+        after = (await client.read_global_concurrency_limit_by_name(limit_name)).active_slots
+        await client.update_flow_run_labels(live.run_id, {LEASE_LABEL: RELEASED})
+    if after < before:
+        return f"GPU slot freed ({limit_name}: {before} -> {after} held)"
+    return f"GPU slot was already free (its lease had expired or was released; {limit_name}: {after} held)"

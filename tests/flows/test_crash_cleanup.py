@@ -1,0 +1,439 @@
+"""A dead run's GPU is freed within two minutes: heartbeats, the crash automation, the clean-up deployment.
+
+What users rely on: a flow run killed with SIGKILL (OOM, a lost node, `kill -9`), or the worker process
+running it, leaves no model on the GPU and no held ``tag:gpu`` slot for long — the crash automation
+(`coder-stack setup`) marks the silent run Crashed after 60 s without a heartbeat, and its Crashed state
+starts the ``clean-up-crashed-run`` deployment (prefect.yaml's trigger, deployed with `prefect deploy`),
+which scales to 0 what the dead run holds and frees its slot. A live run, even one waiting minutes for the
+GPU, is never touched; `status` tells a dead holder from a live one; the clean-up is safe twice and while
+another session holds the GPU.
+
+The real-time tests run the whole chain as deployed: the shared test server's own trigger and action
+services, a real process worker on the ``coder-stack-process`` pool (its flow runs get the heartbeat
+setting only from prefect.yaml's job variables), and real flow processes killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import pytest
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter
+from prefect.client.schemas.objects import FlowRun
+from prefect.events import emit_event
+from prefect.states import Crashed, Running
+
+from coder_stack.app.setup import deploy_all, ensure_work_pools
+from coder_stack.orchestration.gpu import GPU_LIMIT, gpu_limit_status
+from coder_stack.orchestration.liveness import (
+    CRASH_AUTOMATION,
+    HEARTBEAT_EVENT,
+    LEASE_LABEL,
+    RELEASED,
+    SILENT_AFTER_S,
+    ensure_crash_automation,
+)
+from coder_stack.usecases.holders import HELD_BY
+from flows.cleanup import GPU_FLOWS, clean_up_crashed_run
+from simstack.stack import SimStack
+from tests.kits.flowkit import (
+    PREFECT_BIN,
+    PROJECT,
+    SERVING,
+    SLOW_SCALE,
+    conn,
+    flow_process_env,
+    gpu_pods,
+    replicas,
+    scaled_up,
+    start_flow_process,
+    until,
+)
+
+pytestmark = pytest.mark.usefixtures("gpu_limit")
+
+POOL = "coder-stack-process"
+CLEANUP_DEPLOYMENT = "clean-up-crashed-run"
+VALIDATE_DEPLOYMENT = "validate-coder-stack"
+BOUND_S = 120.0
+
+VALIDATE_CHAT = """
+import asyncio, sys
+from flows.common import Connection
+from flows.validate import ValidateOptions, validate_coder_stack
+
+options = ValidateOptions(stages=["chat"])
+asyncio.run(validate_coder_stack(options=options, connection=Connection(kubeconfig=sys.argv[1])))
+"""
+
+
+def held_by(sim: SimStack, model: str) -> str | None:
+    def _read(store: Any) -> str | None:
+        ann = store.get("deployments", SERVING, model)["metadata"].get("annotations") or {}
+        return ann.get(HELD_BY)
+
+    result: str | None = sim.call(_read, sim.store)
+    return result
+
+
+async def run_of_process(started_after: datetime, flow_name: str = "validate_coder_stack") -> FlowRun | None:
+    async with get_client() as client:
+        runs = await client.read_flow_runs(limit=20)
+        for r in runs:
+            flow = await client.read_flow(r.flow_id)
+            if flow.name == flow_name and r.created and r.created > started_after:
+                return r
+    return None
+
+
+async def lease_label(run_id: UUID) -> str | None:
+    async with get_client() as client:
+        value = ((await client.read_flow_run(run_id)).labels or {}).get(LEASE_LABEL)
+    return None if value is None else str(value)
+
+
+async def active_slots() -> int:
+    async with get_client() as client:
+        return (await client.read_global_concurrency_limit_by_name(GPU_LIMIT)).active_slots
+
+
+async def state_names(run_id: UUID) -> list[str]:
+    async with get_client() as client:
+        return [s.type.value for s in await client.read_flow_run_states(run_id)]
+
+
+async def kill_in_cold_start(sim: SimStack, proc: subprocess.Popen[bytes], log: Path, *, group: bool) -> FlowRun:
+    """Wait until the run holds the GPU and coder-chat is cold starting, then SIGKILL (the process group
+    with ``group``: a worker and the flow process it runs). Returns the killed flow run."""
+    t0 = datetime.now(UTC) - timedelta(seconds=5)
+    await until(lambda: scaled_up(sim, "coder-chat") or proc.poll() is not None, 90, "coder-chat scaled up")
+    assert proc.poll() is None, log.read_text()[-3000:]
+    run = None
+    for _ in range(100):
+        run = await run_of_process(t0)
+        if run is not None and (await lease_label(run.id)) not in (None, RELEASED):
+            break
+        await asyncio.sleep(0.1)
+    assert run is not None and (await lease_label(run.id)) not in (None, RELEASED), "the run recorded no GPU lease"
+    assert held_by(sim, "coder-chat") == str(run.id)
+    assert gpu_pods(sim), "coder-chat has a pod"
+    if group:
+        # The worker's container dies (OOM, node lost): the worker and the flow process it started (which
+        # runs in a session of its own) die together.
+        flow_pids = pids_of_run(run.id)
+        assert flow_pids, "the worker's flow process was not found"
+        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in flow_pids:
+            os.kill(pid, signal.SIGKILL)
+    else:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    return run
+
+
+def pids_of_run(run_id: UUID) -> list[int]:
+    """Processes whose environment names the flow run (the process worker sets PREFECT__FLOW_RUN_ID)."""
+    needle = f"PREFECT__FLOW_RUN_ID={run_id}".encode()
+    pids = []
+    for env in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if needle in env.read_bytes().split(b"\0"):
+                pids.append(int(env.parent.name))
+        except OSError:
+            continue
+    return pids
+
+
+@dataclass
+class Chain:
+    """The crash chain as `coder-stack setup` installs it, and a process worker on its pool."""
+
+    env: dict[str, str]
+    tmp: Path
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def start_worker(self) -> subprocess.Popen[bytes]:
+        log = self.tmp / f"worker-{len(self.workers)}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [str(PREFECT_BIN), "worker", "start", "--pool", POOL, "--install-policy", "never"],
+                cwd=PROJECT,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.workers.append(proc)
+        return proc
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text()[-2000:] for p in sorted(self.tmp.glob("worker-*.log")))
+
+    def stop(self) -> None:
+        for w in self.workers:
+            if w.poll() is None:
+                os.killpg(w.pid, signal.SIGTERM)
+                try:
+                    w.wait(15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(w.pid, signal.SIGKILL)
+                    w.wait()
+
+
+async def cleanup_runs() -> list[FlowRun]:
+    async with get_client() as client:
+        return await client.read_flow_runs(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[CLEANUP_DEPLOYMENT]))
+        )
+
+
+@pytest.fixture
+async def chain(prefect_api: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Chain]:
+    await ensure_work_pools({POOL: "process"})
+    assert "automation" in await ensure_crash_automation(list(GPU_FLOWS))
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
+    await asyncio.to_thread(deploy_all, PROJECT, 180, [CLEANUP_DEPLOYMENT, VALIDATE_DEPLOYMENT])
+    env = flow_process_env(prefect_api, tmp_path)
+    env.pop("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", None)  # the worker's flow runs get it from prefect.yaml
+    c = Chain(env=env, tmp=tmp_path)
+    c.start_worker()
+    try:
+        yield c
+    finally:
+        c.stop()
+        # Later flow tests share this server: no automation may watch (and no clean-up run may follow) them.
+        async with get_client() as client:
+            for a in await client.read_automations():
+                if a.name == CRASH_AUTOMATION or a.name.startswith(CLEANUP_DEPLOYMENT):
+                    await client.delete_automation(a.id)
+            for name in (CLEANUP_DEPLOYMENT, VALIDATE_DEPLOYMENT):
+                for d in await client.read_deployments(
+                    deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[name]))
+                ):
+                    for r in await client.read_flow_runs(flow_run_filter=FlowRunFilter(), deployment_filter=None):
+                        if r.deployment_id == d.id and r.state and not r.state.is_final():
+                            await client.set_flow_run_state(r.id, Crashed(message="test over"), force=True)
+                    await client.delete_deployment(d.id)
+
+
+async def freed(sim: SimStack, dead: FlowRun, t_kill: float, deadline_s: float = 170) -> tuple[float, float]:
+    """Seconds from the kill until the GPU is at 0 (no replicas, no pod) and until the dead run's slot is free."""
+    gpu_at = slot_at = None
+    while time.monotonic() - t_kill < deadline_s and (gpu_at is None or slot_at is None):
+        if gpu_at is None and replicas(sim)["coder-chat"] == 0 and not gpu_pods(sim):
+            gpu_at = time.monotonic() - t_kill
+        if slot_at is None and await lease_label(dead.id) == RELEASED:
+            slot_at = time.monotonic() - t_kill
+        await asyncio.sleep(0.5)
+    assert gpu_at is not None and slot_at is not None, (gpu_at, slot_at, await cleanup_runs())
+    return gpu_at, slot_at
+
+
+def scale_down_after(sim: SimStack, t_kill: float) -> float | None:
+    """On the cluster's timeline: when coder-chat was scaled to 0 after the kill (seconds after it)."""
+    for t, ns, name, reps in sim.timeline:
+        if ns == SERVING and name == "coder-chat" and reps == 0 and t > t_kill:
+            return t - t_kill
+    return None
+
+
+# ------------------------------------------------------------------ the whole chain, in real time
+async def test_sigkill_of_a_flow_process_frees_the_gpu_within_two_minutes_and_a_live_run_is_untouched(
+    make_sim: Callable[..., SimStack], prefect_api: str, tmp_path: Path, chain: Chain
+) -> None:
+    dead_sim = make_sim(gpu_pool="autoscaled", time_scale=SLOW_SCALE)
+    live_sim = make_sim()
+    for sub in ("dead", "live"):
+        (tmp_path / sub).mkdir()
+    proc, log = start_flow_process(VALIDATE_CHAT, dead_sim, prefect_api, tmp_path / "dead")
+    dead = await kill_in_cold_start(dead_sim, proc, log, group=False)
+    t_kill = time.monotonic()
+    assert proc.returncode == -signal.SIGKILL
+    # A live run queued behind the dead one's slot: it sends heartbeats while it waits and must never be
+    # marked Crashed or cleaned up; it gets the GPU once the clean-up frees the slot.
+    live_started = datetime.now(UTC)
+    live_proc, live_log = start_flow_process(VALIDATE_CHAT, live_sim, prefect_api, tmp_path / "live")
+    try:
+        gpu_s, slot_s = await freed(dead_sim, dead, t_kill)
+        timeline_s = scale_down_after(dead_sim, t_kill)
+        print(
+            f"SIGKILL (flow process) -> coder-chat scaled to 0 {timeline_s or -1:.1f} s, GPU at 0 {gpu_s:.1f} s, "
+            f"slot free {slot_s:.1f} s"
+        )
+        assert gpu_s <= BOUND_S and slot_s <= BOUND_S, (gpu_s, slot_s)
+        assert timeline_s is not None and timeline_s <= gpu_s
+        rc = await until(lambda: live_proc.poll() is not None and (live_proc.returncode,), 120, "the live run to end")
+    finally:
+        if live_proc.poll() is None:
+            live_proc.kill()
+            live_proc.wait()
+    assert rc == (0,), live_log.read_text()[-3000:]
+    async with get_client() as client:
+        dead_state = (await client.read_flow_run(dead.id)).state
+    assert dead_state is not None and dead_state.is_crashed() and "no heartbeat" in (dead_state.message or "")
+    runs = await cleanup_runs()
+    assert len(runs) == 1, [(r.name, r.parameters) for r in runs]  # for the dead run only
+    assert str(dead.id) in runs[0].parameters["crashed_run"]
+    await until_final(runs[0].id)
+    live = await run_of_process(live_started)
+    assert live is not None and live.id != dead.id
+    assert "CRASHED" not in await state_names(live.id)
+    assert held_by(dead_sim, "coder-chat") is None  # the clean-up cleared the dead run's stamp
+    assert await active_slots() == 0
+
+
+async def test_sigkill_of_the_worker_running_the_flow_frees_the_gpu_within_two_minutes(
+    make_sim: Callable[..., SimStack], chain: Chain
+) -> None:
+    sim = make_sim(gpu_pool="autoscaled", time_scale=SLOW_SCALE)
+    async with get_client() as client:
+        dep = await client.read_deployment_by_name(f"validate_coder_stack/{VALIDATE_DEPLOYMENT}")
+        await client.create_flow_run_from_deployment(
+            dep.id, parameters={"options": {"stages": ["chat"]}, "connection": conn(sim).model_dump(mode="json")}
+        )
+    worker = chain.workers[0]
+    dead = await kill_in_cold_start(sim, worker, chain.tmp / "worker-0.log", group=True)
+    t_kill = time.monotonic()
+    chain.start_worker()  # the worker's supervisor (Kubernetes, systemd) starts it again
+    gpu_s, slot_s = await freed(sim, dead, t_kill)
+    print(f"SIGKILL (worker and its flow) -> GPU at 0 {gpu_s:.1f} s, slot free {slot_s:.1f} s")
+    assert gpu_s <= BOUND_S and slot_s <= BOUND_S, (gpu_s, slot_s, chain.logs())
+    assert await active_slots() == 0
+    runs = await cleanup_runs()
+    assert [str(dead.id) in r.parameters["crashed_run"] for r in runs] == [True], (
+        await state_names(dead.id),
+        chain.logs(),
+    )
+    await until_final(runs[0].id)
+
+
+async def until_final(run_id: UUID, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    async with get_client() as client:
+        while True:
+            state = (await client.read_flow_run(run_id)).state
+            if state is not None and state.is_final():
+                assert state.is_completed(), state
+                return
+            assert time.monotonic() < deadline, state
+            await asyncio.sleep(0.5)
+
+
+# ------------------------------------------------------------------ the clean-up and status, directly
+async def test_cleanup_of_a_killed_run_frees_its_model_and_slot_only_and_is_safe_twice(
+    make_sim: Callable[..., SimStack], prefect_api: str, tmp_path: Path
+) -> None:
+    """Killed mid cold start, marked Crashed (as the automation would): the clean-up scales its model to 0,
+    waits until the pods are gone, frees its slot — while another session holds a second GPU slot and another
+    run holds coder-fim, neither touched. The second run finds nothing."""
+    from coder_stack.orchestration.gpu import ensure_gpu_limit, gpu_session
+
+    await ensure_gpu_limit(2)
+    sim = make_sim(gpu_pool="autoscaled", time_scale=SLOW_SCALE)
+    proc, log = start_flow_process(VALIDATE_CHAT, sim, prefect_api, tmp_path)
+    dead = await kill_in_cold_start(sim, proc, log, group=False)
+    other = "5d0f6a0e-0000-4000-8000-000000000001"
+
+    def other_run_holds_fim(store: Any) -> None:
+        dep = store.get("deployments", SERVING, "coder-fim")
+        dep["metadata"].setdefault("annotations", {})[HELD_BY] = other
+        dep["spec"]["replicas"] = 1
+        store.update("deployments", dep)
+
+    sim.call(other_run_holds_fim, sim.store)
+    async with get_client() as client:
+        await client.set_flow_run_state(dead.id, Crashed(message="no heartbeat for 60 s (test)"), force=True)
+    async with gpu_session(30):  # another session holds the other GPU slot meanwhile
+        assert await active_slots() == 2
+        first = await clean_up_crashed_run(crashed_run=f"prefect.flow-run.{dead.id}")
+        assert await active_slots() == 1  # the dead run's slot only
+        second = await clean_up_crashed_run(crashed_run=str(dead.id))
+    assert first.outcome.startswith("passed: coder-chat scaled to 0; GPU slot freed"), first
+    assert "coder-chat: scaled to 0" in [n.split(",")[0] for n in first.notes], first.notes
+    assert not [p for p in gpu_pods(sim) if p.startswith("coder-chat")]
+    assert replicas(sim)["coder-fim"] == 1 and held_by(sim, "coder-fim") == other
+    assert second.outcome.startswith("passed: no model left; GPU slot already free"), second
+    assert await active_slots() == 0
+
+
+async def test_a_live_run_is_left_alone_and_status_names_a_dead_holder_and_how_to_free_it(
+    make_sim: Callable[..., SimStack], prefect_api: str
+) -> None:
+    """A Running run whose heartbeats stopped 90 s ago and that still holds a slot (no automation installed):
+    `status` calls it DEAD with the command to free it now; that command marks it Crashed and frees the slot.
+    A run with a fresh heartbeat is alive: the clean-up changes nothing."""
+    sim = make_sim()
+    async with get_client() as client:
+        runs = []
+        for name in ("silent-holder", "live-one"):
+            fr = await client.create_flow_run(flow=_validate_named, name=name, parameters={})
+            await client.set_flow_run_state(fr.id, Running(), force=True)
+            runs.append(fr)
+        lease = await client.increment_concurrency_slots_with_lease(
+            names=[GPU_LIMIT], slots=1, mode="concurrency", lease_duration=300
+        )
+        lease_id = lease.json()["lease_id"]
+        await client.update_flow_run_labels(runs[0].id, {LEASE_LABEL: lease_id})
+    now = datetime.now(UTC)
+    for fr, ago in ((runs[0], 90), (runs[1], 2)):
+        emit_event(
+            event=HEARTBEAT_EVENT,
+            resource={"prefect.resource.id": f"prefect.flow-run.{fr.id}", "prefect.resource.name": fr.name},
+            occurred=now - timedelta(seconds=ago),
+        )
+
+    async def both_heartbeats_stored() -> bool:
+        st = await gpu_limit_status(GPU_FLOWS)
+        return (
+            sum(
+                1
+                for h in st.holders
+                if h.heartbeat_age_s is not None and h.label.endswith(("silent-holder", "live-one"))
+            )
+            == 2
+        )
+
+    deadline = time.monotonic() + 30
+    while not await both_heartbeats_stored():
+        assert time.monotonic() < deadline, "heartbeat events were not stored"
+        await asyncio.sleep(0.5)
+    st = await gpu_limit_status(GPU_FLOWS)
+    text = st.describe()
+    silent = next(h for h in st.holders if h.label.endswith("silent-holder"))
+    alive = next(h for h in st.holders if h.label.endswith("live-one"))
+    assert silent.dead and silent.holds_slot and not alive.dead, st
+    assert (
+        f"validate_coder_stack/silent-holder holds the GPU: DEAD (last heartbeat {silent.heartbeat_age_s:.0f} s ago"
+        in text
+    )
+    assert f"free it now: `coder-stack cleanup {runs[0].id}`" in text and "frees itself by" in text
+    assert "validate_coder_stack/live-one running: live (last heartbeat" in text
+
+    kept = await clean_up_crashed_run(crashed_run=str(runs[1].id), connection=conn(sim))
+    assert kept.outcome.startswith("skipped: validate_coder_stack/live-one alive"), kept
+    assert (await state_names(runs[1].id))[-1] == "RUNNING"
+    freed_report = await clean_up_crashed_run(crashed_run=str(runs[0].id), connection=conn(sim))
+    assert "marked Crashed" in freed_report.notes[0], freed_report.notes
+    assert freed_report.outcome == "passed: no model left; GPU slot freed", freed_report
+    assert (await state_names(runs[0].id))[-1] == "CRASHED"
+    assert await active_slots() == 0
+    async with get_client() as client:
+        await client.set_flow_run_state(runs[1].id, Crashed(message="test over"), force=True)
+    assert SILENT_AFTER_S == 60
+
+
+@flow(name="validate_coder_stack")
+def _validate_named() -> None:
+    """Only its name is used: runs of "validate_coder_stack" created by hand, never executed."""
