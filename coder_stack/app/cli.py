@@ -274,8 +274,13 @@ def cleanup(
 ) -> None:
     """Free the GPU a dead run left: scale to 0 the models it holds, wait until the pods are gone, free its GPU
     slot. A run still sending heartbeats is left alone. Without --stack/--kubeconfig, the dead run's own."""
+    from coder_stack.orchestration.liveness import parse_run_id
     from flows.cleanup import clean_up_crashed_run
 
+    try:
+        parse_run_id(run_id)  # before a flow run (and a temporary Prefect server) is started for nothing
+    except CoderStackError as e:
+        _fail(e)
     conn = _connection(stack, kubeconfig, context)[0] if (stack or kubeconfig or context) else None
     _run_flow(clean_up_crashed_run(crashed_run=run_id, connection=conn))
 

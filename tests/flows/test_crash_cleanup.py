@@ -437,3 +437,45 @@ async def test_a_live_run_is_left_alone_and_status_names_a_dead_holder_and_how_t
 @flow(name="validate_coder_stack")
 def _validate_named() -> None:
     """Only its name is used: runs of "validate_coder_stack" created by hand, never executed."""
+
+
+async def test_a_gpu_run_with_rare_heartbeats_refuses_to_start_and_changes_nothing(
+    make_sim: Callable[..., SimStack],
+) -> None:
+    """Prefect's default heartbeat (180 s) would let the crash automation take a live run for dead after 60 s
+    and scale its model down under it: the run refuses before anything changes, saying what to set."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    from coder_stack.errors import ConfigError
+    from flows.swap import SwapOptions, swap_model
+
+    sim = make_sim()
+    mark = len(sim.timeline)
+    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 180}), pytest.raises(ConfigError) as e:
+        await swap_model(options=SwapOptions(target="coder-chat"), connection=conn(sim))
+    assert "sends a heartbeat every 180 s" in str(e.value) and "PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30" in str(e.value)
+    assert sim.timeline[mark:] == []
+
+
+async def test_setup_installs_the_crash_automation_once_and_repairs_an_edited_one() -> None:
+    from prefect.events.schemas.automations import AutomationCore
+
+    async with get_client() as client:
+        for a in await client.read_automations_by_name(CRASH_AUTOMATION):
+            await client.delete_automation(a.id)
+    try:
+        assert (await ensure_crash_automation(list(GPU_FLOWS))).startswith("created")
+        assert (await ensure_crash_automation(list(GPU_FLOWS))).endswith("already in place")
+        async with get_client() as client:
+            [a] = await client.read_automations_by_name(CRASH_AUTOMATION)
+            edited = AutomationCore.model_validate(a.model_dump() | {"enabled": False})
+            await client.delete_automation(a.id)
+            await client.create_automation(edited)
+        assert (await ensure_crash_automation(list(GPU_FLOWS))).startswith("replaced")
+        async with get_client() as client:
+            [a] = await client.read_automations_by_name(CRASH_AUTOMATION)
+        assert a.enabled
+    finally:
+        async with get_client() as client:
+            for a in await client.read_automations_by_name(CRASH_AUTOMATION):
+                await client.delete_automation(a.id)

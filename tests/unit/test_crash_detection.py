@@ -1,0 +1,93 @@
+"""The crash chain's configuration agrees with itself: the heartbeat the flows are given, the automation that
+takes a silent run for dead, and the clean-up trigger in prefect.yaml (which `prefect deploy` installs)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from uuid import uuid4
+
+import pytest
+import yaml
+from prefect.client.schemas.objects import StateType
+from prefect.events.actions import ChangeFlowRunState
+from prefect.events.schemas.automations import EventTrigger, Posture
+
+from coder_stack.errors import ConfigError
+from coder_stack.orchestration.gpu import GpuHolder
+from coder_stack.orchestration.liveness import (
+    HEARTBEAT_EVENT,
+    HEARTBEAT_S,
+    SILENT_AFTER_S,
+    crash_automation,
+    parse_run_id,
+)
+from flows.cleanup import GPU_FLOWS
+
+PREFECT_YAML = yaml.safe_load((Path(__file__).resolve().parents[2] / "prefect.yaml").read_text())
+
+
+def deployment(name: str) -> dict:
+    return next(d for d in PREFECT_YAML["deployments"] if d["name"] == name)
+
+
+def test_the_automation_is_prefects_zombie_recipe_for_the_gpu_flows() -> None:
+    a = crash_automation(list(GPU_FLOWS))
+    t = a.trigger
+    assert isinstance(t, EventTrigger)
+    assert t.posture == Posture.Proactive
+    assert t.after == {HEARTBEAT_EVENT}
+    assert {HEARTBEAT_EVENT, "prefect.flow-run.Completed", "prefect.flow-run.Failed"} <= t.expect
+    assert {"prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"} <= t.expect
+    assert t.for_each == {"prefect.resource.id"} and t.threshold == 1
+    assert t.within == timedelta(seconds=SILENT_AFTER_S)
+    assert a.model_dump(mode="json")["trigger"]["match_related"] == {
+        "prefect.resource.role": "flow",
+        "prefect.resource.name": list(GPU_FLOWS),
+    }
+    [action] = a.actions
+    assert isinstance(action, ChangeFlowRunState) and action.state == StateType.CRASHED
+
+
+def test_a_run_is_dead_only_after_two_missed_heartbeats() -> None:
+    assert SILENT_AFTER_S == 2 * HEARTBEAT_S and HEARTBEAT_S >= 30  # Prefect's minimum heartbeat
+
+
+def test_prefect_yaml_gives_every_pool_the_heartbeat_and_triggers_the_clean_up_on_crashed_gpu_runs() -> None:
+    for pool in PREFECT_YAML["definitions"]["work_pools"].values():
+        assert pool["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == str(HEARTBEAT_S), pool["name"]
+    dep = deployment("clean-up-crashed-run")
+    assert dep["entrypoint"] == "flows/cleanup.py:clean_up_crashed_run"
+    [trigger] = dep["triggers"]
+    assert trigger["expect"] == ["prefect.flow-run.Crashed"]
+    assert trigger["match"] == {"prefect.resource.id": "prefect.flow-run.*"}
+    assert trigger["match_related"] == {"prefect.resource.role": "flow", "prefect.resource.name": list(GPU_FLOWS)}
+    assert trigger["parameters"] == {"crashed_run": "{{ event.resource.id }}"}
+    # Every flow the automation watches is deployed (a renamed flow would silently leave the chain).
+    entry_flows = {d["entrypoint"].split(":")[1] for d in PREFECT_YAML["deployments"]}
+    assert {"validate_coder_stack", "swap_model", "bring_up", "reclaim_idle_models"} == set(GPU_FLOWS)
+    assert {"bring_up", "swap_model", "validate_coder_stack", "reclaim_idle_models"} <= entry_flows
+
+
+def test_a_run_id_is_taken_bare_or_as_the_trigger_passes_it_and_anything_else_says_what_to_pass() -> None:
+    rid = uuid4()
+    assert parse_run_id(str(rid)) == rid
+    assert parse_run_id(f"prefect.flow-run.{rid}") == rid
+    with pytest.raises(ConfigError, match="not a flow run id: pass the id from the Prefect UI or `coder-stack status`"):
+        parse_run_id("validate-coder-stack")
+
+
+def test_status_wording_for_a_dead_holder_says_when_the_slot_frees_itself_and_how_to_free_it_now() -> None:
+    dead = GpuHolder(
+        run_id="r1",
+        label="swap_model/x",
+        heartbeat_age_s=95,
+        holds_slot=True,
+        dead=True,
+        lease_expires_by="12:40:00 UTC",
+    )
+    text = dead.describe()
+    assert text.startswith("swap_model/x holds the GPU: DEAD (last heartbeat 95 s ago; one is due every 30 s)")
+    assert "frees itself by 12:40:00 UTC" in text and "free it now: `coder-stack cleanup r1`" in text
+    live = GpuHolder(run_id="r2", label="validate_coder_stack/y", heartbeat_age_s=4, holds_slot=True)
+    assert live.describe() == "validate_coder_stack/y holds the GPU: live (last heartbeat 4 s ago; one every 30 s)"
