@@ -48,7 +48,10 @@ TARGETS: dict[str, tuple[str, float]] = {
     "overlap_fraction": (">=", 0.95),
     "handoff_p95_s": ("<=", 2.0),
     "flow_process_rss_mb": ("<=", 300.0),
+    "crash_gpu0_max_s": ("<=", 120.0),
 }
+# The crash group's repetitions (each one to two minutes of real-time heartbeats), per configuration name.
+CRASH_REPS = {"full": 3, "quick": 1, "tiny": 1}
 
 
 # Linear: the seconds each extra round of sessions adds, from 5 to 20 sessions, at most this many times
@@ -155,6 +158,10 @@ def table(res: dict[str, Any]) -> str:
         ("peak_rss_mb flow process", rss.get("flow_process"), "<= 300"),
         ("peak_rss_mb simulated stack", rss.get("sim"), ""),
         ("peak_rss_mb bench process (flows + sims)", rss.get("bench_process"), ""),
+        ("crash: SIGKILL -> Crashed, median (s)", res.get("crash_crashed_median_s"), ""),
+        ("crash: SIGKILL -> GPU at 0, median (s)", res.get("crash_gpu0_median_s"), ""),
+        ("crash: SIGKILL -> slot free, median (s)", res.get("crash_slot_free_median_s"), ""),
+        ("crash: SIGKILL -> GPU at 0, worst (s)", res.get("crash_gpu0_max_s"), "<= 120"),
     ]
     rows = [r for r in rows if r[1] is not None]
     out: list[str] = []
@@ -212,7 +219,7 @@ def targets(res: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-GROUPS = ("detect", "validate", "handoff", "scale", "rss")
+GROUPS = ("detect", "validate", "handoff", "scale", "rss", "crash")
 
 
 async def _run(cfg: Config, log: Any, only: tuple[str, ...] = GROUPS) -> dict[str, Any]:
@@ -275,6 +282,15 @@ async def _run(cfg: Config, log: Any, only: tuple[str, ...] = GROUPS) -> dict[st
         res["peak_rss_mb"] = mem
         res["flow_process_rss_mb"] = mem["flow_process"]
         lap("rss", t)
+
+    if "crash" in only:
+        from coder_stack.app.bench import crash
+
+        t = time.monotonic()
+        reps = CRASH_REPS.get(cfg.name, 1)
+        log(f"crash: {reps} flow process(es) SIGKILLed mid cold start; the crash chain frees the GPU")
+        res.update(await crash.crash(cfg.time_scale, reps, log))
+        lap("crash", t)
     res["scenario_seconds"] = timing
     return res
 

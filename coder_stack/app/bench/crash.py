@@ -1,0 +1,202 @@
+"""The crash scenario: seconds from a SIGKILL of a flow process in the middle of a cold start until the GPU is at
+0 (no replica, no pod) and the dead run's ``tag:gpu`` slot is free — through the whole chain as deployed.
+
+Real pieces: the Prefect server's own trigger and action services, the crash automation `coder-stack setup`
+installs, the ``clean-up-crashed-run`` deployment with its prefect.yaml trigger (`prefect deploy`), a
+``prefect worker start`` process on the process pool (default poll, 10 s), and a flow process running
+``validate_coder_stack`` that is killed with SIGKILL. Heartbeats are real time (every 30 s), so each repetition
+takes one to two minutes whatever the time scale; the time scale only shortens the cold start it is killed in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowFilter, FlowFilterName
+from prefect.settings import PREFECT_API_URL
+
+from coder_stack.app.bench.scenarios import fresh_sim
+from coder_stack.app.setup import PROJECT_DIR, deploy_all, ensure_work_pools
+from coder_stack.orchestration.liveness import CRASH_AUTOMATION, LEASE_LABEL, RELEASED, ensure_crash_automation
+from flows.cleanup import GPU_FLOWS
+
+POOL = "coder-stack-process"
+CLEANUP = "clean-up-crashed-run"
+VICTIM = """
+import asyncio, sys
+from flows.common import Connection
+from flows.validate import ValidateOptions, validate_coder_stack
+
+options = ValidateOptions(stages=["chat"])
+asyncio.run(validate_coder_stack(options=options, connection=Connection(kubeconfig=sys.argv[1])))
+"""
+
+
+def _env(api_url: str, home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        PREFECT_API_URL=api_url,
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PYTHONPATH=str(PROJECT_DIR),
+        PREFECT_LOGGING_LEVEL="WARNING",
+    )
+    return env
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _serving(sim: Any, model: str) -> tuple[int, int]:
+    """(replicas, pods) of ``model`` on the simulated cluster."""
+
+    def read(store: Any) -> tuple[int, int]:
+        dep = store.get("deployments", "serving", model)
+        pods = [
+            p
+            for p in store.list("pods", "serving")
+            if all(
+                p["metadata"].get("labels", {}).get(k) == v for k, v in dep["spec"]["selector"]["matchLabels"].items()
+            )
+        ]
+        return int(dep["spec"]["replicas"]), len(pods)
+
+    result: tuple[int, int] = sim.call(read, sim.store)
+    return result
+
+
+async def _victim_run(started: datetime) -> tuple[UUID, str | None] | None:
+    async with get_client() as client:
+        runs = await client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["validate_coder_stack"])), limit=10
+        )
+    for r in runs:
+        if r.created and r.created > started:
+            label = (r.labels or {}).get(LEASE_LABEL)
+            return r.id, None if label is None else str(label)
+    return None
+
+
+async def _label(run_id: UUID) -> str | None:
+    async with get_client() as client:
+        value = ((await client.read_flow_run(run_id)).labels or {}).get(LEASE_LABEL)
+    return None if value is None else str(value)
+
+
+async def one_kill(time_scale: float, env: dict[str, str], log: Any, timeout_s: float = 240) -> dict[str, float]:
+    """One victim killed mid cold start; seconds from the kill to Crashed, GPU at 0 and slot free."""
+    with fresh_sim(time_scale) as b, tempfile.TemporaryFile() as out:
+        started = datetime.now(UTC) - timedelta(seconds=2)
+        proc = subprocess.Popen(  # noqa: ASYNC220 (returns at once; the victim is polled below)
+            [sys.executable, "-c", VICTIM, str(b.sim.kubeconfig_path)], cwd=PROJECT_DIR, env=env, stdout=out, stderr=out
+        )
+        try:
+            deadline = time.monotonic() + 120
+            run_id = None
+            while time.monotonic() < deadline:
+                found = await _victim_run(started)
+                if found and found[1] not in (None, RELEASED) and _serving(b.sim, "coder-chat")[1]:
+                    run_id = found[0]
+                    break
+                if proc.poll() is not None:
+                    break
+                await asyncio.sleep(0.2)
+            if run_id is None:
+                out.seek(0)
+                raise RuntimeError(f"the victim never held the GPU: {out.read()[-2000:]!r}")
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        t_kill = time.monotonic()
+        gpu_s = slot_s = crashed_s = None
+        while time.monotonic() - t_kill < timeout_s and None in (gpu_s, slot_s, crashed_s):
+            now = time.monotonic() - t_kill
+            if gpu_s is None and _serving(b.sim, "coder-chat") == (0, 0):
+                gpu_s = now
+            if slot_s is None and await _label(run_id) == RELEASED:
+                slot_s = now
+            if crashed_s is None:
+                async with get_client() as client:
+                    st = (await client.read_flow_run(run_id)).state
+                if st is not None and st.is_crashed():
+                    crashed_s = now
+            await asyncio.sleep(0.25)
+        if None in (gpu_s, slot_s, crashed_s):
+            raise RuntimeError(f"not freed within {timeout_s:.0f} s: GPU {gpu_s}, slot {slot_s}, crashed {crashed_s}")
+        assert gpu_s is not None and slot_s is not None and crashed_s is not None
+        log(f"  SIGKILL -> Crashed {crashed_s:.1f} s, GPU at 0 {gpu_s:.1f} s, slot free {slot_s:.1f} s")
+        return {"crashed_s": crashed_s, "gpu0_s": gpu_s, "slot_free_s": slot_s}
+
+
+async def crash(time_scale: float, reps: int, log: Any) -> dict[str, Any]:
+    api_url = str(PREFECT_API_URL.value())
+    await ensure_work_pools({POOL: "process"})
+    # On a server given with --prefect-api, what was there before the run stays; what the run added goes.
+    added_automation = (await ensure_crash_automation(list(GPU_FLOWS))).startswith("created")
+    async with get_client() as client:
+        had_cleanup = bool(
+            await client.read_deployments(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[CLEANUP])))
+        )
+    os.environ["PREFECT_API_URL"] = api_url  # for `prefect deploy`, which reads it from its environment
+    await asyncio.to_thread(deploy_all, PROJECT_DIR, 180, [CLEANUP])
+    with tempfile.TemporaryDirectory(prefix="coder-bench-crash-") as tmp:
+        env = _env(api_url, Path(tmp))
+        worker_env = dict(env)
+        worker_env.pop("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", None)  # the clean-up gets it from prefect.yaml
+        worker = subprocess.Popen(  # noqa: ASYNC220 (returns at once)
+            [str(Path(sys.executable).with_name("prefect")), "worker", "start", "--pool", POOL],
+            cwd=PROJECT_DIR,
+            env=worker_env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            env.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")
+            kills = [await one_kill(time_scale, env, log) for _ in range(reps)]
+        finally:
+            _stop(worker)
+            async with get_client() as client:
+                for a in await client.read_automations():
+                    if (a.name == CRASH_AUTOMATION and added_automation) or (
+                        a.name.startswith(CLEANUP) and not had_cleanup
+                    ):
+                        await client.delete_automation(a.id)
+                if not had_cleanup:
+                    for d in await client.read_deployments(
+                        deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[CLEANUP]))
+                    ):
+                        await client.delete_deployment(d.id)
+    med = {k: round(statistics.median(x[k] for x in kills), 1) for k in ("crashed_s", "gpu0_s", "slot_free_s")}
+    return {
+        "crash_kills": [{k: round(v, 1) for k, v in x.items()} for x in kills],
+        "crash_gpu0_median_s": med["gpu0_s"],
+        "crash_slot_free_median_s": med["slot_free_s"],
+        "crash_crashed_median_s": med["crashed_s"],
+        "crash_gpu0_max_s": round(max(x["gpu0_s"] for x in kills), 1),
+    }
