@@ -59,6 +59,7 @@ from tests.kits.flowkit import (
     replicas,
     scaled_up,
     start_flow_process,
+    stop_group,
     until,
 )
 
@@ -183,13 +184,7 @@ class Chain:
 
     def stop(self) -> None:
         for w in self.workers:
-            if w.poll() is None:
-                os.killpg(w.pid, signal.SIGTERM)
-                try:
-                    w.wait(15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(w.pid, signal.SIGKILL)
-                    w.wait()
+            stop_group(w)
 
 
 async def cleanup_runs() -> list[FlowRun]:

@@ -10,7 +10,6 @@ not leave a held ``tag:gpu`` slot for the other flow tests.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import time
@@ -34,6 +33,7 @@ from tests.kits.flowkit import (
     pod_names,
     scaled_up,
     start_flow_process,
+    stop_group,
     until,
 )
 
@@ -137,12 +137,7 @@ async def test_api_cancel_of_a_worker_run_validate_scales_its_models_down(
                 assert time.monotonic() < deadline, (state, log.read_text()[-3000:])
                 await asyncio.sleep(0.2)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
     text = log.read_text()
     assert state.is_cancelled(), (state, text[-3000:])
     assert "Clean-up:" in text, f"the flow's finally did not run on the worker's cancel:\n{text[-3000:]}"

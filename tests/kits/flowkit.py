@@ -111,20 +111,26 @@ class PrefectServer:
         raise TimeoutError(f"prefect server not healthy in {timeout}s: {self.log.read_text()[-2000:]}")
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(5)
+        if self.proc is not None:
+            stop_group(self.proc)
 
     def restart(self) -> None:
         self.stop()
         self.start()
+
+
+def stop_group(proc: subprocess.Popen[bytes], grace_s: float = 15) -> None:
+    """SIGTERM a process started with ``start_new_session`` and its group; SIGKILL after ``grace_s``."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def flow_process_env(prefect_api: str, tmp_path: Path) -> dict[str, str]:
