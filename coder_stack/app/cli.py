@@ -313,7 +313,7 @@ def status(stack: StackOpt = None, kubeconfig: KubeconfigOpt = None, context: Co
     from tasks.gateway import read_spend_task
 
     conn, spec_obj = _connection(stack, kubeconfig, context)
-    target = conn.resolve()[1]
+    target = conn.cluster_target()
 
     async def gather() -> tuple[Any, Any, Any]:
         deps = await stack_status_task.fn(target, spec_obj)
@@ -395,19 +395,99 @@ def doctor(
 
 @app.command()
 def setup(
-    no_deploy: Annotated[bool, typer.Option("--no-deploy", help="Only the GPU limit and work pools.")] = False,
+    no_deploy: Annotated[
+        bool, typer.Option("--no-deploy", help="Only the GPU limit, the blocks and the work pools.")
+    ] = False,
     stack: StackOpt = None,
+    stack_block: Annotated[
+        str,
+        typer.Option(
+            "--stack-block",
+            help="Coder Stack Spec block to write --stack into (created from the defaults if absent and no --stack). "
+            "The in-cluster deployments read `coder-stack`.",
+        ),
+    ] = "coder-stack",
+    image: Annotated[
+        str | None,
+        typer.Option(
+            "--image", help="Image of the coder-stack-k8s pool (default: $CODER_STACK_IMAGE, else coder-stack:VERSION)."
+        ),
+    ] = None,
+    credentials_block: Annotated[
+        str | None,
+        typer.Option(
+            "--credentials-block",
+            help="Create or update this Kubernetes Credentials block from --kubeconfig (runs outside the cluster).",
+        ),
+    ] = None,
+    kubeconfig: Annotated[
+        Path | None,
+        typer.Option("--kubeconfig", help="Kubeconfig for --credentials-block (default: ~/.kube/config)."),
+    ] = None,
+    context: Annotated[
+        str | None, typer.Option("--context", help="Context for --credentials-block (default: the current one).")
+    ] = None,
 ) -> None:
-    """Create or resize the tag:gpu limit (= GPUs in the spec), create the work pools, deploy prefect.yaml."""
+    """Create or resize the tag:gpu limit (= GPUs in the spec), write the stack (and credentials) blocks, create or
+    update the work pools (the Kubernetes pool's namespace, ServiceAccount, image, pod watch timeout), deploy
+    prefect.yaml. Safe to rerun: a pool value someone changed is kept and reported."""
     from coder_stack.app.setup import run_setup
 
     spec_obj = _load(stack)
-    report = _run(run_setup(gpus=spec_obj.gpus, deploy=not no_deploy))
+    if kubeconfig is not None and credentials_block is None:
+        _fail(CoderStackError("--kubeconfig is only read for --credentials-block NAME; add it or drop --kubeconfig"))
+    _check_kubeconfig(kubeconfig)
+    report = _run(
+        run_setup(
+            gpus=spec_obj.gpus,
+            deploy=not no_deploy,
+            spec=spec_obj if stack else None,
+            stack_block=stack_block,
+            image=image,
+            credentials_block=credentials_block,
+            kubeconfig=kubeconfig,
+            context=context,
+        )
+    )
     out.print(report.gpu_limit)
-    for p in report.pools:
-        out.print(p)
+    for line in report.blocks + report.pools:
+        out.print(line, markup=False, highlight=False)
     if report.deployed:
         out.print("deployed prefect.yaml (prefect deploy --all)")
+
+
+@app.command(name="worker-values")
+def worker_values(
+    image: Annotated[
+        str | None,
+        typer.Option("--image", help="The flows' image (default: $CODER_STACK_IMAGE, else coder-stack:VERSION)."),
+    ] = None,
+) -> None:
+    """Print values for the official prefect-worker Helm chart: the coder-stack-k8s pool and the same base job
+    template `coder-stack setup` gives it (deployments/prefect-worker-values.yaml is this for the default image)."""
+    from coder_stack.app.setup import DEFAULT_IMAGE, render_worker_values
+
+    typer.echo(render_worker_values(image or os.environ.get("CODER_STACK_IMAGE") or DEFAULT_IMAGE), nl=False)
+
+
+@app.command(name="image")
+def image_hint(
+    registry: Annotated[
+        str, typer.Option("--registry", help="Registry and path to push to, e.g. ghcr.io/acme.")
+    ] = "REGISTRY",
+) -> None:
+    """Print how to build and push the flows' image (the Dockerfile at the checkout's root) and use it."""
+    from coder_stack.app.setup import DEFAULT_IMAGE, PROJECT_DIR
+
+    tag = f"{registry.rstrip('/')}/{DEFAULT_IMAGE}"
+    typer.echo(
+        f"cd {PROJECT_DIR}\n"
+        f"docker build -t {tag} .\n"
+        f"docker push {tag}\n"
+        f"export CODER_STACK_IMAGE={tag}\n"
+        "coder-stack setup --stack stack.yaml              # the coder-stack-k8s pool's image\n"
+        "coder-stack worker-values > my-worker-values.yaml # the Helm chart's values, the same template"
+    )
 
 
 @app.command()

@@ -395,6 +395,14 @@ async def test_setup_deploys_every_deployment_with_its_schedule(
             d = await client.read_deployment_by_name(name)
             assert d.work_pool_name == pool, name
             assert d.enforce_parameter_schema, name
+            if pool == "coder-stack-k8s":
+                # A Job pod starts in the image's WORKDIR: no pull step, no path from the deployer's machine;
+                # the stack from the block the deployment names.
+                assert d.pull_steps == [], (name, d.pull_steps)
+                assert d.parameters == {"connection": {"stack_block": "coder-stack"}}, name
+                assert not d.job_variables, (name, d.job_variables)  # the pool's template holds image, SA, namespace
+            else:
+                assert d.pull_steps and "set_working_directory" in str(d.pull_steps), name
             if cron is None:
                 assert d.schedules == [], (name, d.schedules)
                 continue
