@@ -41,6 +41,15 @@ KubeconfigOpt = Annotated[
     Path | None, typer.Option("--kubeconfig", help="Kubeconfig path (default: in-cluster, then $KUBECONFIG).")
 ]
 ContextOpt = Annotated[str | None, typer.Option("--context", help="Kubeconfig context (default: current).")]
+StackBlockOpt = Annotated[
+    str | None, typer.Option("--stack-block", help="Coder Stack Spec block in Prefect holding the stack (not --stack).")
+]
+CredentialsBlockOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--credentials-block", help="Kubernetes Credentials block in Prefect for the cluster (not --kubeconfig)."
+    ),
+]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print what would change; change nothing.")]
 
 
@@ -63,12 +72,6 @@ def _run(coro: Any) -> Any:
     except KeyboardInterrupt:
         console.print("interrupted")
         raise typer.Exit(130) from None
-
-
-def _target(kubeconfig: Path | None, context: str | None) -> Any:
-    from coder_stack.kubernetes.client import ClusterTarget
-
-    return ClusterTarget(kubeconfig=str(kubeconfig) if kubeconfig else None, context=context)
 
 
 def _load(stack: Path | None) -> Any:
@@ -144,19 +147,36 @@ def sim(
 
 
 # --------------------------------------------------------------------------------------- flows
-def _connection(stack: Path | None, kubeconfig: Path | None, context: str | None) -> tuple[Any, Any]:
-    """(the flow's Connection, the spec loaded once here). The flow loads the file again where it runs (a
-    worker may run it elsewhere); loading it here first refuses a bad file before any flow starts."""
+def _connection(
+    stack: Path | None,
+    kubeconfig: Path | None,
+    context: str | None,
+    stack_block: str | None = None,
+    credentials_block: str | None = None,
+) -> tuple[Any, Any]:
+    """(the flow's Connection, the spec loaded once here). The flow loads the file (or block) again where it
+    runs (a worker may run it elsewhere); loading it here first refuses a bad one before any flow starts."""
+    from pydantic import ValidationError
+
     from flows.common import Connection
 
-    spec_obj = _load(stack)
     _check_kubeconfig(kubeconfig)
-    conn = Connection(
-        kubeconfig=str(kubeconfig.resolve()) if kubeconfig else None,
-        context=context,
-        stack_file=str(stack.resolve()) if stack else None,
-    )
-    return conn, spec_obj
+    try:
+        conn = Connection(
+            kubeconfig=str(kubeconfig.resolve()) if kubeconfig else None,
+            context=context,
+            stack_file=str(stack.resolve()) if stack else None,
+            stack_block=stack_block,
+            credentials_block=credentials_block,
+        )
+    except ValidationError as e:
+        msg = str(e.errors()[0].get("msg", "bad connection")).removeprefix("Value error, ")
+        _fail(CoderStackError(f"{msg} (--stack or --stack-block, --kubeconfig or --credentials-block)"))
+    if stack_block:
+        from coder_stack.orchestration.stack_block import load_stack_block
+
+        return conn, _run(load_stack_block(stack_block))
+    return conn, _load(stack)
 
 
 def _check_kubeconfig(kubeconfig: Path | None) -> None:
@@ -192,6 +212,8 @@ def validate(
     stack: StackOpt = None,
     kubeconfig: KubeconfigOpt = None,
     context: ContextOpt = None,
+    stack_block: StackBlockOpt = None,
+    credentials_block: CredentialsBlockOpt = None,
 ) -> None:
     """Run the whole runbook end to end (validate_coder_stack); leaves the GPU as it found it."""
     from pydantic import ValidationError
@@ -206,7 +228,11 @@ def validate(
     except ValidationError:
         _fail(CoderStackError(f"--stage {stages}: each stage must be one of chat, fim, agent"))
         return
-    _run_flow(validate_coder_stack(options=options, connection=_connection(stack, kubeconfig, context)[0]))
+    _run_flow(
+        validate_coder_stack(
+            options=options, connection=_connection(stack, kubeconfig, context, stack_block, credentials_block)[0]
+        )
+    )
 
 
 @app.command()
@@ -219,11 +245,13 @@ def swap(
     stack: StackOpt = None,
     kubeconfig: KubeconfigOpt = None,
     context: ContextOpt = None,
+    stack_block: StackBlockOpt = None,
+    credentials_block: CredentialsBlockOpt = None,
 ) -> None:
     """Give the GPU to MODEL: others to 0 (pods gone), MODEL up, ready, smoked, left serving."""
     from flows.swap import SwapOptions, swap_model
 
-    conn, spec_obj = _connection(stack, kubeconfig, context)
+    conn, spec_obj = _connection(stack, kubeconfig, context, stack_block, credentials_block)
     _check(spec_obj.model, model)
     _run_flow(
         swap_model(
@@ -239,11 +267,13 @@ def up(
     stack: StackOpt = None,
     kubeconfig: KubeconfigOpt = None,
     context: ContextOpt = None,
+    stack_block: StackBlockOpt = None,
+    credentials_block: CredentialsBlockOpt = None,
 ) -> None:
     """Morning bring-up: keys, front-ends, the default model serving and smoked (bring_up)."""
     from flows.bring_up import BringUpOptions, bring_up
 
-    conn, spec_obj = _connection(stack, kubeconfig, context)
+    conn, spec_obj = _connection(stack, kubeconfig, context, stack_block, credentials_block)
     if model:
         _check(spec_obj.model, model)
     _run_flow(bring_up(options=BringUpOptions(model=model, dry_run=dry_run), connection=conn))
@@ -255,11 +285,18 @@ def down(
     stack: StackOpt = None,
     kubeconfig: KubeconfigOpt = None,
     context: ContextOpt = None,
+    stack_block: StackBlockOpt = None,
+    credentials_block: CredentialsBlockOpt = None,
 ) -> None:
     """Evening teardown to $0: every GPU model and front-end to 0, verified. Never waits for the GPU limit."""
     from flows.teardown import TeardownOptions, teardown
 
-    _run_flow(teardown(options=TeardownOptions(dry_run=dry_run), connection=_connection(stack, kubeconfig, context)[0]))
+    _run_flow(
+        teardown(
+            options=TeardownOptions(dry_run=dry_run),
+            connection=_connection(stack, kubeconfig, context, stack_block, credentials_block)[0],
+        )
+    )
 
 
 @app.command()
@@ -268,11 +305,13 @@ def reclaim(
     stack: StackOpt = None,
     kubeconfig: KubeconfigOpt = None,
     context: ContextOpt = None,
+    stack_block: StackBlockOpt = None,
+    credentials_block: CredentialsBlockOpt = None,
 ) -> None:
     """Scale serving models idle for idle_after_s (nothing running or waiting, counters unchanged) to 0."""
     from flows.reclaim import ReclaimOptions, reclaim_idle_models
 
-    conn = _connection(stack, kubeconfig, context)[0]
+    conn = _connection(stack, kubeconfig, context, stack_block, credentials_block)[0]
     _run_flow(reclaim_idle_models(options=ReclaimOptions(dry_run=dry_run), connection=conn))
 
 
@@ -284,26 +323,40 @@ def keys(
     stack: StackOpt = None,
     kubeconfig: KubeconfigOpt = None,
     context: ContextOpt = None,
+    stack_block: StackBlockOpt = None,
+    credentials_block: CredentialsBlockOpt = None,
 ) -> None:
     """Mint or check the virtual keys and deliver them to Open WebUI, Tabby and the keystore (idempotent)."""
     from flows.keys import KeyOptions, manage_keys
 
-    conn, spec_obj = _connection(stack, kubeconfig, context)
+    conn, spec_obj = _connection(stack, kubeconfig, context, stack_block, credentials_block)
     for a in alias or []:
         _check(spec_obj.key, a)
     _run_flow(manage_keys(options=KeyOptions(aliases=alias, rotate=rotate, dry_run=dry_run), connection=conn))
 
 
 @app.command()
-def spend(stack: StackOpt = None, kubeconfig: KubeconfigOpt = None, context: ContextOpt = None) -> None:
+def spend(
+    stack: StackOpt = None,
+    kubeconfig: KubeconfigOpt = None,
+    context: ContextOpt = None,
+    stack_block: StackBlockOpt = None,
+    credentials_block: CredentialsBlockOpt = None,
+) -> None:
     """Spend, budget and share used per virtual key."""
     from flows.keys import report_spend
 
-    _run_flow(report_spend(connection=_connection(stack, kubeconfig, context)[0]))
+    _run_flow(report_spend(connection=_connection(stack, kubeconfig, context, stack_block, credentials_block)[0]))
 
 
 @app.command()
-def status(stack: StackOpt = None, kubeconfig: KubeconfigOpt = None, context: ContextOpt = None) -> None:
+def status(
+    stack: StackOpt = None,
+    kubeconfig: KubeconfigOpt = None,
+    context: ContextOpt = None,
+    stack_block: StackBlockOpt = None,
+    credentials_block: CredentialsBlockOpt = None,
+) -> None:
     """Replicas and pod status per model and front-end, who holds the GPU limit, spend per key (read-only)."""
     from rich.table import Table
 
@@ -312,7 +365,7 @@ def status(stack: StackOpt = None, kubeconfig: KubeconfigOpt = None, context: Co
     from tasks.cluster import stack_status_task
     from tasks.gateway import read_spend_task
 
-    conn, spec_obj = _connection(stack, kubeconfig, context)
+    conn, spec_obj = _connection(stack, kubeconfig, context, stack_block, credentials_block)
     target = conn.cluster_target()
 
     async def gather() -> tuple[Any, Any, Any]:
@@ -376,15 +429,16 @@ def doctor(
     stack: StackOpt = None,
     kubeconfig: KubeconfigOpt = None,
     context: ContextOpt = None,
+    stack_block: StackBlockOpt = None,
+    credentials_block: CredentialsBlockOpt = None,
 ) -> None:
     """Check the gateway and the model servers before the morning run meets them (see DOCTOR_HELP)."""
     from rich.text import Text
 
     from coder_stack.usecases.doctor import doctor_cluster, render
 
-    spec_obj = _load(stack)
-    _check_kubeconfig(kubeconfig)
-    report = _run(doctor_cluster(_target(kubeconfig, context), spec_obj))
+    conn, spec_obj = _connection(stack, kubeconfig, context, stack_block, credentials_block)
+    report = _run(doctor_cluster(conn.cluster_target(), spec_obj))
     if json_out:
         typer.echo(report.to_json())
     else:

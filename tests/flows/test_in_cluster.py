@@ -10,6 +10,7 @@ the pool once and then changes nothing, and keeps a pool value someone changed.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import secrets
@@ -232,3 +233,22 @@ async def test_setup_twice_creates_the_blocks_and_the_pool_then_changes_nothing(
     # The stock pool the other setup tests expect
     async with get_client() as client:
         await client.delete_work_pool(K8S_POOL)
+
+
+def test_the_commands_take_the_blocks_too(prefect_api: str, make_sim: Callable[..., SimStack]) -> None:
+    """`--stack-block` / `--credentials-block` on the commands that talk to a cluster (here `down --dry-run`)."""
+    from typer.testing import CliRunner
+
+    from coder_stack.app.cli import app
+
+    sim = make_sim()
+    creds, stack = unique("cluster"), unique("stack")
+    asyncio.run(save_credentials(creds, sim.kubeconfig_path))
+    asyncio.run(save_stack_block(stack, StackSpec()))
+    res = CliRunner().invoke(app, ["down", "--dry-run", "--stack-block", stack, "--credentials-block", creds])
+    assert res.exit_code == 0, res.output
+    assert "dry run" in res.output
+    missing = unique("missing")
+    res = CliRunner().invoke(app, ["down", "--dry-run", "--stack-block", missing, "--credentials-block", creds])
+    assert res.exit_code == 1
+    assert f"stack block '{missing}' (coder-stack-spec) does not exist" in " ".join(res.output.split())
