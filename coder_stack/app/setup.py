@@ -45,6 +45,8 @@ DEFAULT_IMAGE = f"coder-stack:{version('coder-stack')}"  # the tag README's `doc
 # is 60 s; on an autoscaled node pool the pod first waits for a node scale-up (a CPU node: 2-5 min on
 # GKE/EKS/AKS, more for a cold region or a GPU pool), then pulls the image. 900 s covers a slow scale-up
 # plus the pull with room to spare, and is still short enough to notice a pod that never schedules.
+# (prefect-kubernetes 0.8.0's worker returns once the Job is created and its observer follows the pod, so it
+# reads neither watch timeout; the values are kept for workers that do, e.g. a pool shared with older ones.)
 POD_WATCH_TIMEOUT_S = 900
 # No job watch timeout (prefect-kubernetes' default, None): a run may queue for the GPU limit for
 # timeouts.gpu_limit_s (3600 s) and then cold start a model for up to 1200 s; the flows bound their own waits.

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import httpx
 import yaml
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client import ApiClient
@@ -133,7 +134,7 @@ async def _configuration_from_block(name: str, context: str | None) -> client.Co
         ) from None
     except RuntimeError:  # Prefect: "Unable to load ... due to failed validation"
         raise ConfigError(f"{source} does not hold a valid cluster config; recreate it") from None
-    except OSError as e:  # the Prefect API is unreachable (httpx errors are OSErrors)
+    except (httpx.HTTPError, OSError) as e:  # the Prefect API unreachable, or answering with an error
         raise ConfigError(f"the Prefect API could not be reached to read {source} ({type(e).__name__})") from None
     if creds.cluster_config is None:
         if os.environ.get("KUBERNETES_SERVICE_HOST") and not context:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import httpx
 from prefect.blocks.core import Block
 from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound
@@ -52,7 +53,7 @@ async def _read_data(name: str) -> dict | None:
             doc = await client.read_block_document_by_name(name, block_type_slug=BLOCK_TYPE_SLUG)
     except ObjectNotFound:
         return None
-    except (OSError, RuntimeError) as e:  # httpx errors are OSError subclasses; an unset API is a RuntimeError
+    except (httpx.HTTPError, OSError) as e:  # the API unreachable, or answering with an error
         raise ConfigError(
             f"the Prefect API could not be reached to read {_source(name)} ({type(e).__name__}); check PREFECT_API_URL"
         ) from e

@@ -252,3 +252,13 @@ def test_the_commands_take_the_blocks_too(prefect_api: str, make_sim: Callable[.
     res = CliRunner().invoke(app, ["down", "--dry-run", "--stack-block", missing, "--credentials-block", creds])
     assert res.exit_code == 1
     assert f"stack block '{missing}' (coder-stack-spec) does not exist" in " ".join(res.output.split())
+
+
+async def test_an_unreachable_prefect_api_is_one_clear_error_for_either_block() -> None:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+        with pytest.raises(ConfigError, match=r"Prefect API could not be reached to read stack block 'x'"):
+            await load_stack_block("x")
+        with pytest.raises(ConfigError, match=r"Prefect API could not be reached to read KubernetesCredentials block"):
+            await load_configuration(ClusterTarget(credentials_block="x"))
