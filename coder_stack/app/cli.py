@@ -505,7 +505,7 @@ def setup(
     )
     out.print(report.gpu_limit)
     for line in report.blocks + report.pools:
-        out.print(line, markup=False, highlight=False)
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
     if report.deployed:
         out.print("deployed prefect.yaml (prefect deploy --all)")
 

@@ -119,6 +119,8 @@ def reconcile_k8s_template(current: dict, image: str, image_given: bool) -> tupl
         if now == stock[name].get("default") or (name == "image" and image_given):
             props[name]["default"] = ours
             notes.append(f"set {name} to {ours!r} (was {now!r})")
+        elif name == "image":  # the image is the user's to choose: kept unless one is given
+            notes.append(f"kept image {now!r} (give --image or CODER_STACK_IMAGE to change it)")
         else:
             notes.append(
                 f"kept {name}={now!r}, changed since prefect-kubernetes' default (coder-stack would set {ours!r}; "

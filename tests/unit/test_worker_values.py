@@ -70,8 +70,11 @@ def test_a_rerun_sets_only_values_that_are_still_stock_or_ours() -> None:
     edited["variables"]["properties"]["image"]["default"] = "their/image:1"
     kept, notes = reconcile_k8s_template(edited, DEFAULT_IMAGE, image_given=False)
     assert kept == edited
-    assert [n.split("=")[0] for n in notes] == ["kept namespace", "kept image"], notes
-    assert all("coder-stack would set" in n for n in notes)
+    assert notes == [
+        "kept namespace='flows', changed since prefect-kubernetes' default (coder-stack would set 'prefect'; "
+        "edit the pool's base job template to change it)",
+        "kept image 'their/image:1' (give --image or CODER_STACK_IMAGE to change it)",
+    ]
     # An image given on purpose (--image / CODER_STACK_IMAGE) replaces theirs; their namespace still stays.
     kept, notes = reconcile_k8s_template(edited, "ghcr.io/acme/coder-stack:0.2.0", image_given=True)
     assert defaults(kept)["image"] == "ghcr.io/acme/coder-stack:0.2.0"
