@@ -309,6 +309,10 @@ async def run_setup(
     report.blocks.append(await ensure_stack_block(stack_block, spec))
     if credentials_block:
         report.blocks.append(await ensure_credentials_block(credentials_block, kubeconfig, context))
+    else:  # registered anyway, so one can be created in the UI (Blocks > Kubernetes Credentials)
+        from prefect_kubernetes.credentials import KubernetesCredentials
+
+        await KubernetesCredentials.aregister_type_and_schema()
     report.pools = await ensure_work_pools(image=given, image_given=given is not None)
     if deploy:
         report.deploy_output = deploy_all(project_dir)

@@ -226,8 +226,11 @@ async def test_setup_twice_creates_the_blocks_and_the_pool_then_changes_nothing(
     assert kept.base_job_template["variables"]["properties"]["namespace"]["default"] == "flows"
     assert any("kept namespace='flows'" in p for p in third.pools), third.pools
 
-    # Without a stack file the block is kept as it is, not reset to the defaults.
-    fourth = await run_setup(**{**kw, "spec": None})  # type: ignore[arg-type]
+    # Without a stack file the block is kept as it is, not reset to the defaults; both block types are registered.
+    fourth = await run_setup(**{**kw, "spec": None, "credentials_block": None})  # type: ignore[arg-type]
+    async with get_client() as client:
+        for slug in (BLOCK_TYPE_SLUG, "kubernetes-credentials"):
+            assert (await client.read_block_type_by_slug(slug)).slug == slug
     assert "kept as it is (no --stack given)" in fourth.blocks[0]
     assert await load_stack_block(stack) == spec
     # The stock pool the other setup tests expect
