@@ -160,14 +160,18 @@ async def ensure_credentials_block(name: str, kubeconfig: Path | None, context: 
     """Create or replace the prefect-kubernetes KubernetesCredentials block ``name`` from a kubeconfig file
     (``KubernetesClusterConfig.from_file``; default ~/.kube/config and its current context). Its contents are
     credentials: the line returned names the file and context only."""
+    from kubernetes_asyncio.config.config_exception import ConfigException
     from prefect_kubernetes.credentials import KubernetesClusterConfig, KubernetesCredentials
 
     try:
         cluster = KubernetesClusterConfig.from_file(kubeconfig, context)
-    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as e:
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError, ConfigException) as e:
         where = kubeconfig or "~/.kube/config"
         detail = str(e) if isinstance(e, ValueError) and "Context" in str(e) else type(e).__name__
-        raise ConfigError(f"cannot make a KubernetesCredentials block from kubeconfig {where}: {detail}") from None
+        raise ConfigError(
+            f"cannot make a KubernetesCredentials block from kubeconfig {where}: {detail}; "
+            "pass --kubeconfig with a kubeconfig that has contexts (and --context one of them)"
+        ) from None
     await KubernetesCredentials.aregister_type_and_schema()
     try:
         existing: KubernetesCredentials | None = await KubernetesCredentials.aload(name)

@@ -265,3 +265,15 @@ async def test_an_unreachable_prefect_api_is_one_clear_error_for_either_block() 
             await load_stack_block("x")
         with pytest.raises(ConfigError, match=r"Prefect API could not be reached to read KubernetesCredentials block"):
             await load_configuration(ClusterTarget(credentials_block="x"))
+
+
+def test_setup_refuses_a_kubeconfig_it_cannot_store_without_quoting_it(tmp_path: Path) -> None:
+    from coder_stack.app.setup import ensure_credentials_block
+
+    token = "tok-" + secrets.token_hex(16)
+    no_contexts = tmp_path / "kubeconfig"
+    no_contexts.write_text(f"apiVersion: v1\nkind: Config\nusers: [{{name: u, user: {{token: {token}}}}}]\n")
+    for path, context in ((no_contexts, None), (tmp_path / "missing", None)):
+        with pytest.raises(ConfigError, match="cannot make a KubernetesCredentials block from kubeconfig") as err:
+            asyncio.run(ensure_credentials_block("x", path, context))
+        assert token not in str(err.value) and err.value.__cause__ is None
