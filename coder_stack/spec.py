@@ -365,14 +365,20 @@ def load_spec(path: str | Path | None = None) -> StackSpec:
         data = yaml.load(text, Loader=yaml.CSafeLoader)  # libyaml: ~10x faster than safe_load
     except yaml.YAMLError as e:
         raise SpecError(f"stack file {p} is not valid YAML: {e}") from e
+    return parse_spec(data, f"stack file {p}")
+
+
+def parse_spec(data: object, source: str) -> StackSpec:
+    """Validate a stack spec read from ``source`` (a file, a Prefect block); a problem is a :class:`SpecError`
+    naming each bad field by its path (``models.1.weights_gb: ...``)."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise SpecError(f"stack file {p} must hold a mapping of fields, got {type(data).__name__}")
+        raise SpecError(f"{source} must hold a mapping of fields, got {type(data).__name__}")
     try:
         return StackSpec.model_validate(data)
     except ValidationError as e:
-        raise SpecError(_format_validation_error(e, f"stack file {p}")) from None
+        raise SpecError(_format_validation_error(e, source)) from None
 
 
 def spec_yaml(spec: StackSpec) -> str:

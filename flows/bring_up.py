@@ -41,7 +41,7 @@ async def bring_up(
     connection: Connection = Connection(),
 ) -> RunReport:
     """Morning bring-up: the default model serving behind the gateway, front-ends up, keys delivered."""
-    spec, target = connection.resolve()
+    spec, target = await connection.resolve()
     async with cluster_session(target):
         model = spec.model(options.model or spec.default_model)
         frontends = [f.name for f in spec.frontends]

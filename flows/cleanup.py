@@ -62,7 +62,7 @@ async def clean_up_crashed_run(crashed_run: str, connection: Connection | None =
             report.finish(f"skipped: {live.label()} {verdict.split(':')[0]}")
             return report
         conn = connection or _connection_of(live)
-        spec, target = conn.resolve()
+        spec, target = await conn.resolve()
         async with cluster_session(target):
             report.step("find the models the dead run holds")
             async with open_api(target) as api:

@@ -23,12 +23,13 @@ from prefect.context import FlowRunContext
 from prefect.exceptions import TerminationSignal
 from prefect.logging import get_run_logger
 from prefect.states import Cancelled
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from coder_stack.errors import CoderStackError, SpecError, UnexpectedError
 from coder_stack.kubernetes.client import ClusterTarget, open_api
 from coder_stack.kubernetes.wait import ReadyReport, wait_gone
 from coder_stack.kubernetes.workloads import deployment_status, scale
+from coder_stack.orchestration.stack_block import load_stack_block
 from coder_stack.probe import SmokeResult
 from coder_stack.report import ModelSection, RunReport, SmokeLine, SpendLine
 from coder_stack.spec import ModelSpec, StackSpec, load_spec
@@ -47,7 +48,14 @@ RELEASE_ISSUE_S = 5.0
 
 
 class Connection(BaseModel):
-    """Which cluster and which stack. Paths are read on the machine that runs the flow."""
+    """Which cluster and which stack.
+
+    The stack: a ``CoderStackSpec`` block named by ``stack_block`` (kept in Prefect, for runs in a Job pod),
+    or a YAML file at ``stack_file`` (read on the machine that runs the flow), or neither (the runbook's
+    reference deployment). The cluster: a ``KubernetesCredentials`` block named by ``credentials_block``, or
+    a kubeconfig path, or neither (inside a pod its ServiceAccount, else $KUBECONFIG, else ~/.kube/config).
+    Only names and paths: credentials never appear in a parameter.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -58,10 +66,35 @@ class Connection(BaseModel):
     stack_file: str | None = Field(
         None, max_length=4096, description="Stack spec YAML; empty: the runbook's reference deployment."
     )
+    stack_block: str | None = Field(
+        None,
+        min_length=1,
+        max_length=255,
+        description="Name of the Coder Stack Spec block holding the stack spec (instead of stack_file).",
+    )
+    credentials_block: str | None = Field(
+        None,
+        min_length=1,
+        max_length=255,
+        description="Name of a Kubernetes Credentials block for runs outside the cluster (instead of kubeconfig).",
+    )
 
-    def resolve(self) -> tuple[StackSpec, ClusterTarget]:
-        """The spec and cluster target; a bad file fails here, before anything changes."""
-        return load_spec(self.stack_file), ClusterTarget(kubeconfig=self.kubeconfig, context=self.context)
+    @model_validator(mode="after")
+    def _one_source_each(self) -> Connection:
+        if self.stack_file and self.stack_block:
+            raise ValueError("give stack_file or stack_block, not both")
+        if self.kubeconfig and self.credentials_block:
+            raise ValueError("give kubeconfig or credentials_block, not both")
+        return self
+
+    def cluster_target(self) -> ClusterTarget:
+        """The cluster to talk to (serialisable; the credentials block, if any, is read when a client opens)."""
+        return ClusterTarget(kubeconfig=self.kubeconfig, context=self.context, credentials_block=self.credentials_block)
+
+    async def resolve(self) -> tuple[StackSpec, ClusterTarget]:
+        """The spec and cluster target; a bad file or block fails here, before anything changes."""
+        spec = await load_stack_block(self.stack_block) if self.stack_block else load_spec(self.stack_file)
+        return spec, self.cluster_target()
 
 
 @dataclass(frozen=True)

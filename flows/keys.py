@@ -22,7 +22,7 @@ class KeyOptions(BaseModel):
 @flow(name="manage_keys", log_prints=False)
 async def manage_keys(options: KeyOptions = KeyOptions(), connection: Connection = Connection()) -> RunReport:
     """Mint, keep or correct each client's key and deliver it to its consumer (idempotent by alias)."""
-    spec, target = connection.resolve()
+    spec, target = await connection.resolve()
     async with cluster_session(target):
         aliases = options.aliases or [k.alias for k in spec.virtual_keys]
         for a in aliases:
@@ -48,7 +48,7 @@ async def manage_keys(options: KeyOptions = KeyOptions(), connection: Connection
 @flow(name="report_spend", log_prints=False)
 async def report_spend(connection: Connection = Connection()) -> RunReport:
     """Spend, budget and share used per virtual key, read through the master key."""
-    spec, target = connection.resolve()
+    spec, target = await connection.resolve()
     async with cluster_session(target):
         report = RunReport(flow="report_spend")
         rows = await read_spend_task(target, spec, [k.alias for k in spec.virtual_keys])

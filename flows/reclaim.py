@@ -47,7 +47,7 @@ async def reclaim_idle_models(
     connection: Connection = Connection(),
 ) -> RunReport:
     """Scale every serving model idle for ``idle_after_s`` (and past ``idle_grace_s``) to 0; pods gone."""
-    spec, target = connection.resolve()
+    spec, target = await connection.resolve()
     async with cluster_session(target):
         run = Run(target, spec, RunReport(flow="reclaim_idle_models"))
         report = run.report

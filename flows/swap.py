@@ -56,7 +56,7 @@ async def swap_model(
     connection: Connection = Connection(),
 ) -> RunReport:
     """Swap the GPU to ``options.target``; reports the swap time (start to target Ready)."""
-    spec, target = connection.resolve()
+    spec, target = await connection.resolve()
     async with cluster_session(target):
         model = spec.model(options.target or spec.default_model)  # unknown model: refused before anything changes
         log = logger()

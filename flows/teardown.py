@@ -40,7 +40,7 @@ async def teardown(
     connection: Connection = Connection(),
 ) -> RunReport:
     """Scale every GPU model and front-end to 0, wait until their pods are gone, verify nothing is left."""
-    spec, target = connection.resolve()
+    spec, target = await connection.resolve()
     async with cluster_session(target):
         log = logger()
         report = RunReport(flow="teardown")

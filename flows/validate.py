@@ -78,7 +78,7 @@ async def validate_coder_stack(
     connection: Connection = Connection(),
 ) -> RunReport:
     """The whole runbook, end to end; everything it started is scaled back to 0."""
-    spec, target = connection.resolve()
+    spec, target = await connection.resolve()
     async with cluster_session(target):
         run = Run(target, spec, RunReport(flow="validate_coder_stack"))
         report = run.report

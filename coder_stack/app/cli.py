@@ -44,6 +44,15 @@ KubeconfigOpt = Annotated[
     Path | None, typer.Option("--kubeconfig", help="Kubeconfig path (default: in-cluster, then $KUBECONFIG).")
 ]
 ContextOpt = Annotated[str | None, typer.Option("--context", help="Kubeconfig context (default: current).")]
+StackBlockOpt = Annotated[
+    str | None, typer.Option("--stack-block", help="Coder Stack Spec block in Prefect holding the stack (not --stack).")
+]
+CredentialsBlockOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--credentials-block", help="Kubernetes Credentials block in Prefect for the cluster (not --kubeconfig)."
+    ),
+]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print what would change; change nothing.")]
 
 
@@ -66,12 +75,6 @@ def _run(coro: Any) -> Any:
     except KeyboardInterrupt:
         console.print("interrupted")
         raise typer.Exit(130) from None
-
-
-def _target(kubeconfig: Path | None, context: str | None) -> Any:
-    from coder_stack.kubernetes.client import ClusterTarget
-
-    return ClusterTarget(kubeconfig=str(kubeconfig) if kubeconfig else None, context=context)
 
 
 def _load(stack: Path | None) -> Any:
@@ -147,19 +150,36 @@ def sim(
 
 
 # --------------------------------------------------------------------------------------- flows
-def _connection(stack: Path | None, kubeconfig: Path | None, context: str | None) -> tuple[Any, Any]:
-    """(the flow's Connection, the spec loaded once here). The flow loads the file again where it runs (a
-    worker may run it elsewhere); loading it here first refuses a bad file before any flow starts."""
+def _connection(
+    stack: Path | None,
+    kubeconfig: Path | None,
+    context: str | None,
+    stack_block: str | None = None,
+    credentials_block: str | None = None,
+) -> tuple[Any, Any]:
+    """(the flow's Connection, the spec loaded once here). The flow loads the file (or block) again where it
+    runs (a worker may run it elsewhere); loading it here first refuses a bad one before any flow starts."""
+    from pydantic import ValidationError
+
     from flows.common import Connection
 
-    spec_obj = _load(stack)
     _check_kubeconfig(kubeconfig)
-    conn = Connection(
-        kubeconfig=str(kubeconfig.resolve()) if kubeconfig else None,
-        context=context,
-        stack_file=str(stack.resolve()) if stack else None,
-    )
-    return conn, spec_obj
+    try:
+        conn = Connection(
+            kubeconfig=str(kubeconfig.resolve()) if kubeconfig else None,
+            context=context,
+            stack_file=str(stack.resolve()) if stack else None,
+            stack_block=stack_block,
+            credentials_block=credentials_block,
+        )
+    except ValidationError as e:
+        msg = str(e.errors()[0].get("msg", "bad connection")).removeprefix("Value error, ")
+        _fail(CoderStackError(f"{msg} (--stack or --stack-block, --kubeconfig or --credentials-block)"))
+    if stack_block:
+        from coder_stack.orchestration.stack_block import load_stack_block
+
+        return conn, _run(load_stack_block(stack_block))
+    return conn, _load(stack)
 
 
 def _check_kubeconfig(kubeconfig: Path | None) -> None:
@@ -195,6 +215,8 @@ def validate(
     stack: StackOpt = None,
     kubeconfig: KubeconfigOpt = None,
     context: ContextOpt = None,
+    stack_block: StackBlockOpt = None,
+    credentials_block: CredentialsBlockOpt = None,
 ) -> None:
     """Run the whole runbook end to end (validate_coder_stack); leaves the GPU as it found it."""
     from pydantic import ValidationError
@@ -209,7 +231,11 @@ def validate(
     except ValidationError:
         _fail(CoderStackError(f"--stage {stages}: each stage must be one of chat, fim, agent"))
         return
-    _run_flow(validate_coder_stack(options=options, connection=_connection(stack, kubeconfig, context)[0]))
+    _run_flow(
+        validate_coder_stack(
+            options=options, connection=_connection(stack, kubeconfig, context, stack_block, credentials_block)[0]
+        )
+    )
 
 
 @app.command()
@@ -222,11 +248,13 @@ def swap(
     stack: StackOpt = None,
     kubeconfig: KubeconfigOpt = None,
     context: ContextOpt = None,
+    stack_block: StackBlockOpt = None,
+    credentials_block: CredentialsBlockOpt = None,
 ) -> None:
     """Give the GPU to MODEL: others to 0 (pods gone), MODEL up, ready, smoked, left serving."""
     from flows.swap import SwapOptions, swap_model
 
-    conn, spec_obj = _connection(stack, kubeconfig, context)
+    conn, spec_obj = _connection(stack, kubeconfig, context, stack_block, credentials_block)
     _check(spec_obj.model, model)
     _run_flow(
         swap_model(
@@ -242,11 +270,13 @@ def up(
     stack: StackOpt = None,
     kubeconfig: KubeconfigOpt = None,
     context: ContextOpt = None,
+    stack_block: StackBlockOpt = None,
+    credentials_block: CredentialsBlockOpt = None,
 ) -> None:
     """Morning bring-up: keys, front-ends, the default model serving and smoked (bring_up)."""
     from flows.bring_up import BringUpOptions, bring_up
 
-    conn, spec_obj = _connection(stack, kubeconfig, context)
+    conn, spec_obj = _connection(stack, kubeconfig, context, stack_block, credentials_block)
     if model:
         _check(spec_obj.model, model)
     _run_flow(bring_up(options=BringUpOptions(model=model, dry_run=dry_run), connection=conn))
@@ -258,11 +288,18 @@ def down(
     stack: StackOpt = None,
     kubeconfig: KubeconfigOpt = None,
     context: ContextOpt = None,
+    stack_block: StackBlockOpt = None,
+    credentials_block: CredentialsBlockOpt = None,
 ) -> None:
     """Evening teardown to $0: every GPU model and front-end to 0, verified. Never waits for the GPU limit."""
     from flows.teardown import TeardownOptions, teardown
 
-    _run_flow(teardown(options=TeardownOptions(dry_run=dry_run), connection=_connection(stack, kubeconfig, context)[0]))
+    _run_flow(
+        teardown(
+            options=TeardownOptions(dry_run=dry_run),
+            connection=_connection(stack, kubeconfig, context, stack_block, credentials_block)[0],
+        )
+    )
 
 
 @app.command()
@@ -271,9 +308,12 @@ def cleanup(
     stack: StackOpt = None,
     kubeconfig: KubeconfigOpt = None,
     context: ContextOpt = None,
+    stack_block: StackBlockOpt = None,
+    credentials_block: CredentialsBlockOpt = None,
 ) -> None:
     """Free the GPU a dead run left: scale to 0 the models it holds, wait until the pods are gone, free its GPU
-    slot. A run still sending heartbeats is left alone. Without --stack/--kubeconfig, the dead run's own."""
+    slot. A run still sending heartbeats is left alone. Without the stack and cluster options, the dead run's
+    own (from its parameters)."""
     from coder_stack.orchestration.liveness import parse_run_id
     from flows.cleanup import clean_up_crashed_run
 
@@ -281,7 +321,8 @@ def cleanup(
         parse_run_id(run_id)  # before a flow run (and a temporary Prefect server) is started for nothing
     except CoderStackError as e:
         _fail(e)
-    conn = _connection(stack, kubeconfig, context)[0] if (stack or kubeconfig or context) else None
+    given = stack or kubeconfig or context or stack_block or credentials_block
+    conn = _connection(stack, kubeconfig, context, stack_block, credentials_block)[0] if given else None
     _run_flow(clean_up_crashed_run(crashed_run=run_id, connection=conn))
 
 
@@ -291,11 +332,13 @@ def reclaim(
     stack: StackOpt = None,
     kubeconfig: KubeconfigOpt = None,
     context: ContextOpt = None,
+    stack_block: StackBlockOpt = None,
+    credentials_block: CredentialsBlockOpt = None,
 ) -> None:
     """Scale serving models idle for idle_after_s (nothing running or waiting, counters unchanged) to 0."""
     from flows.reclaim import ReclaimOptions, reclaim_idle_models
 
-    conn = _connection(stack, kubeconfig, context)[0]
+    conn = _connection(stack, kubeconfig, context, stack_block, credentials_block)[0]
     _run_flow(reclaim_idle_models(options=ReclaimOptions(dry_run=dry_run), connection=conn))
 
 
@@ -307,26 +350,40 @@ def keys(
     stack: StackOpt = None,
     kubeconfig: KubeconfigOpt = None,
     context: ContextOpt = None,
+    stack_block: StackBlockOpt = None,
+    credentials_block: CredentialsBlockOpt = None,
 ) -> None:
     """Mint or check the virtual keys and deliver them to Open WebUI, Tabby and the keystore (idempotent)."""
     from flows.keys import KeyOptions, manage_keys
 
-    conn, spec_obj = _connection(stack, kubeconfig, context)
+    conn, spec_obj = _connection(stack, kubeconfig, context, stack_block, credentials_block)
     for a in alias or []:
         _check(spec_obj.key, a)
     _run_flow(manage_keys(options=KeyOptions(aliases=alias, rotate=rotate, dry_run=dry_run), connection=conn))
 
 
 @app.command()
-def spend(stack: StackOpt = None, kubeconfig: KubeconfigOpt = None, context: ContextOpt = None) -> None:
+def spend(
+    stack: StackOpt = None,
+    kubeconfig: KubeconfigOpt = None,
+    context: ContextOpt = None,
+    stack_block: StackBlockOpt = None,
+    credentials_block: CredentialsBlockOpt = None,
+) -> None:
     """Spend, budget and share used per virtual key."""
     from flows.keys import report_spend
 
-    _run_flow(report_spend(connection=_connection(stack, kubeconfig, context)[0]))
+    _run_flow(report_spend(connection=_connection(stack, kubeconfig, context, stack_block, credentials_block)[0]))
 
 
 @app.command()
-def status(stack: StackOpt = None, kubeconfig: KubeconfigOpt = None, context: ContextOpt = None) -> None:
+def status(
+    stack: StackOpt = None,
+    kubeconfig: KubeconfigOpt = None,
+    context: ContextOpt = None,
+    stack_block: StackBlockOpt = None,
+    credentials_block: CredentialsBlockOpt = None,
+) -> None:
     """Replicas and pod status per model and front-end, who holds the GPU limit, spend per key (read-only)."""
     from rich.table import Table
 
@@ -336,8 +393,8 @@ def status(stack: StackOpt = None, kubeconfig: KubeconfigOpt = None, context: Co
     from tasks.cluster import stack_status_task
     from tasks.gateway import read_spend_task
 
-    conn, spec_obj = _connection(stack, kubeconfig, context)
-    target = conn.resolve()[1]
+    conn, spec_obj = _connection(stack, kubeconfig, context, stack_block, credentials_block)
+    target = conn.cluster_target()
 
     async def gather() -> tuple[Any, Any, Any]:
         deps = await stack_status_task.fn(target, spec_obj)
@@ -400,15 +457,16 @@ def doctor(
     stack: StackOpt = None,
     kubeconfig: KubeconfigOpt = None,
     context: ContextOpt = None,
+    stack_block: StackBlockOpt = None,
+    credentials_block: CredentialsBlockOpt = None,
 ) -> None:
     """Check the gateway and the model servers before the morning run meets them (see DOCTOR_HELP)."""
     from rich.text import Text
 
     from coder_stack.usecases.doctor import doctor_cluster, render
 
-    spec_obj = _load(stack)
-    _check_kubeconfig(kubeconfig)
-    report = _run(doctor_cluster(_target(kubeconfig, context), spec_obj))
+    conn, spec_obj = _connection(stack, kubeconfig, context, stack_block, credentials_block)
+    report = _run(doctor_cluster(conn.cluster_target(), spec_obj))
     if json_out:
         typer.echo(report.to_json())
     else:
@@ -419,20 +477,99 @@ def doctor(
 
 @app.command()
 def setup(
-    no_deploy: Annotated[bool, typer.Option("--no-deploy", help="Only the GPU limit and work pools.")] = False,
+    no_deploy: Annotated[
+        bool, typer.Option("--no-deploy", help="Only the GPU limit, the blocks and the work pools.")
+    ] = False,
     stack: StackOpt = None,
+    stack_block: Annotated[
+        str,
+        typer.Option(
+            "--stack-block",
+            help="Coder Stack Spec block to write --stack into (created from the defaults if absent and no --stack). "
+            "The in-cluster deployments read `coder-stack`.",
+        ),
+    ] = "coder-stack",
+    image: Annotated[
+        str | None,
+        typer.Option(
+            "--image", help="Image of the coder-stack-k8s pool (default: $CODER_STACK_IMAGE, else coder-stack:VERSION)."
+        ),
+    ] = None,
+    credentials_block: Annotated[
+        str | None,
+        typer.Option(
+            "--credentials-block",
+            help="Create or update this Kubernetes Credentials block from --kubeconfig (runs outside the cluster).",
+        ),
+    ] = None,
+    kubeconfig: Annotated[
+        Path | None,
+        typer.Option("--kubeconfig", help="Kubeconfig for --credentials-block (default: ~/.kube/config)."),
+    ] = None,
+    context: Annotated[
+        str | None, typer.Option("--context", help="Context for --credentials-block (default: the current one).")
+    ] = None,
 ) -> None:
-    """Create or resize the tag:gpu limit (= GPUs in the spec), create the work pools, deploy prefect.yaml."""
+    """Create or resize the tag:gpu limit (= GPUs in the spec), write the stack (and credentials) blocks, create or
+    update the work pools (the Kubernetes pool's namespace, ServiceAccount, image, pod watch timeout), deploy
+    prefect.yaml. Safe to rerun: a pool value someone changed is kept and reported."""
     from coder_stack.app.setup import run_setup
 
     spec_obj = _load(stack)
-    report = _run(run_setup(gpus=spec_obj.gpus, deploy=not no_deploy))
+    if kubeconfig is not None and credentials_block is None:
+        _fail(CoderStackError("--kubeconfig is only read for --credentials-block NAME; add it or drop --kubeconfig"))
+    _check_kubeconfig(kubeconfig)
+    report = _run(
+        run_setup(
+            gpus=spec_obj.gpus,
+            deploy=not no_deploy,
+            spec=spec_obj if stack else None,
+            stack_block=stack_block,
+            image=image,
+            credentials_block=credentials_block,
+            kubeconfig=kubeconfig,
+            context=context,
+        )
+    )
     out.print(report.gpu_limit)
-    for p in report.pools:
-        out.print(p)
-    out.print(report.automation)
+    for line in [*report.blocks, *report.pools, report.automation]:
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
     if report.deployed:
         out.print("deployed prefect.yaml (prefect deploy --all)")
+
+
+@app.command(name="worker-values")
+def worker_values(
+    image: Annotated[
+        str | None,
+        typer.Option("--image", help="The flows' image (default: $CODER_STACK_IMAGE, else coder-stack:VERSION)."),
+    ] = None,
+) -> None:
+    """Print values for the official prefect-worker Helm chart: the coder-stack-k8s pool and the same base job
+    template `coder-stack setup` gives it (deployments/prefect-worker-values.yaml is this for the default image)."""
+    from coder_stack.app.setup import DEFAULT_IMAGE, render_worker_values
+
+    typer.echo(render_worker_values(image or os.environ.get("CODER_STACK_IMAGE") or DEFAULT_IMAGE), nl=False)
+
+
+@app.command(name="image")
+def image_hint(
+    registry: Annotated[
+        str, typer.Option("--registry", help="Registry and path to push to, e.g. ghcr.io/acme.")
+    ] = "REGISTRY",
+) -> None:
+    """Print how to build and push the flows' image (the Dockerfile at the checkout's root) and use it."""
+    from coder_stack.app.setup import DEFAULT_IMAGE, PROJECT_DIR
+
+    tag = f"{registry.rstrip('/')}/{DEFAULT_IMAGE}"
+    typer.echo(
+        f"cd {PROJECT_DIR}\n"
+        f"docker build -t {tag} .\n"
+        f"docker push {tag}\n"
+        f"export CODER_STACK_IMAGE={tag}\n"
+        "coder-stack setup --stack stack.yaml              # the coder-stack-k8s pool's image\n"
+        "coder-stack worker-values > my-worker-values.yaml # the Helm chart's values, the same template"
+    )
 
 
 @app.command()

@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import httpx
 import yaml
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client import ApiClient
 from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.config.config_exception import ConfigException
 from kubernetes_asyncio.config.kube_config import KubeConfigLoader
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from coder_stack.errors import (
     ClusterError,
@@ -41,7 +42,8 @@ API_TIMEOUT = (5, 30)
 
 
 class ClusterTarget(BaseModel):
-    """Which cluster to talk to. Serialisable, holds no credentials itself."""
+    """Which cluster to talk to. Serialisable, holds no credentials itself: a kubeconfig path, or the name of
+    a prefect-kubernetes ``KubernetesCredentials`` block that holds the kubeconfig (read when a client opens)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -49,6 +51,19 @@ class ClusterTarget(BaseModel):
         None, max_length=4096, description="Path to a kubeconfig; default: in-cluster, then $KUBECONFIG."
     )
     context: str | None = Field(None, max_length=253, description="Kubeconfig context; default: current.")
+    credentials_block: str | None = Field(
+        None,
+        min_length=1,
+        max_length=255,
+        description="Name of a KubernetesCredentials block (prefect-kubernetes) holding the kubeconfig; "
+        "instead of a kubeconfig path.",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ClusterTarget:
+        if self.kubeconfig and self.credentials_block:
+            raise ValueError("give a kubeconfig path or a KubernetesCredentials block name, not both")
+        return self
 
 
 def _kubeconfig_path(target: ClusterTarget) -> str | None:
@@ -63,6 +78,8 @@ def _kubeconfig_path(target: ClusterTarget) -> str | None:
 
 async def load_configuration(target: ClusterTarget) -> client.Configuration:
     """Build a client configuration; bad kubeconfigs and unknown contexts fail with what to do."""
+    if target.credentials_block:
+        return await _configuration_from_block(target.credentials_block, target.context)
     cfg = client.Configuration()
     path = _kubeconfig_path(target)
     if path is None:
@@ -79,15 +96,60 @@ async def load_configuration(target: ClusterTarget) -> client.Configuration:
         doc = yaml.load(Path(path).read_text(), Loader=yaml.CSafeLoader)
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"kubeconfig {path} cannot be read as YAML ({type(e).__name__}); check the file") from e
-    if not isinstance(doc, dict) or not doc.get("contexts"):
-        raise ConfigError(f"kubeconfig {path} has no contexts; is it a kubeconfig file?")
-    contexts = [str(c.get("name")) for c in doc.get("contexts") or [] if isinstance(c, dict)]
-    if target.context and target.context not in contexts:
-        raise ConfigError(f"context {target.context!r} is not in {path}; its contexts are: {', '.join(contexts)}")
+    _check_contexts(doc, target.context, f"kubeconfig {path}", "is it a kubeconfig file?")
     try:
         loader = await config.load_kube_config(config_file=path, context=target.context, client_configuration=cfg)
     except (ConfigException, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"kubeconfig {path} could not be loaded: {type(e).__name__}; check its clusters/users") from e
+    cfg.refresh_api_key_hook = _refresh_credentials(loader)
+    return cfg
+
+
+def _check_contexts(doc: object, context: str | None, source: str, hint: str) -> None:
+    if not isinstance(doc, dict) or not doc.get("contexts"):
+        raise ConfigError(f"{source} has no contexts; {hint}")
+    contexts = [str(c.get("name")) for c in doc.get("contexts") or [] if isinstance(c, dict)]
+    if context and context not in contexts:
+        raise ConfigError(f"context {context!r} is not in {source}; its contexts are: {', '.join(contexts)}")
+
+
+async def _configuration_from_block(name: str, context: str | None) -> client.Configuration:
+    """A configuration from the kubeconfig a prefect-kubernetes ``KubernetesCredentials`` block holds, loaded
+    as a kubeconfig file is (same loader, same refresh hook for exec plugins and gcp tokens).
+
+    The block's contents are credentials: no message below quotes them (pydantic's errors would, so they
+    are not chained). A block without a cluster config means "the pod's ServiceAccount" (in-cluster).
+    """
+    from prefect_kubernetes.credentials import KubernetesCredentials
+
+    source = f"KubernetesCredentials block {name!r}"
+    try:
+        creds = await KubernetesCredentials.aload(name)
+    except ValueError as e:  # Prefect: "Unable to find block document named ..."
+        if isinstance(e, ValidationError):
+            raise ConfigError(f"{source} does not hold a valid cluster config; recreate it") from None
+        raise ConfigError(
+            f"{source} does not exist; create it with `coder-stack setup --kubeconfig PATH --credentials-block "
+            f"{name}` (or in the Prefect UI: Blocks > Kubernetes Credentials)"
+        ) from None
+    except RuntimeError:  # Prefect: "Unable to load ... due to failed validation"
+        raise ConfigError(f"{source} does not hold a valid cluster config; recreate it") from None
+    except (httpx.HTTPError, OSError) as e:  # the Prefect API unreachable, or answering with an error
+        raise ConfigError(f"the Prefect API could not be reached to read {source} ({type(e).__name__})") from None
+    if creds.cluster_config is None:
+        if os.environ.get("KUBERNETES_SERVICE_HOST") and not context:
+            cfg = client.Configuration()
+            config.load_incluster_config(client_configuration=cfg)
+            return cfg
+        raise ConfigError(f"{source} has no cluster config and this is not a pod in a cluster; add a kubeconfig")
+    doc = creds.cluster_config.config
+    context = context or creds.cluster_config.context_name
+    _check_contexts(doc, context, source, "create it from a kubeconfig file")
+    cfg = client.Configuration()
+    try:
+        loader = await config.load_kube_config_from_dict(config_dict=doc, context=context, client_configuration=cfg)
+    except (ConfigException, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{source} could not be loaded: {type(e).__name__}; check its clusters/users") from None
     cfg.refresh_api_key_hook = _refresh_credentials(loader)
     return cfg
 

@@ -388,6 +388,8 @@ async def test_setup_deploys_every_deployment_with_its_schedule(
             "validate_coder_stack/validate-coder-stack-in-cluster": (None, "coder-stack-k8s"),
             "swap_model/swap-model-in-cluster": (None, "coder-stack-k8s"),
             "reclaim_idle_models/reclaim-idle-models-in-cluster": (None, "coder-stack-k8s"),
+            "clean_up_crashed_run/clean-up-crashed-run": (None, "coder-stack-process"),
+            "clean_up_crashed_run/clean-up-crashed-run-in-cluster": (None, "coder-stack-k8s"),
         }
         # A reclaim still running when the next is due: the next one is dropped, not queued behind it.
         collision = {"reclaim_idle_models/reclaim-idle-models": "CANCEL_NEW"}
@@ -395,6 +397,15 @@ async def test_setup_deploys_every_deployment_with_its_schedule(
             d = await client.read_deployment_by_name(name)
             assert d.work_pool_name == pool, name
             assert d.enforce_parameter_schema, name
+            # Only the heartbeat the crash automation relies on; the k8s pool's template holds image, SA, namespace.
+            assert d.job_variables == {"env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}}, (name, d.job_variables)
+            if pool == "coder-stack-k8s":
+                # A Job pod starts in the image's WORKDIR: no pull step, no path from the deployer's machine;
+                # the stack from the block the deployment names.
+                assert d.pull_steps == [], (name, d.pull_steps)
+                assert d.parameters == {"connection": {"stack_block": "coder-stack"}}, name
+            else:
+                assert d.pull_steps and "set_working_directory" in str(d.pull_steps), name
             if cron is None:
                 assert d.schedules == [], (name, d.schedules)
                 continue

@@ -87,7 +87,7 @@ def test_the_hop_tag_survives_the_terminal(sim: SimStack, monkeypatch: pytest.Mo
 async def test_swap_with_a_key_deleted_in_the_gateway_repairs_it_and_leaves_the_model_serving(sim: SimStack) -> None:
     from tasks.gateway import ensure_keys_task
 
-    target = conn(sim).resolve()[1]
+    target = conn(sim).cluster_target()
     await ensure_keys_task.fn(target, SPEC, ["open-webui"])
     sim.call(lambda: sim.services.litellm_db["keys"].clear())  # deleted behind our back
 
@@ -127,7 +127,7 @@ async def test_spend_is_compared_with_before_the_calls_and_unmetered_streamed_fi
     from tasks.gateway import ensure_keys_task
 
     sim = make_sim()
-    target = conn(sim).resolve()[1]
+    target = conn(sim).cluster_target()
     await ensure_keys_task.fn(target, SPEC)
     set_key_fields(sim, "open-webui", spend=1.0)  # spent earlier in the month
 

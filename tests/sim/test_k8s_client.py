@@ -9,11 +9,8 @@ however long the run holds the client.
 from __future__ import annotations
 
 import asyncio
-import json
-import stat
-import sys
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -25,6 +22,7 @@ from coder_stack.kubernetes.wait import wait_gone, wait_ready
 from coder_stack.kubernetes.workloads import scale
 from coder_stack.spec import StackSpec
 from simstack.stack import SimStack
+from tests.kits.kubeconfigs import exec_kubeconfig
 
 SPEC = StackSpec()
 CHAT = SPEC.model("coder-chat")
@@ -101,37 +99,6 @@ async def test_a_wait_through_a_cold_start_builds_no_client_beyond_the_sessions(
 
 
 # ------------------------------------------------------------------ exec-plugin credentials
-def exec_kubeconfig(tmp_path: Path, sim: SimStack, expires_in: timedelta) -> tuple[Path, Path]:
-    """A copy of the sim's kubeconfig whose user gets its token from an exec plugin (as GKE/EKS/AKS do).
-    The plugin counts its runs in a file and returns token-<n>, expiring ``expires_in`` from now."""
-    import yaml
-
-    counter = tmp_path / "runs"
-    counter.write_text("0")
-    plugin = tmp_path / "plugin.py"
-    expiry = (datetime.now(UTC) + expires_in).strftime("%Y-%m-%dT%H:%M:%SZ")
-    plugin.write_text(
-        "import json, pathlib\n"
-        f"p = pathlib.Path({str(counter)!r}); n = int(p.read_text()) + 1; p.write_text(str(n))\n"
-        "print(json.dumps({'apiVersion': 'client.authentication.k8s.io/v1beta1', 'kind': 'ExecCredential',\n"
-        f"  'status': {{'token': f'token-{{n}}', 'expirationTimestamp': {expiry!r}}}}}))\n"
-    )
-    plugin.chmod(plugin.stat().st_mode | stat.S_IEXEC)
-    doc = yaml.safe_load(sim.kubeconfig_path.read_text())
-    for user in doc["users"]:
-        user["user"] = {
-            "exec": {
-                "apiVersion": "client.authentication.k8s.io/v1beta1",
-                "command": sys.executable,
-                "args": [str(plugin)],
-                "interactiveMode": "Never",
-            }
-        }
-    path = tmp_path / "kubeconfig"
-    path.write_text(json.dumps(doc))
-    return path, counter
-
-
 @pytest.mark.parametrize(
     ("expires_in", "tokens", "runs"),
     [

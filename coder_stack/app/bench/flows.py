@@ -74,7 +74,7 @@ async def bench_bringup(
     connection: Connection, model: str, peer: str = "ours", time_scale: float = 0.01
 ) -> dict[str, Any]:
     """Scale ``model`` to 1, wait until Ready with ``peer``; monotonic times of each step."""
-    spec, target = connection.resolve()
+    spec, target = await connection.resolve()
     async with cluster_session(target):
         m = spec.model(model)
         t_start = time.monotonic()
@@ -106,7 +106,7 @@ async def bench_bringup(
 @flow(name="bench-sequential-runbook", log_prints=False)
 async def sequential_runbook(connection: Connection) -> RunReport:
     """validate_coder_stack (chat, FIM) with every step after the previous one: no overlap at all."""
-    spec, target = connection.resolve()
+    spec, target = await connection.resolve()
     async with cluster_session(target):
         run = Run(target, spec, RunReport(flow="sequential_runbook"))
         report = run.report
@@ -145,7 +145,7 @@ async def sequential_runbook(connection: Connection) -> RunReport:
 @flow(name="bench-gpu-session", log_prints=False)
 async def gpu_session_run(connection: Connection, model: str) -> dict[str, float]:
     """Hold one GPU slot: scale ``model`` up, wait Ready, scale it down, wait until its pod is gone."""
-    spec, target = connection.resolve()
+    spec, target = await connection.resolve()
     async with cluster_session(target):
         m = spec.model(model)
         t_ask = time.monotonic()
