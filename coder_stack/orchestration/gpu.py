@@ -16,6 +16,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
 from uuid import UUID
 
 import httpx
@@ -349,6 +350,14 @@ async def _slot_looks_free(client: PrefectClient) -> bool:
     return gcl.active_slots < gcl.limit
 
 
+async def _leave_line(turn: asyncio.Future[Any], lock: asyncio.Lock) -> None:
+    """Give up a place in line: cancel the wait, or hand the turn on if it had just been granted."""
+    turn.cancel()
+    await asyncio.gather(turn, return_exceptions=True)
+    if not turn.cancelled() and turn.exception() is None:
+        lock.release()
+
+
 @asynccontextmanager
 async def gpu_session(timeout_s: float, poll_s: float = POLL_SECONDS) -> AsyncIterator[None]:
     """Hold one GPU slot for the whole block (scale-up to scale-down). Queues behind other sessions.
@@ -360,17 +369,24 @@ async def gpu_session(timeout_s: float, poll_s: float = POLL_SECONDS) -> AsyncIt
     in arrival order and only the first asks.
     """
     require_heartbeats()
-    await require_gpu_limit()
     deadline = time.monotonic() + timeout_s
     room = _room()
+    # The place in line is taken now, on arrival (asyncio.Lock serves waiters in the order they began
+    # waiting); the limit is checked meanwhile. Checking first let a session whose check answered sooner
+    # overtake one that arrived before it.
+    turn = asyncio.ensure_future(room.turn.acquire())
+    try:
+        await require_gpu_limit()
+        async with asyncio.timeout(timeout_s):
+            await asyncio.shield(turn)
+    except BaseException as e:
+        await _leave_line(turn, room.turn)
+        if isinstance(e, TimeoutError):
+            raise _waited_too_long(timeout_s) from None
+        raise
     async with AsyncExitStack() as stack:
         # Registered first, so it runs last: after the slot is released, wake this process's next asker.
         stack.callback(room.freed.set)
-        try:
-            async with asyncio.timeout(timeout_s):
-                await room.turn.acquire()
-        except TimeoutError:
-            raise _waited_too_long(timeout_s) from None
         try:
             # One client for the whole turn, made when the turn starts (while the GPU is still held by the
             # session before): a new client costs ~20 ms here (its TLS context), and its connection is kept
