@@ -111,35 +111,37 @@ class ServiceForwarder:
 
 
 class ServiceProxies:
-    """kube-proxy for the processes of runnable pods: every Service port gets a local ClusterIP-like port,
-    and the cluster DNS names of the Service resolve to it (``<svc>.<ns>``, ``<svc>.<ns>.svc``,
-    ``<svc>.<ns>.svc.<cluster domain>``, and ``<svc>`` from a pod in the same namespace)."""
+    """kube-proxy for the processes of runnable pods: every Service gets a ClusterIP-like address (an unbound
+    loopback address, 127.96.x.y) and every Service port a local forwarder on 127.0.0.1; the cluster DNS names of
+    the Service (``<svc>.<ns>``, ``<svc>.<ns>.svc``, ``<svc>.<ns>.svc.<cluster domain>``, and ``<svc>`` from a pod
+    in the same namespace) resolve to its address. The pod's process maps a connection to (address, Service
+    port) onto the forwarder (``simstack/podshim/sitecustomize.py``)."""
 
     def __init__(self, store: Store, backends: Backends, cluster_domain: str) -> None:
         self._store = store
         self._backends = backends
         self._domain = cluster_domain
         self._forwarders: dict[tuple[str, str, int], ServiceForwarder] = {}
-        self.api: tuple[int, int] | None = None  # (Service port, local TLS port) of default/kubernetes
+        self._ips: dict[tuple[str, str], str] = {}
 
-    async def dns(self, namespace: str) -> dict[str, dict[str, int]]:
-        """``{host name: {service port: local port}}`` for every Service that exists now, as seen from a pod
-        in ``namespace`` (the pod's resolv.conf search path ``<ns>.svc.<domain> svc.<domain> <domain>``)."""
-        out: dict[str, dict[str, int]] = {}
+    def _cluster_ip(self, namespace: str, name: str) -> str:
+        ip = self._ips.get((namespace, name))
+        if ip is None:
+            n = len(self._ips) + 1
+            ip = self._ips[(namespace, name)] = f"127.96.{n // 250}.{n % 250 + 1}"
+        return ip
 
-        def add(svc: str, ns: str, ports: dict[str, int]) -> None:
-            names = [f"{svc}.{ns}", f"{svc}.{ns}.svc", f"{svc}.{ns}.svc.{self._domain}"]
-            if ns == namespace:
-                names.append(svc)
-            for n in names:
-                out.setdefault(n, {}).update(ports)
-
+    async def dns(self, namespace: str) -> dict[str, Any]:
+        """``{"names": {host name: address}, "addresses": {address: {service port: local port}}}`` for every
+        Service that exists now, as a pod in ``namespace`` resolves them (resolv.conf search path
+        ``<ns>.svc.<domain> svc.<domain> <domain>``)."""
+        names: dict[str, str] = {}
+        addresses: dict[str, dict[str, int]] = {}
         for svc in self._store.list("services"):
             meta = svc["metadata"]
             ns, name = meta["namespace"], meta["name"]
-            if (ns, name) == ("default", "kubernetes"):
-                continue
-            ports: dict[str, int] = {}
+            ip = self._cluster_ip(ns, name)
+            ports = addresses.setdefault(ip, {})
             for p in (svc.get("spec") or {}).get("ports") or []:
                 port = int(p["port"])
                 fwd = self._forwarders.get((ns, name, port))
@@ -148,10 +150,11 @@ class ServiceProxies:
                     await fwd.start()
                     self._forwarders[(ns, name, port)] = fwd
                 ports[str(port)] = fwd.port
-            add(name, ns, ports)
-        if self.api is not None:
-            add("kubernetes", "default", {str(self.api[0]): self.api[1]})
-        return out
+            hosts = [f"{name}.{ns}", f"{name}.{ns}.svc", f"{name}.{ns}.svc.{self._domain}"]
+            if ns == namespace:
+                hosts.append(name)
+            names.update(dict.fromkeys(hosts, ip))
+        return {"names": names, "addresses": addresses}
 
     async def stop(self) -> None:
         for fwd in self._forwarders.values():

@@ -184,7 +184,6 @@ class SimStack:
         assert tls_url is not None
         host, _, port = tls_url.removeprefix("https://").rpartition(":")
         self._proxies = ServiceProxies(self.store, self.backends, self.spec.access.cluster_domain)
-        self._proxies.api = (443, int(port))
         self.cluster.runtime = PodRuntime(
             images=dict(self._runnable),
             root=root,

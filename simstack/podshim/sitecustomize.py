@@ -5,8 +5,11 @@ process cannot, emulated for this process only.
 1. The ServiceAccount mount: kubernetes-asyncio's in-cluster config reads the token and CA from
    ``/var/run/secrets/kubernetes.io/serviceaccount/``; a local process may not write there, so its two path
    constants are pointed at the pod's sandbox (``SIMSTACK_POD_SERVICEACCOUNT``) when the module is imported.
-2. Cluster DNS: ``socket.getaddrinfo`` resolves the Service names in ``SIMSTACK_POD_DNS`` (``{name: {service
-   port: local port}}``) to 127.0.0.1 and the Service's local kube-proxy port; every other name as before.
+2. Cluster DNS and the Services' ClusterIPs: ``socket.getaddrinfo`` resolves the Service names in
+   ``SIMSTACK_POD_DNS`` to the Service's address (an unbound loopback address), and ``socket.socket.connect``
+   sends a connection to (that address, a Service port) to the port's local forwarder on 127.0.0.1, as
+   kube-proxy would. Every other name and address is left alone. (The port cannot be changed in what
+   getaddrinfo returns: anyio, under httpx, connects to the resolved address with the port it asked for.)
 
 The flow code knows nothing of this: it calls ``load_incluster_config()`` and connects to ``http://<svc>.<ns>.svc.
 cluster.local:<port>`` exactly as in a real pod.
@@ -66,30 +69,52 @@ class _Finder(importlib.abc.MetaPathFinder):
         return None
 
 
-def _load_dns() -> dict[str, dict[str, int]]:
+def _load_dns() -> tuple[dict[str, str], dict[str, dict[int, int]]]:
     path = os.environ.get("SIMSTACK_POD_DNS")
     if not path:
-        return {}
+        return {}, {}
     try:
         with open(path) as f:
             data = json.load(f)
     except (OSError, ValueError):
-        return {}
-    return {str(k).lower(): {str(p): int(v) for p, v in ports.items()} for k, ports in data.items()}
+        return {}, {}
+    names = {str(k).lower(): str(v) for k, v in (data.get("names") or {}).items()}
+    addresses = {}
+    for ip, ports in (data.get("addresses") or {}).items():
+        addresses[str(ip)] = {int(p): int(local) for p, local in ports.items()}
+    return names, addresses
 
 
-_HOSTS = _load_dns()
+_NAMES, _ADDRESSES = _load_dns()
 _real_getaddrinfo = socket.getaddrinfo
+_real_connect = socket.socket.connect
+_real_connect_ex = socket.socket.connect_ex
 
 
 def _getaddrinfo(host: Any, port: Any, family: int = 0, type: int = 0, proto: int = 0, flags: int = 0) -> Any:
+    """A Service name resolves to its address (as cluster DNS answers with the ClusterIP); the rest as before."""
     name = host.decode() if isinstance(host, bytes) else host
     if isinstance(name, str):
-        ports = _HOSTS.get(name.rstrip(".").lower())
-        if ports is not None:
-            key = port.decode() if isinstance(port, bytes) else str(port)
-            return _real_getaddrinfo("127.0.0.1", ports.get(key, _CLOSED_PORT), family, type, proto, flags)
+        ip = _NAMES.get(name.rstrip(".").lower())
+        if ip is not None:
+            return _real_getaddrinfo(ip, port, family, type, proto, flags)
     return _real_getaddrinfo(host, port, family, type, proto, flags)
+
+
+def _target(address: Any) -> Any:
+    """A connection to (Service address, Service port) goes to that port's local forwarder (kube-proxy's
+    job); a port the Service does not expose is refused."""
+    if isinstance(address, tuple) and len(address) >= 2 and address[0] in _ADDRESSES:
+        return ("127.0.0.1", _ADDRESSES[address[0]].get(int(address[1]), _CLOSED_PORT))
+    return address
+
+
+def _connect(self: socket.socket, address: Any) -> None:
+    _real_connect(self, _target(address))
+
+
+def _connect_ex(self: socket.socket, address: Any) -> int:
+    return _real_connect_ex(self, _target(address))
 
 
 if os.environ.get("SIMSTACK_POD_SERVICEACCOUNT"):
@@ -97,5 +122,7 @@ if os.environ.get("SIMSTACK_POD_SERVICEACCOUNT"):
         _mount(sys.modules[_INCLUSTER])
     else:
         sys.meta_path.insert(0, _Finder())
-if _HOSTS:
+if _NAMES:
     socket.getaddrinfo = _getaddrinfo
+    socket.socket.connect = _connect  # type: ignore[method-assign,assignment]
+    socket.socket.connect_ex = _connect_ex  # type: ignore[method-assign,assignment]

@@ -1,0 +1,230 @@
+"""The in-cluster rehearsal: the flows run as Kubernetes Jobs, picked up by a real ``prefect worker start --type
+kubernetes``, inside the simulated cluster, under deployments/rbac.yaml (docs/IN_CLUSTER_REHEARSAL.md).
+
+The simulated cluster runs the Job's pod as a local process of the checkout (the image's WORKDIR) with what a
+real pod gets: ``KUBERNETES_SERVICE_HOST``/``PORT`` for the API server's TLS listener, a token of the pod's
+ServiceAccount with the cluster's CA, and Service DNS names that resolve. The flows' stack file says
+``access.mode: in-cluster``; the worker itself reaches the cluster through a kubeconfig (an admin token).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import httpx
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+from prefect.exceptions import ObjectNotFound
+
+from coder_stack.spec import AccessMode, AccessSpec, StackSpec, spec_yaml
+from simstack.apiserver.rbac import RBACAuthorizer
+from simstack.stack import SimStack
+from simstack.store import Store
+from tests.kits.flowkit import (
+    PREFECT_BIN,
+    PROJECT,
+    SERVING,
+    assert_no_gpu_model_running,
+    flow_process_env,
+    gpu_overlaps,
+    until,
+)
+from tests.kits.incluster import k8s_pool_template, load_rbac, rbac_docs
+
+pytestmark = pytest.mark.usefixtures("gpu_limit")
+
+POOL = "coder-stack-k8s"
+NAMESPACE = "prefect"
+SERVICE_ACCOUNT = "coder-stack-flows"
+FLOWS_USER = f"system:serviceaccount:{NAMESPACE}:{SERVICE_ACCOUNT}"
+# The image the project's Dockerfile builds (WORKDIR /opt/coder-stack); the sim runs it from this checkout.
+IMAGE = "coder-stack:rehearsal"
+ADMIN = "tok-worker-admin"
+# Cold starts of a few seconds: the flow pod is a real Python process, the GPU model's start is simulated.
+TIME_SCALE = 0.004
+
+
+@pytest.fixture
+def cluster() -> Iterator[SimStack]:
+    sim = SimStack(
+        time_scale=TIME_SCALE,
+        gpu_pool="static",
+        api_token=ADMIN,
+        authorizer=lambda store: RBACAuthorizer(store, {}, superusers={ADMIN}),
+        runnable_images={IMAGE: PROJECT},
+    ).start()
+    try:
+        sim.call(load_rbac, sim.store, rbac_docs())
+        yield sim
+    finally:
+        sim.stop()
+
+
+def _jobs(store: Store, run_id: UUID) -> list[dict[str, Any]]:
+    return store.list("jobs", NAMESPACE, label_selector=f"prefect.io/flow-run-id={run_id}")
+
+
+def _job_complete(sim: SimStack, run_id: UUID) -> bool:
+    return any(_complete(j) for j in sim.call(_jobs, sim.store, run_id))
+
+
+def _complete(job: dict[str, Any]) -> bool:
+    return any(
+        c["type"] == "Complete" and c["status"] == "True" for c in (job.get("status") or {}).get("conditions") or []
+    )
+
+
+async def _ensure_pool() -> None:
+    async with get_client() as client:
+        with contextlib.suppress(ObjectNotFound):  # another test's template would linger in the shared API
+            await client.delete_work_pool(POOL)
+        await client.create_work_pool(
+            WorkPoolCreate(name=POOL, type="kubernetes", base_job_template=k8s_pool_template(IMAGE))
+        )
+
+
+async def _run_deployment(name: str, entrypoint: str, parameters: dict[str, Any], timeout: float) -> Any:
+    """Create the in-cluster deployment (no pull step: the entrypoint is relative to the image's WORKDIR), run
+    it and wait until the run is final; the final flow run."""
+    async with get_client() as client:
+        flow_id = await client.create_flow_from_name(entrypoint.rpartition(":")[2])
+        deployment_id = await client.create_deployment(
+            flow_id=flow_id, name=name, work_pool_name=POOL, entrypoint=entrypoint, tags=["coder-stack", "in-cluster"]
+        )
+        run = await client.create_flow_run_from_deployment(deployment_id, parameters=parameters)
+        deadline = time.monotonic() + timeout
+        while True:
+            fr = await client.read_flow_run(run.id)
+            if fr.state is not None and fr.state.is_final():
+                return fr
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name}: run still {fr.state!r} after {timeout:.0f}s")
+            await asyncio.sleep(0.5)
+
+
+async def _log_messages(run_id: UUID) -> list[str]:
+    async with get_client() as client:
+        logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+    return [entry.message for entry in logs]
+
+
+def _start_worker(sim: SimStack, prefect_api: str, tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    log = tmp_path / "worker.log"
+    env = flow_process_env(prefect_api, tmp_path) | {
+        "KUBECONFIG": str(sim.kubeconfig_path),
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+    }
+    for name in ("KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"):  # the worker runs outside the cluster
+        env.pop(name, None)
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(PREFECT_BIN), "worker", "start", "--type", "kubernetes", "--pool", POOL, "--install-policy", "never"],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return proc, log
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _pod_log(sim: SimStack, job: dict[str, Any]) -> str:
+    def read(store: Store) -> str:
+        out = []
+        for pod in store.list("pods", NAMESPACE, label_selector=f"job-name={job['metadata']['name']}"):
+            path = sim.cluster.kubelet.log_file(NAMESPACE, pod["metadata"]["name"], "prefect-job")  # type: ignore[union-attr]
+            if path is not None and path.exists():
+                out.append(path.read_text(errors="replace"))
+        return "\n".join(out)
+
+    result: str = sim.call(read, sim.store)
+    return result
+
+
+async def test_validate_and_teardown_run_as_kubernetes_jobs_under_the_role(
+    cluster: SimStack, prefect_api: str, tmp_path: Path
+) -> None:
+    sim = cluster
+    stack_file = tmp_path / "stack.yaml"  # where the flow pod reads it (a temp path, passed as a parameter)
+    stack_file.write_text(spec_yaml(StackSpec(access=AccessSpec(mode=AccessMode.IN_CLUSTER))))
+    connection = {"stack_file": str(stack_file)}  # no kubeconfig: in the pod, the ServiceAccount is used
+    await _ensure_pool()
+    worker, worker_log = _start_worker(sim, prefect_api, tmp_path)
+    try:
+        validate = await _run_deployment(
+            "validate-coder-stack-in-cluster",
+            "flows/validate.py:validate_coder_stack",
+            {"options": {"stages": ["chat"]}, "connection": connection},
+            timeout=150,
+        )
+        down = await _run_deployment(
+            "evening-teardown-in-cluster", "flows/teardown.py:teardown", {"connection": connection}, timeout=90
+        )
+    finally:
+        _stop(worker)
+    wlog = worker_log.read_text(errors="replace")
+    for run in (validate, down):
+        jobs = sim.call(_jobs, sim.store, run.id)
+        assert len(jobs) == 1, (run.name, jobs, wlog[-3000:])
+        job = jobs[0]
+        assert run.state.is_completed(), (run.state, _pod_log(sim, job)[-4000:], wlog[-3000:])
+        # the run is final once its engine reports it; the Job completes when the pod's process has exited
+        await until(partial(_job_complete, sim, run.id), 30, f"the Job of {run.name} to complete")
+        job = sim.call(_jobs, sim.store, run.id)[0]
+        assert job["status"].get("succeeded") == 1 and not job["status"].get("failed"), job["status"]
+        assert job["spec"]["template"]["spec"]["serviceAccountName"] == SERVICE_ACCOUNT
+        messages = await _log_messages(run.id)
+        assert any("Finished in state Completed" in m for m in messages), messages[-20:]
+    assert any("validate" in m.lower() or "smoke" in m.lower() for m in await _log_messages(validate.id))
+
+    # nothing left on the GPU, never two models at once
+    await assert_no_gpu_model_running(sim)
+    assert not gpu_overlaps(sim.timeline)
+
+    # the flows' calls were made as the pod's ServiceAccount, and every one was allowed by rbac.yaml
+    audit = list(sim.api_server.audit)
+    flows_calls = [a for a in audit if a[0] == FLOWS_USER]
+    assert ("patch", "deployments/scale", SERVING) in {a[1:4] for a in flows_calls}, flows_calls[:20]
+    assert [a for a in flows_calls if not a[5]] == []
+    # the worker (kubeconfig, admin) created the Jobs; the flows never did
+    assert ("system:admin", "create", "jobs", NAMESPACE) in {a[:4] for a in audit}
+    assert not any(a[1:3] == ("create", "jobs") for a in flows_calls)
+
+    # the Role is enforced, not bypassed: the same ServiceAccount's token is refused what rbac.yaml does not grant
+    token = sim.service_account_tokens(NAMESPACE, SERVICE_ACCOUNT)[0]
+    runtime = sim.cluster.runtime  # type: ignore[union-attr]
+    assert runtime is not None
+    tls_url = sim.api_server.tls_url
+    async with httpx.AsyncClient(
+        base_url=tls_url, verify=str(runtime.ca_file), headers={"Authorization": f"Bearer {token}"}
+    ) as api:
+        listed = await api.get(f"/api/v1/namespaces/{SERVING}/secrets")
+        deleted = await api.delete(f"/apis/apps/v1/namespaces/{SERVING}/deployments/coder-chat")
+        jobs = await api.get(f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs")
+    assert listed.status_code == 403, listed.text
+    assert FLOWS_USER in listed.json()["message"]
+    assert deleted.status_code == 403, deleted.text
+    assert jobs.status_code == 403, jobs.text
