@@ -6,8 +6,8 @@ the status the real controller writes (``startTime``, ``active``/``ready``/``suc
 ``completionTime``), events (``SuccessfulCreate``, ``FailedCreate``, ``Completed``, ``BackoffLimitExceeded``),
 ``ttlSecondsAfterFinished`` (the TTL-after-finished controller) and garbage collection of a deleted Job's pods.
 
-Only ``parallelism``/``completions`` of 1 (what the Prefect Kubernetes worker creates) are imitated; more
-are run one pod after another.
+Only ``parallelism``/``completions`` of 1 (what the Prefect Kubernetes worker creates) are imitated.
+GUESS: more are run one pod after another (a real controller runs ``parallelism`` pods at once).
 """
 
 from __future__ import annotations
@@ -113,6 +113,8 @@ class JobController:
         status.setdefault("startTime", now_rfc3339())
         conditions = list(status.get("conditions") or [])
         completions = int(spec.get("completions") or 1)
+        # GUESS: the interim conditions SuccessCriteriaMet / FailureTarget before Complete / Failed, as the
+        # controller of Kubernetes 1.31+ writes them (the sim reports 1.32); not checked against a real cluster.
         if succeeded >= completions:
             conditions += [
                 _condition("SuccessCriteriaMet", "CompletionsReached", "Reached expected number of succeeded pods"),

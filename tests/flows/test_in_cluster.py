@@ -95,15 +95,24 @@ async def _ensure_pool() -> None:
         )
 
 
-async def _run_deployment(name: str, entrypoint: str, parameters: dict[str, Any], timeout: float) -> Any:
-    """Create the in-cluster deployment (no pull step: the entrypoint is relative to the image's WORKDIR), run
-    it and wait until the run is final; the final flow run."""
+def _deploy(prefect_api: str, tmp_path: Path, *names: str) -> None:
+    """``prefect deploy`` of prefect.yaml's in-cluster deployments, as ``coder-stack setup`` runs it (their
+    ``pull: []`` and the pool's job variables: image, namespace, ServiceAccount)."""
+    env = flow_process_env(prefect_api, tmp_path) | {"CODER_STACK_IMAGE": IMAGE, "CODER_STACK_DIR": str(PROJECT)}
+    args = [str(PREFECT_BIN), "--no-prompt", "deploy"]
+    for name in names:
+        args += ["--name", name]
+    done = subprocess.run(args, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+async def _run_deployment(name: str, parameters: dict[str, Any], timeout: float) -> Any:
+    """Run a deployment and wait until the run is final; the final flow run."""
     async with get_client() as client:
-        flow_id = await client.create_flow_from_name(entrypoint.rpartition(":")[2])
-        deployment_id = await client.create_deployment(
-            flow_id=flow_id, name=name, work_pool_name=POOL, entrypoint=entrypoint, tags=["coder-stack", "in-cluster"]
-        )
-        run = await client.create_flow_run_from_deployment(deployment_id, parameters=parameters)
+        deployment = await client.read_deployment_by_name(name)
+        assert deployment.pull_steps in (None, []), deployment.pull_steps  # the code is in the image
+        assert deployment.job_variables.get("image") == IMAGE, deployment.job_variables
+        run = await client.create_flow_run_from_deployment(deployment.id, parameters=parameters)
         deadline = time.monotonic() + timeout
         while True:
             fr = await client.read_flow_run(run.id)
@@ -172,17 +181,17 @@ async def test_validate_and_teardown_run_as_kubernetes_jobs_under_the_role(
     stack_file.write_text(spec_yaml(StackSpec(access=AccessSpec(mode=AccessMode.IN_CLUSTER))))
     connection = {"stack_file": str(stack_file)}  # no kubeconfig: in the pod, the ServiceAccount is used
     await _ensure_pool()
+    await asyncio.to_thread(
+        _deploy, prefect_api, tmp_path, "validate-coder-stack-in-cluster", "evening-teardown-in-cluster"
+    )
     worker, worker_log = _start_worker(sim, prefect_api, tmp_path)
     try:
         validate = await _run_deployment(
-            "validate-coder-stack-in-cluster",
-            "flows/validate.py:validate_coder_stack",
+            "validate_coder_stack/validate-coder-stack-in-cluster",
             {"options": {"stages": ["chat"]}, "connection": connection},
             timeout=150,
         )
-        down = await _run_deployment(
-            "evening-teardown-in-cluster", "flows/teardown.py:teardown", {"connection": connection}, timeout=90
-        )
+        down = await _run_deployment("teardown/evening-teardown-in-cluster", {"connection": connection}, timeout=90)
     finally:
         _stop(worker)
     wlog = worker_log.read_text(errors="replace")
