@@ -26,6 +26,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
 from prefect.exceptions import ObjectNotFound
 
 from coder_stack.spec import AccessMode, AccessSpec, StackSpec, spec_yaml
@@ -123,6 +124,17 @@ async def _run_deployment(name: str, parameters: dict[str, Any], timeout: float)
             await asyncio.sleep(0.5)
 
 
+async def _pod_events(run_id: UUID) -> set[str]:
+    """The observer's replicated pod events for a flow run (``prefect.kubernetes.pod.<phase>``)."""
+    async with get_client() as client:
+        flt = EventFilter(
+            event=EventNameFilter(prefix=["prefect.kubernetes.pod."]),
+            related=EventRelatedFilter(id=[f"prefect.flow-run.{run_id}"]),
+        )
+        resp = await client.request("POST", "/events/filter", json={"filter": flt.model_dump(mode="json")})
+    return {e["event"] for e in resp.json()["events"]}
+
+
 async def _log_messages(run_id: UUID) -> list[str]:
     async with get_client() as client:
         logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
@@ -173,6 +185,26 @@ def _pod_log(sim: SimStack, job: dict[str, Any]) -> str:
     return result
 
 
+async def _assert_ran_as_a_job(sim: SimStack, run: Any, worker_log: Path) -> None:
+    """The run Completed, its Job completed with one succeeded pod of the flows' ServiceAccount, its logs
+    reached Prefect, and the worker's observer replicated the pod's phases as Prefect events."""
+    jobs = sim.call(_jobs, sim.store, run.id)
+    assert len(jobs) == 1, (run.name, jobs, worker_log.read_text(errors="replace")[-3000:])
+    assert run.state.is_completed(), (run.state, _pod_log(sim, jobs[0])[-4000:])
+    # the run is final once its engine reports it; the Job completes when the pod's process has exited
+    await until(partial(_job_complete, sim, run.id), 30, f"the Job of {run.name} to complete")
+    job = sim.call(_jobs, sim.store, run.id)[0]
+    assert job["status"].get("succeeded") == 1 and not job["status"].get("failed"), job["status"]
+    assert job["spec"]["template"]["spec"]["serviceAccountName"] == SERVICE_ACCOUNT
+    messages = await _log_messages(run.id)
+    assert any("Finished in state Completed" in m for m in messages), messages[-20:]
+    want = {f"prefect.kubernetes.pod.{phase}" for phase in ("pending", "running", "succeeded")}
+    deadline = time.monotonic() + 30  # the server persists events in batches
+    while not want <= (seen := await _pod_events(run.id)) and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+    assert want <= seen, seen
+
+
 async def test_validate_and_teardown_run_as_kubernetes_jobs_under_the_role(
     cluster: SimStack, prefect_api: str, tmp_path: Path
 ) -> None:
@@ -188,26 +220,16 @@ async def test_validate_and_teardown_run_as_kubernetes_jobs_under_the_role(
     try:
         validate = await _run_deployment(
             "validate_coder_stack/validate-coder-stack-in-cluster",
-            {"options": {"stages": ["chat"]}, "connection": connection},
-            timeout=150,
+            {"connection": connection},  # the whole runbook: chat, then the swap to coder-fim
+            timeout=180,
         )
         down = await _run_deployment("teardown/evening-teardown-in-cluster", {"connection": connection}, timeout=90)
+        for run in (validate, down):  # the worker (and its observer) keeps running until the pods are done
+            await _assert_ran_as_a_job(sim, run, worker_log)
     finally:
         _stop(worker)
-    wlog = worker_log.read_text(errors="replace")
-    for run in (validate, down):
-        jobs = sim.call(_jobs, sim.store, run.id)
-        assert len(jobs) == 1, (run.name, jobs, wlog[-3000:])
-        job = jobs[0]
-        assert run.state.is_completed(), (run.state, _pod_log(sim, job)[-4000:], wlog[-3000:])
-        # the run is final once its engine reports it; the Job completes when the pod's process has exited
-        await until(partial(_job_complete, sim, run.id), 30, f"the Job of {run.name} to complete")
-        job = sim.call(_jobs, sim.store, run.id)[0]
-        assert job["status"].get("succeeded") == 1 and not job["status"].get("failed"), job["status"]
-        assert job["spec"]["template"]["spec"]["serviceAccountName"] == SERVICE_ACCOUNT
-        messages = await _log_messages(run.id)
-        assert any("Finished in state Completed" in m for m in messages), messages[-20:]
-    assert any("validate" in m.lower() or "smoke" in m.lower() for m in await _log_messages(validate.id))
+    # the flow's own log lines (its clean-up) were sent from the pod to Prefect, not only the engine's
+    assert any(m.startswith("Clean-up:") for m in await _log_messages(validate.id))
 
     # nothing left on the GPU, never two models at once
     await assert_no_gpu_model_running(sim)
