@@ -23,12 +23,15 @@ from uuid import UUID
 
 import httpx
 import pytest
+from kubernetes_asyncio import client as client_v1
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
 from prefect.exceptions import ObjectNotFound
+from prefect.states import Cancelling
 
+from coder_stack.kubernetes.client import ClusterTarget, open_api
 from coder_stack.spec import AccessMode, AccessSpec, StackSpec, spec_yaml
 from simstack.apiserver.rbac import RBACAuthorizer
 from simstack.stack import SimStack
@@ -40,6 +43,7 @@ from tests.kits.flowkit import (
     assert_no_gpu_model_running,
     flow_process_env,
     gpu_overlaps,
+    scaled_up,
     until,
 )
 from tests.kits.incluster import k8s_pool_template, load_rbac, rbac_docs
@@ -111,7 +115,8 @@ async def _run_deployment(name: str, parameters: dict[str, Any], timeout: float)
     """Run a deployment and wait until the run is final; the final flow run."""
     async with get_client() as client:
         deployment = await client.read_deployment_by_name(name)
-        assert deployment.pull_steps in (None, []), deployment.pull_steps  # the code is in the image
+        # the code is in the image: no pull step, no path of the deployer's checkout
+        assert deployment.pull_steps in (None, []) and deployment.path is None, (deployment.pull_steps, deployment.path)
         assert deployment.job_variables.get("image") == IMAGE, deployment.job_variables
         run = await client.create_flow_run_from_deployment(deployment.id, parameters=parameters)
         deadline = time.monotonic() + timeout
@@ -259,3 +264,58 @@ async def test_validate_and_teardown_run_as_kubernetes_jobs_under_the_role(
     assert FLOWS_USER in listed.json()["message"]
     assert deleted.status_code == 403, deleted.text
     assert jobs.status_code == 403, jobs.text
+
+
+async def test_a_cancelled_in_cluster_run_scales_its_model_down_from_inside_the_pod(
+    cluster: SimStack, prefect_api: str, tmp_path: Path
+) -> None:
+    """Cancel from the UI/API. With Prefect 3.9 the flow-run executor in the pod sees the run Cancelling and
+    stops its engine with SIGTERM; the flow's finally scales the GPU model down, the run ends Cancelled, the pod
+    exits non-zero and the Job fails (backoffLimit 0); the worker deletes nothing and the observer leaves the
+    Cancelled run alone."""
+    sim = cluster
+    stack_file = tmp_path / "stack.yaml"
+    stack_file.write_text(spec_yaml(StackSpec(access=AccessSpec(mode=AccessMode.IN_CLUSTER))))
+    await _ensure_pool()
+    await asyncio.to_thread(_deploy, prefect_api, tmp_path, "validate-coder-stack-in-cluster")
+    worker, worker_log = _start_worker(sim, prefect_api, tmp_path)
+    try:
+        async with get_client() as client:
+            deployment = await client.read_deployment_by_name("validate_coder_stack/validate-coder-stack-in-cluster")
+            assert deployment.path is None, deployment.path
+            run = await client.create_flow_run_from_deployment(
+                deployment.id,
+                parameters={"options": {"stages": ["chat"]}, "connection": {"stack_file": str(stack_file)}},
+            )
+            await until(lambda: scaled_up(sim, "coder-chat"), 120, "coder-chat scaled up by the flow pod")
+            await client.set_flow_run_state(run.id, Cancelling(message="cancelled by test"), force=True)
+            deadline = time.monotonic() + 90
+            while not (state := (await client.read_flow_run(run.id)).state) or not state.is_final():
+                assert time.monotonic() < deadline, (state, worker_log.read_text(errors="replace")[-3000:])
+                await asyncio.sleep(0.5)
+        await until(partial(_job_failed, sim, run.id), 60, "the Job to end")
+        await asyncio.sleep(2)  # time for the observer to see the failed Job
+        async with get_client() as client:
+            after = (await client.read_flow_run(run.id)).state
+    finally:
+        _stop(worker)
+    assert state.is_cancelled(), state
+    assert after is not None and after.is_cancelled(), after  # not marked Crashed by the observer
+    await assert_no_gpu_model_running(sim, timeout=30)
+    # the flow's finally ran in the pod before its process exited: `kubectl logs` of the Job's pod
+    job = sim.call(_jobs, sim.store, run.id)[0]
+    pod = sim.call(lambda s: s.list("pods", NAMESPACE, label_selector=f"job-name={job['metadata']['name']}"), sim.store)
+    async with open_api(ClusterTarget(kubeconfig=str(sim.kubeconfig_path))) as api:
+        text = await client_v1.CoreV1Api(api).read_namespaced_pod_log(pod[0]["metadata"]["name"], NAMESPACE)
+    cleanup = [line for line in text.splitlines() if "Clean-up:" in line]
+    assert cleanup and "coder-chat scaled to 0" in cleanup[0], text[-3000:]
+    assert pod[0]["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] != 0
+    assert not any(a[1:3] == ("delete", "jobs") for a in sim.api_server.audit)
+
+
+def _job_failed(sim: SimStack, run_id: UUID) -> bool:
+    return any(
+        c["type"] == "Failed" and c["status"] == "True"
+        for j in sim.call(_jobs, sim.store, run_id)
+        for c in (j.get("status") or {}).get("conditions") or []
+    )
