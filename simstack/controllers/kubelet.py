@@ -382,8 +382,10 @@ class Kubelet:
                 proc = await PodProcess.start(self.c.runtime, pod, cspec, env)
             except OSError as e:
                 # the runtime's StartError: exit code 128, the message in the terminated state
-                self._start_container(r, cs)
+                cs.container_id = "containerd://" + hashlib.sha256(f"{r.uid}/{cs.name}".encode()).hexdigest()
+                cs.state = {"running": {"startedAt": now_rfc3339()}}
                 code, reason, message = 128, "StartError", f"failed to start container: {e}"
+                self._event(r, "Created", f"Created container: {cs.name}", cs=cs)
                 self._event(r, "Failed", f"Error: {message}", "Warning", cs)
             else:
                 self.processes[r.uid] = proc

@@ -327,3 +327,17 @@ def test_the_pod_shim_only_touches_what_the_sim_maps() -> None:
     code = "import socket, sitecustomize; print(socket.getaddrinfo is sitecustomize._real_getaddrinfo)"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True", out.stderr
+
+
+async def test_a_command_not_on_the_images_path_is_a_start_error(rsim: SimStack) -> None:
+    sim = rsim
+    manifest = job_manifest("")
+    manifest["spec"]["template"]["spec"]["containers"][0]["args"] = ["no-such-program", "--flag"]
+    async with open_api(target(sim)) as api:
+        await create_job(api, manifest)
+    await asyncio.to_thread(wait_for, sim, finished, 30, "the Job to fail")
+    pod = sim.call(job_pods, sim.store)[0]
+    assert pod["status"]["phase"] == "Failed"
+    term = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert (term["exitCode"], term["reason"]) == (128, "StartError")
+    assert 'exec: "no-such-program": executable file not found in $PATH' in term["message"]
