@@ -102,7 +102,13 @@ class PodRuntime:
             f"KUBERNETES_PORT_{self.api_port}_TCP_PORT": str(self.api_port),
             f"KUBERNETES_PORT_{self.api_port}_TCP_ADDR": self.api_host,
         }
-        return env, {"SIMSTACK_POD_SERVICEACCOUNT": str(sa_dir), "SIMSTACK_POD_DNS": str(dns_file)}
+        emulation = {
+            "SIMSTACK_POD_SERVICEACCOUNT": str(sa_dir),
+            "SIMSTACK_POD_DNS": str(dns_file),
+            # a container writes into its own filesystem; here bytecode caches go to the sandbox, not the directory
+            "PYTHONPYCACHEPREFIX": str(box / "pycache"),
+        }
+        return env, emulation
 
     def log_file(self, pod: Obj, container: str) -> Path:
         meta = pod["metadata"]
@@ -164,13 +170,46 @@ class PodProcess:
             os.killpg(self.proc.pid, sig)
 
     async def stop(self, grace_s: float) -> int:
-        """SIGTERM to the process group, SIGKILL after ``grace_s`` (real seconds); the exit code."""
+        """SIGTERM to the process group, SIGKILL after ``grace_s`` (real seconds); the exit code. Then SIGKILL to
+        every process the container started, also those in process groups of their own (Prefect's engine runs
+        in one): a container's processes all end with it."""
+        family = _descendants(self.proc.pid)
         if self.proc.returncode is None:
             self._signal(signal.SIGTERM)
             try:
                 await asyncio.wait_for(asyncio.shield(self.proc.wait()), max(grace_s, 0.0))
             except TimeoutError:
+                family |= _descendants(self.proc.pid)
                 self._signal(signal.SIGKILL)
         rc = await self.proc.wait()
         self._signal(signal.SIGKILL)  # anything the container left behind in its group
+        for pid in family:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
         return self.exit_code(rc)
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live descendant of ``pid`` (Linux /proc; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return set()
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rpartition(")")[2].split()  # after "(comm)": state, ppid, ...
+        if len(fields) > 1 and fields[1].isdigit():
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    out: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in out:
+                out.add(child)
+                todo.append(child)
+    return out

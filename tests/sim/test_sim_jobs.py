@@ -199,6 +199,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+    except OSError:
+        return False
+
+
 def _pid(workdir: Path, timeout: float = 30.0) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -240,20 +247,32 @@ async def test_deleting_the_job_terminates_its_process_sigkill_after_the_grace_p
     assert 0.8 < took < 10, took  # SIGTERM ignored, SIGKILL after the pod's 1 s grace
 
 
+# a container whose process starts another in a session of its own (as Prefect's executor starts its engine)
+WITH_GRANDCHILD = textwrap.dedent("""
+    import os, subprocess, sys, time
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+    open("child", "w").write(str(child.pid))
+""") + textwrap.dedent(STUBBORN)
+
+
 async def test_stopping_the_sim_kills_the_pod_processes(make_sim: Callable[..., SimStack], workdir: Path) -> None:
     sim = make_sim(runnable_images={IMAGE: workdir}, time_scale=0.01)
 
     def create(store: Store) -> None:
         store.create("namespaces", {"metadata": {"name": NS}})
-        manifest = job_manifest(STUBBORN)
+        manifest = job_manifest(WITH_GRANDCHILD)
         manifest["spec"]["template"]["spec"]["serviceAccountName"] = "default"
         store.create("jobs", {k: v for k, v in manifest.items() if k not in ("apiVersion", "kind")}, NS)
 
     sim.call(create, sim.store)
     pid = await asyncio.to_thread(_pid, workdir)
+    child = int((workdir / "child").read_text())
+    assert _alive(child)
     t0 = time.monotonic()
     await asyncio.to_thread(sim.stop)
     assert not _alive(pid)
+    await asyncio.sleep(0.2)  # SIGKILL is asynchronous; the reaper is init
+    assert not _alive(child) or _zombie(child)
     assert time.monotonic() - t0 < 10
 
 
