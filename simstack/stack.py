@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import shutil
 import signal
 import tempfile
@@ -22,94 +23,20 @@ from typing import Any, TypeVar
 
 from coder_stack.spec import StackSpec
 from simstack.backends import Backends
+from simstack.certs import ClusterCA, make_cluster_ca
 from simstack.cluster_objects import generate_secrets, reference_objects
 from simstack.controllers.cluster import Cluster
 from simstack.controllers.context import StandinStarter
 from simstack.controllers.faults import check_fault
+from simstack.kubeproxy import ServiceForwarder, ServiceProxies
 from simstack.layout import gateway_workloads
+from simstack.podruntime import PodRuntime
 from simstack.standins import SimServices
 from simstack.store import Store, WatchEvent
 from simstack.timings import Timings
 
 log = logging.getLogger("simstack.stack")
 T = TypeVar("T")
-
-
-class _TcpForwarder:
-    """A local port that always reaches a Ready pod behind a Service (what an ingress would be)."""
-
-    def __init__(self, backends: Backends, namespace: str, service: str, port: int) -> None:
-        self._backends = backends
-        self._target = (namespace, service, port)
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self.port = 0
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-        try:
-            addr = self._backends.service_backend(*self._target)
-            if addr is None:
-                await self._unavailable(reader, writer)
-                return
-            try:
-                up_r, up_w = await asyncio.open_connection(addr.host, addr.port)
-            except OSError:
-                await self._unavailable(reader, writer)
-                return
-            try:
-                await asyncio.gather(self._pipe(reader, up_w), self._pipe(up_r, writer))
-            finally:
-                up_w.close()
-        except (ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
-            if task is not None:
-                self._tasks.discard(task)
-
-    @staticmethod
-    async def _unavailable(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """No Ready pod behind the Service: answer like an ingress with no endpoints (503)."""
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2.0)
-        body = b"<html><body><h1>503 Service Temporarily Unavailable</h1></body></html>\n"
-        writer.write(
-            b"HTTP/1.1 503 Service Temporarily Unavailable\r\nContent-Type: text/html\r\n"
-            + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-            + body
-        )
-        with contextlib.suppress(ConnectionError):
-            await writer.drain()
-
-    @staticmethod
-    async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        try:
-            while data := await src.read(65536):
-                dst.write(data)
-                await dst.drain()
-            if dst.can_write_eof():
-                dst.write_eof()
-        except (ConnectionError, OSError):
-            dst.close()
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for t in list(self._tasks):
-            t.cancel()
-        for t in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 1.0)
 
 
 class SimStack:
@@ -128,6 +55,7 @@ class SimStack:
         api_token: str | None = None,
         authorizer: Callable[[Store], Any] | None = None,
         ready_timeout: float | None = None,
+        runnable_images: dict[str, str | Path] | None = None,
     ) -> None:
         if gpu_pool not in ("autoscaled", "static"):
             raise ValueError(f"gpu_pool must be 'autoscaled' or 'static', got {gpu_pool!r}")
@@ -155,12 +83,17 @@ class SimStack:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: Any = None
-        self._forwarder: _TcpForwarder | None = None
+        self._forwarder: ServiceForwarder | None = None
         self._store: Store | None = None
         self._backends: Backends | None = None
         self._services: SimServices | None = None
         self.cluster: Cluster | None = None
         self._started = False
+        # image -> working directory: pods of these images run as local processes (simstack/podruntime.py)
+        self._runnable = {image: Path(d).resolve() for image, d in (runnable_images or {}).items()}
+        self._runtime_dir: str | None = None
+        self._proxies: ServiceProxies | None = None
+        self._sa_tokens: dict[str, tuple[str, str]] = {}
 
     # ------------------------------------------------------------------ life cycle
     def __enter__(self) -> SimStack:
@@ -199,7 +132,7 @@ class SimStack:
         self._backends = backends = Backends(store, spec.access.cluster_domain)
         self._services = SimServices(resolve_url=backends.resolve_url, time_scale=self.time_scale)
         store.listeners.append(self._record_timeline)
-        self._forwarder = _TcpForwarder(backends, spec.gateway_namespace, spec.gateway_service, spec.gateway_port)
+        self._forwarder = ServiceForwarder(backends, spec.gateway_namespace, spec.gateway_service, spec.gateway_port)
         await self._forwarder.start()
         self.cluster = Cluster(
             store,
@@ -222,8 +155,20 @@ class SimStack:
         else:
             if self._authorizer_factory is not None:
                 self.authorizer = self._authorizer_factory(store)
-            self._runner, self.api_url = await start_apiserver(store, backends, authorizer=self.authorizer)
+            ca = None
+            if self._runnable:
+                self._runtime_dir = tempfile.mkdtemp(prefix="coder-sim-pods-")
+                ca = make_cluster_ca(Path(self._runtime_dir) / "pki", spec.access.cluster_domain)
+            self._runner, self.api_url = await start_apiserver(
+                store,
+                backends,
+                authorizer=self.authorizer,
+                log_file=self.cluster.kubelet.log_file,
+                tls=ca.server_context() if ca is not None else None,
+            )
             self._kubeconfig_text = kubeconfig_yaml(self.api_url, token=self._api_token)
+            if ca is not None and self._runtime_dir is not None:
+                self._start_runtime(ca, Path(self._runtime_dir))
         await self._wait_gateway_ready(self._ready_timeout)
         if self._kubeconfig_text is not None:
             if self._user_kubeconfig is not None:
@@ -231,6 +176,37 @@ class SimStack:
             else:
                 self._tmpdir = tempfile.mkdtemp(prefix="coder-sim-")
                 self._kubeconfig_path = self.write_kubeconfig(Path(self._tmpdir) / "kubeconfig")
+
+    def _start_runtime(self, ca: ClusterCA, root: Path) -> None:
+        """Pods of runnable images: their API access (the TLS listener, ServiceAccount tokens), their DNS."""
+        assert self.cluster is not None
+        tls_url = self.api_server.tls_url
+        assert tls_url is not None
+        host, _, port = tls_url.removeprefix("https://").rpartition(":")
+        self._proxies = ServiceProxies(self.store, self.backends, self.spec.access.cluster_domain)
+        self.cluster.runtime = PodRuntime(
+            images=dict(self._runnable),
+            root=root,
+            api_host=host,
+            api_port=int(port),
+            ca_file=ca.ca_file,
+            issue_token=self._issue_token,
+            service_dns=self._proxies.dns,
+        )
+
+    def _issue_token(self, namespace: str, service_account: str) -> str:
+        """A token for a pod's ServiceAccount, known to the authorizer as that ServiceAccount (the real
+        cluster's projected, signed token; here an opaque random one the RBAC authorizer maps)."""
+        token = secrets.token_urlsafe(32)
+        self._sa_tokens[token] = (namespace, service_account)
+        tokens = getattr(self.authorizer, "tokens", None)
+        if isinstance(tokens, dict):
+            tokens[token] = (namespace, service_account)
+        return token
+
+    def service_account_tokens(self, namespace: str, service_account: str) -> list[str]:
+        """The tokens issued to pods of a ServiceAccount (for tests that call the API as that pod)."""
+        return [t for t, who in self._sa_tokens.items() if who == (namespace, service_account)]
 
     async def _wait_gateway_ready(self, timeout: float) -> None:
         store = self.store
@@ -267,9 +243,10 @@ class SimStack:
             self._thread.join(timeout=5)
         if not loop.is_running():
             loop.close()
-        if self._tmpdir:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
-            self._tmpdir = None
+        for d in (self._tmpdir, self._runtime_dir):
+            if d:
+                shutil.rmtree(d, ignore_errors=True)
+        self._tmpdir = self._runtime_dir = None
 
     async def _astop(self) -> None:
         if self.cluster is not None:
@@ -279,6 +256,8 @@ class SimStack:
                 await self._runner.cleanup()
         if self._forwarder is not None:
             await self._forwarder.stop()
+        if self._proxies is not None:
+            await self._proxies.stop()
         me = asyncio.current_task()
         rest = [t for t in asyncio.all_tasks() if t is not me]
         for t in rest:

@@ -50,6 +50,7 @@ RESOURCES: dict[str, ResourceType] = {
         ResourceType("", "v1", "serviceaccounts", "ServiceAccount", True, ("sa",)),
         ResourceType("apps", "v1", "deployments", "Deployment", True, ("deploy",)),
         ResourceType("apps", "v1", "replicasets", "ReplicaSet", True, ("rs",)),
+        ResourceType("batch", "v1", "jobs", "Job", True),
         ResourceType("rbac.authorization.k8s.io", "v1", "roles", "Role", True),
         ResourceType("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", True),
         ResourceType("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", False),
@@ -130,6 +131,40 @@ def _qos_class(spec: Obj) -> str:
     return "Burstable" if any_set else "BestEffort"
 
 
+JOB_NAME_LABELS = ("batch.kubernetes.io/job-name", "job-name")
+JOB_UID_LABELS = ("batch.kubernetes.io/controller-uid", "controller-uid")
+
+
+def _default_job(obj: Obj) -> None:
+    """batch/v1 Job defaults (pkg/apis/batch/v1/defaults.go); the selector and the template's job labels
+    need the uid and are added by :meth:`Store.create`."""
+    spec = obj.setdefault("spec", {})
+    spec.setdefault("parallelism", 1)
+    spec.setdefault("completions", 1)
+    spec.setdefault("backoffLimit", 6)
+    spec.setdefault("completionMode", "NonIndexed")
+    spec.setdefault("suspend", False)
+    spec.setdefault("manualSelector", False)
+    spec.setdefault("podReplacementPolicy", "TerminatingOrFailed")
+    template = spec.setdefault("template", {})
+    _default_pod_spec(template.get("spec"))
+    if isinstance(template.get("spec"), dict):
+        template["spec"].setdefault("terminationGracePeriodSeconds", 30)
+        template["spec"].setdefault("dnsPolicy", "ClusterFirst")
+        template["spec"].setdefault("schedulerName", "default-scheduler")
+
+
+def _label_job(obj: Obj) -> None:
+    """What the Job registry adds on create: the generated selector and the pod template's job labels."""
+    meta, spec = obj["metadata"], obj.setdefault("spec", {})
+    labels = {JOB_UID_LABELS[0]: meta["uid"], JOB_UID_LABELS[1]: meta["uid"]}
+    labels |= {JOB_NAME_LABELS[0]: meta["name"], JOB_NAME_LABELS[1]: meta["name"]}
+    template_meta = spec.setdefault("template", {}).setdefault("metadata", {})
+    template_meta["labels"] = {**(template_meta.get("labels") or {}), **labels}
+    if not spec.get("manualSelector"):
+        spec["selector"] = {"matchLabels": {JOB_UID_LABELS[0]: meta["uid"]}}
+
+
 def default_object(plural: str, obj: Obj, *, creating: bool = True) -> Obj:
     """The API server's defaulting that clients rely on (applied on every create and spec update)."""
     if plural == "secrets":
@@ -164,6 +199,8 @@ def default_object(plural: str, obj: Obj, *, creating: bool = True) -> Obj:
         spec = obj.setdefault("spec", {})
         spec.setdefault("replicas", 1)
         _default_pod_spec((spec.get("template") or {}).get("spec"))
+    elif plural == "jobs":
+        _default_job(obj)
     elif plural == "services":
         spec = obj.setdefault("spec", {})
         spec.setdefault("type", "ClusterIP")
@@ -274,6 +311,14 @@ def controller_uid(obj: Obj) -> str | None:
     for ref in obj["metadata"].get("ownerReferences") or []:
         if ref.get("controller"):
             return str(ref["uid"])
+    return None
+
+
+def controller_kind(obj: Obj) -> str | None:
+    """The kind of the object's controlling owner, if any."""
+    for ref in obj["metadata"].get("ownerReferences") or []:
+        if ref.get("controller"):
+            return str(ref.get("kind", ""))
     return None
 
 
@@ -398,13 +443,16 @@ class Store:
                 out.append(_clone(obj))
         return out
 
-    def ownership(self, plural: str) -> builtins.list[tuple[str, str, str, str | None, bool]]:
-        """(namespace, name, uid, controller uid, being deleted) of every object: for garbage collection,
-        without copying the objects."""
+    def ownership(
+        self, plural: str, owner_kind: str | None = None
+    ) -> builtins.list[tuple[str, str, str, str | None, bool]]:
+        """(namespace, name, uid, controller uid, being deleted) of every object (only those whose
+        controlling owner is an ``owner_kind``, if given): for garbage collection, without copying them."""
         self.rtype(plural)
         return [
             (ns, name, o["metadata"]["uid"], controller_uid(o), bool(o["metadata"].get("deletionTimestamp")))
             for (ns, name), o in sorted(self._objects[plural].items())
+            if owner_kind is None or controller_kind(o) in (owner_kind, None)
         ]
 
     # ------------------------------------------------------------------ writes
@@ -432,8 +480,10 @@ class Store:
         meta["uid"] = str(uuid.uuid4())
         meta.setdefault("creationTimestamp", now_rfc3339())
         meta["resourceVersion"] = self._next_rv()
-        if plural in ("deployments", "replicasets"):
+        if plural in ("deployments", "replicasets", "jobs"):
             meta["generation"] = 1
+        if plural == "jobs":
+            _label_job(obj)
         self._objects[plural][key] = obj
         self._record(plural, "ADDED", obj, None)
         return _clone(obj)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import warnings
 from collections import deque
 from typing import Any
@@ -26,6 +27,7 @@ from simstack.apiserver.errors import (
 )
 from simstack.apiserver.exec import Exec
 from simstack.apiserver.faults import ApiFaults
+from simstack.apiserver.logs import LogFile, pod_log
 from simstack.apiserver.portforward import PortForward
 from simstack.apiserver.rbac import Authorizer
 from simstack.apiserver.scale import Scale
@@ -43,13 +45,18 @@ class ApiServer:
         backends: Backends,
         authorizer: Authorizer | None = None,
         bookmark_interval: float = 1.0,
+        log_file: LogFile | None = None,
     ) -> None:
         self.store = store
         self.backends = backends
         self.authorizer = authorizer
         self.bookmark_interval = bookmark_interval
+        self.log_file = log_file
         self.faults = ApiFaults()
         self.requests: deque[tuple[str, str]] = deque(maxlen=2000)
+        # with an authorizer: who asked for what, and the verdict (user, verb, resource, namespace, name, allowed)
+        self.audit: deque[tuple[str, str, str, str | None, str | None, bool]] = deque(maxlen=20000)
+        self.tls_url: str | None = None  # the TLS listener's URL, when started with one
         self._sockets: set[web.WebSocketResponse] = set()
         self.resources = Resources(store)
         self.scale = Scale(self.resources)
@@ -116,6 +123,7 @@ class ApiServer:
         verdict = self.authorizer(token, verb, resource, t.namespace, t.name)
         if asyncio.iscoroutine(verdict):
             verdict = await verdict
+        self.audit.append((user, verb, resource, t.namespace, t.name, verdict is True))
         if verdict is True:
             return
         scope = f'in the namespace "{t.namespace}"' if t.namespace else "at the cluster scope"
@@ -141,8 +149,7 @@ class ApiServer:
             return await self.portforward.portforward(request, t)
         if t.sub == "log":
             await self._authorize(request, t, "get")
-            self.resources.read(t)
-            return web.Response(text="", content_type="text/plain")
+            return await pod_log(request, t, self.store, self.log_file)
         if m == "GET" and t.name is None:
             watch = parse_bool(q.get("watch"), "watch")
             await self._authorize(request, t, "watch" if watch else "list")
@@ -189,17 +196,28 @@ async def start_apiserver(
     *,
     authorizer: Authorizer | None = None,
     bookmark_interval: float = 1.0,
+    log_file: LogFile | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> tuple[web.AppRunner, str]:
     """Start the API server on the running loop. Returns the runner (``await runner.cleanup()`` stops
-    it; ``runner.app["faults"]`` etc.) and the base URL ``http://127.0.0.1:PORT``."""
-    server = ApiServer(store, backends, authorizer=authorizer, bookmark_interval=bookmark_interval)
+    it; ``runner.app["faults"]`` etc.) and the base URL ``http://127.0.0.1:PORT``. With ``tls`` the same
+    server also listens with that context on another port (``ApiServer.tls_url``: ``https://127.0.0.1:PORT``),
+    where in-cluster clients reach it."""
+    server = ApiServer(store, backends, authorizer=authorizer, bookmark_interval=bookmark_interval, log_file=log_file)
     runner = web.AppRunner(server.make_app(), handle_signals=False, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
+    if tls is not None:
+        tls_site = web.TCPSite(runner, host, 0, ssl_context=tls)
+        await tls_site.start()
+        server.tls_url = f"https://{host}:{_port_of(tls_site, 0)}"
+    return runner, f"http://{host}:{_port_of(site, port)}"
+
+
+def _port_of(site: web.TCPSite, default: int) -> int:
     sockets = getattr(site._server, "sockets", None) or []
-    actual = sockets[0].getsockname()[1] if sockets else port
-    return runner, f"http://{host}:{actual}"
+    return int(sockets[0].getsockname()[1]) if sockets else default
 
 
 def kubeconfig_yaml(url: str, context: str = "coder-sim", token: str | None = None, namespace: str = "default") -> str:

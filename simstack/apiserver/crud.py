@@ -77,6 +77,16 @@ class Resources:
         if t.rt.plural not in ("pods", "namespaces") and t.rt.plural in STATUS_SUBRESOURCE:
             body.pop("status", None)
         default_object(t.rt.plural, body)
+        if t.rt.plural == "jobs":
+            policy = (((body.get("spec") or {}).get("template") or {}).get("spec") or {}).get("restartPolicy")
+            if policy not in ("Never", "OnFailure"):
+                raise ApiError(
+                    422,
+                    "Invalid",
+                    f'Job.batch "{meta.get("name") or meta.get("generateName", "")}" is invalid: '
+                    f'spec.template.spec.restartPolicy: Required value: valid values: "OnFailure", "Never"',
+                    error_details(t.rt, meta.get("name")),
+                )
         if parse_bool(request.query.get("dryRun") and "true"):
             body["metadata"].setdefault("creationTimestamp", now_rfc3339())
             return web.json_response(body, status=201)

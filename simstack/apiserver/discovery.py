@@ -23,10 +23,10 @@ K8S_VERSION = {
 }
 
 #: resources with a status subresource: PUT/PATCH on the main resource keep the stored status
-STATUS_SUBRESOURCE = {"pods", "deployments", "replicasets", "nodes", "services", "namespaces"}
+STATUS_SUBRESOURCE = {"pods", "deployments", "replicasets", "jobs", "nodes", "services", "namespaces"}
 #: resources with a scale subresource
 SCALE_SUBRESOURCE = {"deployments", "replicasets"}
-CATEGORY_ALL = {"pods", "services", "deployments", "replicasets"}
+CATEGORY_ALL = {"pods", "services", "deployments", "replicasets", "jobs"}
 SINGULAR = {p: rt.kind.lower() for p, rt in RESOURCES.items()}
 
 

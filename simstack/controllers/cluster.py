@@ -1,7 +1,7 @@
 """The simulated cluster's controllers assembled (:class:`Cluster`): the deployment/replica-set
-controller, the scheduler, the GPU autoscaler and the kubelet over one :class:`ClusterContext`, woken by
-store changes, started and stopped together on the sim's loop; the CPU node (and a static GPU pool)
-registered at start.
+controller, the Job controller, the scheduler, the GPU autoscaler and the kubelet over one
+:class:`ClusterContext`, woken by store changes, started and stopped together on the sim's loop; the
+CPU node (and a static GPU pool) registered at start.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from simstack.cluster_objects import CPU_IMAGES, GPU_POOL, cpu_node
 from simstack.controllers.autoscaler import Autoscaler
 from simstack.controllers.context import ClusterContext, StandinStarter
 from simstack.controllers.deployment import DeploymentController
+from simstack.controllers.job import JobController
 from simstack.controllers.kubelet import Kubelet
 from simstack.controllers.scheduler import Scheduler
 from simstack.standins import SimServices
@@ -50,7 +51,14 @@ class Cluster(ClusterContext):
         self.scheduler = Scheduler(self)
         self.autoscaler = Autoscaler(self)
         self.kubelet = Kubelet(self)
-        self._loops = [self.deployments.loop, self.scheduler.loop, self.autoscaler.loop, self.kubelet.loop]
+        self.jobs = JobController(self)
+        self._loops = [
+            self.deployments.loop,
+            self.jobs.loop,
+            self.scheduler.loop,
+            self.autoscaler.loop,
+            self.kubelet.loop,
+        ]
 
     def faults_changed(self) -> None:
         for lp in getattr(self, "_loops", []):  # set_fault runs in __init__ before the loops exist
@@ -79,6 +87,8 @@ class Cluster(ClusterContext):
         p = ev.plural
         if p in ("deployments", "replicasets", "pods"):
             self.deployments.loop.kick()
+        if p in ("jobs", "pods", "serviceaccounts"):
+            self.jobs.loop.kick()
         if p in ("pods", "nodes"):
             self.scheduler.loop.kick()
             self.autoscaler.loop.kick()

@@ -16,6 +16,7 @@ from simstack.backends import Backends
 from simstack.cluster_objects import NAME_LABEL, gpu_node
 from simstack.controllers.events import EventRecorder
 from simstack.controllers.faults import check_fault
+from simstack.podruntime import PodRuntime
 from simstack.standins import ContainerRun, RunningBackend, SimServices
 from simstack.store import Obj, Store, now_rfc3339
 from simstack.timings import Timings
@@ -56,6 +57,7 @@ class ClusterContext:
         self.events = EventRecorder(store)
         self._node_index = 0
         self.image_cache: dict[str, set[str]] = {}
+        self.runtime: PodRuntime | None = None  # runnable images (SimStack's runnable_images)
 
     # time
     def scaled(self, sim_seconds: float) -> float:

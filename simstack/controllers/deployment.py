@@ -14,7 +14,7 @@ from typing import Any
 
 from simstack.controllers.context import ClusterContext
 from simstack.controllers.loop import Loop, log
-from simstack.controllers.objects import SAFE_ALPHABET, pod_requests, rand_suffix
+from simstack.controllers.objects import SAFE_ALPHABET, pod_from_template
 from simstack.pods import pod_is_ready
 from simstack.store import Obj, Store, StoreError, controller_uid, now_rfc3339
 
@@ -78,7 +78,7 @@ class DeploymentController:
                 self.store.delete("replicasets", ns, name)
             else:
                 rs_uids.add(uid)
-        for ns, name, _uid, owner, deleting in self.store.ownership("pods"):
+        for ns, name, _uid, owner, deleting in self.store.ownership("pods", owner_kind="ReplicaSet"):
             if owner and owner not in rs_uids and not deleting:
                 pod = self.store.find("pods", ns, name)
                 if pod is not None:
@@ -189,53 +189,7 @@ class DeploymentController:
         return rs
 
     def _create_pod(self, rs: Obj) -> Obj:
-        template = rs["spec"]["template"]
-        tmeta = template.get("metadata") or {}
-        spec = copy.deepcopy(template["spec"])
-        spec.setdefault("restartPolicy", "Always")
-        spec.setdefault("terminationGracePeriodSeconds", 30)
-        spec.setdefault("dnsPolicy", "ClusterFirst")
-        spec.setdefault("schedulerName", "default-scheduler")
-        spec.setdefault("serviceAccountName", "default")
-        spec.setdefault("serviceAccount", spec["serviceAccountName"])
-        spec.setdefault("securityContext", {})
-        spec.setdefault("enableServiceLinks", True)
-        spec.setdefault("priority", 0)
-        spec.setdefault("preemptionPolicy", "PreemptLowerPriority")
-        tol = spec.setdefault("tolerations", [])
-        for key in ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"):
-            tol.append({"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300})
-        for c in (spec.get("initContainers") or []) + spec["containers"]:
-            c.setdefault("imagePullPolicy", "IfNotPresent")
-            c.setdefault("terminationMessagePath", "/dev/termination-log")
-            c.setdefault("terminationMessagePolicy", "File")
-            c.setdefault("resources", {})
-        reqs = pod_requests(spec)
-        qos = "Burstable" if reqs else "BestEffort"
-        name = f"{rs['metadata']['name']}-{rand_suffix()}"
-        pod = {
-            "metadata": {
-                "name": name,
-                "generateName": f"{rs['metadata']['name']}-",
-                "namespace": rs["metadata"]["namespace"],
-                "labels": dict(tmeta.get("labels") or {}),
-                "ownerReferences": [
-                    {
-                        "apiVersion": "apps/v1",
-                        "kind": "ReplicaSet",
-                        "name": rs["metadata"]["name"],
-                        "uid": rs["metadata"]["uid"],
-                        "controller": True,
-                        "blockOwnerDeletion": True,
-                    }
-                ],
-            },
-            "spec": spec,
-            "status": {"phase": "Pending", "qosClass": qos},
-        }
-        if tmeta.get("annotations"):
-            pod["metadata"]["annotations"] = dict(tmeta["annotations"])
-        return self.store.create("pods", pod)
+        return self.store.create("pods", pod_from_template(rs, rs["spec"]["template"]))
 
     # -- deployments
     def _template_hash(self, d: Obj) -> str:

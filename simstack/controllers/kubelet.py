@@ -2,7 +2,9 @@
 and timings (Secret/ConfigMap volumes, sandbox and pod IP, image pulls with the node's image cache,
 init containers staging weights, CreateContainerConfigError, CrashLoopBackOff, OOMKilled, ImagePullBackOff),
 starts the app's stand-in with the container's resolved environment before writing Ready, and
-terminates pods gracefully.
+terminates pods gracefully. A pod whose image is runnable (:mod:`simstack.podruntime`) runs its container as a
+local process instead: Running while it runs, then ``terminated`` with its exit code and, for
+``restartPolicy: Never``, phase Succeeded or Failed; its output is the container's log.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from simstack.cluster_objects import NAME_LABEL, VLLM_IMAGE, parse_quantity
 from simstack.controllers.context import ClusterContext
 from simstack.controllers.faults import injected_crash
 from simstack.controllers.loop import Loop, log
+from simstack.podruntime import PodProcess
 from simstack.pods import MissingConfigError, expand, missing_volumes, mounted_files, resolve_container_env
 from simstack.standins import ContainerRun, RunningBackend
 from simstack.store import NotFoundError, Obj, now_rfc3339
@@ -78,6 +82,7 @@ class _PodRun:
     pod_ip: str = ""
     start_time: str = ""
     conditions: dict[str, Obj] = field(default_factory=dict)
+    done_reason: str | None = None  # PodCompleted / PodFailed once every container has terminated for good
 
     def set_condition(self, ctype: str, status: bool, reason: str | None = None, message: str | None = None) -> None:
         s = "True" if status else "False"
@@ -105,7 +110,10 @@ class _PodRun:
         else:
             self.set_condition("Initialized", True)
         unready = [c.name for c in self.main if not c.ready]
-        if unready:
+        if self.done_reason:
+            self.set_condition("Ready", False, self.done_reason)
+            self.set_condition("ContainersReady", False, self.done_reason)
+        elif unready:
             msg = f"containers with unready status: [{' '.join(unready)}]"
             self.set_condition("Ready", False, "ContainersNotReady", msg)
             self.set_condition("ContainersReady", False, "ContainersNotReady", msg)
@@ -154,6 +162,12 @@ class Kubelet:
         self._ip_seq: dict[str, int] = {}
         self._pods: dict[str, tuple[str, str]] = {}  # uid -> (namespace, name)
         self._cleanups: set[asyncio.Future[None]] = set()
+        self.processes: dict[str, PodProcess] = {}  # pod uid -> the process of a runnable pod's container
+        self._logs: dict[tuple[str, str, str], Path] = {}  # (namespace, pod, container) -> its log file
+
+    def log_file(self, namespace: str, pod: str, container: str) -> Path | None:
+        """The log file of a runnable pod's container (what ``pods/log`` serves), if it ever ran."""
+        return self._logs.get((namespace, pod, container))
 
     # -- manager
     def reconcile(self) -> None:
@@ -206,6 +220,9 @@ class Kubelet:
                 await t
         for uid in list(self.running):
             await self._stop_backend(uid)
+        procs = list(self.processes.values())
+        self.processes.clear()
+        await asyncio.gather(*(p.stop(2.0) for p in procs), return_exceptions=True)
 
     async def _stop_backend(self, uid: str) -> None:
         ns_name = self._pods.get(uid)
@@ -332,6 +349,9 @@ class Kubelet:
         for cs in mains:
             await self._pull(r, pod, cs)
         main, mspec = mains[0], spec["containers"][0]
+        if self.c.runtime is not None and self.c.runtime.workdir(main.image) is not None:
+            await self._run_process(r, pod, main, mspec)
+            return
         start_s = mt.server_start_s if mt else self.c.timings.cpu_start_s
         while True:
             env = await self._env(r, pod, main, mspec)
@@ -351,6 +371,52 @@ class Kubelet:
         for cs in mains:
             cs.ready = True
         self._write(r)
+
+    async def _run_process(self, r: _PodRun, pod: Obj, cs: _CState, cspec: Obj) -> None:
+        """The container of a runnable pod as a local process, restarted as its ``restartPolicy`` says."""
+        assert self.c.runtime is not None
+        policy = pod["spec"].get("restartPolicy", "Always")
+        while True:
+            env = await self._env(r, pod, cs, cspec)
+            try:
+                proc = await PodProcess.start(self.c.runtime, pod, cspec, env)
+            except OSError as e:
+                # the runtime's StartError: exit code 128, the message in the terminated state
+                cs.container_id = "containerd://" + hashlib.sha256(f"{r.uid}/{cs.name}".encode()).hexdigest()
+                cs.state = {"running": {"startedAt": now_rfc3339()}}
+                code, reason, message = 128, "StartError", f"failed to start container: {e}"
+                self._event(r, "Created", f"Created container: {cs.name}", cs=cs)
+                self._event(r, "Failed", f"Error: {message}", "Warning", cs)
+            else:
+                self.processes[r.uid] = proc
+                self._logs[(r.namespace, r.name, cs.name)] = proc.log_path
+                self._start_container(r, cs)
+                cs.ready = True  # no readiness probe: Ready once started
+                r.phase = "Running"
+                self._write(r)
+                code = await proc.wait()
+                self.processes.pop(r.uid, None)
+                reason, message = ("Completed" if code == 0 else "Error"), ""
+            started = cs.state.get("running", {}).get("startedAt", now_rfc3339())
+            terminated: Obj = {
+                "exitCode": code,
+                "reason": reason,
+                "startedAt": started,
+                "finishedAt": now_rfc3339(),
+                "containerID": cs.container_id,
+            }
+            if message:
+                terminated["message"] = message
+            cs.ready = False
+            cs.started = False
+            if policy == "Always" or (policy == "OnFailure" and code != 0):
+                await self._crash_loop(r, cs, reason, code)
+                continue
+            cs.state = {"terminated": terminated}
+            r.phase = "Succeeded" if code == 0 else "Failed"
+            r.done_reason = "PodCompleted" if code == 0 else "PodFailed"
+            self._write(r)
+            return
 
     def _crash(self, pod: Obj, node_name: str) -> tuple[float, str, int] | None:
         crash = injected_crash(self.c.fault_of(pod), self.c.timings)
@@ -530,7 +596,12 @@ class Kubelet:
                     )
             await self._stop_backend(uid)
             grace = float(meta.get("deletionGracePeriodSeconds", 30))
-            await self.c.sleep(min(grace, self.c.timings.termination_s))
+            proc = self.processes.pop(uid, None)
+            if proc is not None:
+                # a real process gets the real grace period: SIGTERM, SIGKILL when it is over
+                await self._stopped_process(pod, await proc.stop(grace))
+            else:
+                await self.c.sleep(min(grace, self.c.timings.termination_s))
             cur = self.c.store.find("pods", ns, name)
             if cur is not None and cur["metadata"]["uid"] == uid:
                 status = cur.get("status") or {}
@@ -559,6 +630,34 @@ class Kubelet:
         finally:
             self.terminating.pop(uid, None)
             self._pods.pop(uid, None)
+            for key in [k for k in self._logs if k[:2] == (ns, name)]:
+                del self._logs[key]
+
+    async def _stopped_process(self, pod: Obj, code: int) -> None:
+        """The terminated state of a runnable pod's container its deletion stopped."""
+        meta = pod["metadata"]
+        cur = self.c.store.find("pods", meta["namespace"], meta["name"])
+        if cur is None or cur["metadata"]["uid"] != meta["uid"]:
+            return
+        status = cur.get("status") or {}
+        for st in status.get("containerStatuses") or []:
+            started = (st.get("state") or {}).get("running", {}).get("startedAt")
+            if started:
+                st["state"] = {
+                    "terminated": {
+                        "exitCode": code,
+                        "reason": "Completed" if code == 0 else "Error",
+                        "startedAt": started,
+                        "finishedAt": now_rfc3339(),
+                        "containerID": st.get("containerID"),
+                    }
+                }
+                st["ready"] = False
+                st["started"] = False
+        if cur["spec"].get("restartPolicy") != "Always" and status.get("phase") == "Running":
+            status["phase"] = "Succeeded" if code == 0 else "Failed"
+        cur["status"] = status
+        self.c.store.update("pods", cur, status_only=True)
 
 
 def _fmt_sim(sim_seconds: float) -> str:

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-import yaml
 
 from coder_stack.errors import Forbidden
 from flows.bring_up import bring_up
@@ -27,17 +26,16 @@ from simstack.stack import SimStack
 from simstack.store import RESOURCES, Store
 from simstack.timings import Timings
 from tests.kits.flowkit import (
-    PROJECT,
     SERVING,
     assert_no_gpu_model_running,
     conn,
     gpu_overlaps,
     replicas,
 )
+from tests.kits.incluster import load_rbac, rbac_docs
 
 pytestmark = pytest.mark.usefixtures("gpu_limit")
 
-RBAC_FILE = PROJECT / "deployments" / "rbac.yaml"
 TOKEN = "tok-coder-stack-flows"
 ADMIN = "tok-admin"
 SA = ("prefect", "coder-stack-flows")
@@ -67,27 +65,6 @@ class Recorder:
         if token == TOKEN:
             self.calls.append((verb, resource, namespace, name, ok))
         return ok
-
-
-def rbac_docs() -> list[dict[str, Any]]:
-    return [d for d in yaml.safe_load_all(RBAC_FILE.read_text()) if d]
-
-
-def load_rbac(store: Store, docs: list[dict[str, Any]]) -> None:
-    if store.find("namespaces", None, "prefect") is None:
-        store.create("namespaces", {"metadata": {"name": "prefect"}})
-    plural = {
-        "ServiceAccount": "serviceaccounts",
-        "Role": "roles",
-        "RoleBinding": "rolebindings",
-        "ClusterRole": "clusterroles",
-        "ClusterRoleBinding": "clusterrolebindings",
-    }
-    for d in docs:
-        meta = d["metadata"]
-        store.create(
-            plural[d["kind"]], {k: v for k, v in d.items() if k not in ("apiVersion", "kind")}, meta.get("namespace")
-        )
 
 
 def make_rbac_sim(**kwargs: Any) -> SimStack:
