@@ -102,3 +102,4 @@ def test_tiny_run_writes_every_field(tmp_path: Path) -> None:
     assert res["machine"]["cores"] and res["config"]["name"] == "tiny"
     assert "detect_p95_ms" in proc.stdout and "overcommit" in proc.stdout
     assert table(res) in proc.stdout
+    assert len(res["workday"]) == 7 and "node h" in proc.stdout and res["workday_sim_check"]["measured_s"]

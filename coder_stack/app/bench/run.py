@@ -38,12 +38,13 @@ class Config:
     rss_gpus: int
     workday_sim_scale: float  # the workday's sim check (SimStack); the day itself is replayed in simulated time
     workday_trace: str  # "full" (workday_trace) or "short" (short_trace)
+    workday_sim_days: float | None  # each policy's day also on SimStack at this time scale (None: replay only)
 
 
-FULL = Config("full", 0.01, 20, 3, 0.08, 11, 0.005, (1, 5, 20), (1, 2, 4), 0.005, 20, 4, 0.01, "full")
-QUICK = Config("quick", 0.005, 6, 1, 0.01, 3, 0.003, (1, 3, 6), (1, 2), 0.003, 5, 2, 0.005, "full")
+FULL = Config("full", 0.01, 20, 3, 0.08, 11, 0.005, (1, 5, 20), (1, 2, 4), 0.005, 20, 4, 0.01, "full", 0.004)
+QUICK = Config("quick", 0.005, 6, 1, 0.01, 3, 0.003, (1, 3, 6), (1, 2), 0.003, 5, 2, 0.005, "full", None)
 # the tests' plumbing run
-TINY = Config("tiny", 0.002, 2, 1, 0.002, 2, 0.002, (1, 2, 3), (1,), 0.002, 2, 1, 0.002, "short")
+TINY = Config("tiny", 0.002, 2, 1, 0.002, 2, 0.002, (1, 2, 3), (1,), 0.002, 2, 1, 0.002, "short", None)
 
 TARGETS: dict[str, tuple[str, float]] = {
     "detect_p95_ms": ("<=", 250.0),
@@ -225,7 +226,9 @@ def run_workday(cfg: Config, log: Any, price: float, crash_cleanup_s: float) -> 
     trace = workday.short_trace() if cfg.workday_trace == "short" else workday.workday_trace()
     t = time.monotonic()
     log(f"workday: {len(trace.requests)} requests replayed per policy; sim check at time scale {cfg.workday_sim_scale}")
-    res = workday.workday(trace, crash_cleanup_s=crash_cleanup_s, price=price)
+    if cfg.workday_sim_days is not None:
+        log(f"workday: each policy's day on SimStack too, time scale {cfg.workday_sim_days} (~3 min each at 0.004)")
+    res = workday.workday(trace, crash_cleanup_s=crash_cleanup_s, price=price, sim_scale=cfg.workday_sim_days, log=log)
     res["workday_sim_check"] = workday.sim_check(cfg.workday_sim_scale)
     res["workday_seconds"] = round(time.monotonic() - t, 1)
     return res

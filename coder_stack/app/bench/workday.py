@@ -1,37 +1,50 @@
 """The workday scenario: what one day of use costs in billed GPU-node hours and cold-start waits, per policy.
 
-What is **simulated** (the project's own code decides):
+One day (:func:`workday_trace`): users' requests to coder-chat 09:00-12:00 and 13:30-17:30 with gaps and a
+lunch break, and a validate run (take_over, agent stage) started 09:40 and killed at 10:00 with coder-agent
+serving and the GPU slot held. Each policy's day runs twice: in :class:`Day`, an event-driven replay in
+simulated time (milliseconds; the table's numbers), and, in the full run, in :class:`SimDay` on the real
+simulated cluster (time-scaled; the table's "sim" columns), which checks the replay.
 
-- the GPU node: a node bills from the autoscaler's TriggeredScaleUp (the VM is created when provisioning
-  starts) until the autoscaler removes it, ``scale_down_unneeded_s`` after its last GPU pod is gone; a pod
-  waits ``node_provision_s`` for a new node, pulls the vLLM image once per node, finds its weights on the
-  model-cache PVC and starts (``simstack/timings.py``: ``Timings``, ``model_timings``). :func:`sim_check`
-  runs the real simulated cluster (``SimStack``, autoscaled pool, time-scaled) through the same sequence
-  and the bench reports its measured durations next to the ones the replay uses;
-- the idle decision: every reclaim tick reads the stand-in vLLM's ``/metrics`` exposition
-  (``simstack/standins/vllm.py: Metrics.render``, whose counters this trace's requests move), parses it with
+What the project's own code and numbers decide (in both):
+
+- the GPU node: it bills from the autoscaler's TriggeredScaleUp (the VM is created when provisioning
+  starts) until the autoscaler removes it ``scale_down_unneeded_s`` after its last GPU pod is gone (a real
+  cluster-autoscaler: 10 min unneeded); a pod waits ``node_provision_s`` for a new node, pulls the vLLM image
+  once per node, finds its weights on the model-cache PVC and starts (``simstack/timings.py``). The replay
+  models these steps with those durations; :class:`SimDay` and :func:`sim_check` run ``SimStack``'s own
+  deployment controller, scheduler, kubelet and cluster-autoscaler;
+- the idle decision: at every reclaim tick the replay renders the stand-in vLLM's ``/metrics``
+  (``simstack/standins/vllm.py: Metrics``, whose counters the trace's requests move), parses it with
   ``coder_stack/vllm/metrics.py`` (``parse_exposition``, ``activity_of``) and judges it with ``judge`` and the
-  spec's ``idle_after_s`` / ``idle_grace_s``, keeping the reading on the Deployment as an annotation string
-  between ticks, as ``coder_stack/usecases/idle.py: read_idleness`` does;
+  spec's ``idle_after_s`` / ``idle_grace_s``, keeping the reading between ticks as the annotation string
+  ``read_idleness`` keeps; :class:`SimDay` calls ``coder_stack/usecases/idle.py: read_idleness`` itself
+  through the Kubernetes API against the stand-in pod;
 - the schedules: the morning bring-up, the evening teardown and the reclaim cadence are read from
-  ``prefect.yaml``; a run killed while it holds the GPU slot holds it until its lease
-  (``coder_stack/orchestration/gpu.py: LEASE_SECONDS``) expires, and reclaim leaves every model serving
-  while another run holds the slot (``flows/reclaim.py``).
+  ``prefect.yaml``; a killed run's slot is held until its lease (``coder_stack/orchestration/gpu.py:
+  LEASE_SECONDS``) expires, and reclaim changes nothing while another run holds the slot
+  (``flows/reclaim.py``).
 
-What is **modelled** (this module's event-driven replay, in simulated time; no Prefect flow runs):
+What is modelled (no Prefect server or flow runs; the same in both):
 
-- the flows' own durations are 0 (a flow's API calls take seconds, the cluster's waits minutes);
+- the GPU slot (tag:gpu, limit 1) is a variable: taken by the bring-up, ``coder-stack up`` and the validate
+  run, released when they end; the killed run's lease is taken to expire the full ``LEASE_SECONDS`` after
+  the kill (an upper bound: Prefect renews it before it runs out);
+- the flows' own durations are 0 in the replay (a flow's API calls take seconds, the cluster's waits
+  minutes); in :class:`SimDay` the driver's calls take wall time, which counts as simulated time;
 - a request that finds coder-chat not serving brings it back at once: by hand the engineer swaps it back
   with kubectl, with the flows ``coder-stack up`` (bring_up: waits for the GPU slot, frees the GPU, scales
   coder-chat up, smokes it). Nobody's reaction time is counted, so the waits are lower bounds;
 - the model-cache PVC already holds every model's weights (a workday after the first);
 - the crash clean-up (being built elsewhere) scales a killed run's models to 0 and frees its slot
-  ``crash_cleanup_s`` after the kill: the number is the clean-up's bound, not a measurement;
+  ``crash_cleanup_s`` after the kill: the number is the clean-up's bound, not a measurement; it does not
+  bring back what the killed run had taken over;
 - requests are instantaneous (nothing is running or waiting at a reclaim tick).
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import heapq
 import itertools
@@ -42,10 +55,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import yaml
 
+from coder_stack.kubernetes.client import ClusterTarget, open_api
 from coder_stack.orchestration.gpu import LEASE_SECONDS
 from coder_stack.spec import StackSpec
+from coder_stack.usecases.idle import read_idleness
 from coder_stack.vllm.metrics import Reading, activity_of, judge, parse_exposition
 from simstack.standins.vllm import Metrics
 from simstack.timings import Timings, model_timings
@@ -141,13 +157,13 @@ def workday_trace() -> Trace:
         + _every("13:30", "14:58", 4)
         + _every("15:45", "17:29", 4)
     )
-    return Trace(tuple(reqs), at("09:40"), at("10:00"), 120.0, at("21:00"))
+    return Trace(tuple(reqs), at("09:40"), at("10:00"), 120.0, at("19:30"))
 
 
 def short_trace() -> Trace:
     """The tests' trace: 09:00-09:20 every 4 min, the killed run 09:30-09:50, 10:30-10:42, 11:40-12:00."""
     reqs = _every("09:00", "09:20", 4) + _every("10:30", "10:42", 4) + _every("11:40", "12:00", 4)
-    return Trace(tuple(reqs), at("09:30"), at("09:50"), 120.0, at("21:00"))
+    return Trace(tuple(reqs), at("09:30"), at("09:50"), 120.0, at("19:30"))
 
 
 @dataclass(frozen=True)
@@ -276,6 +292,16 @@ class Day:
         self.events.append((self.now, what))
 
     def run(self) -> Result:
+        self._seed()
+        while self._q:
+            t, _, fn = heapq.heappop(self._q)
+            if t > self.trace.end:
+                break
+            self.now = t
+            fn()
+        return self._result()
+
+    def _seed(self) -> None:
         p, tr, s = self.p, self.trace, self.sched
         self.at(p.up_s, self._morning)
         self.at(p.down_s, self._evening)
@@ -287,13 +313,6 @@ class Day:
             tick = s.reclaim_every_s
             for k in range(int(tr.end // tick) + 1):
                 self.at(k * tick + 1e-3, self._reclaim)  # just after the minute: after that minute's requests
-        while self._q:
-            t, _, fn = heapq.heappop(self._q)
-            if t > tr.end:
-                break
-            self.now = t
-            fn()
-        return self._result()
 
     # ---- the cluster: pods, the GPU node, the autoscaler (simstack/controllers: deployment, scheduler,
     # kubelet, autoscaler; durations from Timings)
@@ -305,14 +324,21 @@ class Day:
             return
         self.replicas[model] = replicas
         self.log(f"{model} scaled to {replicas}" + (f" ({why})" if why else ""))
+        if replicas == 0 and model == AGENT and self.now >= self.trace.kill_at and "agent_until" not in self.killed:
+            self.killed["agent_until"] = hm(self.now)
+            self.killed["agent_min_after_kill"] = round((self.now - self.trace.kill_at) / MINUTE, 1)
+            self.killed["agent_stopped_by"] = why
+        self._apply(model, replicas)
+
+    def _has_pods(self, model: str) -> bool:
+        """A pod of ``model`` still exists (terminating)."""
+        return any(q.model == model for q in self.terminating)
+
+    def _apply(self, model: str, replicas: int) -> None:
         if replicas == 1:
             self.pods[model] = _Pod(model, self.now)
             self._schedule()
             return
-        if model == AGENT and self.now >= self.trace.kill_at and "agent_until" not in self.killed:
-            self.killed["agent_until"] = hm(self.now)
-            self.killed["agent_min_after_kill"] = round((self.now - self.trace.kill_at) / MINUTE, 1)
-            self.killed["agent_stopped_by"] = why
         pod = self.pods.pop(model, None)
         if pod is not None:
             pod.terminating = True
@@ -404,7 +430,7 @@ class Day:
         """Scale ``models`` to 0 and call ``fn`` once all their pods are gone (flows.common.free_gpu)."""
         for m in models:
             self.scale(m, 0, why)
-        left = list({q.model for q in self.terminating if q.model in models})
+        left = [m for m in dict.fromkeys(models) if self._has_pods(m)]
         if not left:
             fn()
             return
@@ -550,6 +576,9 @@ class Day:
     def _reclaim(self) -> None:
         if self.slot is not None:
             return  # GPU limit held by another run: nothing read or changed
+        self._read_and_reclaim()
+
+    def _read_and_reclaim(self) -> None:
         spec = self.spec
         now_dt = self.date + timedelta(seconds=self.now)
         for name, reps in list(self.replicas.items()):
@@ -609,8 +638,11 @@ def workday(
     crash_cleanup_s: float = 120.0,
     price: float = NODE_PRICE_PER_HOUR,
     timings: Timings | None = None,
+    sim_scale: float | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Every policy's day on the trace, and each one's day with the validate run finishing normally."""
+    """Every policy's day on the trace, and each one's day with the validate run finishing normally; with
+    ``sim_scale``, each policy's day also on the simulated cluster (:class:`SimDay`, ~90 s each at 0.002)."""
     trace = trace or workday_trace()
     sched = read_schedules()
     rows = []
@@ -620,6 +652,16 @@ def workday(
         d = res.as_dict(price)
         d["killed"]["extra_node_min_vs_normal_end"] = round((res.node_seconds - base.node_seconds) / MINUTE, 1)
         d["killed"]["extra_cost_per_day_vs_normal_end"] = round((res.node_hours - base.node_hours) * price, 2)
+        if sim_scale is not None:
+            t0 = time.monotonic()
+            on_sim = sim_day(p, trace, sim_scale, sched).as_dict(price)
+            on_sim["wall_s"] = round(time.monotonic() - t0, 1)
+            d["sim"] = on_sim
+            if log is not None:
+                log(
+                    f"  {p.name}: replay {d['node_hours']:.2f} node-h, wait {d['wait_min']:.1f} min; on the sim "
+                    f"{on_sim['node_hours']:.2f} node-h, wait {on_sim['wait_min']:.1f} min ({on_sim['wall_s']:.0f} s)"
+                )
         rows.append(d)
     return {
         "workday": rows,
@@ -635,13 +677,227 @@ def workday(
             },
             "timings": asdict(timings or Timings()),
             "requests": len(trace.requests),
+            "sim_days_time_scale": sim_scale,
             "trace": f"{hm(trace.first)}-{hm(max(trace.requests))}, killed run {hm(trace.killed_start)}-"
             f"{hm(trace.kill_at)}",
         },
     }
 
 
-# ------------------------------------------------------------------ the same sequence on the simulated cluster
+# ------------------------------------------------------------------ the same day on the simulated cluster
+class SimDay(Day):
+    """The same policy logic as :class:`Day`, but the cluster is the real simulated one: a ``SimStack``
+    (autoscaled GPU pool, empty at the start, ``time_scale``), its deployment controller, scheduler, kubelet
+    and cluster-autoscaler; the requests are HTTP requests to the stand-in vLLM pod; each reclaim tick calls
+    ``coder_stack.usecases.idle.read_idleness`` through the Kubernetes API (port-forward to /metrics, the
+    reading kept on the Deployment). The sim runs on the wall clock compressed by ``time_scale``, so the spec
+    given to read_idleness has ``idle_after_s`` and ``idle_grace_s`` times ``time_scale``. Still modelled as in
+    the replay: the GPU slot (no Prefect server), the flows' own durations (the driver's calls take wall time
+    that counts as simulated time), the users' instant bring-back.
+    """
+
+    def __init__(self, policy: Policy, trace: Trace, schedules: Schedules, time_scale: float, start_s: float) -> None:
+        super().__init__(policy, trace, schedules)
+        self.scale_f = time_scale
+        self.start_s = start_s
+        self.wall_spec = self.spec.model_copy(
+            update={
+                "idle_after_s": self.spec.idle_after_s * time_scale,
+                "idle_grace_s": self.spec.idle_grace_s * time_scale,
+            }
+        )
+        self.sim_pods: dict[str, set[str]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.sim: Any = None
+        self.api: Any = None
+        self._m0 = 0.0
+        self._aloop: asyncio.AbstractEventLoop | None = None
+
+    # ---- clocks
+    def _vnow(self) -> float:
+        return self.start_s + (time.monotonic() - self._m0) / self.scale_f
+
+    def _wall(self, v: float) -> float:
+        return self._m0 + (v - self.start_s) * self.scale_f
+
+    def _post(self, fn: Callable[..., None], *args: Any) -> None:
+        """From the sim's thread: run ``fn`` on the driver's loop at the simulated now."""
+
+        def call() -> None:
+            self.now = self._vnow()
+            fn(*args)
+
+        assert self._aloop is not None
+        self._aloop.call_soon_threadsafe(call)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- run
+    def run(self) -> Result:
+        from simstack.stack import SimStack
+
+        with SimStack(spec=StackSpec(), time_scale=self.scale_f, gpu_pool="autoscaled") as sim:
+            self.sim = sim
+            # a workday after the first: every model's weights already on the model-cache PVC
+            assert sim.cluster is not None
+            sim.call(sim.cluster.kubelet.weights_cached.update, [m.name for m in self.spec.models])
+            sim.call(sim.store.listeners.append, self._listen)
+            return asyncio.run(self._arun())
+
+    async def _arun(self) -> Result:
+        self._aloop = asyncio.get_running_loop()
+        self.now = self.start_s
+        self._seed()
+        self._q = [e for e in self._q if e[0] >= self.start_s]  # nothing happens before the start
+        heapq.heapify(self._q)
+        self.at(self.trace.end, lambda: None)  # run until the end: nodes drain after the last event
+        kubeconfig = str(self.sim.kubeconfig_path)
+        async with open_api(ClusterTarget(kubeconfig=kubeconfig)) as api:
+            self.api = api
+            self._m0 = time.monotonic()
+            while self._q:
+                t = self._q[0][0]
+                if t > self.trace.end:
+                    break
+                delay = self._wall(t) - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(min(delay, 0.01))
+                    continue
+                _, _, fn = heapq.heappop(self._q)
+                self.now = max(t, self._vnow())
+                fn()
+                await asyncio.sleep(0)
+            while self._tasks:
+                await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        self.now = self.trace.end
+        return self._result()
+
+    # ---- what the sim's store shows (its listener runs on the sim's thread)
+    def _listen(self, ev: Any) -> None:
+        from simstack.cluster_objects import GPU_POOL, POOL_LABEL
+
+        obj = ev.obj
+        meta = obj.get("metadata") or {}
+        if ev.plural == "nodes" and (meta.get("labels") or {}).get(POOL_LABEL) == GPU_POOL:
+            if ev.type == "ADDED":
+                self._post(self._node_added, meta["name"])
+            elif ev.type == "DELETED":
+                self._post(self._node_deleted, meta["name"])
+        elif ev.plural == "events" and ev.type == "ADDED" and obj.get("reason") == "TriggeredScaleUp":
+            self._post(self._scale_up)
+        elif ev.plural == "pods" and meta.get("namespace") == self.spec.serving_namespace:
+            model = (meta.get("labels") or {}).get("app.kubernetes.io/name", "")
+            if model not in self.replicas:
+                return
+            if ev.type == "ADDED":
+                self._post(self._pod_added, model, meta["name"])
+            elif ev.type == "DELETED":
+                self._post(self._pod_deleted, model, meta["name"])
+            elif _pod_ready(obj) and not _pod_ready(ev.old):
+                self._post(self._pod_ready, model)
+
+    def _scale_up(self) -> None:
+        self.nodes.append(_Node("", self.now))
+        self.log("TriggeredScaleUp: GPU node provisioning (billed from now)")
+
+    def _node_added(self, name: str) -> None:
+        node = next((n for n in self.nodes if not n.name), None)
+        if node is None:
+            node = _Node(name, self.now)
+            self.nodes.append(node)
+        node.name, node.ready = name, self.now
+        self.log(f"GPU node {name} Ready")
+
+    def _node_deleted(self, name: str) -> None:
+        for n in self.nodes:
+            if n.name == name and n.removed is None:
+                n.removed = self.now
+                self.log(f"GPU node {name} removed by the autoscaler (billed {hm(n.requested)}-{hm(self.now)})")
+
+    def _pod_added(self, model: str, name: str) -> None:
+        self.sim_pods.setdefault(model, set()).add(name)
+
+    def _pod_deleted(self, model: str, name: str) -> None:
+        left = self.sim_pods.setdefault(model, set())
+        left.discard(name)
+        if not left:
+            self.log(f"{model} pod gone")
+            for fn in self._on_gone.pop(model, []):
+                fn()
+
+    def _pod_ready(self, model: str) -> None:
+        pod = self.pods.get(model)
+        if self.replicas[model] == 1 and pod is not None and pod.ready_at is None:
+            pod.ready_at = self.now
+            self.log(f"{model} Ready")
+            for fn in self._on_ready.pop(model, []):
+                fn()
+
+    # ---- what the day does to the sim
+    def _has_pods(self, model: str) -> bool:
+        return bool(self.sim_pods.get(model))
+
+    def _apply(self, model: str, replicas: int) -> None:
+        from simstack.store import Store
+
+        if replicas == 1:
+            self.pods[model] = _Pod(model, self.now)
+        else:
+            self.pods.pop(model, None)
+        ns = self.spec.serving_namespace
+
+        def _scale(store: Store) -> None:
+            d = store.get("deployments", ns, model)
+            d["spec"]["replicas"] = replicas
+            store.update("deployments", d)
+
+        self.sim.call(_scale, self.sim.store)
+
+    def serve(self, model: str, n: int = 1) -> None:
+        self._spawn(self._requests(model, n))
+
+    async def _requests(self, model: str, n: int) -> None:
+        m = self.spec.model(model)
+        base = self.sim.backends.resolve_url(self.spec.service_url(m.name, self.spec.serving_namespace, m.port))
+        headers = {"Authorization": f"Bearer {self.sim.secrets['vllm_key']}"}
+        body = {"model": m.served_model_name, "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
+        async with httpx.AsyncClient(timeout=30) as http:
+            for _ in range(n):
+                resp = await http.post(f"{base}/v1/chat/completions", json=body, headers=headers)
+                if resp.status_code != 200:
+                    self.log(f"request to {model} answered {resp.status_code}")
+
+    def _read_and_reclaim(self) -> None:
+        self._spawn(self._areclaim())
+
+    async def _areclaim(self) -> None:
+        for name, reps in list(self.replicas.items()):
+            if not reps or not self.is_ready(name):
+                continue
+            idle = await read_idleness(self.api, self.wall_spec, self.wall_spec.model(name))
+            self.now = self._vnow()
+            if idle.idle and self.replicas[name] and self.slot is None:
+                reason = f"idle {idle.idle_s / self.scale_f / MINUTE:.1f} simulated min (read_idleness: {idle.reason})"
+                self.log(f"reclaim: {name} {reason}: scaled to 0")
+                self.reclaims.append({"model": name, "at": hm(self.now), "reason": reason})
+                self.scale(name, 0, "reclaim_idle_models")
+
+
+def _pod_ready(obj: dict[str, Any] | None) -> bool:
+    conds = ((obj or {}).get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conds)
+
+
+def sim_day(policy: Policy, trace: Trace, time_scale: float, schedules: Schedules | None = None) -> Result:
+    """``policy``'s day on the simulated cluster, from a minute before its first event to ``trace.end``."""
+    start = min(policy.up_s, trace.killed_start, trace.first) - 5 * MINUTE
+    return SimDay(policy, trace, schedules or read_schedules(), time_scale, start).run()
+
+
+# ------------------------------------------------------------------ the node steps on the simulated cluster
 @dataclass
 class _SimMarks:
     nodes_added: list[float] = field(default_factory=list)
@@ -793,13 +1049,15 @@ def table(res: dict[str, Any]) -> str:
     if not rows:
         return ""
     a = res["workday_assumptions"]
+    sims = all("sim" in r for r in rows)
     out = [
         f"workday: {a['trace']}, {a['requests']} requests to coder-chat; node price ${a['node_price_per_hour']:.4f}/h "
         f"({a['node_price_source']}); month = {a['workdays_per_month']} workdays; crash clean-up bound "
         f"{a['crash_cleanup_s']:.0f} s",
         "",
-        f"{'policy':<42} {'node h':>7} {'wait min':>8} {'cold':>4} {'$/day':>7} {'$/month':>8}  "
-        "killed run's coder-agent after the kill",
+        f"{'policy':<42} {'node h':>7} {'wait min':>8} {'cold':>4} {'$/day':>7} {'$/month':>8}"
+        + (f" {'sim node h':>10} {'sim wait':>8}" if sims else "")
+        + "  killed run's coder-agent after the kill",
     ]
     for r in rows:
         k = r["killed"]
@@ -807,7 +1065,9 @@ def table(res: dict[str, Any]) -> str:
         left += f"({k.get('agent_stopped_by', '')}); slot free {k['slot_free_at']}"
         out.append(
             f"{r['label']:<42} {r['node_hours']:>7.2f} {r['wait_min']:>8.1f} {len(r['cold_starts']):>4} "
-            f"{r['cost_per_day']:>7.2f} {r['cost_per_month']:>8.2f}  {left}"
+            f"{r['cost_per_day']:>7.2f} {r['cost_per_month']:>8.2f}"
+            + (f" {r['sim']['node_hours']:>10.2f} {r['sim']['wait_min']:>8.1f}" if sims else "")
+            + f"  {left}"
         )
     chk = res.get("workday_sim_check")
     if chk:
