@@ -642,7 +642,7 @@ def workday(
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Every policy's day on the trace, and each one's day with the validate run finishing normally; with
-    ``sim_scale``, each policy's day also on the simulated cluster (:class:`SimDay`, ~90 s each at 0.002)."""
+    ``sim_scale``, each policy's day also on the simulated cluster (:class:`SimDay`; 0.004: ~3 min each)."""
     trace = trace or workday_trace()
     sched = read_schedules()
     rows = []
