@@ -597,7 +597,9 @@ def bench(
     json_path: Annotated[Path, typer.Option("--json", help="Where to write the results.")] = Path("bench-results.json"),
     only: Annotated[
         str | None,
-        typer.Option("--only", help="Scenario groups to run, comma-separated: detect, validate, handoff, scale, rss."),
+        typer.Option(
+            "--only", help="Scenario groups to run, comma-separated: detect, validate, handoff, scale, rss, workday."
+        ),
     ] = None,
     prefect_api: Annotated[
         str | None,

@@ -73,7 +73,7 @@ def test_configs_cover_the_issue() -> None:
     assert QUICK.detect_n < FULL.detect_n
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_tiny_run_writes_every_field(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run(
@@ -81,7 +81,7 @@ def test_tiny_run_writes_every_field(tmp_path: Path) -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=580,
+        timeout=880,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -102,3 +102,8 @@ def test_tiny_run_writes_every_field(tmp_path: Path) -> None:
     assert res["machine"]["cores"] and res["config"]["name"] == "tiny"
     assert "detect_p95_ms" in proc.stdout and "overcommit" in proc.stdout
     assert table(res) in proc.stdout
+    assert len(res["workday"]) == 7 and "node h" in proc.stdout and res["workday_sim_check"]["measured_s"]
+    # the crash chain, as deployed: one SIGKILLed flow process, Crashed before its GPU and slot are freed
+    [kill] = res["crash_kills"]
+    assert 0 < kill["crashed_s"] <= kill["gpu0_s"] and kill["slot_free_s"] > 0, kill
+    assert res["crash_gpu0_max_s"] == kill["gpu0_s"] and "crash: SIGKILL -> GPU at 0" in proc.stdout

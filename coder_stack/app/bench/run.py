@@ -36,11 +36,15 @@ class Config:
     rss_scale: float
     rss_sessions: int
     rss_gpus: int
+    workday_sim_scale: float  # the workday's sim check (SimStack); the day itself is replayed in simulated time
+    workday_trace: str  # "full" (workday_trace) or "short" (short_trace)
+    workday_sim_days: float | None  # each policy's day also on SimStack at this time scale (None: replay only)
 
 
-FULL = Config("full", 0.01, 20, 3, 0.08, 11, 0.005, (1, 5, 20), (1, 2, 4), 0.005, 20, 4)
-QUICK = Config("quick", 0.005, 6, 1, 0.01, 3, 0.003, (1, 3, 6), (1, 2), 0.003, 5, 2)
-TINY = Config("tiny", 0.002, 2, 1, 0.002, 2, 0.002, (1, 2, 3), (1,), 0.002, 2, 1)  # the tests' plumbing run
+FULL = Config("full", 0.01, 20, 3, 0.08, 11, 0.005, (1, 5, 20), (1, 2, 4), 0.005, 20, 4, 0.01, "full", 0.004)
+QUICK = Config("quick", 0.005, 6, 1, 0.01, 3, 0.003, (1, 3, 6), (1, 2), 0.003, 5, 2, 0.005, "full", None)
+# the tests' plumbing run
+TINY = Config("tiny", 0.002, 2, 1, 0.002, 2, 0.002, (1, 2, 3), (1,), 0.002, 2, 1, 0.002, "short", None)
 
 TARGETS: dict[str, tuple[str, float]] = {
     "detect_p95_ms": ("<=", 250.0),
@@ -219,10 +223,25 @@ def targets(res: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-GROUPS = ("detect", "validate", "handoff", "scale", "rss", "crash")
+GROUPS = ("detect", "validate", "handoff", "scale", "rss", "crash", "workday")
+PREFECT_GROUPS = GROUPS[:-1]  # the workday needs no Prefect server
 
 
-async def _run(cfg: Config, log: Any, only: tuple[str, ...] = GROUPS) -> dict[str, Any]:
+def run_workday(cfg: Config, log: Any, price: float, crash_cleanup_s: float) -> dict[str, Any]:
+    from coder_stack.app.bench import workday
+
+    trace = workday.short_trace() if cfg.workday_trace == "short" else workday.workday_trace()
+    t = time.monotonic()
+    log(f"workday: {len(trace.requests)} requests replayed per policy; sim check at time scale {cfg.workday_sim_scale}")
+    if cfg.workday_sim_days is not None:
+        log(f"workday: each policy's day on SimStack too, time scale {cfg.workday_sim_days} (~3 min each at 0.004)")
+    res = workday.workday(trace, crash_cleanup_s=crash_cleanup_s, price=price, sim_scale=cfg.workday_sim_days, log=log)
+    res["workday_sim_check"] = workday.sim_check(cfg.workday_sim_scale)
+    res["workday_seconds"] = round(time.monotonic() - t, 1)
+    return res
+
+
+async def _run(cfg: Config, log: Any, only: tuple[str, ...] = PREFECT_GROUPS) -> dict[str, Any]:
     from prefect.settings import PREFECT_API_URL
 
     from coder_stack.app.bench import rss, scenarios
@@ -314,6 +333,19 @@ def main(argv: list[str] | None = None) -> int:
         "SQLite test server. It should be used by nothing else meanwhile; the run sets tag:gpu.",
     )
     p.add_argument(
+        "--workday-price",
+        type=float,
+        metavar="USD",
+        help="The GPU node's hourly price for the workday's cost (default: GCP g2-standard-4 on-demand, assumed).",
+    )
+    p.add_argument(
+        "--crash-cleanup-s",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="The workday's crash clean-up bound: a killed run's models at 0 and slot freed this long after the kill.",
+    )
+    p.add_argument(
         "--scale-time-scale",
         type=float,
         metavar="F",
@@ -329,6 +361,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(only) - set(GROUPS))
     if unknown or not only:
         p.error(f"--only: unknown group(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(GROUPS)}")
+    if args.workday_price is not None and args.workday_price <= 0:
+        p.error("--workday-price: give a price above 0 (USD per node-hour)")
+    if args.crash_cleanup_s < 0:
+        p.error("--crash-cleanup-s: give 0 or more seconds")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")  # as the CLI: GPU sessions require it
 
@@ -341,17 +377,25 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.monotonic()
     info = machine()
     log(f"coder-stack bench ({cfg.name}) on {info['cpu']} x{info['cores']}, load {info['loadavg_start']}")
-    if args.prefect_api:
-        server: Any = temporary_settings(updates={PREFECT_API_URL: args.prefect_api})
-        info["prefect_server"] = "given: " + args.prefect_api
-    else:
-        server = prefect_test_harness(server_startup_timeout=120)
-        info["prefect_server"] = "prefect_test_harness (temporary, SQLite)"
-    with server:
-        log(f"Prefect API {PREFECT_API_URL.value()} ready after {time.monotonic() - t_start:.1f} s")
-        if not args.verbose:
-            _quiet_prefect_console()
-        res = asyncio.run(_run(cfg, log, only))
+    res: dict[str, Any] = {}
+    prefect_groups = tuple(g for g in only if g in PREFECT_GROUPS)
+    if prefect_groups:
+        if args.prefect_api:
+            server: Any = temporary_settings(updates={PREFECT_API_URL: args.prefect_api})
+            info["prefect_server"] = "given: " + args.prefect_api
+        else:
+            server = prefect_test_harness(server_startup_timeout=120)
+            info["prefect_server"] = "prefect_test_harness (temporary, SQLite)"
+        with server:
+            log(f"Prefect API {PREFECT_API_URL.value()} ready after {time.monotonic() - t_start:.1f} s")
+            if not args.verbose:
+                _quiet_prefect_console()
+            res = asyncio.run(_run(cfg, log, prefect_groups))
+    if "workday" in only:
+        from coder_stack.app.bench.workday import NODE_PRICE_PER_HOUR
+
+        price = args.workday_price if args.workday_price is not None else NODE_PRICE_PER_HOUR
+        res.update(run_workday(cfg, log, price, args.crash_cleanup_s))
     info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     if res.get("scale"):
         res["scale_linearity"] = linearity(res["scale"])
@@ -362,6 +406,10 @@ def main(argv: list[str] | None = None) -> int:
     res["total_seconds"] = round(time.monotonic() - t_start, 1)
     Path(args.json).write_text(json.dumps(res, indent=2, default=str) + "\n")
     print(table(res))
+    if "workday" in res:
+        from coder_stack.app.bench.workday import table as workday_table
+
+        print(("\n" if table(res) else "") + workday_table(res))
     print(f"\n{cfg.name} run: {res['total_seconds']:.0f} s; JSON written to {args.json}")
     return 0
 
