@@ -598,7 +598,8 @@ def bench(
     only: Annotated[
         str | None,
         typer.Option(
-            "--only", help="Scenario groups to run, comma-separated: detect, validate, handoff, scale, rss, workday."
+            "--only",
+            help="Scenario groups to run, comma-separated: detect, validate, handoff, scale, rss, crash, workday.",
         ),
     ] = None,
     prefect_api: Annotated[
