@@ -14,7 +14,7 @@ import contextlib
 import random
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 from uuid import UUID
@@ -285,10 +285,12 @@ async def _holding(lease: ConcurrencyLimitWithLeaseResponse) -> AsyncIterator[No
     if ctx is not None:
         ctx.cleanup_lease_ids.append(lease.lease_id)
     events = emit_concurrency_acquisition_events(lease.limits, 1)
+    # The lease on the flow run, for the crash clean-up and `status` (the API lists no holders): written beside
+    # the session, not before it, so the GPU step after the grant does not wait for it (nor the next session of
+    # this process for the "released" write).
+    labelled = _background(record_lease(lease.lease_id))
     try:
         async with amaintain_concurrency_lease(lease.lease_id, LEASE_SECONDS, raise_on_lease_renewal_failure=True):
-            # On the flow run, for the crash clean-up and `status` (the API lists no holders).
-            await record_lease(lease.lease_id)
             yield
     finally:
         try:
@@ -298,8 +300,25 @@ async def _holding(lease: ConcurrencyLimitWithLeaseResponse) -> AsyncIterator[No
         else:
             if ctx is not None and lease.lease_id in ctx.cleanup_lease_ids:
                 ctx.cleanup_lease_ids.remove(lease.lease_id)
-            await record_lease(None)
+            _background(_after(labelled, record_lease(None)))
         emit_concurrency_release_events(lease.limits, 1, events)
+
+
+_PENDING: set[asyncio.Task[None]] = set()
+
+
+def _background(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    """Run ``coro`` beside the caller, keeping a reference until it is done (asyncio keeps only weak ones)."""
+    task = asyncio.ensure_future(coro)
+    _PENDING.add(task)
+    task.add_done_callback(_PENDING.discard)
+    return task
+
+
+async def _after(first: asyncio.Task[None], then: Coroutine[Any, Any, None]) -> None:
+    with contextlib.suppress(BaseException):
+        await first
+    await then
 
 
 class _WaitingRoom:

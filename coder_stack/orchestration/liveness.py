@@ -106,7 +106,19 @@ async def ensure_crash_automation(flow_names: list[str]) -> str:
 
 def _same(have: AutomationCore, want: AutomationCore) -> bool:
     keys = {"name", "description", "enabled", "trigger", "actions"}
-    return bool(have.model_dump(mode="json", include=keys) == want.model_dump(mode="json", include=keys))
+    return _canonical(have.model_dump(mode="json", include=keys)) == _canonical(
+        want.model_dump(mode="json", include=keys)
+    )
+
+
+def _canonical(value: object) -> object:
+    """The trigger's ``after``/``expect``/``for_each`` are sets: their JSON lists come in any order."""
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    if isinstance(value, list):
+        items = [_canonical(v) for v in value]
+        return sorted(items, key=repr) if all(isinstance(v, str) for v in items) else items
+    return value
 
 
 class RunLiveness(BaseModel):
