@@ -34,7 +34,6 @@ from coder_stack.probe import SmokeResult
 from coder_stack.report import ModelSection, RunReport, SmokeLine, SpendLine
 from coder_stack.spec import ModelSpec, StackSpec, load_spec
 from tasks.cluster import (
-    hold_model_task,
     preflight_task,
     scale_task,
     wait_frontend_ready_task,
@@ -251,18 +250,16 @@ async def gather_or_cancel(*aws: Awaitable[Any]) -> list[Any]:
         raise
 
 
-async def hold(run: Run, model: ModelSpec) -> None:
-    """Stamp this flow run on the model it is about to bring up or use (see coder_stack.usecases.holders)."""
+def holder() -> str | None:
+    """This flow run's id, stamped on the models it brings up or uses (see coder_stack.usecases.holders)."""
     ctx = FlowRunContext.get()
-    if ctx is not None and ctx.flow_run is not None:
-        await hold_model_task(run.target, run.spec, model, str(ctx.flow_run.id))
+    return str(ctx.flow_run.id) if ctx is not None and ctx.flow_run is not None else None
 
 
 async def model_up(run: Run, model: ModelSpec) -> ReadyReport:
     """Scale a model to 1 and wait through its cold start (phase budgets from the spec)."""
     run.step(f"scale {model.name} to 1 and wait through its cold start")
-    await hold(run, model)
-    await scale_task(run.target, run.spec.serving_namespace, model.name, 1)
+    await scale_task(run.target, run.spec.serving_namespace, model.name, 1, held_by=holder())
     ready = await wait_model_ready_task(run.target, run.spec, model)
     record_ready(run.report.section(model.name), ready)
     run.step(f"{model.name} Ready after {ready.total_s:.1f} s")
@@ -278,8 +275,7 @@ async def model_up_with_keys_and_frontends(
     inside the GPU model's ~10 min cold start.
     """
     target, spec, report = run.target, run.spec, run.report
-    await hold(run, model)
-    await scale_task(target, spec.serving_namespace, model.name, 1)
+    await scale_task(target, spec.serving_namespace, model.name, 1, held_by=holder())
     run.step(f"{model.name} cold start; keys and front-ends meanwhile")
 
     async def keys_and_frontends() -> None:

@@ -26,7 +26,7 @@ from flows.common import (
     final_state,
     free_gpu,
     guarded,
-    hold,
+    holder,
     model_for_role,
     model_up,
     model_up_with_keys_and_frontends,
@@ -161,8 +161,7 @@ async def validate_coder_stack(
                         names = ", ".join(m.name for m in restore)
                         run.step(f"restore {names} (take_over)", cleanup=True)
                         for m in restore:
-                            await hold(run, m)
-                            await scale_task(target, spec.serving_namespace, m.name, 1)
+                            await scale_task(target, spec.serving_namespace, m.name, 1, held_by=holder())
                             await wait_model_ready_task(target, spec, m, progress=False)
                         report.notes.append(f"restored {names} as it was before this run")
             report.finish("passed")  # every failed smoke raised above

@@ -19,9 +19,15 @@ from coder_stack.errors import SpecError
 from coder_stack.kubernetes.client import ClusterTarget, open_api
 from coder_stack.kubernetes.preflight import PreflightReport, preflight
 from coder_stack.kubernetes.wait import GoneReport, OnPhase, PhaseUpdate, ReadyReport, wait_gone, wait_ready
-from coder_stack.kubernetes.workloads import DeploymentStatus, ScaleResult, deployment_status, scale
+from coder_stack.kubernetes.workloads import (
+    DeploymentStatus,
+    ScaleResult,
+    annotate_deployment,
+    deployment_status,
+    scale,
+)
 from coder_stack.spec import ModelSpec, PhaseBudgets, StackSpec
-from coder_stack.usecases.holders import mark_held
+from coder_stack.usecases.holders import HELD_BY
 from tasks._common import retrying, run_logger
 
 _TASK = retrying(2, 5, 10)
@@ -48,10 +54,15 @@ async def preflight_task(target: ClusterTarget, spec: StackSpec, models: list[st
 
 
 @task(name="scale", **_TASK)
-async def scale_task(target: ClusterTarget, namespace: str, name: str, replicas: int) -> ScaleResult:
-    """`kubectl scale deploy/<name> --replicas=N` (no change if already there)."""
+async def scale_task(
+    target: ClusterTarget, namespace: str, name: str, replicas: int, held_by: str | None = None
+) -> ScaleResult:
+    """`kubectl scale deploy/<name> --replicas=N` (no change if already there). ``held_by``: first stamp that
+    flow run on the Deployment as the one holding it (the crash clean-up scales to 0 what a dead run holds)."""
     log = run_logger()
     async with open_api(target) as api:
+        if held_by is not None:
+            await annotate_deployment(api, namespace, name, {HELD_BY: held_by})
         result = await scale(api, namespace, name, replicas)
     if result.changed:
         log.info("Scaled %s/%s from %d to %d replicas.", namespace, name, result.found, replicas)
@@ -159,16 +170,7 @@ async def stack_status_task(target: ClusterTarget, spec: StackSpec) -> list[Depl
     return out
 
 
-@task(name="hold-model", **_TASK)
-async def hold_model_task(target: ClusterTarget, spec: StackSpec, model: ModelSpec, run_id: str) -> None:
-    """Stamp the flow run that now holds ``model`` on its Deployment, before it is scaled up (the crash
-    clean-up scales to 0 what a dead run holds, and nothing else)."""
-    async with open_api(target) as api:
-        await mark_held(api, spec, model, run_id)
-
-
 __all__ = [
-    "hold_model_task",
     "preflight_task",
     "scale_task",
     "stack_status_task",

@@ -1,5 +1,6 @@
 """Which flow run holds a GPU model: the run whose GPU session brought it up, or took it over, stamps its
-flow run id on the model's Deployment (annotation ``coder-stack.io/held-by``) before scaling it.
+flow run id on the model's Deployment (annotation ``coder-stack.io/held-by``, written by ``scale_task(...,
+held_by=...)`` just before it scales).
 
 The crash clean-up scales to 0 exactly the models a dead run holds — never one a live run has taken over
 since (its stamp is the live run's). A run that ends normally leaves its stamp; only the crash clean-up reads
@@ -14,10 +15,6 @@ from coder_stack.kubernetes.workloads import DeploymentStatus, annotate_deployme
 from coder_stack.spec import ModelSpec, StackSpec
 
 HELD_BY = "coder-stack.io/held-by"
-
-
-async def mark_held(api: ApiClient, spec: StackSpec, model: ModelSpec, run_id: str) -> None:
-    await annotate_deployment(api, spec.serving_namespace, model.name, {HELD_BY: run_id})
 
 
 async def held_by(api: ApiClient, spec: StackSpec, run_id: str) -> list[tuple[ModelSpec, DeploymentStatus]]:
