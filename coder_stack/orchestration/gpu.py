@@ -16,6 +16,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -35,6 +36,7 @@ from coder_stack.errors import GpuLimitMissing, GpuSlotTimeout, RetriableError
 from coder_stack.orchestration.liveness import (
     HEARTBEAT_S,
     SILENT_AFTER_S,
+    flow_name_of,
     liveness_of,
     record_lease,
     require_heartbeats,
@@ -135,24 +137,27 @@ async def gpu_limit_status(flow_names: tuple[str, ...] = ()) -> GpuLimitStatus:
             ),
             limit=50,
         )
-    names = []
-    holders = []
-    for r in runs:
-        live = await liveness_of(r)
-        if flow_names and live.flow not in flow_names:
-            continue
-        names.append(live.label())
-        expires = live.lease_expires_by()
-        holders.append(
-            GpuHolder(
-                run_id=str(r.id),
-                label=live.label(),
-                heartbeat_age_s=live.heartbeat_age_s,
-                holds_slot=live.lease_id is not None,
-                dead=live.silent,
-                lease_expires_by=f"{expires:%H:%M:%S} UTC" if expires else None,
+        names = []
+        holders = []
+        flows: dict[UUID, str] = {}
+        for r in runs:
+            if r.flow_id not in flows:
+                flows[r.flow_id] = await flow_name_of(client, r.flow_id)
+            if flow_names and flows[r.flow_id] not in flow_names:
+                continue
+            live = await liveness_of(client, r, flows[r.flow_id])
+            names.append(live.label())
+            expires = lease_expires_by(live.last_heartbeat)
+            holders.append(
+                GpuHolder(
+                    run_id=str(r.id),
+                    label=live.label(),
+                    heartbeat_age_s=live.heartbeat_age_s,
+                    holds_slot=live.lease_id is not None,
+                    dead=live.silent,
+                    lease_expires_by=f"{expires:%H:%M:%S} UTC" if expires else None,
+                )
             )
-        )
     return GpuLimitStatus(
         exists=True,
         limit=gcl.limit,
@@ -161,6 +166,14 @@ async def gpu_limit_status(flow_names: tuple[str, ...] = ()) -> GpuLimitStatus:
         holders=holders,
         leaked=gcl.active_slots > 0 and not names,
     )
+
+
+def lease_expires_by(last_heartbeat: datetime | None) -> datetime | None:
+    """The latest time a dead run's lease frees itself: it renewed the lease at most one heartbeat after its
+    last one (its process was gone by then), and a lease lives LEASE_SECONDS after a renewal."""
+    if last_heartbeat is None:
+        return None
+    return last_heartbeat + timedelta(seconds=HEARTBEAT_S + LEASE_SECONDS)
 
 
 async def require_gpu_limit() -> None:

@@ -21,7 +21,7 @@ import contextlib
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
-from prefect.client.orchestration import get_client
+from prefect.client.orchestration import PrefectClient, get_client
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.context import FlowRunContext
 from prefect.events.actions import ChangeFlowRunState
@@ -132,9 +132,22 @@ class RunLiveness(BaseModel):
     state_at: datetime | None = None
     last_heartbeat: datetime | None = None
     heartbeat_age_s: float | None = None
-    lease_id: UUID | None = Field(None, description="The tag:gpu lease the run recorded and has not released.")
-    lease_released: bool = Field(False, description="The run's recorded lease was given back.")
+    lease_label: str | None = Field(None, description=f"The run's {LEASE_LABEL!r} label, if it has one.")
     parameters: dict[str, object] = Field(default_factory=dict)
+
+    @property
+    def lease_id(self) -> UUID | None:
+        """The tag:gpu lease the run recorded and has not released."""
+        if not self.lease_label or self.lease_label == RELEASED:
+            return None
+        with contextlib.suppress(ValueError):
+            return UUID(self.lease_label)
+        return None
+
+    @property
+    def lease_released(self) -> bool:
+        """The run's recorded lease was given back."""
+        return self.lease_label == RELEASED
 
     @property
     def final(self) -> bool:
@@ -147,15 +160,6 @@ class RunLiveness(BaseModel):
 
     def heartbeats_after(self, when: datetime | None) -> bool:
         return bool(when and self.last_heartbeat and self.last_heartbeat > when)
-
-    def lease_expires_by(self) -> datetime | None:
-        """The latest time the run's lease frees itself: it renewed the lease at most one heartbeat after
-        its last one (its process was gone by then), and a lease lives LEASE_SECONDS after a renewal."""
-        from coder_stack.orchestration.gpu import LEASE_SECONDS
-
-        if self.last_heartbeat is None:
-            return None
-        return self.last_heartbeat + timedelta(seconds=HEARTBEAT_S + LEASE_SECONDS)
 
     def label(self) -> str:
         return f"{self.flow}/{self.name}" if self.flow else self.name or str(self.run_id)
@@ -173,7 +177,9 @@ def parse_run_id(text: str) -> UUID:
         ) from None
 
 
-async def last_heartbeat(run_id: UUID, since: timedelta = timedelta(hours=12)) -> datetime | None:
+async def last_heartbeat(
+    client: PrefectClient, run_id: UUID, since: timedelta = timedelta(hours=12)
+) -> datetime | None:
     now = datetime.now(UTC)
     flt = EventFilter(
         occurred=EventOccurredFilter(since=now - since, until=now + timedelta(minutes=5)),
@@ -181,21 +187,15 @@ async def last_heartbeat(run_id: UUID, since: timedelta = timedelta(hours=12)) -
         resource=EventResourceFilter(id=[f"prefect.flow-run.{run_id}"]),
         order=EventOrder.DESC,
     )
-    async with get_client() as client:
-        page = await client.read_events(filter=flt, limit=1)
+    page = await client.read_events(filter=flt, limit=1)
     return page.events[0].occurred if page.events else None
 
 
-async def liveness_of(run: FlowRun) -> RunLiveness:
-    beat = await last_heartbeat(run.id)
+async def liveness_of(client: PrefectClient, run: FlowRun, flow_name: str) -> RunLiveness:
+    """``run``'s liveness: its state, its last heartbeat event, its lease label (``flow_name``: its flow's)."""
+    beat = await last_heartbeat(client, run.id)
     state = run.state
-    async with get_client() as client:
-        try:
-            flow_name = (await client.read_flow(run.flow_id)).name
-        except ObjectNotFound:
-            flow_name = ""
-    lease = _lease_of(run)
-    now = datetime.now(UTC)
+    label = (run.labels or {}).get(LEASE_LABEL)
     return RunLiveness(
         run_id=run.id,
         name=run.name or "",
@@ -204,11 +204,17 @@ async def liveness_of(run: FlowRun) -> RunLiveness:
         state_message=(state.message or "") if state else "",
         state_at=state.timestamp if state else None,
         last_heartbeat=beat,
-        heartbeat_age_s=(now - beat).total_seconds() if beat else None,
-        lease_id=lease,
-        lease_released=(run.labels or {}).get(LEASE_LABEL) == RELEASED,
+        heartbeat_age_s=(datetime.now(UTC) - beat).total_seconds() if beat else None,
+        lease_label=None if label is None else str(label),
         parameters=dict(run.parameters or {}),
     )
+
+
+async def flow_name_of(client: PrefectClient, flow_id: UUID) -> str:
+    try:
+        return (await client.read_flow(flow_id)).name
+    except ObjectNotFound:
+        return ""
 
 
 async def read_liveness(run_id: UUID) -> RunLiveness:
@@ -219,16 +225,7 @@ async def read_liveness(run_id: UUID) -> RunLiveness:
             raise ConfigError(
                 f"no flow run {run_id} on this Prefect server (is PREFECT_API_URL the right one?)"
             ) from None
-    return await liveness_of(run)
-
-
-def _lease_of(run: FlowRun) -> UUID | None:
-    value = (run.labels or {}).get(LEASE_LABEL)
-    if not value or value == RELEASED:
-        return None
-    with contextlib.suppress(ValueError):
-        return UUID(str(value))
-    return None
+        return await liveness_of(client, run, await flow_name_of(client, run.flow_id))
 
 
 async def record_lease(lease_id: UUID | None) -> None:
