@@ -246,10 +246,15 @@ _BlockStrings.add_representer(
 )
 
 
-def deploy_all(project_dir: Path = PROJECT_DIR, timeout_s: float = 180, names: list[str] | None = None) -> str:
+def deploy_all(
+    project_dir: Path = PROJECT_DIR,
+    timeout_s: float = 180,
+    names: list[str] | None = None,
+    env_overrides: dict[str, str] | None = None,
+) -> str:
     """`prefect --no-prompt deploy --all` for prefect.yaml (only ``names``, when given), with the checkout as
-    working directory."""
-    env = dict(os.environ)
+    working directory (``env_overrides``: e.g. the PREFECT_API_URL to deploy to)."""
+    env = dict(os.environ) | (env_overrides or {})
     env.setdefault("CODER_STACK_DIR", str(project_dir))
     prefect = Path(sys.executable).with_name("prefect")
     cmd = [str(prefect) if prefect.exists() else "prefect", "--no-prompt", "deploy"]

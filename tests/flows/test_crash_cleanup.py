@@ -30,12 +30,12 @@ from uuid import UUID
 import pytest
 from prefect import flow
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 from prefect.client.schemas.objects import FlowRun
 from prefect.events import emit_event
 from prefect.states import Crashed, Running
 
-from coder_stack.app.setup import deploy_all, ensure_work_pools
+from coder_stack.app.bench.crash import crash_chain, worker_env
 from coder_stack.orchestration.gpu import GPU_LIMIT, gpu_limit_status
 from coder_stack.orchestration.liveness import (
     CRASH_AUTOMATION,
@@ -195,32 +195,16 @@ async def cleanup_runs() -> list[FlowRun]:
 
 
 @pytest.fixture
-async def chain(prefect_api: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Chain]:
-    await ensure_work_pools({POOL: "process"})
-    assert "automation" in await ensure_crash_automation(list(GPU_FLOWS))
-    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
-    await asyncio.to_thread(deploy_all, PROJECT, 180, [CLEANUP_DEPLOYMENT, VALIDATE_DEPLOYMENT])
-    env = flow_process_env(prefect_api, tmp_path)
-    env.pop("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", None)  # the worker's flow runs get it from prefect.yaml
-    c = Chain(env=env, tmp=tmp_path)
-    c.start_worker()
-    try:
-        yield c
-    finally:
-        c.stop()
-        # Later flow tests share this server: no automation may watch (and no clean-up run may follow) them.
-        async with get_client() as client:
-            for a in await client.read_automations():
-                if a.name == CRASH_AUTOMATION or a.name.startswith(CLEANUP_DEPLOYMENT):
-                    await client.delete_automation(a.id)
-            for name in (CLEANUP_DEPLOYMENT, VALIDATE_DEPLOYMENT):
-                for d in await client.read_deployments(
-                    deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[name]))
-                ):
-                    for r in await client.read_flow_runs(flow_run_filter=FlowRunFilter(), deployment_filter=None):
-                        if r.deployment_id == d.id and r.state and not r.state.is_final():
-                            await client.set_flow_run_state(r.id, Crashed(message="test over"), force=True)
-                    await client.delete_deployment(d.id)
+async def chain(prefect_api: str, tmp_path: Path) -> AsyncIterator[Chain]:
+    """The chain as setup installs it (and removed after: later flow tests share this server, so no automation
+    may watch them and no clean-up run may follow them), with a process worker on its pool."""
+    async with crash_chain(prefect_api, [CLEANUP_DEPLOYMENT, VALIDATE_DEPLOYMENT]):
+        c = Chain(env=worker_env(flow_process_env(prefect_api, tmp_path)), tmp=tmp_path)
+        c.start_worker()
+        try:
+            yield c
+        finally:
+            c.stop()
 
 
 async def freed(sim: SimStack, dead: FlowRun, t_kill: float, deadline_s: float = 170) -> tuple[float, float]:

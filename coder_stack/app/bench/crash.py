@@ -19,14 +19,23 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowFilter, FlowFilterName
+from prefect.client.schemas.filters import (
+    DeploymentFilter,
+    DeploymentFilterId,
+    DeploymentFilterName,
+    FlowFilter,
+    FlowFilterName,
+)
 from prefect.settings import PREFECT_API_URL
+from prefect.states import Crashed
 
 from coder_stack.app.bench.scenarios import fresh_sim
 from coder_stack.app.setup import PROJECT_DIR, deploy_all, ensure_work_pools
@@ -153,45 +162,66 @@ async def one_kill(time_scale: float, env: dict[str, str], log: Any, timeout_s: 
         return {"crashed_s": crashed_s, "gpu0_s": gpu_s, "slot_free_s": slot_s}
 
 
+@asynccontextmanager
+async def crash_chain(api_url: str, deployments: list[str]) -> AsyncIterator[None]:
+    """The crash chain as `coder-stack setup` installs it: the process pool, the crash automation and
+    ``deployments`` from prefect.yaml (the clean-up's with its trigger), deployed against ``api_url``.
+
+    On exit what it added goes and what was there before stays (a server given with --prefect-api keeps its
+    own); an added deployment's unfinished runs are marked Crashed first, once no automation watches them, so
+    no worker picks them up later."""
+    await ensure_work_pools({POOL: "process"})
+    added_automation = (await ensure_crash_automation(list(GPU_FLOWS))).startswith("created")
+    flt = DeploymentFilter(name=DeploymentFilterName(any_=deployments))
+    async with get_client() as client:
+        had = {d.name for d in await client.read_deployments(deployment_filter=flt)}
+    await asyncio.to_thread(deploy_all, PROJECT_DIR, 180, deployments, {"PREFECT_API_URL": api_url})
+    try:
+        yield
+    finally:
+        async with get_client() as client:
+            for a in await client.read_automations():
+                if (a.name == CRASH_AUTOMATION and added_automation) or any(
+                    a.name.startswith(d) and d not in had for d in deployments
+                ):
+                    await client.delete_automation(a.id)
+            for d in await client.read_deployments(deployment_filter=flt):
+                if d.name in had:
+                    continue
+                runs = await client.read_flow_runs(
+                    deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[d.id]))
+                )
+                for r in runs:
+                    if r.state and not r.state.is_final():
+                        await client.set_flow_run_state(r.id, Crashed(message="crash chain removed"), force=True)
+                await client.delete_deployment(d.id)
+
+
+def worker_env(env: dict[str, str]) -> dict[str, str]:
+    """A process worker's environment: without the heartbeat setting, which its flow runs get from prefect.yaml."""
+    out = dict(env)
+    out.pop("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", None)
+    return out
+
+
 async def crash(time_scale: float, reps: int, log: Any) -> dict[str, Any]:
     api_url = str(PREFECT_API_URL.value())
-    await ensure_work_pools({POOL: "process"})
-    # On a server given with --prefect-api, what was there before the run stays; what the run added goes.
-    added_automation = (await ensure_crash_automation(list(GPU_FLOWS))).startswith("created")
-    async with get_client() as client:
-        had_cleanup = bool(
-            await client.read_deployments(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[CLEANUP])))
-        )
-    os.environ["PREFECT_API_URL"] = api_url  # for `prefect deploy`, which reads it from its environment
-    await asyncio.to_thread(deploy_all, PROJECT_DIR, 180, [CLEANUP])
-    with tempfile.TemporaryDirectory(prefix="coder-bench-crash-") as tmp:
-        env = _env(api_url, Path(tmp))
-        worker_env = dict(env)
-        worker_env.pop("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", None)  # the clean-up gets it from prefect.yaml
-        worker = subprocess.Popen(  # noqa: ASYNC220 (returns at once)
-            [str(Path(sys.executable).with_name("prefect")), "worker", "start", "--pool", POOL],
-            cwd=PROJECT_DIR,
-            env=worker_env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        try:
-            env.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")
-            kills = [await one_kill(time_scale, env, log) for _ in range(reps)]
-        finally:
-            _stop(worker)
-            async with get_client() as client:
-                for a in await client.read_automations():
-                    if (a.name == CRASH_AUTOMATION and added_automation) or (
-                        a.name.startswith(CLEANUP) and not had_cleanup
-                    ):
-                        await client.delete_automation(a.id)
-                if not had_cleanup:
-                    for d in await client.read_deployments(
-                        deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[CLEANUP]))
-                    ):
-                        await client.delete_deployment(d.id)
+    async with crash_chain(api_url, [CLEANUP]):
+        with tempfile.TemporaryDirectory(prefix="coder-bench-crash-") as tmp:
+            env = _env(api_url, Path(tmp))
+            worker = subprocess.Popen(  # noqa: ASYNC220 (returns at once)
+                [str(Path(sys.executable).with_name("prefect")), "worker", "start", "--pool", POOL],
+                cwd=PROJECT_DIR,
+                env=worker_env(env),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            try:
+                env.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")
+                kills = [await one_kill(time_scale, env, log) for _ in range(reps)]
+            finally:
+                _stop(worker)
     med = {k: round(statistics.median(x[k] for x in kills), 1) for k in ("crashed_s", "gpu0_s", "slot_free_s")}
     return {
         "crash_kills": [{k: round(v, 1) for k, v in x.items()} for x in kills],
