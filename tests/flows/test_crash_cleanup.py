@@ -30,8 +30,9 @@ from uuid import UUID
 import pytest
 from prefect import flow
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowFilter, FlowFilterName
 from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.sorting import FlowRunSort
 from prefect.events import emit_event
 from prefect.states import Crashed, Running
 
@@ -91,10 +92,14 @@ def held_by(sim: SimStack, model: str) -> str | None:
 
 async def run_of_process(started_after: datetime, flow_name: str = "validate_coder_stack") -> FlowRun | None:
     async with get_client() as client:
-        runs = await client.read_flow_runs(limit=20)
+        # newest first (the server's default order is by random id, and the shared test server keeps every run)
+        runs = await client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+            sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+            limit=20,
+        )
         for r in runs:
-            flow = await client.read_flow(r.flow_id)
-            if flow.name == flow_name and r.created and r.created > started_after:
+            if r.created and r.created > started_after:
                 return r
     return None
 

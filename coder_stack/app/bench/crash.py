@@ -5,7 +5,8 @@ Real pieces: the Prefect server's own trigger and action services, the crash aut
 installs, the ``clean-up-crashed-run`` deployment with its prefect.yaml trigger (`prefect deploy`), a
 ``prefect worker start`` process on the process pool (default poll, 10 s), and a flow process running
 ``validate_coder_stack`` that is killed with SIGKILL. Heartbeats are real time (every 30 s), so each repetition
-takes one to two minutes whatever the time scale; the time scale only shortens the cold start it is killed in.
+takes one to two minutes whatever the time scale; the time scale only shortens the cold start it is killed in,
+and never below ``MIN_TIME_SCALE``: the victim must still be in its cold start when the poller sees it hold the GPU.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from prefect.client.schemas.filters import (
     FlowFilter,
     FlowFilterName,
 )
+from prefect.client.schemas.sorting import FlowRunSort
 from prefect.settings import PREFECT_API_URL
 from prefect.states import Crashed
 
@@ -43,6 +45,9 @@ from coder_stack.orchestration.liveness import CRASH_AUTOMATION, LEASE_LABEL, RE
 from flows.cleanup import GPU_FLOWS
 
 POOL = "coder-stack-process"
+# coder-chat's cold start (670 simulated s on an empty autoscaled pool) at least ~13 s: a tiny run's 1.3 s cold
+# start once ended, smoke and teardown included, between two polls of a loaded CI machine.
+MIN_TIME_SCALE = 0.02
 CLEANUP = "clean-up-crashed-run"
 VICTIM = """
 import asyncio, sys
@@ -98,8 +103,11 @@ def _serving(sim: Any, model: str) -> tuple[int, int]:
 
 async def _victim_run(started: datetime) -> tuple[UUID, str | None] | None:
     async with get_client() as client:
+        # newest first: the server's default order is by (random) id, and the bench's earlier groups leave runs
         runs = await client.read_flow_runs(
-            flow_filter=FlowFilter(name=FlowFilterName(any_=["validate_coder_stack"])), limit=10
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["validate_coder_stack"])),
+            sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+            limit=10,
         )
     for r in runs:
         if r.created and r.created > started:
@@ -134,7 +142,12 @@ async def one_kill(time_scale: float, env: dict[str, str], log: Any, timeout_s: 
                 await asyncio.sleep(0.2)
             if run_id is None:
                 out.seek(0)
-                raise RuntimeError(f"the victim never held the GPU: {out.read()[-2000:]!r}")
+                how = (
+                    "was never seen holding the GPU in 120 s"
+                    if proc.poll() is None
+                    else (f"ended (exit code {proc.returncode}) before it was seen holding the GPU mid cold start")
+                )
+                raise RuntimeError(f"the victim {how}: {out.read()[-2000:]!r}")
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
         finally:
@@ -205,6 +218,7 @@ def worker_env(env: dict[str, str]) -> dict[str, str]:
 
 
 async def crash(time_scale: float, reps: int, log: Any) -> dict[str, Any]:
+    time_scale = max(time_scale, MIN_TIME_SCALE)
     api_url = str(PREFECT_API_URL.value())
     async with crash_chain(api_url, [CLEANUP]):
         with tempfile.TemporaryDirectory(prefix="coder-bench-crash-") as tmp:
