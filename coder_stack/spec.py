@@ -18,6 +18,8 @@ from coder_stack.errors import SpecError
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 Name = Annotated[str, Field(pattern=DNS_LABEL, min_length=1, max_length=63)]
+# The label a model's and a front-end's pods are selected by (value: the model's name, a front-end's selector_name).
+SELECTOR_KEY = "app.kubernetes.io/name"
 KeyName = Annotated[str, Field(pattern=r"^[-._a-zA-Z0-9]+$", min_length=1, max_length=253)]
 
 
@@ -73,7 +75,7 @@ class ModelSpec(_Model):
 
     @property
     def selector(self) -> str:
-        return f"app.kubernetes.io/name={self.name}"
+        return f"{SELECTOR_KEY}={self.name}"
 
 
 class ClientKeySpec(_Model):
@@ -111,7 +113,7 @@ class FrontendSpec(_Model):
 
     @property
     def selector(self) -> str:
-        return f"app.kubernetes.io/name={self.selector_name or self.name}"
+        return f"{SELECTOR_KEY}={self.selector_name or self.name}"
 
 
 KeyDestination = Literal["openwebui-secrets", "tabby-config", "keystore"]

@@ -28,16 +28,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from coder_stack.errors import CoderStackError, SpecError, UnexpectedError
 from coder_stack.kubernetes.client import ClusterTarget, open_api
 from coder_stack.kubernetes.wait import ReadyReport, wait_gone
-from coder_stack.kubernetes.workloads import deployment_status, scale
+from coder_stack.kubernetes.workloads import deployment_replicas, scale
 from coder_stack.orchestration.stack_block import load_stack_block
 from coder_stack.probe import SmokeResult
 from coder_stack.report import ModelSection, RunReport, SmokeLine, SpendLine
 from coder_stack.spec import ModelSpec, StackSpec, load_spec
 from tasks.cluster import (
-    preflight_task,
+    free_gpu_task,
     scale_task,
     wait_frontend_ready_task,
-    wait_model_gone_task,
     wait_model_ready_task,
 )
 from tasks.gateway import ensure_keys_task
@@ -292,29 +291,16 @@ async def model_up_with_keys_and_frontends(
 
 
 async def free_gpu(run: Run, keep: ModelSpec | None) -> list[ModelSpec]:
-    """Scale every GPU model except ``keep`` to 0 and wait until their pods are gone. Returns who was stopped."""
-    spec = run.spec
-    keep_name = keep.name if keep else None
-    pf = await preflight_task(run.target, spec, [])
-    names = {a.name for a in pf.active_models if a.name != keep_name} | _models_of_pods(spec, pf.gpu_pods, keep_name)
-    busy = [m for m in spec.models if m.name in names]
-    if not busy:
-        return []
-    listed = ", ".join(m.name for m in busy)
-    run.step(f"free the GPU: scale {listed} to 0")
-    await asyncio.gather(*(scale_task(run.target, spec.serving_namespace, m.name, 0) for m in busy))
-    await asyncio.gather(*(wait_model_gone_task(run.target, spec, m) for m in busy))
-    run.step(f"GPU free ({listed} gone)")
+    """Scale every GPU model except ``keep`` to 0 and wait until their pods are gone. Returns who was stopped.
+
+    Called right after the GPU grant: one task (``free_gpu_task``) reads only what it needs, since the flow's
+    preflight checked the rest, and every task run here is time a freed GPU idles in a hand-off."""
+    freed = await free_gpu_task(run.target, run.spec, keep.name if keep else None)
+    names = {h.name for h in freed.holders}
+    busy = [m for m in run.spec.models if m.name in names]
+    if busy:
+        run.step(f"free the GPU: {', '.join(m.name for m in busy)} scaled to 0 and gone")
     return busy
-
-
-def _models_of_pods(spec: StackSpec, pods: list[str], keep: str | None) -> set[str]:
-    names = set()
-    for p in pods:
-        for m in spec.models:
-            if m.name != keep and (p == m.name or p.startswith(m.name + "-")):
-                names.add(m.name)
-    return names
 
 
 async def release(
@@ -364,14 +350,26 @@ async def release(
 
 
 async def final_state(target: ClusterTarget, spec: StackSpec) -> dict[str, int]:
+    """spec.replicas of every Deployment the stack scales, as the run leaves them: one Deployment list per
+    namespace (it runs as the GPU passes to the next session; a read per Deployment and its pods slowed
+    that hand-off)."""
     state: dict[str, int] = {}
     try:
         async with open_api(target) as api:
-            for ns, name in spec.deployments():
-                st = await deployment_status(api, ns, name)
-                state[f"{ns}/{name}"] = st.replicas
+            found: dict[tuple[str, str], int] = {}
+            for ns in dict.fromkeys(ns for ns, _ in spec.deployments()):
+                found.update({(ns, n): r for n, r in (await deployment_replicas(api, ns)).items()})
     except CoderStackError as e:
         logger().warning("Could not read the final state: %s", e)
+        return state
+    missing = []
+    for ns, name in spec.deployments():
+        if (ns, name) in found:
+            state[f"{ns}/{name}"] = found[(ns, name)]
+        else:
+            missing.append(f"{ns}/{name}")
+    if missing:
+        logger().warning("Could not read the final state of %s: no such Deployment.", ", ".join(missing))
     return state
 
 

@@ -8,16 +8,18 @@ hiccups, a pod not Ready yet); a crash loop or an over-budget phase fails at onc
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from uuid import UUID
 
 from prefect import task
 from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifact
 from prefect.exceptions import MissingContextError
+from pydantic import BaseModel, ConfigDict, Field
 
 from coder_stack.errors import SpecError
 from coder_stack.kubernetes.client import ClusterTarget, open_api
-from coder_stack.kubernetes.preflight import PreflightReport, preflight
+from coder_stack.kubernetes.preflight import GpuHolder, PreflightReport, gpu_holders, preflight
 from coder_stack.kubernetes.wait import GoneReport, OnPhase, PhaseUpdate, ReadyReport, wait_gone, wait_ready
 from coder_stack.kubernetes.workloads import (
     DeploymentStatus,
@@ -51,6 +53,41 @@ async def preflight_task(target: ClusterTarget, spec: StackSpec, models: list[st
     for note in report.notes:
         log.info("Note: %s", note)
     return report
+
+
+class FreedGpu(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    holders: list[GpuHolder] = Field(description="The other GPU models found with replicas or pods.")
+    gone: list[GoneReport] = Field(description="For each of them, the wait until its last pod was gone.")
+
+
+@task(name="free-gpu", **_TASK)
+async def free_gpu_task(target: ClusterTarget, spec: StackSpec, keep: str | None = None) -> FreedGpu:
+    """Every GPU model except ``keep`` to 0, then until their pods are gone (the GPU is free only then).
+
+    One task for the check, the scale-downs and the wait: it runs between the GPU grant and the next
+    model's scale-up, where each extra task run is time the freed GPU idles. Safe to retry."""
+    log = run_logger()
+    ns = spec.serving_namespace
+    async with open_api(target) as api:
+        holders = await gpu_holders(api, spec, keep)
+        if not holders:
+            log.info("No other GPU model has replicas or pods; the GPU is free.")
+            return FreedGpu(holders=[], gone=[])
+        log.info(
+            "Freeing the GPU: %s to 0.",
+            ", ".join(f"{h.name} ({h.replicas} replica(s), {len(h.pods)} pod(s))" for h in holders),
+        )
+        await asyncio.gather(*(scale(api, ns, h.name, 0) for h in holders))
+        gone = list(
+            await asyncio.gather(
+                *(wait_gone(api, ns, spec.model(h.name).selector, spec.timeouts.deletion_s) for h in holders)
+            )
+        )
+    for h, g in zip(holders, gone, strict=True):
+        log.info("%s: %d pod(s) gone after %.1fs; its GPU is free.", h.name, g.pods_seen, g.seconds)
+    return FreedGpu(holders=holders, gone=gone)
 
 
 @task(name="scale", **_TASK)

@@ -4,6 +4,8 @@ host RAM (machine type advice), and which GPU models are active now.
 
 from __future__ import annotations
 
+import asyncio
+
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client import ApiClient
 from pydantic import BaseModel, ConfigDict, Field
@@ -11,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from coder_stack.errors import Forbidden, NotFound, PreflightError
 from coder_stack.kubernetes.client import API_TIMEOUT, api_errors
 from coder_stack.kubernetes.pods import list_pods
-from coder_stack.spec import StackSpec
+from coder_stack.kubernetes.workloads import deployment_replicas
+from coder_stack.spec import SELECTOR_KEY, StackSpec
 
 GPU_RESOURCE = "nvidia.com/gpu"
 # GCP G2 machine types (one L4) by host RAM: the memory caps the model size (weights staged through RAM).
@@ -189,12 +192,56 @@ async def preflight(api: ApiClient, spec: StackSpec, models: list[str] | None = 
     )
 
 
+class GpuHolder(_Report):
+    name: str = Field(description="The GPU model's Deployment.")
+    replicas: int = Field(description="Its spec.replicas now.")
+    pods: list[str] = Field(description="Its pods that still exist, terminating ones included.")
+
+
+async def gpu_holders(api: ApiClient, spec: StackSpec, keep: str | None = None) -> list[GpuHolder]:
+    """The GPU models other than ``keep`` that hold or will hold a GPU: replicas > 0, or a pod still there.
+
+    The check inside a GPU session, between the grant and the next model's scale-up: what ``preflight``
+    already checked (namespaces, Deployments, node RAM) is not read again. One Deployment list and one
+    pod list for all the models, at once. A Deployment missing now was deleted since the preflight: NotFound.
+    """
+    ns = spec.serving_namespace
+    models = [m for m in spec.models if m.name != keep]
+
+    async def pods() -> dict[str, list[str]]:
+        # one list for every model: each model's selector is SELECTOR_KEY=<its name>
+        names = ",".join(m.name for m in models)
+        by_model: dict[str, list[str]] = {}
+        for p in await list_pods(api, ns, f"{SELECTOR_KEY} in ({names})"):
+            by_model.setdefault((p.metadata.labels or {}).get(SELECTOR_KEY, ""), []).append(p.metadata.name)
+        return by_model
+
+    if not models:
+        return []
+    replicas_of, pods_of = await asyncio.gather(deployment_replicas(api, ns), pods())
+    missing = [m.name for m in models if m.name not in replicas_of]
+    if missing:
+        raise NotFound(
+            f"deployment(s) {', '.join(f'{ns}/{n}' for n in missing)} vanished during the run; sync the platform's "
+            "apps and run again; nothing was scaled"
+        )
+    out = []
+    for m in models:
+        replicas = replicas_of[m.name]
+        ps = pods_of.get(m.name, [])
+        if replicas > 0 or ps:
+            out.append(GpuHolder(name=m.name, replicas=replicas, pods=ps))
+    return out
+
+
 __all__ = [
     "G2_BY_MEMORY_GB",
     "GPU_RESOURCE",
     "ActiveModel",
+    "GpuHolder",
     "ModelFit",
     "PreflightReport",
+    "gpu_holders",
     "node_size_for",
     "parse_memory_gb",
     "preflight",

@@ -48,6 +48,14 @@ async def scale(api: ApiClient, namespace: str, name: str, replicas: int) -> Sca
     return ScaleResult(namespace=namespace, name=name, found=found, requested=replicas, changed=True)
 
 
+async def deployment_replicas(api: ApiClient, namespace: str) -> dict[str, int]:
+    """spec.replicas of every Deployment in ``namespace`` (`kubectl get deploy`), in one list."""
+    apps = client.AppsV1Api(api)
+    with api_errors("list", "deployments", namespace):
+        deps = await apps.list_namespaced_deployment(namespace, _request_timeout=API_TIMEOUT)
+    return {d.metadata.name: int(d.spec.replicas or 0) if d.spec else 0 for d in deps.items or []}
+
+
 @contextlib.contextmanager
 def _deployment_not_found(namespace: str, name: str) -> Iterator[None]:
     try:
@@ -144,6 +152,7 @@ __all__ = [
     "DeploymentStatus",
     "ScaleResult",
     "annotate_deployment",
+    "deployment_replicas",
     "deployment_status",
     "is_deployment_ready",
     "own_annotations",

@@ -10,7 +10,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from coder_stack.errors import ClusterUnavailable, CoderStackError, NotFound, PodNotReady, PreflightError
 from coder_stack.kubernetes.exec import exec_in_deployment
 from coder_stack.kubernetes.pods import pod_summary
-from coder_stack.kubernetes.preflight import node_size_for, parse_memory_gb, preflight
+from coder_stack.kubernetes.preflight import gpu_holders, node_size_for, parse_memory_gb, preflight
 from coder_stack.kubernetes.workloads import deployment_status, scale
 from coder_stack.spec import ModelSpec, StackSpec
 from tasks._common import only_retriable
@@ -215,6 +215,44 @@ async def test_preflight_names_every_missing_deployment(server: ServerThread) ->
 async def test_preflight_task_fn(server: ServerThread) -> None:
     report = await preflight_task.fn(server.target, SPEC, ["coder-fim"])
     assert [m.name for m in report.models] == ["coder-fim"]
+
+
+async def test_gpu_holders_names_models_with_replicas_or_a_pod_left_but_not_the_kept_one(server: ServerThread) -> None:
+    # coder-chat asked for (no pod yet), coder-agent at 0 but its pod still terminating, coder-fim kept
+    leftover = PodScript(server.store, app="coder-agent")
+    fim_pod = PodScript(server.store, app="coder-fim")
+    await server.acall(leftover.create)
+    await server.acall(leftover.mark_deleting)
+    await server.acall(fim_pod.create)
+    try:
+        async with server.api() as api:
+            await scale(api, NS, "coder-chat", 1)
+            await scale(api, NS, "coder-fim", 1)
+            held = await gpu_holders(api, SPEC, keep="coder-fim")
+            everyone = await gpu_holders(api, SPEC)
+        assert [(h.name, h.replicas, h.pods) for h in held] == [
+            ("coder-chat", 1, []),
+            ("coder-agent", 0, [leftover.name]),
+        ]
+        assert {h.name for h in everyone} == {"coder-chat", "coder-fim", "coder-agent"}
+        assert next(h for h in everyone if h.name == "coder-fim").pods == [fim_pod.name]
+    finally:
+        await server.acall(leftover.delete)
+        await server.acall(fim_pod.delete)
+        async with server.api() as api:
+            await scale(api, NS, "coder-chat", 0)
+            await scale(api, NS, "coder-fim", 0)
+            assert await gpu_holders(api, SPEC) == []
+
+
+async def test_gpu_holders_refuses_when_a_model_deployment_vanished(server: ServerThread) -> None:
+    await server.acall(server.store.delete, "deployments", NS, "coder-agent")
+    try:
+        async with server.api() as api:
+            with pytest.raises(NotFound, match=r"serving/coder-agent vanished during the run.*nothing was scaled"):
+                await gpu_holders(api, SPEC)
+    finally:
+        await server.acall(server.store.create, "deployments", deployment("coder-agent", replicas=0))
 
 
 def test_memory_and_node_size_helpers() -> None:
