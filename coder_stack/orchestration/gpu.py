@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import random
 import time
 import weakref
@@ -54,6 +55,8 @@ POLL_SECONDS = 0.5
 # at most BUSY_BOUND_SECONDS in a row; then the session fails with a RetriableError and holds no slot.
 BUSY_RETRY_SECONDS = (0.02, 0.05)
 BUSY_BOUND_SECONDS = 5.0
+# The "released" lease label waits for this process's next session to take its slot, at most this long.
+RELEASED_LABEL_WAIT_S = 2.0
 
 
 class GpuHolder(BaseModel):
@@ -292,7 +295,7 @@ async def _take_slot(client: PrefectClient) -> ConcurrencyLimitWithLeaseResponse
 
 
 @asynccontextmanager
-async def _holding(lease: ConcurrencyLimitWithLeaseResponse) -> AsyncIterator[None]:
+async def _holding(lease: ConcurrencyLimitWithLeaseResponse, room: _WaitingRoom) -> AsyncIterator[None]:
     """Hold a granted slot as ``concurrency(..., strict=True)`` does, and give it back on exit."""
     ctx = ConcurrencyContext.get()
     if ctx is not None:
@@ -313,8 +316,21 @@ async def _holding(lease: ConcurrencyLimitWithLeaseResponse) -> AsyncIterator[No
         else:
             if ctx is not None and lease.lease_id in ctx.cleanup_lease_ids:
                 ctx.cleanup_lease_ids.remove(lease.lease_id)
-            _background(_after(labelled, record_lease(None)))
+            _background(_after(labelled, _label_released(room)))
         emit_concurrency_release_events(lease.limits, 1, events)
+
+
+async def _label_released(room: _WaitingRoom) -> None:
+    """Label the lease released once this process's next session has its slot (at most RELEASED_LABEL_WAIT_S).
+
+    Written at once, it raced that session's slot request, sent within milliseconds of the release: on
+    SQLite two writes at once can make the request answer 503 and the GPU idle while it is asked again.
+    Until the label is written, `status` and the clean-up still see the lease id; a released lease given
+    back again is answered 204 and reported as already free."""
+    if room.queued:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(room.granted.wait(), RELEASED_LABEL_WAIT_S)
+    await record_lease(None)
 
 
 _PENDING: set[asyncio.Task[None]] = set()
@@ -347,6 +363,65 @@ class _WaitingRoom:
     def __init__(self) -> None:
         self.turn = asyncio.Lock()
         self.freed = asyncio.Event()
+        self.queued = 0  # sessions of this process in line or holding the turn
+        self.granted = asyncio.Event()  # set when a session of this process takes a slot (then replaced)
+        self._client: asyncio.Future[PrefectClient] | None = None
+        self._close: asyncio.Event | None = None
+
+    async def slot_client(self) -> PrefectClient:
+        """The slot client of this process's queued sessions: made by the first in line, handed on with the
+        turn, closed when no session of this process is queued.
+
+        A client of its own per turn was made just as the session before was granted the GPU: its TLS
+        context (~20-50 ms of CPU) ran on the event loop exactly while that session freed the GPU and scaled
+        its model up. The client lives in a task of its own, which enters and exits it."""
+        if self._client is None or (
+            self._client.done() and (self._client.cancelled() or self._client.exception() is not None)
+        ):
+            self._client = asyncio.get_running_loop().create_future()
+            self._close = asyncio.Event()
+            _background(_keep_client(self._client, self._close))
+        return await asyncio.shield(self._client)
+
+    def leave(self) -> None:
+        """A session left the line or its turn; the last one closes the client."""
+        self.queued -= 1
+        if self.queued == 0 and self._close is not None:
+            self._close.set()
+            self._client = self._close = None
+
+
+async def _keep_client(made: asyncio.Future[PrefectClient], close: asyncio.Event) -> None:
+    try:
+        async with _slot_client() as client:
+            made.set_result(client)
+            await close.wait()
+    except asyncio.CancelledError:
+        if not made.done():
+            made.cancel()
+        raise
+    except Exception as e:
+        if not made.done():
+            made.set_exception(e)  # the sessions waiting for the client get the error; the next one tries again
+        # an error closing it is no session's concern
+
+
+_FROZEN = False
+
+
+def _freeze_startup_heap() -> None:
+    """Once per process, before its first GPU session queues: collect, then move every object alive now
+    (Prefect, the clients, the flow's modules: ~280,000 objects) out of the garbage collector's view.
+
+    A full collection of that heap takes 0.2-0.4 s here, and one can fall between a GPU's release and the
+    next model's scale-up (the bench's hand-off: one such pause in half its runs). After the freeze a full
+    collection walks only what was made since. Objects alive at start-up live as long as the process, so
+    nothing collectable is hidden from the collector."""
+    global _FROZEN
+    if not _FROZEN:
+        _FROZEN = True
+        gc.collect()
+        gc.freeze()
 
 
 _ROOMS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _WaitingRoom] = weakref.WeakKeyDictionary()
@@ -401,18 +476,21 @@ async def gpu_session(timeout_s: float, poll_s: float = POLL_SECONDS) -> AsyncIt
     in arrival order and only the first asks.
     """
     require_heartbeats()
+    _freeze_startup_heap()
     deadline = time.monotonic() + timeout_s
     room = _room()
     # The place in line is taken now, on arrival (asyncio.Lock serves waiters in the order they began
     # waiting); the limit is checked meanwhile. Checking first let a session whose check answered sooner
     # overtake one that arrived before it.
     turn = asyncio.ensure_future(room.turn.acquire())
+    room.queued += 1
     try:
         await require_gpu_limit()
         async with asyncio.timeout(timeout_s):
             await asyncio.shield(turn)
     except BaseException as e:
         await _leave_line(turn, room.turn)
+        room.leave()
         if isinstance(e, TimeoutError):
             raise _waited_too_long(timeout_s) from None
         raise
@@ -420,21 +498,27 @@ async def gpu_session(timeout_s: float, poll_s: float = POLL_SECONDS) -> AsyncIt
         # Registered first, so it runs last: after the slot is released, wake this process's next asker.
         stack.callback(room.freed.set)
         try:
-            # One client for the whole turn, made when the turn starts (while the GPU is still held by the
-            # session before): a new client costs ~20 ms here (its TLS context), and its connection is kept
-            # alive by the polls, so the request at hand-off time pays neither.
-            async with _slot_client() as client:
-                while True:
-                    room.freed.clear()
-                    if await _slot_looks_free(client) and (lease := await _take_slot(client)) is not None:
-                        await stack.enter_async_context(_holding(lease))
-                        break
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise _waited_too_long(timeout_s)
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(min(left, poll_s * random.uniform(0.8, 1.2))):
-                            await room.freed.wait()  # a session of this process ended: ask now
+            # The process's slot client (room.slot_client): its connection is kept alive by the polls, so the
+            # request at hand-off time pays neither a new client nor a new connection.
+            client = await room.slot_client()
+            room.freed.clear()
+            while True:
+                # Woken by a release in this process: ask at once (the read before asking saves a refused
+                # request's write when the slot looks taken; one was just given back).
+                just_freed = room.freed.is_set()
+                room.freed.clear()
+                if (just_freed or await _slot_looks_free(client)) and (lease := await _take_slot(client)) is not None:
+                    await stack.enter_async_context(_holding(lease, room))
+                    room.granted.set()
+                    room.granted = asyncio.Event()
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise _waited_too_long(timeout_s)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(left, poll_s * random.uniform(0.8, 1.2))):
+                        await room.freed.wait()  # a session of this process ended: ask now
         finally:
             room.turn.release()
+            room.leave()
         yield

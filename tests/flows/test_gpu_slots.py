@@ -108,3 +108,91 @@ async def test_a_503_that_persists_fails_the_session_after_the_bound_with_no_slo
     b.n = 0
     async with asyncio.timeout(5), gpu_session(timeout_s=60):
         assert await active_slots() == 1
+
+
+async def test_sessions_queued_in_one_process_share_one_slot_client_and_the_next_asks_at_the_release(
+    busy: Callable[[float], Busy503], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A queued session of the same process is woken by the release (not by its 5 s poll) and asks at once;
+    the whole queue uses one slot client, made once and closed when the last session has its slot."""
+    b = busy(0)
+    made: list[object] = []
+    closed: list[object] = []
+    orig = gpu._slot_client
+
+    class Counting:
+        """The real slot client, entered and exited through this wrapper (``async with`` looks on the type)."""
+
+        def __init__(self) -> None:
+            self.client = orig()
+            made.append(self.client)
+
+        async def __aenter__(self) -> object:
+            return await self.client.__aenter__()
+
+        async def __aexit__(self, *exc: object) -> None:
+            closed.append(self.client)
+            await self.client.__aexit__(*exc)
+
+    def counting() -> Counting:
+        return Counting()
+
+    monkeypatch.setattr(gpu, "_slot_client", counting)
+    labels: list[tuple[float, str]] = []
+
+    async def record_lease(lease_id: object) -> None:
+        labels.append((time.monotonic(), "lease" if lease_id else "released"))
+
+    monkeypatch.setattr(gpu, "record_lease", record_lease)
+    released: list[float] = []
+    granted: list[float] = []
+
+    async def session(hold_s: float) -> None:
+        async with gpu_session(timeout_s=30, poll_s=5.0):
+            granted.append(time.monotonic())
+            await asyncio.sleep(hold_s)
+        released.append(time.monotonic())
+
+    async with asyncio.timeout(20):
+        await asyncio.gather(session(0.5), session(0.2), session(0.1))
+    assert len(granted) == 3 and granted == sorted(granted)
+    for freed, next_grant in zip(released, granted[1:], strict=False):
+        # released[i] is taken after the release call returned; the next grant follows within tens of ms
+        assert next_grant - freed < 0.3, f"the next session got the GPU {next_grant - freed:.2f} s after the release"
+    assert len(made) == 1, f"{len(made)} slot clients for one queue"
+    await asyncio.sleep(0.1)
+    assert closed == made, "the queue's slot client was left open"
+    assert [r for r, _ in b.attempts] and set(b.statuses) == {200}
+    # each "released" label is written after the next session's slot request, not racing it
+    requests = [t for t, _ in b.attempts]
+    released_labels = [t for t, what in labels if what == "released"]
+    assert len(released_labels) == 3
+    for label_t, next_request in zip(released_labels, requests[1:], strict=False):
+        assert label_t > next_request, "the released label was written before the next session asked"
+    assert await active_slots() == 0
+
+
+async def test_the_first_session_of_a_process_freezes_its_start_up_heap_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the freeze a full garbage collection no longer walks the ~280,000 start-up objects (0.2-0.4 s, a
+    pause that fell into hand-offs); a second session does not collect again."""
+    import gc
+
+    monkeypatch.setattr(gpu, "_FROZEN", False)
+    collects: list[int] = []
+    real_collect = gc.collect
+
+    def counting_collect(*a: int) -> int:
+        collects.append(1)
+        return real_collect(*a)
+
+    monkeypatch.setattr(gc, "collect", counting_collect)
+    before = gc.get_freeze_count()
+    try:
+        async with gpu_session(timeout_s=30):
+            pass
+        frozen = gc.get_freeze_count()
+        async with gpu_session(timeout_s=30):
+            pass
+    finally:
+        gc.unfreeze()
+    assert frozen > max(before, 100_000) and len(collects) == 1
