@@ -316,20 +316,22 @@ async def _holding(lease: ConcurrencyLimitWithLeaseResponse, room: _WaitingRoom)
         else:
             if ctx is not None and lease.lease_id in ctx.cleanup_lease_ids:
                 ctx.cleanup_lease_ids.remove(lease.lease_id)
-            _background(_after(labelled, _label_released(room)))
+            # the event of the next grant in this process, taken now: a grant before the label task runs counts
+            _background(_after(labelled, _label_released(room.granted if room.queued else None)))
         emit_concurrency_release_events(lease.limits, 1, events)
 
 
-async def _label_released(room: _WaitingRoom) -> None:
-    """Label the lease released once this process's next session has its slot (at most RELEASED_LABEL_WAIT_S).
+async def _label_released(next_grant: asyncio.Event | None) -> None:
+    """Label the lease released once ``next_grant`` is set: this process's next session has its slot (at most
+    RELEASED_LABEL_WAIT_S; None: no session of this process is waiting).
 
     Written at once, it raced that session's slot request, sent within milliseconds of the release: on
     SQLite two writes at once can make the request answer 503 and the GPU idle while it is asked again.
     Until the label is written, `status` and the clean-up still see the lease id; a released lease given
     back again is answered 204 and reported as already free."""
-    if room.queued:
+    if next_grant is not None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(room.granted.wait(), RELEASED_LABEL_WAIT_S)
+            await asyncio.wait_for(next_grant.wait(), RELEASED_LABEL_WAIT_S)
     await record_lease(None)
 
 
