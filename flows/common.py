@@ -353,24 +353,17 @@ async def final_state(target: ClusterTarget, spec: StackSpec) -> dict[str, int]:
     """spec.replicas of every Deployment the stack scales, as the run leaves them: one Deployment list per
     namespace (it runs as the GPU passes to the next session; a read per Deployment and its pods slowed
     that hand-off)."""
-    state: dict[str, int] = {}
+    deployments = spec.deployments()
     try:
         async with open_api(target) as api:
-            found: dict[tuple[str, str], int] = {}
-            for ns in dict.fromkeys(ns for ns, _ in spec.deployments()):
-                found.update({(ns, n): r for n, r in (await deployment_replicas(api, ns)).items()})
+            by_ns = {ns: await deployment_replicas(api, ns) for ns in dict.fromkeys(ns for ns, _ in deployments)}
     except CoderStackError as e:
         logger().warning("Could not read the final state: %s", e)
-        return state
-    missing = []
-    for ns, name in spec.deployments():
-        if (ns, name) in found:
-            state[f"{ns}/{name}"] = found[(ns, name)]
-        else:
-            missing.append(f"{ns}/{name}")
+        return {}
+    missing = [f"{ns}/{name}" for ns, name in deployments if name not in by_ns[ns]]
     if missing:
         logger().warning("Could not read the final state of %s: no such Deployment.", ", ".join(missing))
-    return state
+    return {f"{ns}/{name}": by_ns[ns][name] for ns, name in deployments if name in by_ns[ns]}
 
 
 def spend_lines(rows: list[Any]) -> list[SpendLine]:

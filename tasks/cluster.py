@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from coder_stack.errors import SpecError
 from coder_stack.kubernetes.client import ClusterTarget, open_api
-from coder_stack.kubernetes.preflight import GpuHolder, PreflightReport, gpu_holders, preflight
+from coder_stack.kubernetes.preflight import ModelOnGpu, PreflightReport, gpu_holders, preflight
 from coder_stack.kubernetes.wait import GoneReport, OnPhase, PhaseUpdate, ReadyReport, wait_gone, wait_ready
 from coder_stack.kubernetes.workloads import (
     DeploymentStatus,
@@ -58,7 +58,7 @@ async def preflight_task(target: ClusterTarget, spec: StackSpec, models: list[st
 class FreedGpu(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    holders: list[GpuHolder] = Field(description="The other GPU models found with replicas or pods.")
+    holders: list[ModelOnGpu] = Field(description="The other GPU models found with replicas or pods.")
     gone: list[GoneReport] = Field(description="For each of them, the wait until its last pod was gone.")
 
 
@@ -178,19 +178,6 @@ async def wait_frontend_ready_task(target: ClusterTarget, spec: StackSpec, name:
     return report
 
 
-@task(name="wait-model-gone", **_TASK)
-async def wait_model_gone_task(target: ClusterTarget, spec: StackSpec, model: ModelSpec) -> GoneReport:
-    """Until no pod of the model exists (the GPU is free only then), within spec.timeouts.deletion_s."""
-    log = run_logger()
-    async with open_api(target) as api:
-        report = await wait_gone(api, spec.serving_namespace, model.selector, spec.timeouts.deletion_s)
-    if report.pods_seen:
-        log.info("%s: %d pod(s) gone after %.1fs; its GPU is free.", model.name, report.pods_seen, report.seconds)
-    else:
-        log.info("%s has no pod; its GPU is free.", model.name)
-    return report
-
-
 @task(name="stack-status", **_TASK)
 async def stack_status_task(target: ClusterTarget, spec: StackSpec) -> list[DeploymentStatus]:
     """Replicas, readiness and pod status of every model and front-end (`kubectl get deploy,pods`)."""
@@ -212,6 +199,5 @@ __all__ = [
     "scale_task",
     "stack_status_task",
     "wait_frontend_ready_task",
-    "wait_model_gone_task",
     "wait_model_ready_task",
 ]

@@ -83,7 +83,6 @@ class PreflightReport(_Report):
     memory_source: str = Field(description="Where gpu_node_memory_gb came from: nodes or spec.")
     models: list[ModelFit] = Field(description="Each requested model against the node memory.")
     active_models: list[ActiveModel] = Field(description="GPU models with replicas > 0 right now.")
-    gpu_pods: list[str] = Field(description="Pods of GPU models that still exist (the GPU is busy until gone).")
     notes: list[str] = Field(default_factory=list, description="Anything the operator should know.")
 
 
@@ -171,14 +170,12 @@ async def preflight(api: ApiClient, spec: StackSpec, models: list[str] | None = 
         )
 
     active = []
-    gpu_pods: list[str] = []
     for m in spec.models:
         d = deployments[(spec.serving_namespace, m.name)]
         replicas = int(d.spec.replicas or 0) if d.spec else 0
         if replicas > 0:
             st = d.status or client.V1DeploymentStatus()
             active.append(ActiveModel(name=m.name, replicas=replicas, ready_replicas=int(st.ready_replicas or 0)))
-        gpu_pods += [p.metadata.name for p in await list_pods(api, spec.serving_namespace, m.selector)]
     return PreflightReport(
         namespaces=present_ns,
         deployments=[f"{ns}/{n}" for ns, n in wanted],
@@ -187,18 +184,17 @@ async def preflight(api: ApiClient, spec: StackSpec, models: list[str] | None = 
         memory_source=source,
         models=fits,
         active_models=active,
-        gpu_pods=gpu_pods,
         notes=notes,
     )
 
 
-class GpuHolder(_Report):
+class ModelOnGpu(_Report):
     name: str = Field(description="The GPU model's Deployment.")
     replicas: int = Field(description="Its spec.replicas now.")
     pods: list[str] = Field(description="Its pods that still exist, terminating ones included.")
 
 
-async def gpu_holders(api: ApiClient, spec: StackSpec, keep: str | None = None) -> list[GpuHolder]:
+async def gpu_holders(api: ApiClient, spec: StackSpec, keep: str | None = None) -> list[ModelOnGpu]:
     """The GPU models other than ``keep`` that hold or will hold a GPU: replicas > 0, or a pod still there.
 
     The check inside a GPU session, between the grant and the next model's scale-up: what ``preflight``
@@ -230,7 +226,7 @@ async def gpu_holders(api: ApiClient, spec: StackSpec, keep: str | None = None) 
         replicas = replicas_of[m.name]
         ps = pods_of.get(m.name, [])
         if replicas > 0 or ps:
-            out.append(GpuHolder(name=m.name, replicas=replicas, pods=ps))
+            out.append(ModelOnGpu(name=m.name, replicas=replicas, pods=ps))
     return out
 
 
@@ -238,8 +234,8 @@ __all__ = [
     "G2_BY_MEMORY_GB",
     "GPU_RESOURCE",
     "ActiveModel",
-    "GpuHolder",
     "ModelFit",
+    "ModelOnGpu",
     "PreflightReport",
     "gpu_holders",
     "node_size_for",
