@@ -68,6 +68,8 @@ _T_GENERATE = _recorded("key-generate-open-webui")
 _T_INFO = _recorded("key-info-by-value", "info")
 _T_INFO_DELETED = _recorded("key-info-deleted-by-value", "info")
 _T_UPDATE = _recorded("key-update-by-value")
+_T_BLOCK = _recorded("key-block")
+_T_UNBLOCK = _recorded("key-unblock")
 _T_LIST_FULL = _recorded("key-list-alias-full", "keys", 0)
 _T_MODEL_NEW = _recorded("model-new")
 _T_MODEL_INFO = {d["model_name"]: d for d in _recorded("model-info-all", "data")}
@@ -148,6 +150,16 @@ class ProxyError(Exception):
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def _expired(rec: dict[str, Any]) -> bool:
+    expires = rec.get("expires")
+    return bool(expires) and dt.datetime.fromisoformat(str(expires)) <= _now()
+
+
+def _ms(t: dt.datetime) -> dt.datetime:
+    """Postgres keeps milliseconds (recorded: key-generate-expiring answers .362256Z, key-info-expired .362000)."""
+    return t.replace(microsecond=t.microsecond // 1000 * 1000)
 
 
 def _iso(t: dt.datetime | None) -> str | None:
@@ -538,6 +550,8 @@ class LiteLLMProxy:
         r.add_get("/key/list", self.key_list)
         r.add_post("/key/update", self.key_update)
         r.add_post("/key/delete", self.key_delete)
+        r.add_post("/key/block", self.key_block)
+        r.add_post("/key/unblock", self.key_unblock)
         r.add_post("/key/regenerate", self.key_regenerate)
         r.add_post("/key/{key}/regenerate", self.key_regenerate)
         r.add_post("/model/new", self.model_new)
@@ -586,15 +600,19 @@ class LiteLLMProxy:
         rec = self.db["keys"].get(token)
         if rec is None:
             raise ProxyError(401, "Authentication Error, Invalid API key provided.", "token_not_found_in_db", "key")
-        expires = rec.get("expires")
-        # GUESS: no expired key was recorded; status 400, type expired_key and this message are from memory of
-        # LiteLLM's auth checks. The product reads expiry from /key/info's `expires`, not from this answer.
-        if expires and dt.datetime.fromisoformat(expires) < _now():
+        # GUESS: which check comes first for a key both blocked and expired (each was recorded alone)
+        if rec.get("blocked"):  # recorded (chat-blocked-key)
             raise ProxyError(
-                400,
-                f"Authentication Error - Expired Key. Key Expiry time {expires} and current time {_iso(_now())}",
+                401, "Authentication Error, Key is blocked. Update via `/key/unblock` if you're an admin.", "auth_error"
+            )
+        if _expired(rec):  # recorded (chat-expired-key): 401, both times as Python prints them, param the hash's
+            now = _now()
+            raise ProxyError(
+                401,
+                f"Authentication Error - Expired Key. Key Expiry time {dt.datetime.fromisoformat(rec['expires'])} "
+                f"and current time {now}",
                 "expired_key",
-                "key",
+                abbreviate(token),
             )
         return Caller(is_master=False, token=token)
 
@@ -1179,7 +1197,10 @@ class LiteLLMProxy:
         if deleted:
             v |= deleted | {"deleted_at": _plus(deleted["deleted_at"]), "status": "deleted"}
             return mold(v, _T_INFO_DELETED)
-        return mold(v | {"status": "active"}, _T_INFO)
+        # recorded (key-info-blocked, key-info-expired): a blocked key is "revoked", an expired one "expired"
+        # GUESS: "revoked" wins over "expired" for a key both blocked and expired
+        status = "revoked" if rec.get("blocked") else "expired" if _expired(rec) else "active"
+        return mold(v | {"status": status}, _T_INFO)
 
     async def key_generate(self, request: web.Request) -> web.Response:
         self.require_admin(request)
@@ -1211,7 +1232,7 @@ class LiteLLMProxy:
             "max_budget": float(body["max_budget"]) if body.get("max_budget") is not None else None,
             "budget_duration": budget_duration,
             "budget_reset_at": _iso(budget_reset_at(now, budget_duration)) if budget_duration else None,
-            "expires": _iso(expires),
+            "expires": _iso(_ms(expires)) if expires else None,
             "models": list(body.get("models") or []),
             "aliases": body.get("aliases") or {},
             "config": body.get("config") or {},
@@ -1237,7 +1258,9 @@ class LiteLLMProxy:
         # recorded (key-generate-*): no status, no budget_reset_at; times as ...Z; token and token_id
         view = self._key_view(rec)
         view |= {f: _z(view.get(f)) for f in ("created_at", "updated_at", "expires")}
-        out = view | {"key": key, "token_id": token, "duration": body.get("duration"), "litellm_budget_table": None}
+        # recorded (key-generate-expiring): `duration` comes back null even when it was sent
+        out = view | {"key": key, "token_id": token, "duration": None, "litellm_budget_table": None}
+        out["expires"] = _z(_iso(expires))  # the answer has the value before the database rounded it
         return json_response(mold(out, _T_GENERATE))
 
     async def key_info(self, request: web.Request) -> web.Response:
@@ -1360,6 +1383,28 @@ class LiteLLMProxy:
         self.pending = [p for p in self.pending if p[1] not in found]
         # recorded: deleted_keys is exactly what was sent (values, hashes or the aliases)
         return json_response({"deleted_keys": [*keys, *aliases]})
+
+    async def _set_blocked(self, request: web.Request, blocked: bool, template: dict[str, Any]) -> web.Response:
+        """/key/block and /key/unblock by value or hash (recorded: key-block, key-unblock): 200 with the whole
+        key row, times as ...Z. GUESS: the 404 for a key that is not there (not recorded)."""
+        self.require_admin(request)
+        body = await self._body(request)
+        value = body.get("key")
+        rec = self._find_key(value) if isinstance(value, str) else None
+        if rec is None:
+            raise ProxyError(404, "Key not found.", "not_found_error", "key")
+        rec["blocked"] = blocked
+        rec["updated_at"] = rec["settings_updated_at"] = _iso(_now())
+        view = self._key_view(rec)
+        times = ("created_at", "updated_at", "settings_updated_at", "last_active", "budget_reset_at", "expires")
+        view |= {f: _z(view.get(f)) for f in times}
+        return json_response(mold(view, template))
+
+    async def key_block(self, request: web.Request) -> web.Response:
+        return await self._set_blocked(request, True, _T_BLOCK)
+
+    async def key_unblock(self, request: web.Request) -> web.Response:
+        return await self._set_blocked(request, False, _T_UNBLOCK)
 
     async def key_regenerate(self, request: web.Request) -> web.Response:
         self.require_admin(request)

@@ -88,7 +88,8 @@ CONFIG: dict[str, Any] = {
     ],
     "general_settings": {"master_key": "os.environ/PROXY_MASTER_KEY", "store_model_in_db": True},
 }
-POLL_RE = re.compile(r"-poll-\d+$")
+# key-info-expired was asked 3 s after minting a 2 s key: replayed as a poll, until the key has expired here too
+POLL_RE = re.compile(r"-poll-\d+$|^key-info-expired$")
 # "/key/info spend of the X key after its calls": the recorder asked seconds after the calls, when the
 # batched write (1 s) had landed; the replay is faster, so it waits one write interval and a half first.
 SETTLE_RE = re.compile(r"^spend-key-info-")
@@ -100,6 +101,7 @@ POLL_BOUND_S = 6.0
 VALUE_ALLOW: list[tuple[str, str]] = [
     (r"(^|\.)(created_at|updated_at|settings_updated_at|last_active|deleted_at)$", "wall-clock timestamps"),
     (r"(^|\.)(startTime|endTime|completionStartTime)$", "wall-clock timestamps"),
+    (r"(^|\.)expires$", "wall-clock timestamps (minting time + duration)"),
     (r"(^|\.)created$", "epoch seconds of the answer"),
     (r"(^|\.)budget_reset_at$", "depends on today's date; checked by the midnight rule instead"),
     (r"^(\[\d+\]\.)?id$|^info\.id$", "generated ids (chatcmpl-/cmpl- ids of vLLM, the deleted row's uuid)"),
@@ -114,7 +116,14 @@ VALUE_ALLOW: list[tuple[str, str]] = [
 ]
 # Message texts that vary at the model (no temperature: "hi" prompts) are the vLLM side's business.
 TEXT_PATHS = re.compile(r"(\.message\.content|\.delta\.content|\.text)$")
-VARYING_TEXT_IDS = {"chat-del-value-before-delete", "chat-hi", "budget-call-1", "budget-immediate-call-1"}
+VARYING_TEXT_IDS = {
+    "chat-del-value-before-delete",
+    "chat-hi",
+    "budget-call-1",
+    "budget-immediate-call-1",
+    "chat-blockme-before-block",
+    "chat-unblocked-key",
+}
 # x-litellm-* headers whose values are per call.
 HEADER_VALUE_ALLOW = {
     "x-litellm-call-id",
@@ -182,7 +191,9 @@ def _same_value(a: Any, b: Any) -> bool:
 
 def _norm_message(s: str) -> str:
     # The cost in a budget message is the spend this replay made (token counts at the upstream).
-    return re.sub(r"Current cost: [0-9.e+-]+", "Current cost: <n>", s)
+    s = re.sub(r"Current cost: [0-9.e+-]+", "Current cost: <n>", s)
+    # An expired key's refusal names its expiry and the time of the call (wall clock)
+    return re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}\+00:00", "<time>", s)
 
 
 def compare(expected: Any, actual: Any, ex_id: str, where: str = "body") -> list[str]:
@@ -307,6 +318,7 @@ def _capture(ex: Exchange, ans: Answer, live: Live) -> None:
             live.subs[f"<last4:{alias}>"] = key[-4:]
         if isinstance(token, str):
             live.subs[f"<hash:{alias}>"] = token
+            live.subs[f"<hash-last4:{alias}>"] = token[-4:]
     if ex.path == "/model/new" and ans.status == 200 and isinstance(ans.body, dict):
         live.model_ids[str(ex.body["model_id"])] = str(ans.body.get("model_id"))
     if ex.id == "model-info-all" and ans.status == 200:
@@ -488,5 +500,5 @@ def test_exchange(replay: Replay, ex: Exchange) -> None:
 
 
 def test_every_exchange_replayed(replay: Replay) -> None:
-    assert len(EXCHANGES) == 124
+    assert len(EXCHANGES) == 135
     assert set(replay.answers) | set(replay.errors) == {ex.id for ex in EXCHANGES}
