@@ -2,13 +2,16 @@
 
 Every function takes an ``httpx.AsyncClient`` whose ``base_url`` is the gateway (without ``/v1``) — made
 with :func:`coder_stack.http.make_client` — and the master key as ``SecretStr``. Key values only travel
-wrapped; ``/key/info?key=`` is the one URL that carries a key, so it is never logged nor put in an error.
+wrapped, in headers and JSON bodies, never in a URL: ``/key/info`` is asked by the key's hash (LiteLLM's
+``token`` is the SHA-256 hex of the value, and ``/key/info?key=<hash>`` answers exactly as by value), since an
+ingress, a proxy or another gateway version in front of LiteLLM may log query strings.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
@@ -53,11 +56,15 @@ class KeyRecord(_Report):
 
     def problem(self, now: dt.datetime | None = None) -> str | None:
         """Why the key cannot be used now, in plain words (``deleted``, ``blocked``, ``expired``, ``over
-        budget`` or the gateway's own status); None when it can."""
-        if self.status != "active":
-            return self.status
+        budget`` or the gateway's own status); None when it can. LiteLLM 1.108.7 reports a key blocked with
+        /key/block as ``status: "revoked", blocked: true``: that is a block (undone by /key/unblock), not a
+        deletion, and is called so."""
+        if self.status == "deleted":
+            return "deleted"
         if self.blocked:
             return "blocked"
+        if self.status != "active":
+            return self.status
         now = now or dt.datetime.now(dt.UTC)
         if self.expires is not None and self.expires <= now:
             return "expired"
@@ -223,29 +230,24 @@ async def key_info_by_token(gw: httpx.AsyncClient, master: SecretStr, token: str
     """Info for a key by its hashed id. None only if the gateway never knew it (404); a deleted key is a
     record with ``status == "deleted"``."""
     what = "read key info"
-    resp = await _call(
-        gw, master, "GET", "/key/info", what=what, params={"key": token}, ok_statuses=(200, 404), secret_url=True
-    )
+    resp = await _call(gw, master, "GET", "/key/info", what=what, params={"key": token}, ok_statuses=(200, 404))
     if resp.status_code == 404:
         return None
     return _info_record(resp, what, token)
 
 
+def key_hash(key: SecretStr) -> str:
+    """LiteLLM's ``token`` for a key value: the SHA-256 hex of the value (safe to show and to put in a URL)."""
+    return hashlib.sha256(key.get_secret_value().encode()).hexdigest()
+
+
 async def key_info(gw: httpx.AsyncClient, master: SecretStr, key: SecretStr) -> KeyRecord | None:
-    """What the gateway knows about this key value. None only if it was never a key (404); a deleted,
-    blocked, expired or spent key is a record whose :meth:`KeyRecord.problem` says so. The record has no
-    ``token``: /key/info never returns the hash."""
+    """What the gateway knows about this key value, asked by its hash (no key value in the URL). None only
+    if it was never a key (404); a deleted, blocked, expired or spent key is a record whose
+    :meth:`KeyRecord.problem` says so. The record has no ``token``: /key/info never returns the hash (use
+    :func:`key_hash`)."""
     what = "read key info"
-    resp = await _call(
-        gw,
-        master,
-        "GET",
-        "/key/info",
-        what=what,
-        params={"key": key.get_secret_value()},
-        ok_statuses=(200, 404),
-        secret_url=True,
-    )
+    resp = await _call(gw, master, "GET", "/key/info", what=what, params={"key": key_hash(key)}, ok_statuses=(200, 404))
     if resp.status_code == 404:
         return None
     return _info_record(resp, what, None)
@@ -640,6 +642,7 @@ __all__ = [
     "expected_cost",
     "gateway_ready",
     "generate_key",
+    "key_hash",
     "key_info",
     "key_info_by_token",
     "list_keys_by_alias",

@@ -294,7 +294,7 @@ async def _check_key_lifecycle(
     alias = f"{DOCTOR_ALIAS_PREFIX}{secrets.token_hex(4)}"
     steps = [
         "key: mint",
-        "key: /key/info by value",
+        "key: /key/info by hash",
         "key: /key/list full object",
         "key: call with the key",
         "key: /key/update by value",
@@ -340,7 +340,11 @@ async def _check_key_lifecycle(
                 "check the gateway's database",
             )
         else:
-            add(steps[1], "ok", "200, status active, alias and scope as minted (the flows never need its token)")
+            add(
+                steps[1],
+                "ok",
+                "200 for the key's hash (no key value in any URL), status active, alias and scope as minted",
+            )
 
         recs = await attempt(steps[2], lambda: gateway.list_keys_by_alias(gw, master, alias))
         token = recs[0].token if len(recs) == 1 else None

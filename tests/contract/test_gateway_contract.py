@@ -155,7 +155,7 @@ async def test_doctor_gateway_checks_pass_and_clean_up(
     if target.is_serving(target.chat):
         assert version.status in ("ok", "warn") and "LiteLLM " in version.seen, version.seen
     lifecycle = _rows(rows, "key: ")
-    assert [r.name for r in lifecycle][:3] == ["key: mint", "key: /key/info by value", "key: /key/list full object"]
+    assert [r.name for r in lifecycle][:3] == ["key: mint", "key: /key/info by hash", "key: /key/list full object"]
     assert all(r.status in ("ok", "skipped") for r in lifecycle), [(r.name, r.status, r.seen) for r in lifecycle]
     assert by_name["key: /key/info after delete"].status == "ok", by_name["key: /key/info after delete"].seen
     fim = by_name["streamed FIM metering"]

@@ -146,7 +146,7 @@ async def test_everything_passes_against_the_recorded_behaviour_and_keys_are_del
     assert rows["gateway version"].status == "ok" and "1.108.7" in rows["gateway version"].seen
     assert rows["aliases in /model/info"].status == "warn"  # coder-agent: registered at run time
     assert "coder-agent" in rows["aliases in /model/info"].seen
-    for step in ("key: mint", "key: /key/info by value", "key: /key/list full object", "key: call with the key",
+    for step in ("key: mint", "key: /key/info by hash", "key: /key/list full object", "key: call with the key",
                  "key: /key/update by value", "key: /key/delete by hash", "key: /key/info after delete",
                  "key: call with the deleted key"):  # fmt: skip
         assert rows[step].status == "ok", (step, rows[step].seen)
