@@ -88,14 +88,16 @@ async def test_a_session_whose_renewals_succeed_is_never_stopped_and_a_cancellat
     assert set(renewals) == {leases[0]}
     assert await active_slots() == 0
 
+    holding = asyncio.Event()
+
     async def held_until_cancelled() -> None:
         async with gpu_session(timeout_s=30):
+            holding.set()
             await asyncio.Event().wait()
 
     task = asyncio.ensure_future(held_until_cancelled())
     async with asyncio.timeout(60):
-        while len(leases) < 2:
-            await asyncio.sleep(0.01)
+        await holding.wait()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

@@ -23,7 +23,7 @@ from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 
 from coder_stack.orchestration import gpu
 from coder_stack.orchestration.gpu import GPU_LIMIT, gpu_session
-from coder_stack.orchestration.liveness import LEASE_LABEL, RunLiveness, read_liveness, release_lease_of
+from coder_stack.orchestration.liveness import RunLiveness, read_liveness, release_lease_of
 from tests.kits.flowkit import PROJECT, flow_process_env
 
 pytestmark = pytest.mark.usefixtures("gpu_limit")
@@ -110,7 +110,8 @@ async def test_the_clean_up_of_one_run_never_frees_a_live_run_s_slot_and_frees_i
     holder: list[UUID],
 ) -> None:
     """Two actors: a live session holds the GPU for run A; the clean-up of a dead run B (which holds nothing
-    any more) runs meanwhile and leaves A's slot alone; then B is found holding a slot and A's clean-up ..."""
+    any more) runs meanwhile and leaves A's slot alone; then B holds the GPU, A's clean-up leaves it alone and
+    B's own clean-up frees it."""
     run_a, run_b = uuid4(), uuid4()
     holder.append(run_a)
     async with gpu_session(timeout_s=30):
