@@ -18,6 +18,7 @@ import weakref
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime, timedelta
+from types import TracebackType
 from typing import Any
 from uuid import UUID
 
@@ -27,9 +28,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, Fl
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder, StateType
 from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
 from prefect.concurrency._events import emit_concurrency_acquisition_events, emit_concurrency_release_events
-from prefect.concurrency._leases import amaintain_concurrency_lease
 from prefect.concurrency.context import ConcurrencyContext
-from prefect.context import FlowRunContext
 from prefect.exceptions import ObjectNotFound
 from pydantic import BaseModel, Field
 
@@ -38,6 +37,7 @@ from coder_stack.orchestration.liveness import (
     HEARTBEAT_S,
     SILENT_AFTER_S,
     flow_name_of,
+    holder_run_id,
     liveness_of,
     record_lease,
     require_heartbeats,
@@ -57,6 +57,16 @@ BUSY_RETRY_SECONDS = (0.02, 0.05)
 BUSY_BOUND_SECONDS = 5.0
 # The "released" lease label waits for this process's next session to take its slot, at most this long.
 RELEASED_LABEL_WAIT_S = 2.0
+# The held lease is renewed every RENEW_EVERY_S (as Prefect's concurrency() does: at 3/4 of its duration); a
+# renewal that fails for a reason that may pass (the server unreachable, a 5xx) is tried again every
+# RENEW_RETRY_S until the lease would have run out.
+RENEW_EVERY_S = LEASE_SECONDS * 0.75
+RENEW_RETRY_S = 5.0
+
+
+class GpuLeaseLost(RetriableError):
+    """The session's GPU slot lease was lost while it held the GPU (expired, revoked, or forgotten by a
+    restarted server): the session's work was stopped, its clean-up ran."""
 
 
 class GpuHolder(BaseModel):
@@ -210,11 +220,11 @@ async def require_gpu_limit() -> None:
 # request. The hook runs inside httpx's ``send``, so the exception leaves Prefect's retry loop at once (it
 # retries only its own list of exceptions); everything else about the request (other codes, dropped
 # connections, CSRF) stays Prefect's. The 503 is asked again here within tens of ms. Holding and giving
-# back the slot stay Prefect's, as ``concurrency()`` does them (prefect/concurrency/_asyncio.py): its lease
-# renewal (``amaintain_concurrency_lease``; a failed renewal cancels the session, as ``strict=True`` did),
-# its acquired/released events, the lease recorded on the run's ConcurrencyContext (released when the run
-# ends if our release is cancelled), release by lease id. Those helpers live in underscore modules:
-# called, never patched; re-check them on a Prefect upgrade.
+# back the slot follow ``concurrency()`` (prefect/concurrency/_asyncio.py): its acquired/released events,
+# the lease recorded on the run's ConcurrencyContext (released when the run ends if our release is
+# cancelled), release by lease id. Those helpers live in underscore modules: called, never patched; re-check
+# them on a Prefect upgrade. The lease renewal is ours (``_LeaseKeeper``): Prefect's stops the session with a
+# cancel scope that also cancels the session's own clean-up.
 
 _SLOT_REQUEST_PATH = "/v2/concurrency_limits/increment-with-lease"
 
@@ -255,8 +265,10 @@ def _server_busy(tries: int, seconds: float) -> RetriableError:
 async def _request_slot(client: PrefectClient) -> httpx.Response:
     """One slot request. If this task is cancelled meanwhile, the request still finishes and a slot it was
     granted is given back (Prefect's acquisition service does the same for a cancelled caller)."""
-    ctx = FlowRunContext.get()
-    holder = ConcurrencyLeaseHolder(type="flow_run", id=ctx.flow_run.id) if ctx and ctx.flow_run else None
+    # The flow run is the lease's holder, stored with the lease on the server in the same request: the crash
+    # clean-up frees a dead run's leases by its id (``release_lease_of``) even if it died right after the grant.
+    run_id = holder_run_id()
+    holder = ConcurrencyLeaseHolder(type="flow_run", id=run_id) if run_id else None
     req = asyncio.ensure_future(
         client.increment_concurrency_slots_with_lease(
             names=[GPU_LIMIT], slots=1, mode="concurrency", lease_duration=LEASE_SECONDS, holder=holder
@@ -296,17 +308,23 @@ async def _take_slot(client: PrefectClient) -> ConcurrencyLimitWithLeaseResponse
 
 @asynccontextmanager
 async def _holding(lease: ConcurrencyLimitWithLeaseResponse, room: _WaitingRoom) -> AsyncIterator[None]:
-    """Hold a granted slot as ``concurrency(..., strict=True)`` does, and give it back on exit."""
+    """Hold a granted slot as ``concurrency(..., strict=True)`` does, and give it back on exit.
+
+    The lease is renewed meanwhile (:class:`_LeaseKeeper`); if it is lost, the session's body is stopped and
+    the session ends with GpuLeaseLost after the body's own clean-up has run."""
     ctx = ConcurrencyContext.get()
     if ctx is not None:
         ctx.cleanup_lease_ids.append(lease.lease_id)
     events = emit_concurrency_acquisition_events(lease.limits, 1)
-    # The lease on the flow run, for the crash clean-up and `status` (the API lists no holders): written beside
-    # the session, not before it, so the GPU step after the grant does not wait for it (nor the next session of
-    # this process for the "released" write).
-    labelled = _background(record_lease(lease.lease_id))
+    # The lease on the flow run, for `status` (the API lists no holders; the crash clean-up also finds a run's
+    # leases by their holder): written beside the session, not before it, so the GPU step after the grant
+    # does not wait for it (nor the next session of this process for the "released" write).
+    run_id = holder_run_id()
+    label = _label_of(run_id) if run_id else None
+    if label is not None:
+        label.held(lease.lease_id)
     try:
-        async with amaintain_concurrency_lease(lease.lease_id, LEASE_SECONDS, raise_on_lease_renewal_failure=True):
+        async with _LeaseKeeper(lease.lease_id):
             yield
     finally:
         try:
@@ -316,23 +334,141 @@ async def _holding(lease: ConcurrencyLimitWithLeaseResponse, room: _WaitingRoom)
         else:
             if ctx is not None and lease.lease_id in ctx.cleanup_lease_ids:
                 ctx.cleanup_lease_ids.remove(lease.lease_id)
-            # the event of the next grant in this process, taken now: a grant before the label task runs counts
-            _background(_after(labelled, _label_released(room.granted if room.queued else None)))
+            if label is not None:
+                # the event of the next grant in this process, taken now: a grant before the label task runs counts
+                _background(_label_released(label, lease.lease_id, room.granted if room.queued else None))
         emit_concurrency_release_events(lease.limits, 1, events)
 
 
-async def _label_released(next_grant: asyncio.Event | None) -> None:
+class _LeaseKeeper:
+    """Renew a held lease until the session ends; if it is lost, stop the session's body, once.
+
+    Prefect's ``amaintain_concurrency_lease(..., raise_on_lease_renewal_failure=True)`` stops it through an
+    anyio cancel scope, which cancels *every* await until the scope exits: the body's ``finally`` (the flows'
+    scale-downs) was cancelled too and left the model up. Here the body gets one ``CancelledError`` at the
+    await it is in (``Task.cancel``), so its ``finally`` runs its awaits to the end; then the session raises
+    GpuLeaseLost, which the run's report shows. A renewal answered 404/410 (the server no longer has the
+    lease: expired, revoked, or a restarted server forgot it) loses it at once; other failures are tried
+    again every RENEW_RETRY_S until the lease would have run out."""
+
+    def __init__(self, lease_id: UUID) -> None:
+        self.lease_id = lease_id
+        self.lost: str | None = None
+        self._host = asyncio.current_task()
+        self._open = True
+        self._cancelled = False
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> _LeaseKeeper:
+        self._task = asyncio.ensure_future(self._renew())
+        return self
+
+    async def _renew(self) -> None:
+        async with get_client() as client:
+            renewed = time.monotonic()
+            wait = RENEW_EVERY_S
+            while True:
+                await asyncio.sleep(wait)
+                try:
+                    await client.renew_concurrency_lease(lease_id=self.lease_id, lease_duration=LEASE_SECONDS)
+                except httpx.HTTPStatusError as e:
+                    if e.response.status_code in (404, 410):
+                        self._lose(
+                            f"the Prefect server answered {e.response.status_code} to its renewal: it no "
+                            "longer holds the lease (expired, revoked, or lost in a server restart)"
+                        )
+                        return
+                    why = f"answered {e.response.status_code}"
+                except Exception as e:
+                    why = f"{type(e).__name__}: {e}"
+                else:
+                    renewed, wait = time.monotonic(), RENEW_EVERY_S
+                    continue
+                if time.monotonic() - renewed >= LEASE_SECONDS:
+                    self._lose(f"no renewal for {LEASE_SECONDS:.0f} s, the lease's duration (last: {why})")
+                    return
+                wait = RENEW_RETRY_S
+
+    def _lose(self, why: str) -> None:
+        self.lost = why
+        if self._open and self._host is not None:
+            self._cancelled = True
+            self._host.cancel(f"GPU lease lost: {why}")
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        self._open = False
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self.lost is None:
+            return False
+        if self._cancelled and self._host is not None and self._host.uncancel() > 0:
+            return False  # cancelled from outside as well: that cancellation goes on
+        raise GpuLeaseLost(
+            f"the GPU slot ({GPU_LIMIT}) lease was lost while this session held the GPU: {self.lost}. Another "
+            "session may have the GPU now, so this one was stopped and its clean-up ran; rerun the flow"
+        ) from exc
+
+
+class _LeaseLabel:
+    """The lease label of one flow run, written one value at a time, in order.
+
+    Only the latest wanted value is written, and a lease's "released" is wanted only while that lease is the
+    run's latest: a "released" that waited for the next grant never covers the run's next lease, and each
+    lease is labelled at most once held and once released."""
+
+    def __init__(self, run_id: UUID) -> None:
+        self.run_id = run_id
+        self.lease: UUID | None = None  # the run's latest lease not yet given back
+        self._want: tuple[UUID | None] | None = None
+        self._written: tuple[UUID | None] | None = None
+        self._writer: asyncio.Task[None] | None = None
+
+    def held(self, lease_id: UUID) -> None:
+        self.lease = lease_id
+        self._set((lease_id,))
+
+    def released(self, lease_id: UUID) -> None:
+        if self.lease == lease_id:
+            self.lease = None
+            self._set((None,))
+
+    def _set(self, value: tuple[UUID | None]) -> None:
+        self._want = value
+        if self._writer is None or self._writer.done():
+            self._writer = _background(self._write())
+
+    async def _write(self) -> None:
+        while self._want is not None and self._want != self._written:
+            value = self._want
+            await record_lease(self.run_id, value[0])  # best effort: never raises
+            self._written = value
+
+
+_LABELS: weakref.WeakValueDictionary[UUID, _LeaseLabel] = weakref.WeakValueDictionary()
+
+
+def _label_of(run_id: UUID) -> _LeaseLabel:
+    label = _LABELS.get(run_id)
+    if label is None:
+        label = _LABELS[run_id] = _LeaseLabel(run_id)
+    return label
+
+
+async def _label_released(label: _LeaseLabel, lease_id: UUID, next_grant: asyncio.Event | None) -> None:
     """Label the lease released once ``next_grant`` is set: this process's next session has its slot (at most
     RELEASED_LABEL_WAIT_S; None: no session of this process is waiting).
 
     Written at once, it raced that session's slot request, sent within milliseconds of the release: on
     SQLite two writes at once can make the request answer 503 and the GPU idle while it is asked again.
-    Until the label is written, `status` and the clean-up still see the lease id; a released lease given
-    back again is answered 204 and reported as already free."""
+    Until the label is written, `status` still sees the lease id; a released lease given back again is
+    answered 204 and reported as already free."""
     if next_grant is not None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(next_grant.wait(), RELEASED_LABEL_WAIT_S)
-    await record_lease(None)
+    label.released(lease_id)
 
 
 _PENDING: set[asyncio.Task[None]] = set()
@@ -344,12 +480,6 @@ def _background(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
     _PENDING.add(task)
     task.add_done_callback(_PENDING.discard)
     return task
-
-
-async def _after(first: asyncio.Task[None], then: Coroutine[Any, Any, None]) -> None:
-    with contextlib.suppress(BaseException):
-        await first
-    await then
 
 
 class _WaitingRoom:

@@ -21,6 +21,7 @@ import contextlib
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
+import httpx
 from prefect.client.orchestration import PrefectClient, get_client
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.context import FlowRunContext
@@ -228,29 +229,47 @@ async def read_liveness(run_id: UUID) -> RunLiveness:
         return await liveness_of(client, run, await flow_name_of(client, run.flow_id))
 
 
-async def record_lease(lease_id: UUID | None) -> None:
-    """Write the run's GPU lease on its flow run (``RELEASED`` once given back). Best effort: the label only
-    helps the clean-up and ``status``; a GPU session never fails for it."""
+def holder_run_id() -> UUID | None:
+    """The flow run this code runs in (the holder of its GPU leases), or None outside a flow run."""
     ctx = FlowRunContext.get()
-    if ctx is None or ctx.flow_run is None:
-        return
+    return ctx.flow_run.id if ctx is not None and ctx.flow_run is not None else None
+
+
+async def record_lease(run_id: UUID, lease_id: UUID | None) -> None:
+    """Write ``run_id``'s GPU lease on its flow run (``RELEASED`` for None: given back). Best effort: the label
+    only helps ``status`` and the clean-up; a GPU session never fails for it."""
     with contextlib.suppress(Exception):
         async with get_client() as client:
-            await client.update_flow_run_labels(ctx.flow_run.id, {LEASE_LABEL: str(lease_id) if lease_id else RELEASED})
+            await client.update_flow_run_labels(run_id, {LEASE_LABEL: str(lease_id) if lease_id else RELEASED})
 
 
 async def release_lease_of(live: RunLiveness, limit_name: str) -> str:
-    """Give back the run's recorded GPU lease (the server answers 204 for a lease already gone, too). Returns
-    what happened, read from the limit's active slots before and after."""
+    """Give back the run's GPU leases: the one its label records, and every lease the server holds with the run
+    as its holder (a session sends its flow run as the holder with the slot request, so a run killed before
+    its label was written is found too). The server answers 204 for a lease already gone. Returns what
+    happened, read from the limit's active slots before and after."""
+    async with get_client() as client:
+        before = (await client.read_global_concurrency_limit_by_name(limit_name)).active_slots
+        if live.lease_id is not None:
+            await client.release_concurrency_slots_with_lease(lease_id=live.lease_id)
+        if limit_name.startswith("tag:"):
+            # Prefect's tag-limit release (POST /concurrency_limits/decrement) revokes the leases of the tag's
+            # limit whose holder has this id, whatever the holder's type (prefect/server/api/concurrency_limits.py,
+            # decrement_concurrency_limits_v1 in 3.9.1; tests/flows/test_gpu_lease_record.py holds it to that).
+            await client.decrement_v1_concurrency_slots(
+                names=[limit_name.removeprefix("tag:")], task_run_id=live.run_id, occupancy_seconds=1.0
+            )
+        after = (await client.read_global_concurrency_limit_by_name(limit_name)).active_slots
+        if live.lease_id is not None or after < before:
+            try:
+                await client.update_flow_run_labels(live.run_id, {LEASE_LABEL: RELEASED})
+            except httpx.HTTPStatusError as e:
+                if e.response.status_code != 404:
+                    raise  # 404: the run was deleted meanwhile, nothing left to label
+    if after < before:
+        return f"GPU slot freed ({limit_name}: {before} -> {after} held)"
     if live.lease_id is None:
         return (
             "GPU slot already free (its lease was released)" if live.lease_released else "no GPU slot recorded as held"
         )
-    async with get_client() as client:
-        before = (await client.read_global_concurrency_limit_by_name(limit_name)).active_slots
-        await client.release_concurrency_slots_with_lease(lease_id=live.lease_id)
-        after = (await client.read_global_concurrency_limit_by_name(limit_name)).active_slots
-        await client.update_flow_run_labels(live.run_id, {LEASE_LABEL: RELEASED})
-    if after < before:
-        return f"GPU slot freed ({limit_name}: {before} -> {after} held)"
     return f"GPU slot was already free (its lease had expired or was released; {limit_name}: {after} held)"

@@ -1,0 +1,130 @@
+"""A GPU session's lease is on record from the instant it is granted: the crash clean-up frees the slot of a
+run killed at any point after the grant, and never a live run's.
+
+The slot request names the flow run as the lease's holder, and the server stores the holder with the lease in
+the same request (Prefect's lease storage). ``release_lease_of`` (what the clean-up calls) gives back the
+lease the run's label records and every lease the server holds for that run; the label itself is written
+beside the session and may not exist yet when the run dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from uuid import UUID, uuid4
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+from coder_stack.orchestration import gpu
+from coder_stack.orchestration.gpu import GPU_LIMIT, gpu_session
+from coder_stack.orchestration.liveness import RunLiveness, read_liveness, release_lease_of
+from tests.kits.flowkit import PROJECT, flow_process_env
+
+pytestmark = pytest.mark.usefixtures("gpu_limit")
+
+FLOW = "killed_right_after_the_gpu_grant"
+# A flow run that SIGKILLs itself the moment the server's grant is in its hands: before the session's body,
+# the lease label or anything else runs. It prints its run id first.
+KILLED_AFTER_GRANT = f"""
+import asyncio, os, signal
+from prefect import flow
+from prefect.context import FlowRunContext
+from coder_stack.orchestration import gpu
+
+take = gpu._take_slot
+
+async def take_then_die(client):
+    lease = await take(client)
+    if lease is not None:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return lease
+
+gpu._take_slot = take_then_die
+
+@flow(name="{FLOW}")
+async def killed():
+    print("run", FlowRunContext.get().flow_run.id, flush=True)
+    async with gpu.gpu_session(timeout_s=60):
+        print("entered the session", flush=True)
+
+asyncio.run(killed())
+"""
+
+
+async def active_slots() -> int:
+    async with get_client() as client:
+        return (await client.read_global_concurrency_limit_by_name(GPU_LIMIT)).active_slots
+
+
+@pytest.fixture
+def holder(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[UUID]]:
+    """In-process sessions hold their leases as a flow run would: the holder is the id last put in the list."""
+    ids: list[UUID] = []
+    monkeypatch.setattr(gpu, "holder_run_id", lambda: ids[-1] if ids else None)
+
+    async def no_label(run_id: UUID, lease_id: UUID | None) -> None:
+        return None
+
+    monkeypatch.setattr(gpu, "record_lease", no_label)
+    yield ids
+
+
+async def test_a_run_killed_at_the_first_instant_after_the_grant_has_its_slot_freed_by_the_crash_clean_up(
+    prefect_api: str, tmp_path: Path
+) -> None:
+    env = flow_process_env(prefect_api, tmp_path) | {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
+    proc = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", KILLED_AFTER_GRANT],
+        cwd=PROJECT,
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
+    out = proc.stdout.decode()
+    assert proc.returncode == -signal.SIGKILL, out + proc.stderr.decode()
+    assert "entered the session" not in out, out
+    run_id = UUID(out.split("run ", 1)[1].split()[0])
+    assert await active_slots() == 1  # the dead run's slot: held until its lease expires (300 s) ...
+    live = await read_liveness(run_id)
+    assert live.lease_id is None  # ... and no label records it: the kill came first
+    said = await release_lease_of(live, GPU_LIMIT)  # what the crash clean-up does
+    assert await active_slots() == 0, said
+    assert said == f"GPU slot freed ({GPU_LIMIT}: 1 -> 0 held)"
+    assert (await read_liveness(run_id)).lease_released
+    # and the next session gets the GPU at once
+    async with asyncio.timeout(30), gpu_session(timeout_s=30):
+        assert await active_slots() == 1
+    async with get_client() as client:
+        runs = await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[FLOW])))
+    assert [r.id for r in runs] == [run_id]
+
+
+async def test_the_clean_up_of_one_run_never_frees_a_live_run_s_slot_and_frees_its_own_beside_it(
+    holder: list[UUID],
+) -> None:
+    """Two actors: a live session holds the GPU for run A; the clean-up of a dead run B (which holds nothing
+    any more) runs meanwhile and leaves A's slot alone; then B holds the GPU, A's clean-up leaves it alone and
+    B's own clean-up frees it."""
+    run_a, run_b = uuid4(), uuid4()
+    holder.append(run_a)
+    async with gpu_session(timeout_s=30):
+        assert await active_slots() == 1
+        said = await release_lease_of(RunLiveness(run_id=run_b), GPU_LIMIT)
+        assert said == "no GPU slot recorded as held"
+        assert await active_slots() == 1  # A still holds the GPU
+    assert await active_slots() == 0
+    # B takes the slot; A's clean-up (A has given its lease back) must not free B's
+    holder.append(run_b)
+    async with gpu_session(timeout_s=30):
+        said = await release_lease_of(RunLiveness(run_id=run_a), GPU_LIMIT)
+        assert said == "no GPU slot recorded as held" and await active_slots() == 1
+        said = await release_lease_of(RunLiveness(run_id=run_b), GPU_LIMIT)
+        assert said == f"GPU slot freed ({GPU_LIMIT}: 1 -> 0 held)" and await active_slots() == 0
+    assert await active_slots() == 0  # the session's own release of a lease already freed changes nothing
