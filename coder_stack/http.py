@@ -70,8 +70,8 @@ def _withhold_secrets_in(value: object) -> object:
     out = {k: _withhold_secrets_in(v) for k, v in value.items()}
     if out.get("kind") == "Secret":
         _withhold_secret(out)
-    elif out.get("kind") == "SecretList" and isinstance(out.get("items"), list):
-        for item in out["items"]:
+    elif out.get("kind") == "SecretList" and isinstance(items := out.get("items"), list):
+        for item in items:
             if isinstance(item, dict):
                 _withhold_secret(item)
     return out
