@@ -163,9 +163,9 @@ async def smoke_frontends(
             scope_mismatch(ids, ks.models, what=f"{who} (the key it reads, from {reads})", hop="frontend")
             checks.append(
                 Check(
-                    name=f"{who} pod: /models = key scope",
+                    name=f"{who} pod: /models = key scope (key from {reads})",
                     seconds=lap.lap(),
-                    detail=f"{', '.join(sorted(ids))} (key from {reads})",
+                    detail=", ".join(sorted(ids)),
                 )
             )
             # The curl above uses the pod's $OPENAI_API_KEY. Open WebUI itself uses it only if its environment

@@ -227,7 +227,7 @@ async def test_persistence_off_the_app_follows_the_new_key_and_the_smoke_passes(
     assert await app_models(env) == FULL
 
     res = await smoke(env)
-    assert res.checks[0].detail == ", ".join(FULL) + " (key from OPENAI_API_KEY)"
+    assert res.checks[0].detail == ", ".join(FULL) and res.checks[0].name.endswith("(key from OPENAI_API_KEY)")
     assert PERSISTENT_CONFIG_VAR in res.checks[1].name
     status = await persistent_config_status(env.api, SPEC, UI)
     assert status.env_wins and status.source == "env[4].value"
