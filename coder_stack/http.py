@@ -7,7 +7,8 @@ or not), one place for timeouts, retries and redaction would be lost.
 - Retries only for what is retriable, bounded, in the transport (so the openai SDK runs with
   ``max_retries=0``): connection refused while a server starts, 503, 429 honouring ``Retry-After``.
 - Redaction: a log filter on the ``httpx`` and ``openai`` loggers strips ``Authorization`` headers and any
-  query string carrying a key (LiteLLM's ``/key/info?key=`` is the one URL that holds a key).
+  query string carrying a key (LiteLLM's ``/key/info?key=`` is the one URL that holds a key); on
+  ``kubernetes_asyncio``'s REST client it withholds the values of every Secret in a logged response body.
 """
 
 from __future__ import annotations
@@ -40,10 +41,64 @@ def scrub_url(url: str | httpx.URL) -> str:
     return str(u.copy_with(query=None, fragment=None, username=None, password=None))
 
 
+WITHHELD = "<withheld>"
+_LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+
+
+def _withhold_secret(obj: dict[str, object]) -> None:
+    """Blank a Secret object's values in place: ``data``/``stringData`` (base64 or plain) and the
+    last-applied annotation that repeats them. Key names stay (they are not secret and help reading a log)."""
+    for field in ("data", "stringData"):
+        values = obj.get(field)
+        if isinstance(values, dict):
+            obj[field] = dict.fromkeys(values, WITHHELD)
+        elif values is not None:
+            obj[field] = WITHHELD
+    meta = obj.get("metadata")
+    annotations = meta.get("annotations") if isinstance(meta, dict) else None
+    if isinstance(annotations, dict) and _LAST_APPLIED in annotations:
+        annotations[_LAST_APPLIED] = WITHHELD
+
+
+def _withhold_secrets_in(value: object) -> object:
+    """Every Secret in a decoded API body, wherever it sits (an object, a SecretList's items, an event's
+    object), with its values withheld."""
+    if isinstance(value, list):
+        return [_withhold_secrets_in(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    out = {k: _withhold_secrets_in(v) for k, v in value.items()}
+    if out.get("kind") == "Secret":
+        _withhold_secret(out)
+    elif out.get("kind") == "SecretList" and isinstance(items := out.get("items"), list):
+        for item in items:
+            if isinstance(item, dict):
+                _withhold_secret(item)
+    return out
+
+
+def redact_api_body(body: object) -> object:
+    """A Kubernetes API body fit for a log: Secret values withheld. kubernetes_asyncio's REST client logs
+    every response body at DEBUG (``response body: %s`` with the raw bytes), so reading a Secret would put
+    its data, base64-encoded, into the log. A body that is not JSON and mentions a Secret is withheld whole."""
+    if not isinstance(body, (bytes, bytearray, str)):
+        return body
+    text = body.decode("utf-8", "replace") if isinstance(body, (bytes, bytearray)) else body
+    try:
+        decoded = json.loads(text)
+    except ValueError:
+        return f"{WITHHELD} ({len(text)} characters, not JSON)" if "Secret" in text else text
+    return json.dumps(_withhold_secrets_in(decoded), separators=(",", ":"))
+
+
 class RedactingFilter(logging.Filter):
-    """Rewrites log records so that no auth header, key or key-bearing query string reaches a handler."""
+    """Rewrites log records so that no auth header, key, key-bearing query string or Secret value reaches
+    a handler."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("kubernetes_asyncio") and record.args:
+            args = record.args if isinstance(record.args, tuple) else (record.args,)
+            record.args = tuple(redact_api_body(a) for a in args)
         try:
             message = record.getMessage()
         except (TypeError, ValueError):
@@ -56,7 +111,17 @@ class RedactingFilter(logging.Filter):
 
 
 _FILTER = RedactingFilter()
-_FILTERED_LOGGERS = ("httpx", "httpcore", "openai", "openai._base_client")
+# A logger's filters see only the records made on that very logger (not its children's), so each is named:
+# kubernetes_asyncio's REST client logs response bodies (Secrets among them) at DEBUG, its kubeconfig
+# loader logs what it tries.
+_FILTERED_LOGGERS = (
+    "httpx",
+    "httpcore",
+    "openai",
+    "openai._base_client",
+    "kubernetes_asyncio.client.rest",
+    "kubernetes_asyncio.config.kube_config",
+)
 
 
 def install_log_redaction() -> None:

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,68 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(5)
 
 
+class _Signals:
+    """SIGINT, SIGTERM and SIGHUP end the demo the same way: the first one raises KeyboardInterrupt where the
+    demo is (so every ``finally`` runs and the Prefect server and the sim are stopped), later ones are ignored
+    while it cleans up. Python's default SIGTERM ends the process at once, leaving the Prefect server (in its
+    own session) running. In a ``critical`` section (starting the server: the process exists before ``Popen``
+    returns) a signal is held and raised when the section ends."""
+
+    HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._critical = False
+        self._pending = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        for sig in self.HANDLED:
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.received is not None:
+            return  # already stopping: let the clean-up finish
+        self.received = signum
+        if self._critical:
+            self._pending = True
+            return
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def critical(self) -> Iterator[None]:
+        self._critical = True
+        try:
+            yield
+        finally:
+            self._critical = False
+        if self._pending:
+            self._pending = False
+            raise KeyboardInterrupt
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.received if self.received is not None else 130
+
+
 def run_demo(home: Path, time_scale: float = 0.005, keep_ui: bool = False) -> int:
+    """The demo; whatever signal among SIGINT, SIGTERM and SIGHUP ends it, the Prefect server and the
+    simulated cluster it started are stopped before it returns (exit code 128 + the signal)."""
+    with _Signals() as signals:
+        try:
+            return _run_demo(home, time_scale, keep_ui, signals)
+        except KeyboardInterrupt:
+            name = signal.Signals(signals.received).name if signals.received else "an interrupt"
+            console.print(f"[bold]demo stopped by {name}[/]: the Prefect server and the simulated cluster are stopped")
+            return signals.exit_code
+
+
+def _run_demo(home: Path, time_scale: float, keep_ui: bool, signals: _Signals) -> int:
     from prefect.settings import (
         PREFECT_API_URL,
         PREFECT_HOME,
@@ -92,8 +154,10 @@ def run_demo(home: Path, time_scale: float = 0.005, keep_ui: bool = False) -> in
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
     console.print(f"[bold]1/4[/] starting a local Prefect server on 127.0.0.1:{port} (database in {home / 'prefect'})")
-    server = _start_server(home, port)
+    server: subprocess.Popen[bytes] | None = None
     try:
+        with signals.critical():
+            server = _start_server(home, port)
         _wait_healthy(api, server)
         console.print(
             f"[bold]2/4[/] starting the simulated cluster (time scale {time_scale}: 10 min -> {600 * time_scale:.0f} s)"
@@ -106,8 +170,10 @@ def run_demo(home: Path, time_scale: float = 0.005, keep_ui: bool = False) -> in
         ):
             kubeconfig = home / "sim.kubeconfig"
             sim.write_kubeconfig(kubeconfig)
-            state: Any = asyncio.run(_run_validate(kubeconfig))
-            _drain_prefect_workers()
+            try:
+                state: Any = asyncio.run(_run_validate(kubeconfig))
+            finally:
+                _drain_prefect_workers()  # also when interrupted: the server must still be up for it
             ok = state.is_completed()
             flow_run_id = state.state_details.flow_run_id
             report = state.result(raise_on_failure=False) if ok else None
@@ -118,8 +184,9 @@ def run_demo(home: Path, time_scale: float = 0.005, keep_ui: bool = False) -> in
         ui = f"http://127.0.0.1:{port}/runs/flow-run/{flow_run_id}"
         console.print(f"[bold]demo finished in {time.monotonic() - t0:.1f} s[/] ({'passed' if ok else 'FAILED'})")
         if keep_ui:
-            console.print(f"The run in the Prefect UI: {ui}  (Ctrl-C to stop the server)")
+            # Ctrl-C (or SIGTERM) is the way to end this wait, not an error: from the moment it is announced
             with contextlib.suppress(KeyboardInterrupt):
+                console.print(f"The run in the Prefect UI: {ui}  (Ctrl-C to stop the server)")
                 server.wait()
         else:
             console.print(
@@ -129,7 +196,8 @@ def run_demo(home: Path, time_scale: float = 0.005, keep_ui: bool = False) -> in
             )
         return 0 if ok else 1
     finally:
-        _stop(server)
+        if server is not None:
+            _stop(server)
 
 
 def _drain_prefect_workers() -> None:

@@ -50,10 +50,33 @@ class ExecResultLike(Protocol):
 
 ExecFn = Callable[[ApiClient, str, str, list[str], float], "Awaitable[ExecResultLike] | ExecResultLike"]
 
+# Open WebUI's backend/open_webui/config.py builds its OpenAI connections so: the ``;``-separated
+# OPENAI_API_BASE_URLS when set and non-empty, else OPENAI_API_BASE_URL (default https://api.openai.com/v1); the
+# ``;``-separated OPENAI_API_KEYS when set and non-empty, else OPENAI_API_KEY; entries stripped, keys index-aligned
+# with URLs. So OPENAI_API_KEYS wins over OPENAI_API_KEY when both are set. The smoke calls the first connection
+# with the key the app reads for it, resolved in the pod the same way (the key never leaves the pod).
+_OPENWEBUI_CONNECTION = (
+    'if [ -n "${OPENAI_API_BASE_URLS:-}" ]; then u="$OPENAI_API_BASE_URLS"; '
+    'else u="${OPENAI_API_BASE_URL:-https://api.openai.com/v1}"; fi; '
+    'if [ -n "${OPENAI_API_KEYS:-}" ]; then k="$OPENAI_API_KEYS"; else k="${OPENAI_API_KEY:-}"; fi; '
+    'u="${u%%;*}"; k="${k%%;*}"; '
+    "u=$(printf %s \"$u\" | sed 's/^[[:space:]]*//;s/[[:space:]]*$//;s#/*$##'); "
+    "k=$(printf %s \"$k\" | sed 's/^[[:space:]]*//;s/[[:space:]]*$//'); "
+)
 OPENWEBUI_MODELS_CMD = [
     "sh",
     "-c",
-    'curl -s -H "Authorization: Bearer $OPENAI_API_KEY" $OPENAI_API_BASE_URL/models',
+    _OPENWEBUI_CONNECTION + 'curl -s -H "Authorization: Bearer $k" "$u/models"',
+]
+# Which variable the app takes its (first) key from: "OPENAI_API_KEYS:same" (its first entry equals
+# $OPENAI_API_KEY, the variable coder-stack delivers), "OPENAI_API_KEYS:other", "OPENAI_API_KEY" or "none".
+# Compared inside the pod: no key is printed.
+OPENWEBUI_KEY_SOURCE_CMD = [
+    "sh",
+    "-c",
+    _OPENWEBUI_CONNECTION + 'if [ -n "${OPENAI_API_KEYS:-}" ]; then '
+    'if [ "$k" = "${OPENAI_API_KEY:-}" ]; then printf OPENAI_API_KEYS:same; else printf OPENAI_API_KEYS:other; fi; '
+    'elif [ -n "${OPENAI_API_KEY:-}" ]; then printf OPENAI_API_KEY; else printf none; fi',
 ]
 
 
@@ -95,7 +118,7 @@ async def smoke_frontends(
             out = redact(res.stdout or "")
             if res.exit_code != 0:
                 raise SmokeFailed(
-                    f"{who}: curl to $OPENAI_API_BASE_URL/models exited {res.exit_code} "
+                    f"{who}: curl to its first OpenAI connection's /models exited {res.exit_code} "
                     f"({redact(res.stderr or '', limit=200)!r}); can the pod reach the gateway?",
                     hop="frontend",
                 )
@@ -110,9 +133,40 @@ async def smoke_frontends(
                     hop="frontend",
                 )
             ids = [str(m.get("id")) for m in body.get("data") or [] if isinstance(m, dict)]
-            scope_mismatch(ids, ks.models, what=f"{who} (its own OPENAI_API_KEY)", hop="frontend")
+            source = exec_fn(api, ns, fe.selector, OPENWEBUI_KEY_SOURCE_CMD, spec.timeouts.request_s)
+            if inspect.isawaitable(source):
+                source = await source
+            var = (source.stdout or "").strip() if source.exit_code == 0 else ""
+            if var not in ("OPENAI_API_KEYS:same", "OPENAI_API_KEYS:other", "OPENAI_API_KEY", "none"):
+                raise SmokeFailed(
+                    f"{who}: could not tell which variable Open WebUI reads its key from (exit {source.exit_code}); "
+                    "the check needs a shell in its container",
+                    hop="frontend",
+                )
+            if var == "none":
+                raise SmokeFailed(
+                    f"{who}: neither OPENAI_API_KEYS nor OPENAI_API_KEY is set in the pod, so Open WebUI calls the "
+                    f"gateway with no key; deploy/{who} must load OPENAI_API_KEY from the Secret "
+                    f"{spec.openwebui_secret} (run the keys flow to create it)",
+                    hop="frontend",
+                )
+            if var == "OPENAI_API_KEYS:other":
+                raise SmokeFailed(
+                    f"{who}: OPENAI_API_KEYS is set in the pod and Open WebUI reads it in preference to "
+                    "OPENAI_API_KEY (its config.py: OPENAI_API_KEYS wins when both are set), and its first entry is "
+                    f"not the key coder-stack delivers as OPENAI_API_KEY in the Secret {spec.openwebui_secret}: a "
+                    "re-minted or rotated key never reaches the app. Remove OPENAI_API_KEYS from "
+                    f"deploy/{who} (or set it from that Secret's OPENAI_API_KEY) and restart it",
+                    hop="frontend",
+                )
+            reads = "OPENAI_API_KEYS" if var.startswith("OPENAI_API_KEYS") else "OPENAI_API_KEY"
+            scope_mismatch(ids, ks.models, what=f"{who} (the key it reads, from {reads})", hop="frontend")
             checks.append(
-                Check(name=f"{who} pod: /models = key scope", seconds=lap.lap(), detail=", ".join(sorted(ids)))
+                Check(
+                    name=f"{who} pod: /models = key scope (key from {reads})",
+                    seconds=lap.lap(),
+                    detail=", ".join(sorted(ids)),
+                )
             )
             # The curl above uses the pod's $OPENAI_API_KEY. Open WebUI itself uses it only if its environment
             # wins over the connection it stored at first launch (docs: PersistentConfig variables such as
@@ -201,4 +255,4 @@ async def smoke_frontends(
     )
 
 
-__all__ = ["OPENWEBUI_MODELS_CMD", "ExecFn", "smoke_frontends"]
+__all__ = ["OPENWEBUI_KEY_SOURCE_CMD", "OPENWEBUI_MODELS_CMD", "ExecFn", "smoke_frontends"]

@@ -32,7 +32,7 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client import ApiClient
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from coder_stack.errors import NotFound
+from coder_stack.errors import Forbidden, NotFound
 from coder_stack.kubernetes.client import read_config_map, read_secret, write_secret_keys
 from coder_stack.kubernetes.workloads import read_deployment
 from coder_stack.spec import StackSpec
@@ -119,24 +119,44 @@ def _container(dep: client.V1Deployment) -> client.V1Container:
 class _Sources:
     """Secrets and ConfigMaps of one namespace, each read at most once."""
 
-    def __init__(self, api: ApiClient, namespace: str) -> None:
+    def __init__(self, api: ApiClient, namespace: str, deployment: str = "the Deployment") -> None:
         self.api = api
         self.namespace = namespace
+        self.deployment = deployment
         self.assume_exists: str | None = None  # a Secret taken as existing (empty) if it does not
         self._secrets: dict[str, dict[str, SecretStr] | None] = {}
         self._config_maps: dict[str, dict[str, str] | None] = {}
 
     async def secret(self, name: str) -> dict[str, SecretStr] | None:
         if name not in self._secrets:
-            self._secrets[name] = await read_secret(self.api, self.namespace, name)
+            try:
+                self._secrets[name] = await read_secret(self.api, self.namespace, name)
+            except Forbidden as e:
+                raise self._refused("secrets", "Secret", name) from e
         data = self._secrets[name]
         return {} if data is None and name == self.assume_exists else data
 
     async def config_map(self, name: str) -> dict[str, SecretStr] | None:
         if name not in self._config_maps:
-            self._config_maps[name] = await read_config_map(self.api, self.namespace, name)
+            try:
+                self._config_maps[name] = await read_config_map(self.api, self.namespace, name)
+            except Forbidden as e:
+                raise self._refused("configmaps", "ConfigMap", name) from e
         data = self._config_maps[name]
         return None if data is None else {k: SecretStr(v) for k, v in data.items()}
+
+    def _refused(self, plural: str, kind: str, name: str) -> Forbidden:
+        """The flows' ServiceAccount may not read a Secret/ConfigMap the Open WebUI Deployment takes its
+        environment from: say which grant is missing (by name: never all Secrets) and the other way out."""
+        return Forbidden(
+            f"{self.deployment} takes environment variables from the {kind} {self.namespace}/{name}, which may set "
+            f"{PERSISTENT_CONFIG_VAR}, and the cluster refused to get it. Grant it by name in the "
+            f"coder-stack-flows Role of namespace {self.namespace!r} (deployments/rbac.yaml): "
+            f'{{apiGroups: [""], resources: [{plural}], resourceNames: [{name}], verbs: [get]}}; '
+            f"or set {PERSISTENT_CONFIG_VAR}=False in the Deployment's env directly",
+            status=403,
+            resource=f"{plural}/{name}",
+        )
 
 
 async def _from_env(sources: _Sources, env: list[Any]) -> _Found | None:
@@ -200,14 +220,15 @@ async def persistent_config_status(api: ApiClient, spec: StackSpec, name: str) -
 
     The container is the one running the Open WebUI image (else the first). Raises NotFound if the
     Deployment does not exist; Forbidden/ClusterUnavailable from reading it or a Secret/ConfigMap it refers
-    to. A value that cannot be resolved (missing non-optional reference, ``$(VAR)``, fieldRef) counts as
-    "the environment does not win", with the reason saying why.
+    to (a Secret/ConfigMap the flows' ServiceAccount may not get: a Forbidden naming the grant, by name, that
+    deployments/rbac.yaml lacks). A value that cannot be resolved (missing non-optional reference, ``$(VAR)``,
+    fieldRef) counts as "the environment does not win", with the reason saying why.
     """
     ns = spec.experience_namespace
     dep = await read_deployment(api, ns, name)
     c = _container(dep)
     env, env_from = list(c.env or []), list(c.env_from or [])
-    sources = _Sources(api, ns)
+    sources = _Sources(api, ns, f"deploy/{name}")
     found = await _from_env(sources, env) or await _from_env_from(sources, env_from)
     loads_secret = any(
         ef.secret_ref is not None and ef.secret_ref.name == spec.openwebui_secret and not ef.prefix for ef in env_from

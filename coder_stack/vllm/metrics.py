@@ -9,6 +9,7 @@ never guessed: what cannot be read raises :class:`~coder_stack.errors.MetricsUnr
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from datetime import datetime
@@ -18,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from coder_stack.errors import MetricsUnreadable
 from coder_stack.spec import Timeouts
+
+log = logging.getLogger(__name__)
 
 RUNNING = "vllm:num_requests_running"
 WAITING = "vllm:num_requests_waiting"
@@ -40,31 +43,66 @@ class Sample(_Frozen):
     value: float = Field(description="Sample value.")
 
 
-def parse_exposition(text: str) -> list[Sample]:
-    """Every sample of a Prometheus text exposition (comments skipped); a malformed line raises."""
-    out: list[Sample] = []
+class Unparsed(_Frozen):
+    """A line of the exposition that is not a Prometheus sample: skipped, not fatal."""
+
+    line: int = Field(description="1-based line number.")
+    name: str = Field(description="The metric name it starts with, if any ('' when none).")
+    text: str = Field(description="The line, cut to 120 characters (an exposition carries no secret).")
+    why: str = Field(description="What is wrong with it.")
+
+
+class Exposition(_Frozen):
+    """The samples of a Prometheus text exposition, and the lines that did not parse (skipped)."""
+
+    samples: list[Sample] = Field(default_factory=list, description="Every sample that parsed.")
+    unparsed: list[Unparsed] = Field(default_factory=list, description="Lines skipped: not a sample.")
+
+
+_NAME_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*")
+
+
+def _parse_line(line: str) -> Sample | str:
+    """A sample, or why the line is not one."""
+    m = _SAMPLE_RE.match(line)
+    if m is None:
+        return "not a Prometheus sample"
+    labels: dict[str, str] = {}
+    body = m.group("labels") or ""
+    pos = 0
+    while pos < len(body):
+        lm = _LABEL_RE.match(body, pos)
+        if lm is None:
+            return "malformed labels"
+        labels[lm.group(1)] = lm.group(2).replace('\\"', '"').replace("\\n", "\n").replace("\\\\", "\\")
+        pos = lm.end()
+    try:
+        value = float(m.group("value"))
+    except ValueError:
+        return "no numeric value"
+    return Sample(name=m.group("name"), labels=labels, value=value)
+
+
+def parse_exposition(text: str) -> Exposition:
+    """Every sample of a Prometheus text exposition (comments skipped). A line that is not a sample is
+    skipped and noted in ``unparsed`` (one odd line from a newer vLLM or a proxy must not hide the counters
+    that do parse); text with no sample at all is not an exposition and raises."""
+    samples: list[Sample] = []
+    unparsed: list[Unparsed] = []
     for n, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        m = _SAMPLE_RE.match(line)
-        if m is None:
-            raise MetricsUnreadable(f"/metrics line {n} is not a Prometheus sample: {line[:120]!r}")
-        labels: dict[str, str] = {}
-        body = m.group("labels") or ""
-        pos = 0
-        while pos < len(body):
-            lm = _LABEL_RE.match(body, pos)
-            if lm is None:
-                raise MetricsUnreadable(f"/metrics line {n} has malformed labels: {line[:120]!r}")
-            labels[lm.group(1)] = lm.group(2).replace('\\"', '"').replace("\\n", "\n").replace("\\\\", "\\")
-            pos = lm.end()
-        try:
-            value = float(m.group("value"))
-        except ValueError:
-            raise MetricsUnreadable(f"/metrics line {n} has no numeric value: {line[:120]!r}") from None
-        out.append(Sample(name=m.group("name"), labels=labels, value=value))
-    return out
+        parsed = _parse_line(line)
+        if isinstance(parsed, Sample):
+            samples.append(parsed)
+        else:
+            name = _NAME_RE.match(line)
+            unparsed.append(Unparsed(line=n, name=name.group(0) if name else "", text=line[:120], why=parsed))
+    if not samples:
+        first = f": line {unparsed[0].line} is {unparsed[0].why}: {unparsed[0].text!r}" if unparsed else ""
+        raise MetricsUnreadable(f"/metrics holds no Prometheus sample{first}")
+    return Exposition(samples=samples, unparsed=unparsed)
 
 
 class Activity(_Frozen):
@@ -77,10 +115,21 @@ class Activity(_Frozen):
     engine_started: float | None = Field(
         None, description="Earliest vllm:request_success_created (Unix s): changes when the engine restarts."
     )
+    unparsed_lines: int = Field(0, ge=0, description="Lines of /metrics that did not parse and were skipped.")
 
 
-def activity_of(samples: list[Sample], served_model_name: str) -> Activity:
-    """The served model's activity; raises when a gauge or counter it is judged by is missing."""
+_JUDGED = (RUNNING, WAITING, REQUESTS, PROMPT_TOKENS, GENERATION_TOKENS)
+
+
+def activity_of(exposition: Exposition, served_model_name: str) -> Activity:
+    """The served model's activity; raises when a gauge or counter it is judged by is missing, or when a
+    line that did not parse is one of them (a sum over a skipped sample would read as a counter going back)."""
+    for bad in exposition.unparsed:
+        if bad.name in _JUDGED:
+            raise MetricsUnreadable(
+                f"/metrics line {bad.line} ({bad.name}) is {bad.why}: {bad.text!r}; idleness cannot be read"
+            )
+    samples = exposition.samples
     mine = [s for s in samples if s.labels.get("model_name") == served_model_name]
     if not mine:
         names = sorted({s.labels["model_name"] for s in samples if "model_name" in s.labels})
@@ -104,6 +153,7 @@ def activity_of(samples: list[Sample], served_model_name: str) -> Activity:
         requests=round(total(REQUESTS)),
         tokens=round(total(PROMPT_TOKENS) + total(GENERATION_TOKENS)),
         engine_started=min(created) if created else None,
+        unparsed_lines=len(exposition.unparsed),
     )
 
 
@@ -116,7 +166,10 @@ async def read_activity(http: httpx.AsyncClient, base_url: str, served_model_nam
         raise MetricsUnreadable(f"GET /metrics failed: {type(e).__name__}: {e}") from e
     if resp.status_code != 200:
         raise MetricsUnreadable(f"GET /metrics answered {resp.status_code}")
-    return activity_of(parse_exposition(resp.text), served_model_name)
+    exposition = parse_exposition(resp.text)
+    for bad in exposition.unparsed:
+        log.warning("GET %s: skipped line %d (%s): %r", url, bad.line, bad.why, bad.text)
+    return activity_of(exposition, served_model_name)
 
 
 # ---------------------------------------------------------------------------------------- the reading kept
@@ -217,8 +270,10 @@ def _minutes(seconds: float) -> str:
 
 __all__ = [
     "Activity",
+    "Exposition",
     "Reading",
     "Sample",
+    "Unparsed",
     "Verdict",
     "activity_of",
     "judge",

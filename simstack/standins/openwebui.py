@@ -1,7 +1,9 @@
 """Stand-in for Open WebUI (image ``ghcr.io/open-webui/open-webui``).
 
-Reads env like the real app: ``OPENAI_API_BASE_URL`` (or the first of ``OPENAI_API_BASE_URLS``, ``;``-separated),
-``OPENAI_API_KEY`` (or ``OPENAI_API_KEYS``), ``WEBUI_SECRET_KEY`` (generated when empty, as ``start.sh`` does),
+Reads env like the real app (its ``backend/open_webui/config.py``): the ``;``-separated ``OPENAI_API_BASE_URLS``
+when set and non-empty, else ``OPENAI_API_BASE_URL``; the ``;``-separated ``OPENAI_API_KEYS`` when set and non-empty,
+else ``OPENAI_API_KEY`` (so ``OPENAI_API_KEYS`` wins when both are set), entries stripped and index-aligned;
+the stand-in serves the first connection only. ``WEBUI_SECRET_KEY`` (generated when empty, as ``start.sh`` does),
 ``ENABLE_PERSISTENT_CONFIG`` (default true: the connection settings seen at first boot are stored in the app's
 database and win over the environment on later boots; any value but ``true`` makes the environment win),
 ``AIOHTTP_CLIENT_TIMEOUT_MODEL_LIST`` (seconds; how long ``/api/models`` hangs on an unreachable upstream).
@@ -67,10 +69,11 @@ def verify_session(secret: str, token: str) -> dict[str, Any] | None:
     return payload
 
 
-def _first(value: str | None) -> str | None:
-    if value is None:
-        return None
-    return value.split(";")[0].strip() or None
+def _first_of(plural: str | None, singular: str | None) -> str:
+    """The first entry of a ``;``-separated plural variable when it is set and non-empty, else the singular
+    one: how Open WebUI's config.py picks OPENAI_API_KEYS over OPENAI_API_KEY (and the URLs alike)."""
+    value = plural if plural else (singular or "")
+    return value.split(";")[0].strip()
 
 
 class OpenWebUI:
@@ -78,8 +81,11 @@ class OpenWebUI:
         env = run.env
         self.services = services
         self.secret = env.get("WEBUI_SECRET_KEY") or secrets.token_hex(16)
-        base = env.get("OPENAI_API_BASE_URL") or _first(env.get("OPENAI_API_BASE_URLS")) or "https://api.openai.com/v1"
-        key = env.get("OPENAI_API_KEY") or _first(env.get("OPENAI_API_KEYS")) or ""
+        # From the app's source (backend/open_webui/config.py): the plural variable wins when set and non-empty.
+        # GUESS: only the first connection is served (the real app lists the models of every connection).
+        base = _first_of(env.get("OPENAI_API_BASE_URLS"), env.get("OPENAI_API_BASE_URL") or "https://api.openai.com/v1")
+        base = base or "https://api.openai.com/v1"  # config.py: an empty URL entry means OpenAI's
+        key = _first_of(env.get("OPENAI_API_KEYS"), env.get("OPENAI_API_KEY"))
         # Open WebUI's docs (env-configuration, "Important Note on PersistentConfig Environment Variables"):
         # PersistentConfig variables -- OPENAI_API_KEY(S) and OPENAI_API_BASE_URL(S) among them -- are taken
         # from the environment at the first launch and stored; on later starts the stored values are used

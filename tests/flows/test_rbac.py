@@ -15,6 +15,9 @@ from typing import Any
 import pytest
 
 from coder_stack.errors import Forbidden
+from coder_stack.kubernetes.client import ClusterTarget, open_api
+from coder_stack.spec import StackSpec
+from coder_stack.usecases.openwebui import persistent_config_status
 from flows.bring_up import bring_up
 from flows.keys import KeyOptions, manage_keys, report_spend
 from flows.reclaim import reclaim_idle_models
@@ -190,3 +193,39 @@ async def test_a_cluster_without_the_node_grant_still_works_from_the_spec(rbac_s
 def test_every_rbac_resource_exists_in_the_api() -> None:
     for _ns, _g, resource, _v, _n in granted(rbac_docs()):
         assert resource.partition("/")[0] in PLURAL, resource
+
+
+# ------------------------------------------------------------------ what persistent_config_status reads
+@pytest.mark.parametrize(
+    ("env_from", "plural", "name"),
+    [
+        ({"configMapRef": {"name": "ui-settings"}}, "configmaps", "ui-settings"),
+        ({"secretRef": {"name": "ui-extra"}}, "secrets", "ui-extra"),
+    ],
+)
+async def test_a_secret_or_config_map_open_webui_loads_outside_the_role_is_a_forbidden_naming_the_grant(
+    rbac_sim: SimStack, env_from: dict[str, Any], plural: str, name: str
+) -> None:
+    """The Role grants Open WebUI's own Secret by name only; a Deployment that loads another Secret or a
+    ConfigMap (where ENABLE_PERSISTENT_CONFIG may be set) cannot be resolved: the error names the exact rule
+    to add (by name, never every Secret) or the other way out, not a bare 403."""
+    sim = rbac_sim
+    spec = StackSpec()
+
+    def load_more(store: Store) -> None:
+        d = store.get("deployments", spec.experience_namespace, "open-webui")
+        c = d["spec"]["template"]["spec"]["containers"][0]
+        c["env"] = [e for e in c.get("env") or [] if e["name"] != "ENABLE_PERSISTENT_CONFIG"]
+        c["envFrom"] = [env_from]
+        store.update("deployments", d)
+
+    sim.call(load_more, sim.store)
+    async with open_api(ClusterTarget(kubeconfig=str(sim.kubeconfig_path))) as api:
+        with pytest.raises(Forbidden) as info:
+            await persistent_config_status(api, spec, "open-webui")
+    msg = str(info.value)
+    assert f"{plural}/{name}" == info.value.resource
+    assert f"resources: [{plural}], resourceNames: [{name}], verbs: [get]" in msg, msg
+    assert "deploy/open-webui" in msg and "ENABLE_PERSISTENT_CONFIG=False" in msg
+    refused = [(v, r, n) for v, r, _ns, n, ok in sim.authorizer.calls if not ok]
+    assert refused == [("get", plural, name)]

@@ -227,10 +227,36 @@ async def test_persistence_off_the_app_follows_the_new_key_and_the_smoke_passes(
     assert await app_models(env) == FULL
 
     res = await smoke(env)
-    assert res.checks[0].detail == ", ".join(FULL)
+    assert res.checks[0].detail == ", ".join(FULL) and res.checks[0].name.endswith("(key from OPENAI_API_KEY)")
     assert PERSISTENT_CONFIG_VAR in res.checks[1].name
     status = await persistent_config_status(env.api, SPEC, UI)
     assert status.env_wins and status.source == "env[4].value"
+
+
+async def test_openai_api_keys_wins_over_the_delivered_openai_api_key_and_the_smoke_names_it(env: Env) -> None:
+    """Open WebUI's config.py reads OPENAI_API_KEYS when it is set and non-empty, OPENAI_API_KEY only otherwise.
+    A Deployment that also sets OPENAI_API_KEYS (here to key A, coder-chat only) keeps the app on A whatever
+    coder-stack delivers as OPENAI_API_KEY (key B, full scope): the smoke must not pass on B, and names the
+    variable the app reads."""
+    use_deployment(env.sim)
+    a = await mint(env, "open-webui-old", CHAT_ONLY)
+    b = await mint(env, "open-webui", FULL)
+    await deliver(env, b.key)
+
+    def _add_keys(store: Store) -> None:
+        d = store.get("deployments", EXP, UI)
+        c = d["spec"]["template"]["spec"]["containers"][0]
+        c["env"].append({"name": "OPENAI_API_KEYS", "value": a.key.get_secret_value()})
+        store.update("deployments", d)
+
+    on_loop(env.sim, _add_keys)
+    start_ui(env)
+    assert await app_models(env) == CHAT_ONLY  # the app calls with A (OPENAI_API_KEYS), not B
+    with pytest.raises(SmokeFailed) as ei:
+        await smoke(env)
+    msg = str(ei.value)
+    assert ei.value.hop == "frontend" and "OPENAI_API_KEYS is set in the pod" in msg
+    assert a.key.get_secret_value() not in msg and b.key.get_secret_value() not in msg
 
 
 # ---------------------------------------------------------------------------------------------- (c) resolver

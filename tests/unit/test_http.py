@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -118,3 +119,18 @@ async def test_httpx_log_lines_never_carry_a_key_in_the_url_or_header(caplog: py
     logging.getLogger("openai._base_client").debug("Request options: %s", {"headers": {"Authorization": SECRET}})
     assert any("/key/info" in r.getMessage() for r in caplog.records)
     assert all(SECRET not in r.getMessage() for r in caplog.records)
+
+
+def test_api_bodies_withhold_secret_values_in_objects_lists_and_non_json() -> None:
+    from coder_stack.http import redact_api_body
+
+    applied = {"kubectl.kubernetes.io/last-applied-configuration": '{"data":{"k":"c2VjcmV0"}}'}
+    secret = {"kind": "Secret", "metadata": {"name": "s", "annotations": applied}, "data": {"k": "c2VjcmV0"}}
+    listed = {"kind": "SecretList", "items": [{"metadata": {"name": "s"}, "data": {"k": "c2VjcmV0"}}]}
+    event = {"type": "ADDED", "object": {"kind": "Secret", "stringData": {"k": "secret"}}}
+    for body in (secret, listed, event):
+        out = str(redact_api_body(json.dumps(body).encode()))
+        assert "c2VjcmV0" not in out and '"secret"' not in out and '"k":"<withheld>"' in out
+    cm = {"kind": "ConfigMap", "data": {"k": "visible"}}
+    assert "visible" in str(redact_api_body(json.dumps(cm)))
+    assert "c2VjcmV0" not in str(redact_api_body(b'Secret {"data": c2VjcmV0'))

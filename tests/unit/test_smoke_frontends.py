@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,7 +15,7 @@ from pydantic import SecretStr
 import coder_stack.usecases.frontends as smoke_mod
 from coder_stack.errors import EndpointUnavailable, SmokeFailed, SpecError
 from coder_stack.spec import FrontendSpec, StackSpec
-from coder_stack.usecases.frontends import OPENWEBUI_MODELS_CMD, smoke_frontends
+from coder_stack.usecases.frontends import OPENWEBUI_KEY_SOURCE_CMD, OPENWEBUI_MODELS_CMD, smoke_frontends
 from coder_stack.usecases.keys import render_tabby_config
 from coder_stack.usecases.openwebui import PERSISTENT_CONFIG_PROBE_CMD
 from tasks import gateway as gateway_tasks
@@ -31,14 +34,20 @@ class Res:
     stderr: str = ""
 
 
-def exec_returning(res: Res, seen: list[Any], persistent_config: Res | None = None) -> Any:
-    """An exec that answers the curl with ``res`` and the ENABLE_PERSISTENT_CONFIG probe with
-    ``persistent_config`` (default: set to False, so the environment wins)."""
+def exec_returning(
+    res: Res, seen: list[Any], persistent_config: Res | None = None, key_source: Res | None = None
+) -> Any:
+    """An exec that answers the curl with ``res``, the ENABLE_PERSISTENT_CONFIG probe with ``persistent_config``
+    (default: set to False, so the environment wins) and the key-variable probe with ``key_source`` (default:
+    only OPENAI_API_KEY is set)."""
     probe = persistent_config or Res(0, "set:False")
+    source = key_source or Res(0, "OPENAI_API_KEY")
 
     async def fn(api: Any, namespace: str, selector: str, command: list[str], timeout_s: float) -> Res:
         seen.append((namespace, selector, command))
-        return probe if command == PERSISTENT_CONFIG_PROBE_CMD else res
+        if command == PERSISTENT_CONFIG_PROBE_CMD:
+            return probe
+        return source if command == OPENWEBUI_KEY_SOURCE_CMD else res
 
     return fn
 
@@ -53,11 +62,89 @@ async def test_openwebui_is_asked_from_inside_its_pod_with_its_own_env() -> None
     res = await smoke_frontends(NO_API, SPEC, ok, "http://gw", tabby=False)
     assert seen == [
         ("experience", "app.kubernetes.io/name=open-webui", OPENWEBUI_MODELS_CMD),
+        ("experience", "app.kubernetes.io/name=open-webui", OPENWEBUI_KEY_SOURCE_CMD),
         ("experience", "app.kubernetes.io/name=open-webui", PERSISTENT_CONFIG_PROBE_CMD),
     ]
-    assert "$OPENAI_API_KEY" in OPENWEBUI_MODELS_CMD[2] and "$OPENAI_API_BASE_URL/models" in OPENWEBUI_MODELS_CMD[2]
     assert res.checks[0].detail == "coder-chat, coder-fim, embeddings"
+    assert res.checks[0].name.endswith("(key from OPENAI_API_KEY)")
     assert "ENABLE_PERSISTENT_CONFIG" in res.checks[1].name
+
+
+# ------------------------------------------------- which variable Open WebUI reads its key from
+# Open WebUI's backend/open_webui/config.py: OPENAI_API_KEYS (";"-separated, index-aligned with
+# OPENAI_API_BASE_URLS) when set and non-empty, else OPENAI_API_KEY; likewise OPENAI_API_BASE_URLS over
+# OPENAI_API_BASE_URL. The commands are run here by a real sh, with a curl that prints what it was given.
+FAKE_CURL = """#!/bin/sh
+for a in "$@"; do printf '%s\\n' "$a"; done
+"""
+
+
+def run_in_pod(command: list[str], env: dict[str, str], tmp_path: Path) -> str:
+    (tmp_path / "curl").write_text(FAKE_CURL)
+    (tmp_path / "curl").chmod(0o755)
+    path = f"{tmp_path}:{os.environ.get('PATH', '/usr/bin:/bin')}"
+    out = subprocess.run(command, env={"PATH": path, **env}, capture_output=True, text=True, check=True, timeout=30)
+    return out.stdout
+
+
+OLD = "sk-old-in-openai-api-key"
+NEW = "sk-new-in-openai-api-keys"
+
+
+@pytest.mark.parametrize(
+    ("env", "header", "url", "source"),
+    [
+        ({"OPENAI_API_KEY": OLD, "OPENAI_API_BASE_URL": "http://gw/v1"}, OLD, "http://gw/v1", "OPENAI_API_KEY"),
+        (  # both set: OPENAI_API_KEYS wins, its first entry (stripped) for the first URL
+            {"OPENAI_API_KEY": OLD, "OPENAI_API_KEYS": f" {NEW} ;sk-second", "OPENAI_API_BASE_URL": "http://gw/v1"},
+            NEW,
+            "http://gw/v1",
+            "OPENAI_API_KEYS:other",
+        ),
+        (  # OPENAI_API_BASE_URLS wins over OPENAI_API_BASE_URL likewise
+            {
+                "OPENAI_API_KEYS": OLD,
+                "OPENAI_API_KEY": OLD,
+                "OPENAI_API_BASE_URLS": "http://gw2/v1/;http://x/v1",
+                "OPENAI_API_BASE_URL": "http://gw/v1",
+            },
+            OLD,
+            "http://gw2/v1",
+            "OPENAI_API_KEYS:same",
+        ),
+        ({"OPENAI_API_KEYS": "", "OPENAI_API_KEY": OLD}, OLD, "https://api.openai.com/v1", "OPENAI_API_KEY"),
+        ({}, "", "https://api.openai.com/v1", "none"),
+    ],
+)
+def test_the_smoke_calls_with_the_key_and_url_the_app_reads(
+    env: dict[str, str], header: str, url: str, source: str, tmp_path: Path
+) -> None:
+    args = run_in_pod(OPENWEBUI_MODELS_CMD, env, tmp_path).splitlines()
+    assert args == ["-s", "-H", f"Authorization: Bearer {header}", f"{url}/models"]
+    assert run_in_pod(OPENWEBUI_KEY_SOURCE_CMD, env, tmp_path) == source
+    assert OLD not in run_in_pod(OPENWEBUI_KEY_SOURCE_CMD, env, tmp_path)  # the probe prints no key
+
+
+async def test_openwebui_reading_another_key_from_openai_api_keys_fails_naming_the_variable() -> None:
+    """The key delivered as OPENAI_API_KEY is not what the app uses when OPENAI_API_KEYS says otherwise: a
+    passing /models with that other key would prove nothing about a rotation."""
+    ok = exec_returning(
+        Res(0, models_json("coder-chat", "coder-fim", "embeddings")), [], key_source=Res(0, "OPENAI_API_KEYS:other")
+    )
+    with pytest.raises(SmokeFailed) as ei:
+        await smoke_frontends(NO_API, SPEC, ok, "http://gw", tabby=False)
+    msg = str(ei.value)
+    assert ei.value.hop == "frontend"
+    assert "OPENAI_API_KEYS is set in the pod" in msg and "wins when both are set" in msg
+    assert "Remove OPENAI_API_KEYS from deploy/open-webui" in msg
+
+
+async def test_openwebui_reading_the_delivered_key_from_openai_api_keys_passes_and_says_so() -> None:
+    ok = exec_returning(
+        Res(0, models_json("coder-chat", "coder-fim", "embeddings")), [], key_source=Res(0, "OPENAI_API_KEYS:same")
+    )
+    res = await smoke_frontends(NO_API, SPEC, ok, "http://gw", tabby=False)
+    assert res.checks[0].name.endswith("(key from OPENAI_API_KEYS)")
 
 
 @pytest.mark.parametrize("probe", ["unset", "set:True", "set:TRUE"])

@@ -3,13 +3,16 @@ activity read from it, what is missing refused, and the idle verdict against a k
 
 from __future__ import annotations
 
+import logging
 import re
 from datetime import UTC, datetime, timedelta
 
+import httpx
 import pytest
 
 from coder_stack.errors import MetricsUnreadable
-from coder_stack.vllm.metrics import Activity, Reading, activity_of, judge, parse_exposition
+from coder_stack.spec import Timeouts
+from coder_stack.vllm.metrics import Activity, Reading, activity_of, judge, parse_exposition, read_activity
 from simstack.recordings import VLLM, exchange
 
 RECORDED = exchange(VLLM, "metrics").body
@@ -27,7 +30,7 @@ def without(text: str, name: str) -> str:
 
 
 def test_the_recorded_exposition_parses_with_its_labels() -> None:
-    samples = parse_exposition(RECORDED)
+    samples = parse_exposition(RECORDED).samples
     running = [s for s in samples if s.name == "vllm:num_requests_running"]
     assert [s.labels for s in running] == [{"engine": "0", "model_name": SERVED}]
     success = {s.labels["finished_reason"]: s.value for s in samples if s.name == "vllm:request_success_total"}
@@ -59,6 +62,55 @@ def test_a_missing_gauge_or_counter_is_unreadable(name: str) -> None:
 def test_another_served_name_is_unreadable_and_names_what_it_saw() -> None:
     with pytest.raises(MetricsUnreadable, match=re.escape(SERVED)):
         activity_of(parse_exposition(RECORDED), "qwen2.5-coder-1.5b")
+
+
+# One line a newer vLLM, a sidecar or a proxy writes differently: an OpenMetrics exemplar after a bucket, a
+# label value with an unescaped quote, a value that is not a number. Each is skipped; the rest is read.
+BROKEN = [
+    f'vllm:request_prompt_tokens_bucket{{engine="0",le="1.0",model_name="{SERVED}"}} 0.0 # {{trace_id="ab"}} 1.0',
+    'vllm:cache_config_info{block_size="16",note="say "hi""} 1.0',
+    f'vllm:gpu_cache_usage_perc{{model_name="{SERVED}"}} n/a',
+]
+
+
+def inserted(text: str, line: str, after: str = "vllm:num_requests_waiting{") -> str:
+    """``text`` with ``line`` put right after the first line starting with ``after``."""
+    lines = text.splitlines()
+    at = next(i for i, x in enumerate(lines) if x.startswith(after)) + 1
+    return "\n".join([*lines[:at], line, *lines[at:]])
+
+
+@pytest.mark.parametrize("broken", BROKEN)
+def test_one_unparseable_line_is_skipped_and_the_counters_are_still_read(broken: str) -> None:
+    exposition = parse_exposition(inserted(RECORDED, broken))
+    assert [u.text for u in exposition.unparsed] == [broken]
+    assert len(exposition.samples) == len(parse_exposition(RECORDED).samples)
+    a = activity_of(exposition, SERVED)
+    assert (a.running, a.waiting, a.requests, a.tokens) == (0, 0, 14, 1354 + 453)
+    assert a.unparsed_lines == 1
+
+
+def test_an_unparseable_line_of_a_judged_counter_is_unreadable_not_skipped() -> None:
+    # a request_success_total sample lost to a parse error would read as the counter going back: refuse it
+    line = f'vllm:request_success_total{{engine="0",finished_reason="stop",model_name="{SERVED}"}} 7.0.0'
+    text = inserted(without(RECORDED, "vllm:request_success_total"), line)
+    with pytest.raises(MetricsUnreadable, match=r"vllm:request_success_total\) is no numeric value"):
+        activity_of(parse_exposition(text), SERVED)
+
+
+async def test_read_activity_skips_and_logs_the_unparseable_line(caplog: pytest.LogCaptureFixture) -> None:
+    body = inserted(RECORDED, BROKEN[0])
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, text=body))
+    async with httpx.AsyncClient(transport=transport) as http:
+        with caplog.at_level(logging.WARNING, logger="coder_stack.vllm.metrics"):
+            a = await read_activity(http, "http://coder-chat:8000", SERVED, Timeouts())
+    assert (a.requests, a.unparsed_lines) == (14, 1)
+    assert [r.getMessage() for r in caplog.records if "skipped line" in r.getMessage()] == [
+        f"GET http://coder-chat:8000/metrics: skipped line {BROKEN_AT} (not a Prometheus sample): {BROKEN[0]!r}"
+    ]
+
+
+BROKEN_AT = next(i for i, x in enumerate(RECORDED.splitlines(), 1) if x.startswith("vllm:num_requests_waiting{")) + 1
 
 
 @pytest.mark.parametrize("text", ["<html>502 Bad Gateway</html>", 'vllm:x{model_name="a" 1.0', "vllm:x{} nan-ish"])
