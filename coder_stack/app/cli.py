@@ -312,8 +312,9 @@ def cleanup(
     credentials_block: CredentialsBlockOpt = None,
 ) -> None:
     """Free the GPU a dead run left: scale to 0 the models it holds, wait until the pods are gone, free its GPU
-    slot. A run still sending heartbeats is left alone. Without the stack and cluster options, the dead run's
-    own (from its parameters)."""
+    slot. A run still sending heartbeats is left alone: it decides once one heartbeat interval (plus 10 s) has
+    passed since the run was marked dead, so it may wait up to ~40 s. Each model is changed only while it is still
+    stamped with the dead run. Without the stack and cluster options, the dead run's own (from its parameters)."""
     from coder_stack.orchestration.liveness import parse_run_id
     from flows.cleanup import clean_up_crashed_run
 
