@@ -8,31 +8,40 @@ ends Crashed — its process was SIGKILLed, OOM-killed or lost with its node, an
 It scales to 0 the models the dead run holds (stamped ``coder-stack.io/held-by`` with its id), never one a
 live run has taken over, waits until their pods are gone, frees the run's GPU slot if it still holds one,
 and publishes what it found. It never takes the GPU limit, so it runs while another session holds the GPU;
-safe to run twice (the second finds nothing). A run that is still alive is left alone.
+safe to run twice (the second finds nothing). A run that is still alive is left alone: it decides only once the
+server's clock reads the dead mark plus ``settle_s`` (one heartbeat interval plus 10 s), and a heartbeat received
+after the mark proves the run alive. Every change to a model is conditional on the stamp it read (a JSON patch
+``test`` op), so a session that took the model over since keeps it.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.states import Crashed
 
-from coder_stack.errors import PermanentError
+from coder_stack.errors import CoderStackError, PermanentError
 from coder_stack.kubernetes.client import cluster_session, open_api
 from coder_stack.orchestration.gpu import GPU_LIMIT
 from coder_stack.orchestration.liveness import (
+    CLEANUP_FLOW,
+    CRASH_SETTLE_S,
     HEARTBEAT_S,
     SILENT_AFTER_S,
     RunLiveness,
+    heartbeat_after,
     parse_run_id,
     read_liveness,
     release_lease_of,
+    server_now,
 )
 from coder_stack.report import RunReport
-from coder_stack.usecases.holders import clear_held, held_by
-from flows.common import Connection, guarded, logger, release
+from coder_stack.spec import ModelSpec
+from coder_stack.usecases.holders import held_by, release_held
+from flows.common import Connection, guarded, logger
 
 # The flows that hold the GPU: the crash automation watches these (and prefect.yaml's trigger lists them).
 GPU_FLOWS = ("validate_coder_stack", "swap_model", "bring_up", "reclaim_idle_models")
@@ -42,20 +51,24 @@ class CleanupIncomplete(PermanentError):
     """A dead run's model could not be scaled down (its pods are still there)."""
 
 
-@flow(name="clean_up_crashed_run", log_prints=False)
-async def clean_up_crashed_run(crashed_run: str, connection: Connection | None = None) -> RunReport:
+@flow(name=CLEANUP_FLOW, log_prints=False)
+async def clean_up_crashed_run(
+    crashed_run: str, connection: Connection | None = None, settle_s: float = CRASH_SETTLE_S
+) -> RunReport:
     """Scale to 0 what a dead run holds, wait until the pods are gone, free its GPU slot; report what was found.
 
     Args:
         crashed_run: The crashed flow run's id (the trigger passes its event resource id, prefect.flow-run.<id>).
         connection: Which cluster and stack; empty: the dead run's own (from its parameters).
+        settle_s: How long after the run was marked dead (by the server's clock) a heartbeat received from it
+            still proves it alive; the clean-up decides only then. Default: one heartbeat interval plus 10 s.
     """
     run_id = parse_run_id(crashed_run)
     report = RunReport(flow="clean_up_crashed_run")
     async with guarded(report, "crash-cleanup", "clean_up_crashed_run", final_state_of=None):
         report.step(f"read flow run {run_id}")
         live = await read_liveness(run_id)
-        verdict = await _verdict(live)
+        verdict = await _verdict(live, settle_s)
         report.notes.append(f"found: {live.label()} {verdict}")
         logger().info("Flow run %s %s.", live.label(), verdict)
         if not verdict.startswith("dead"):
@@ -63,51 +76,68 @@ async def clean_up_crashed_run(crashed_run: str, connection: Connection | None =
             return report
         conn = connection or _connection_of(live)
         spec, target = await conn.resolve()
+        freed: list[str] = []
         async with cluster_session(target):
             report.step("find the models the dead run holds")
             async with open_api(target) as api:
                 held = await held_by(api, spec, str(run_id))
-            serving = [m for m, st in held if st.replicas or st.pods]
-            if serving:
-                names = ", ".join(m.name for m in serving)
-                report.step(f"scale {names} to 0 and wait until the pods are gone")
-                outcome = await release(target, spec, serving, [])
-                report.notes += [f"{k}: {v}" for k, v in outcome.items()]
-                bad = {k: v for k, v in outcome.items() if not v.startswith("scaled to 0") or "still has pods" in v}
-                if bad:
-                    raise CleanupIncomplete(
-                        f"the dead run's {', '.join(bad)} could not be scaled down: "
-                        + "; ".join(f"{k}: {v}" for k, v in bad.items())
-                        + ". Run `coder-stack down`, then check the cluster"
-                    )
-            else:
-                report.notes.append("it holds no serving model (none stamped with its id, or already at 0)")
-            async with open_api(target) as api:
-                for m, _ in held:
-                    await clear_held(api, spec, m)
+                serving = [m for m, st in held if st.replicas or st.pods]
+                if serving:
+                    report.step(f"scale {', '.join(m.name for m in serving)} to 0 and wait until the pods are gone")
+                else:
+                    report.notes.append("it holds no serving model (none stamped with its id, or already at 0)")
+                # Each change only while the model is still stamped with the dead run's id: a session that took
+                # the GPU since (the dead run's lease expired) and stamped the model keeps it.
+                outcome: dict[str, str] = {}
+                bad: dict[str, str] = {}
+
+                async def one(m: ModelSpec, up: bool) -> None:
+                    try:
+                        outcome[m.name] = await release_held(api, spec, m, str(run_id), serving=up)
+                    except CoderStackError as e:
+                        bad[m.name] = outcome[m.name] = f"still has pods: {e}"
+
+                await asyncio.gather(*(one(m, m in serving) for m, _ in held))
+            report.notes += [f"{k}: {v}" for k, v in outcome.items() if k in {m.name for m in serving}]
+            if bad:
+                raise CleanupIncomplete(
+                    f"the dead run's {', '.join(bad)} could not be scaled down: "
+                    + "; ".join(f"{k}: {v}" for k, v in bad.items())
+                    + ". Run `coder-stack down`, then check the cluster"
+                )
+            freed = [k for k, v in outcome.items() if v.startswith("scaled to 0") and "then taken over" not in v]
         report.step("free its GPU slot")
         slot = await release_lease_of(live, GPU_LIMIT)
         report.notes.append(slot)
-        freed = [m.name for m in serving]
         report.finish(
             "passed: " + (f"{', '.join(freed)} scaled to 0" if freed else "no model left") + f"; {slot.split(' (')[0]}"
         )
         return report
 
 
-async def _verdict(live: RunLiveness) -> str:
-    """``dead: …`` when the run's process is gone (and it is marked Crashed), else why it is left alone."""
+async def _verdict(live: RunLiveness, settle_s: float) -> str:
+    """``dead: …`` when the run's process is gone, else why it is left alone.
+
+    A run marked dead (Crashed by the automation, or Failed/Cancelled) is judged only once the server's clock
+    reads the mark plus ``settle_s``: a heartbeat the server receives after the mark proves it alive (the
+    automation acts on missing events, not on a dead process: a lagging server marks live runs Crashed)."""
     age = "none seen" if live.heartbeat_age_s is None else f"last {live.heartbeat_age_s:.0f} s ago"
-    if live.state == "CRASHED":
-        if live.heartbeats_after(live.state_at):
+    if live.state in {"CRASHED", "FAILED", "CANCELLED"} and live.state_at is not None:
+        beat = await heartbeat_after(live.run_id, live.state_at, settle_s)
+        if beat is not None:
             return (
-                f"alive: marked Crashed but still sending heartbeats (heartbeat {age}); nothing done — "
-                "cancel it from the Prefect UI to stop it"
+                f"alive: marked {live.state} but a heartbeat came after the mark (received {beat:%H:%M:%S} UTC); "
+                "nothing done — cancel it from the Prefect UI to stop it"
             )
-        return f"dead: Crashed ({live.state_message or 'no message'}; heartbeat {age})"
+        return f"dead: {live.state} ({live.state_message or 'no message'}; heartbeat {age}, none since the mark)"
     if live.final:
-        return f"ended {live.state}: its own clean-up ran; nothing to do"
+        return f"ended {live.state}: its models are what it left; nothing to do"
     if live.silent:
+        async with get_client() as client:
+            mark = await server_now(client)
+        beat = await heartbeat_after(live.run_id, mark, settle_s)
+        if beat is not None:
+            return f"alive: {live.state}, a heartbeat came after {age}; nothing done"
         async with get_client() as client:
             msg = f"no heartbeat for over {SILENT_AFTER_S} s ({age}): marked Crashed by coder-stack's clean-up"
             await client.set_flow_run_state(live.run_id, Crashed(message=msg), force=True)

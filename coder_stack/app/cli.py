@@ -312,8 +312,9 @@ def cleanup(
     credentials_block: CredentialsBlockOpt = None,
 ) -> None:
     """Free the GPU a dead run left: scale to 0 the models it holds, wait until the pods are gone, free its GPU
-    slot. A run still sending heartbeats is left alone. Without the stack and cluster options, the dead run's
-    own (from its parameters)."""
+    slot. A run still sending heartbeats is left alone: it decides once one heartbeat interval (plus 10 s) has
+    passed since the run was marked dead, so it may wait up to ~40 s. Each model is changed only while it is still
+    stamped with the dead run. Without the stack and cluster options, the dead run's own (from its parameters)."""
     from coder_stack.orchestration.liveness import parse_run_id
     from flows.cleanup import clean_up_crashed_run
 
@@ -388,6 +389,7 @@ def status(
     from rich.table import Table
 
     from coder_stack.orchestration.gpu import gpu_limit_status
+    from coder_stack.usecases.holders import orphaned_models
     from coder_stack.usecases.idle import reclaimed_note
     from flows.cleanup import GPU_FLOWS
     from tasks.cluster import stack_status_task
@@ -396,19 +398,24 @@ def status(
     conn, spec_obj = _connection(stack, kubeconfig, context, stack_block, credentials_block)
     target = conn.cluster_target()
 
-    async def gather() -> tuple[Any, Any, Any]:
+    async def gather() -> tuple[Any, Any, Any, Any]:
         deps = await stack_status_task.fn(target, spec_obj)
         try:
             gpu: Any = await gpu_limit_status(GPU_FLOWS)
         except Exception as e:  # Prefect API down: still show the cluster
             gpu = f"GPU limit: unknown ({type(e).__name__}: is the Prefect API reachable?)"
         try:
+            # serving models stamped with a run that is not alive: nothing scales them down by itself
+            orphans: Any = await orphaned_models(spec_obj, deps)
+        except Exception as e:
+            orphans = f"model holders: unknown ({type(e).__name__}: is the Prefect API reachable?)"
+        try:
             rows: Any = await read_spend_task.fn(target, spec_obj, [k.alias for k in spec_obj.virtual_keys])
         except CoderStackError as e:
             rows = f"spend: unavailable ({e})"
-        return deps, gpu, rows
+        return deps, gpu, orphans, rows
 
-    deps, gpu, rows = _run(gather())
+    deps, gpu, orphans, rows = _run(gather())
     t = Table(title="Deployments")
     for col in ("deployment", "replicas", "ready", "pods"):
         t.add_column(col)
@@ -421,7 +428,9 @@ def status(
             note = reclaimed_note(spec_obj, spec_obj.model(d.name), d.annotations)
             if note:
                 out.print(note)
-    out.print(gpu if isinstance(gpu, str) else gpu.describe())
+    for o in [orphans] if isinstance(orphans, str) else orphans:
+        out.print(Text(o if isinstance(o, str) else o.describe()))
+    out.print(Text(gpu if isinstance(gpu, str) else gpu.describe()))
     if isinstance(rows, str):
         out.print(rows)
     else:

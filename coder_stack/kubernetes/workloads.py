@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client import ApiClient
+from kubernetes_asyncio.client.exceptions import ApiException
 from pydantic import BaseModel, ConfigDict, Field
 
 from coder_stack.errors import NotFound, SpecError
@@ -138,6 +139,49 @@ async def annotate_deployment(api: ApiClient, namespace: str, name: str, annotat
         await apps.patch_namespaced_deployment(name, namespace, body, _request_timeout=API_TIMEOUT)
 
 
+def _annotation_path(key: str) -> str:
+    """The JSON pointer (RFC 6901) of annotation ``key``: ``/`` is written ``~1``, ``~`` is written ``~0``."""
+    return "/metadata/annotations/" + key.replace("~", "~0").replace("/", "~1")
+
+
+async def _patch_if_annotated(
+    api: ApiClient, namespace: str, name: str, key: str, value: str, ops: list[dict[str, object]]
+) -> bool:
+    """Apply the JSON patch ``ops`` (RFC 6902) only while annotation ``key`` reads ``value``: the patch starts with
+    a ``test`` op, so the API server checks and writes in one step (422 Unprocessable when the test fails, also
+    when the annotation is gone). True when written, False when the annotation reads otherwise (nothing changed)."""
+    apps = client.AppsV1Api(api)
+    body = [{"op": "test", "path": _annotation_path(key), "value": value}, *ops]
+    with _deployment_not_found(namespace, name), api_errors("patch", "deployments", namespace, name):
+        try:
+            await apps.patch_namespaced_deployment(name, namespace, body, _request_timeout=API_TIMEOUT)
+        except ApiException as e:
+            if e.status != 422:
+                raise
+            dep = await apps.read_namespaced_deployment(name, namespace, _request_timeout=API_TIMEOUT)
+            if ((dep.metadata.annotations if dep.metadata else None) or {}).get(key) == value:
+                raise  # the test held: the 422 is about something else
+            return False
+    return True
+
+
+async def scale_if_annotated(api: ApiClient, namespace: str, name: str, replicas: int, key: str, value: str) -> bool:
+    """Set spec.replicas to ``replicas`` only while annotation ``key`` reads ``value`` (one conditional patch, see
+    :func:`_patch_if_annotated`). True when written; False when the annotation reads otherwise (nothing changed)."""
+    if replicas < 0:
+        raise SpecError(f"replicas must be 0 or more, got {replicas}")
+    return await _patch_if_annotated(
+        api, namespace, name, key, value, [{"op": "replace", "path": "/spec/replicas", "value": replicas}]
+    )
+
+
+async def unannotate_if(api: ApiClient, namespace: str, name: str, key: str, value: str) -> bool:
+    """Remove annotation ``key`` only while it reads ``value``. True when removed; False when it reads otherwise
+    (or is gone): nothing changed."""
+    remove: dict[str, object] = {"op": "remove", "path": _annotation_path(key)}
+    return await _patch_if_annotated(api, namespace, name, key, value, [remove])
+
+
 async def restart_deployment(api: ApiClient, namespace: str, name: str) -> None:
     """`kubectl rollout restart`: stamp the pod template so the controller replaces the pods."""
     apps = client.AppsV1Api(api)
@@ -159,4 +203,6 @@ __all__ = [
     "read_deployment",
     "restart_deployment",
     "scale",
+    "scale_if_annotated",
+    "unannotate_if",
 ]

@@ -17,14 +17,13 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any
 from uuid import UUID
 
 import httpx
 from prefect.client.orchestration import PrefectClient, get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder, StateType
 from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
 from prefect.concurrency._events import emit_concurrency_acquisition_events, emit_concurrency_release_events
@@ -34,6 +33,7 @@ from pydantic import BaseModel, Field
 
 from coder_stack.errors import GpuLimitMissing, GpuSlotTimeout, RetriableError
 from coder_stack.orchestration.liveness import (
+    FINAL_STATES,
     HEARTBEAT_S,
     SILENT_AFTER_S,
     flow_name_of,
@@ -41,6 +41,8 @@ from coder_stack.orchestration.liveness import (
     liveness_of,
     record_lease,
     require_heartbeats,
+    runs_of,
+    unfinished_runs,
 )
 
 GPU_LIMIT = "tag:gpu"
@@ -70,13 +72,15 @@ class GpuLeaseLost(RetriableError):
 
 
 class GpuHolder(BaseModel):
-    """A running coder-stack flow run, and whether it is alive (its heartbeats) and holds a GPU slot."""
+    """A coder-stack flow run that is running, or ended with its GPU lease not given back: whether it is alive
+    (its heartbeats) and holds a GPU slot."""
 
     run_id: str
     label: str
+    state: str = Field("RUNNING", description="Its state type.")
     heartbeat_age_s: float | None = None
     holds_slot: bool = Field(False, description="The run recorded a tag:gpu lease it has not given back.")
-    dead: bool = Field(False, description=f"No heartbeat for {SILENT_AFTER_S} s: its process is gone.")
+    dead: bool = Field(False, description=f"No heartbeat for {SILENT_AFTER_S} s, or ended: its process is gone.")
     lease_expires_by: str | None = Field(None, description="When its lease frees itself at the latest (UTC).")
 
     def describe(self) -> str:
@@ -85,6 +89,12 @@ class GpuHolder(BaseModel):
             beat = "no heartbeat seen"
         else:
             beat = f"last heartbeat {self.heartbeat_age_s:.0f} s ago"
+        if self.state != "RUNNING":
+            return (
+                f"{self.label} ended {self.state} ({beat}) but its GPU lease was not given back"
+                + (f"; it frees itself by {self.lease_expires_by} at the latest" if self.lease_expires_by else "")
+                + f"; release that lease now: `coder-stack cleanup {self.run_id}`"
+            )
         if not self.dead:
             return f"{self.label} {what}: live ({beat}; one every {HEARTBEAT_S} s)"
         text = f"{self.label} {what}: DEAD ({beat}; one is due every {HEARTBEAT_S} s)"
@@ -102,8 +112,19 @@ class GpuLimitStatus(BaseModel):
     limit: int = 0
     active_slots: int = 0
     running_flow_runs: list[str] = Field(default_factory=list, description="Names of running coder-stack flows.")
-    holders: list[GpuHolder] = Field(default_factory=list, description="Running coder-stack runs, live or dead.")
-    leaked: bool = Field(False, description="A slot is held but no coder-stack flow is running.")
+    holders: list[GpuHolder] = Field(
+        default_factory=list, description="Running coder-stack runs, live or dead, and ended ones still on a lease."
+    )
+    unaccounted: int = Field(0, description="Slots held that no recorded lease of a coder-stack run accounts for.")
+    leaked: bool = Field(
+        False,
+        description=(
+            "Slots are held and no lease can exist: no recorded lease, no unfinished flow run on the server, and "
+            "no coder-stack run ended within a lease's life (the server lost its leases: a restart without "
+            "lease storage)."
+        ),
+    )
+    lease_window_ends: str | None = Field(None, description="When every lease of a run that ended has expired.")
 
     def describe(self) -> str:
         if not self.exists:
@@ -115,8 +136,22 @@ class GpuLimitStatus(BaseModel):
             text += "; " + "; ".join(h.describe() for h in self.holders)
         if self.leaked:
             text += (
-                f"; a slot is held by no running flow (a crashed run or a server restart without lease storage) "
-                f"— free it with `prefect gcl update {GPU_LIMIT} --active-slots 0`"
+                f"; {self.unaccounted} slot(s) held and no lease exists (no flow run is unfinished and none ended "
+                f"within a lease's {LEASE_SECONDS:.0f} s: the server lost its leases, e.g. a restart without lease "
+                f"storage) — free them with `prefect gcl update {GPU_LIMIT} --active-slots 0`"
+            )
+        elif self.unaccounted > 0:
+            text += (
+                f"; {self.unaccounted} slot(s) held by a session whose lease is not on record yet (it is written "
+                "just after the grant) or by a run that is not one of coder-stack's GPU flows; a lease frees itself "
+                f"at most {LEASE_SECONDS:.0f} s after its holder dies"
+                + (
+                    f" (every lease of a run that ended is gone by {self.lease_window_ends})"
+                    if self.lease_window_ends
+                    else ""
+                )
+                + ": run `coder-stack status` again then; never zero the limit while a lease may exist, it would "
+                "let two sessions onto the GPU"
             )
         return text
 
@@ -137,47 +172,57 @@ async def ensure_gpu_limit(gpus: int) -> str:
 
 
 async def gpu_limit_status(flow_names: tuple[str, ...] = ()) -> GpuLimitStatus:
-    """The limit, and each running coder-stack run (of ``flow_names``; all if empty): live or dead, and
-    whether it holds a slot."""
+    """The limit, and each coder-stack run (of ``flow_names``; all if empty) that is running (live or dead) or
+    ended with a recorded lease not given back. Runs are filtered on the server and read page by page."""
     async with get_client() as client:
         try:
             gcl = await client.read_global_concurrency_limit_by_name(GPU_LIMIT)
         except ObjectNotFound:
             return GpuLimitStatus(exists=False)
-        runs = await client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(
-                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))
-            ),
-            limit=50,
-        )
+        now = datetime.now(UTC)
+        window = timedelta(seconds=LEASE_SECONDS + SILENT_AFTER_S)
+        running = await runs_of(client, flow_names, [StateType.RUNNING, StateType.CANCELLING])
+        ended = await runs_of(client, flow_names, FINAL_STATES, ended_after=now - window)
         names = []
         holders = []
         flows: dict[UUID, str] = {}
-        for r in runs:
+        for r in running + ended:
             if r.flow_id not in flows:
                 flows[r.flow_id] = await flow_name_of(client, r.flow_id)
-            if flow_names and flows[r.flow_id] not in flow_names:
-                continue
-            live = await liveness_of(client, r, flows[r.flow_id])
-            names.append(live.label())
+            live = await liveness_of(client, r, flows[r.flow_id], now)
+            over = live.final
+            normal_end = live.state == "COMPLETED" and not live.heartbeats_after(live.state_at)
+            if over and (live.lease_id is None or normal_end):
+                continue  # ended and gave its lease back (or ended normally: its own release ran)
+            if not over:
+                names.append(live.label())
             expires = lease_expires_by(live.last_heartbeat)
+            alive_after_mark = over and live.heartbeats_after(live.state_at)
             holders.append(
                 GpuHolder(
                     run_id=str(r.id),
                     label=live.label(),
+                    state="RUNNING" if alive_after_mark else live.state,
                     heartbeat_age_s=live.heartbeat_age_s,
                     holds_slot=live.lease_id is not None,
-                    dead=live.silent,
+                    dead=(live.silent or over) and not alive_after_mark,
                     lease_expires_by=f"{expires:%H:%M:%S} UTC" if expires else None,
                 )
             )
+        unaccounted = max(0, gcl.active_slots - sum(1 for h in holders if h.holds_slot))
+        leaked = False
+        if unaccounted and not any(h.holds_slot for h in holders) and not ended:
+            leaked = await unfinished_runs(client) == 0
+    last_end = max((r.end_time for r in ended if r.end_time), default=None)
     return GpuLimitStatus(
         exists=True,
         limit=gcl.limit,
         active_slots=gcl.active_slots,
         running_flow_runs=names,
         holders=holders,
-        leaked=gcl.active_slots > 0 and not names,
+        unaccounted=unaccounted,
+        leaked=leaked,
+        lease_window_ends=f"{last_end + window:%H:%M:%S} UTC" if last_end else None,
     )
 
 

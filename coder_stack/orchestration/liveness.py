@@ -17,13 +17,24 @@ API does not list a limit's holders, so this is how the clean-up frees exactly t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
 from uuid import UUID
 
 import httpx
 from prefect.client.orchestration import PrefectClient, get_client
-from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.client.schemas.filters import (
+    FlowFilter,
+    FlowFilterName,
+    FlowRunFilter,
+    FlowRunFilterEndTime,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import FlowRun, StateType, WorkerStatus
 from prefect.context import FlowRunContext
 from prefect.events.actions import ChangeFlowRunState
 from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventOrder, EventResourceFilter
@@ -40,6 +51,13 @@ HEARTBEAT_S = 30
 # clean-up starts at once, so SIGKILL -> Crashed takes SILENT_AFTER_S - (time since the last heartbeat),
 # 30-60 s, plus Prefect's proactive evaluation (every 5 s).
 SILENT_AFTER_S = 2 * HEARTBEAT_S
+# After a run is marked dead (Crashed by the automation, or Failed/Cancelled) the clean-up waits until the server's
+# clock reads the mark plus this long before it decides, watching for a heartbeat the server receives after the
+# mark: a run marked Crashed while alive (its heartbeats were late, e.g. the server lagged) sends its next one
+# within one interval. One heartbeat interval plus 10 s for the event to be stored and read.
+CRASH_SETTLE_S = HEARTBEAT_S + 10.0
+# How often that wait reads the run's heartbeats.
+SETTLE_POLL_S = 1.0
 CRASH_AUTOMATION = "coder-stack: mark silent runs Crashed"
 LEASE_LABEL = "coder-stack.io/gpu-lease"
 RELEASED = "released"
@@ -131,7 +149,8 @@ class RunLiveness(BaseModel):
     state: str = Field("", description="State type, e.g. RUNNING, CRASHED.")
     state_message: str = ""
     state_at: datetime | None = None
-    last_heartbeat: datetime | None = None
+    last_heartbeat: datetime | None = Field(None, description="When its newest heartbeat was sent (sender's clock).")
+    last_received: datetime | None = Field(None, description="When the server last received one (server's clock).")
     heartbeat_age_s: float | None = None
     lease_label: str | None = Field(None, description=f"The run's {LEASE_LABEL!r} label, if it has one.")
     parameters: dict[str, object] = Field(default_factory=dict)
@@ -160,7 +179,8 @@ class RunLiveness(BaseModel):
         return not self.final and (self.heartbeat_age_s is None or self.heartbeat_age_s > SILENT_AFTER_S)
 
     def heartbeats_after(self, when: datetime | None) -> bool:
-        return bool(when and self.last_heartbeat and self.last_heartbeat > when)
+        """The server received a heartbeat after ``when`` (a state's time, on the server's clock)."""
+        return bool(when and self.last_received and self.last_received > when)
 
     def label(self) -> str:
         return f"{self.flow}/{self.name}" if self.flow else self.name or str(self.run_id)
@@ -178,9 +198,20 @@ def parse_run_id(text: str) -> UUID:
         ) from None
 
 
-async def last_heartbeat(
+async def server_now(client: PrefectClient) -> datetime:
+    """The Prefect server's clock (its HTTP ``Date`` header, to the second); this machine's if it sends none."""
+    with contextlib.suppress(Exception):
+        date = (await client.hello()).headers.get("date")
+        if date:
+            return parsedate_to_datetime(date).astimezone(UTC)
+    return datetime.now(UTC)
+
+
+async def heartbeats(
     client: PrefectClient, run_id: UUID, since: timedelta = timedelta(hours=12)
-) -> datetime | None:
+) -> tuple[datetime | None, datetime | None]:
+    """(when the run's newest heartbeat was sent, by the sender's clock; when the server last *received* one, by
+    its own clock) — the second is what a state's time (the server's) is compared with."""
     now = datetime.now(UTC)
     flt = EventFilter(
         occurred=EventOccurredFilter(since=now - since, until=now + timedelta(minutes=5)),
@@ -188,13 +219,33 @@ async def last_heartbeat(
         resource=EventResourceFilter(id=[f"prefect.flow-run.{run_id}"]),
         order=EventOrder.DESC,
     )
-    page = await client.read_events(filter=flt, limit=1)
-    return page.events[0].occurred if page.events else None
+    page = await client.read_events(filter=flt, limit=10)  # newest by the sender's clock; a late one is among them
+    sent = page.events[0].occurred if page.events else None
+    return sent, max((e.received for e in page.events), default=None)
 
 
-async def liveness_of(client: PrefectClient, run: FlowRun, flow_name: str) -> RunLiveness:
-    """``run``'s liveness: its state, its last heartbeat event, its lease label (``flow_name``: its flow's)."""
-    beat = await last_heartbeat(client, run.id)
+async def heartbeat_after(
+    run_id: UUID, mark: datetime, settle_s: float, poll_s: float = SETTLE_POLL_S
+) -> datetime | None:
+    """Wait until the server has received a heartbeat of the run after ``mark`` (returns its receive time), or its
+    clock reads ``mark + settle_s`` (returns None: none came). ``mark`` is on the server's clock (a state's time)."""
+    async with get_client() as client:
+        while True:
+            _, beat = await heartbeats(client, run_id)
+            if beat is not None and beat > mark:
+                return beat
+            left = (mark + timedelta(seconds=settle_s) - await server_now(client)).total_seconds()
+            if left <= 0:
+                return None
+            await asyncio.sleep(min(poll_s, left))
+
+
+async def liveness_of(client: PrefectClient, run: FlowRun, flow_name: str, now: datetime | None = None) -> RunLiveness:
+    """``run``'s liveness: its state, its last heartbeat event, its lease label (``flow_name``: its flow's).
+    The heartbeat's age is this machine's clock against the sender's (``now``: read once for many runs); whether
+    one came after the run's state is the server's receive time against the state's time."""
+    beat, received = await heartbeats(client, run.id)
+    now = now or datetime.now(UTC)
     state = run.state
     label = (run.labels or {}).get(LEASE_LABEL)
     return RunLiveness(
@@ -205,7 +256,8 @@ async def liveness_of(client: PrefectClient, run: FlowRun, flow_name: str) -> Ru
         state_message=(state.message or "") if state else "",
         state_at=state.timestamp if state else None,
         last_heartbeat=beat,
-        heartbeat_age_s=(datetime.now(UTC) - beat).total_seconds() if beat else None,
+        last_received=received,
+        heartbeat_age_s=max(0.0, (now - beat).total_seconds()) if beat else None,
         lease_label=None if label is None else str(label),
         parameters=dict(run.parameters or {}),
     )
@@ -273,3 +325,71 @@ async def release_lease_of(live: RunLiveness, limit_name: str) -> str:
             "GPU slot already free (its lease was released)" if live.lease_released else "no GPU slot recorded as held"
         )
     return f"GPU slot was already free (its lease had expired or was released; {limit_name}: {after} held)"
+
+
+# The clean-up flow's name (flows/cleanup.py): its scheduled runs are what `status` looks for.
+CLEANUP_FLOW = "clean_up_crashed_run"
+PAGE = 200  # the Prefect API's largest page (PREFECT_API_DEFAULT_LIMIT)
+FINAL_STATES = (StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED, StateType.CRASHED)
+
+
+async def runs_of(
+    client: PrefectClient,
+    flow_names: Iterable[str],
+    states: Iterable[StateType],
+    ended_after: datetime | None = None,
+) -> list[FlowRun]:
+    """Every run of these flows (all flows if none) in these states (ended after ``ended_after``), filtered on the
+    server and read page by page — never the first page of runs server-wide filtered here."""
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    names = list(flow_names)
+    flows = FlowFilter(name=FlowFilterName(any_=names)) if names else None
+    runs = FlowRunFilter(
+        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=list(states))),
+        end_time=FlowRunFilterEndTime(after_=ended_after) if ended_after else None,
+    )
+    out: list[FlowRun] = []
+    seen: set[UUID] = set()
+    while True:
+        page = await client.read_flow_runs(
+            flow_filter=flows, flow_run_filter=runs, sort=FlowRunSort.ID_DESC, limit=PAGE, offset=len(out)
+        )
+        out += [r for r in page if r.id not in seen]
+        seen.update(r.id for r in page)
+        if len(page) < PAGE:
+            return out
+
+
+async def unfinished_runs(client: PrefectClient) -> int:
+    """How many flow runs of any flow on the server are not in a final state (any of them may hold a lease)."""
+    return await client.count_flow_runs(
+        flow_run_filter=FlowRunFilter(
+            state=FlowRunFilterState(type=FlowRunFilterStateType(not_any_=list(FINAL_STATES)))
+        )
+    )
+
+
+async def waiting_cleanups(client: PrefectClient) -> dict[UUID, str]:
+    """Clean-up runs not started (Scheduled, Pending) whose work pool has no online worker, by the dead run they
+    are for: what to tell the user (nothing will run them until a worker comes)."""
+    found: dict[UUID, str] = {}
+    online: dict[str, bool] = {}
+    for r in await runs_of(client, [CLEANUP_FLOW], [StateType.SCHEDULED, StateType.PENDING]):
+        raw = (r.parameters or {}).get("crashed_run")
+        pool = r.work_pool_name
+        if not isinstance(raw, str) or not pool:
+            continue
+        with contextlib.suppress(ConfigError):
+            dead = parse_run_id(raw)
+            if pool not in online:
+                workers = await client.read_workers_for_work_pool(pool)
+                online[pool] = any(w.status == WorkerStatus.ONLINE for w in workers)
+            if not online[pool]:
+                since = r.expected_start_time or r.created
+                when = f" since {since:%H:%M:%S} UTC" if since else ""
+                found[dead] = (
+                    f"its clean-up run {r.name} ({r.id}) has waited{when} for a worker on work pool {pool!r} and "
+                    f"none is online: start one (`prefect worker start --pool {pool}`) or run the command above"
+                )
+    return found

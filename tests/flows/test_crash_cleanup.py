@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import pytest
 from prefect import flow
@@ -43,7 +43,6 @@ from coder_stack.orchestration.liveness import (
     HEARTBEAT_EVENT,
     LEASE_LABEL,
     RELEASED,
-    SILENT_AFTER_S,
     ensure_crash_automation,
 )
 from coder_stack.usecases.holders import HELD_BY
@@ -70,6 +69,8 @@ POOL = "coder-stack-process"
 CLEANUP_DEPLOYMENT = "clean-up-crashed-run"
 VALIDATE_DEPLOYMENT = "validate-coder-stack"
 BOUND_S = 120.0
+# The clean-up's wait after a run is marked dead, in the tests that call it directly (production: CRASH_SETTLE_S).
+SETTLE_S = 1.0
 
 VALIDATE_CHAT = """
 import asyncio, sys
@@ -341,9 +342,9 @@ async def test_cleanup_of_a_killed_run_frees_its_model_and_slot_only_and_is_safe
         await client.set_flow_run_state(dead.id, Crashed(message="no heartbeat for 60 s (test)"), force=True)
     async with gpu_session(30):  # another session holds the other GPU slot meanwhile
         assert await active_slots() == 2
-        first = await clean_up_crashed_run(crashed_run=f"prefect.flow-run.{dead.id}")
+        first = await clean_up_crashed_run(crashed_run=f"prefect.flow-run.{dead.id}", settle_s=SETTLE_S)
         assert await active_slots() == 1  # the dead run's slot only
-        second = await clean_up_crashed_run(crashed_run=str(dead.id))
+        second = await clean_up_crashed_run(crashed_run=str(dead.id), settle_s=SETTLE_S)
     assert first.outcome.startswith("passed: coder-chat scaled to 0; GPU slot freed"), first
     assert "coder-chat: scaled to 0" in [n.split(",")[0] for n in first.notes], first.notes
     assert not [p for p in gpu_pods(sim) if p.startswith("coder-chat")]
@@ -405,17 +406,16 @@ async def test_a_live_run_is_left_alone_and_status_names_a_dead_holder_and_how_t
     assert f"free it now: `coder-stack cleanup {runs[0].id}`" in text and "frees itself by" in text
     assert "validate_coder_stack/live-one running: live (last heartbeat" in text
 
-    kept = await clean_up_crashed_run(crashed_run=str(runs[1].id), connection=conn(sim))
+    kept = await clean_up_crashed_run(crashed_run=str(runs[1].id), connection=conn(sim), settle_s=SETTLE_S)
     assert kept.outcome.startswith("skipped: validate_coder_stack/live-one alive"), kept
     assert (await state_names(runs[1].id))[-1] == "RUNNING"
-    freed_report = await clean_up_crashed_run(crashed_run=str(runs[0].id), connection=conn(sim))
+    freed_report = await clean_up_crashed_run(crashed_run=str(runs[0].id), connection=conn(sim), settle_s=SETTLE_S)
     assert "marked Crashed" in freed_report.notes[0], freed_report.notes
     assert freed_report.outcome == "passed: no model left; GPU slot freed", freed_report
     assert (await state_names(runs[0].id))[-1] == "CRASHED"
     assert await active_slots() == 0
     async with get_client() as client:
         await client.set_flow_run_state(runs[1].id, Crashed(message="test over"), force=True)
-    assert SILENT_AFTER_S == 60
 
 
 @flow(name="validate_coder_stack")
@@ -463,3 +463,147 @@ async def test_setup_installs_the_crash_automation_once_and_repairs_an_edited_on
         async with get_client() as client:
             for a in await client.read_automations_by_name(CRASH_AUTOMATION):
                 await client.delete_automation(a.id)
+
+
+# ------------------------------------------------------------------ a live run marked Crashed; a take-over mid-way
+async def hand_made_holder(sim: SimStack, name: str, *, model: str = "coder-chat") -> UUID:
+    """A validate run (created by hand, Running) that holds ``model``: stamped with its id and at 1 replica, as its
+    GPU session would leave it. Returns its id."""
+    async with get_client() as client:
+        fr = await client.create_flow_run(flow=_validate_named, name=name, parameters={}, state=Running())
+    await stamp_and_scale(sim, model, str(fr.id), 1)
+    return fr.id
+
+
+async def stamp_and_scale(sim: SimStack, model: str, run_id: str, replicas: int) -> None:
+    """What a GPU session does (``scale_task(..., held_by=...)``): stamp the model with its run, then scale it."""
+    from tasks.cluster import scale_task
+
+    await scale_task.fn(conn(sim).cluster_target(), SERVING, model, replicas, held_by=run_id)
+
+
+def heartbeat(run_id: UUID, name: str) -> None:
+    emit_event(
+        event=HEARTBEAT_EVENT,
+        resource={"prefect.resource.id": f"prefect.flow-run.{run_id}", "prefect.resource.name": name},
+    )
+
+
+def changes_of(sim: SimStack, model: str, mark: int) -> list[int]:
+    return [reps for _, ns, name, reps in sim.timeline[mark:] if ns == SERVING and name == model]
+
+
+async def test_a_run_marked_crashed_while_alive_keeps_its_model_when_its_heartbeat_comes_after_the_mark(
+    make_sim: Callable[..., SimStack], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The automation acts on missing events, not on a dead process: a run marked Crashed whose next heartbeat
+    reaches the server after the mark (within the clean-up's wait) is alive, and the clean-up changes nothing —
+    its model stays up and stamped. The heartbeat is sent once the clean-up is deciding (or has decided)."""
+    import flows.cleanup as cleanup_module
+
+    sim = make_sim()
+    rid = await hand_made_holder(sim, "late-heartbeats")
+    heartbeat(rid, "late-heartbeats")
+    async with get_client() as client:
+        await client.set_flow_run_state(rid, Crashed(message="no heartbeat for 60 s (the server lagged)"), force=True)
+    mark = len(sim.timeline)
+    deciding = asyncio.Event()
+    real = getattr(cleanup_module, "heartbeat_after", None)
+
+    async def watched(*args: Any, **kwargs: Any) -> Any:
+        deciding.set()
+        assert real is not None
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(cleanup_module, "heartbeat_after", watched, raising=False)
+    # A long wait: the clean-up must decide on the heartbeat's arrival, not on the clock.
+    run = asyncio.create_task(clean_up_crashed_run(crashed_run=str(rid), connection=conn(sim), settle_s=300))
+    waiting = asyncio.create_task(deciding.wait())
+    await asyncio.wait({run, waiting}, return_when=asyncio.FIRST_COMPLETED)
+    waiting.cancel()
+    heartbeat(rid, "late-heartbeats")
+    report = await asyncio.wait_for(run, 120)
+    assert report.outcome.startswith("skipped: validate_coder_stack/late-heartbeats alive"), report
+    assert changes_of(sim, "coder-chat", mark) == [] and replicas(sim)["coder-chat"] == 1
+    assert held_by(sim, "coder-chat") == str(rid)
+    assert (await state_names(rid))[-1] == "CRASHED"  # left as it was: nothing done
+
+
+async def test_the_cleanup_never_scales_down_or_unstamps_a_model_another_run_took_over_between_its_steps(
+    make_sim: Callable[..., SimStack], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dead run's lease expires and a queued session takes the GPU while the clean-up works: (1) between its read
+    of the stamps and its scale-down, the session stamps coder-chat and scales it up — the clean-up leaves it
+    serving; (2) after the clean-up scaled coder-fim to 0 and its pods are gone, before the stamp is removed, a
+    session stamps it — the clean-up keeps that stamp. A cancelled clean-up is finished by the next one."""
+    import coder_stack.usecases.holders as holders_module
+    import flows.cleanup as cleanup_module
+    import flows.common as common_module
+
+    sim = make_sim()
+    dead = await hand_made_holder(sim, "dead-holder")
+    await stamp_and_scale(sim, "coder-fim", str(dead), 1)
+    await until(lambda: gpu_pods(sim), 30, "the dead run's pods")
+    async with get_client() as client:
+        await client.set_flow_run_state(dead, Crashed(message="no heartbeat for 60 s (test)"), force=True)
+    chat_owner, fim_owner = (str(uuid4()), str(uuid4()))
+    real_held_by = cleanup_module.held_by
+
+    async def read_then_taken_over(*args: Any, **kwargs: Any) -> Any:
+        found = await real_held_by(*args, **kwargs)
+        await stamp_and_scale(sim, "coder-chat", chat_owner, 1)  # a session took coder-chat since the read
+        return found
+
+    real_wait = holders_module.wait_gone if hasattr(holders_module, "wait_gone") else common_module.wait_gone
+
+    async def gone_then_stamped(api: Any, namespace: str, selector: str, timeout_s: float) -> Any:
+        gone = await real_wait(api, namespace, selector, timeout_s)
+        if "coder-fim" in selector:
+            await stamp_and_scale(sim, "coder-fim", fim_owner, 0)  # a session stamped it; scales it up later
+        return gone
+
+    monkeypatch.setattr(cleanup_module, "held_by", read_then_taken_over)
+    for module in (holders_module, common_module):
+        monkeypatch.setattr(module, "wait_gone", gone_then_stamped, raising=False)
+    mark = len(sim.timeline)
+    report = await clean_up_crashed_run(crashed_run=str(dead), connection=conn(sim), settle_s=SETTLE_S)
+    assert changes_of(sim, "coder-chat", mark) == [], sim.timeline[mark:]  # never scaled down under its new owner
+    assert replicas(sim)["coder-chat"] == 1 and held_by(sim, "coder-chat") == chat_owner
+    assert replicas(sim)["coder-fim"] == 0 and held_by(sim, "coder-fim") == fim_owner
+    assert report.outcome.startswith("passed: coder-fim scaled to 0"), report
+    notes = " ".join(report.notes)
+    assert f"coder-chat: left alone: taken over by flow run {chat_owner}" in notes, report.notes
+    assert f"stamp kept: taken over by flow run {fim_owner}" in notes, report.notes
+    assert await active_slots() == 0
+
+
+async def test_a_cleanup_cancelled_mid_way_is_finished_by_the_next_and_leaves_no_half_state(
+    make_sim: Callable[..., SimStack], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled while it waits for the pods to go (after its scale-down): the model is at 0, still stamped with the
+    dead run (so no session's stamp is lost); the next clean-up removes the stamp and says there is nothing left."""
+    import coder_stack.usecases.holders as holders_module
+
+    sim = make_sim()
+    dead = await hand_made_holder(sim, "dead-cancelled-cleanup")
+    async with get_client() as client:
+        await client.set_flow_run_state(dead, Crashed(message="no heartbeat for 60 s (test)"), force=True)
+    waiting = asyncio.Event()
+    real_wait = holders_module.wait_gone
+
+    async def block(*args: Any, **kwargs: Any) -> Any:
+        waiting.set()
+        await asyncio.Event().wait()  # until cancelled
+        return await real_wait(*args, **kwargs)
+
+    monkeypatch.setattr(holders_module, "wait_gone", block)
+    first = asyncio.create_task(clean_up_crashed_run(crashed_run=str(dead), connection=conn(sim), settle_s=SETTLE_S))
+    await asyncio.wait_for(waiting.wait(), 60)
+    first.cancel()
+    with pytest.raises(BaseException):
+        await first
+    assert replicas(sim)["coder-chat"] == 0 and held_by(sim, "coder-chat") == str(dead)
+    monkeypatch.setattr(holders_module, "wait_gone", real_wait)
+    second = await clean_up_crashed_run(crashed_run=str(dead), connection=conn(sim), settle_s=SETTLE_S)
+    assert second.outcome.startswith("passed:"), second
+    assert held_by(sim, "coder-chat") is None and replicas(sim)["coder-chat"] == 0

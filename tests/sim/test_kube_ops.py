@@ -11,7 +11,13 @@ from coder_stack.errors import ClusterUnavailable, CoderStackError, NotFound, Po
 from coder_stack.kubernetes.exec import exec_in_deployment
 from coder_stack.kubernetes.pods import pod_summary
 from coder_stack.kubernetes.preflight import gpu_holders, node_size_for, parse_memory_gb, preflight
-from coder_stack.kubernetes.workloads import deployment_status, scale
+from coder_stack.kubernetes.workloads import (
+    annotate_deployment,
+    deployment_status,
+    scale,
+    scale_if_annotated,
+    unannotate_if,
+)
 from coder_stack.spec import ModelSpec, StackSpec
 from tasks._common import only_retriable
 from tasks.cluster import preflight_task, scale_task
@@ -49,6 +55,37 @@ async def test_scale_is_idempotent_and_reports_what_it_found(server: ServerThrea
     assert (back.found, back.changed) == (1, True)
     dep = await server.acall(server.store.get, "deployments", NS, "coder-fim")
     assert dep["spec"]["replicas"] == 0
+
+
+async def test_conditional_scale_and_unstamp_change_nothing_once_another_run_has_stamped_the_model(
+    server: ServerThread,
+) -> None:
+    """The API server applies a JSON patch whose ``test`` op fails as nothing at all (422): a stamp another run wrote
+    since it was read, or a removed one, leaves replicas and stamp as they are; the stamp it read lets both through."""
+    key = "coder-stack.io/held-by"
+
+    async def state() -> tuple[int, str | None, str]:
+        dep = await server.acall(server.store.get, "deployments", NS, "coder-agent")
+        ann = dep["metadata"].get("annotations") or {}
+        return int(dep["spec"]["replicas"]), ann.get(key), dep["metadata"]["resourceVersion"]
+
+    async with server.api() as api:
+        await annotate_deployment(api, NS, "coder-agent", {key: "run-b"})
+        await scale(api, NS, "coder-agent", 1)
+        before = await state()
+        assert not await scale_if_annotated(api, NS, "coder-agent", 0, key, "run-a")  # run-b stamped it since
+        assert not await unannotate_if(api, NS, "coder-agent", key, "run-a")
+        assert await state() == before  # not even the resourceVersion moved
+        assert await scale_if_annotated(api, NS, "coder-agent", 0, key, "run-b")
+        assert (await state())[:2] == (0, "run-b")
+        assert await unannotate_if(api, NS, "coder-agent", key, "run-b")
+        assert (await state())[:2] == (0, None)
+        gone = await state()
+        assert not await scale_if_annotated(api, NS, "coder-agent", 1, key, "run-b")  # no stamp at all: 422 too
+        assert not await unannotate_if(api, NS, "coder-agent", key, "run-b")
+        assert await state() == gone
+        with pytest.raises(NotFound):
+            await scale_if_annotated(api, NS, "coder-nope", 0, key, "run-b")
 
 
 async def test_scale_of_missing_deployment_names_it_and_its_namespace(server: ServerThread) -> None:
