@@ -49,7 +49,7 @@ def unrunnable_hint(image: str) -> str:
     """What the simulated cluster adds to the image pull error of an image it cannot run (neither a stand-in's
     nor a runnable one). GUESS: no kubelet says this; it is the simulator telling the user how to run the image."""
     return (
-        f'(simulated cluster: it runs only its stand-ins\' images and the images it is told to run; to run this '
+        f"(simulated cluster: it runs only its stand-ins' images and the images it is told to run; to run this "
         f'checkout as "{image}", restart the sim with `coder-stack sim --project-image {image}`)'
     )
 

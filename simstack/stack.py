@@ -412,13 +412,13 @@ def run_sim(
             runnable_images=runnable_images,
         ) as sim:
             path = sim.kubeconfig_path
+            for image, workdir in (runnable_images or {}).items():
+                print(f"pods of image {image} run {Path(workdir).resolve()} as local processes", flush=True)
             print(
                 f"ready: kubeconfig at {path}, gateway at {sim.gateway_url} (time scale {time_scale:g}, "
                 f"GPU pool {gpu_pool}), try: kubectl --kubeconfig {path} get deploy -n {sim.spec.serving_namespace}",
                 flush=True,
             )
-            for image, workdir in (runnable_images or {}).items():
-                print(f"pods of image {image} run {Path(workdir).resolve()} as local processes", flush=True)
             stop.wait(exit_after)
     finally:
         for sig, handler in previous.items():
