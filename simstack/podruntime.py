@@ -45,6 +45,15 @@ def expand_args(args: list[str], env: dict[str, str]) -> list[str]:
     return [one(str(a)) for a in args]
 
 
+def unrunnable_hint(image: str) -> str:
+    """What the simulated cluster adds to the image pull error of an image it cannot run (neither a stand-in's
+    nor a runnable one). GUESS: no kubelet says this; it is the simulator telling the user how to run the image."""
+    return (
+        f"(simulated cluster: it runs only its stand-ins' images and the images it is told to run; to run this "
+        f'checkout as "{image}", restart the sim with `coder-stack sim --project-image {image}`)'
+    )
+
+
 def _die_with_parent() -> None:
     """In the child, before exec: SIGKILL it if the thread that started it (the sim's loop) dies."""
     with contextlib.suppress(Exception):

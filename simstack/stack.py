@@ -31,7 +31,7 @@ from simstack.controllers.faults import check_fault
 from simstack.kubeproxy import ServiceForwarder, ServiceProxies
 from simstack.layout import gateway_workloads
 from simstack.podruntime import PodRuntime
-from simstack.standins import SimServices
+from simstack.standins import SimServices, has_standin
 from simstack.store import Store, WatchEvent
 from simstack.timings import Timings
 
@@ -91,6 +91,11 @@ class SimStack:
         self._started = False
         # image -> working directory: pods of these images run as local processes (simstack/podruntime.py)
         self._runnable = {image: Path(d).resolve() for image, d in (runnable_images or {}).items()}
+        for image, d in self._runnable.items():
+            if not d.is_dir():
+                raise ValueError(f"runnable image {image!r}: {d} is not a directory")
+            if has_standin(image):
+                raise ValueError(f"runnable image {image!r} is a stand-in's image; name the image another way")
         self._runtime_dir: str | None = None
         self._proxies: ServiceProxies | None = None
         self._sa_tokens: dict[str, tuple[str, str]] = {}
@@ -383,8 +388,11 @@ def run_sim(
     exit_after: float | None,
     *,
     spec: StackSpec | None = None,
+    runnable_images: dict[str, str | Path] | None = None,
 ) -> None:
-    """``coder-stack sim``: run the simulated cluster until SIGINT/SIGTERM or ``exit_after`` seconds."""
+    """``coder-stack sim``: run the simulated cluster until SIGINT/SIGTERM or ``exit_after`` seconds. Pods of
+    ``runnable_images`` (image -> working directory) run as local processes; other images without a stand-in
+    end in ImagePullBackOff."""
     stop = threading.Event()
     previous: dict[signal.Signals, Any] = {}
 
@@ -396,9 +404,16 @@ def run_sim(
             previous[sig] = signal.signal(sig, _on_signal)
     try:
         with SimStack(
-            spec=spec, time_scale=time_scale, faults=faults, gpu_pool=gpu_pool, kubeconfig_path=kubeconfig
+            spec=spec,
+            time_scale=time_scale,
+            faults=faults,
+            gpu_pool=gpu_pool,
+            kubeconfig_path=kubeconfig,
+            runnable_images=runnable_images,
         ) as sim:
             path = sim.kubeconfig_path
+            for image, workdir in (runnable_images or {}).items():
+                print(f"pods of image {image} run {Path(workdir).resolve()} as local processes", flush=True)
             print(
                 f"ready: kubeconfig at {path}, gateway at {sim.gateway_url} (time scale {time_scale:g}, "
                 f"GPU pool {gpu_pool}), try: kubectl --kubeconfig {path} get deploy -n {sim.spec.serving_namespace}",

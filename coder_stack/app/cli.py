@@ -124,11 +124,25 @@ def sim(
     exit_after: Annotated[
         float | None, typer.Option("--exit-after", min=1, help="Stop by itself after this many seconds.")
     ] = None,
+    project_image: Annotated[
+        str | None,
+        typer.Option(
+            "--project-image",
+            metavar="IMAGE",
+            help="Run this checkout as IMAGE, the flows' image (the one `coder-stack image` prints or the "
+            'coder-stack-k8s pool\'s, e.g. "$CODER_STACK_IMAGE"): a pod of IMAGE runs its command as a local '
+            "process in the checkout, with this environment's python and prefect, its ServiceAccount's token and "
+            "the cluster's DNS, so in-cluster Jobs really run. Any other image without a stand-in ends in "
+            "ImagePullBackOff, as on a real cluster that cannot pull it.",
+        ),
+    ] = None,
     stack: StackOpt = None,
 ) -> None:
     """Serve a simulated cluster (Kubernetes API on 127.0.0.1) with the runbook's objects until interrupted."""
+    from coder_stack.app.setup import PROJECT_DIR
     from simstack.controllers.faults import FAULTS as FAULT_KINDS
     from simstack.stack import run_sim
+    from simstack.standins import has_standin
 
     faults: dict[str, str] = {}
     for f in fault or []:
@@ -146,7 +160,29 @@ def sim(
     unknown = [n for n in faults if n not in {m.name for m in spec_obj.models} | {f.name for f in spec_obj.frontends}]
     if unknown:
         _fail(CoderStackError(f"--fault names unknown deployment(s) {unknown}"))
-    run_sim(kubeconfig, time_scale=time_scale, faults=faults, gpu_pool=gpu_pool, exit_after=exit_after, spec=spec_obj)
+    runnable: dict[str, str | Path] = {}
+    if project_image is not None:
+        if not project_image.strip() or any(c.isspace() for c in project_image):
+            _fail(CoderStackError(f"--project-image {project_image!r}: expected an image name, e.g. coder-stack:0.1.0"))
+        if has_standin(project_image):
+            _fail(CoderStackError(f"--project-image {project_image!r} is a stand-in's image; give the flows' image"))
+        if not (PROJECT_DIR / "prefect.yaml").is_file():
+            _fail(
+                CoderStackError(
+                    f"--project-image runs a checkout of coder-stack, and {PROJECT_DIR} is not one (no prefect.yaml): "
+                    "install coder-stack from its checkout (pip install -e .) to use it"
+                )
+            )
+        runnable[project_image] = PROJECT_DIR
+    run_sim(
+        kubeconfig,
+        time_scale=time_scale,
+        faults=faults,
+        gpu_pool=gpu_pool,
+        exit_after=exit_after,
+        spec=spec_obj,
+        runnable_images=runnable,
+    )
 
 
 # --------------------------------------------------------------------------------------- flows

@@ -128,6 +128,18 @@ class ClusterContext:
     def new_gpu_node(self, name: str) -> Obj:
         return self.add_node(gpu_node(self.spec, name, self.next_node_index()))
 
+    def has_standin(self, image: str) -> bool:
+        """Whether the kubelet can give a container of this image its behaviour through a stand-in (a custom
+        starter is asked for every image)."""
+        if self._start_standin is not None:
+            return True
+        from simstack import standins
+
+        try:
+            return standins.has_standin(image)
+        except ImportError:  # the stand-in modules are not there (yet): pods without a backend, as before
+            return True
+
     async def start_standin(self, run: ContainerRun) -> RunningBackend | None:
         if self._start_standin is not None:
             return await self._start_standin(run, self.services)

@@ -4,7 +4,9 @@ init containers staging weights, CreateContainerConfigError, CrashLoopBackOff, O
 starts the app's stand-in with the container's resolved environment before writing Ready, and
 terminates pods gracefully. A pod whose image is runnable (:mod:`simstack.podruntime`) runs its container as a
 local process instead: Running while it runs, then ``terminated`` with its exit code and, for
-``restartPolicy: Never``, phase Succeeded or Failed; its output is the container's log.
+``restartPolicy: Never``, phase Succeeded or Failed; its output is the container's log. A container whose image
+is neither (no behaviour to give it) is never started: its pull fails (``ErrImagePull``, then ``ImagePullBackOff``
+with back-off, the pod Pending), as for an image the registry does not have, with a hint how to run it here.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from simstack.cluster_objects import NAME_LABEL, VLLM_IMAGE, parse_quantity
 from simstack.controllers.context import ClusterContext
 from simstack.controllers.faults import injected_crash
 from simstack.controllers.loop import Loop, log
-from simstack.podruntime import PodProcess
+from simstack.podruntime import PodProcess, unrunnable_hint
 from simstack.pods import MissingConfigError, expand, missing_volumes, mounted_files, resolve_container_env
 from simstack.standins import ContainerRun, RunningBackend
 from simstack.store import NotFoundError, Obj, now_rfc3339
@@ -520,11 +522,17 @@ class Kubelet:
                 self._event(r, "Failed", f"Error: {msg}", "Warning", cs)
             await self._wait_config(self.c.scaled(self.c.timings.backoff_max_s))
 
+    def can_run(self, image: str) -> bool:
+        """Whether a container of this image gets a behaviour here: a stand-in's image, or a runnable image
+        (:mod:`simstack.podruntime`). Any other image cannot be pulled: ErrImagePull, then ImagePullBackOff."""
+        runtime = self.c.runtime
+        return (runtime is not None and runtime.workdir(image) is not None) or self.c.has_standin(image)
+
     async def _pull(self, r: _PodRun, pod: Obj, cs: _CState) -> None:
         image = cs.image
         t = self.c.timings
         attempt = 0
-        while self.c.fault_of(pod) == "imagepull":
+        while self.c.fault_of(pod) == "imagepull" or not self.can_run(image):
             attempt += 1
             self._event(r, "Pulling", f'Pulling image "{image}"', cs=cs)
             await self.c.sleep(t.image_pull_fail_s)
@@ -533,6 +541,9 @@ class Kubelet:
                 f'rpc error: code = NotFound desc = failed to pull and unpack image "{ref}": '
                 f'failed to resolve reference "{ref}": {ref}: not found'
             )
+            if not self.can_run(image):
+                # the pull error a registry gives for an image it does not have, and how to run it here
+                why += " " + unrunnable_hint(image)
             cs.state = {"waiting": {"reason": "ErrImagePull", "message": why}}
             self._write(r)
             self._event(r, "Failed", f'Failed to pull image "{image}": {why}', "Warning", cs)

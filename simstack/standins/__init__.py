@@ -72,6 +72,12 @@ async def start_standin(run: ContainerRun, services: SimServices) -> RunningBack
     return await factory(run, services)
 
 
+def has_standin(image: str) -> bool:
+    """Whether containers of this image (its repository, any tag) have a stand-in."""
+    _load_factories()
+    return image_repository(image) in FACTORIES
+
+
 def _load_factories() -> None:
     # Each module registers itself in FACTORIES on import (imports are idempotent).
     from simstack.standins import litellm, openwebui, tabby, vllm  # noqa: F401

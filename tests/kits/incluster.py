@@ -1,11 +1,15 @@
-"""Helpers for running the flows inside the simulated cluster: deployments/rbac.yaml loaded into a sim's store.
-The Kubernetes work pool is made by ``coder-stack setup``'s own ``ensure_work_pools``."""
+"""Helpers for running the flows inside the simulated cluster: deployments/rbac.yaml loaded into a sim's store, or
+applied through the API to a sim in another process (``coder-stack sim``). The Kubernetes work pool is made by
+``coder-stack setup``'s own ``ensure_work_pools``."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import yaml
+from kubernetes_asyncio import client
+from kubernetes_asyncio.client import ApiClient
+from kubernetes_asyncio.utils import create_from_yaml
 
 from simstack.store import Store
 from tests.kits.flowkit import PROJECT
@@ -33,3 +37,9 @@ def load_rbac(store: Store, docs: list[dict[str, Any]]) -> None:
         store.create(
             _PLURAL[d["kind"]], {k: v for k, v in d.items() if k not in ("apiVersion", "kind")}, meta.get("namespace")
         )
+
+
+async def apply_rbac(api: ApiClient) -> None:
+    """The namespace ``prefect`` and deployments/rbac.yaml through the API, as README step 2 does with kubectl."""
+    await client.CoreV1Api(api).create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name="prefect")))
+    await create_from_yaml(api, str(RBAC_FILE))

@@ -27,7 +27,7 @@ from coder_stack.kubernetes.client import ClusterTarget, open_api
 from simstack.apiserver.rbac import RBACAuthorizer
 from simstack.stack import SimStack
 from simstack.store import Store
-from tests.conftest import events_of, wait_for
+from tests.conftest import events_of, record, wait_for
 
 IMAGE = "example/runnable:1"
 ADMIN = "tok-admin"
@@ -360,3 +360,77 @@ async def test_a_command_not_on_the_images_path_is_a_start_error(rsim: SimStack)
     term = pod["status"]["containerStatuses"][0]["state"]["terminated"]
     assert (term["exitCode"], term["reason"]) == (128, "StartError")
     assert 'exec: "no-such-program": executable file not found in $PATH' in term["message"]
+
+
+UNKNOWN = "example/not-runnable:1"
+
+
+async def test_an_image_the_sim_cannot_run_is_an_image_pull_back_off_with_the_hint_and_never_runs(
+    rsim: SimStack,
+) -> None:
+    """An image that is neither a stand-in's nor a runnable one: its pull fails as on a cluster whose registry does
+    not have it (ErrImagePull, then ImagePullBackOff with back-off, the pod Pending, the Job active), and what the
+    user reads names the option that runs it. The stand-ins' images and the runnable one are still run."""
+    sim = rsim
+    pods_seen = record(sim, "pods")
+    manifest = job_manifest("print('never')")
+    manifest["spec"]["template"]["spec"]["containers"][0]["image"] = UNKNOWN
+    async with open_api(target(sim)) as api:
+        await create_job(api, manifest)
+
+    def pod_events(store: Store) -> list[dict[str, Any]]:
+        pods = job_pods(store)
+        return events_of(store, NS, pods[0]["metadata"]["name"]) if pods else []
+
+    def backed_off_twice(store: Store) -> list[dict[str, Any]] | None:
+        evs = pod_events(store)
+        again = [e for e in evs if e["message"] == "Error: ImagePullBackOff" and int(e.get("count") or 1) >= 2]
+        return evs if again else None
+
+    evs = await asyncio.to_thread(wait_for, sim, backed_off_twice, 30, "a second ImagePullBackOff")
+    pod = sim.call(job_pods, sim.store)[0]
+    name = pod["metadata"]["name"]
+    hint = f"`coder-stack sim --project-image {UNKNOWN}`"
+
+    # the events a kubelet writes for a pull that fails, in order, the pull error carrying the hint
+    first: dict[tuple[str, str], dict[str, Any]] = {}
+    for e in evs:
+        first.setdefault((e["reason"], e["message"].split(": ")[0]), e)
+    keys = list(first)
+    pulling = keys.index(("Pulling", f'Pulling image "{UNKNOWN}"'))
+    failed_pull = keys.index(("Failed", f'Failed to pull image "{UNKNOWN}"'))
+    err_pull = keys.index(("Failed", "Error"))
+    back_off = keys.index(("BackOff", f'Back-off pulling image "{UNKNOWN}"'))
+    assert pulling < failed_pull < err_pull < back_off, keys
+    messages = [e["message"] for e in evs if e["reason"] == "Failed"]
+    assert "Error: ErrImagePull" in messages and "Error: ImagePullBackOff" in messages, messages
+    pull_error = first[("Failed", f'Failed to pull image "{UNKNOWN}"')]
+    assert pull_error["type"] == "Warning" and hint in pull_error["message"], pull_error
+    assert "not found" in pull_error["message"]
+    assert pull_error["involvedObject"]["fieldPath"] == "spec.containers{main}"
+    assert not [e for e in evs if e["reason"] in ("Created", "Started", "Pulled")], [e["reason"] for e in evs]
+
+    # the pod: Pending, its container waiting in ImagePullBackOff (or ErrImagePull between two tries)
+    assert pod["status"]["phase"] == "Pending"
+    waiting = pod["status"]["containerStatuses"][0]["state"]["waiting"]
+    assert waiting["reason"] in ("ImagePullBackOff", "ErrImagePull") and hint in waiting["message"], waiting
+    # and it was never anything else: no Running phase, no running container, ErrImagePull before ImagePullBackOff
+    mine = [o for _t, _type, o in pods_seen if o["metadata"]["name"] == name]
+    assert mine and {o["status"].get("phase", "Pending") for o in mine} == {"Pending"}
+    states = [s.get("state") or {} for o in mine for s in o["status"].get("containerStatuses") or []]
+    assert not [s for s in states if "running" in s or "terminated" in s], states
+    reasons = [s["waiting"]["reason"] for s in states if "waiting" in s]
+    assert reasons.index("ErrImagePull") < reasons.index("ImagePullBackOff"), reasons
+    assert sim.cluster is not None and sim.cluster.kubelet.processes == {}
+    job = sim.call(sim.store.get, "jobs", NS, "j")
+    assert job["status"].get("active") == 1 and not finished(sim.store)
+
+    # every image the sim runs today is still run: the stand-ins' (the reference objects) and the runnable one
+    kubelet = sim.cluster.kubelet
+    images = sim.call(
+        lambda s: {c["image"] for d in s.list("deployments") for c in d["spec"]["template"]["spec"]["containers"]},
+        sim.store,
+    )
+    assert len(images) >= 4, images  # vLLM (models, embeddings), LiteLLM, Open WebUI, Tabby
+    assert all(kubelet.can_run(i) for i in images | {IMAGE}), images
+    assert not kubelet.can_run(UNKNOWN)
