@@ -72,8 +72,8 @@ async def clean_up_crashed_run(crashed_run: str, connection: Connection | None =
                 names = ", ".join(m.name for m in serving)
                 report.step(f"scale {names} to 0 and wait until the pods are gone")
                 outcome = await release(target, spec, serving, [])
-                report.notes += [f"{k}: {v}" for k, v in outcome.items()]
-                bad = {k: v for k, v in outcome.items() if not v.startswith("scaled to 0") or "still has pods" in v}
+                report.notes += outcome.notes()
+                bad = {k: outcome.detail(k) for k in outcome.left_up}
                 if bad:
                     raise CleanupIncomplete(
                         f"the dead run's {', '.join(bad)} could not be scaled down: "

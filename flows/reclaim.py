@@ -105,9 +105,10 @@ async def _reclaim(run: Run, serving: list[ModelSpec]) -> None:
         if not i.idle:
             continue
         run.step(f"{m.name} {i.reason}: scale it to 0")
-        outcome = (await release(target, spec, [m], [])).get(m.name, "")
-        if not outcome.startswith("scaled to 0") or "still has pods" in outcome:
-            raise ReclaimIncomplete(f"{m.name} was idle but could not be reclaimed: {outcome or 'no answer'}")
+        freed = await release(target, spec, [m], [])
+        outcome = freed.detail(m.name)
+        if not freed.ok:
+            raise ReclaimIncomplete(f"{m.name} was idle but could not be reclaimed: {outcome}")
         at = datetime.now(UTC)
         await mark_reclaimed_task(target, spec, m, at)
         run.step(f"{m.name} reclaimed: {outcome}")

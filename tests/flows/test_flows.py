@@ -27,7 +27,7 @@ from coder_stack.errors import GpuBusy, GpuLimitMissing, PodFailed, RetriableErr
 from coder_stack.orchestration.gpu import GPU_LIMIT, ensure_gpu_limit, gpu_session
 from coder_stack.report import RunReport
 from flows.bring_up import BringUpOptions, bring_up
-from flows.common import Connection
+from flows.common import Connection, ReleaseIncomplete
 from flows.keys import KeyOptions, manage_keys
 from flows.swap import SwapOptions, swap_model
 from flows.teardown import TeardownOptions, teardown
@@ -124,7 +124,7 @@ async def test_validate_all_stages_passes_and_leaves_everything_at_zero(make_sim
     assert_all_down(sim)
     assert set(report.final_state.values()) == {0}
     tl = sim.timeline
-    assert not gpu_overlaps(tl), gpu_overlaps(tl)
+    assert not gpu_overlaps(sim), gpu_overlaps(sim)
     assert [n for _, ns, n, r in tl if ns == SERVING and r > 0] == ["coder-chat", "coder-fim", "coder-agent"]
 
     # The artifacts, read back through the API: the markdown report and the spend table, no secret in either.
@@ -172,9 +172,43 @@ async def test_swap_frees_the_gpu_before_the_target_starts(sim: SimStack) -> Non
         t for t, typ, obj in pod_events if typ == "DELETED" and obj["metadata"]["name"].startswith("coder-chat-")
     )
     assert chat_down < chat_gone < fim_up, "coder-fim was scaled up before coder-chat's pod was gone"
-    assert not gpu_overlaps(sim.timeline)
+    assert not gpu_overlaps(sim)
     assert any(n.startswith("swap time: ") for n in report.notes), report.notes
     assert report.section("coder-fim").ready_s
+
+
+def test_gpu_overlaps_counts_a_terminating_pod_not_replica_counts(sim: SimStack) -> None:
+    """The check every GPU test relies on: coder-fim scaled up while coder-chat's pod still terminates never has
+    two models above 0 replicas, but two models' pods hold the GPU at once, and that is what it must report."""
+    scale(sim, SERVING, "coder-chat", 1)
+    wait_for(sim, lambda s: any(is_ready(p) for p in pods_of(s, SERVING, "coder-chat")), 10, "coder-chat Ready")
+    assert not gpu_overlaps(sim)
+    mark = len(sim.timeline)
+
+    def swap_too_early(store: Store) -> None:  # one loop turn: no controller runs in between
+        [pod] = pods_of(store, SERVING, "coder-chat")
+        store.mark_deleting("pods", SERVING, pod["metadata"]["name"], 3000)  # a long grace: it stays terminating
+        for name, reps in (("coder-chat", 0), ("coder-fim", 1)):
+            d = store.get("deployments", SERVING, name)
+            d["spec"]["replicas"] = reps
+            store.update("deployments", d)
+
+    sim.call(swap_too_early, sim.store)
+    both = wait_for(
+        sim,
+        lambda s: (
+            (pods_of(s, SERVING, "coder-fim"), pods_of(s, SERVING, "coder-chat"))
+            if pods_of(s, SERVING, "coder-fim")
+            else None
+        ),
+        10,
+        "a coder-fim pod",
+    )
+    assert both[1] and both[1][0]["metadata"].get("deletionTimestamp"), "coder-chat's pod was gone too early"
+    order = [(n, v) for _, ns, n, v in sim.timeline[mark:] if ns == SERVING]
+    assert order == [("coder-chat", 0), ("coder-fim", 1)]  # replica counts never overlapped ...
+    overlaps = gpu_overlaps(sim)
+    assert overlaps and set(overlaps[-1][1]) == {"coder-chat", "coder-fim"}, overlaps  # ... the pods did
 
 
 # ------------------------------------------------------------------ 3. take_over
@@ -200,7 +234,7 @@ async def test_validate_refuses_a_serving_gpu_without_take_over_and_restores_it_
     tl = sim.timeline[mark:]
     order = [(n, v) for _, ns, n, v in tl if ns == SERVING]
     assert order == [("coder-chat", 0), ("coder-fim", 1), ("coder-fim", 0), ("coder-chat", 1)], order
-    assert not gpu_overlaps(sim.timeline)
+    assert not gpu_overlaps(sim)
 
 
 # ------------------------------------------------------------------ 4. teardown
@@ -243,6 +277,42 @@ async def test_a_failing_stage_fails_the_flow_and_scales_everything_down(make_si
     assert "failed: PodFailed" in md and "| serving/coder-fim | 0 |" in md
 
 
+async def test_a_scale_down_refused_between_stages_fails_the_run_before_the_next_model_starts(
+    make_sim: Callable[..., SimStack],
+) -> None:
+    """The API answers 503 to coder-chat's scale-down between the chat and FIM stages: coder-fim must not be
+    scaled up beside it; the run fails naming coder-chat, and its ``finally`` scales coder-chat down again."""
+    sim = make_sim()
+    faults = sim.api_server.faults
+    chat_scale = r"/namespaces/serving/deployments/coder-chat/scale$"
+
+    def arm_after_scale_up(ev: Any) -> None:  # the first scale of coder-chat is the scale-up: fault the next one
+        obj = ev.obj
+        chat_up = ev.plural == "deployments" and obj["metadata"]["name"] == "coder-chat" and obj["spec"]["replicas"]
+        if chat_up and not armed:
+            armed.append(True)
+            faults.fail("PATCH", chat_scale, 503)
+
+    armed: list[bool] = []
+    sim.call(lambda s: s.listeners.append(arm_after_scale_up), sim.store)
+    mark = len(sim.timeline)
+    with pytest.raises(ReleaseIncomplete) as info:
+        await validate_coder_stack(options=ValidateOptions(stages=["chat", "fim"]), connection=conn(sim))
+    msg = str(info.value)
+    assert "coder-chat is still up" in msg and "fim stage was not started" in msg, msg
+    assert [s for _m, p, s in faults.fired if "coder-chat" in p] == [503], faults.fired
+    assert not scaled_up(sim, "coder-fim", mark), "coder-fim was scaled up while coder-chat held the GPU"
+    # The finally tried coder-chat again (its second scale-down was answered) and everything is at 0.
+    order = [(n, v) for _, ns, n, v in sim.timeline[mark:] if ns == SERVING]
+    assert order == [("coder-chat", 1), ("coder-chat", 0)], order
+    assert_all_down(sim, pods_timeout=10)
+    assert not gpu_overlaps(sim)
+    run_id, run_state = await latest_run_of("validate_coder_stack")
+    assert run_state.is_failed()
+    md = (await run_artifacts(run_id))["validate-report"].data
+    assert "failed: ReleaseIncomplete" in md and "coder-chat: scaled to 0" in md, md
+
+
 # ------------------------------------------------------------------ 6. cancellation
 async def test_cancelling_a_running_validate_scales_its_models_down(make_sim: Callable[..., SimStack]) -> None:
     """The flow coroutine is cancelled (what an asyncio runner does) in the middle of coder-chat's cold start."""
@@ -268,7 +338,7 @@ async def test_two_concurrent_swaps_never_share_the_gpu(sim: SimStack) -> None:
     )
     assert a.outcome == "passed" and b.outcome == "passed"
     tl = sim.timeline
-    assert not gpu_overlaps(tl), gpu_overlaps(tl)
+    assert not gpu_overlaps(sim), gpu_overlaps(sim)
     ups = [n for _, ns, n, r in tl if ns == SERVING and r > 0]
     assert sorted(ups) == ["coder-chat", "coder-fim"], tl
     r = replicas(sim)
