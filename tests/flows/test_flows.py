@@ -432,15 +432,16 @@ async def test_gpu_work_refuses_without_the_limit(sim: SimStack) -> None:
 
 # ------------------------------------------------------------------ 10. deployments
 async def test_setup_deploys_every_deployment_with_its_schedule(
-    prefect_api: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    sim: SimStack, prefect_api: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from coder_stack.app.setup import run_setup
 
     monkeypatch.setenv("PREFECT_API_URL", prefect_api)
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
     monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    report = await run_setup(gpus=1)
+    report = await run_setup(gpus=1, kubeconfig=sim.kubeconfig_path)
     assert report.deployed, report.deploy_output
+    process_connection = {"stack_block": "coder-stack", "kubeconfig": str(sim.kubeconfig_path.resolve())}
 
     async with get_client() as client:
         pools = {p: (await client.read_work_pool(p)).type for p in ("coder-stack-process", "coder-stack-k8s")}
@@ -476,6 +477,9 @@ async def test_setup_deploys_every_deployment_with_its_schedule(
                 assert d.parameters == {"connection": {"stack_block": "coder-stack"}}, name
             else:
                 assert d.pull_steps and "set_working_directory" in str(d.pull_steps), name
+                # the stack setup wrote into the block and the cluster it was given (the clean-up: the dead run's)
+                own = name.endswith("/clean-up-crashed-run")
+                assert d.parameters == ({} if own else {"connection": process_connection}), (name, d.parameters)
             if cron is None:
                 assert d.schedules == [], (name, d.schedules)
                 continue
@@ -489,6 +493,49 @@ async def test_setup_deploys_every_deployment_with_its_schedule(
             assert d.global_concurrency_limit is not None and d.global_concurrency_limit.limit == 1, name
             assert d.concurrency_options is not None, name
             assert d.concurrency_options.collision_strategy == collision.get(name, "ENQUEUE"), name
+
+
+async def test_setup_refuses_schedules_against_a_default_that_does_not_exist_and_checks_the_service_account(
+    make_sim: Callable[..., SimStack], prefect_api: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import uuid
+
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    from coder_stack.app.setup import run_setup
+    from coder_stack.errors import ConfigError
+    from tests.flows.test_renamed_stack import renamed_spec
+    from tests.kits.incluster import load_rbac, rbac_docs
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.kube/config
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    teardown_dep = DeploymentFilter(name=DeploymentFilterName(any_=["evening-teardown"]))
+    async with get_client() as client:
+        for d in await client.read_deployments(deployment_filter=teardown_dep):
+            await client.delete_deployment(d.id)
+
+    # No kubeconfig given and none by default: the schedules would fail every evening; refused before any change.
+    with pytest.raises(ConfigError, match=r"kube/config, which does not exist.*--kubeconfig PATH"):
+        await run_setup(gpus=1)
+    # A cluster whose models are named otherwise, and no --stack: the block's default names are not there.
+    renamed = make_sim(spec=renamed_spec())
+    with pytest.raises(ConfigError, match=r"does not have \(serving/coder-chat, .*Give --stack FILE"):
+        await run_setup(gpus=1, stack_block=f"fresh-{uuid.uuid4().hex[:8]}", kubeconfig=renamed.kubeconfig_path)
+    async with get_client() as client:
+        assert await client.read_deployments(deployment_filter=teardown_dep) == []  # nothing was deployed
+
+    # The Kubernetes pool's ServiceAccount: missing (README step 2 skipped) is said, with what to apply.
+    sim = make_sim()
+    report = await run_setup(gpus=1, deploy=False, kubeconfig=sim.kubeconfig_path)
+    [line] = [c for c in report.cluster if "ServiceAccount" in c]
+    assert "prefect/coder-stack-flows does not exist" in line and "kubectl apply -f deployments/rbac.yaml" in line
+    docs = rbac_docs()
+    sim.call(load_rbac, sim.store, docs)
+    report = await run_setup(gpus=1, deploy=False, kubeconfig=sim.kubeconfig_path)
+    assert (
+        "ServiceAccount prefect/coder-stack-flows exists (the coder-stack-k8s pool's Jobs run as it)" in report.cluster
+    )
 
 
 # ------------------------------------------------------------------ 11. dry runs
