@@ -313,6 +313,32 @@ async def test_a_scale_down_refused_between_stages_fails_the_run_before_the_next
     assert "failed: ReleaseIncomplete" in md and "coder-chat: scaled to 0" in md, md
 
 
+async def test_a_scale_down_refused_at_the_end_fails_a_run_whose_stages_passed(
+    make_sim: Callable[..., SimStack],
+) -> None:
+    """Every smoke passed, but coder-fim's final scale-down is answered 503: the run must not say passed while a
+    model bills; it fails naming coder-fim and what to run."""
+    sim = make_sim()
+    faults = sim.api_server.faults
+
+    def arm_after_scale_up(ev: Any) -> None:
+        obj = ev.obj
+        fim_up = ev.plural == "deployments" and obj["metadata"]["name"] == "coder-fim" and obj["spec"]["replicas"]
+        if fim_up and not armed:
+            armed.append(True)
+            faults.fail("PATCH", r"/namespaces/serving/deployments/coder-fim/scale$", 503)
+
+    armed: list[bool] = []
+    sim.call(lambda s: s.listeners.append(arm_after_scale_up), sim.store)
+    with pytest.raises(ReleaseIncomplete, match=r"coder-fim could not be scaled to 0 at the end.*coder-stack down"):
+        await validate_coder_stack(options=ValidateOptions(stages=["chat", "fim"]), connection=conn(sim))
+    assert replicas(sim)["coder-fim"] == 1  # what the error says: left up
+    _, run_state = await latest_run_of("validate_coder_stack")
+    assert run_state.is_failed()
+    await teardown(connection=conn(sim))
+    assert_all_down(sim, pods_timeout=10)
+
+
 # ------------------------------------------------------------------ 6. cancellation
 async def test_cancelling_a_running_validate_scales_its_models_down(make_sim: Callable[..., SimStack]) -> None:
     """The flow coroutine is cancelled (what an asyncio runner does) in the middle of coder-chat's cold start."""
