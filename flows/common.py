@@ -382,7 +382,7 @@ async def release(
                     line = outcome._line(n)
                     if not line.scaled and not line.detail:
                         line.detail = f"scale-down not confirmed within {RELEASE_ISSUE_S:.0f} s"
-            log.info("Clean-up: %s.", "; ".join(outcome.notes()))
+            log.info("Clean-up: %s.", "; ".join(f"{n} {line.detail}" for n, line in outcome.lines.items()))
             if wait:
                 for ns, n, sel in [(spec.serving_namespace, m.name, m.selector) for m in models] + [
                     (spec.experience_namespace, f.name, f.selector) for f in spec.frontends if f.name in frontends

@@ -133,6 +133,8 @@ async def test_the_scheduled_teardown_deployed_by_setup_scales_the_renamed_model
             by_name = {d.name: d for d in deps}
             for name in ("morning-bring-up", "evening-teardown", "reclaim-idle-models", "validate-coder-stack"):
                 assert by_name[name].parameters == {"connection": want}, (name, by_name[name].parameters)
+            in_cluster = await client.read_deployment_by_name("teardown/evening-teardown-in-cluster")
+            assert in_cluster.parameters == {"connection": {"stack_block": block}}, in_cluster.parameters
             teardown_dep = await client.read_deployment_by_name("teardown/evening-teardown")
             assert teardown_dep.schedules and teardown_dep.schedules[0].active
             run = await client.create_flow_run_from_deployment(teardown_dep.id)
