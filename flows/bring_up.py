@@ -83,7 +83,7 @@ async def bring_up(
                     if not ok:
                         run.step("bring-up failed: scale the model and front-ends back to 0", cleanup=True)
                         outcome = await release(target, spec, [model], frontends)
-                        report.notes += [f"{k}: {v}" for k, v in outcome.items()]
+                        report.notes += outcome.notes()
             report.finish("passed: serving")
             log.info("%s is serving behind the gateway; Open WebUI and Tabby are up.", model.name)
             return report

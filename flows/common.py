@@ -25,7 +25,7 @@ from prefect.logging import get_run_logger
 from prefect.states import Cancelled
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from coder_stack.errors import CoderStackError, SpecError, UnexpectedError
+from coder_stack.errors import CoderStackError, PermanentError, SpecError, UnexpectedError
 from coder_stack.kubernetes.client import ClusterTarget, open_api
 from coder_stack.kubernetes.wait import ReadyReport, wait_gone
 from coder_stack.kubernetes.workloads import deployment_replicas, scale
@@ -303,15 +303,63 @@ async def free_gpu(run: Run, keep: ModelSpec | None) -> list[ModelSpec]:
     return busy
 
 
+class ReleaseLine(BaseModel):
+    """One Deployment's clean-up: was the scale-down to 0 confirmed, are its pods gone, and the words for it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Deployment name.")
+    scaled: bool = Field(False, description="The scale-down to 0 was confirmed by the API server.")
+    gone: bool | None = Field(None, description="Its pods are gone (None: not waited for).")
+    detail: str = Field("", description="What happened, for the report (no secrets).")
+
+    @property
+    def released(self) -> bool:
+        """Scaled to 0 and (when waited for) no pod left: it holds nothing."""
+        return self.scaled and self.gone is not False
+
+
+class Released(BaseModel):
+    """What :func:`release` did, per Deployment: typed, so a caller decides on ``ok``/``left_up``, never on prose."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lines: dict[str, ReleaseLine] = Field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return all(line.released for line in self.lines.values())
+
+    @property
+    def left_up(self) -> list[str]:
+        """The Deployments that may still hold what they held: scale-down not confirmed, or pods still there."""
+        return [n for n, line in self.lines.items() if not line.released]
+
+    def detail(self, name: str) -> str:
+        line = self.lines.get(name)
+        return line.detail if line is not None else "no answer"
+
+    def notes(self) -> list[str]:
+        return [f"{n}: {line.detail}" for n, line in self.lines.items()]
+
+    def _line(self, name: str) -> ReleaseLine:
+        return self.lines.setdefault(name, ReleaseLine(name=name))
+
+
+class ReleaseIncomplete(PermanentError):
+    """A clean-up scale-down was not confirmed, or the pods stayed: the model may still hold the GPU."""
+
+
 async def release(
     target: ClusterTarget, spec: StackSpec, models: list[ModelSpec], frontends: list[str], *, wait: bool = True
-) -> dict[str, str]:
+) -> Released:
     """Scale the given models and front-ends to 0 at once, then (optionally) wait until their pods are gone.
 
-    Every scale-down is issued first, concurrently, within RELEASE_ISSUE_S; only then does it wait. Never
-    raises: what could not be done is returned (and logged) so the caller's own error is not masked.
+    Every scale-down is issued first, concurrently, within RELEASE_ISSUE_S; only then does it wait (only for
+    those whose scale-down was confirmed). Never raises: what could not be done is returned (and logged) so the
+    caller's own error is not masked; the caller decides on ``Released.ok`` / ``left_up``.
     """
-    outcome: dict[str, str] = {}
+    outcome = Released()
     if not models and not frontends:
         return outcome
     log = logger()
@@ -320,32 +368,44 @@ async def release(
         async with open_api(target) as api:
 
             async def down(ns: str, name: str) -> None:
+                line = outcome._line(name)
                 try:
                     await scale(api, ns, name, 0)
-                    outcome[name] = "scaled to 0"
+                    line.scaled, line.detail = True, "scaled to 0"
                 except CoderStackError as e:
-                    outcome[name] = f"scale-down failed: {e}"
+                    line.detail = f"scale-down failed: {e}"
 
             try:
                 await asyncio.wait_for(asyncio.gather(*(down(ns, n) for ns, n in targets)), RELEASE_ISSUE_S)
             except TimeoutError:
                 for _, n in targets:
-                    outcome.setdefault(n, f"scale-down not confirmed within {RELEASE_ISSUE_S:.0f} s")
-            log.info("Clean-up: %s.", "; ".join(f"{k} {v}" for k, v in outcome.items()))
+                    line = outcome._line(n)
+                    if not line.scaled and not line.detail:
+                        line.detail = f"scale-down not confirmed within {RELEASE_ISSUE_S:.0f} s"
+            log.info("Clean-up: %s.", "; ".join(f"{n} {line.detail}" for n, line in outcome.lines.items()))
             if wait:
                 for ns, n, sel in [(spec.serving_namespace, m.name, m.selector) for m in models] + [
                     (spec.experience_namespace, f.name, f.selector) for f in spec.frontends if f.name in frontends
                 ]:
+                    line = outcome._line(n)
+                    if not line.scaled:
+                        continue  # its pods will not go: waiting would only delay the caller's error
                     try:
                         gone = await wait_gone(api, ns, sel, spec.timeouts.deletion_s)
+                        line.gone = True
                         if gone.pods_seen:
-                            outcome[n] = f"scaled to 0, pods gone after {gone.seconds:.1f} s"
+                            line.detail = f"scaled to 0, pods gone after {gone.seconds:.1f} s"
                     except CoderStackError as e:
-                        outcome[n] = f"{outcome.get(n, '')}; still has pods: {e}"
+                        line.gone = False
+                        line.detail = f"{line.detail}; still has pods: {e}"
     except CoderStackError as e:
         log.error("Clean-up could not reach the cluster: %s. Run `coder-stack down` to make sure nothing is left.", e)
         for _, n in targets:
-            outcome.setdefault(n, f"not released: {e}")
+            line = outcome._line(n)
+            if not line.detail:
+                line.detail = f"not released: {e}"
+    if not outcome.ok:
+        log.error("Clean-up left up: %s.", "; ".join(f"{n}: {outcome.detail(n)}" for n in outcome.left_up))
     return outcome
 
 

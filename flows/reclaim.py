@@ -24,7 +24,7 @@ from coder_stack.spec import ModelSpec
 from coder_stack.usecases.idle import Idleness, bring_back
 from flows.common import Connection, Run, guarded, logger, release
 from tasks.cluster import stack_status_task
-from tasks.idle import mark_reclaimed_task, read_idleness_task
+from tasks.idle import mark_reclaimed_task, moved_since_task, read_idleness_task
 
 # How long the flow waits for the GPU limit: a run holding it is using the GPU, so the flow does not queue.
 GPU_WAIT_S = 3.0
@@ -104,10 +104,17 @@ async def _reclaim(run: Run, serving: list[ModelSpec]) -> None:
     for m, i in idle:
         if not i.idle:
             continue
+        # A request may land between the verdict and the scale-down (the other models' reads, a slow API):
+        # the counters are read once more right before it, and anything that moved leaves the model serving.
+        moved = await moved_since_task(target, spec, m, i.activity) if i.activity is not None else "no reading"
+        if moved:
+            _record(run, m, i.model_copy(update={"idle": False, "reason": moved}), "left serving")
+            continue
         run.step(f"{m.name} {i.reason}: scale it to 0")
-        outcome = (await release(target, spec, [m], [])).get(m.name, "")
-        if not outcome.startswith("scaled to 0") or "still has pods" in outcome:
-            raise ReclaimIncomplete(f"{m.name} was idle but could not be reclaimed: {outcome or 'no answer'}")
+        freed = await release(target, spec, [m], [])
+        outcome = freed.detail(m.name)
+        if not freed.ok:
+            raise ReclaimIncomplete(f"{m.name} was idle but could not be reclaimed: {outcome}")
         at = datetime.now(UTC)
         await mark_reclaimed_task(target, spec, m, at)
         run.step(f"{m.name} reclaimed: {outcome}")

@@ -96,7 +96,7 @@ async def swap_model(
                             f"{model.name} failed: scale it back to 0 so no broken model holds the GPU", cleanup=True
                         )
                         outcome = await release(target, spec, [model], [])
-                        report.notes += [f"{k}: {v}" for k, v in outcome.items()]
+                        report.notes += outcome.notes()
             report.finish("passed")
             return report
 

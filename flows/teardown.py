@@ -59,7 +59,7 @@ async def teardown(
                 report.finish("dry run: nothing changed")
                 return report
             outcome = await release(target, spec, list(spec.models), frontends)
-            report.notes += [f"{k}: {v}" for k, v in outcome.items() if v != "scaled to 0"]
+            report.notes += [f"{n}: {line.detail}" for n, line in outcome.lines.items() if line.detail != "scaled to 0"]
             state = await final_state(target, spec)
             report.final_state = state
             left = [k for k, v in state.items() if v]

@@ -22,6 +22,7 @@ from coder_stack.report import RunReport
 from coder_stack.spec import KeyDestination, ModelSpec, StackSpec
 from flows.common import (
     Connection,
+    ReleaseIncomplete,
     Run,
     final_state,
     free_gpu,
@@ -119,6 +120,7 @@ async def validate_coder_stack(
                 # Front-ends already running (the morning bring-up's) are the users': this run did not start them.
                 before = await final_state(target, spec)
                 ours = [f for f in frontends if not before.get(f"{spec.experience_namespace}/{f}")]
+                body_done = False
                 try:
                     if restore:
                         await free_gpu(run, None)
@@ -126,7 +128,14 @@ async def validate_coder_stack(
                         if i > 0:
                             prev = models[i - 1]
                             run.step(f"swap: scale {prev.name} to 0 and wait until its pod is gone")
-                            await release(target, spec, [prev], [])
+                            freed = await release(target, spec, [prev], [])
+                            if not freed.ok:
+                                # The next stage would be scheduled beside it (an autoscaled pool adds a second
+                                # GPU node): stop here; the ``finally`` below tries it again with the rest.
+                                raise ReleaseIncomplete(
+                                    f"{prev.name} is still up: {freed.detail(prev.name)}. The {stage.value} stage "
+                                    f"was not started, so that {model.name} does not share the GPU with it"
+                                )
                             started.remove(prev)
                         started.append(model)
                         if i == 0:
@@ -151,12 +160,27 @@ async def validate_coder_stack(
                     )
                     report.spend = spend_lines(rows)
                     run.step("spend read back per key")
+                    body_done = True
                 finally:
                     run.step("tear down what this run started", cleanup=True)
                     outcome = await release(target, spec, started, [] if options.keep_frontends else ours)
                     if options.keep_frontends:
                         report.notes.append("front-ends left running (keep_frontends)")
-                    report.notes += [f"{k}: {v}" for k, v in outcome.items()]
+                    report.notes += outcome.notes()
+                    if not outcome.ok:
+                        left = ", ".join(outcome.left_up)
+                        report.notes.append(
+                            f"left up: {left}; run `coder-stack down` (or the evening teardown) to scale it to 0"
+                        )
+                        if restore:
+                            report.notes.append(f"not restored: {', '.join(m.name for m in restore)} ({left} is up)")
+                            restore = []
+                        if body_done:  # no error of the run's own in flight: this one is the run's failure
+                            raise ReleaseIncomplete(
+                                f"{left} could not be scaled to 0 at the end: "
+                                + "; ".join(f"{n}: {outcome.detail(n)}" for n in outcome.left_up)
+                                + ". Run `coder-stack down`, then check the cluster"
+                            )
                     if restore:
                         names = ", ".join(m.name for m in restore)
                         run.step(f"restore {names} (take_over)", cleanup=True)

@@ -9,7 +9,8 @@ from prefect import task
 
 from coder_stack.kubernetes.client import ClusterTarget, open_api
 from coder_stack.spec import ModelSpec, StackSpec
-from coder_stack.usecases.idle import Idleness, mark_reclaimed, read_idleness
+from coder_stack.usecases.idle import Idleness, mark_reclaimed, moved_since, read_idleness
+from coder_stack.vllm.metrics import Activity
 from tasks._common import retrying, run_logger
 
 _TASK = retrying(2, 5)
@@ -24,6 +25,16 @@ async def read_idleness_task(target: ClusterTarget, spec: StackSpec, model: Mode
     return idle
 
 
+@task(name="recheck-idleness", **_TASK)
+async def moved_since_task(target: ClusterTarget, spec: StackSpec, model: ModelSpec, seen: Activity) -> str | None:
+    """/metrics read again just before the scale-down: None if nothing moved since ``seen``, else why not."""
+    async with open_api(target) as api:
+        moved = await moved_since(api, spec, model, seen)
+    if moved:
+        run_logger().info("%s: %s.", model.name, moved)
+    return moved
+
+
 @task(name="mark-reclaimed", **_TASK)
 async def mark_reclaimed_task(target: ClusterTarget, spec: StackSpec, model: ModelSpec, at: datetime) -> None:
     """Annotate the Deployment with when it was reclaimed."""
@@ -31,4 +42,4 @@ async def mark_reclaimed_task(target: ClusterTarget, spec: StackSpec, model: Mod
         await mark_reclaimed(api, spec, model, at)
 
 
-__all__ = ["mark_reclaimed_task", "read_idleness_task"]
+__all__ = ["mark_reclaimed_task", "moved_since_task", "read_idleness_task"]

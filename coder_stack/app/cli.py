@@ -549,7 +549,11 @@ def setup(
     ] = None,
     kubeconfig: Annotated[
         Path | None,
-        typer.Option("--kubeconfig", help="Kubeconfig for --credentials-block (default: ~/.kube/config)."),
+        typer.Option(
+            "--kubeconfig",
+            help="Kubeconfig the process pool's deployments reach the cluster with, or the one --credentials-block "
+            "stores (default: $KUBECONFIG, else ~/.kube/config; refused if it does not exist).",
+        ),
     ] = None,
     context: Annotated[
         str | None, typer.Option("--context", help="Context for --credentials-block (default: the current one).")
@@ -561,8 +565,6 @@ def setup(
     from coder_stack.app.setup import run_setup
 
     spec_obj = _load(stack)
-    if kubeconfig is not None and credentials_block is None:
-        _fail(CoderStackError("--kubeconfig is only read for --credentials-block NAME; add it or drop --kubeconfig"))
     _check_kubeconfig(kubeconfig)
     report = _run(
         run_setup(
@@ -577,8 +579,9 @@ def setup(
         )
     )
     out.print(report.gpu_limit)
-    for line in [*report.blocks, *report.pools, report.automation]:
-        out.print(line, markup=False, highlight=False, soft_wrap=True)
+    for line in [*report.blocks, *report.pools, report.automation, *report.cluster, report.connection]:
+        if line:
+            out.print(line, markup=False, highlight=False, soft_wrap=True)
     if report.deployed:
         out.print("deployed prefect.yaml (prefect deploy --all)")
 

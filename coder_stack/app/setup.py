@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from prefect.exceptions import ObjectNotFound
 from pydantic import BaseModel, Field
 
 from coder_stack.errors import ConfigError
+from coder_stack.kubernetes.client import ClusterTarget
 from coder_stack.orchestration.gpu import ensure_gpu_limit
 from coder_stack.orchestration.liveness import ensure_crash_automation
 from coder_stack.orchestration.stack_block import (
@@ -63,8 +65,113 @@ class SetupReport(BaseModel):
     blocks: list[str] = Field(default_factory=list)
     pools: list[str] = Field(default_factory=list)
     automation: str = ""
+    connection: str = ""
+    cluster: list[str] = Field(default_factory=list)
     deployed: bool = False
     deploy_output: str = ""
+
+
+class DeploymentConnections(BaseModel):
+    """The ``connection`` parameter setup gives the deployments: the process pool's (a worker on this machine)
+    and the Kubernetes pool's (a Job pod, as its ServiceAccount), and the sentence that says which."""
+
+    process: dict[str, str]
+    in_cluster: dict[str, str]
+    says: str
+
+
+def deployment_connections(
+    stack_block: str, credentials_block: str | None, kubeconfig: Path | None, context: str | None
+) -> DeploymentConnections:
+    """Where the deployed flows find the stack (the block setup wrote) and the cluster: the credentials block, or
+    the kubeconfig given, or the default one ($KUBECONFIG, else ~/.kube/config) as an absolute path the process
+    worker reads. A default kubeconfig that does not exist is refused: the schedules would fail at 07:00 and 19:00
+    (the teardown being the $0 backstop) instead of now."""
+    process: dict[str, str] = {"stack_block": stack_block}
+    if credentials_block:
+        process["credentials_block"] = credentials_block
+        cluster = f"the cluster in the Kubernetes Credentials block {credentials_block!r}"
+    else:
+        env = os.environ.get("KUBECONFIG", "").split(os.pathsep)[0]
+        given = kubeconfig or (Path(env) if env else None)
+        path = (given or Path("~/.kube/config")).expanduser().resolve()
+        if not path.is_file():
+            source = "--kubeconfig" if kubeconfig else ("$KUBECONFIG" if env else "the default kubeconfig")
+            raise ConfigError(
+                f"the process pool's deployments would reach the cluster through {source} {path}, which does not "
+                "exist, so the schedules (the 07:00 bring-up, the 19:00 teardown, the idle reclaim) would fail. "
+                "Give --kubeconfig PATH (a file the process worker can read) or --credentials-block NAME "
+                "--kubeconfig PATH; nothing was deployed"
+            )
+        process["kubeconfig"] = str(path)
+        cluster = f"the kubeconfig {path}"
+    if context:
+        process["context"] = context
+        cluster += f" (context {context})"
+    says = (
+        f"deployments run the stack in block {stack_block!r}; the process pool's reach {cluster}, the "
+        f"{K8S_POOL} pool's the cluster they run in (their ServiceAccount); clean-up-crashed-run uses the "
+        "dead run's own connection"
+    )
+    return DeploymentConnections(process=process, in_cluster={"stack_block": stack_block}, says=says)
+
+
+# The process pool's clean-up reads the dead run's own connection (it may have run from the CLI with another).
+OWN_CONNECTION = {"clean-up-crashed-run"}
+
+
+def render_deployments(project_dir: Path, conns: DeploymentConnections) -> str:
+    """prefect.yaml with each deployment's ``connection`` parameter set from ``conns`` (the file's own values are
+    the defaults of a hand-run `prefect deploy`)."""
+    doc = yaml.safe_load((project_dir / "prefect.yaml").read_text()) or {}
+    for dep in doc.get("deployments") or []:
+        pool = ((dep or {}).get("work_pool") or {}).get("name")
+        if dep.get("name") in OWN_CONNECTION:
+            continue
+        conn = conns.process if pool == PROCESS_POOL else conns.in_cluster if pool == K8S_POOL else None
+        if conn is not None:
+            dep["parameters"] = {**(dep.get("parameters") or {}), "connection": dict(conn)}
+    return yaml.safe_dump(doc, sort_keys=False, width=120)
+
+
+async def check_cluster(
+    target: ClusterTarget, spec: StackSpec, namespace: str, service_account: str
+) -> tuple[list[str], list[str]]:
+    """What the deployments need from the cluster, read before deploying: the stack's Deployments (the schedules
+    scale them by name) and the Kubernetes pool's ServiceAccount (without it the Jobs' pods are refused,
+    ``FailedCreate``, and the run waits in Pending). Returns (lines to print, missing stack Deployments)."""
+    from kubernetes_asyncio import client as k8s
+
+    from coder_stack.errors import CoderStackError, NotFound
+    from coder_stack.kubernetes.client import api_errors, open_api
+    from coder_stack.kubernetes.workloads import deployment_replicas
+
+    lines: list[str] = []
+    missing: list[str] = []
+    try:
+        async with open_api(target) as api:
+            for ns in dict.fromkeys(ns for ns, _ in spec.deployments()):
+                have = await deployment_replicas(api, ns)
+                missing += [f"{n}/{name}" for n, name in spec.deployments() if n == ns and name not in have]
+            try:
+                with api_errors("get", "serviceaccounts", namespace, service_account):
+                    await k8s.CoreV1Api(api).read_namespaced_service_account(service_account, namespace)
+                lines.append(
+                    f"ServiceAccount {namespace}/{service_account} exists (the {K8S_POOL} pool's Jobs run as it)"
+                )
+            except NotFound:
+                lines.append(
+                    f"ServiceAccount {namespace}/{service_account} does not exist: the {K8S_POOL} pool's Jobs would "
+                    f"be refused their pod (FailedCreate) and the runs sit in Pending. Apply it: kubectl apply -f "
+                    f"deployments/rbac.yaml (the {namespace} namespace must exist); not needed for the process pool"
+                )
+    except CoderStackError as e:
+        lines.append(f"could not read the cluster to check it ({e})")
+    if missing:
+        lines.append(f"the stack's Deployments missing in the cluster: {', '.join(missing)}")
+    else:
+        lines.append("the stack's Deployments exist in the cluster")
+    return lines, missing
 
 
 def owned_job_variables(image: str) -> dict[str, Any]:
@@ -251,14 +358,25 @@ def deploy_all(
     timeout_s: float = 180,
     names: list[str] | None = None,
     env_overrides: dict[str, str] | None = None,
+    connections: DeploymentConnections | None = None,
 ) -> str:
     """`prefect --no-prompt deploy --all` for prefect.yaml (only ``names``, when given), with the checkout as
-    working directory (``env_overrides``: e.g. the PREFECT_API_URL to deploy to)."""
+    working directory (``env_overrides``: e.g. the PREFECT_API_URL to deploy to; ``connections``: the
+    deployments' ``connection`` parameters, written into a copy of prefect.yaml given with --prefect-file)."""
     env = dict(os.environ) | (env_overrides or {})
     env.setdefault("CODER_STACK_DIR", str(project_dir))
     prefect = Path(sys.executable).with_name("prefect")
     cmd = [str(prefect) if prefect.exists() else "prefect", "--no-prompt", "deploy"]
     cmd += [a for n in names for a in ("--name", n)] if names else ["--all"]
+    with tempfile.TemporaryDirectory(prefix="coder-stack-deploy-") as tmp:
+        if connections is not None:
+            rendered = Path(tmp) / "prefect.yaml"
+            rendered.write_text(render_deployments(project_dir, connections))
+            cmd += ["--prefect-file", str(rendered)]
+        return _deploy(cmd, project_dir, env, timeout_s)
+
+
+def _deploy(cmd: list[str], project_dir: Path, env: dict[str, str], timeout_s: float) -> str:
     try:
         proc = subprocess.run(
             cmd, cwd=project_dir, env=env, capture_output=True, text=True, timeout=timeout_s, check=False
@@ -318,8 +436,10 @@ async def run_setup(
     """Everything Prefect needs, in order: the GPU limit, the blocks the deployments name, the work pools,
     the deployments. ``image``: the Kubernetes pool's image (else $CODER_STACK_IMAGE, else DEFAULT_IMAGE)."""
     project_dir = project_dir or PROJECT_DIR
+    conns: DeploymentConnections | None = None
     if deploy:
         check_schedules(project_dir)  # before anything changes
+        conns = deployment_connections(stack_block, credentials_block, kubeconfig, context)
     given = image or os.environ.get("CODER_STACK_IMAGE") or None
     report = SetupReport(gpu_limit=await ensure_gpu_limit(gpus))
     report.blocks.append(await ensure_stack_block(stack_block, spec))
@@ -331,7 +451,47 @@ async def run_setup(
         await KubernetesCredentials.aregister_type_and_schema()
     report.pools = await ensure_work_pools(image=given, image_given=given is not None)
     report.automation = await ensure_crash_automation(list(GPU_FLOWS))
-    if deploy:
-        report.deploy_output = deploy_all(project_dir)
+    target = _reachable_target(credentials_block, kubeconfig, context)
+    if target is not None:
+        from coder_stack.orchestration.stack_block import load_stack_block
+
+        namespace, account = await _pool_service_account()
+        stack = spec or await load_stack_block(stack_block)
+        report.cluster, missing = await check_cluster(target, stack, namespace, account)
+        if deploy and missing:
+            raise ConfigError(
+                f"the stack in block {stack_block!r} names Deployments the cluster does not have "
+                f"({', '.join(missing)}), "
+                "so the scheduled bring-up, teardown and reclaim would fail on them. Give --stack FILE with your "
+                "stack's names (`coder-stack spec > stack.yaml`, then edit it); the blocks and pools are set, nothing "
+                "was deployed"
+            )
+    if deploy and conns is not None:
+        report.connection = conns.says
+        report.deploy_output = deploy_all(project_dir, connections=conns)
         report.deployed = True
     return report
+
+
+def _reachable_target(
+    credentials_block: str | None, kubeconfig: Path | None, context: str | None
+) -> ClusterTarget | None:
+    """The cluster setup can read, if any: the credentials block, the kubeconfig given, or an existing default one."""
+    if credentials_block:
+        return ClusterTarget(credentials_block=credentials_block, context=context)
+    env = os.environ.get("KUBECONFIG", "").split(os.pathsep)[0]
+    path = (kubeconfig or (Path(env) if env else Path("~/.kube/config"))).expanduser()
+    return ClusterTarget(kubeconfig=str(path.resolve()), context=context) if path.is_file() else None
+
+
+async def _pool_service_account() -> tuple[str, str]:
+    """The namespace and ServiceAccount the Kubernetes pool's Jobs use (its template may have been edited)."""
+    async with get_client() as client:
+        try:
+            pool = await client.read_work_pool(K8S_POOL)
+        except ObjectNotFound:
+            return FLOWS_NAMESPACE, FLOWS_SERVICE_ACCOUNT
+    props = pool.base_job_template.get("variables", {}).get("properties", {})
+    namespace = (props.get("namespace") or {}).get("default") or FLOWS_NAMESPACE
+    account = (props.get("service_account_name") or {}).get("default") or FLOWS_SERVICE_ACCOUNT
+    return str(namespace), str(account)

@@ -88,6 +88,28 @@ async def read_idleness(
     )
 
 
+async def moved_since(api: ApiClient, spec: StackSpec, model: ModelSpec, seen: Activity) -> str | None:
+    """Read ``model``'s /metrics again, just before it is scaled down: ``None`` if nothing moved since ``seen``
+    (the reading it was judged idle by), else why it must be left serving. An unreadable /metrics counts as
+    moved: idleness is read, never assumed."""
+    try:
+        async with (
+            open_endpoint(api, spec, model.name) as base_url,
+            make_client(spec.timeouts, attempts=1) as http,
+        ):
+            now = await read_activity(http, base_url, model.served_model_name, spec.timeouts)
+    except CoderStackError as e:
+        return f"not reclaimed: its /metrics could not be read again just before the scale-down ({e})"
+    if now.running or now.waiting:
+        return f"busy: {now.running} request(s) running, {now.waiting} waiting when it was about to be scaled down"
+    if (now.requests, now.tokens, now.engine_started) != (seen.requests, seen.tokens, seen.engine_started):
+        return (
+            f"active: served requests after it was judged idle ({seen.requests} -> {now.requests} request(s)); "
+            "not scaled down"
+        )
+    return None
+
+
 async def mark_reclaimed(api: ApiClient, spec: StackSpec, model: ModelSpec, at: datetime) -> None:
     """Stamp the reclaim on the Deployment, for `coder-stack status`."""
     await annotate_deployment(api, spec.serving_namespace, model.name, {RECLAIMED_AT: at.isoformat()})
@@ -107,4 +129,13 @@ def reclaimed_note(spec: StackSpec, model: ModelSpec, annotations: dict[str, str
     return f"{model.name}: reclaimed at {at:%Y-%m-%d %H:%M} UTC{idle}; bring it back with {bring_back(spec, model)}"
 
 
-__all__ = ["ACTIVITY", "RECLAIMED_AT", "Idleness", "bring_back", "mark_reclaimed", "read_idleness", "reclaimed_note"]
+__all__ = [
+    "ACTIVITY",
+    "RECLAIMED_AT",
+    "Idleness",
+    "bring_back",
+    "mark_reclaimed",
+    "moved_since",
+    "read_idleness",
+    "reclaimed_note",
+]

@@ -27,7 +27,7 @@ from coder_stack.errors import GpuBusy, GpuLimitMissing, PodFailed, RetriableErr
 from coder_stack.orchestration.gpu import GPU_LIMIT, ensure_gpu_limit, gpu_session
 from coder_stack.report import RunReport
 from flows.bring_up import BringUpOptions, bring_up
-from flows.common import Connection
+from flows.common import Connection, ReleaseIncomplete
 from flows.keys import KeyOptions, manage_keys
 from flows.swap import SwapOptions, swap_model
 from flows.teardown import TeardownOptions, teardown
@@ -124,7 +124,7 @@ async def test_validate_all_stages_passes_and_leaves_everything_at_zero(make_sim
     assert_all_down(sim)
     assert set(report.final_state.values()) == {0}
     tl = sim.timeline
-    assert not gpu_overlaps(tl), gpu_overlaps(tl)
+    assert not gpu_overlaps(sim), gpu_overlaps(sim)
     assert [n for _, ns, n, r in tl if ns == SERVING and r > 0] == ["coder-chat", "coder-fim", "coder-agent"]
 
     # The artifacts, read back through the API: the markdown report and the spend table, no secret in either.
@@ -172,9 +172,43 @@ async def test_swap_frees_the_gpu_before_the_target_starts(sim: SimStack) -> Non
         t for t, typ, obj in pod_events if typ == "DELETED" and obj["metadata"]["name"].startswith("coder-chat-")
     )
     assert chat_down < chat_gone < fim_up, "coder-fim was scaled up before coder-chat's pod was gone"
-    assert not gpu_overlaps(sim.timeline)
+    assert not gpu_overlaps(sim)
     assert any(n.startswith("swap time: ") for n in report.notes), report.notes
     assert report.section("coder-fim").ready_s
+
+
+def test_gpu_overlaps_counts_a_terminating_pod_not_replica_counts(sim: SimStack) -> None:
+    """The check every GPU test relies on: coder-fim scaled up while coder-chat's pod still terminates never has
+    two models above 0 replicas, but two models' pods hold the GPU at once, and that is what it must report."""
+    scale(sim, SERVING, "coder-chat", 1)
+    wait_for(sim, lambda s: any(is_ready(p) for p in pods_of(s, SERVING, "coder-chat")), 10, "coder-chat Ready")
+    assert not gpu_overlaps(sim)
+    mark = len(sim.timeline)
+
+    def swap_too_early(store: Store) -> None:  # one loop turn: no controller runs in between
+        [pod] = pods_of(store, SERVING, "coder-chat")
+        store.mark_deleting("pods", SERVING, pod["metadata"]["name"], 3000)  # a long grace: it stays terminating
+        for name, reps in (("coder-chat", 0), ("coder-fim", 1)):
+            d = store.get("deployments", SERVING, name)
+            d["spec"]["replicas"] = reps
+            store.update("deployments", d)
+
+    sim.call(swap_too_early, sim.store)
+    both = wait_for(
+        sim,
+        lambda s: (
+            (pods_of(s, SERVING, "coder-fim"), pods_of(s, SERVING, "coder-chat"))
+            if pods_of(s, SERVING, "coder-fim")
+            else None
+        ),
+        10,
+        "a coder-fim pod",
+    )
+    assert both[1] and both[1][0]["metadata"].get("deletionTimestamp"), "coder-chat's pod was gone too early"
+    order = [(n, v) for _, ns, n, v in sim.timeline[mark:] if ns == SERVING]
+    assert order == [("coder-chat", 0), ("coder-fim", 1)]  # replica counts never overlapped ...
+    overlaps = gpu_overlaps(sim)
+    assert overlaps and set(overlaps[-1][1]) == {"coder-chat", "coder-fim"}, overlaps  # ... the pods did
 
 
 # ------------------------------------------------------------------ 3. take_over
@@ -200,7 +234,7 @@ async def test_validate_refuses_a_serving_gpu_without_take_over_and_restores_it_
     tl = sim.timeline[mark:]
     order = [(n, v) for _, ns, n, v in tl if ns == SERVING]
     assert order == [("coder-chat", 0), ("coder-fim", 1), ("coder-fim", 0), ("coder-chat", 1)], order
-    assert not gpu_overlaps(sim.timeline)
+    assert not gpu_overlaps(sim)
 
 
 # ------------------------------------------------------------------ 4. teardown
@@ -243,6 +277,68 @@ async def test_a_failing_stage_fails_the_flow_and_scales_everything_down(make_si
     assert "failed: PodFailed" in md and "| serving/coder-fim | 0 |" in md
 
 
+async def test_a_scale_down_refused_between_stages_fails_the_run_before_the_next_model_starts(
+    make_sim: Callable[..., SimStack],
+) -> None:
+    """The API answers 503 to coder-chat's scale-down between the chat and FIM stages: coder-fim must not be
+    scaled up beside it; the run fails naming coder-chat, and its ``finally`` scales coder-chat down again."""
+    sim = make_sim()
+    faults = sim.api_server.faults
+    chat_scale = r"/namespaces/serving/deployments/coder-chat/scale$"
+
+    def arm_after_scale_up(ev: Any) -> None:  # the first scale of coder-chat is the scale-up: fault the next one
+        obj = ev.obj
+        chat_up = ev.plural == "deployments" and obj["metadata"]["name"] == "coder-chat" and obj["spec"]["replicas"]
+        if chat_up and not armed:
+            armed.append(True)
+            faults.fail("PATCH", chat_scale, 503)
+
+    armed: list[bool] = []
+    sim.call(lambda s: s.listeners.append(arm_after_scale_up), sim.store)
+    mark = len(sim.timeline)
+    with pytest.raises(ReleaseIncomplete) as info:
+        await validate_coder_stack(options=ValidateOptions(stages=["chat", "fim"]), connection=conn(sim))
+    msg = str(info.value)
+    assert "coder-chat is still up" in msg and "fim stage was not started" in msg, msg
+    assert [s for _m, p, s in faults.fired if "coder-chat" in p] == [503], faults.fired
+    assert not scaled_up(sim, "coder-fim", mark), "coder-fim was scaled up while coder-chat held the GPU"
+    # The finally tried coder-chat again (its second scale-down was answered) and everything is at 0.
+    order = [(n, v) for _, ns, n, v in sim.timeline[mark:] if ns == SERVING]
+    assert order == [("coder-chat", 1), ("coder-chat", 0)], order
+    assert_all_down(sim, pods_timeout=10)
+    assert not gpu_overlaps(sim)
+    run_id, run_state = await latest_run_of("validate_coder_stack")
+    assert run_state.is_failed()
+    md = (await run_artifacts(run_id))["validate-report"].data
+    assert "failed: ReleaseIncomplete" in md and "coder-chat: scaled to 0" in md, md
+
+
+async def test_a_scale_down_refused_at_the_end_fails_a_run_whose_stages_passed(
+    make_sim: Callable[..., SimStack],
+) -> None:
+    """Every smoke passed, but coder-fim's final scale-down is answered 503: the run must not say passed while a
+    model bills; it fails naming coder-fim and what to run."""
+    sim = make_sim()
+    faults = sim.api_server.faults
+
+    def arm_after_scale_up(ev: Any) -> None:
+        obj = ev.obj
+        fim_up = ev.plural == "deployments" and obj["metadata"]["name"] == "coder-fim" and obj["spec"]["replicas"]
+        if fim_up and not armed:
+            armed.append(True)
+            faults.fail("PATCH", r"/namespaces/serving/deployments/coder-fim/scale$", 503)
+
+    armed: list[bool] = []
+    sim.call(lambda s: s.listeners.append(arm_after_scale_up), sim.store)
+    with pytest.raises(ReleaseIncomplete, match=r"coder-fim could not be scaled to 0 at the end.*coder-stack down"):
+        await validate_coder_stack(options=ValidateOptions(stages=["chat", "fim"]), connection=conn(sim))
+    assert replicas(sim)["coder-fim"] == 1  # what the error says: left up
+    _, run_state = await latest_run_of("validate_coder_stack")
+    assert run_state.is_failed()
+    await teardown(connection=conn(sim))
+    assert_all_down(sim, pods_timeout=10)
+
+
 # ------------------------------------------------------------------ 6. cancellation
 async def test_cancelling_a_running_validate_scales_its_models_down(make_sim: Callable[..., SimStack]) -> None:
     """The flow coroutine is cancelled (what an asyncio runner does) in the middle of coder-chat's cold start."""
@@ -268,7 +364,7 @@ async def test_two_concurrent_swaps_never_share_the_gpu(sim: SimStack) -> None:
     )
     assert a.outcome == "passed" and b.outcome == "passed"
     tl = sim.timeline
-    assert not gpu_overlaps(tl), gpu_overlaps(tl)
+    assert not gpu_overlaps(sim), gpu_overlaps(sim)
     ups = [n for _, ns, n, r in tl if ns == SERVING and r > 0]
     assert sorted(ups) == ["coder-chat", "coder-fim"], tl
     r = replicas(sim)
@@ -362,15 +458,16 @@ async def test_gpu_work_refuses_without_the_limit(sim: SimStack) -> None:
 
 # ------------------------------------------------------------------ 10. deployments
 async def test_setup_deploys_every_deployment_with_its_schedule(
-    prefect_api: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    sim: SimStack, prefect_api: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from coder_stack.app.setup import run_setup
 
     monkeypatch.setenv("PREFECT_API_URL", prefect_api)
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
     monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    report = await run_setup(gpus=1)
+    report = await run_setup(gpus=1, kubeconfig=sim.kubeconfig_path)
     assert report.deployed, report.deploy_output
+    process_connection = {"stack_block": "coder-stack", "kubeconfig": str(sim.kubeconfig_path.resolve())}
 
     async with get_client() as client:
         pools = {p: (await client.read_work_pool(p)).type for p in ("coder-stack-process", "coder-stack-k8s")}
@@ -406,6 +503,9 @@ async def test_setup_deploys_every_deployment_with_its_schedule(
                 assert d.parameters == {"connection": {"stack_block": "coder-stack"}}, name
             else:
                 assert d.pull_steps and "set_working_directory" in str(d.pull_steps), name
+                # the stack setup wrote into the block and the cluster it was given (the clean-up: the dead run's)
+                own = name.endswith("/clean-up-crashed-run")
+                assert d.parameters == ({} if own else {"connection": process_connection}), (name, d.parameters)
             if cron is None:
                 assert d.schedules == [], (name, d.schedules)
                 continue
@@ -419,6 +519,49 @@ async def test_setup_deploys_every_deployment_with_its_schedule(
             assert d.global_concurrency_limit is not None and d.global_concurrency_limit.limit == 1, name
             assert d.concurrency_options is not None, name
             assert d.concurrency_options.collision_strategy == collision.get(name, "ENQUEUE"), name
+
+
+async def test_setup_refuses_schedules_against_a_default_that_does_not_exist_and_checks_the_service_account(
+    make_sim: Callable[..., SimStack], prefect_api: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import uuid
+
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    from coder_stack.app.setup import run_setup
+    from coder_stack.errors import ConfigError
+    from tests.flows.test_renamed_stack import renamed_spec
+    from tests.kits.incluster import load_rbac, rbac_docs
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.kube/config
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    teardown_dep = DeploymentFilter(name=DeploymentFilterName(any_=["evening-teardown"]))
+    async with get_client() as client:
+        for d in await client.read_deployments(deployment_filter=teardown_dep):
+            await client.delete_deployment(d.id)
+
+    # No kubeconfig given and none by default: the schedules would fail every evening; refused before any change.
+    with pytest.raises(ConfigError, match=r"kube/config, which does not exist.*--kubeconfig PATH"):
+        await run_setup(gpus=1)
+    # A cluster whose models are named otherwise, and no --stack: the block's default names are not there.
+    renamed = make_sim(spec=renamed_spec())
+    with pytest.raises(ConfigError, match=r"does not have \(serving/coder-chat, .*Give --stack FILE"):
+        await run_setup(gpus=1, stack_block=f"fresh-{uuid.uuid4().hex[:8]}", kubeconfig=renamed.kubeconfig_path)
+    async with get_client() as client:
+        assert await client.read_deployments(deployment_filter=teardown_dep) == []  # nothing was deployed
+
+    # The Kubernetes pool's ServiceAccount: missing (README step 2 skipped) is said, with what to apply.
+    sim = make_sim()
+    report = await run_setup(gpus=1, deploy=False, kubeconfig=sim.kubeconfig_path)
+    [line] = [c for c in report.cluster if "ServiceAccount" in c]
+    assert "prefect/coder-stack-flows does not exist" in line and "kubectl apply -f deployments/rbac.yaml" in line
+    docs = rbac_docs()
+    sim.call(load_rbac, sim.store, docs)
+    report = await run_setup(gpus=1, deploy=False, kubeconfig=sim.kubeconfig_path)
+    assert (
+        "ServiceAccount prefect/coder-stack-flows exists (the coder-stack-k8s pool's Jobs run as it)" in report.cluster
+    )
 
 
 # ------------------------------------------------------------------ 11. dry runs

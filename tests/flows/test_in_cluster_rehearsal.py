@@ -244,7 +244,7 @@ async def test_validate_and_teardown_run_as_kubernetes_jobs_under_the_role(
 
     # nothing left on the GPU, never two models at once
     await assert_no_gpu_model_running(sim)
-    assert not gpu_overlaps(sim.timeline)
+    assert not gpu_overlaps(sim)
 
     # the flows' calls were made as the pod's ServiceAccount, and every one was allowed by rbac.yaml
     audit = list(sim.api_server.audit)

@@ -137,7 +137,7 @@ async def test_every_flow_passes_under_the_role_and_every_grant_is_used(rbac_sim
     down = await teardown(connection=c)
     assert down.outcome == "passed: everything at 0", down.to_markdown()
     await assert_no_gpu_model_running(sim)
-    assert not gpu_overlaps(sim.timeline)
+    assert not gpu_overlaps(sim)
 
     refused = sorted({(v, r, n, name) for v, r, n, name, ok in rec.calls if not ok})
     assert refused == [], f"the flows were refused under deployments/rbac.yaml: {refused}"

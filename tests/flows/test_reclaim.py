@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +160,43 @@ async def test_a_running_request_leaves_it_serving(make_sim: Callable[..., SimSt
         report, _ = await run(c)
     assert report.outcome == "passed: nothing idle", report.to_markdown()
     await assert_left_serving(sim, report, "busy: 1 request(s) running")
+
+
+async def test_a_request_between_the_verdict_and_the_scale_down_aborts_the_reclaim(
+    make_sim: Callable[..., SimStack], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The verdict says idle; then, before the scale-down, a request completes on the pod (sent by a hook the
+    moment the verdict is returned): the counters moved, so the model is left serving and nothing is stamped."""
+    import tasks.idle
+    from coder_stack.usecases.idle import read_idleness
+
+    sim = make_sim()
+    c = stack(tmp_path, sim)
+    chat_up(sim)
+    await run(c)  # the first reading
+    base = sim.backends.resolve_url(StackSpec().service_url(CHAT, SERVING, 8000))
+    assert base
+    sent: list[int] = []
+
+    async def verdict_then_a_request(*args: Any, **kwargs: Any) -> Any:
+        later = datetime.now(UTC) + timedelta(hours=1)  # the reading is an hour old: idle, without waiting
+        idle = await read_idleness(*args, **{**kwargs, "now": later})
+        assert idle.idle, idle
+        body = {"model": StackSpec().model(CHAT).served_model_name, "max_tokens": 4,
+                "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
+        headers = {"Authorization": f"Bearer {sim.secrets['vllm_key']}"}
+        async with httpx.AsyncClient(timeout=30) as http:
+            resp = await http.post(f"{base}/v1/chat/completions", json=body, headers=headers)
+        sent.append(resp.status_code)
+        return idle
+
+    monkeypatch.setattr(tasks.idle, "read_idleness", verdict_then_a_request)
+    mark = len(sim.timeline)
+    report, arts = await run(c)
+    assert sent == [200]
+    assert report.outcome == "passed: nothing idle", report.to_markdown()
+    await assert_left_serving(sim, report, "served requests after it was judged idle")
+    assert sim.timeline[mark:] == [] and "reclaimed-models" not in arts
 
 
 # ------------------------------------------------------------------ unreadable

@@ -546,7 +546,7 @@ async def test_twenty_swaps_at_once_never_share_the_gpu_and_leave_no_slot(make_s
     print(f"20 concurrent swaps: {wall:.1f} s")
     assert all(s.is_completed() for s in states), [s for s in states if not s.is_completed()]
     tl = sim.timeline
-    assert not gpu_overlaps(tl), gpu_overlaps(tl)[:3]
+    assert not gpu_overlaps(sim), gpu_overlaps(sim)[:3]
     ups = [n for _, ns, n, r in tl if ns == SERVING and r > 0]
     assert sorted(ups) == sorted(targets) or len(ups) >= len(set(targets)), ups
     r = replicas(sim)

@@ -7,10 +7,15 @@ is called.
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
+import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from kubernetes_asyncio import client
+from prefect.client.orchestration import get_client
 
 from coder_stack.kubernetes.client import ClusterTarget, open_api, read_secret
 from coder_stack.spec import ClientKeySpec, FrontendSpec, StackSpec
@@ -18,6 +23,7 @@ from flows.keys import KeyOptions, manage_keys
 from flows.teardown import teardown
 from flows.validate import ValidateOptions, validate_coder_stack
 from simstack.stack import SimStack
+from simstack.store import Store
 from tests.kits.flowkit import conn
 
 pytestmark = pytest.mark.usefixtures("gpu_limit")
@@ -91,3 +97,81 @@ async def test_a_stack_with_every_name_changed_validates_rotates_and_tears_down(
     down = await teardown(connection=c)
     assert set(down.final_state.values()) == {0}, down.final_state
     assert set(down.final_state) == {f"{ns}/{n}" for ns, n in spec.deployments()}
+
+
+async def test_the_scheduled_teardown_deployed_by_setup_scales_the_renamed_models_through_a_process_worker(
+    make_sim: Callable[..., SimStack], prefect_api: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`coder-stack setup --stack FILE --kubeconfig PATH`, then the 19:00 teardown as the process worker runs it:
+    its run reads the stack from the block setup wrote and the cluster from that kubeconfig, so it finds the
+    models named otherwise (a run of the reference stack fails on NotFound and leaves chat-7b billing)."""
+    from prefect.client.schemas.filters import WorkPoolFilter, WorkPoolFilterName
+
+    from coder_stack.app.setup import PROCESS_POOL, run_setup
+    from coder_stack.orchestration.liveness import CRASH_AUTOMATION
+    from coder_stack.orchestration.stack_block import load_stack_block
+    from tests.kits.flowkit import PREFECT_BIN, PROJECT, flow_process_env, stop_group
+
+    spec = StackSpec.model_validate(renamed_spec().model_dump())
+    sim = make_sim(spec=spec)
+    sim.call(_scale, sim.store, "models", "chat-7b", 1)
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    block = f"renamed-{uuid.uuid4().hex[:8]}"
+    report = await run_setup(gpus=1, spec=spec, stack_block=block, kubeconfig=sim.kubeconfig_path)
+    worker: subprocess.Popen[bytes] | None = None
+    try:
+        assert report.deployed, report.deploy_output
+        assert f"stack in block {block!r}" in report.connection and str(sim.kubeconfig_path) in report.connection
+        assert "the stack's Deployments exist in the cluster" in report.cluster, report.cluster
+        assert await load_stack_block(block) == spec
+        async with get_client() as client:
+            deps = await client.read_deployments(
+                work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[PROCESS_POOL]))
+            )
+            want = {"stack_block": block, "kubeconfig": str(sim.kubeconfig_path.resolve())}
+            by_name = {d.name: d for d in deps}
+            for name in ("morning-bring-up", "evening-teardown", "reclaim-idle-models", "validate-coder-stack"):
+                assert by_name[name].parameters == {"connection": want}, (name, by_name[name].parameters)
+            in_cluster = await client.read_deployment_by_name("teardown/evening-teardown-in-cluster")
+            assert in_cluster.parameters == {"connection": {"stack_block": block}}, in_cluster.parameters
+            teardown_dep = await client.read_deployment_by_name("teardown/evening-teardown")
+            assert teardown_dep.schedules and teardown_dep.schedules[0].active
+            run = await client.create_flow_run_from_deployment(teardown_dep.id)
+        with (tmp_path / "worker.log").open("wb") as out:
+            worker = subprocess.Popen(
+                [str(PREFECT_BIN), "worker", "start", "--pool", PROCESS_POOL, "--install-policy", "never"],
+                cwd=PROJECT,
+                env=flow_process_env(prefect_api, tmp_path),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        async with get_client() as client:
+            deadline = asyncio.get_running_loop().time() + 120
+            while not (fr := await client.read_flow_run(run.id)).state or not fr.state.is_final():
+                assert asyncio.get_running_loop().time() < deadline, (tmp_path / "worker.log").read_text()[-3000:]
+                await asyncio.sleep(0.5)  # polling the run's state, not a synchronisation
+        assert fr.state.is_completed(), (fr.state, (tmp_path / "worker.log").read_text()[-3000:])
+        replicas = sim.call(
+            lambda s: {n: s.get("deployments", ns, n)["spec"]["replicas"] for ns, n in spec.deployments()}, sim.store
+        )
+        assert set(replicas.values()) == {0}, replicas
+    finally:
+        if worker is not None:
+            stop_group(worker)
+        async with get_client() as client:  # later flow tests share this server: no schedules, no automation left
+            for d in await client.read_deployments(
+                work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[PROCESS_POOL]))
+            ):
+                await client.delete_deployment(d.id)
+            if report.automation.startswith("created"):
+                for a in await client.read_automations():
+                    if a.name == CRASH_AUTOMATION:
+                        await client.delete_automation(a.id)
+
+
+def _scale(store: Store, ns: str, name: str, reps: int) -> None:
+    d = store.get("deployments", ns, name)
+    d["spec"]["replicas"] = reps
+    store.update("deployments", d)

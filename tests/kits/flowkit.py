@@ -192,15 +192,46 @@ async def assert_no_gpu_model_running(sim: SimStack, timeout: float = 10.0) -> N
     await until(lambda: not gpu_pods(sim), timeout, "GPU model pods gone")
 
 
-def gpu_overlaps(timeline: list[tuple[float, str, str, int]]) -> list[tuple[float, dict[str, int]]]:
-    """Moments at which more than one GPU model Deployment was above 0 replicas."""
-    state = dict.fromkeys(MODELS, 0)
+def _gpu_pod(obj: dict[str, Any]) -> bool:
+    for c in (obj.get("spec") or {}).get("containers") or []:
+        if str(((c.get("resources") or {}).get("limits") or {}).get("nvidia.com/gpu", "0")) not in ("0", ""):
+            return True
+    return False
+
+
+def gpu_overlaps(sim: SimStack) -> list[tuple[int, dict[str, list[str]]]]:
+    """Moments (resourceVersions) at which pods of more than one GPU model held a GPU at once, per model.
+
+    Pods, not replica counts: a GPU model's pod holds its GPU from its creation until it is DELETED, including
+    while it terminates (a scale-up while the old pod still terminates is an overlap; on an autoscaled pool it
+    gets a second GPU node). Read from the store's history of every event since the sim started; a history
+    that was compacted cannot be checked and fails the check rather than pass it."""
+
+    def _read(store: Store) -> tuple[int, list[Any]]:
+        return store.compacted_rv, list(store._history)
+
+    compacted, history = sim.call(_read, sim.store)
+    first = history[0].rv if history else None
+    assert first is not None and compacted < first, f"the sim's history was compacted (rv {compacted}): cannot check"
+    models = {m.name: m for m in sim.spec.models}
+    live: dict[str, set[str]] = {name: set() for name in models}
     bad = []
-    for t, ns, name, reps in timeline:
-        if ns == SERVING and name in state:
-            state[name] = reps
-            if sum(1 for v in state.values() if v > 0) > 1:
-                bad.append((t, dict(state)))
+    for ev in history:
+        if ev.plural != "pods" or not _gpu_pod(ev.obj):
+            continue
+        meta = ev.obj["metadata"]
+        if meta.get("namespace") != sim.spec.serving_namespace:
+            continue
+        app = (meta.get("labels") or {}).get("app.kubernetes.io/name", "")
+        owner = app if app in live else meta["name"]
+        pods = live.setdefault(owner, set())
+        if ev.type == "DELETED":
+            pods.discard(meta["name"])
+            continue
+        pods.add(meta["name"])
+        holding = {m: sorted(p) for m, p in live.items() if p}
+        if len(holding) > 1:
+            bad.append((ev.rv, holding))
     return bad
 
 
