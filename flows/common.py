@@ -375,8 +375,22 @@ async def release(
                 except CoderStackError as e:
                     line.detail = f"scale-down failed: {e}"
 
+            # The scale-downs run in a task of their own that a cancellation of the caller does not stop (a lost
+            # GPU lease, a cancel from the UI, a SIGTERM landing in this finally): once issued they finish, within
+            # RELEASE_ISSUE_S, and only then does the cancellation go on. Nothing is left billing half-released.
+            issuing = asyncio.ensure_future(
+                asyncio.wait_for(asyncio.gather(*(down(ns, n) for ns, n in targets)), RELEASE_ISSUE_S)
+            )
             try:
-                await asyncio.wait_for(asyncio.gather(*(down(ns, n) for ns, n in targets)), RELEASE_ISSUE_S)
+                await asyncio.shield(issuing)
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await issuing
+                log.warning(
+                    "Clean-up interrupted after its scale-downs: %s.",
+                    "; ".join(f"{n} {line.detail or 'not confirmed'}" for n, line in outcome.lines.items()),
+                )
+                raise
             except TimeoutError:
                 for _, n in targets:
                     line = outcome._line(n)
