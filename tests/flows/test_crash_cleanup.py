@@ -1,4 +1,4 @@
-"""A dead run's GPU is freed within two minutes: heartbeats, the crash automation, the clean-up deployment.
+"""A dead run's GPU is freed within 150 s: heartbeats, the crash automation, the clean-up deployment.
 
 What users rely on: a flow run killed with SIGKILL (OOM, a lost node, `kill -9`), or the worker process
 running it, leaves no model on the GPU and no held ``tag:gpu`` slot for long — the crash automation
@@ -68,7 +68,9 @@ pytestmark = pytest.mark.usefixtures("gpu_limit")
 POOL = "coder-stack-process"
 CLEANUP_DEPLOYMENT = "clean-up-crashed-run"
 VALIDATE_DEPLOYMENT = "validate-coder-stack"
-BOUND_S = 120.0
+# Detection (60 s of silence, then up to 5 s of evaluation), the clean-up's wait of one heartbeat interval plus
+# 10 s after the mark (CRASH_SETTLE_S, so a live run whose server lagged keeps its model), then the scale-down.
+BOUND_S = 150.0
 # The clean-up's wait after a run is marked dead, in the tests that call it directly (production: CRASH_SETTLE_S).
 SETTLE_S = 1.0
 
@@ -235,7 +237,7 @@ def scale_down_after(sim: SimStack, t_kill: float) -> float | None:
 
 
 # ------------------------------------------------------------------ the whole chain, in real time
-async def test_sigkill_of_a_flow_process_frees_the_gpu_within_two_minutes_and_a_live_run_is_untouched(
+async def test_sigkill_of_a_flow_process_frees_the_gpu_within_150_s_and_a_live_run_is_untouched(
     make_sim: Callable[..., SimStack], prefect_api: str, tmp_path: Path, chain: Chain
 ) -> None:
     dead_sim = make_sim(gpu_pool="autoscaled", time_scale=SLOW_SCALE)
@@ -279,7 +281,7 @@ async def test_sigkill_of_a_flow_process_frees_the_gpu_within_two_minutes_and_a_
     assert await active_slots() == 0
 
 
-async def test_sigkill_of_the_worker_running_the_flow_frees_the_gpu_within_two_minutes(
+async def test_sigkill_of_the_worker_running_the_flow_frees_the_gpu_within_150_s(
     make_sim: Callable[..., SimStack], chain: Chain
 ) -> None:
     sim = make_sim(gpu_pool="autoscaled", time_scale=SLOW_SCALE)

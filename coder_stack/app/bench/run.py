@@ -52,7 +52,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "overlap_fraction": (">=", 0.95),
     "handoff_p95_s": ("<=", 2.0),
     "flow_process_rss_mb": ("<=", 300.0),
-    "crash_gpu0_max_s": ("<=", 120.0),
+    "crash_gpu0_max_s": ("<=", 150.0),
 }
 # The crash group's repetitions (each one to two minutes of real-time heartbeats), per configuration name.
 CRASH_REPS = {"full": 3, "quick": 1, "tiny": 1}
@@ -165,7 +165,7 @@ def table(res: dict[str, Any]) -> str:
         ("crash: SIGKILL -> Crashed, median (s)", res.get("crash_crashed_median_s"), ""),
         ("crash: SIGKILL -> GPU at 0, median (s)", res.get("crash_gpu0_median_s"), ""),
         ("crash: SIGKILL -> slot free, median (s)", res.get("crash_slot_free_median_s"), ""),
-        ("crash: SIGKILL -> GPU at 0, worst (s)", res.get("crash_gpu0_max_s"), "<= 120"),
+        ("crash: SIGKILL -> GPU at 0, worst (s)", res.get("crash_gpu0_max_s"), "<= 150"),
     ]
     rows = [r for r in rows if r[1] is not None]
     out: list[str] = []
