@@ -31,7 +31,7 @@ import aiohttp
 import yaml
 from aiohttp import web
 
-from simstack.recordings import LITELLM, exchange
+from simstack.recordings import LITELLM, quoted
 from simstack.standins import FACTORIES, ContainerRun, RunningBackend, SimServices
 from simstack.standins._server import AppServer, Handler, bump, counting_middleware, json_response, read_json, serve
 from simstack.standins.vllm import count_tokens
@@ -58,7 +58,7 @@ _DURATION_RE = re.compile(r"^(\d+)(s|m|h|d|w|mo)$")
 # rotation ... all null/empty for these keys). The recorded answers (simstack/recordings) are the templates:
 # an answer is the stand-in's own values molded into the recorded field set, with the recorded JSON types.
 def _recorded(ex_id: str, *path: str | int) -> Any:
-    v: Any = exchange(LITELLM, ex_id).body
+    v: Any = quoted(LITELLM, ex_id).body
     for p in path:
         v = v[p]
     return copy.deepcopy(v)
