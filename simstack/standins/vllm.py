@@ -836,46 +836,125 @@ _HISTOGRAMS_TIMED = (
 )
 # (name without "vllm:", type, label dimensions beside engine and model_name, HELP)
 _METRIC_FAMILIES: tuple[tuple[str, str, tuple[tuple[str, tuple[str, ...]], ...], str], ...] = (
-    ('estimated_flops_per_gpu_total', 'counter', (), 'Estimated number of floating point operations per GPU (for Model Flops Utilization calculations).'),
-    ('estimated_read_bytes_per_gpu_total', 'counter', (), 'Estimated number of bytes read from memory per GPU (for Model Flops Utilization calculations).'),
-    ('estimated_write_bytes_per_gpu_total', 'counter', (), 'Estimated number of bytes written to memory per GPU (for Model Flops Utilization calculations).'),
-    ('num_requests_running', 'gauge', (), 'Number of requests in model execution batches.'),
-    ('num_requests_waiting', 'gauge', (), 'Number of requests waiting to be processed.'),
-    ('num_requests_waiting_by_reason', 'gauge', (('reason', ('capacity', 'deferred')),), "Number of waiting requests by reason. Reason labels: 'capacity' = waiting for scheduling capacity; 'deferred' = deferred by transient constraints (LoRA budget, KV transfer, blocked status). Sum of all reasons equals vllm:num_requests_waiting."),
-    ('engine_sleep_state', 'gauge', (('sleep_state', ('awake', 'weights_offloaded', 'discard_all')),), 'Engine sleep state; awake = 0 means engine is sleeping; awake = 1 means engine is awake; weights_offloaded = 1 means sleep level 1; discard_all = 1 means sleep level 2.'),
-    ('kv_cache_usage_perc', 'gauge', (), 'KV-cache usage. 1 means 100 percent usage.'),
-    ('prefix_cache_queries_total', 'counter', (), 'Prefix cache queries, in terms of number of queried tokens.'),
-    ('prefix_cache_hits_total', 'counter', (), 'Prefix cache hits, in terms of number of cached tokens.'),
-    ('external_prefix_cache_queries_total', 'counter', (), 'External prefix cache queries from KV connector cross-instance cache sharing, in terms of number of queried tokens.'),
-    ('external_prefix_cache_hits_total', 'counter', (), 'External prefix cache hits from KV connector cross-instance cache sharing, in terms of number of cached tokens.'),
-    ('mm_cache_queries_total', 'counter', (), 'Multi-modal cache queries, in terms of number of queried items.'),
-    ('mm_cache_hits_total', 'counter', (), 'Multi-modal cache hits, in terms of number of cached items.'),
-    ('num_preemptions_total', 'counter', (), 'Cumulative number of preemption from the engine.'),
-    ('prompt_tokens_total', 'counter', (), 'Number of prefill tokens processed.'),
-    ('prompt_tokens_by_source_total', 'counter', (('source', ('local_compute', 'local_cache_hit', 'external_kv_transfer')),), 'Number of prompt tokens by source.'),
-    ('prompt_tokens_cached_total', 'counter', (), 'Number of cached prompt tokens (local + external).'),
-    ('prompt_tokens_cached_by_source_total', 'counter', (('source', ('device', 'host', 'p2p', 'disk', 'external_unspecified')),), 'Prefix-cache hit tokens by the cache tier that supplied them: device (local HBM), host (offloaded to DRAM), disk, p2p (transferred from another vLLM instance) or external_unspecified. Counted at admission; sums to vllm:prefix_cache_hits + vllm:external_prefix_cache_hits.'),
-    ('generation_tokens_total', 'counter', (), 'Number of generation tokens processed.'),
-    ('request_success_total', 'counter', (('finished_reason', ('stop', 'length', 'abort', 'error', 'repetition')),), 'Count of successfully processed requests.'),
-    ('admission_rejections_total', 'counter', (('reason', ('max_num_queued_reqs', 'max_num_queued_tokens')),), 'Number of admission attempts rejected by a queue limit, by reason.'),
-    ('request_prompt_tokens', 'histogram', (), 'Number of prefill tokens processed.'),
-    ('request_generation_tokens', 'histogram', (), 'Number of generation tokens processed.'),
-    ('iteration_tokens_total', 'histogram', (), 'Histogram of number of tokens per engine_step.'),
-    ('request_max_num_generation_tokens', 'histogram', (), 'Histogram of maximum number of requested generation tokens.'),
-    ('request_params_n', 'histogram', (), 'Histogram of the n request parameter.'),
-    ('request_params_max_tokens', 'histogram', (), 'Histogram of the max_tokens request parameter.'),
-    ('time_to_first_token_seconds', 'histogram', (), 'Histogram of time to first token in seconds.'),
-    ('inter_token_latency_seconds', 'histogram', (), 'Histogram of inter-token latency in seconds.'),
-    ('request_time_per_output_token_seconds', 'histogram', (), 'Histogram of time_per_output_token_seconds per request.'),
-    ('e2e_request_latency_seconds', 'histogram', (), 'Histogram of e2e request latency in seconds.'),
-    ('request_queue_time_seconds', 'histogram', (), 'Histogram of time spent in WAITING phase for request.'),
-    ('request_inference_time_seconds', 'histogram', (), 'Histogram of time spent in RUNNING phase for request.'),
-    ('request_prefill_time_seconds', 'histogram', (), 'Histogram of time spent in PREFILL phase for request.'),
-    ('request_decode_time_seconds', 'histogram', (), 'Histogram of time spent in DECODE phase for request.'),
-    ('request_num_preemptions', 'histogram', (), 'Histogram of the number of times a request was preempted.'),
-    ('request_prefill_kv_computed_tokens', 'histogram', (), 'Histogram of new KV tokens computed during prefill (excluding cached tokens).'),
-    ('cache_config_info', 'gauge', (), 'Information of the LLMEngine CacheConfig'),
-    ('tool_call_parser_invocations_total', 'counter', (('mode', ('streaming', 'non_streaming')), ('outcome', ('tool_call', 'no_tool_call')), ('request_type', ('chat_completions', 'responses', 'other'))), 'Total number of ToolParser invocations. Non-streaming increments once per choice; streaming increments once per delta.'),
+    (
+        "estimated_flops_per_gpu_total",
+        "counter",
+        (),
+        "Estimated number of floating point operations per GPU (for Model Flops Utilization calculations).",
+    ),
+    (
+        "estimated_read_bytes_per_gpu_total",
+        "counter",
+        (),
+        "Estimated number of bytes read from memory per GPU (for Model Flops Utilization calculations).",
+    ),
+    (
+        "estimated_write_bytes_per_gpu_total",
+        "counter",
+        (),
+        "Estimated number of bytes written to memory per GPU (for Model Flops Utilization calculations).",
+    ),
+    ("num_requests_running", "gauge", (), "Number of requests in model execution batches."),
+    ("num_requests_waiting", "gauge", (), "Number of requests waiting to be processed."),
+    (
+        "num_requests_waiting_by_reason",
+        "gauge",
+        (("reason", ("capacity", "deferred")),),
+        "Number of waiting requests by reason. Reason labels: 'capacity' = waiting for scheduling capacity; 'deferred' = deferred by transient constraints (LoRA budget, KV transfer, blocked status). Sum of all reasons equals vllm:num_requests_waiting.",  # noqa: E501
+    ),
+    (
+        "engine_sleep_state",
+        "gauge",
+        (("sleep_state", ("awake", "weights_offloaded", "discard_all")),),
+        "Engine sleep state; awake = 0 means engine is sleeping; awake = 1 means engine is awake; weights_offloaded = 1 means sleep level 1; discard_all = 1 means sleep level 2.",  # noqa: E501
+    ),
+    ("kv_cache_usage_perc", "gauge", (), "KV-cache usage. 1 means 100 percent usage."),
+    ("prefix_cache_queries_total", "counter", (), "Prefix cache queries, in terms of number of queried tokens."),
+    ("prefix_cache_hits_total", "counter", (), "Prefix cache hits, in terms of number of cached tokens."),
+    (
+        "external_prefix_cache_queries_total",
+        "counter",
+        (),
+        "External prefix cache queries from KV connector cross-instance cache sharing, in terms of number of queried tokens.",  # noqa: E501
+    ),
+    (
+        "external_prefix_cache_hits_total",
+        "counter",
+        (),
+        "External prefix cache hits from KV connector cross-instance cache sharing, in terms of number of cached tokens.",  # noqa: E501
+    ),
+    ("mm_cache_queries_total", "counter", (), "Multi-modal cache queries, in terms of number of queried items."),
+    ("mm_cache_hits_total", "counter", (), "Multi-modal cache hits, in terms of number of cached items."),
+    ("num_preemptions_total", "counter", (), "Cumulative number of preemption from the engine."),
+    ("prompt_tokens_total", "counter", (), "Number of prefill tokens processed."),
+    (
+        "prompt_tokens_by_source_total",
+        "counter",
+        (("source", ("local_compute", "local_cache_hit", "external_kv_transfer")),),
+        "Number of prompt tokens by source.",
+    ),
+    ("prompt_tokens_cached_total", "counter", (), "Number of cached prompt tokens (local + external)."),
+    (
+        "prompt_tokens_cached_by_source_total",
+        "counter",
+        (("source", ("device", "host", "p2p", "disk", "external_unspecified")),),
+        "Prefix-cache hit tokens by the cache tier that supplied them: device (local HBM), host (offloaded to DRAM), disk, p2p (transferred from another vLLM instance) or external_unspecified. Counted at admission; sums to vllm:prefix_cache_hits + vllm:external_prefix_cache_hits.",  # noqa: E501
+    ),
+    ("generation_tokens_total", "counter", (), "Number of generation tokens processed."),
+    (
+        "request_success_total",
+        "counter",
+        (("finished_reason", ("stop", "length", "abort", "error", "repetition")),),
+        "Count of successfully processed requests.",
+    ),
+    (
+        "admission_rejections_total",
+        "counter",
+        (("reason", ("max_num_queued_reqs", "max_num_queued_tokens")),),
+        "Number of admission attempts rejected by a queue limit, by reason.",
+    ),
+    ("request_prompt_tokens", "histogram", (), "Number of prefill tokens processed."),
+    ("request_generation_tokens", "histogram", (), "Number of generation tokens processed."),
+    ("iteration_tokens_total", "histogram", (), "Histogram of number of tokens per engine_step."),
+    (
+        "request_max_num_generation_tokens",
+        "histogram",
+        (),
+        "Histogram of maximum number of requested generation tokens.",
+    ),
+    ("request_params_n", "histogram", (), "Histogram of the n request parameter."),
+    ("request_params_max_tokens", "histogram", (), "Histogram of the max_tokens request parameter."),
+    ("time_to_first_token_seconds", "histogram", (), "Histogram of time to first token in seconds."),
+    ("inter_token_latency_seconds", "histogram", (), "Histogram of inter-token latency in seconds."),
+    (
+        "request_time_per_output_token_seconds",
+        "histogram",
+        (),
+        "Histogram of time_per_output_token_seconds per request.",
+    ),
+    ("e2e_request_latency_seconds", "histogram", (), "Histogram of e2e request latency in seconds."),
+    ("request_queue_time_seconds", "histogram", (), "Histogram of time spent in WAITING phase for request."),
+    ("request_inference_time_seconds", "histogram", (), "Histogram of time spent in RUNNING phase for request."),
+    ("request_prefill_time_seconds", "histogram", (), "Histogram of time spent in PREFILL phase for request."),
+    ("request_decode_time_seconds", "histogram", (), "Histogram of time spent in DECODE phase for request."),
+    ("request_num_preemptions", "histogram", (), "Histogram of the number of times a request was preempted."),
+    (
+        "request_prefill_kv_computed_tokens",
+        "histogram",
+        (),
+        "Histogram of new KV tokens computed during prefill (excluding cached tokens).",
+    ),
+    ("cache_config_info", "gauge", (), "Information of the LLMEngine CacheConfig"),
+    (
+        "tool_call_parser_invocations_total",
+        "counter",
+        (
+            ("mode", ("streaming", "non_streaming")),
+            ("outcome", ("tool_call", "no_tool_call")),
+            ("request_type", ("chat_completions", "responses", "other")),
+        ),
+        "Total number of ToolParser invocations. Non-streaming increments once per choice; streaming increments once per delta.",  # noqa: E501
+    ),
 )
 
 _NO_ENGINE_LABEL = frozenset({"admission_rejections_total", "tool_call_parser_invocations_total"})
@@ -993,15 +1072,18 @@ class Metrics:
         lines: list[str] = []
         for short, kind, dims, help_text in _METRIC_FAMILIES:
             base = {} if short in _NO_ENGINE_LABEL else {"engine": "0"}
-            sets = [base | {"model_name": model} | d for d in _label_sets(dims)]
+            # vLLM declares finished_reason before model_name; every other dimension comes after it
+            sets = [
+                base | {k: v for k, v in d.items() if k == "finished_reason"} | {"model_name": model} | d
+                for d in _label_sets(dims)
+            ]
             if short == "cache_config_info":
                 sets = [dict(sorted((_CACHE_CONFIG_INFO | {"engine": "0"}).items()))]
             name = f"vllm:{short}"
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
             for lab in sets:
                 if kind == "histogram":
-                    for le in (*_BUCKETS[short], "+Inf"):
-                        le_text = le if isinstance(le, str) else repr(float(le))
+                    for le_text in (*(repr(float(b)) for b in _BUCKETS[short]), "+Inf"):
                         value = self._value(kind, f"{name}_bucket", lab | {"le": le_text})
                         lines.append(f"{name}_bucket{_label_text(lab | {'le': le_text})} {value!r}")
                     for suffix in ("_count", "_sum"):

@@ -153,6 +153,8 @@ def _upstream_text_quoted(ex: Exchange) -> bool:
         return True
     prompt = body.get("messages") or body.get("prompt")
     return prompt is None or json.dumps(prompt, sort_keys=True) in _QUOTED_VLLM_PROMPTS
+
+
 # x-litellm-* headers whose values are per call.
 HEADER_VALUE_ALLOW = {
     "x-litellm-call-id",

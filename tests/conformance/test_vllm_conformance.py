@@ -269,7 +269,8 @@ def _own_logic(ex: Exchange, actual: Any) -> list[str]:
     """What the stand-in's own logic determines on a held-out answer whose text it cannot know: completion
     tokens within max_tokens, "length" exactly when max_tokens is reached, text present where the model
     wrote some, tool-call arguments a JSON object fitting the tool's parameters."""
-    body = ex.request.get("body") if isinstance(ex.request.get("body"), dict) else {}
+    raw = ex.request.get("body")
+    body: dict[str, Any] = raw if isinstance(raw, dict) else {}
     max_tokens = body.get("max_tokens")
     tools = {t["function"]["name"]: t["function"].get("parameters") or {} for t in body.get("tools") or []}
     problems: list[str] = []
