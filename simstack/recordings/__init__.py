@@ -112,21 +112,8 @@ QUOTED: dict[str, frozenset[str]] = {
             "tool-loop-answer",
         }
     ),
-    # the field templates the LiteLLM stand-in molds its answers into (one per kind of answer)
-    LITELLM: frozenset(
-        {
-            "key-generate-open-webui",
-            "key-info-by-value",
-            "key-info-deleted-by-value",
-            "key-update-by-value",
-            "key-list-alias-full",
-            "model-new",
-            "model-info-all",
-            "spend-logs-poll-04",
-            "spend-fim-stream-logs-poll-03",
-            "spend-logs-v2-dated",
-        }
-    ),
+    # none: the LiteLLM stand-in's answers come from its own field model (simstack/standins/litellm_fields.py)
+    LITELLM: frozenset(),
 }
 
 

@@ -20,10 +20,10 @@ output parts) is prompt_tokens x input price + completion_tokens x output price 
 recording obeys the same rule: ``test_the_recording_prices_usage``), since the token counts themselves are
 the vLLM side's business and are compared by type only.
 
-The corpus is split (``simstack/recordings`` ``QUOTED``, README "Quoted and held out"): the stand-in molds
-its answers into the field sets of the quoted exchanges, so their field checks cannot fail; the held-out
-exchanges (test ids ``held-out/...``, what this suite reports) must come out of the stand-in's own logic
-and the template of ANOTHER exchange, so a field the real proxy adds or drops in that case shows.
+The LiteLLM side of the corpus is held out whole (``simstack/recordings`` ``QUOTED``, README "Quoted and held
+out"): the stand-in reads no recording; its answers are its own logic's values in its own declared field model
+(``simstack/standins/litellm_fields.py``), so the missing/extra-field and value checks of every exchange (test
+ids ``held-out/...``) can fail, those the field model was first written from included.
 
 Polling exchanges (``*-poll-NN``) are replayed as "ask until the answer has the recorded shape and values",
 bounded by a few seconds, since the timing of the batched spend write differs.
@@ -558,16 +558,17 @@ def test_every_exchange_replayed(replay: Replay) -> None:
     assert set(replay.answers) | set(replay.errors) == {ex.id for ex in EXCHANGES}
 
 
-def test_the_split_holds_out_all_but_the_templates() -> None:
-    """The stand-in may quote only its field templates; the rest (the 11 blocked/expired-key exchanges
-    among them) is held out, and the stand-in refuses to quote a held-out exchange."""
+def test_the_litellm_side_is_held_out_whole() -> None:
+    """The LiteLLM stand-in may quote nothing: every exchange is held out (the blocked/expired-key ones among
+    them), and a quote of any is refused."""
     from simstack.recordings import quoted
 
-    assert QUOTED[LITELLM] <= {ex.id for ex in EXCHANGES}
+    assert QUOTED[LITELLM] == frozenset()
     held = [ex.id for ex in EXCHANGES if is_held_out(LITELLM, ex.id)]
-    assert len(held) == 125 and held[-11:] == [ex.id for ex in EXCHANGES[-11:]]
-    with pytest.raises(KeyError, match="held out"):
-        quoted(LITELLM, "key-info-by-hash")
+    assert len(held) == len(EXCHANGES) == 135
+    for ex_id in ("key-info-by-value", "key-generate-open-webui", "spend-logs-poll-04", "model-info-all"):
+        with pytest.raises(KeyError, match="held out"):
+            quoted(LITELLM, ex_id)
 
 
 def test_the_recording_prices_usage() -> None:

@@ -272,7 +272,7 @@ async def test_gateway_down_is_retried_and_the_run_recovers_when_it_is_back(
         return result
 
     monkeypatch.setattr(gateway_ready_task, "fn", counted)
-    run = asyncio.create_task(manage_keys(connection=conn(sim), return_state=True))
+    run: asyncio.Future[Any] = asyncio.ensure_future(manage_keys(connection=conn(sim), return_state=True))
     await asyncio.wait_for(first_failed.wait(), FLOW_TIMEOUT)  # no Ready gateway pod: the first check fails
     assert isinstance(attempts[0], RetriableError), repr(attempts[0])
     sim.call(_set_replicas, sim.store, spec.gateway_namespace, spec.gateway_service, 1)
