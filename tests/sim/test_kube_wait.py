@@ -176,9 +176,10 @@ async def test_already_ready_pod_returns_at_once(server: ServerThread) -> None:
     for step in (pod.create, pod.bind, pod.init_running, pod.main_running, pod.ready):
         await server.write(step)
     await server.write(set_deployment_ready, server.store, app)
-    t0 = time.monotonic()
-    report = await asyncio.wait_for(_start_wait(server, app), 5)
-    assert time.monotonic() - t0 < 1.0
+    since = len(_requests(server))
+    report = await asyncio.wait_for(_start_wait(server, app), 30)
+    lists = [p for m, p in _requests(server)[since:] if "watch=" not in p]
+    assert len(lists) == 3, lists  # decided on its first three lists: no further read, no wait for an event
     assert report.already_ready is True and report.pod == pod.name
     assert [p.seen for p in report.phases] == [True, False, False, False]
 
@@ -287,9 +288,8 @@ async def test_phase_over_budget_raises_wait_timeout_naming_phase_and_budget(ser
     budgets = PhaseBudgets(node=10, image=10, weights=1, start=10)
     t0 = time.monotonic()
     with pytest.raises(WaitTimeout) as info:
-        await asyncio.wait_for(_start_wait(server, app, budgets), 5)
-    elapsed = time.monotonic() - t0
-    assert 0.9 <= elapsed < 2.0
+        await asyncio.wait_for(_start_wait(server, app, budgets), 30)
+    assert time.monotonic() - t0 >= 0.9  # not before its budget; which budget fired is the error's to say
     err = info.value
     assert err.phase == "weights" and err.elapsed_s >= 0.9
     assert "budget of 1s" in str(err) and "stage-weights" in str(err) and "budgets.weights" in str(err)
@@ -309,9 +309,9 @@ async def test_deadline_caps_the_whole_wait(server: ServerThread) -> None:
     app = await _new_model(server)
     t0 = time.monotonic()
     with pytest.raises(WaitTimeout) as info:
-        await asyncio.wait_for(_start_wait(server, app, deadline_s=0.5), 5)
-    assert time.monotonic() - t0 < 1.5
-    assert "overall deadline" in str(info.value)
+        await asyncio.wait_for(_start_wait(server, app, deadline_s=0.5), 30)
+    assert time.monotonic() - t0 >= 0.45
+    assert "overall deadline" in str(info.value) and info.value.phase == "node"  # not node's 10 s budget
 
 
 # ------------------------------------------------------------------------------------------- robustness
