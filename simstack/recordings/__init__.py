@@ -2,8 +2,12 @@
 
 Data, not code: each ``*.jsonl`` line is one HTTP exchange (see README.md here for the format and the
 placeholders that stand in for secrets). The conformance tests replay every exchange against the
-stand-ins; the stand-ins may quote recorded answers (e.g. the model's texts) so that their behaviour has
-a recording behind it.
+stand-ins.
+
+The corpus is split (README.md, "Quoted and held out"): the stand-ins may quote only the exchanges of
+``QUOTED`` (through :func:`quotable` and :func:`quoted`, which refuse the others); every other exchange is
+held out, and the stand-ins must match it by their own logic. The held-out part is what conformance
+reports.
 """
 
 from __future__ import annotations
@@ -89,10 +93,63 @@ def exchange(name: str, exchange_id: str) -> Exchange:
     raise KeyError(f"no exchange {exchange_id!r} in {name}")
 
 
+# The exchanges a stand-in may quote (a recorded text, a field template). No held-out request may carry the
+# prompt of a quoted one (tests/conformance checks it), so a stand-in cannot find a held-out answer by its
+# prompt either.
+QUOTED: dict[str, frozenset[str]] = {
+    # the runbook prompt, the FIM prompt (also the 100000-token error on it) and the agent smoke's tool loop:
+    # the texts the flows and smokes rely on
+    VLLM: frozenset(
+        {
+            "chat-reverse",
+            "chat-reverse-stream",
+            "chat-reverse-stream-usage",
+            "fim-nostop",
+            "fim-stop",
+            "fim-stop-stream",
+            "err-completions-max-tokens-100000",
+            "tool-loop-required",
+            "tool-loop-answer",
+        }
+    ),
+    # none: the LiteLLM stand-in's answers come from its own field model (simstack/standins/litellm_fields.py)
+    LITELLM: frozenset(),
+}
+
+
+def is_held_out(name: str, exchange_id: str) -> bool:
+    return exchange_id not in QUOTED[name]
+
+
+def quotable(name: str) -> tuple[Exchange, ...]:
+    """The exchanges of one file a stand-in may quote, in recorded order."""
+    return tuple(ex for ex in exchanges(name) if not is_held_out(name, ex.id))
+
+
+def quoted(name: str, exchange_id: str) -> Exchange:
+    """One quotable exchange; a held-out one is refused (a stand-in must match it by its own logic)."""
+    if is_held_out(name, exchange_id):
+        raise KeyError(f"exchange {exchange_id!r} of {name} is held out: a stand-in may not quote it")
+    return exchange(name, exchange_id)
+
+
 def iter_all() -> Iterator[tuple[str, Exchange]]:
     for name in (VLLM, LITELLM):
         for ex in exchanges(name):
             yield name, ex
 
 
-__all__ = ["LITELLM", "VLLM", "VLLM_STARTUP", "Exchange", "exchange", "exchanges", "iter_all", "text"]
+__all__ = [
+    "LITELLM",
+    "QUOTED",
+    "VLLM",
+    "VLLM_STARTUP",
+    "Exchange",
+    "exchange",
+    "exchanges",
+    "is_held_out",
+    "iter_all",
+    "quotable",
+    "quoted",
+    "text",
+]

@@ -31,8 +31,8 @@ import aiohttp
 import yaml
 from aiohttp import web
 
-from simstack.recordings import LITELLM, exchange
 from simstack.standins import FACTORIES, ContainerRun, RunningBackend, SimServices
+from simstack.standins import litellm_fields as F
 from simstack.standins._server import AppServer, Handler, bump, counting_middleware, json_response, read_json, serve
 from simstack.standins.vllm import count_tokens
 
@@ -53,46 +53,54 @@ ACCESS_DENIED = (
 _DURATION_RE = re.compile(r"^(\d+)(s|m|h|d|w|mo)$")
 
 
-# ------------------------------------------------------------------ recorded shapes
+# ------------------------------------------------------------------ field model
 # The answers of real LiteLLM 1.108.7 carry many fields the stand-in has no behaviour behind (team, org,
-# rotation ... all null/empty for these keys). The recorded answers (simstack/recordings) are the templates:
-# an answer is the stand-in's own values molded into the recorded field set, with the recorded JSON types.
-def _recorded(ex_id: str, *path: str | int) -> Any:
-    v: Any = exchange(LITELLM, ex_id).body
-    for p in path:
-        v = v[p]
-    return copy.deepcopy(v)
-
-
-_T_GENERATE = _recorded("key-generate-open-webui")
-_T_INFO = _recorded("key-info-by-value", "info")
-_T_INFO_DELETED = _recorded("key-info-deleted-by-value", "info")
-_T_UPDATE = _recorded("key-update-by-value")
-_T_BLOCK = _recorded("key-block")
-_T_UNBLOCK = _recorded("key-unblock")
-_T_LIST_FULL = _recorded("key-list-alias-full", "keys", 0)
-_T_MODEL_NEW = _recorded("model-new")
-_T_MODEL_INFO = {d["model_name"]: d for d in _recorded("model-info-all", "data")}
-_T_SPEND = _recorded("spend-logs-poll-04")
-_T_SPEND_OK = next(e for e in _T_SPEND if e["status"] == "success")
-_T_SPEND_FAIL = next(e for e in _T_SPEND if e["status"] == "failure")
-_T_SPEND_STREAM = _recorded("spend-fim-stream-logs-poll-03", 0)
-_T_SPEND_V2 = _recorded("spend-logs-v2-dated", "data")
-_T_SPEND_V2_OK = next(e for e in _T_SPEND_V2 if e["status"] == "success")
-_T_SPEND_V2_FAIL = next(e for e in _T_SPEND_V2 if e["status"] == "failure")
+# rotation ... all null/empty for these keys). simstack/standins/litellm_fields.py declares the field set of
+# each answer and the value of every field no logic here decides; an answer is the stand-in's own values molded
+# into that declaration. Nothing is read from the recordings: conformance holds the result to them.
+_T_GENERATE = F.KEY_GENERATE
+_T_INFO = F.KEY_INFO
+_T_INFO_DELETED = F.KEY_INFO_DELETED
+_T_UPDATE = F.KEY_UPDATE
+_T_BLOCK = F.KEY_BLOCK
+_T_UNBLOCK = F.KEY_UNBLOCK
+_T_LIST_FULL = F.KEY_LIST_FULL
+_T_MODEL_NEW_FLAGS = F.MODEL_NEW_FLAGS
+_T_MODEL_INFO = F.MODEL_INFO
+_T_SPEND_OK = F.SPEND_OK
+_T_SPEND_FAIL = F.SPEND_FAIL
+_T_SPEND_STREAM = F.SPEND_STREAM
+_T_SPEND_V2_OK = F.SPEND_V2_OK
+_T_SPEND_V2_FAIL = F.SPEND_V2_FAIL
 _KEY_EXTRA = ("_deleted", "_last4")
 
 
-def mold(value: Any, template: Any) -> Any:
-    """``value`` with exactly ``template``'s fields (missing ones from the template) and its number types."""
-    if isinstance(template, dict) and isinstance(value, dict):
-        return {k: mold(value[k], t) if k in value else copy.deepcopy(t) for k, t in template.items()}
-    if isinstance(template, bool) or isinstance(value, bool):
+def mold(value: Any, fields: Any, path: str = "$") -> Any:
+    """``value`` with exactly the declared ``fields`` (a field model of litellm_fields), each declared field
+    missing from ``value`` at its declared value, with the declared number types.
+
+    A field declared ``REQUIRED`` that ``value`` leaves out (or holds as ``REQUIRED``) is a stand-in bug: the
+    logic did not compute it, and the answer is refused rather than filled."""
+    if value is F.REQUIRED:
+        raise AssertionError(f"LiteLLM stand-in: {path} is declared REQUIRED and nothing computed it")
+    if isinstance(fields, dict) and isinstance(value, dict):
+        out = {}
+        for k, t in fields.items():
+            if k in value:
+                out[k] = mold(value[k], t, f"{path}.{k}")
+            elif t is F.REQUIRED or F.uncomputed(t):
+                raise AssertionError(f"LiteLLM stand-in: {path}.{k} is declared REQUIRED and nothing computed it")
+            else:
+                out[k] = copy.deepcopy(t)
+        return out
+    if isinstance(fields, bool) or isinstance(value, bool):
         return value
-    if isinstance(template, float) and isinstance(value, int):
+    if isinstance(fields, float) and isinstance(value, int):
         return float(value)
-    if isinstance(template, int) and isinstance(value, float) and value.is_integer():
+    if isinstance(fields, int) and isinstance(value, float) and value.is_integer():
         return int(value)
+    if F.uncomputed(value):
+        raise AssertionError(f"LiteLLM stand-in: {F.uncomputed(value, path)} declared REQUIRED, not computed")
     return value
 
 
@@ -233,11 +241,11 @@ class Deployment:
             return 0.0
 
     def public(self) -> dict[str, Any]:
-        """A /model/info entry, molded into the recorded one (model-info-all): prices sit both in
+        """A /model/info entry on the declared one of its alias (litellm_fields.MODEL_INFO): prices sit both in
         ``litellm_params`` and in ``model_info``; ``api_key`` never shows."""
         if self.model_name in _T_MODEL_INFO:
             tpl = _T_MODEL_INFO[self.model_name]
-        else:  # GUESS: other aliases look like the recorded ones of their kind
+        else:  # GUESS: other aliases look like the declared ones of their kind
             tpl = _T_MODEL_INFO["coder-agent" if self.db_model else "coder-chat"]
         params = {k: v for k, v in self.litellm_params.items() if k not in ("api_key", "aws_secret_access_key")}
         params |= {k: v for k, v in tpl["litellm_params"].items() if isinstance(v, bool)}
@@ -259,7 +267,10 @@ class Deployment:
             info["blocked"] = False
         else:
             info.pop("blocked", None)
-        return {"model_name": self.model_name, "litellm_params": params, "model_info": info}
+        entry = {"model_name": self.model_name, "litellm_params": params, "model_info": info}
+        if missing := F.uncomputed(entry):
+            raise AssertionError(f"LiteLLM stand-in: /model/info {missing} declared REQUIRED, not computed")
+        return entry
 
 
 @dataclass
@@ -449,15 +460,18 @@ class LiteLLMProxy:
             return _T_SPEND_FAIL
         return _T_SPEND_STREAM if e["stream"] and e["call_type"] == "atext_completion" else _T_SPEND_OK
 
-    @staticmethod
-    def _model_map(e: dict[str, Any]) -> dict[str, Any]:
-        # The recorded rows' model_map_information per alias (spend-logs-poll-04). GUESS: other aliases
-        # look like coder-chat's.
-        rows = {r["model_group"]: r for r in _T_SPEND}
-        tpl = rows.get(e["model_group"]) or rows["coder-chat"]
-        mmi = copy.deepcopy(tpl["metadata"]["model_map_information"])
+    def _model_map(self, e: dict[str, Any]) -> dict[str, Any]:
+        # The declared model_map_information per alias (litellm_fields.MODEL_MAP, as spend-logs-poll-04 shows
+        # it), with the row's model, deployment id and that deployment's prices. GUESS: other aliases look like
+        # coder-chat's; a deployment deleted since shows prices 0.
+        mmi = copy.deepcopy(F.MODEL_MAP.get(e["model_group"]) or F.MODEL_MAP["coder-chat"])
         mmi["model_map_key"] = e["model"]
-        mmi["model_map_value"]["key"] = e["model_id"]
+        value = mmi["model_map_value"]
+        value["key"] = e["model_id"]
+        dep = next((d for d in self.deployments() if d.model_id == e["model_id"]), None)
+        for k in ("input_cost_per_token", "output_cost_per_token"):
+            if k in value:
+                value[k] = dep.price(k) if dep else 0.0
         return mmi
 
     def _log_view(self, e: dict[str, Any]) -> dict[str, Any]:
@@ -1448,7 +1462,7 @@ class LiteLLMProxy:
             k: (_encrypt_looking(v, self.salt) if k in ("model", "api_base", "api_key") and isinstance(v, str) else v)
             for k, v in dict(params).items()
         }
-        flags = {k: v for k, v in _T_MODEL_NEW["litellm_params"].items() if isinstance(v, bool)}
+        flags = dict(_T_MODEL_NEW_FLAGS)
         out = row | {
             "litellm_params": enc | flags,
             # recorded: db_model false in this answer, true in /model/info

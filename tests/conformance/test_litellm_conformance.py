@@ -15,6 +15,16 @@ each answer to its recording, one test id per exchange:
 - the ``x-litellm-*`` header names (present and absent), their values where they are not per-call, that
   ``x-litellm-key-spend`` is the call's own cost, and that no ``retry-after`` is sent.
 
+Answers that carry usage are held to cost = usage x price: ``x-litellm-response-cost`` (and its input and
+output parts) is prompt_tokens x input price + completion_tokens x output price of the alias called (the
+recording obeys the same rule: ``test_the_recording_prices_usage``), since the token counts themselves are
+the vLLM side's business and are compared by type only.
+
+The LiteLLM side of the corpus is held out whole (``simstack/recordings`` ``QUOTED``, README "Quoted and held
+out"): the stand-in reads no recording; its answers are its own logic's values in its own declared field model
+(``simstack/standins/litellm_fields.py``), so the missing/extra-field and value checks of every exchange (test
+ids ``held-out/...``) can fail, those the field model was first written from included.
+
 Polling exchanges (``*-poll-NN``) are replayed as "ask until the answer has the recorded shape and values",
 bounded by a few seconds, since the timing of the batched spend write differs.
 """
@@ -36,7 +46,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import pytest
 
-from simstack.recordings import LITELLM, Exchange, exchanges
+from simstack.recordings import LITELLM, QUOTED, VLLM, Exchange, exchanges, is_held_out
 from simstack.standins import ContainerRun, RunningBackend, SimServices, start_standin
 from tests.conformance.shape import shape_diff
 from tests.kits.gateway import litellm_run
@@ -124,6 +134,30 @@ VARYING_TEXT_IDS = {
     "chat-blockme-before-block",
     "chat-unblocked-key",
 }
+# Prompts whose answer the vLLM stand-in may quote (simstack/recordings QUOTED); for the others (held out
+# on the vLLM side) the model's texts and completion token counts are the vLLM stand-in's own.
+_QUOTED_VLLM_PROMPTS = {
+    json.dumps(ex.request["body"].get("messages") or ex.request["body"].get("prompt"), sort_keys=True)
+    for ex in exchanges(VLLM)
+    if not is_held_out(VLLM, ex.id) and isinstance(ex.request.get("body"), dict)
+}
+# Prices per token (input, output) of each alias, as configured (CONFIG below) and registered (model-new).
+PRICES = {
+    "coder-chat": (5e-7, 1.5e-6),
+    "coder-fim": (1e-7, 2e-7),
+    "embeddings": (2e-8, 0.0),
+    "coder-agent": (5e-7, 1.5e-6),
+}
+
+
+def _upstream_text_quoted(ex: Exchange) -> bool:
+    body = ex.request.get("body")
+    if not isinstance(body, dict):
+        return True
+    prompt = body.get("messages") or body.get("prompt")
+    return prompt is None or json.dumps(prompt, sort_keys=True) in _QUOTED_VLLM_PROMPTS
+
+
 # x-litellm-* headers whose values are per call.
 HEADER_VALUE_ALLOW = {
     "x-litellm-call-id",
@@ -196,7 +230,8 @@ def _norm_message(s: str) -> str:
     return re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}\+00:00", "<time>", s)
 
 
-def compare(expected: Any, actual: Any, ex_id: str, where: str = "body") -> list[str]:
+def compare(expected: Any, actual: Any, ex_id: str, where: str = "body", own_text: bool = False) -> list[str]:
+    """``own_text``: the model's texts and completion counts are the vLLM stand-in's own (compared by type)."""
     e, a = flatten(expected), flatten(actual)
     out = []
     for p in sorted(set(e) - set(a)):
@@ -210,7 +245,9 @@ def compare(expected: Any, actual: Any, ex_id: str, where: str = "body") -> list
             continue
         if isinstance(ev, dict) or (isinstance(ev, list) and not p.endswith("[*]")):
             continue  # containers: their members are compared one by one ([*]: a list of scalars as a whole)
-        if _allowed(p) or (TEXT_PATHS.search(p) and ex_id in VARYING_TEXT_IDS):
+        if _allowed(p) or (TEXT_PATHS.search(p) and (ex_id in VARYING_TEXT_IDS or own_text)):
+            continue
+        if own_text and re.search(r"(^|\.)(completion_tokens|arguments)$", p):
             continue
         if COUNT_PATHS.search(p) and isinstance(ev, int | float) and ev != 0:
             continue
@@ -472,6 +509,28 @@ def _header_checks(ex: Exchange, ans: Answer, live: Live) -> list[str]:
     return out
 
 
+def _cost_checks(ex: Exchange, headers: dict[str, str], body: Any) -> list[str]:
+    """cost = usage x price: the response-cost headers against the answer's own token counts."""
+    usage = body.get("usage") if isinstance(body, dict) else None
+    if isinstance(body, list):  # a stream: the usage chunk, if any
+        usage = next((c["usage"] for c in body if isinstance(c, dict) and c.get("usage")), None)
+    alias = (ex.request.get("body") or {}).get("model") if isinstance(ex.request.get("body"), dict) else None
+    if not isinstance(usage, dict) or alias not in PRICES or "x-litellm-response-cost" not in headers:
+        return []
+    price_in, price_out = PRICES[alias]
+    want_in = (usage.get("prompt_tokens") or 0) * price_in
+    want_out = (usage.get("completion_tokens") or 0) * price_out
+    out = []
+    for h, want in (
+        ("x-litellm-response-cost", want_in + want_out),
+        ("x-litellm-response-cost-input", want_in),
+        ("x-litellm-response-cost-output", want_out),
+    ):
+        if h in headers and not math.isclose(float(headers[h]), want, rel_tol=1e-9, abs_tol=1e-15):
+            out.append(f"headers: {h} = {headers[h]}, usage {usage} x price of {alias} {PRICES[alias]} is {want!r}")
+    return out
+
+
 def check(ex: Exchange, ans: Answer, live: Live) -> list[str]:
     """Every way the answer differs from the recording (empty: it conforms)."""
     out: list[str] = []
@@ -481,15 +540,16 @@ def check(ex: Exchange, ans: Answer, live: Live) -> list[str]:
     # the shared shape helper (list items merged, int/float told apart) ...
     out += shape_diff(expected, ans.body, where="shape: ")
     # ... and item by item, with the values
-    out += compare(expected, ans.body, ex.id)
+    out += compare(expected, ans.body, ex.id, own_text=not _upstream_text_quoted(ex))
     out += _header_checks(ex, ans, live)
+    out += _cost_checks(ex, ans.headers, ans.body)
     out += _special_checks(ex, ans)
     return out
 
 
 def _ids() -> Iterator[str]:
     for ex in EXCHANGES:
-        yield ex.id
+        yield f"{'held-out' if is_held_out(LITELLM, ex.id) else 'quoted'}/{ex.id}"
 
 
 @pytest.mark.parametrize("ex", EXCHANGES, ids=list(_ids()))
@@ -502,3 +562,30 @@ def test_exchange(replay: Replay, ex: Exchange) -> None:
 def test_every_exchange_replayed(replay: Replay) -> None:
     assert len(EXCHANGES) == 135
     assert set(replay.answers) | set(replay.errors) == {ex.id for ex in EXCHANGES}
+
+
+def test_the_litellm_side_is_held_out_whole() -> None:
+    """The LiteLLM stand-in may quote nothing: every exchange is held out (the blocked/expired-key ones among
+    them), and a quote of any is refused."""
+    from simstack.recordings import quoted
+
+    assert QUOTED[LITELLM] == frozenset()
+    held = [ex.id for ex in EXCHANGES if is_held_out(LITELLM, ex.id)]
+    assert len(held) == len(EXCHANGES) == 135
+    for ex_id in ("key-info-by-value", "key-generate-open-webui", "spend-logs-poll-04", "model-info-all"):
+        with pytest.raises(KeyError, match="held out"):
+            quoted(LITELLM, ex_id)
+
+
+def test_the_recording_prices_usage() -> None:
+    """The cost rule the replay holds the stand-in to is the real proxy's: every recorded answer with
+    usage and a response cost obeys it (non-zero costs among them)."""
+    checked = [ex.id for ex in EXCHANGES if "x-litellm-response-cost" in (ex.response.get("headers") or {})]
+    nonzero = [i for i in checked if float(dict(exchange_headers(i))["x-litellm-response-cost"]) > 0]
+    assert len(nonzero) >= 10
+    for ex in EXCHANGES:
+        assert not _cost_checks(ex, ex.response.get("headers") or {}, _recorded_body(ex)), ex.id
+
+
+def exchange_headers(ex_id: str) -> dict[str, str]:
+    return dict(next(ex for ex in EXCHANGES if ex.id == ex_id).response.get("headers") or {})

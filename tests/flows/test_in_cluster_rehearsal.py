@@ -22,7 +22,9 @@ from typing import Any
 from uuid import UUID
 
 import httpx
+import prefect.logging
 import pytest
+import yaml
 from kubernetes_asyncio import client as client_v1
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
@@ -154,11 +156,23 @@ async def _log_messages(run_id: UUID) -> list[str]:
     return [entry.message for entry in logs]
 
 
+def _observer_logging(tmp_path: Path) -> Path:
+    """Prefect's own logging configuration plus the observer's per-object logger (kopf's ``kopf.objects``) at
+    DEBUG: the observer's verdict on each Job event (``Flow run <id> is in 'Cancelled', skipping``) is a
+    DEBUG line, and the tests wait for that verdict instead of sleeping."""
+    config = yaml.safe_load((Path(prefect.logging.__file__).parent / "logging.yml").read_text())
+    config["loggers"]["kopf.objects"] = {"level": "DEBUG"}
+    path = tmp_path / "worker-logging.yml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 def _start_worker(sim: SimStack, prefect_api: str, tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path]:
     log = tmp_path / "worker.log"
     env = flow_process_env(prefect_api, tmp_path) | {
         "KUBECONFIG": str(sim.kubeconfig_path),
         "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_LOGGING_CONFIG_PATH": str(_observer_logging(tmp_path)),
     }
     for name in ("KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"):  # the worker runs outside the cluster
         env.pop(name, None)
@@ -298,13 +312,19 @@ async def test_a_cancelled_in_cluster_run_scales_its_model_down_from_inside_the_
                 assert time.monotonic() < deadline, (state, worker_log.read_text(errors="replace")[-3000:])
                 await asyncio.sleep(0.5)
         await until(partial(_job_failed, sim, run.id), 60, "the Job to end")
-        await asyncio.sleep(2)  # time for the observer to see the failed Job
+        # The observer's own verdict on the failed Job (its crash check, prefect_kubernetes.observer
+        # `_mark_flow_run_as_crashed`): it read the run, found it Cancelled and left it alone. Had it found the
+        # run unsettled, it would have proposed Crashed and logged "marking as crashed" instead.
+        verdict = f"Flow run {run.id} is in 'Cancelled', skipping"
+        await until(lambda: verdict in worker_log.read_text(errors="replace"), 60, "the observer's verdict on the Job")
         async with get_client() as client:
             after = (await client.read_flow_run(run.id)).state
     finally:
         _stop(worker)
     assert state.is_cancelled(), state
     assert after is not None and after.is_cancelled(), after  # not marked Crashed by the observer
+    observer_log = worker_log.read_text(errors="replace")
+    assert f"found for flow run {run.id}, marking as crashed" not in observer_log, observer_log[-3000:]
     await assert_no_gpu_model_running(sim, timeout=30)
     # the flow's finally ran in the pod before its process exited: `kubectl logs` of the Job's pod
     job = sim.call(_jobs, sim.store, run.id)[0]

@@ -4,7 +4,6 @@ docs/DESIGN.md's pod life cycle table (the tests play scheduler, kubelet and aut
 from __future__ import annotations
 
 import asyncio
-import statistics
 import time
 import uuid
 from collections.abc import Iterator
@@ -69,6 +68,24 @@ async def _settle() -> None:
     await asyncio.sleep(0.3)  # let the three watches list and connect
 
 
+def _requests(server: ServerThread) -> list[tuple[str, str]]:
+    """Every request the simulated API server has received so far, as (method, path and query)."""
+    return list(server.runner.app["requests"])
+
+
+async def _watches_open(server: ServerThread, app: str, since: int) -> int:
+    """Wait until the wait for ``app`` (the only client of the server meanwhile) has opened its three watches
+    (pods, events, the deployment) after request number ``since``; returns the server's request count then."""
+    deadline = time.monotonic() + 30
+    while True:
+        seen = _requests(server)
+        watches = [p for m, p in seen[since:] if m == "GET" and "watch=" in p]
+        if len(watches) >= 3 and sum(app in p for p in watches) >= 2:
+            return len(seen)
+        assert time.monotonic() < deadline, seen[since:]
+        await asyncio.sleep(0.01)
+
+
 # ------------------------------------------------------------------------------------------- phases
 async def test_wait_ready_follows_node_image_weights_start_and_records_scale_up(server: ServerThread) -> None:
     app = await _new_model(server)
@@ -106,7 +123,7 @@ async def test_wait_ready_follows_node_image_weights_start_and_records_scale_up(
     for a, b in zip(report.phases, report.phases[1:], strict=False):
         assert a.ended_monotonic == b.started_monotonic
         assert a.ended_at <= b.started_at
-    assert report.phases[-1].ended_monotonic - t_ready < 0.25
+    assert report.phases[-1].ended_monotonic >= t_ready  # "start" ended when the Ready pod was seen, not before
     assert phases.seen[0][1].scale_up_seen is False and phases.seen[1][1].scale_up_seen is True
     assert "adding one" in phases.seen[1][1].detail
     assert phases.seen[2][1].node == "gpu-pool-abc" and phases.seen[-1][1].progress == 1.0
@@ -127,27 +144,30 @@ async def test_wait_ready_without_scale_up_reports_scale_up_not_seen(server: Ser
     assert report.scale_up_seen is False
 
 
-async def test_ready_is_noticed_within_250ms_of_the_pod_turning_ready(server: ServerThread) -> None:
-    lags = []
-    for _ in range(5):
-        app = await _new_model(server)
-        pod = PodScript(server.store, app=app)
-        await server.write(pod.create)
-        await server.write(pod.bind)
-        await server.write(pod.main_running)
-        await server.write(set_deployment_ready, server.store, app)  # status already says 1: only the pod gates
-        waiting = _start_wait(server, app)
-        await _settle()
-        assert not waiting.done()
-        t_ready = await server.write(pod.ready)
-        report = await asyncio.wait_for(waiting, 5)
-        lags.append(report.phases[-1].ended_monotonic - t_ready)
-    median = statistics.median(lags)
-    print(f"\nreadiness notice latency: median {median * 1000:.1f} ms, max {max(lags) * 1000:.1f} ms")
-    # The 250 ms target is measured by the benchmark (detect_p95_ms); here: the typical notice is within it,
-    # and none waits for a poll or a watch timeout.
-    assert median < 0.25
-    assert max(lags) < 1.0
+async def test_ready_is_noticed_from_the_watch_event_with_no_list_or_poll(server: ServerThread) -> None:
+    """The pod turning Ready reaches the wait as an event on the watch it already has open: between the write
+    and the wait's return the API server receives no request at all (no list, no poll, no watch reconnect).
+    How fast that event arrives is the benchmark's figure (coder_stack/app/bench: detect_p95_ms, target
+    250 ms, and watch_p50_ms), not a test's."""
+    # the rv-resumed watches replay any event between the list and the watch, so nothing is waited for here
+    # but the requests: the count below starts once both watches are open
+    app = await _new_model(server)
+    pod = PodScript(server.store, app=app)
+    await server.write(pod.create)
+    await server.write(pod.bind)
+    await server.write(pod.main_running)
+    await server.write(set_deployment_ready, server.store, app)  # status already says 1: only the pod gates
+    since = len(_requests(server))
+    waiting = _start_wait(server, app)
+    opened = await _watches_open(server, app, since)
+    assert not waiting.done(), "returned before the pod was Ready"
+    t_before = time.monotonic()
+    await server.write(pod.ready)
+    report = await asyncio.wait_for(waiting, 30)
+    after = _requests(server)[opened:]
+    assert after == [], f"the wait asked the API server again instead of taking the watch event: {after}"
+    assert report.pod == pod.name and report.already_ready is False
+    assert report.phases[-1].ended_monotonic >= t_before  # it returned on this Ready, not on an earlier state
 
 
 async def test_already_ready_pod_returns_at_once(server: ServerThread) -> None:
@@ -156,9 +176,10 @@ async def test_already_ready_pod_returns_at_once(server: ServerThread) -> None:
     for step in (pod.create, pod.bind, pod.init_running, pod.main_running, pod.ready):
         await server.write(step)
     await server.write(set_deployment_ready, server.store, app)
-    t0 = time.monotonic()
-    report = await asyncio.wait_for(_start_wait(server, app), 5)
-    assert time.monotonic() - t0 < 1.0
+    since = len(_requests(server))
+    report = await asyncio.wait_for(_start_wait(server, app), 30)
+    lists = [p for m, p in _requests(server)[since:] if "watch=" not in p]
+    assert len(lists) == 3, lists  # decided on its first three lists: no further read, no wait for an event
     assert report.already_ready is True and report.pod == pod.name
     assert [p.seen for p in report.phases] == [True, False, False, False]
 
@@ -211,8 +232,9 @@ FAULT_STAGE = {
 async def test_fault_fails_fast_with_pod_failed_naming_cause(server: ServerThread, fault: str) -> None:
     apply, reason, words = FAULTS[fault]
     app = await _new_model(server)
+    since = len(_requests(server))
     waiting = _start_wait(server, app)
-    await _settle()
+    opened = await _watches_open(server, app, since)
     pod = PodScript(server.store, app=app)
     await server.write(pod.create)
     stage = FAULT_STAGE[fault]
@@ -220,36 +242,18 @@ async def test_fault_fails_fast_with_pod_failed_naming_cause(server: ServerThrea
         await server.write(pod.bind)
     if stage in ("running", "initdone"):
         await server.write(pod.main_running)
-    await asyncio.sleep(0.2)
     assert not waiting.done()
-    t_fault = await server.write(apply, pod)
+    await server.write(apply, pod)
     with pytest.raises(PodFailed) as info:
-        await asyncio.wait_for(waiting, 5)
-    latency = time.monotonic() - t_fault
-    assert latency < 2.0, f"{fault} reported after {latency:.2f}s"
+        await asyncio.wait_for(waiting, 30)
+    # failed on the watch events themselves, not at a phase budget (10 s, over the 30 s above only if it
+    # waited three budgets) nor after a poll: the server received nothing after the watches opened
+    assert _requests(server)[opened:] == []
     err = info.value
     assert err.reason == reason and err.pod == pod.name
     assert pod.name in str(err)
     for w in words:
         assert w in str(err), (w, str(err))
-
-
-async def test_fault_report_latency_is_well_under_two_seconds(server: ServerThread) -> None:
-    lags = []
-    for _ in range(3):
-        app = await _new_model(server)
-        waiting = _start_wait(server, app)
-        await _settle()
-        pod = PodScript(server.store, app=app)
-        await server.write(pod.create)
-        await server.write(pod.bind)
-        await server.write(pod.main_running)
-        t_fault = await server.write(pod.crashloop)
-        with pytest.raises(PodFailed):
-            await asyncio.wait_for(waiting, 5)
-        lags.append(time.monotonic() - t_fault)
-    print(f"\nfault report latency: median {statistics.median(lags) * 1000:.1f} ms, max {max(lags) * 1000:.1f} ms")
-    assert max(lags) < 2.0
 
 
 async def test_failed_pod_message_names_the_pod_in_the_kubectl_hint(server: ServerThread) -> None:
@@ -284,9 +288,8 @@ async def test_phase_over_budget_raises_wait_timeout_naming_phase_and_budget(ser
     budgets = PhaseBudgets(node=10, image=10, weights=1, start=10)
     t0 = time.monotonic()
     with pytest.raises(WaitTimeout) as info:
-        await asyncio.wait_for(_start_wait(server, app, budgets), 5)
-    elapsed = time.monotonic() - t0
-    assert 0.9 <= elapsed < 2.0
+        await asyncio.wait_for(_start_wait(server, app, budgets), 30)
+    assert time.monotonic() - t0 >= 0.9  # not before its budget; which budget fired is the error's to say
     err = info.value
     assert err.phase == "weights" and err.elapsed_s >= 0.9
     assert "budget of 1s" in str(err) and "stage-weights" in str(err) and "budgets.weights" in str(err)
@@ -306,9 +309,9 @@ async def test_deadline_caps_the_whole_wait(server: ServerThread) -> None:
     app = await _new_model(server)
     t0 = time.monotonic()
     with pytest.raises(WaitTimeout) as info:
-        await asyncio.wait_for(_start_wait(server, app, deadline_s=0.5), 5)
-    assert time.monotonic() - t0 < 1.5
-    assert "overall deadline" in str(info.value)
+        await asyncio.wait_for(_start_wait(server, app, deadline_s=0.5), 30)
+    assert time.monotonic() - t0 >= 0.45
+    assert "overall deadline" in str(info.value) and info.value.phase == "node"  # not node's 10 s budget
 
 
 # ------------------------------------------------------------------------------------------- robustness
@@ -512,15 +515,22 @@ async def test_wait_gone_waits_until_the_pod_is_deleted_not_just_terminating(ser
         async with server.api() as api:
             return await wait_gone(api, NS, f"app.kubernetes.io/name={app}", 5)
 
+    since = len(_requests(server))
     gone = asyncio.ensure_future(run())
-    await _settle()
+    deadline = time.monotonic() + 30
+    while not any(m == "GET" and "watch=" in p and app in p for m, p in _requests(server)[since:]):
+        assert time.monotonic() < deadline, "wait_gone opened no watch"
+        await asyncio.sleep(0.01)
+    opened = len(_requests(server))
+    ended: list[float] = []
+    gone.add_done_callback(lambda _: ended.append(time.monotonic()))
     await server.write(pod.mark_deleting)
-    await asyncio.sleep(0.4)
-    assert not gone.done(), "a Terminating pod still holds the GPU"
-    t_del = await server.write(pod.delete)
-    report = await asyncio.wait_for(gone, 5)
-    assert time.monotonic() - t_del < 1.0  # noticed from the DELETED event, not a poll
-    assert report.pods_seen == 1 and report.pod_names == [pod.name] and report.seconds >= 0.6
+    t_before_delete = time.monotonic()
+    await server.write(pod.delete)
+    report = await asyncio.wait_for(gone, 30)
+    assert ended[0] >= t_before_delete, "returned on the Terminating pod: it still holds the GPU"
+    assert _requests(server)[opened:] == []  # noticed from the DELETED event, not a poll or a re-list
+    assert report.pods_seen == 1 and report.pod_names == [pod.name]
 
 
 async def test_wait_gone_with_no_pods_returns_at_once(server: ServerThread) -> None:

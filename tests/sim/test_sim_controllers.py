@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import time
+import sys
 from typing import Any
 
 import pytest
 
 from coder_stack.spec import ModelSpec, StackSpec
 from simstack.cluster_objects import b64, proxy_config, reference_objects
+from simstack.controllers.context import ClusterContext
 from simstack.controllers.deployment import template_hash
 from simstack.stack import SimStack
 from simstack.store import Store, controller_uid
+from simstack.timings import Timings, model_timings
 from tests.conftest import (
     events_of,
     is_ready,
@@ -61,6 +63,35 @@ def rollout_status(d: dict[str, Any]) -> tuple[bool, str]:
             return False, "available"
         return True, "successfully rolled out"
     return False, "Waiting for deployment spec update to be observed..."
+
+
+class Delays(list[tuple[str, str, float]]):
+    """Every delay the simulated controllers ask for, in simulated seconds, with the function that asked
+    (``_pull``, ``_walk``, ``_scale_up``, ``_scale_down``, ``_write_status``) and the app of the pod it was
+    for (its ``pod`` argument, if any): what the model says a step takes, read from the model itself, not
+    from a wall clock a busy machine stretches."""
+
+    def of(self, caller: str, app: str | None = None) -> list[float]:
+        return [s for c, a, s in self if c == caller and (app is None or a == app)]
+
+
+@pytest.fixture
+def delays(monkeypatch: pytest.MonkeyPatch) -> Delays:
+    seen = Delays()
+    scaled = ClusterContext.scaled
+
+    def recording(self: ClusterContext, sim_seconds: float) -> float:
+        frame = sys._getframe(1)
+        if frame.f_code.co_name == "sleep":  # ClusterContext.sleep: the delay is its caller's
+            frame = frame.f_back or frame
+        pod = frame.f_locals.get("pod")
+        labels = (pod.get("metadata") or {}).get("labels") or {} if isinstance(pod, dict) else {}
+        app = labels.get("app.kubernetes.io/name", "")
+        seen.append((frame.f_code.co_name, app, sim_seconds))
+        return scaled(self, sim_seconds)
+
+    monkeypatch.setattr(ClusterContext, "scaled", recording)
+    return seen
 
 
 def gone(sim: SimStack, ns: str, app: str, timeout: float = 5.0) -> None:
@@ -163,7 +194,9 @@ def test_sim_starts_with_nodes_secrets_and_gateway_ready(sim: SimStack) -> None:
 
 
 # ------------------------------------------------------------------ cold start
-def test_cold_start_walks_every_phase_in_order_with_events(sim: SimStack, fake_standins: FakeStandins) -> None:
+def test_cold_start_walks_every_phase_in_order_with_events(
+    sim: SimStack, fake_standins: FakeStandins, delays: Delays
+) -> None:
     pods = record(sim, "pods")
     deps = record(sim, "deployments")
     registered_at_ready: list[bool] = []
@@ -173,13 +206,12 @@ def test_cold_start_walks_every_phase_in_order_with_events(sim: SimStack, fake_s
             registered_at_ready.append(sim.backends.lookup(S, ev.obj["metadata"]["name"], 8000) is not None)
 
     on_loop(sim, lambda s: s.listeners.append(_at_ready))
-    t0 = time.monotonic()
     scale(sim, S, "coder-chat", 1)
     pod = ready_pod(sim, S, "coder-chat")
-    elapsed = time.monotonic() - t0
     name = pod["metadata"]["name"]
-    # image 240 s + weights 150 s + start 40 s, scaled
-    assert elapsed >= 0.9 * (240 + 150 + 40) * sim.time_scale
+    # image 240 s (one pull: the init and main containers share the image) + weights 150 s + start 40 s
+    assert delays.of("_pull", "coder-chat") == [240.0]
+    assert delays.of("_walk", "coder-chat") == [150.0, 40.0]
     phases: list[str] = []
     for _, _, p in pods:
         if p["metadata"]["name"] == name and (not phases or phases[-1] != phase_of(p)):
@@ -238,27 +270,31 @@ def test_cold_start_walks_every_phase_in_order_with_events(sim: SimStack, fake_s
             assert not rollout_status(x)[0]
 
 
-def test_image_cache_per_node_and_weights_cache_per_model(make_sim: Any) -> None:
-    sim = make_sim(time_scale=4 * FAST)  # cached vs uncached must differ by more than a busy machine's jitter
+def test_image_cache_per_node_and_weights_cache_per_model(make_sim: Any, delays: Delays) -> None:
+    sim = make_sim(time_scale=FAST)
     scale(sim, S, "coder-chat", 1)
     ready_pod(sim, S, "coder-chat")
+    assert delays.of("_pull", "coder-chat") == [240.0]  # cold: pull, weights, start
+    assert delays.of("_walk", "coder-chat") == [150.0, 40.0]
     scale(sim, S, "coder-chat", 0)
     gone(sim, S, "coder-chat")
-    t0 = time.monotonic()
+    delays.clear()
     scale(sim, S, "coder-fim", 1)
     fim = ready_pod(sim, S, "coder-fim")
-    fim_s = time.monotonic() - t0
     evs = on_loop(sim, lambda s: events_of(s, S, fim["metadata"]["name"]))
     assert "Pulling" not in [e["reason"] for e in evs]  # the image is on the node already
     assert "already present on machine" in next(e for e in evs if e["reason"] == "Pulled")["message"]
-    assert fim_s >= 0.9 * (85 + 27) * sim.time_scale  # fim's weights are not cached yet
+    assert delays.of("_pull", "coder-fim") == []
+    fim_t = model_timings(StackSpec().model("coder-fim"))  # fim's weights are not cached yet: staged in full
+    assert delays.of("_walk", "coder-fim") == [fim_t.weights_s, fim_t.server_start_s]
     scale(sim, S, "coder-fim", 0)
     gone(sim, S, "coder-fim")
-    t0 = time.monotonic()
+    delays.clear()
     scale(sim, S, "coder-chat", 1)
     ready_pod(sim, S, "coder-chat")
-    warm = time.monotonic() - t0
-    assert warm < (150 + 40) * sim.time_scale  # weights cached on the model-cache PVC, image cached on the node
+    # weights cached on the model-cache PVC (3 s to find them), image cached on the node (no pull)
+    assert delays.of("_pull", "coder-chat") == []
+    assert delays.of("_walk", "coder-chat") == [Timings().weights_cached_s, 40.0]
 
 
 # ------------------------------------------------------------------ scheduling
@@ -308,10 +344,9 @@ def test_one_gpu_second_model_pending_until_first_is_gone(make_sim: Any) -> None
     assert chat_deleting < chat_deleted <= fim_bound
 
 
-def test_autoscaler_scales_up_then_refuses_when_full_then_removes_idle_node(make_sim: Any) -> None:
+def test_autoscaler_scales_up_then_refuses_when_full_then_removes_idle_node(make_sim: Any, delays: Delays) -> None:
     sim = make_sim(gpu_pool="autoscaled", time_scale=FAST)
     assert on_loop(sim, lambda s: [n["metadata"]["name"] for n in s.list("nodes")]) == ["default-pool-1"]
-    t0 = time.monotonic()
     scale(sim, S, "coder-chat", 1)
     pod = wait_for(
         sim,
@@ -334,7 +369,7 @@ def test_autoscaler_scales_up_then_refuses_when_full_then_removes_idle_node(make
     node = wait_for(
         sim, lambda s: next((n for n in s.list("nodes") if n["metadata"]["name"].startswith("gpu-pool")), None), 5
     )
-    assert time.monotonic() - t0 >= 0.9 * 240 * sim.time_scale
+    assert delays.of("_scale_up", "coder-chat") == [240.0]  # a GPU node takes 240 s to join
     bound = ready_pod(sim, S, "coder-chat")
     assert bound["spec"]["nodeName"] == node["metadata"]["name"]
     # the pool is at its max (1 GPU): a second model pod does not trigger a scale-up
@@ -357,9 +392,9 @@ def test_autoscaler_scales_up_then_refuses_when_full_then_removes_idle_node(make
     scale(sim, S, "coder-fim", 0)
     scale(sim, S, "coder-chat", 0)
     gone(sim, S, "coder-chat")
-    t_idle = time.monotonic()
     wait_for(sim, lambda s: len(s.list("nodes")) == 1, 5, "idle GPU node removed")
-    assert time.monotonic() - t_idle >= 0.9 * 600 * sim.time_scale
+    assert set(delays.of("_scale_down")) == {600.0}  # removed once unneeded for --scale-down-unneeded-time
+    assert delays.of("_scale_up") == [240.0]  # the second model's pod added no node
 
 
 # ------------------------------------------------------------------ faults
@@ -486,12 +521,11 @@ def test_fault_unschedulable(make_sim: Any) -> None:
     assert "FailedScheduling" in [e["reason"] for e in on_loop(sim, lambda s: events_of(s, S, pod["metadata"]["name"]))]
 
 
-def test_fault_slow_node(make_sim: Any) -> None:
+def test_fault_slow_node(make_sim: Any, delays: Delays) -> None:
     sim = make_sim(gpu_pool="autoscaled", faults={"coder-chat": "slow-node"})
-    t0 = time.monotonic()
     scale(sim, S, "coder-chat", 1)
     wait_for(sim, lambda s: len(s.list("nodes")) == 2, 5, "GPU node")
-    assert time.monotonic() - t0 >= 0.95 * 285 * sim.time_scale
+    assert delays.of("_scale_up", "coder-chat") == [285.0]  # 240 s without the fault
 
 
 def test_set_fault_rejects_unknown(sim: SimStack) -> None:
@@ -678,10 +712,9 @@ def test_timeline_records_replica_changes(sim: SimStack) -> None:
     assert new[0][0] <= new[1][0]
 
 
-def test_progress_deadline_exceeded_then_recovers(make_sim: Any) -> None:
+def test_progress_deadline_exceeded_then_recovers(make_sim: Any, delays: Delays) -> None:
     """progressDeadlineSeconds (600 s) marks a stuck rollout and stops nothing; it completes later."""
     sim = make_sim(faults={"coder-fim": "crashloop"}, time_scale=FAST)
-    t0 = time.monotonic()
     scale(sim, S, "coder-fim", 1)
 
     def progressing(s: Store) -> dict[str, Any] | None:
@@ -689,7 +722,8 @@ def test_progress_deadline_exceeded_then_recovers(make_sim: Any) -> None:
         return next((c for c in d.get("status", {}).get("conditions", []) if c["type"] == "Progressing"), None)
 
     cond = wait_for(sim, lambda s: (c := progressing(s)) and c["reason"] == "ProgressDeadlineExceeded" and c, 5)
-    assert time.monotonic() - t0 >= 0.9 * 600 * sim.time_scale
+    # judged against the Deployment's progressDeadlineSeconds (600 s by default), in simulated seconds
+    assert delays.of("_write_status") and set(delays.of("_write_status")) == {600.0}
     assert cond["status"] == "False" and cond["message"].startswith('ReplicaSet "coder-fim-')
     with pytest.raises(AssertionError, match="progress deadline"):
         rollout_status(on_loop(sim, lambda s: s.get("deployments", S, "coder-fim")))

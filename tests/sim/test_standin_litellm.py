@@ -9,13 +9,18 @@ import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
+from simstack.recordings import LITELLM, QUOTED, exchange
 from simstack.standins import ContainerRun, RunningBackend, SimServices, start_standin
+from simstack.standins import litellm as litellm_standin
+from simstack.standins import litellm_fields as F
+from tests.conformance.shape import shape_diff
 from tests.kits.gateway import litellm_run, service_resolver
 
 MASTER = "sk-master-test-0123456789"
@@ -548,3 +553,41 @@ async def test_model_new_needs_store_model_in_db(stack: Stack) -> None:
         assert r.status_code == 500 and "STORE_MODEL_IN_DB" in r.json()["error"]["message"]
     finally:
         await gw.stop()
+
+
+# ---------------------------------------------------------------------------------------------- field model
+
+
+async def test_answers_come_from_the_stand_ins_own_field_model(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An answer's field set is the stand-in's declaration (simstack/standins/litellm_fields.py), not a recorded
+    answer: a field dropped from or added to the declaration drops from or shows in the answer, so the
+    missing/extra-field check conformance makes against the recording sees it; and a declared REQUIRED field
+    that nothing computed refuses the answer instead of being filled in."""
+    recorded = exchange(LITELLM, "key-info-by-value").body["info"]
+    async with httpx.AsyncClient() as c:
+        k = await _mint(c, stack.url, "field-model", models=["coder-chat"], max_budget=5.0, budget_duration="30d")
+
+        async def info() -> httpx.Response:
+            return await c.get(f"{stack.url}/key/info", headers=_m(), params={"key": k["key"]})
+
+        base = (await info()).json()["info"]
+        assert list(base) == list(F.KEY_INFO) and set(base) == set(recorded)
+        assert shape_diff(recorded, base) == []  # the declaration agrees with the real proxy
+        monkeypatch.delitem(F.KEY_INFO, "rotation_count")
+        monkeypatch.setitem(F.KEY_INFO, "not_a_litellm_field", None)
+        changed = (await info()).json()["info"]
+        assert "rotation_count" not in changed and changed["not_a_litellm_field"] is None
+        diffs = shape_diff(recorded, changed)
+        assert any(d.startswith("$.rotation_count: missing") for d in diffs), diffs
+        assert any(d.startswith("$.not_a_litellm_field: present") for d in diffs), diffs
+        monkeypatch.setitem(F.KEY_INFO, "key_type", F.REQUIRED)  # declared computed, and nothing computes it
+        assert (await info()).status_code == 500
+
+
+def test_the_stand_in_reads_no_recording() -> None:
+    """The field model is the stand-in's own code: neither module imports simstack.recordings, and the
+    LiteLLM side of the corpus is held out whole (conformance reports all of it)."""
+    for module in (litellm_standin, F):
+        source = Path(str(module.__file__)).read_text()
+        assert "simstack.recordings" not in source and "recordings import" not in source, module.__name__
+    assert QUOTED[LITELLM] == frozenset()

@@ -1,7 +1,8 @@
-"""`coder-stack doctor` against an in-process fake that answers as the recorded LiteLLM 1.108.7 does
-(simstack/recordings): /key/info without token and 200 'deleted' for deleted keys, delete-again 404,
-scope-echoing /v1/models, 400 for a missing alias, streamed /v1/completions logged at $0 and 0 tokens,
-/spend/logs newest first with request_id = the completion's id, x-litellm-version on model answers."""
+"""`coder-stack doctor` against the LiteLLM stand-in (held to the recorded LiteLLM 1.108.7 by
+tests/conformance, its held-out part reported there) in front of vLLM stand-ins: that is the test of the
+recorded behaviour. The faults the stand-in cannot be made to show (no prices, a foreign api_base, an
+update that does nothing, a wrong served name) use a small in-process fake, which proves only how doctor
+reports them, not what LiteLLM answers."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typer.testing import CliRunner
 
 from coder_stack.spec import StackSpec, Timeouts
 from coder_stack.usecases import doctor
+from tests.kits.gateway import gateway_stack
 
 MASTER = "sk-master-doctor-" + "0" * 16
 SPEC = StackSpec(timeouts=Timeouts(spend_visible_s=1.0))
@@ -139,7 +141,28 @@ async def _run(fake: FakeLiteLLM, spec: StackSpec = SPEC, serving: dict[str, int
     return {r.name: r for r in rows}
 
 
-async def test_everything_passes_against_the_recorded_behaviour_and_keys_are_deleted() -> None:
+async def test_everything_passes_against_the_litellm_standin_and_its_keys_are_deleted() -> None:
+    async with gateway_stack(SPEC, spend_write_delay_s=0.2) as st, httpx.AsyncClient(base_url=st.url) as gw:
+        got = await doctor.gateway_checks(gw, SecretStr(st.master), SPEC, serving=ALL_UP)
+        rows = {r.name: r for r in got}
+        listed = await gw.get(
+            "/key/list", params={"return_full_object": "true"}, headers={"Authorization": f"Bearer {st.master}"}
+        )
+    assert [(n, r.seen) for n, r in rows.items() if r.status == "fail"] == []
+    assert rows["gateway version"].status == "ok" and "1.108.7" in rows["gateway version"].seen
+    for step in ("key: mint", "key: /key/info by value", "key: /key/list full object", "key: call with the key",
+                 "key: /key/update by value", "key: /key/delete by hash", "key: /key/info after delete",
+                 "key: call with the deleted key"):  # fmt: skip
+        assert rows[step].status == "ok", (step, rows[step].seen)
+    assert rows["streamed FIM metering"].seen == doctor.NOT_METERED  # as recorded: a streamed FIM costs $0
+    # the throwaway keys are gone from the gateway
+    keys = listed.json().get("keys") or []
+    assert not [k for k in keys if str(k.get("key_alias", "")).startswith(doctor.DOCTOR_ALIAS_PREFIX)], keys
+    text = "".join(r.model_dump_json() for r in rows.values())
+    assert st.master not in text and "sk-" not in text.replace("sk-***", "")
+
+
+async def test_everything_passes_against_the_fake_and_keys_are_deleted() -> None:
     fake = FakeLiteLLM()
     rows = await _run(fake)
     assert [n for n, r in rows.items() if r.status == "fail"] == []

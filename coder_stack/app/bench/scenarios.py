@@ -25,6 +25,7 @@ import flows.swap
 from coder_stack.app.bench.flows import bench_bringup, gpu_session_run, sequential_runbook
 from coder_stack.app.bench.rss import SimProcess
 from coder_stack.app.bench.simrec import SimRecorder
+from coder_stack.errors import PodFailed
 from coder_stack.orchestration.gpu import ensure_gpu_limit, gpu_session
 from coder_stack.spec import ModelSpec, PhaseBudgets, StackSpec, spec_yaml
 from flows.common import Connection
@@ -82,7 +83,9 @@ class Bench:
 
 
 @contextlib.contextmanager
-def fresh_sim(time_scale: float, spec: StackSpec | None = None, gpu_pool: str = "autoscaled") -> Iterator[Bench]:
+def fresh_sim(
+    time_scale: float, spec: StackSpec | None = None, gpu_pool: str = "autoscaled", faults: dict[str, str] | None = None
+) -> Iterator[Bench]:
     """A new simulated cluster (GPU pool empty, autoscaled) with a recorder attached."""
     spec = spec or StackSpec()
     with tempfile.TemporaryDirectory(prefix="coder-bench-") as tmp:
@@ -90,7 +93,7 @@ def fresh_sim(time_scale: float, spec: StackSpec | None = None, gpu_pool: str = 
         if spec != StackSpec():
             stack_file = Path(tmp) / "stack.yaml"
             stack_file.write_text(spec_yaml(spec))
-        with SimStack(spec=spec, time_scale=time_scale, gpu_pool=gpu_pool) as sim:
+        with SimStack(spec=spec, time_scale=time_scale, gpu_pool=gpu_pool, faults=faults) as sim:
             rec = SimRecorder.attach(sim, spec.gpus)
             conn = Connection(kubeconfig=str(sim.kubeconfig_path), stack_file=str(stack_file) if stack_file else None)
             yield Bench(sim, rec, conn)
@@ -132,6 +135,31 @@ async def detect(time_scale: float, n: int, log: Any) -> dict[str, Any]:
         "deployment_lag_p50_ms": percentile([r["deployment_lag_ms"] for r in runs], 0.5),
         "bringup_s": [round(r["bringup_s"], 3) for r in runs],
         "sim_cold_start_s": round(median([r["sim_cold_start_s"] for r in runs]), 3),
+    }
+
+
+async def fault_report(time_scale: float, n: int, log: Any) -> dict[str, Any]:
+    """A cold start of coder-chat whose server crash-loops, ``n`` times: from the simulated cluster's write of
+    CrashLoopBackOff to the wait task failing with PodFailed (the phase budgets are minutes: a report after a
+    budget would show as such, a report after a poll as its interval)."""
+    lags = []
+    for i in range(n):
+        with fresh_sim(time_scale, faults={"coder-chat": "crashloop"}) as b:
+            try:
+                await bench_bringup(connection=b.connection, model="coder-chat", time_scale=time_scale)
+            except PodFailed:
+                t_failed = time.monotonic()
+            else:
+                raise RuntimeError("the crash-looping coder-chat was reported Ready")
+            mark = b.rec.first_waiting("coder-chat", "CrashLoopBackOff")
+            if mark is None:
+                raise RuntimeError("the simulated cluster never recorded coder-chat in CrashLoopBackOff")
+            lags.append((t_failed - mark.mono) * 1000)
+        log(f"  crash loop {i + 1}/{n}: CrashLoopBackOff -> PodFailed {lags[-1]:.0f} ms")
+    return {
+        "fault_report_p50_ms": percentile(lags, 0.5),
+        "fault_report_max_ms": max(lags),
+        "fault_report_samples_ms": [round(x, 1) for x in lags],
     }
 
 

@@ -2,6 +2,8 @@
 
 - when each pod's Ready condition turned True (``time.monotonic()`` and ``time.time()`` at the store
   write of that status: the simulated cluster's own clock, in this process);
+- when a container of a pod first showed each waiting reason (``CrashLoopBackOff``, ``ErrImagePull`` ...),
+  at the store write of that status;
 - GPU pods: how many exist (Pending, bound, Running or Terminating: a GPU is not free until the pod is
   gone) and how many are bound to a node, the maximum of each, and how often either exceeded the GPUs.
 """
@@ -43,9 +45,24 @@ class ReadyMark:
 
 
 @dataclass
+class WaitingMark:
+    mono: float
+    pod: str
+    app: str
+    reason: str
+
+
+def _waiting_reasons(obj: dict[str, Any] | None) -> set[str]:
+    st = (obj or {}).get("status") or {}
+    statuses = (st.get("initContainerStatuses") or []) + (st.get("containerStatuses") or [])
+    return {str(w["reason"]) for c in statuses if (w := (c.get("state") or {}).get("waiting")) and w.get("reason")}
+
+
+@dataclass
 class SimRecorder:
     gpus: int
     ready: list[ReadyMark] = field(default_factory=list)
+    waiting: list[WaitingMark] = field(default_factory=list)
     live: set[str] = field(default_factory=set)
     bound: set[str] = field(default_factory=set)
     max_live: int = 0
@@ -75,6 +92,10 @@ class SimRecorder:
                     (meta.get("labels") or {}).get("app.kubernetes.io/name", ""),
                 )
             )
+        if ev.type != "DELETED":
+            app = (meta.get("labels") or {}).get("app.kubernetes.io/name", "")
+            for reason in sorted(_waiting_reasons(obj) - _waiting_reasons(ev.old)):
+                self.waiting.append(WaitingMark(time.monotonic(), meta.get("name", ""), app, reason))
         if not _is_gpu_pod(obj):
             return
         uid = meta.get("uid") or meta.get("name", "")
@@ -96,3 +117,6 @@ class SimRecorder:
 
     def first_ready(self, app: str, after: float = 0.0) -> ReadyMark | None:
         return next((r for r in self.ready if r.app == app and r.mono >= after), None)
+
+    def first_waiting(self, app: str, reason: str) -> WaitingMark | None:
+        return next((w for w in self.waiting if w.app == app and w.reason == reason), None)
