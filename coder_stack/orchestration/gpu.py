@@ -82,8 +82,18 @@ class GpuHolder(BaseModel):
     holds_slot: bool = Field(False, description="The run recorded a tag:gpu lease it has not given back.")
     dead: bool = Field(False, description=f"No heartbeat for {SILENT_AFTER_S} s, or ended: its process is gone.")
     lease_expires_by: str | None = Field(None, description="When its lease frees itself at the latest (UTC).")
+    may_hold_slot: bool = Field(
+        False,
+        description="Ended abnormally with no lease on record while a slot is unaccounted for: it may have died "
+        "between its grant and the recording of its lease.",
+    )
 
     def describe(self) -> str:
+        if self.may_hold_slot:
+            return (
+                f"{self.label} ended {self.state} with no GPU lease on record; it may hold a slot granted just "
+                f"before it died: `coder-stack cleanup {self.run_id}` releases any lease the server holds for it"
+            )
         what = "holds the GPU" if self.holds_slot else "running"
         if self.heartbeat_age_s is None:
             beat = "no heartbeat seen"
@@ -100,7 +110,7 @@ class GpuHolder(BaseModel):
         text = f"{self.label} {what}: DEAD ({beat}; one is due every {HEARTBEAT_S} s)"
         if self.holds_slot:
             text += (
-                "; the crash automation marks it Crashed and its clean-up frees the GPU within ~2 min"
+                "; the crash automation marks it Crashed and its clean-up frees the GPU within 150 s"
                 + (f", else its slot frees itself by {self.lease_expires_by}" if self.lease_expires_by else "")
                 + f"; free it now: `coder-stack cleanup {self.run_id}`"
             )
@@ -185,6 +195,7 @@ async def gpu_limit_status(flow_names: tuple[str, ...] = ()) -> GpuLimitStatus:
         ended = await runs_of(client, flow_names, FINAL_STATES, ended_after=now - window)
         names = []
         holders = []
+        unrecorded: list[GpuHolder] = []
         flows: dict[UUID, str] = {}
         for r in running + ended:
             if r.flow_id not in flows:
@@ -192,6 +203,20 @@ async def gpu_limit_status(flow_names: tuple[str, ...] = ()) -> GpuLimitStatus:
             live = await liveness_of(client, r, flows[r.flow_id], now)
             over = live.final
             normal_end = live.state == "COMPLETED" and not live.heartbeats_after(live.state_at)
+            if over and live.lease_id is None and not normal_end and not live.lease_released:
+                # Ended abnormally with no lease on record: killed between its grant and the label, it may still
+                # hold a slot the server knows by its run id. Named below if a slot is unaccounted for.
+                unrecorded.append(
+                    GpuHolder(
+                        run_id=str(r.id),
+                        label=live.label(),
+                        state=live.state,
+                        heartbeat_age_s=live.heartbeat_age_s,
+                        dead=True,
+                        may_hold_slot=True,
+                    )
+                )
+                continue
             if over and (live.lease_id is None or normal_end):
                 continue  # ended and gave its lease back (or ended normally: its own release ran)
             if not over:
@@ -210,6 +235,8 @@ async def gpu_limit_status(flow_names: tuple[str, ...] = ()) -> GpuLimitStatus:
                 )
             )
         unaccounted = max(0, gcl.active_slots - sum(1 for h in holders if h.holds_slot))
+        if unaccounted:
+            holders += unrecorded
         leaked = False
         if unaccounted and not any(h.holds_slot for h in holders) and not ended:
             leaked = await unfinished_runs(client) == 0

@@ -24,13 +24,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import httpx
 import pytest
 import yaml
 from aiohttp import web
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
 from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterId,
@@ -52,6 +52,7 @@ from coder_stack.errors import (
 )
 from coder_stack.kubernetes.client import ClusterTarget, open_api, read_secret
 from coder_stack.orchestration.gpu import GPU_LIMIT, gpu_limit_status
+from coder_stack.orchestration.liveness import read_liveness, release_lease_of
 from coder_stack.spec import StackSpec, spec_yaml
 from flows.common import Connection
 from flows.keys import KeyOptions, manage_keys
@@ -465,7 +466,9 @@ async def test_sigkill_mid_session_is_cleaned_up_by_the_teardown_which_reports_w
     assert "1/1 slot(s) held" in gpu_note and "swap_model/" in gpu_note, gpu_note  # the killed run, still "Running"
     await assert_no_gpu_model_running(sim)
 
-    # The killed run holds its slot until the lease expires (300 s); free it as an operator would.
+    # The killed run holds its slot until the lease expires (300 s). Once it is marked Crashed, status names it
+    # and its clean-up command, never the zeroing of the limit (its lease lives: zeroing would double-book the GPU);
+    # the advised command releases exactly that lease.
     async with get_client() as client:
         runs = await client.read_flow_runs(
             flow_run_filter=FlowRunFilter(
@@ -475,11 +478,14 @@ async def test_sigkill_mid_session_is_cleaned_up_by_the_teardown_which_reports_w
         for r in runs:
             await client.set_flow_run_state(r.id, Crashed(message="killed by the test"), force=True)
     st = await gpu_limit_status()
-    assert st.leaked and "--active-slots 0" in st.describe(), st
+    text = st.describe()
+    assert not st.leaked and "--active-slots 0" not in text, text
+    dead = [h for h in st.holders if h.dead]
+    assert len(dead) == 1 and f"coder-stack cleanup {dead[0].run_id}" in text, text
+    slot = await release_lease_of(await read_liveness(UUID(dead[0].run_id)), GPU_LIMIT)
+    assert "GPU slot freed" in slot, slot
     async with get_client() as client:
-        gcl = await client.read_global_concurrency_limit_by_name(GPU_LIMIT)
-        await client.update_global_concurrency_limit(GPU_LIMIT, GlobalConcurrencyLimitUpdate(active_slots=0))
-    assert gcl.active_slots == 1
+        assert (await client.read_global_concurrency_limit_by_name(GPU_LIMIT)).active_slots == 0
 
 
 LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
@@ -555,7 +561,7 @@ def test_prefect_server_restart_while_the_gpu_limit_is_held(tmp_path: Path, make
         )
         text = " ".join((status.stdout + status.stderr).split())
         assert status.returncode == 0, text
-        assert "1/1 slot(s) held" in text and "held by no running flow" in text, text
+        assert "1/1 slot(s) held" in text and "no lease exists" in text, text
         assert f"prefect gcl update {GPU_LIMIT} --active-slots 0" in text, text
         # The documented repair works.
         fix = subprocess.run(

@@ -150,7 +150,7 @@ async def test_everything_passes_against_the_litellm_standin_and_its_keys_are_de
         )
     assert [(n, r.seen) for n, r in rows.items() if r.status == "fail"] == []
     assert rows["gateway version"].status == "ok" and "1.108.7" in rows["gateway version"].seen
-    for step in ("key: mint", "key: /key/info by value", "key: /key/list full object", "key: call with the key",
+    for step in ("key: mint", "key: /key/info by hash", "key: /key/list full object", "key: call with the key",
                  "key: /key/update by value", "key: /key/delete by hash", "key: /key/info after delete",
                  "key: call with the deleted key"):  # fmt: skip
         assert rows[step].status == "ok", (step, rows[step].seen)
