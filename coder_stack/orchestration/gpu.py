@@ -436,11 +436,15 @@ class _LeaseKeeper:
         return self
 
     async def _renew(self) -> None:
+        renewed = time.monotonic()  # the grant
+        # No client until the first renewal is due: building one (its TLS context) costs CPU on this loop right
+        # after the grant, while the session before may still be handing the GPU over.
+        await asyncio.sleep(RENEW_EVERY_S)
+        wait = 0.0
         async with get_client() as client:
-            renewed = time.monotonic()
-            wait = RENEW_EVERY_S
             while True:
-                await asyncio.sleep(wait)
+                if wait:
+                    await asyncio.sleep(wait)
                 try:
                     await client.renew_concurrency_lease(lease_id=self.lease_id, lease_duration=LEASE_SECONDS)
                 except httpx.HTTPStatusError as e:
