@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -118,16 +118,14 @@ async def test_wait_ready_follows_node_image_weights_start_and_records_scale_up(
     assert not waiting.done(), "Pending with TriggeredScaleUp must be progress, not a failure"
     # (before, after) each write that moves the pod on, keyed by the phase it enters
     writes: dict[str, tuple[float, float]] = {}
-    for n, (phase, step, *args) in enumerate(
-        [
-            ("image", pod.bind, "gpu-pool-abc"),
-            ("weights", pod.init_running),
-            ("start", pod.main_running),
-        ],
-        start=3,
-    ):
+    script: list[tuple[str, Callable[[], None]]] = [
+        ("image", lambda: pod.bind("gpu-pool-abc")),
+        ("weights", pod.init_running),
+        ("start", pod.main_running),
+    ]
+    for n, (phase, step) in enumerate(script, start=3):
         before = time.monotonic()
-        writes[phase] = (before, await server.write(step, *args))
+        writes[phase] = (before, await server.write(step))
         assert (await phases.reach(n, waiting))[0] == phase
     before = time.monotonic()
     writes["ready"] = (before, await server.write(pod.ready))
