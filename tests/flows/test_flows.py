@@ -401,7 +401,8 @@ async def test_queued_sessions_take_the_gpu_in_arrival_order_at_once_without_ref
     marks: list[tuple[str, int, float]] = []
 
     async def session(i: int) -> None:
-        async with gpu_session(timeout_s=60, poll_s=5.0):
+        # a poll no test waits out: a queued session can only be woken by the release
+        async with gpu_session(timeout_s=600, poll_s=600):
             marks.append(("in", i, time.monotonic()))
             await asyncio.sleep(0.6)
             marks.append(("out", i, time.monotonic()))
@@ -410,11 +411,9 @@ async def test_queued_sessions_take_the_gpu_in_arrival_order_at_once_without_ref
     for i in range(4):
         runs.append(asyncio.create_task(session(i)))
         await asyncio.sleep(0.1)
-    await asyncio.gather(*runs)
+    await asyncio.wait_for(asyncio.gather(*runs), 60)  # only stops a hung test
     order = [(k, i) for k, i, _ in marks]
     assert order == [(k, i) for i in range(4) for k in ("in", "out")], marks
-    handoffs = [marks[k + 1][2] - marks[k][2] for k in range(1, len(marks) - 1, 2)]
-    assert max(handoffs) < 2.0, handoffs  # woken by the release, not by the 5 s poll
     assert asked.count("granted") == 4 and "refused" not in asked, asked
 
 
@@ -437,16 +436,16 @@ async def test_a_queued_session_that_gives_up_or_is_cancelled_leaves_its_place_t
     got: list[float] = []
 
     async def last() -> None:
-        async with gpu_session(timeout_s=60, poll_s=5.0):
+        async with gpu_session(timeout_s=600, poll_s=600):  # only the release can wake it in time
             got.append(time.monotonic())
 
     waiting = asyncio.create_task(last())
     await asyncio.sleep(0.3)
     released = time.monotonic()
     done.set()
-    await asyncio.wait_for(asyncio.gather(h, waiting), 10)
+    await asyncio.wait_for(asyncio.gather(h, waiting), 60)  # only stops a hung test
     assert cancelled.cancelled()
-    assert got and got[0] - released < 2.0, "the next session was not woken when the GPU was released"
+    assert got and got[0] >= released, "the next session took the GPU before it was released"
 
 
 # ------------------------------------------------------------------ 9. no limit, no GPU work

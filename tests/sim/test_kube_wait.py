@@ -6,20 +6,20 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import aiohttp
 import pytest
 
 from coder_stack.errors import ClusterError, NotFound, PodFailed, WaitTimeout
+from coder_stack.kubernetes import wait as kwait
 from coder_stack.kubernetes import watch as kwatch
 from coder_stack.kubernetes.wait import GoneReport, PhaseUpdate, wait_gone, wait_ready
 from coder_stack.spec import PhaseBudgets
 from tests.kits.apiserver import NS, PodScript, ServerThread, deployment, namespace, set_deployment_ready
 
 BUDGETS = PhaseBudgets(node=10, image=10, weights=10, start=10)
-STEP = 0.2  # seconds each simulated phase lasts
 
 
 @pytest.fixture(scope="module")
@@ -45,15 +45,31 @@ async def _new_model(server: ServerThread, replicas: int = 1) -> str:
 
 
 class Phases:
+    """The ``on_phase`` updates a wait made, stamped when made; the test scripts the next step on them."""
+
     def __init__(self) -> None:
         self.seen: list[tuple[str, PhaseUpdate, float]] = []
+        self._changed = asyncio.Event()
 
     def __call__(self, phase: str, info: PhaseUpdate) -> None:
         self.seen.append((phase, info, time.monotonic()))
+        self._changed.set()
 
     @property
     def names(self) -> list[str]:
         return [p for p, _, _ in self.seen]
+
+    async def reach(self, count: int, waiting: asyncio.Task[Any]) -> tuple[str, PhaseUpdate, float]:
+        """Wait until the wait has made ``count`` updates (it has taken in the last write); fails if it ended."""
+        async with asyncio.timeout(30):  # only stops a hung test
+            while len(self.seen) < count:
+                self._changed.clear()
+                ended = asyncio.ensure_future(self._changed.wait())
+                await asyncio.wait([ended, waiting], return_when=asyncio.FIRST_COMPLETED)
+                ended.cancel()
+                if len(self.seen) < count and waiting.done():
+                    raise AssertionError(f"the wait ended after {self.names}: {waiting.exception()!r}")
+        return self.seen[count - 1]
 
 
 def _start_wait(server: ServerThread, app: str, budgets: PhaseBudgets = BUDGETS, **kw: Any) -> asyncio.Task[Any]:
@@ -62,10 +78,6 @@ def _start_wait(server: ServerThread, app: str, budgets: PhaseBudgets = BUDGETS,
             return await wait_ready(api, NS, app, f"app.kubernetes.io/name={app}", budgets, **kw)
 
     return asyncio.ensure_future(run())
-
-
-async def _settle() -> None:
-    await asyncio.sleep(0.3)  # let the three watches list and connect
 
 
 def _requests(server: ServerThread) -> list[tuple[str, str]]:
@@ -88,51 +100,92 @@ async def _watches_open(server: ServerThread, app: str, since: int) -> int:
 
 # ------------------------------------------------------------------------------------------- phases
 async def test_wait_ready_follows_node_image_weights_start_and_records_scale_up(server: ServerThread) -> None:
+    """Each step of the cold start is written once the wait has reported the one before (its ``on_phase``), so
+    every phase record is checked against the writes that began and ended it: a phase ends on the write that
+    ends it, never before it and never on a later one. How soon after a write the wait notices it is the
+    benchmark's figure (coder_stack/app/bench: watch_p50_ms, detect_p95_ms), not this test's."""
     app = await _new_model(server)
     phases = Phases()
+    since = len(_requests(server))
+    t_begin = time.monotonic()
     waiting = _start_wait(server, app, on_phase=phases)
-    await _settle()
+    opened = await _watches_open(server, app, since)
     pod = PodScript(server.store, app=app)
     await server.write(pod.create)
+    await phases.reach(1, waiting)  # "node": the pod exists, unscheduled
     await server.write(pod.scale_up_triggered)
-    await asyncio.sleep(STEP)
+    await phases.reach(2, waiting)  # "node" again: the autoscaler is adding one
     assert not waiting.done(), "Pending with TriggeredScaleUp must be progress, not a failure"
-    await server.write(pod.bind, "gpu-pool-abc")
-    await asyncio.sleep(STEP)
-    await server.write(pod.init_running)
-    await asyncio.sleep(STEP)
-    await server.write(pod.main_running)
-    await asyncio.sleep(STEP)
-    t_ready = await server.write(pod.ready)
-    await asyncio.sleep(0.1)
-    assert not waiting.done(), "must not return before the deployment's status agrees"
+    # (before, after) each write that moves the pod on, keyed by the phase it enters
+    writes: dict[str, tuple[float, float]] = {}
+    script: list[tuple[str, Callable[[], None]]] = [
+        ("image", lambda: pod.bind("gpu-pool-abc")),
+        ("weights", pod.init_running),
+        ("start", pod.main_running),
+    ]
+    for n, (phase, step) in enumerate(script, start=3):
+        before = time.monotonic()
+        writes[phase] = (before, await server.write(step))
+        assert (await phases.reach(n, waiting))[0] == phase
+    before = time.monotonic()
+    writes["ready"] = (before, await server.write(pod.ready))
+    # the pod is Ready but the deployment's status does not say so yet: the wait returns only once it does
+    # (test_pod_ready_without_the_deployment_agreeing_is_not_ready proves it cannot return before)
+    ended: list[float] = []
+    waiting.add_done_callback(lambda _: ended.append(time.monotonic()))
+    t_deployment = time.monotonic()
     await server.write(set_deployment_ready, server.store, app)
-    report = await asyncio.wait_for(waiting, 5)
+    report = await asyncio.wait_for(waiting, 30)
 
     assert phases.names == ["node", "node", "image", "weights", "start", "ready"]  # 2nd: scale-up triggered
     assert [p.phase for p in report.phases] == ["node", "image", "weights", "start"]
     assert all(p.seen for p in report.phases)
-    for p in ("image", "weights", "start"):
-        assert STEP * 0.8 <= report.seconds[p] <= STEP + 0.75, (p, report.seconds)  # slack for a busy machine
-    assert report.seconds["node"] >= STEP
+    assert report.phases[0].started_monotonic >= t_begin
+    order = ["node", "image", "weights", "start", "ready"]
+    for rec, nxt in zip(report.phases, order[1:], strict=True):
+        # it ended when the write into the next phase was seen: after that write, and before the next write
+        assert rec.ended_monotonic >= writes[nxt][0], (rec.phase, rec, writes)
+        if nxt != "ready":
+            assert rec.ended_monotonic <= writes[order[order.index(nxt) + 1]][0], (rec.phase, rec, writes)
+        if rec.phase != "node":
+            assert rec.started_monotonic >= writes[rec.phase][0], (rec.phase, rec, writes)
+        assert report.seconds[rec.phase] == pytest.approx(rec.ended_monotonic - rec.started_monotonic, abs=1e-3)
+    assert ended[0] >= t_deployment, "returned before the deployment's status agreed"
+    assert report.deployment_lag_s >= 0
+    assert _requests(server)[opened:] == []  # every phase came from the watches: no poll, no re-list
     assert report.pod == pod.name and report.node == "gpu-pool-abc"
     assert report.scale_up_seen is True and report.already_ready is False
-    assert report.deployment_lag_s >= 0.08
     assert report.total_s == pytest.approx(sum(report.seconds.values()), abs=0.05)
     # phase records are contiguous, monotonic and wall-clock stamped
     for a, b in zip(report.phases, report.phases[1:], strict=False):
         assert a.ended_monotonic == b.started_monotonic
         assert a.ended_at <= b.started_at
-    assert report.phases[-1].ended_monotonic >= t_ready  # "start" ended when the Ready pod was seen, not before
     assert phases.seen[0][1].scale_up_seen is False and phases.seen[1][1].scale_up_seen is True
     assert "adding one" in phases.seen[1][1].detail
     assert phases.seen[2][1].node == "gpu-pool-abc" and phases.seen[-1][1].progress == 1.0
 
 
+async def test_pod_ready_without_the_deployment_agreeing_is_not_ready(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ready pod whose deployment's status still says 0 ready: the wait does not return a report; it ends
+    only at the deployment-lag allowance, naming the deployment's status."""
+    monkeypatch.setattr(kwait, "DEPLOYMENT_LAG_MIN_S", 0.5)  # 5 s in production
+    app = await _new_model(server)
+    pod = PodScript(server.store, app=app)
+    for step in (pod.create, pod.bind, pod.main_running, pod.ready):
+        await server.write(step)
+    with pytest.raises(WaitTimeout) as info:
+        await asyncio.wait_for(_start_wait(server, app, PhaseBudgets(node=10, image=10, weights=10, start=1)), 30)
+    assert info.value.phase == "ready"
+    assert "is Ready but deployment" in str(info.value) and "readyReplicas=0/1" in str(info.value)
+
+
 async def test_wait_ready_without_scale_up_reports_scale_up_not_seen(server: ServerThread) -> None:
     app = await _new_model(server)
+    since = len(_requests(server))
     waiting = _start_wait(server, app)
-    await _settle()
+    await _watches_open(server, app, since)
     pod = PodScript(server.store, app=app)
     await server.write(pod.create)
     await server.write(pod.bind)
@@ -140,7 +193,7 @@ async def test_wait_ready_without_scale_up_reports_scale_up_not_seen(server: Ser
     await server.write(pod.main_running)
     await server.write(pod.ready)
     await server.write(set_deployment_ready, server.store, app)
-    report = await asyncio.wait_for(waiting, 5)
+    report = await asyncio.wait_for(waiting, 30)
     assert report.scale_up_seen is False
 
 
@@ -186,20 +239,25 @@ async def test_already_ready_pod_returns_at_once(server: ServerThread) -> None:
 
 async def test_pod_without_init_container_skips_weights(server: ServerThread) -> None:
     app = await _new_model(server)
-    waiting = _start_wait(server, app)
-    await _settle()
+    phases = Phases()
+    waiting = _start_wait(server, app, on_phase=phases)
     pod = PodScript(server.store, app=app, init=False)
     await server.write(pod.create)
     await server.write(pod.bind)
-    await asyncio.sleep(0.2)
+    await phases.reach(2, waiting)  # node, then image
+    t_main = time.monotonic()
     await server.write(pod.main_running)
-    await asyncio.sleep(0.2)
+    await phases.reach(3, waiting)
     await server.write(pod.ready)
     await server.write(set_deployment_ready, server.store, app)
-    report = await asyncio.wait_for(waiting, 5)
+    report = await asyncio.wait_for(waiting, 30)
+    assert phases.names == ["node", "image", "start", "ready"]
     seen = {p.phase: p.seen for p in report.phases}
     assert seen == {"node": True, "image": True, "weights": False, "start": True}
-    assert report.seconds["weights"] < 0.05 and report.seconds["image"] >= 0.15
+    rec = {p.phase: p for p in report.phases}
+    # image lasted until the main container ran; weights, skipped, took no time at that instant
+    assert rec["image"].ended_monotonic >= t_main and report.seconds["weights"] == 0
+    assert rec["weights"].started_monotonic == rec["weights"].ended_monotonic == rec["start"].started_monotonic
 
 
 # ------------------------------------------------------------------------------------------- faults
@@ -258,13 +316,14 @@ async def test_fault_fails_fast_with_pod_failed_naming_cause(server: ServerThrea
 
 async def test_failed_pod_message_names_the_pod_in_the_kubectl_hint(server: ServerThread) -> None:
     app = await _new_model(server)
-    waiting = _start_wait(server, app)
-    await _settle()
+    phases = Phases()
+    waiting = _start_wait(server, app, on_phase=phases)
     pod = PodScript(server.store, app=app)
     await server.write(pod.create)
     await server.write(pod.bind)
     await server.write(pod.main_running)
-    await asyncio.sleep(0.2)
+    while "start" not in phases.names:  # the running pod was taken in, and is no failure
+        await phases.reach(len(phases.seen) + 1, waiting)
     assert not waiting.done()
 
     def evicted() -> None:
@@ -272,7 +331,7 @@ async def test_failed_pod_message_names_the_pod_in_the_kubectl_hint(server: Serv
 
     await server.write(evicted)
     with pytest.raises(PodFailed) as info:
-        await asyncio.wait_for(waiting, 5)
+        await asyncio.wait_for(waiting, 30)
     text = str(info.value)
     assert info.value.reason == "Evicted" and info.value.pod == pod.name
     assert "{namespace}" not in text and "{name}" not in text, text
@@ -321,34 +380,43 @@ async def test_deleting_pod_is_not_ready_and_replacement_is_followed(server: Ser
     for step in (old.create, old.bind, old.main_running, old.ready):
         await server.write(step)
     await server.write(old.mark_deleting)
-    waiting = _start_wait(server, app)
-    await asyncio.sleep(0.5)
+    # the deployment's status says 1 ready (still counting the old pod): only the pods decide
+    await server.write(set_deployment_ready, server.store, app)
+    phases = Phases()
+    waiting = _start_wait(server, app, on_phase=phases)
+    first = (await phases.reach(1, waiting))[1]
+    assert first.pod is None, "a pod being deleted (deletionTimestamp) is followed as if it were live"
     assert not waiting.done(), "a pod being deleted (deletionTimestamp) is not Ready"
     new = PodScript(server.store, app=app)
     for step in (new.create, new.bind, new.main_running, new.ready):
         await server.write(step)
     await server.write(old.delete)
-    await server.write(set_deployment_ready, server.store, app)
-    report = await asyncio.wait_for(waiting, 5)
-    assert report.pod == new.name
+    report = await asyncio.wait_for(waiting, 30)
+    assert report.pod == new.name and report.already_ready is False
 
 
 async def test_watch_stream_end_is_resumed(server: ServerThread, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kwatch, "WATCH_TIMEOUT_S", 1)
     app = await _new_model(server)
-    waiting = _start_wait(server, app)
-    await _settle()
+    phases = Phases()
+    since = len(_requests(server))
+    waiting = _start_wait(server, app, on_phase=phases)
+    opened = await _watches_open(server, app, since)
     pod = PodScript(server.store, app=app)
+    # each change is written only after all three streams ended (timeoutSeconds=1) and were opened again
+    resumed = await _watches_open(server, app, opened)
     await server.write(pod.create)
-    await asyncio.sleep(1.3)  # the streams end (timeoutSeconds=1) and are resumed
     await server.write(pod.bind)
-    await asyncio.sleep(1.2)
+    await phases.reach(2, waiting)
+    assert phases.names == ["node", "image"]
+    await _watches_open(server, app, resumed)
     await server.write(pod.main_running)
     await server.write(pod.ready)
     await server.write(set_deployment_ready, server.store, app)
-    report = await asyncio.wait_for(waiting, 5)
+    report = await asyncio.wait_for(waiting, 30)
     assert report.pod == pod.name
-    assert report.seconds["node"] >= 1.0 and report.seconds["image"] >= 0.6  # events after each stream end
+    after = _requests(server)[opened:]
+    assert [p for _, p in after if "watch=" not in p] == [], after  # resumed from its resourceVersion: no re-list
 
 
 async def test_410_gone_relists_without_missing_ready(server: ServerThread, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -358,13 +426,14 @@ async def test_410_gone_relists_without_missing_ready(server: ServerThread, monk
     for step in (pod.create, pod.bind, pod.main_running):
         await server.write(step)
     await server.write(set_deployment_ready, server.store, app)
+    since = len(_requests(server))
     waiting = _start_wait(server, app)
-    await _settle()
+    await _watches_open(server, app, since)
     # The pods watch ends within 1 s; its reconnect is refused once (503), and while the client backs
     # off the pod turns Ready and the history is compacted: the resumed watch gets 410 and must re-list.
     fired_before = len(server.faults.fired)
     server.faults.fail("GET", rf"/namespaces/{NS}/pods$", 503, times=1)
-    deadline = time.monotonic() + 3
+    deadline = time.monotonic() + 30  # only stops a hung test
     while len(server.faults.fired) == fired_before and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
     assert len(server.faults.fired) > fired_before, "the pods watch did not reconnect"
@@ -375,7 +444,7 @@ async def test_410_gone_relists_without_missing_ready(server: ServerThread, monk
 
     server.runner.app["requests"].clear()
     await server.write(ready_and_compact)
-    report = await asyncio.wait_for(waiting, 5)
+    report = await asyncio.wait_for(waiting, 30)
     assert report.pod == pod.name
     after = list(server.runner.app["requests"])
     relists = [p for m, p in after if m == "GET" and f"/namespaces/{NS}/pods?" in p and "watch=" not in p]
@@ -425,23 +494,26 @@ async def test_watch_dying_of_an_unexpected_error_fails_at_once_not_as_a_timeout
     server: ServerThread, monkeypatch: pytest.MonkeyPatch, case: str
 ) -> None:
     fault, cause = UNEXPECTED[case]
-    budgets = PhaseBudgets(node=6, image=6, weights=6, start=6)
+    # budgets far beyond the 30 s below: an error at a budget (or after a reconnect that brings the pod back)
+    # cannot end this wait in time; how soon the error comes is the benchmark's (fault_report_p50_ms)
+    budgets = PhaseBudgets(node=600, image=600, weights=600, start=600)
     app = await _new_model(server)
     pod = PodScript(server.store, app=app)
     injected = _inject(monkeypatch, pod.name, fault)
+    since = len(_requests(server))
     waiting = _start_wait(server, app, budgets)
-    await _settle()
+    opened = await _watches_open(server, app, since)
     assert not waiting.done()
     injected["armed"] = True
     await server.write(pod.create)  # its ADDED event is the line the pods watch dies on
     with pytest.raises(ClusterError) as info:
-        await asyncio.wait_for(waiting, 15)
+        await asyncio.wait_for(waiting, 30)
     assert injected["fired"] is not None, "the fault was not injected"
-    latency = time.monotonic() - injected["fired"]
     err = info.value
-    assert not isinstance(err, WaitTimeout), f"reported as a timeout after {latency:.1f}s: {err}"
+    assert not isinstance(err, WaitTimeout), f"reported as a timeout: {err}"
     assert type(err) is ClusterError and not err.retriable
-    assert latency < budgets.node / 2, f"reported {latency:.2f}s after the watch died (phase budget {budgets.node}s)"
+    # it failed on the dead stream itself: no reconnect, re-list or poll reached the server after it
+    assert _requests(server)[opened:] == []
     assert type(err.__cause__) is cause
     text = str(err)
     assert "watch on pods" in text and repr(NS) in text and cause.__name__ in text, text
@@ -469,15 +541,16 @@ async def test_watch_dropping_mid_stream_is_resumed(
         raise TRANSIENT[case]()
 
     injected = _inject(monkeypatch, pod.name, drop)
+    since = len(_requests(server))
     waiting = _start_wait(server, app)
-    await _settle()
+    await _watches_open(server, app, since)
     injected["armed"] = True
     await server.write(pod.create)
     await server.write(pod.bind)
     await server.write(pod.main_running)
     await server.write(pod.ready)
     await server.write(set_deployment_ready, server.store, app)
-    report = await asyncio.wait_for(waiting, 5)
+    report = await asyncio.wait_for(waiting, 30)
     assert injected["fired"] is not None, "the fault was not injected"
     assert report.pod == pod.name
 
@@ -490,8 +563,9 @@ async def test_missing_deployment_raises_not_found(server: ServerThread) -> None
 
 async def test_scaled_back_to_zero_while_waiting_fails_fast(server: ServerThread) -> None:
     app = await _new_model(server)
+    since = len(_requests(server))
     waiting = _start_wait(server, app)
-    await _settle()
+    await _watches_open(server, app, since)
 
     def to_zero() -> None:
         dep = server.store.get("deployments", NS, app)
@@ -500,7 +574,7 @@ async def test_scaled_back_to_zero_while_waiting_fails_fast(server: ServerThread
 
     await server.write(to_zero)
     with pytest.raises(PodFailed) as info:
-        await asyncio.wait_for(waiting, 3)
+        await asyncio.wait_for(waiting, 30)
     assert info.value.reason == "ScaledToZero" and "GitOps" in str(info.value)
 
 
@@ -534,9 +608,12 @@ async def test_wait_gone_waits_until_the_pod_is_deleted_not_just_terminating(ser
 
 
 async def test_wait_gone_with_no_pods_returns_at_once(server: ServerThread) -> None:
-    async with server.api() as api:
-        report = await wait_gone(api, NS, "app.kubernetes.io/name=nothing-here", 5)
-    assert report.pods_seen == 0 and report.seconds < 1
+    since = len(_requests(server))
+    async with server.api() as api:  # a timeout no test waits out: returning means it decided on the list
+        report = await asyncio.wait_for(wait_gone(api, NS, "app.kubernetes.io/name=nothing-here", 600), 30)
+    assert report.pods_seen == 0
+    lists = [p for m, p in _requests(server)[since:] if "watch=" not in p]
+    assert len(lists) == 1, lists  # decided on its one list: no poll, no wait for an event
 
 
 async def test_wait_gone_timeout_names_remaining_pods(server: ServerThread) -> None:

@@ -3,7 +3,6 @@ what the flows do, through the public cluster functions only."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -11,7 +10,7 @@ import httpx
 import pytest
 from kubernetes_asyncio.client import ApiClient
 
-from coder_stack.errors import PodFailed, PreflightError
+from coder_stack.errors import PodFailed, PreflightError, WaitTimeout
 from coder_stack.kubernetes.client import ClusterTarget, open_api
 from coder_stack.kubernetes.exec import exec_in_deployment
 from coder_stack.kubernetes.pods import pod_summary
@@ -128,11 +127,12 @@ async def test_faults_fail_fast_end_to_end(
 ) -> None:
     sim = make_sim(gpu_pool="static", faults={"coder-fim": fault})
     async with api_of(sim) as api:
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
+        # fast means on the fault itself: a wait that ran out a phase budget (FIM's are 30-240 s) raises
+        # WaitTimeout, not PodFailed with the fault's reason. How soon is the benchmark's figure
+        # (coder_stack/app/bench: fault_report_p50_ms, fault_report_max_ms <= 2000 ms)
         with pytest.raises(PodFailed) as info:
             await _up(api, FIM)
-        assert loop.time() - t0 < 10
+        assert not isinstance(info.value, WaitTimeout)
         assert info.value.reason in (reason if isinstance(reason, tuple) else (reason,))
         for w in words:
             assert w in str(info.value)
