@@ -4,7 +4,8 @@ run killed at any point after the grant, and never a live run's.
 The slot request names the flow run as the lease's holder, and the server stores the holder with the lease in
 the same request (Prefect's lease storage). ``release_lease_of`` (what the clean-up calls) gives back the
 lease the run's label records and every lease the server holds for that run; the label itself is written
-beside the session and may not exist yet when the run dies.
+beside the session and may not exist yet when the run dies. A clean-up cancelled anywhere inside
+``release_lease_of`` is finished by the next: the slot ends free and labelled released, a live run's never freed.
 """
 
 from __future__ import annotations
@@ -18,13 +19,16 @@ from pathlib import Path
 from uuid import UUID, uuid4
 
 import pytest
-from prefect.client.orchestration import get_client
+from prefect.client.orchestration import PrefectClient, get_client
 from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+from prefect.states import Crashed, Running
 
 from coder_stack.orchestration import gpu
-from coder_stack.orchestration.gpu import GPU_LIMIT, gpu_session
-from coder_stack.orchestration.liveness import RunLiveness, read_liveness, release_lease_of
+from coder_stack.orchestration.gpu import GPU_LIMIT, ensure_gpu_limit, gpu_limit_status, gpu_session
+from coder_stack.orchestration.liveness import LEASE_LABEL, RunLiveness, read_liveness, release_lease_of
+from flows.cleanup import GPU_FLOWS
+from tests.flows.test_crash_cleanup import _validate_named
 from tests.kits.flowkit import PROJECT, flow_process_env
 
 pytestmark = pytest.mark.usefixtures("gpu_limit")
@@ -155,14 +159,6 @@ async def test_a_slot_release_cancelled_mid_way_is_finished_by_a_rerun_and_never
     lease's release, between it and the by-holder release, or during the label write. The rerun frees the dead
     run's slot and labels it released (so `status` never names the dead run again), and the live slot stays held
     throughout."""
-    from prefect.client.orchestration import PrefectClient
-    from prefect.states import Crashed, Running
-
-    from coder_stack.orchestration.gpu import ensure_gpu_limit, gpu_limit_status
-    from coder_stack.orchestration.liveness import LEASE_LABEL, RELEASED
-    from flows.cleanup import GPU_FLOWS
-    from tests.flows.test_crash_cleanup import _validate_named
-
     await ensure_gpu_limit(2)
     async with get_client() as client:
         dead = (await client.create_flow_run(flow=_validate_named, name="dead-holder", state=Running())).id
