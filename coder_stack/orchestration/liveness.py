@@ -299,7 +299,8 @@ async def release_lease_of(live: RunLiveness, limit_name: str) -> str:
     """Give back the run's GPU leases: the one its label records, and every lease the server holds with the run
     as its holder (a session sends its flow run as the holder with the slot request, so a run killed before
     its label was written is found too). The server answers 204 for a lease already gone. Returns what
-    happened, read from the limit's active slots before and after."""
+    happened, read from the limit's active slots before and after. Safe to cancel anywhere and run again: the
+    rerun releases what is left and labels the run's lease released."""
     async with get_client() as client:
         before = (await client.read_global_concurrency_limit_by_name(limit_name)).active_slots
         if live.lease_id is not None:
@@ -312,7 +313,10 @@ async def release_lease_of(live: RunLiveness, limit_name: str) -> str:
                 names=[limit_name.removeprefix("tag:")], task_run_id=live.run_id, occupancy_seconds=1.0
             )
         after = (await client.read_global_concurrency_limit_by_name(limit_name)).active_slots
-        if live.lease_id is not None or after < before:
+        # Both releases answered: the run holds no lease of the limit now, whoever freed it. Labelled so even when
+        # this call freed nothing (an earlier clean-up did, and was cancelled or killed before its label write):
+        # else `status` keeps naming the dead run as one that may hold a slot it cannot account for.
+        if live.lease_id is not None or after < before or limit_name.startswith("tag:"):
             try:
                 await client.update_flow_run_labels(live.run_id, {LEASE_LABEL: RELEASED})
             except httpx.HTTPStatusError as e:
