@@ -59,6 +59,7 @@ BUSY_RETRY_SECONDS = (0.02, 0.05)
 BUSY_BOUND_SECONDS = 5.0
 # The "released" lease label waits for this process's next session to take its slot, at most this long.
 RELEASED_LABEL_WAIT_S = 2.0
+LABEL_RETRY_S = (0.2, 0.5, 1.0, 2.0, 4.0)  # waits before a lease label that was not written is written again
 # The held lease is renewed every RENEW_EVERY_S (as Prefect's concurrency() does: at 3/4 of its duration); a
 # renewal that fails for a reason that may pass (the server unreachable, a 5xx) is tried again every
 # RENEW_RETRY_S until the lease would have run out.
@@ -144,6 +145,13 @@ class GpuLimitStatus(BaseModel):
             text += f" (running: {', '.join(self.running_flow_runs)})"
         if self.holders:
             text += "; " + "; ".join(h.describe() for h in self.holders)
+        claims = sum(1 for h in self.holders if h.holds_slot)
+        if claims > self.active_slots:
+            text += (
+                f"; {claims} run(s) have a lease on record but only {self.active_slots} slot(s) are held: some of "
+                "those leases were given back without their label being written (`coder-stack cleanup ID` on such "
+                "a run finds its lease gone and changes nothing)"
+            )
         if self.leaked:
             text += (
                 f"; {self.unaccounted} slot(s) held and no lease exists (no flow run is unfinished and none ended "
@@ -517,10 +525,19 @@ class _LeaseLabel:
             self._writer = _background(self._write())
 
     async def _write(self) -> None:
+        failures = 0
         while self._want is not None and self._want != self._written:
             value = self._want
-            await record_lease(self.run_id, value[0])  # best effort: never raises
-            self._written = value
+            if await record_lease(self.run_id, value[0]):  # never raises
+                self._written, failures = value, 0
+                continue
+            # Not written (a busy SQLite answers 503 under load): asked again, a few times, or a lease given back
+            # would keep its "held" label and `status` would name the ended run as still holding it.
+            failures += 1
+            if failures > len(LABEL_RETRY_S):
+                self._written = value
+                return
+            await asyncio.sleep(LABEL_RETRY_S[failures - 1])
 
 
 _LABELS: weakref.WeakValueDictionary[UUID, _LeaseLabel] = weakref.WeakValueDictionary()

@@ -287,12 +287,17 @@ def holder_run_id() -> UUID | None:
     return ctx.flow_run.id if ctx is not None and ctx.flow_run is not None else None
 
 
-async def record_lease(run_id: UUID, lease_id: UUID | None) -> None:
-    """Write ``run_id``'s GPU lease on its flow run (``RELEASED`` for None: given back). Best effort: the label
-    only helps ``status`` and the clean-up; a GPU session never fails for it."""
-    with contextlib.suppress(Exception):
+async def record_lease(run_id: UUID, lease_id: UUID | None) -> bool:
+    """Write ``run_id``'s GPU lease on its flow run (``RELEASED`` for None: given back); whether it was written.
+    Best effort: the label only helps ``status`` and the clean-up; a GPU session never fails for it."""
+    try:
         async with get_client() as client:
             await client.update_flow_run_labels(run_id, {LEASE_LABEL: str(lease_id) if lease_id else RELEASED})
+    except httpx.HTTPStatusError as e:
+        return e.response.status_code == 404  # the run was deleted: nothing left to label
+    except Exception:
+        return False
+    return True
 
 
 async def release_lease_of(live: RunLiveness, limit_name: str) -> str:

@@ -149,11 +149,12 @@ async def test_sessions_queued_in_one_process_share_one_slot_client_and_the_next
     log: list[tuple[str, int]] = []  # what happened, in order
     all_released = asyncio.Event()
 
-    async def record_lease(run_id: UUID, lease_id: UUID | None) -> None:
+    async def record_lease(run_id: UUID, lease_id: UUID | None) -> bool:
         if run_id in index:
             log.append(("lease" if lease_id else "released", index[run_id]))
             if sum(1 for what, _ in log if what == "released") == len(runs):
                 all_released.set()
+        return True
 
     monkeypatch.setattr(gpu, "record_lease", record_lease)
     request = gpu._request_slot
@@ -196,9 +197,10 @@ async def test_a_late_released_label_never_covers_the_same_run_s_next_lease(monk
     monkeypatch.setattr(gpu, "holder_run_id", lambda: run)
     labels: list[UUID | None] = []
 
-    async def record_lease(run_id: UUID, lease_id: UUID | None) -> None:
+    async def record_lease(run_id: UUID, lease_id: UUID | None) -> bool:
         if run_id == run:
             labels.append(lease_id)
+        return True
 
     monkeypatch.setattr(gpu, "record_lease", record_lease)
     second_holds = asyncio.Event()
@@ -225,6 +227,28 @@ async def test_a_late_released_label_never_covers_the_same_run_s_next_lease(monk
         await asyncio.gather(*tasks)
         await asyncio.gather(*list(gpu._PENDING), return_exceptions=True)
     assert labels == [leases[0], leases[1], None], labels  # each written once, the last one "released"
+    assert await active_slots() == 0
+
+
+async def test_a_lease_label_the_server_did_not_take_is_written_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A label write that fails (a busy SQLite answers 503 under load) is written again: otherwise a lease given
+    back keeps its "held" label and `status` names the ended run as still holding the GPU."""
+    run = uuid4()
+    monkeypatch.setattr(gpu, "holder_run_id", lambda: run)
+    monkeypatch.setattr(gpu, "LABEL_RETRY_S", (0.01, 0.01, 0.01))
+    calls: list[UUID | None] = []
+
+    async def record_lease(run_id: UUID, lease_id: UUID | None) -> bool:
+        calls.append(lease_id)
+        return len(calls) not in (1, 3, 4)  # the first "held" and the first two "released" writes fail
+
+    monkeypatch.setattr(gpu, "record_lease", record_lease)
+    async with asyncio.timeout(60):
+        async with gpu_session(timeout_s=60):
+            pass
+        while gpu._PENDING:
+            await asyncio.gather(*list(gpu._PENDING), return_exceptions=True)
+    assert len(calls) == 5 and calls[0] == calls[1] is not None and calls[2:] == [None, None, None], calls
     assert await active_slots() == 0
 
 
