@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import gc
 import random
 import time
@@ -28,6 +29,7 @@ from prefect.client.schemas.objects import ConcurrencyLeaseHolder, StateType
 from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
 from prefect.concurrency._events import emit_concurrency_acquisition_events, emit_concurrency_release_events
 from prefect.concurrency.context import ConcurrencyContext
+from prefect.context import AsyncClientContext
 from prefect.exceptions import ObjectNotFound
 from pydantic import BaseModel, Field
 
@@ -415,8 +417,14 @@ async def _holding(lease: ConcurrencyLimitWithLeaseResponse, room: _WaitingRoom)
             if ctx is not None and lease.lease_id in ctx.cleanup_lease_ids:
                 ctx.cleanup_lease_ids.remove(lease.lease_id)
             if label is not None:
-                # the event of the next grant in this process, taken now: a grant before the label task runs counts
-                _background(_label_released(label, lease.lease_id, room.granted if room.queued else None))
+                if room.queued:
+                    # the event of the next grant in this process, taken now: a grant before the label task runs
+                    # counts
+                    _background(_label_released(label, lease.lease_id, room.granted))
+                else:
+                    # No session of this process waits: written now, before the run (and its process) can end.
+                    label.released(lease.lease_id)
+                    await label.written()
         emit_concurrency_release_events(lease.limits, 1, events)
 
 
@@ -519,6 +527,11 @@ class _LeaseLabel:
             self.lease = None
             self._set((None,))
 
+    async def written(self) -> None:
+        """Until the wanted value is written (or given up on)."""
+        if self._writer is not None and not self._writer.done():
+            await asyncio.shield(self._writer)
+
     def _set(self, value: tuple[UUID | None]) -> None:
         self._want = value
         if self._writer is None or self._writer.done():
@@ -567,9 +580,20 @@ async def _label_released(label: _LeaseLabel, lease_id: UUID, next_grant: asynci
 _PENDING: set[asyncio.Task[None]] = set()
 
 
+def _forget_client() -> None:
+    var: contextvars.ContextVar[Any] = AsyncClientContext.__var__
+    var.set(None)
+
+
 def _background(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-    """Run ``coro`` beside the caller, keeping a reference until it is done (asyncio keeps only weak ones)."""
-    task = asyncio.ensure_future(coro)
+    """Run ``coro`` beside the caller, keeping a reference until it is done (asyncio keeps only weak ones).
+
+    It runs without the caller's Prefect client: a task started inside a flow run would otherwise get the run's
+    client from ``get_client()`` (Prefect's AsyncClientContext), which is closed when the run ends, and every
+    call it made after that failed (a "released" lease label never written)."""
+    ctx = contextvars.copy_context()
+    ctx.run(_forget_client)
+    task = asyncio.get_running_loop().create_task(coro, context=ctx)
     _PENDING.add(task)
     task.add_done_callback(_PENDING.discard)
     return task

@@ -52,7 +52,7 @@ from coder_stack.errors import (
 )
 from coder_stack.kubernetes.client import ClusterTarget, open_api, read_secret
 from coder_stack.orchestration.gpu import GPU_LIMIT, gpu_limit_status
-from coder_stack.orchestration.liveness import read_liveness, release_lease_of
+from coder_stack.orchestration.liveness import LEASE_LABEL, RELEASED, read_liveness, release_lease_of
 from coder_stack.spec import StackSpec, spec_yaml
 from flows.common import Connection
 from flows.keys import KeyOptions, manage_keys
@@ -73,6 +73,7 @@ from tests.kits.flowkit import (
     free_port,
     gpu_overlaps,
     gpu_pods,
+    latest_run_of,
     replicas,
     scaled_up,
     start_flow_process,
@@ -113,6 +114,12 @@ async def test_pod_fault_fails_the_swap_fast_naming_the_cause_and_frees_the_gpu(
     assert re.search(reason, str(info.value)), str(info.value)
     assert "coder-chat" in str(info.value)
     await assert_no_gpu_model_running(sim)
+    # The failed run gave its lease back and says so on its flow run, though the run ended right after its
+    # session: status and the clean-up must not take it for holding the GPU.
+    run_id, _ = await latest_run_of("swap_model")
+    async with get_client() as client:
+        labels = (await client.read_flow_run(run_id)).labels
+    assert labels.get(LEASE_LABEL) == RELEASED, labels
 
 
 async def test_unschedulable_without_scale_up_fails_naming_the_scheduler_and_frees_the_gpu(
