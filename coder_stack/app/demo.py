@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +91,8 @@ class _Signals:
         self._critical = False
         self._pending = False
         self._old: dict[int, Any] = {}
+        self._task: asyncio.Task[Any] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def __enter__(self) -> _Signals:
         for sig in self.HANDLED:
@@ -108,7 +110,24 @@ class _Signals:
         if self._critical:
             self._pending = True
             return
+        if self._task is not None and self._loop is not None:
+            # Inside the event loop a KeyboardInterrupt can land in a weakref callback or a __del__, where Python
+            # prints it and goes on: the loop's main task is cancelled instead, and the caller raises after it.
+            self._loop.call_soon_threadsafe(self._task.cancel)
+            return
         raise KeyboardInterrupt
+
+    async def run(self, main: Coroutine[Any, Any, Any]) -> Any:
+        """Run ``main`` as the task a signal cancels."""
+        self._task, self._loop = asyncio.current_task(), asyncio.get_running_loop()
+        try:
+            return await main
+        finally:
+            self._task = self._loop = None
+
+    def raise_if_received(self) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
 
     @contextlib.contextmanager
     def critical(self) -> Iterator[None]:
@@ -171,9 +190,13 @@ def _run_demo(home: Path, time_scale: float, keep_ui: bool, signals: _Signals) -
             kubeconfig = home / "sim.kubeconfig"
             sim.write_kubeconfig(kubeconfig)
             try:
-                state: Any = asyncio.run(_run_validate(kubeconfig))
+                state: Any = asyncio.run(signals.run(_run_validate(kubeconfig)))
+            except asyncio.CancelledError:
+                signals.raise_if_received()
+                raise
             finally:
                 _drain_prefect_workers()  # also when interrupted: the server must still be up for it
+            signals.raise_if_received()  # the flow may have ended Cancelled rather than raise
             ok = state.is_completed()
             flow_run_id = state.state_details.flow_run_id
             report = state.result(raise_on_failure=False) if ok else None
