@@ -151,6 +151,14 @@ def run_demo(home: Path, time_scale: float = 0.005, keep_ui: bool = False) -> in
     with _Signals() as signals:
         try:
             return _run_demo(home, time_scale, keep_ui, signals)
+        except Exception:
+            # The interrupt can surface as another error where it lands (pydantic wraps it in a serialization
+            # error): with a signal received, the demo was stopped all the same, its finally blocks have run.
+            if signals.received is None:
+                raise
+            name = signal.Signals(signals.received).name
+            console.print(f"[bold]demo stopped by {name}[/]: the Prefect server and the simulated cluster are stopped")
+            return signals.exit_code
         except KeyboardInterrupt:
             name = signal.Signals(signals.received).name if signals.received else "an interrupt"
             console.print(f"[bold]demo stopped by {name}[/]: the Prefect server and the simulated cluster are stopped")
@@ -189,6 +197,7 @@ def _run_demo(home: Path, time_scale: float, keep_ui: bool, signals: _Signals) -
         ):
             kubeconfig = home / "sim.kubeconfig"
             sim.write_kubeconfig(kubeconfig)
+            signals.raise_if_received()  # a KeyboardInterrupt that landed where Python only prints it
             try:
                 state: Any = asyncio.run(signals.run(_run_validate(kubeconfig)))
             except asyncio.CancelledError:
