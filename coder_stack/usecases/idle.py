@@ -60,11 +60,7 @@ async def read_idleness(
         return Idleness(model=model.name, readable=False, reason="not read: no Ready pod, so /metrics cannot be read")
     since = ready_since(pods[-1])
     try:
-        async with (
-            open_endpoint(api, spec, model.name) as base_url,
-            make_client(spec.timeouts, attempts=1) as http,
-        ):
-            activity = await read_activity(http, base_url, model.served_model_name, spec.timeouts)
+        activity = await _activity(api, spec, model)
     except CoderStackError as e:
         return Idleness(model=model.name, readable=False, reason=f"not read: {e}", ready_since=since)
     previous = Reading.from_annotation(kept.get(ACTIVITY))
@@ -88,16 +84,21 @@ async def read_idleness(
     )
 
 
+async def _activity(api: ApiClient, spec: StackSpec, model: ModelSpec) -> Activity:
+    """``model``'s /metrics counters, read once through its endpoint."""
+    async with (
+        open_endpoint(api, spec, model.name) as base_url,
+        make_client(spec.timeouts, attempts=1) as http,
+    ):
+        return await read_activity(http, base_url, model.served_model_name, spec.timeouts)
+
+
 async def moved_since(api: ApiClient, spec: StackSpec, model: ModelSpec, seen: Activity) -> str | None:
     """Read ``model``'s /metrics again, just before it is scaled down: ``None`` if nothing moved since ``seen``
     (the reading it was judged idle by), else why it must be left serving. An unreadable /metrics counts as
     moved: idleness is read, never assumed."""
     try:
-        async with (
-            open_endpoint(api, spec, model.name) as base_url,
-            make_client(spec.timeouts, attempts=1) as http,
-        ):
-            now = await read_activity(http, base_url, model.served_model_name, spec.timeouts)
+        now = await _activity(api, spec, model)
     except CoderStackError as e:
         return f"not reclaimed: its /metrics could not be read again just before the scale-down ({e})"
     if now.running or now.waiting:
