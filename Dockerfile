@@ -17,12 +17,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /opt/coder-stack
 
-# The project's metadata and pins first, then its packages (setuptools finds coder_stack, flows, tasks, simstack).
+# The project's metadata and pins first, then the product's folders: the library (coder_stack/, whose app, flows
+# and tasks are links to the folders beside it) and the layers above it. The development tools (devtools/: the
+# simulator, the demo, the benchmark) are not copied: the image holds the product only.
 COPY pyproject.toml constraints.txt README.md ./
 COPY coder_stack/ coder_stack/
+COPY app/ app/
 COPY flows/ flows/
 COPY tasks/ tasks/
-COPY simstack/ simstack/
 
 RUN python -m pip install --no-cache-dir "pip==26.3" \
     && python -m pip install --no-cache-dir -c constraints.txt . \

@@ -25,8 +25,8 @@ from openai import AsyncOpenAI
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from coder_stack.errors import SmokeFailed, SpecError, redact
-from coder_stack.http import error_detail
 from coder_stack.spec import ModelSpec
+from coder_stack.transport import error_detail
 
 Hop = Literal["pod", "service", "gateway", "key", "key-scope", "budget", "model", "frontend"]
 KEY_HOPS: frozenset[str] = frozenset({"key", "key-scope", "budget"})

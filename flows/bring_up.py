@@ -9,10 +9,7 @@ from __future__ import annotations
 from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
-from coder_stack.kubernetes.client import cluster_session
-from coder_stack.orchestration.gpu import gpu_session
-from coder_stack.report import RunReport
-from flows.common import (
+from coder_stack.flows.common import (
     Connection,
     Run,
     free_gpu,
@@ -23,9 +20,12 @@ from flows.common import (
     record_smoke,
     release,
 )
-from tasks.cluster import preflight_task
-from tasks.gateway import gateway_ready_task
-from tasks.smoke import smoke_direct_task, smoke_frontends_task, smoke_gateway_task
+from coder_stack.kubernetes.client import cluster_session
+from coder_stack.orchestration.gpu import gpu_session
+from coder_stack.report import RunReport
+from coder_stack.tasks.cluster import preflight_task
+from coder_stack.tasks.gateway import gateway_ready_task
+from coder_stack.tasks.smoke import smoke_direct_task, smoke_frontends_task, smoke_gateway_task
 
 
 class BringUpOptions(BaseModel):

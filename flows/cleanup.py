@@ -24,6 +24,7 @@ from prefect.client.orchestration import get_client
 from prefect.states import Crashed
 
 from coder_stack.errors import CoderStackError, PermanentError
+from coder_stack.flows.common import Connection, guarded, logger
 from coder_stack.kubernetes.client import cluster_session, open_api
 from coder_stack.orchestration.gpu import GPU_LIMIT
 from coder_stack.orchestration.liveness import (
@@ -41,7 +42,6 @@ from coder_stack.orchestration.liveness import (
 from coder_stack.report import RunReport
 from coder_stack.spec import ModelSpec
 from coder_stack.usecases.holders import held_by, release_held
-from flows.common import Connection, guarded, logger
 
 # The flows that hold the GPU: the crash automation watches these (and prefect.yaml's trigger lists them).
 GPU_FLOWS = ("validate_coder_stack", "swap_model", "bring_up", "reclaim_idle_models")

@@ -33,13 +33,13 @@ from coder_stack.orchestration.stack_block import load_stack_block
 from coder_stack.probe import SmokeResult
 from coder_stack.report import ModelSection, RunReport, SmokeLine, SpendLine
 from coder_stack.spec import ModelSpec, StackSpec, load_spec
-from tasks.cluster import (
+from coder_stack.tasks.cluster import (
     free_gpu_task,
     scale_task,
     wait_frontend_ready_task,
     wait_model_ready_task,
 )
-from tasks.gateway import ensure_keys_task
+from coder_stack.tasks.gateway import ensure_keys_task
 
 # How long the clean-up may spend issuing scale-downs before it moves on to waiting.
 RELEASE_ISSUE_S = 5.0

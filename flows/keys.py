@@ -5,10 +5,10 @@ from __future__ import annotations
 from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
+from coder_stack.flows.common import Connection, logger, publish, spend_lines
 from coder_stack.kubernetes.client import cluster_session
 from coder_stack.report import RunReport
-from flows.common import Connection, logger, publish, spend_lines
-from tasks.gateway import ensure_keys_task, gateway_ready_task, read_spend_task
+from coder_stack.tasks.gateway import ensure_keys_task, gateway_ready_task, read_spend_task
 
 
 class KeyOptions(BaseModel):

@@ -17,14 +17,14 @@ from prefect.artifacts import acreate_markdown_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
 from coder_stack.errors import GpuSlotTimeout, PermanentError, RetriableError
+from coder_stack.flows.common import Connection, Run, guarded, logger, release
 from coder_stack.kubernetes.client import cluster_session
 from coder_stack.orchestration.gpu import GPU_LIMIT, gpu_session
 from coder_stack.report import IdleLine, RunReport
 from coder_stack.spec import ModelSpec
+from coder_stack.tasks.cluster import stack_status_task
+from coder_stack.tasks.idle import mark_reclaimed_task, moved_since_task, read_idleness_task
 from coder_stack.usecases.idle import Idleness, bring_back
-from flows.common import Connection, Run, guarded, logger, release
-from tasks.cluster import stack_status_task
-from tasks.idle import mark_reclaimed_task, moved_since_task, read_idleness_task
 
 # How long the flow waits for the GPU limit: a run holding it is using the GPU, so the flow does not queue.
 GPU_WAIT_S = 3.0

@@ -15,12 +15,7 @@ from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
 from coder_stack.errors import KeyUnusable, SmokeFailed
-from coder_stack.kubernetes.client import cluster_session
-from coder_stack.orchestration.gpu import gpu_session
-from coder_stack.probe import KEY_HOPS
-from coder_stack.report import RunReport
-from coder_stack.spec import DNS_LABEL, ModelSpec
-from flows.common import (
+from coder_stack.flows.common import (
     Connection,
     Run,
     free_gpu,
@@ -31,9 +26,14 @@ from flows.common import (
     record_smoke,
     release,
 )
-from tasks.cluster import preflight_task
-from tasks.gateway import ensure_keys_task, gateway_ready_task
-from tasks.smoke import smoke_direct_task, smoke_gateway_task
+from coder_stack.kubernetes.client import cluster_session
+from coder_stack.orchestration.gpu import gpu_session
+from coder_stack.probe import KEY_HOPS
+from coder_stack.report import RunReport
+from coder_stack.spec import DNS_LABEL, ModelSpec
+from coder_stack.tasks.cluster import preflight_task
+from coder_stack.tasks.gateway import ensure_keys_task, gateway_ready_task
+from coder_stack.tasks.smoke import smoke_direct_task, smoke_gateway_task
 
 
 class SwapOptions(BaseModel):

@@ -13,13 +13,13 @@ from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
 from coder_stack.errors import PermanentError
+from coder_stack.flows.cleanup import GPU_FLOWS
+from coder_stack.flows.common import Connection, final_state, guarded, logger, release
 from coder_stack.kubernetes.client import cluster_session, open_api
 from coder_stack.kubernetes.pods import pod_summary
 from coder_stack.kubernetes.workloads import deployment_status
 from coder_stack.orchestration.gpu import gpu_limit_status
 from coder_stack.report import RunReport
-from flows.cleanup import GPU_FLOWS
-from flows.common import Connection, final_state, guarded, logger, release
 
 NODE_DRAIN_MIN = 10
 

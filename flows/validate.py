@@ -15,12 +15,7 @@ from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
 from coder_stack.errors import GpuBusy
-from coder_stack.kubernetes.client import cluster_session
-from coder_stack.orchestration.gpu import gpu_session
-from coder_stack.probe import SmokeResult
-from coder_stack.report import RunReport
-from coder_stack.spec import KeyDestination, ModelSpec, StackSpec
-from flows.common import (
+from coder_stack.flows.common import (
     Connection,
     ReleaseIncomplete,
     Run,
@@ -36,15 +31,20 @@ from flows.common import (
     release,
     spend_lines,
 )
-from tasks.cluster import preflight_task, scale_task, wait_model_ready_task
-from tasks.gateway import (
+from coder_stack.kubernetes.client import cluster_session
+from coder_stack.orchestration.gpu import gpu_session
+from coder_stack.probe import SmokeResult
+from coder_stack.report import RunReport
+from coder_stack.spec import KeyDestination, ModelSpec, StackSpec
+from coder_stack.tasks.cluster import preflight_task, scale_task, wait_model_ready_task
+from coder_stack.tasks.gateway import (
     ensure_keys_task,
     gateway_ready_task,
     read_spend_task,
     register_model_task,
     spend_baseline_task,
 )
-from tasks.smoke import smoke_agent_task, smoke_direct_task, smoke_frontends_task, smoke_gateway_task
+from coder_stack.tasks.smoke import smoke_agent_task, smoke_direct_task, smoke_frontends_task, smoke_gateway_task
 
 
 class Stage(StrEnum):

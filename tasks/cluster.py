@@ -29,8 +29,8 @@ from coder_stack.kubernetes.workloads import (
     scale,
 )
 from coder_stack.spec import ModelSpec, PhaseBudgets, StackSpec
+from coder_stack.tasks._common import retrying, run_logger
 from coder_stack.usecases.holders import HELD_BY
-from tasks._common import retrying, run_logger
 
 _TASK = retrying(2, 5, 10)
 

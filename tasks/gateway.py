@@ -11,14 +11,14 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
 from coder_stack.errors import KeyUnusable, PreflightError, SpecError
-from coder_stack.http import scrub_url
 from coder_stack.kubernetes.client import ClusterTarget, open_api
 from coder_stack.litellm import admin as gateway
 from coder_stack.litellm.admin import ModelRegistration, SpendRow
 from coder_stack.spec import ModelSpec, StackSpec
+from coder_stack.tasks._common import retrying, run_logger
+from coder_stack.transport import scrub_url
 from coder_stack.usecases.endpoints import open_gateway, read_ref
 from coder_stack.usecases.keys import KeyReport, ensure_key
-from tasks._common import retrying, run_logger
 
 
 class GatewayHealth(BaseModel):

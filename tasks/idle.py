@@ -9,9 +9,9 @@ from prefect import task
 
 from coder_stack.kubernetes.client import ClusterTarget, open_api
 from coder_stack.spec import ModelSpec, StackSpec
+from coder_stack.tasks._common import retrying, run_logger
 from coder_stack.usecases.idle import Idleness, mark_reclaimed, moved_since, read_idleness
 from coder_stack.vllm.metrics import Activity
-from tasks._common import retrying, run_logger
 
 _TASK = retrying(2, 5)
 

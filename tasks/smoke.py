@@ -11,18 +11,18 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from coder_stack.errors import SmokeFailed, SpecError
-from coder_stack.http import make_client, scrub_url
 from coder_stack.kubernetes.client import ClusterTarget, open_api
 from coder_stack.kubernetes.exec import exec_in_deployment
 from coder_stack.litellm import smoke as gateway_smoke
 from coder_stack.litellm.admin import SpendRow, expected_cost, model_prices, read_spend, read_spend_baseline
 from coder_stack.probe import SmokeResult
 from coder_stack.spec import ClientKeySpec, ModelSpec, StackSpec
+from coder_stack.tasks._common import retrying, run_logger
+from coder_stack.transport import make_client, scrub_url
 from coder_stack.usecases import frontends
 from coder_stack.usecases.endpoints import open_endpoint, open_gateway, read_ref
 from coder_stack.usecases.keys import read_client_key
 from coder_stack.vllm import smoke as vllm_smoke
-from tasks._common import retrying, run_logger
 
 
 class MeteredSmoke(BaseModel):

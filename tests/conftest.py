@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from simstack.pods import pod_is_ready as is_ready
 from simstack.stack import SimStack
 from simstack.store import Store
@@ -136,9 +135,9 @@ class SimClients:
 async def sim_clients(sim: SimStack, spec: Any = None) -> AsyncIterator[SimClients]:
     from pydantic import SecretStr
 
-    from coder_stack.http import make_client
     from coder_stack.kubernetes.client import ClusterTarget, open_api
     from coder_stack.spec import StackSpec
+    from coder_stack.transport import make_client
 
     timeouts = (spec or StackSpec()).timeouts
     async with (

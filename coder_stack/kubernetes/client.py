@@ -35,10 +35,10 @@ from coder_stack.errors import (
     Forbidden,
     NotFound,
 )
-from coder_stack.http import install_log_redaction
+from coder_stack.transport import install_log_redaction
 
 # kubernetes_asyncio logs every response body at DEBUG (Secrets included): the redacting filter is on its
-# REST client's logger wherever this module is used, not only where coder_stack.http happens to be imported.
+# REST client's logger wherever this module is used, not only where coder_stack.transport happens to be imported.
 install_log_redaction()
 
 # Every API call gets an explicit timeout: kubernetes-asyncio reads a pair as (connect, read) seconds.

@@ -1,7 +1,7 @@
 """LiteLLM admin API (master key): keys, runtime model registration, spend, readiness.
 
 Every function takes an ``httpx.AsyncClient`` whose ``base_url`` is the gateway (without ``/v1``) — made
-with :func:`coder_stack.http.make_client` — and the master key as ``SecretStr``. Key values only travel
+with :func:`coder_stack.transport.make_client` — and the master key as ``SecretStr``. Key values only travel
 wrapped, in headers and JSON bodies, never in a URL: ``/key/info`` is asked by the key's hash (LiteLLM's
 ``token`` is the SHA-256 hex of the value, and ``/key/info?key=<hash>`` answers exactly as by value), since an
 ingress, a proxy or another gateway version in front of LiteLLM may log query strings.
@@ -20,8 +20,8 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from coder_stack.errors import EndpointUnavailable, GatewayRequestError
-from coder_stack.http import bearer, error_detail, scrub_url
 from coder_stack.spec import ModelSpec, StackSpec
+from coder_stack.transport import bearer, error_detail, scrub_url
 
 # --------------------------------------------------------------------------------------------- models
 

@@ -13,7 +13,6 @@ from openai.types.chat import ChatCompletionFunctionToolParam
 from pydantic import SecretStr
 
 from coder_stack.errors import SmokeFailed, SpecError
-from coder_stack.http import openai_client
 from coder_stack.probe import (
     CallUsage,
     Check,
@@ -29,6 +28,7 @@ from coder_stack.probe import (
     usage_of,
 )
 from coder_stack.spec import ClientKeySpec, ModelSpec, StackSpec, Timeouts
+from coder_stack.transport import openai_client
 
 
 async def _check_scope(

@@ -27,10 +27,10 @@ import openai
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from coder_stack.errors import CoderStackError, redact
-from coder_stack.http import bearer, error_detail, openai_client, scrub_url
 from coder_stack.litellm import admin as gateway
 from coder_stack.probe import fim_streamed
 from coder_stack.spec import ModelSpec, StackSpec
+from coder_stack.transport import bearer, error_detail, openai_client, scrub_url
 
 Status = Literal["ok", "warn", "fail", "skipped"]
 
@@ -646,9 +646,9 @@ async def run_doctor(
 async def doctor_cluster(target: Any, spec: StackSpec) -> DoctorReport:
     """Read the master and vLLM keys from their Secrets and the models' replicas from their Deployments,
     open the gateway and the serving models' endpoints as the spec says, and run every check."""
-    from coder_stack.http import make_client
     from coder_stack.kubernetes.client import open_api
     from coder_stack.kubernetes.workloads import deployment_status
+    from coder_stack.transport import make_client
     from coder_stack.usecases.endpoints import open_endpoint, open_gateway, read_ref
 
     pre = _Rows()

@@ -10,10 +10,10 @@ from kubernetes_asyncio.client import ApiClient
 from pydantic import SecretStr
 
 from coder_stack.errors import NotFound, SpecError
-from coder_stack.http import make_client
 from coder_stack.kubernetes.client import require_secret_key
 from coder_stack.kubernetes.portforward import port_forward, read_service
 from coder_stack.spec import AccessMode, SecretRef, StackSpec
+from coder_stack.transport import make_client
 
 
 def _strip_v1(url: str) -> str:

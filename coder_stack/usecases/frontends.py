@@ -13,7 +13,6 @@ import httpx
 from kubernetes_asyncio.client import ApiClient
 
 from coder_stack.errors import SmokeFailed, SpecError, redact
-from coder_stack.http import error_detail, make_client, openai_client
 from coder_stack.kubernetes.client import read_secret
 from coder_stack.litellm.smoke import scope_mismatch
 from coder_stack.probe import (
@@ -30,6 +29,7 @@ from coder_stack.probe import (
     usage_of,
 )
 from coder_stack.spec import TABBY_CONFIG_KEY, StackSpec
+from coder_stack.transport import error_detail, make_client, openai_client
 from coder_stack.usecases.keys import parse_tabby_config, tabby_fim_alias
 from coder_stack.usecases.openwebui import (
     PERSISTENT_CONFIG_PROBE_CMD,

@@ -14,10 +14,10 @@ from kubernetes_asyncio.client import ApiClient
 from pydantic import BaseModel, ConfigDict, Field
 
 from coder_stack.errors import CoderStackError
-from coder_stack.http import make_client
 from coder_stack.kubernetes.pods import is_pod_ready, list_pods, ready_since
 from coder_stack.kubernetes.workloads import annotate_deployment, own_annotations, read_deployment
 from coder_stack.spec import ModelSpec, StackSpec
+from coder_stack.transport import make_client
 from coder_stack.usecases.endpoints import open_endpoint
 from coder_stack.vllm.metrics import Activity, Reading, judge, read_activity
 

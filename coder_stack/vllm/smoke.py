@@ -8,9 +8,9 @@ import httpx
 from pydantic import SecretStr
 
 from coder_stack.errors import SmokeFailed
-from coder_stack.http import error_detail, openai_client
 from coder_stack.probe import Check, SmokeResult, Timer, excerpt, hops, judge_fim, stream_first_token, usage_of
 from coder_stack.spec import ModelSpec, Timeouts
+from coder_stack.transport import error_detail, openai_client
 
 
 async def smoke_direct(

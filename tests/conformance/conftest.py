@@ -7,10 +7,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
-
 from simstack.standins import ContainerRun, SimServices, start_standin
 
-# As recorded (simstack/recordings/README.md): one model under three served names, an API key,
+# As recorded (devtools/simstack/recordings/README.md): one model under three served names, an API key,
 # --enable-auto-tool-choice --tool-call-parser hermes, max_model_len 4096.
 VLLM_SERVED = ["qwen2.5-coder-7b-instruct", "qwen2.5-coder-1.5b", "qwen2.5-coder-14b-instruct"]
 VLLM_MODEL_DIR = "/models/qwen2.5-coder"

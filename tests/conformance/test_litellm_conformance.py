@@ -1,6 +1,6 @@
 """Conformance of the LiteLLM stand-in with real LiteLLM 1.108.7: every recorded exchange replayed, in order.
 
-``simstack/recordings/litellm-1.108.7.jsonl`` is one stateful session with a real proxy (keys minted, used,
+``devtools/simstack/recordings/litellm-1.108.7.jsonl`` is one stateful session with a real proxy (keys minted, used,
 updated, deleted; spend polled; a model registered at run time). This module starts the LiteLLM stand-in
 configured like that proxy (same aliases, upstream URLs, prices, ``store_model_in_db``, a 1 s batch write)
 in front of vLLM stand-ins, replays every exchange once, in recorded order (module scope), and then holds
@@ -20,9 +20,9 @@ output parts) is prompt_tokens x input price + completion_tokens x output price 
 recording obeys the same rule: ``test_the_recording_prices_usage``), since the token counts themselves are
 the vLLM side's business and are compared by type only.
 
-The LiteLLM side of the corpus is held out whole (``simstack/recordings`` ``QUOTED``, README "Quoted and held
+The LiteLLM side of the corpus is held out whole (``devtools/simstack/recordings`` ``QUOTED``, README "Quoted and held
 out"): the stand-in reads no recording; its answers are its own logic's values in its own declared field model
-(``simstack/standins/litellm_fields.py``), so the missing/extra-field and value checks of every exchange (test
+(``devtools/simstack/standins/litellm_fields.py``), so the missing/extra-field and value checks of every exchange (test
 ids ``held-out/...``) can fail, those the field model was first written from included.
 
 Polling exchanges (``*-poll-NN``) are replayed as "ask until the answer has the recorded shape and values",
@@ -45,9 +45,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
-
 from simstack.recordings import LITELLM, QUOTED, VLLM, Exchange, exchanges, is_held_out
 from simstack.standins import ContainerRun, RunningBackend, SimServices, start_standin
+
 from tests.conformance.shape import shape_diff
 from tests.kits.gateway import litellm_run
 
@@ -134,7 +134,7 @@ VARYING_TEXT_IDS = {
     "chat-blockme-before-block",
     "chat-unblocked-key",
 }
-# Prompts whose answer the vLLM stand-in may quote (simstack/recordings QUOTED); for the others (held out
+# Prompts whose answer the vLLM stand-in may quote (devtools/simstack/recordings QUOTED); for the others (held out
 # on the vLLM side) the model's texts and completion token counts are the vLLM stand-in's own.
 _QUOTED_VLLM_PROMPTS = {
     json.dumps(ex.request["body"].get("messages") or ex.request["body"].get("prompt"), sort_keys=True)

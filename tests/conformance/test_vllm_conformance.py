@@ -1,6 +1,6 @@
 """Replays every exchange recorded from real vLLM 0.32.0 against the vLLM stand-in.
 
-One test per exchange (``simstack/recordings/vllm-0.32.0.jsonl``). Each checks what the project's clients
+One test per exchange (``devtools/simstack/recordings/vllm-0.32.0.jsonl``). Each checks what the project's clients
 read: the status, the content-type class, the SHAPE of the answer (every JSON path and its type, fields
 present and absent — :mod:`tests.conformance.shape`), the values that must be equal (``model``, error
 ``type``/``code``/``param``/``message``, ``finish_reason``, ``stop_reason``, ...), ids by pattern, and for
@@ -8,7 +8,7 @@ streams the sequence of chunk shapes, ``[DONE]`` last and, at temperature 0, the
 shows text held back under stop strings). Only values may differ, never shapes; those allowed to differ
 are listed in ``TYPE_ONLY`` with the reason.
 
-The corpus is split (``simstack/recordings`` ``QUOTED``, README "Quoted and held out"): the stand-in may
+The corpus is split (``devtools/simstack/recordings`` ``QUOTED``, README "Quoted and held out"): the stand-in may
 quote the model's texts of the quoted exchanges, so their text checks only show the quoting works. The
 held-out exchanges (test ids ``held-out/...``, what this suite reports) are answered by the stand-in's own
 logic: their texts are not compared (the stand-in cannot write the model's words), but everything its
@@ -26,8 +26,8 @@ from typing import Any
 
 import httpx
 import pytest
-
 from simstack.recordings import QUOTED, VLLM, Exchange, exchanges, is_held_out
+
 from tests.conformance.conftest import VLLM_SERVED, VllmUnderTest
 from tests.conformance.shape import diff_shapes, id_pattern, shape, shape_diff, value_diff, values
 

@@ -24,9 +24,9 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from coder_stack.http import make_client
 from coder_stack.litellm import admin as gateway
 from coder_stack.spec import ClientKeySpec, StackSpec, Timeouts
+from coder_stack.transport import make_client
 from tests.kits.gateway import gateway_stack
 
 ENV = "CODER_STACK_CONTRACT_"

@@ -15,10 +15,10 @@ import pytest
 from pydantic import SecretStr
 
 from coder_stack.errors import SmokeFailed
-from coder_stack.http import bearer, error_detail, make_client
 from coder_stack.litellm import admin as gateway
 from coder_stack.litellm.smoke import smoke_gateway
 from coder_stack.spec import ClientKeySpec
+from coder_stack.transport import bearer, error_detail, make_client
 from coder_stack.usecases import doctor
 from coder_stack.vllm.smoke import smoke_direct
 from tests.contract.conftest import ALIAS_PREFIX, Mint, Target

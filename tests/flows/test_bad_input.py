@@ -14,13 +14,13 @@ from typing import Any
 
 import pytest
 import yaml
+from simstack.stack import SimStack
+from simstack.store import Store
 from typer.testing import CliRunner
 
 import coder_stack.app.setup as cs_setup
 from coder_stack.app.cli import app
 from coder_stack.spec import StackSpec
-from simstack.stack import SimStack
-from simstack.store import Store
 from tests.kits.flowkit import PROJECT
 
 pytestmark = pytest.mark.usefixtures("gpu_limit")

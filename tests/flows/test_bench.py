@@ -1,4 +1,4 @@
-"""The benchmark's plumbing (``python -m coder_stack.app.bench.run``) on a tiny configuration: it runs end to end,
+"""The benchmark's plumbing (``python -m coder_stack_dev.bench.run``) on a tiny configuration: it runs end to end,
 prints its table and writes JSON with every field the issue asks for. Its numbers are not asserted
 beyond sanity: they depend on the machine (see BENCHMARKS.md for a real run)."""
 
@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from coder_stack_dev.bench.run import FULL, QUICK, TARGETS, linearity, main, table
+from coder_stack_dev.bench.scenarios import bench_spec, percentile, validate_critical_path
 
-from coder_stack.app.bench.run import FULL, QUICK, TARGETS, linearity, main, table
-from coder_stack.app.bench.scenarios import bench_spec, percentile, validate_critical_path
 from coder_stack.spec import StackSpec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,7 +78,7 @@ def test_configs_cover_the_issue() -> None:
 def test_tiny_run_writes_every_field(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "coder_stack.app.bench.run", "--tiny", "--json", str(out)],
+        [sys.executable, "-m", "coder_stack_dev.bench.run", "--tiny", "--json", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -21,11 +21,11 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 from prefect.states import Crashed, Running
+from simstack.stack import SimStack
 
+from coder_stack.flows.cleanup import clean_up_crashed_run
 from coder_stack.orchestration.gpu import GPU_LIMIT, ensure_gpu_limit
 from coder_stack.orchestration.liveness import LEASE_LABEL, RELEASED
-from flows.cleanup import clean_up_crashed_run
-from simstack.stack import SimStack
 from tests.flows.test_crash_cleanup import (
     SETTLE_S,
     _validate_named,
@@ -47,8 +47,8 @@ HOOK = "clean-up stopped at"
 KILLABLE_CLEANUP = f"""
 import asyncio, sys
 import coder_stack.usecases.holders as holders
-import flows.cleanup as cleanup
-from flows.common import Connection
+import coder_stack.flows.cleanup as cleanup
+from coder_stack.flows.common import Connection
 
 kubeconfig, dead, point = sys.argv[1:4]
 

@@ -28,6 +28,7 @@ from typing import Any
 from uuid import UUID, uuid4
 
 import pytest
+from coder_stack_dev.bench.crash import crash_chain, worker_env
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowFilter, FlowFilterName
@@ -35,8 +36,9 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.events import emit_event
 from prefect.states import Crashed, Running
+from simstack.stack import SimStack
 
-from coder_stack.app.bench.crash import crash_chain, worker_env
+from coder_stack.flows.cleanup import GPU_FLOWS, clean_up_crashed_run
 from coder_stack.orchestration.gpu import GPU_LIMIT, gpu_limit_status
 from coder_stack.orchestration.liveness import (
     CRASH_AUTOMATION,
@@ -46,8 +48,6 @@ from coder_stack.orchestration.liveness import (
     ensure_crash_automation,
 )
 from coder_stack.usecases.holders import HELD_BY
-from flows.cleanup import GPU_FLOWS, clean_up_crashed_run
-from simstack.stack import SimStack
 from tests.kits.flowkit import (
     PREFECT_BIN,
     PROJECT,
@@ -76,8 +76,8 @@ SETTLE_S = 1.0
 
 VALIDATE_CHAT = """
 import asyncio, sys
-from flows.common import Connection
-from flows.validate import ValidateOptions, validate_coder_stack
+from coder_stack.flows.common import Connection
+from coder_stack.flows.validate import ValidateOptions, validate_coder_stack
 
 options = ValidateOptions(stages=["chat"])
 asyncio.run(validate_coder_stack(options=options, connection=Connection(kubeconfig=sys.argv[1])))
@@ -433,7 +433,7 @@ async def test_a_gpu_run_with_rare_heartbeats_refuses_to_start_and_changes_nothi
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     from coder_stack.errors import ConfigError
-    from flows.swap import SwapOptions, swap_model
+    from coder_stack.flows.swap import SwapOptions, swap_model
 
     sim = make_sim()
     mark = len(sim.timeline)
@@ -479,7 +479,7 @@ async def hand_made_holder(sim: SimStack, name: str, *, model: str = "coder-chat
 
 async def stamp_and_scale(sim: SimStack, model: str, run_id: str, replicas: int) -> None:
     """What a GPU session does (``scale_task(..., held_by=...)``): stamp the model with its run, then scale it."""
-    from tasks.cluster import scale_task
+    from coder_stack.tasks.cluster import scale_task
 
     await scale_task.fn(conn(sim).cluster_target(), SERVING, model, replicas, held_by=run_id)
 
@@ -501,7 +501,7 @@ async def test_a_run_marked_crashed_while_alive_keeps_its_model_when_its_heartbe
     """The automation acts on missing events, not on a dead process: a run marked Crashed whose next heartbeat
     reaches the server after the mark (within the clean-up's wait) is alive, and the clean-up changes nothing —
     its model stays up and stamped. The heartbeat is sent once the clean-up is deciding (or has decided)."""
-    import flows.cleanup as cleanup_module
+    import coder_stack.flows.cleanup as cleanup_module
 
     sim = make_sim()
     rid = await hand_made_holder(sim, "late-heartbeats")
@@ -538,9 +538,9 @@ async def test_the_cleanup_never_scales_down_or_unstamps_a_model_another_run_too
     of the stamps and its scale-down, the session stamps coder-chat and scales it up — the clean-up leaves it
     serving; (2) after the clean-up scaled coder-fim to 0 and its pods are gone, before the stamp is removed, a
     session stamps it — the clean-up keeps that stamp. A cancelled clean-up is finished by the next one."""
+    import coder_stack.flows.cleanup as cleanup_module
+    import coder_stack.flows.common as common_module
     import coder_stack.usecases.holders as holders_module
-    import flows.cleanup as cleanup_module
-    import flows.common as common_module
 
     sim = make_sim()
     dead = await hand_made_holder(sim, "dead-holder")

@@ -23,18 +23,18 @@ import pytest
 from prefect.client.orchestration import PrefectClient, get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 from prefect.exceptions import ParameterTypeError
-
-from coder_stack.errors import GpuBusy, GpuLimitMissing, PodFailed, RetriableError, SpecError
-from coder_stack.orchestration.gpu import GPU_LIMIT, ensure_gpu_limit, gpu_session
-from coder_stack.report import RunReport
-from flows.bring_up import BringUpOptions, bring_up
-from flows.common import Connection, ReleaseIncomplete
-from flows.keys import KeyOptions, manage_keys
-from flows.swap import SwapOptions, swap_model
-from flows.teardown import TeardownOptions, teardown
-from flows.validate import ValidateOptions, validate_coder_stack
 from simstack.stack import SimStack
 from simstack.store import Store
+
+from coder_stack.errors import GpuBusy, GpuLimitMissing, PodFailed, RetriableError, SpecError
+from coder_stack.flows.bring_up import BringUpOptions, bring_up
+from coder_stack.flows.common import Connection, ReleaseIncomplete
+from coder_stack.flows.keys import KeyOptions, manage_keys
+from coder_stack.flows.swap import SwapOptions, swap_model
+from coder_stack.flows.teardown import TeardownOptions, teardown
+from coder_stack.flows.validate import ValidateOptions, validate_coder_stack
+from coder_stack.orchestration.gpu import GPU_LIMIT, ensure_gpu_limit, gpu_session
+from coder_stack.report import RunReport
 from tests.conftest import is_ready, pods_of, record, scale, wait_for
 from tests.kits.flowkit import (
     EXPERIENCE,

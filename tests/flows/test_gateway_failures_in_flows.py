@@ -17,16 +17,16 @@ from typing import Any
 
 import pytest
 import yaml
+from simstack.stack import SimStack
 from typer.testing import CliRunner
 
 from coder_stack import probe
 from coder_stack.app.cli import app
 from coder_stack.errors import PreflightError, SmokeFailed
+from coder_stack.flows.swap import SwapOptions, swap_model
+from coder_stack.flows.validate import ValidateOptions, validate_coder_stack
 from coder_stack.spec import StackSpec
 from coder_stack.vllm import smoke as vllm_smoke
-from flows.swap import SwapOptions, swap_model
-from flows.validate import ValidateOptions, validate_coder_stack
-from simstack.stack import SimStack
 from tests.conftest import is_ready, pods_of
 from tests.kits.flowkit import conn, replicas
 
@@ -85,7 +85,7 @@ def test_the_hop_tag_survives_the_terminal(sim: SimStack, monkeypatch: pytest.Mo
 
 # ------------------------------------------------------------------ swap keeps a healthy model over a key problem
 async def test_swap_with_a_key_deleted_in_the_gateway_repairs_it_and_leaves_the_model_serving(sim: SimStack) -> None:
-    from tasks.gateway import ensure_keys_task
+    from coder_stack.tasks.gateway import ensure_keys_task
 
     target = conn(sim).cluster_target()
     await ensure_keys_task.fn(target, SPEC, ["open-webui"])
@@ -124,7 +124,7 @@ async def test_preflight_names_an_alias_the_gateway_does_not_serve_and_changes_n
 async def test_spend_is_compared_with_before_the_calls_and_unmetered_streamed_fim_is_called_so(
     make_sim: Callable[..., SimStack],
 ) -> None:
-    from tasks.gateway import ensure_keys_task
+    from coder_stack.tasks.gateway import ensure_keys_task
 
     sim = make_sim()
     target = conn(sim).cluster_target()

@@ -25,17 +25,17 @@ from prefect.client.schemas.actions import BlockDocumentUpdate, WorkPoolUpdate
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.exceptions import ObjectNotFound
 from prefect_kubernetes.credentials import KubernetesClusterConfig, KubernetesCredentials
+from simstack.stack import SimStack
 
 from coder_stack.app.setup import K8S_POOL, k8s_base_job_template, run_setup
 from coder_stack.errors import ConfigError, SpecError
+from coder_stack.flows.common import Connection
+from coder_stack.flows.keys import manage_keys
+from coder_stack.flows.teardown import teardown
 from coder_stack.kubernetes.client import ClusterTarget, load_configuration, open_api
 from coder_stack.kubernetes.workloads import deployment_status
 from coder_stack.orchestration.stack_block import BLOCK_TYPE_SLUG, load_stack_block, save_stack_block
 from coder_stack.spec import StackSpec, load_spec
-from flows.common import Connection
-from flows.keys import manage_keys
-from flows.teardown import teardown
-from simstack.stack import SimStack
 from tests.kits.flowkit import replicas
 from tests.kits.kubeconfigs import exec_kubeconfig
 

@@ -31,14 +31,14 @@ from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
 from prefect.exceptions import ObjectNotFound
 from prefect.states import Cancelling
+from simstack.apiserver.rbac import RBACAuthorizer
+from simstack.stack import SimStack
+from simstack.store import Store
 
 from coder_stack.app.setup import ensure_stack_block, ensure_work_pools
 from coder_stack.kubernetes.client import ClusterTarget, open_api
 from coder_stack.orchestration.stack_block import DEFAULT_STACK_BLOCK
 from coder_stack.spec import AccessMode, AccessSpec, StackSpec
-from simstack.apiserver.rbac import RBACAuthorizer
-from simstack.stack import SimStack
-from simstack.store import Store
 from tests.kits.flowkit import (
     PREFECT_BIN,
     PROJECT,

@@ -9,12 +9,12 @@ from typing import Any
 
 import httpx
 import pytest
+from simstack.stack import SimStack
 
+from coder_stack.flows.keys import KeyOptions, manage_keys
 from coder_stack.kubernetes.client import ClusterTarget, open_api, read_secret
 from coder_stack.spec import StackSpec
 from coder_stack.usecases.keys import parse_tabby_config
-from flows.keys import KeyOptions, manage_keys
-from simstack.stack import SimStack
 from tests.kits.flowkit import conn
 
 SPEC = StackSpec()

@@ -13,21 +13,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-
-from coder_stack.errors import Forbidden
-from coder_stack.kubernetes.client import ClusterTarget, open_api
-from coder_stack.spec import StackSpec
-from coder_stack.usecases.openwebui import persistent_config_status
-from flows.bring_up import bring_up
-from flows.keys import KeyOptions, manage_keys, report_spend
-from flows.reclaim import reclaim_idle_models
-from flows.swap import SwapOptions, swap_model
-from flows.teardown import teardown
-from flows.validate import ValidateOptions, validate_coder_stack
 from simstack.apiserver.rbac import RBACAuthorizer
 from simstack.stack import SimStack
 from simstack.store import RESOURCES, Store
 from simstack.timings import Timings
+
+from coder_stack.errors import Forbidden
+from coder_stack.flows.bring_up import bring_up
+from coder_stack.flows.keys import KeyOptions, manage_keys, report_spend
+from coder_stack.flows.reclaim import reclaim_idle_models
+from coder_stack.flows.swap import SwapOptions, swap_model
+from coder_stack.flows.teardown import teardown
+from coder_stack.flows.validate import ValidateOptions, validate_coder_stack
+from coder_stack.kubernetes.client import ClusterTarget, open_api
+from coder_stack.spec import StackSpec
+from coder_stack.usecases.openwebui import persistent_config_status
 from tests.kits.flowkit import (
     SERVING,
     assert_no_gpu_model_running,

@@ -19,15 +19,15 @@ import httpx
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from simstack.stack import SimStack
+from simstack.store import Store
 
+from coder_stack.flows.common import Connection
+from coder_stack.flows.reclaim import ReclaimOptions, reclaim_idle_models
 from coder_stack.orchestration.gpu import gpu_session
 from coder_stack.report import RunReport
 from coder_stack.spec import StackSpec, spec_yaml
 from coder_stack.usecases.idle import ACTIVITY, RECLAIMED_AT, reclaimed_note
-from flows.common import Connection
-from flows.reclaim import ReclaimOptions, reclaim_idle_models
-from simstack.stack import SimStack
-from simstack.store import Store
 from tests.conftest import is_ready, pods_of, scale, wait_for
 from tests.kits.flowkit import SERVING, assert_no_gpu_model_running, conn, replicas
 
@@ -167,7 +167,7 @@ async def test_a_request_between_the_verdict_and_the_scale_down_aborts_the_recla
 ) -> None:
     """The verdict says idle; then, before the scale-down, a request completes on the pod (sent by a hook the
     moment the verdict is returned): the counters moved, so the model is left serving and nothing is stamped."""
-    import tasks.idle
+    import coder_stack.tasks.idle
     from coder_stack.usecases.idle import read_idleness
 
     sim = make_sim()
@@ -190,7 +190,7 @@ async def test_a_request_between_the_verdict_and_the_scale_down_aborts_the_recla
         sent.append(resp.status_code)
         return idle
 
-    monkeypatch.setattr(tasks.idle, "read_idleness", verdict_then_a_request)
+    monkeypatch.setattr(coder_stack.tasks.idle, "read_idleness", verdict_then_a_request)
     mark = len(sim.timeline)
     report, arts = await run(c)
     assert sent == [200]

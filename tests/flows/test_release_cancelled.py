@@ -9,10 +9,10 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-
-import flows.common as common
-from coder_stack.kubernetes.client import ClusterTarget
 from simstack.stack import SimStack
+
+import coder_stack.flows.common as common
+from coder_stack.kubernetes.client import ClusterTarget
 from tests.conftest import scale
 from tests.kits.flowkit import SERVING, SPEC, replicas
 

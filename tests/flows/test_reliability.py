@@ -41,6 +41,8 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import StateType
 from prefect.states import Crashed
+from simstack.stack import SimStack
+from simstack.store import Store
 
 from coder_stack.errors import (
     ClusterUnavailable,
@@ -50,18 +52,16 @@ from coder_stack.errors import (
     RetriableError,
     WaitTimeout,
 )
+from coder_stack.flows.common import Connection
+from coder_stack.flows.keys import KeyOptions, manage_keys
+from coder_stack.flows.swap import SwapOptions, swap_model
+from coder_stack.flows.teardown import teardown
+from coder_stack.flows.validate import ValidateOptions, validate_coder_stack
 from coder_stack.kubernetes.client import ClusterTarget, open_api, read_secret
 from coder_stack.orchestration.gpu import GPU_LIMIT, gpu_limit_status
 from coder_stack.orchestration.liveness import LEASE_LABEL, RELEASED, read_liveness, release_lease_of
 from coder_stack.spec import StackSpec, spec_yaml
-from flows.common import Connection
-from flows.keys import KeyOptions, manage_keys
-from flows.swap import SwapOptions, swap_model
-from flows.teardown import teardown
-from flows.validate import ValidateOptions, validate_coder_stack
-from simstack.stack import SimStack
-from simstack.store import Store
-from tasks.gateway import gateway_ready_task
+from coder_stack.tasks.gateway import gateway_ready_task
 from tests.conftest import is_ready, pods_of
 from tests.kits.flowkit import (
     MODELS,
@@ -435,8 +435,8 @@ async def test_a_model_registered_twice_by_someone_else_gets_no_third(make_sim: 
 # ====================================================================== process faults
 SIGKILL_FLOW = """
 import asyncio, sys
-from flows.common import Connection
-from flows.swap import SwapOptions, swap_model
+from coder_stack.flows.common import Connection
+from coder_stack.flows.swap import SwapOptions, swap_model
 
 asyncio.run(swap_model(options=SwapOptions(target="coder-chat", smoke_gateway=False),
                        connection=Connection(kubeconfig=sys.argv[1])))

@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 from kubernetes_asyncio import client
 from prefect.client.orchestration import get_client
-
-from coder_stack.kubernetes.client import ClusterTarget, open_api, read_secret
-from coder_stack.spec import ClientKeySpec, FrontendSpec, StackSpec
-from flows.keys import KeyOptions, manage_keys
-from flows.teardown import teardown
-from flows.validate import ValidateOptions, validate_coder_stack
 from simstack.stack import SimStack
 from simstack.store import Store
+
+from coder_stack.flows.keys import KeyOptions, manage_keys
+from coder_stack.flows.teardown import teardown
+from coder_stack.flows.validate import ValidateOptions, validate_coder_stack
+from coder_stack.kubernetes.client import ClusterTarget, open_api, read_secret
+from coder_stack.spec import ClientKeySpec, FrontendSpec, StackSpec
 from tests.kits.flowkit import conn
 
 pytestmark = pytest.mark.usefixtures("gpu_limit")

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from simstack.stack import SimStack
+from simstack.store import Store
 
 from coder_stack import errors
 from coder_stack.errors import CoderStackError, PodFailed, SmokeFailed, WaitTimeout
-from simstack.stack import SimStack
-from simstack.store import Store
 from tests.kits.flowkit import PROJECT, PrefectServer
 
 CODER_STACK = Path(sys.executable).with_name("coder-stack")

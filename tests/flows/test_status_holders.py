@@ -21,13 +21,13 @@ from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
 from prefect.client.schemas.objects import StateType
 from prefect.states import Crashed, Running, Scheduled
+from simstack.stack import SimStack
 from typer.testing import CliRunner
 
 from coder_stack.app.cli import app
+from coder_stack.flows.cleanup import clean_up_crashed_run
 from coder_stack.orchestration.gpu import GPU_LIMIT
 from coder_stack.orchestration.liveness import LEASE_LABEL, heartbeats
-from flows.cleanup import clean_up_crashed_run
-from simstack.stack import SimStack
 from tests.flows.test_crash_cleanup import (
     _validate_named,
     active_slots,

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound
-
 from simstack.stack import SimStack
+
 from tests.conftest import is_ready, pods_of
 from tests.kits.flowkit import (
     PREFECT_BIN,
@@ -44,8 +44,8 @@ pytestmark = pytest.mark.usefixtures("gpu_limit")
 # ------------------------------------------------------------------ 7. SIGTERM
 SUBPROCESS_FLOW = """
 import asyncio, sys
-from flows.common import Connection
-from flows.validate import ValidateOptions, validate_coder_stack
+from coder_stack.flows.common import Connection
+from coder_stack.flows.validate import ValidateOptions, validate_coder_stack
 
 options = ValidateOptions(stages=["chat"])
 asyncio.run(validate_coder_stack(options=options, connection=Connection(kubeconfig=sys.argv[1])))

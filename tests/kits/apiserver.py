@@ -19,11 +19,11 @@ from typing import Any
 
 from aiohttp import web
 from kubernetes_asyncio.client import ApiClient
-
-from coder_stack.kubernetes.client import ClusterTarget, open_api
 from simstack.apiserver import kubeconfig_yaml, start_apiserver
 from simstack.backends import Backends
 from simstack.store import Store, now_rfc3339
+
+from coder_stack.kubernetes.client import ClusterTarget, open_api
 
 NS = "serving"
 NAME = "coder-chat"

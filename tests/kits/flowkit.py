@@ -26,11 +26,11 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 from prefect.client.schemas.objects import State
 from prefect.client.schemas.sorting import FlowRunSort
-
-from coder_stack.spec import StackSpec
-from flows.common import Connection
 from simstack.stack import SimStack
 from simstack.store import Store
+
+from coder_stack.flows.common import Connection
+from coder_stack.spec import StackSpec
 from tests.conftest import pods_of, wait_for
 
 PROJECT = Path(__file__).resolve().parents[2]

@@ -14,10 +14,10 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
-
-from coder_stack.spec import StackSpec
 from simstack.cluster_objects import EMBEDDINGS_SERVED, proxy_config
 from simstack.standins import ContainerRun, RunningBackend, SimServices, start_standin
+
+from coder_stack.spec import StackSpec
 
 
 @dataclass

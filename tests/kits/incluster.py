@@ -10,8 +10,8 @@ import yaml
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client import ApiClient
 from kubernetes_asyncio.utils import create_from_yaml
-
 from simstack.store import Store
+
 from tests.kits.flowkit import PROJECT
 
 RBAC_FILE = PROJECT / "deployments" / "rbac.yaml"

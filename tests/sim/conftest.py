@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-
 from simstack import standins
 from simstack.stack import SimStack
+
 from tests.kits.standins import FakeStandins
 
 

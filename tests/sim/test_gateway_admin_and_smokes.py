@@ -15,11 +15,11 @@ import pytest
 from pydantic import SecretStr
 
 from coder_stack.errors import EndpointUnavailable, GatewayRequestError, SmokeFailed
-from coder_stack.http import make_client
 from coder_stack.litellm import admin as gateway
 from coder_stack.litellm.smoke import smoke_agent, smoke_gateway
 from coder_stack.probe import SmokeResult
 from coder_stack.spec import ClientKeySpec, StackSpec, Timeouts
+from coder_stack.transport import make_client
 from tests.kits.gateway import GwStack, gateway_stack
 
 MASTER = "sk-master-gw-test-0123456789abcdef"
@@ -190,8 +190,8 @@ async def test_model_outside_the_key_is_a_403_at_key_scope(stack: GwStack, gw: h
     with pytest.raises(SmokeFailed) as ei:
         await smoke_gateway(gw, stack.url, key, lying, SPEC.model("coder-chat"), SPEC)
     assert ei.value.hop == "key-scope"
-    from coder_stack.http import openai_client
     from coder_stack.probe import chat_once, hops
+    from coder_stack.transport import openai_client
 
     oai = openai_client(gw, stack.url, key, SPEC.timeouts)
 

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 from kubernetes_asyncio.client import api_client
+from simstack.stack import SimStack
 
 from coder_stack.errors import ConfigError
 from coder_stack.kubernetes.client import ClusterTarget, cluster_session, load_configuration, open_api
 from coder_stack.kubernetes.wait import wait_gone, wait_ready
 from coder_stack.kubernetes.workloads import scale
 from coder_stack.spec import StackSpec
-from simstack.stack import SimStack
 from tests.kits.kubeconfigs import exec_kubeconfig
 
 SPEC = StackSpec()

@@ -9,9 +9,9 @@ from collections.abc import Callable
 
 import pytest
 from pydantic import SecretStr
+from simstack.stack import SimStack
 
 from coder_stack.kubernetes.client import ClusterTarget, open_api, read_secret, write_secret_keys
-from simstack.stack import SimStack
 
 VALUE = "sk-log-redaction-known-value-0123456789abcdef"
 NEW_VALUE = "plain-secret-without-a-key-shape-4242"

@@ -23,6 +23,7 @@ import httpx
 import pytest
 from kubernetes_asyncio import client
 from pydantic import SecretStr
+from simstack.stack import SimStack
 
 from coder_stack.errors import KeyUnusable
 from coder_stack.kubernetes.client import ClusterTarget, read_secret, write_secret_keys
@@ -30,7 +31,6 @@ from coder_stack.litellm import admin as gateway
 from coder_stack.spec import StackSpec
 from coder_stack.usecases import keys
 from coder_stack.usecases.keys import RotationOwner, ensure_key, process_owner
-from simstack.stack import SimStack
 from tests.conftest import SimClients, sim_clients
 
 SPEC = StackSpec()
@@ -110,7 +110,7 @@ async def test_a_blocked_key_is_called_blocked_never_reminted_and_the_advice_und
     await restamp(env, "open-webui")
 
     target = ClusterTarget(kubeconfig=str(env.sim.kubeconfig_path))
-    from tasks.gateway import ensure_keys_task  # bring-up, validate, swap and keys all ensure keys with it
+    from coder_stack.tasks.gateway import ensure_keys_task  # bring-up, validate, swap and keys all ensure keys with it
 
     with pytest.raises(KeyUnusable) as err:
         await ensure_keys_task.fn(target, SPEC, [ALIAS])

@@ -11,13 +11,13 @@ from collections.abc import AsyncIterator
 import pytest
 from kubernetes_asyncio import client
 from pydantic import SecretStr
+from simstack.stack import SimStack
 
 from coder_stack.errors import NotFound
 from coder_stack.kubernetes.client import ClusterTarget, delete_secret_keys, read_secret
 from coder_stack.litellm import admin as gateway
 from coder_stack.spec import StackSpec
 from coder_stack.usecases.keys import KeyReport, ensure_key, read_client_key
-from simstack.stack import SimStack
 from tests.conftest import SimClients, sim_clients
 
 SPEC = StackSpec()
@@ -245,7 +245,7 @@ async def test_blocked_or_spent_key_is_reported_and_left_as_it_is(
 
 async def test_ensure_keys_task_fails_naming_the_unusable_key_after_handling_the_rest(env: Env) -> None:
     from coder_stack.errors import KeyUnusable
-    from tasks.gateway import ensure_keys_task
+    from coder_stack.tasks.gateway import ensure_keys_task
 
     await ensure_all(env)
     set_key_fields(env, "tabby", blocked=True)

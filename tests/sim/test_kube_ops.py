@@ -19,8 +19,8 @@ from coder_stack.kubernetes.workloads import (
     unannotate_if,
 )
 from coder_stack.spec import ModelSpec, StackSpec
-from tasks._common import only_retriable
-from tasks.cluster import preflight_task, scale_task
+from coder_stack.tasks._common import only_retriable
+from coder_stack.tasks.cluster import preflight_task, scale_task
 from tests.kits.apiserver import NS, PodScript, ServerThread, deployment, namespace, node
 
 SPEC = StackSpec()

@@ -103,7 +103,7 @@ async def test_wait_ready_follows_node_image_weights_start_and_records_scale_up(
     """Each step of the cold start is written once the wait has reported the one before (its ``on_phase``), so
     every phase record is checked against the writes that began and ended it: a phase ends on the write that
     ends it, never before it and never on a later one. How soon after a write the wait notices it is the
-    benchmark's figure (coder_stack/app/bench: watch_p50_ms, detect_p95_ms), not this test's."""
+    benchmark's figure (devtools/coder_stack_dev/bench: watch_p50_ms, detect_p95_ms), not this test's."""
     app = await _new_model(server)
     phases = Phases()
     since = len(_requests(server))
@@ -200,7 +200,7 @@ async def test_wait_ready_without_scale_up_reports_scale_up_not_seen(server: Ser
 async def test_ready_is_noticed_from_the_watch_event_with_no_list_or_poll(server: ServerThread) -> None:
     """The pod turning Ready reaches the wait as an event on the watch it already has open: between the write
     and the wait's return the API server receives no request at all (no list, no poll, no watch reconnect).
-    How fast that event arrives is the benchmark's figure (coder_stack/app/bench: detect_p95_ms, target
+    How fast that event arrives is the benchmark's figure (devtools/coder_stack_dev/bench: detect_p95_ms, target
     250 ms, and watch_p50_ms), not a test's."""
     # the rv-resumed watches replay any event between the list and the watch, so nothing is waited for here
     # but the requests: the count below starts once both watches are open

@@ -19,6 +19,10 @@ import pytest
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client import ApiClient
 from pydantic import SecretStr
+from simstack.cluster_objects import b64, openwebui_deployment
+from simstack.stack import SimStack
+from simstack.standins.openwebui import sign_session
+from simstack.store import Store
 
 from coder_stack.errors import SmokeFailed
 from coder_stack.kubernetes.client import ClusterTarget, open_api, read_secret, write_secret_keys
@@ -34,10 +38,6 @@ from coder_stack.usecases.openwebui import (
     persistent_config_status,
     set_env_wins_in_secret,
 )
-from simstack.cluster_objects import b64, openwebui_deployment
-from simstack.stack import SimStack
-from simstack.standins.openwebui import sign_session
-from simstack.store import Store
 from tests.conftest import SIM_SCALE, SimClients, is_ready, on_loop, pods_of, ready_pod, scale, sim_clients, wait_for
 
 SPEC = StackSpec(timeouts=Timeouts(request_s=20))

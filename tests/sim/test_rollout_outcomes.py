@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 import httpx
 import pytest
 from kubernetes_asyncio.client import ApiClient
+from simstack.stack import SimStack
 
 from coder_stack.errors import PodFailed, PreflightError, WaitTimeout
 from coder_stack.kubernetes.client import ClusterTarget, open_api
@@ -20,7 +21,6 @@ from coder_stack.kubernetes.wait import wait_gone, wait_ready
 from coder_stack.kubernetes.workloads import scale
 from coder_stack.spec import AccessSpec, EndpointOverrides, ModelSpec, PhaseBudgets, StackSpec
 from coder_stack.usecases.endpoints import open_endpoint
-from simstack.stack import SimStack
 
 SPEC = StackSpec()
 CHAT = SPEC.model("coder-chat")
@@ -129,7 +129,7 @@ async def test_faults_fail_fast_end_to_end(
     async with api_of(sim) as api:
         # fast means on the fault itself: a wait that ran out a phase budget (FIM's are 30-240 s) raises
         # WaitTimeout, not PodFailed with the fault's reason. How soon is the benchmark's figure
-        # (coder_stack/app/bench: fault_report_p50_ms, fault_report_max_ms <= 2000 ms)
+        # (devtools/coder_stack_dev/bench: fault_report_p50_ms, fault_report_max_ms <= 2000 ms)
         with pytest.raises(PodFailed) as info:
             await _up(api, FIM)
         assert not isinstance(info.value, WaitTimeout)

@@ -23,12 +23,12 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.stream import WsApiClient
 from kubernetes_asyncio.watch import Watch
 from prefect_kubernetes.credentials import KubernetesClusterConfig, KubernetesCredentials
-
 from simstack.apiserver import kubeconfig_yaml
 from simstack.apiserver.patch import strategic_merge_patch
 from simstack.apiserver.rbac import RBACAuthorizer
 from simstack.apiserver.tables import pod_status_reason
 from simstack.store import Store
+
 from tests.kits.seeded_apiserver import SECRET_VALUE, ServerThread, deployment_obj, pod_obj, seed, ts
 
 

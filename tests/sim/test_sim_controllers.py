@@ -6,14 +6,14 @@ import sys
 from typing import Any
 
 import pytest
-
-from coder_stack.spec import ModelSpec, StackSpec
 from simstack.cluster_objects import b64, proxy_config, reference_objects
 from simstack.controllers.context import ClusterContext
 from simstack.controllers.deployment import template_hash
 from simstack.stack import SimStack
 from simstack.store import Store, controller_uid
 from simstack.timings import Timings, model_timings
+
+from coder_stack.spec import ModelSpec, StackSpec
 from tests.conftest import (
     events_of,
     is_ready,

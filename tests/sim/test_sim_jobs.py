@@ -22,11 +22,11 @@ from typing import Any
 import pytest
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client import ApiClient
-
-from coder_stack.kubernetes.client import ClusterTarget, open_api
 from simstack.apiserver.rbac import RBACAuthorizer
 from simstack.stack import SimStack
 from simstack.store import Store
+
+from coder_stack.kubernetes.client import ClusterTarget, open_api
 from tests.conftest import events_of, record, wait_for
 
 IMAGE = "example/runnable:1"
@@ -339,7 +339,7 @@ async def test_a_job_needs_restart_policy_never_or_on_failure(rsim: SimStack) ->
 
 def test_the_pod_shim_only_touches_what_the_sim_maps() -> None:
     """Without the emulation's variables the sitecustomize changes nothing (it is loaded by pods only)."""
-    shim = Path(__file__).resolve().parents[2] / "simstack" / "podshim"
+    shim = Path(__file__).resolve().parents[2] / "devtools" / "simstack" / "podshim"
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("SIMSTACK_")} | {"PYTHONPATH": str(shim)}
     code = "import socket, sitecustomize; print(socket.getaddrinfo is sitecustomize._real_getaddrinfo)"

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from simstack.apiserver import kubeconfig_yaml
 from simstack.store import Store
+
 from tests.kits.seeded_apiserver import SECRET_VALUE, ServerThread, seed
 
 KUBECTL = shutil.which("kubectl") or "/usr/bin/kubectl"

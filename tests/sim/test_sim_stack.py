@@ -12,9 +12,9 @@ from typing import Any
 import httpx
 import pytest
 from kubernetes_asyncio import client, config, watch
-
 from simstack.cluster_objects import b64
 from simstack.stack import SimStack, run_sim
+
 from tests.conftest import SIM_SCALE, on_loop, pods_of, ready_pod, scale, wait_for
 
 S = "serving"

@@ -8,12 +8,12 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 from pydantic import SecretStr
+from simstack.standins import ContainerRun, SimServices, start_standin
 
 from coder_stack.errors import SmokeFailed
-from coder_stack.http import make_client
 from coder_stack.litellm.smoke import smoke_agent
 from coder_stack.spec import StackSpec, Timeouts
-from simstack.standins import ContainerRun, SimServices, start_standin
+from coder_stack.transport import make_client
 
 KEY = "sk-agent-test-0123456789abcdef"
 AGENT = StackSpec().model("coder-agent")

@@ -9,14 +9,14 @@ from dataclasses import dataclass
 import httpx
 import pytest
 from pydantic import SecretStr
+from simstack.standins import ContainerRun, SimServices, start_standin
 
 from coder_stack import probe
 from coder_stack.errors import SmokeFailed, SpecError
-from coder_stack.http import make_client, openai_client
 from coder_stack.probe import EXCERPT_CHARS, Check, SmokeResult, chat_once, fim_prompt, judge_fim
 from coder_stack.spec import StackSpec, Timeouts
+from coder_stack.transport import make_client, openai_client
 from coder_stack.vllm.smoke import smoke_direct
-from simstack.standins import ContainerRun, SimServices, start_standin
 
 KEY = "sk-direct-test-0123456789abcdef"
 SPEC = StackSpec()

@@ -8,14 +8,14 @@ from __future__ import annotations
 import logging
 
 import pytest
+from simstack.stack import SimStack
+from simstack.store import Store
 
 from coder_stack.errors import SmokeFailed
 from coder_stack.kubernetes.client import ClusterTarget
 from coder_stack.spec import StackSpec, Timeouts
-from simstack.stack import SimStack
-from simstack.store import Store
-from tasks.gateway import ensure_keys_task, gateway_ready_task, read_spend_task, register_model_task
-from tasks.smoke import smoke_agent_task, smoke_direct_task, smoke_frontends_task, smoke_gateway_task
+from coder_stack.tasks.gateway import ensure_keys_task, gateway_ready_task, read_spend_task, register_model_task
+from coder_stack.tasks.smoke import smoke_agent_task, smoke_direct_task, smoke_frontends_task, smoke_gateway_task
 from tests.conftest import pods_of, ready_pod, scale, wait_for
 
 SPEC = StackSpec(timeouts=Timeouts(spend_visible_s=5, request_s=20))

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 import yaml
-
 from simstack.standins import ContainerRun, RunningBackend, SimServices, start_standin
 from simstack.standins.openwebui import sign_session
 from simstack.standins.tabby import TabbyConfigError
+
 from tests.kits.gateway import service_resolver
 
 MASTER = "sk-master-frontends-0123"

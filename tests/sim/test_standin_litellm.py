@@ -15,11 +15,11 @@ from typing import Any
 import httpx
 import openai
 import pytest
-
 from simstack.recordings import LITELLM, QUOTED, exchange
 from simstack.standins import ContainerRun, RunningBackend, SimServices, start_standin
 from simstack.standins import litellm as litellm_standin
 from simstack.standins import litellm_fields as F
+
 from tests.conformance.shape import shape_diff
 from tests.kits.gateway import litellm_run, service_resolver
 
@@ -557,8 +557,8 @@ async def test_model_new_needs_store_model_in_db(stack: Stack) -> None:
 
 
 async def test_answers_come_from_the_stand_ins_own_field_model(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
-    """An answer's field set is the stand-in's declaration (simstack/standins/litellm_fields.py), not a recorded
-    answer: a field dropped from or added to the declaration drops from or shows in the answer, so the
+    """An answer's field set is the stand-in's declaration (devtools/simstack/standins/litellm_fields.py), not a
+    recorded answer: a field dropped from or added to the declaration drops from or shows in the answer, so the
     missing/extra-field check conformance makes against the recording sees it; and a declared REQUIRED field
     that nothing computed refuses the answer instead of being filled in."""
     recorded = exchange(LITELLM, "key-info-by-value").body["info"]

@@ -12,7 +12,6 @@ import jsonschema
 import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageFunctionToolCall
-
 from simstack.standins import ContainerRun, SimServices, start_standin
 from simstack.standins.vllm import parse_args
 

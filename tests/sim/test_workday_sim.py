@@ -7,9 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-
-from coder_stack.app.bench.run import main
-from coder_stack.app.bench.workday import MINUTE, Policy, Trace, at, read_schedules, replay, sim_check, sim_day
+from coder_stack_dev.bench.run import main
+from coder_stack_dev.bench.workday import MINUTE, Policy, Trace, at, read_schedules, replay, sim_check, sim_day
 
 SCALE = 0.002
 

@@ -15,6 +15,7 @@ from prefect.events.actions import ChangeFlowRunState
 from prefect.events.schemas.automations import EventTrigger
 
 from coder_stack.errors import ConfigError
+from coder_stack.flows.cleanup import GPU_FLOWS
 from coder_stack.orchestration.gpu import LEASE_SECONDS, GpuHolder
 from coder_stack.orchestration.liveness import (
     CRASH_SETTLE_S,
@@ -23,7 +24,6 @@ from coder_stack.orchestration.liveness import (
     crash_automation,
     parse_run_id,
 )
-from flows.cleanup import GPU_FLOWS
 
 PREFECT_YAML = yaml.safe_load((Path(__file__).resolve().parents[2] / "prefect.yaml").read_text())
 

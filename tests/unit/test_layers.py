@@ -1,6 +1,16 @@
-"""The house rule: imports run one way — app -> flows -> tasks -> use cases -> one room per external system
--> the foundation (spec, errors, the HTTP stack, the report, a probe's results) — and the simulator keeps no
-copy of product logic (it reads only the spec and the errors).
+"""The house rule: the folders at the top of the checkout are the layers, and imports run one way down them.
+
+    app/          coder_stack.app        the command line and setup
+    flows/        coder_stack.flows      one file per flow
+    tasks/        coder_stack.tasks      thin @task wrappers
+    coder_stack/  coder_stack            the library: use cases, then one room per external system (kubernetes,
+                                         litellm, vllm, orchestration = the Prefect server), then the foundation
+                                         (spec, errors, transport, report, probe)
+    devtools/     simstack, coder_stack_dev   the simulator, the demo and the benchmark: development tools, not
+                                         installed with the product; they may import the product, never the reverse
+
+``coder_stack/app``, ``coder_stack/flows`` and ``coder_stack/tasks`` are links to the folders at the top, so the
+installed package is one name (``coder_stack``) whose sub-packages are those folders.
 
 Read from the code itself (every ``import`` and ``from ... import``, also inside functions), so a new upward
 arrow fails here, naming the module and the import.
@@ -15,38 +25,71 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-FOUNDATION = {"coder_stack.spec", "coder_stack.errors", "coder_stack.http", "coder_stack.report", "coder_stack.probe"}
+# folder at the top of the checkout -> the package it is installed as
+PRODUCT = {
+    "coder_stack": "coder_stack",
+    "app": "coder_stack.app",
+    "flows": "coder_stack.flows",
+    "tasks": "coder_stack.tasks",
+}
+DEVTOOLS = {"devtools/simstack": "simstack", "devtools/coder_stack_dev": "coder_stack_dev"}
+LINKS = ("app", "flows", "tasks")  # coder_stack/<name> -> ../<name>
+
+FOUNDATION = {
+    "coder_stack.spec",
+    "coder_stack.errors",
+    "coder_stack.transport",
+    "coder_stack.report",
+    "coder_stack.probe",
+}
 ROOMS = ("coder_stack.kubernetes", "coder_stack.litellm", "coder_stack.vllm", "coder_stack.orchestration")
 RANK = {"foundation": 0, "room": 1, "usecases": 2, "tasks": 3, "flows": 4, "app": 5}
 
 
+def within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
 def layer(module: str) -> str | None:
-    """The layer a project module belongs to (None: not ours, or the simulator)."""
+    """The layer a product module belongs to (None: not ours, or a development tool)."""
     if module in FOUNDATION or module == "coder_stack":
         return "foundation"
     if module.startswith(ROOMS):
         return "room"
-    if module.startswith("coder_stack.usecases"):
-        return "usecases"
-    if module.startswith("coder_stack.app"):
-        return "app"
-    if module == "tasks" or module.startswith("tasks."):
-        return "tasks"
-    if module == "flows" or module.startswith("flows."):
-        return "flows"
+    for name in ("usecases", "tasks", "flows", "app"):
+        if within(module, f"coder_stack.{name}"):
+            return name
     return None
 
 
+def is_devtool(module: str) -> bool:
+    return any(within(module, p) for p in DEVTOOLS.values())
+
+
 def room(module: str) -> str | None:
-    return next((r for r in ROOMS if module == r or module.startswith(r + ".")), None)
+    return next((r for r in ROOMS if within(module, r)), None)
 
 
 def module_name(path: Path, root: Path = ROOT) -> str:
+    """The installed name of a source file: its folder at the top mapped to its package."""
     rel = path.relative_to(root).with_suffix("")
     parts = list(rel.parts)
+    for folder, package in {**DEVTOOLS, **PRODUCT}.items():
+        top = tuple(folder.split("/"))
+        if tuple(parts[: len(top)]) == top:
+            parts = package.split(".") + parts[len(top) :]
+            break
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
+
+
+def folder_of(module: str, root: Path) -> Path:
+    """Where a module's package lives in the checkout (the inverse of module_name, for package names)."""
+    for folder, package in sorted({**PRODUCT, **DEVTOOLS}.items(), key=lambda kv: -len(kv[1])):
+        if within(module, package):
+            return root / folder / module[len(package) :].lstrip(".").replace(".", "/")
+    return root / module.replace(".", "/")
 
 
 def imports(path: Path, root: Path = ROOT) -> list[tuple[int, str]]:
@@ -64,7 +107,7 @@ def imports(path: Path, root: Path = ROOT) -> list[tuple[int, str]]:
                 base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
             out.append((node.lineno, base))
             # ``from coder_stack import x`` imports the module coder_stack.x
-            folder = root / base.replace(".", "/")
+            folder = folder_of(base, root)
             out += [
                 (node.lineno, f"{base}.{a.name}")
                 for a in node.names
@@ -73,23 +116,32 @@ def imports(path: Path, root: Path = ROOT) -> list[tuple[int, str]]:
     return out
 
 
-def sources(*tops: str, root: Path = ROOT) -> list[Path]:
-    return sorted(p for t in tops for p in (root / t).rglob("*.py"))
+def sources(*folders: str, root: Path = ROOT) -> list[Path]:
+    """Every .py file under the folders, not following links (coder_stack/flows is flows/, read once)."""
+    out = []
+    for f in folders:
+        base = root / f
+        for p in base.rglob("*.py"):
+            rel = p.relative_to(base).parts
+            if not any((base.joinpath(*rel[: i + 1])).is_symlink() for i in range(len(rel))):
+                out.append(p)
+    return sorted(out)
 
 
 def violations(root: Path = ROOT) -> list[str]:
     """Every import of the product tree under ``root`` that breaks the house rule."""
     wrong = []
-    for path in sources("coder_stack", "tasks", "flows", root=root):
+    for path in sources(*PRODUCT, root=root):
         me = module_name(path, root)
         mine = layer(me)
         if mine is None:
             wrong.append(f"{me} is in no layer: add it to the house rule in this test and the docs")
             continue
         for line, target in imports(path, root):
+            if is_devtool(target):
+                wrong.append(f"{me}:{line} imports the development tool {target}; the product never may")
+                continue
             theirs = layer(target)
-            if target.startswith("simstack") and mine != "app":
-                wrong.append(f"{me}:{line} imports the simulator ({target}); only the app may")
             if theirs is None or target == me:
                 continue
             if RANK[theirs] > RANK[mine]:
@@ -106,13 +158,23 @@ def test_product_imports_run_one_way() -> None:
     assert wrong == [], "\n".join(wrong)
 
 
+def test_the_folders_at_the_top_are_the_installed_packages() -> None:
+    """coder_stack/app, coder_stack/flows and coder_stack/tasks are links to the folders at the top (so the wheel,
+    mypy and a checkout's imports see one package), and nothing else at the top is a product package."""
+    for name in LINKS:
+        link = ROOT / "coder_stack" / name
+        assert link.is_symlink() and link.resolve() == (ROOT / name).resolve(), f"coder_stack/{name} -> ../{name}"
+    tops = {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()}
+    assert tops == {"coder_stack", "app", "flows", "tasks", "tests"}, tops
+
+
 def test_the_simulator_copies_no_product_logic() -> None:
     allowed = {"coder_stack.spec", "coder_stack.errors"}
     wrong = [
         f"{module_name(p)}:{line} imports {target}"
-        for p in sources("simstack")
+        for p in sources("devtools/simstack")
         for line, target in imports(p)
-        if target.startswith(("coder_stack", "flows", "tasks")) and target not in allowed and target != "coder_stack"
+        if within(target, "coder_stack") and target not in allowed and target != "coder_stack"
     ]
     assert wrong == [], "\n".join(wrong)
 
@@ -137,7 +199,12 @@ CLEAN_TREE = {
     "tasks/__init__.py": "",
     "tasks/smoke.py": "import coder_stack.usecases.keys\n",
     "flows/__init__.py": "",
-    "flows/common.py": "from tasks import smoke\n",
+    "flows/common.py": "from coder_stack.tasks import smoke\nfrom . import validate\n",
+    "flows/validate.py": "from .common import Run\n",
+    "app/__init__.py": "",
+    "app/cli.py": "from coder_stack.flows import validate\n",
+    "devtools/simstack/__init__.py": "",
+    "devtools/simstack/stack.py": "from coder_stack.spec import Spec\n",
 }
 
 
@@ -150,13 +217,22 @@ def test_the_checker_passes_a_tree_whose_imports_run_down(tmp_path: Path) -> Non
     ("rel", "text", "expected"),
     [
         # an upward import, hidden inside a function
-        ("coder_stack/usecases/keys.py", "def f():\n    from flows import common\n", "imports flows.common (flows)"),
+        (
+            "coder_stack/usecases/keys.py",
+            "def f():\n    from coder_stack.flows import common\n",
+            "imports coder_stack.flows.common (flows)",
+        ),
         # a relative upward import (tasks from a room, spelled relatively: resolved first)
         ("coder_stack/litellm/admin.py", "from ..usecases import keys\n", "coder_stack.usecases.keys (usecases)"),
+        # a relative import inside flows/ resolves to coder_stack.flows, and flows reaching up to the app fails
+        ("flows/validate.py", "from ..app import cli\n", "imports coder_stack.app.cli (app)"),
+        # tasks importing a flow
+        ("tasks/smoke.py", "from coder_stack.flows.common import Run\n", "(tasks) imports coder_stack.flows.common"),
         # one room reaching into another
         ("coder_stack/kubernetes/wait.py", "import coder_stack.litellm.admin\n", "the coder_stack.litellm room"),
-        # the simulator from below the app
-        ("tasks/smoke.py", "import simstack.standins\n", "imports the simulator"),
+        # the simulator from the product, even from the app
+        ("tasks/smoke.py", "import simstack.standins\n", "the development tool simstack.standins"),
+        ("app/cli.py", "from coder_stack_dev import demo\n", "the development tool coder_stack_dev"),
         # errors at the bottom importing the rest of the foundation
         ("coder_stack/errors.py", "from coder_stack import spec\n", "errors is the bottom of the house"),
         # a module in no layer

@@ -15,12 +15,12 @@ from pydantic import SecretStr
 import coder_stack.usecases.frontends as smoke_mod
 from coder_stack.errors import EndpointUnavailable, SmokeFailed, SpecError
 from coder_stack.spec import FrontendSpec, StackSpec
+from coder_stack.tasks import gateway as gateway_tasks
+from coder_stack.tasks import smoke as smoke_tasks
+from coder_stack.tasks._common import only_retriable
 from coder_stack.usecases.frontends import OPENWEBUI_KEY_SOURCE_CMD, OPENWEBUI_MODELS_CMD, smoke_frontends
 from coder_stack.usecases.keys import render_tabby_config
 from coder_stack.usecases.openwebui import PERSISTENT_CONFIG_PROBE_CMD
-from tasks import gateway as gateway_tasks
-from tasks import smoke as smoke_tasks
-from tasks._common import only_retriable
 
 SPEC = StackSpec()
 KEY = "sk-frontend-test-0123456789abcdef"

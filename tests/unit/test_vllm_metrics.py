@@ -9,11 +9,11 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
+from simstack.recordings import VLLM, exchange
 
 from coder_stack.errors import MetricsUnreadable
 from coder_stack.spec import Timeouts
 from coder_stack.vllm.metrics import Activity, Reading, activity_of, judge, parse_exposition, read_activity
-from simstack.recordings import VLLM, exchange
 
 RECORDED = exchange(VLLM, "metrics").body
 SERVED = "qwen2.5-coder-7b-instruct"

@@ -1,4 +1,5 @@
-"""The workday scenario's replay (coder_stack/app/bench/workday.py): what each policy bills and makes users wait.
+"""The workday scenario's replay (devtools/coder_stack_dev/bench/workday.py): what each policy bills and makes
+users wait.
 
 Every expectation below is derived from the inputs (the trace, prefect.yaml's schedules, the sim's Timings, the
 lease) rather than copied from a run.
@@ -9,8 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-
-from coder_stack.app.bench.workday import (
+from coder_stack_dev.bench.workday import (
     AGENT,
     CHAT,
     HOUR,
@@ -29,9 +29,10 @@ from coder_stack.app.bench.workday import (
     workday,
     workday_trace,
 )
+from simstack.timings import Timings, model_timings
+
 from coder_stack.orchestration.gpu import LEASE_SECONDS
 from coder_stack.spec import StackSpec
-from simstack.timings import Timings, model_timings
 
 T = Timings()
 SCHED = read_schedules()

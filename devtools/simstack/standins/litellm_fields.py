@@ -8,7 +8,7 @@ a constant of the proxy such as ``key_type: "default"``). A field marked ``REQUI
 logic computes (a key's name, its budget, a spend row's tokens and cost ...): it has no value here, and
 :func:`simstack.standins.litellm.mold` refuses an answer that leaves it uncomputed.
 
-The stand-in reads nothing from ``simstack/recordings`` at run time: these declarations are its own, written
+The stand-in reads nothing from ``devtools/simstack/recordings`` at run time: these declarations are its own, written
 down from what the real proxy answered, and ``tests/conformance`` holds every answer built from them to the
 recording. A field the real proxy has and this model lacks (or the other way round), or a value that differs,
 therefore fails the conformance check of every exchange it appears in, the ones this model was written from

@@ -21,19 +21,20 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-import flows.swap
-from coder_stack.app.bench.flows import bench_bringup, gpu_session_run, sequential_runbook
-from coder_stack.app.bench.rss import SimProcess
-from coder_stack.app.bench.simrec import SimRecorder
-from coder_stack.errors import PodFailed
-from coder_stack.orchestration.gpu import ensure_gpu_limit, gpu_session
-from coder_stack.spec import ModelSpec, PhaseBudgets, StackSpec, spec_yaml
-from flows.common import Connection
-from flows.swap import SwapOptions, swap_model
-from flows.validate import Stage, ValidateOptions, validate_coder_stack
 from simstack.stack import SimStack
 from simstack.standins import SimServices
 from simstack.timings import Timings, model_timings
+
+import coder_stack.flows.swap as swap_flow
+from coder_stack.errors import PodFailed
+from coder_stack.flows.common import Connection
+from coder_stack.flows.swap import SwapOptions, swap_model
+from coder_stack.flows.validate import Stage, ValidateOptions, validate_coder_stack
+from coder_stack.orchestration.gpu import ensure_gpu_limit, gpu_session
+from coder_stack.spec import ModelSpec, PhaseBudgets, StackSpec, spec_yaml
+from coder_stack_dev.bench.flows import bench_bringup, gpu_session_run, sequential_runbook
+from coder_stack_dev.bench.rss import SimProcess
+from coder_stack_dev.bench.simrec import SimRecorder
 
 # The wall clock and the monotonic clock, tied once (Prefect's task-run times are wall clock).
 _WALL_MINUS_MONO = time.time() - time.monotonic()
@@ -298,8 +299,8 @@ async def handoff(time_scale: float, n: int, log: Any) -> dict[str, Any]:
     """``n`` swap_model runs queued at once on one GPU, each to a different model."""
     spec = bench_spec(n, 1, weights_gb=3.1)
     sessions: list[dict[str, float]] = []
-    original = flows.swap.gpu_session
-    flows.swap.gpu_session = lambda timeout_s: _recording_session(sessions, timeout_s)  # type: ignore[assignment,misc]
+    original = swap_flow.gpu_session
+    swap_flow.gpu_session = lambda timeout_s: _recording_session(sessions, timeout_s)  # type: ignore[assignment,misc]
     try:
         with fresh_sim(time_scale, spec) as b:
             await ensure_gpu_limit(1)
@@ -314,7 +315,7 @@ async def handoff(time_scale: float, n: int, log: Any) -> dict[str, Any]:
             timeline = b.sim.timeline
             overcommit = b.rec.overcommit_live
     finally:
-        flows.swap.gpu_session = original
+        swap_flow.gpu_session = original
     failed = [r for r in results if not r.is_completed()]
     ups = sorted(t for t, ns, _n, r in timeline if ns == spec.serving_namespace and r == 1)
     sessions.sort(key=lambda s: s["enter"])

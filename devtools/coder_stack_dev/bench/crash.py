@@ -39,10 +39,10 @@ from prefect.client.schemas.sorting import FlowRunSort
 from prefect.settings import PREFECT_API_URL
 from prefect.states import Crashed
 
-from coder_stack.app.bench.scenarios import fresh_sim
 from coder_stack.app.setup import PROJECT_DIR, deploy_all, ensure_work_pools
+from coder_stack.flows.cleanup import GPU_FLOWS
 from coder_stack.orchestration.liveness import CRASH_AUTOMATION, LEASE_LABEL, RELEASED, ensure_crash_automation
-from flows.cleanup import GPU_FLOWS
+from coder_stack_dev.bench.scenarios import fresh_sim
 
 POOL = "coder-stack-process"
 # coder-chat's cold start (670 simulated s on an empty autoscaled pool) at least ~13 s: a tiny run's 1.3 s cold
@@ -51,8 +51,8 @@ MIN_TIME_SCALE = 0.02
 CLEANUP = "clean-up-crashed-run"
 VICTIM = """
 import asyncio, sys
-from flows.common import Connection
-from flows.validate import ValidateOptions, validate_coder_stack
+from coder_stack.flows.common import Connection
+from coder_stack.flows.validate import ValidateOptions, validate_coder_stack
 
 options = ValidateOptions(stages=["chat"])
 asyncio.run(validate_coder_stack(options=options, connection=Connection(kubeconfig=sys.argv[1])))

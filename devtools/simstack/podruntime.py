@@ -4,7 +4,7 @@
 pod in a temporary sandbox: the ServiceAccount token (bound to the pod's ``serviceAccountName`` in the API
 server's authorizer) and the cluster CA, ``KUBERNETES_SERVICE_HOST``/``KUBERNETES_SERVICE_PORT`` for the API
 server's TLS listener, and the cluster DNS names of the Services (resolved by the ``sitecustomize`` in
-``simstack/podshim`` for this process only). :class:`PodProcess` is one container's process: its command and
+``devtools/simstack/podshim`` for this process only). :class:`PodProcess` is one container's process: its command and
 args from the container spec, its environment, stdout and stderr into the container's log file, SIGTERM then
 SIGKILL after the grace period, and death with the simulated cluster.
 
@@ -79,7 +79,7 @@ class PodRuntime:
 
     async def sandbox(self, pod: Obj) -> tuple[dict[str, str], dict[str, str]]:
         """Prepare the pod's sandbox; the environment its containers get from the image and the node, and the
-        variables of the emulation (read by ``simstack/podshim/sitecustomize.py`` only)."""
+        variables of the emulation (read by ``devtools/simstack/podshim/sitecustomize.py`` only)."""
         meta = pod["metadata"]
         ns, name = meta["namespace"], meta["name"]
         box = self.root / "pods" / f"{ns}_{name}_{meta['uid']}"

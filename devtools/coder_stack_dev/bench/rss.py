@@ -1,8 +1,8 @@
 """Peak RSS of the flow process and of the simulated stack, each in its own process.
 
 The benchmark's main process runs the simulated clusters as threads beside the flows, so its own peak
-RSS mixes both. Here they are separated: ``python -m coder_stack.app.bench.rss sim`` runs one simulated cluster and
-``python -m coder_stack.app.bench.rss flows`` runs validate_coder_stack and then ``sessions`` GPU sessions at once
+RSS mixes both. Here they are separated: ``python -m coder_stack_dev.bench.rss sim`` runs one simulated cluster and
+``python -m coder_stack_dev.bench.rss flows`` runs validate_coder_stack and then ``sessions`` GPU sessions at once
 against it (the Prefect API from $PREFECT_API_URL); the parent reads each one's VmHWM.
 """
 
@@ -48,8 +48,9 @@ def rss_spec(sessions: int, gpus: int) -> StackSpec:
 
 
 def _sim_main(args: argparse.Namespace) -> None:
-    from coder_stack.app.bench.simrec import SimRecorder
     from simstack.stack import SimStack
+
+    from coder_stack_dev.bench.simrec import SimRecorder
 
     spec = load_spec(args.stack)
     with SimStack(spec=spec, time_scale=args.time_scale, gpu_pool="autoscaled", kubeconfig_path=args.kubeconfig) as sim:
@@ -66,7 +67,7 @@ def _sim_main(args: argparse.Namespace) -> None:
 
 
 class SimProcess:
-    """The simulated cluster in a child process (``python -m coder_stack.app.bench.rss sim``), as a real cluster is not
+    """The simulated cluster in a child process (``python -m coder_stack_dev.bench.rss sim``), as a real cluster is not
     in the flows' process: its CPU does not compete with the flows' for this process's GIL. What its
     recorder saw (GPU pods alive and bound, overcommits) comes back from :meth:`stop`."""
 
@@ -88,9 +89,9 @@ class SimProcess:
             raise RuntimeError(f"the simulated stack did not start: {line!r}")
 
     def cmd(self, role: str) -> list[str]:
-        """``python -m coder_stack.app.bench.rss ROLE`` on this cluster's stack file and kubeconfig."""
+        """``python -m coder_stack_dev.bench.rss ROLE`` on this cluster's stack file and kubeconfig."""
         files = ["--stack", str(self.stack), "--kubeconfig", str(self.kubeconfig)]
-        return [sys.executable, "-m", "coder_stack.app.bench.rss", role, *files]
+        return [sys.executable, "-m", "coder_stack_dev.bench.rss", role, *files]
 
     @property
     def pid(self) -> int:
@@ -109,10 +110,10 @@ class SimProcess:
 
 
 async def _flows_main(args: argparse.Namespace) -> dict[str, Any]:
-    from coder_stack.app.bench.flows import gpu_session_run
+    from coder_stack.flows.common import Connection
+    from coder_stack.flows.validate import Stage, ValidateOptions, validate_coder_stack
     from coder_stack.orchestration.gpu import ensure_gpu_limit
-    from flows.common import Connection
-    from flows.validate import Stage, ValidateOptions, validate_coder_stack
+    from coder_stack_dev.bench.flows import gpu_session_run
 
     spec = load_spec(args.stack)
     conn = Connection(kubeconfig=args.kubeconfig, stack_file=args.stack)
@@ -163,7 +164,7 @@ def measure(api_url: str, time_scale: float, sessions: int, gpus: int, timeout_s
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m coder_stack.app.bench.rss")
+    p = argparse.ArgumentParser(prog="python -m coder_stack_dev.bench.rss")
     p.add_argument("role", choices=["sim", "flows"])
     p.add_argument("--stack", required=True)
     p.add_argument("--kubeconfig", required=True)

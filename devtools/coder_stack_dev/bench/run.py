@@ -1,4 +1,4 @@
-"""``python -m coder_stack.app.bench.run [--quick] [--json PATH]``: the benchmark on the simulated stack.
+"""``python -m coder_stack_dev.bench.run [--quick] [--json PATH]``: the benchmark on the simulated stack.
 
 One ``prefect_test_harness()`` (a local Prefect API server on SQLite, in a subprocess) serves every
 flow of the run: it starts once (~15 s here) and nothing else shares it, so its latency is the API's,
@@ -232,7 +232,7 @@ PREFECT_GROUPS = GROUPS[:-1]  # the workday needs no Prefect server
 
 
 def run_workday(cfg: Config, log: Any, price: float, crash_cleanup_s: float) -> dict[str, Any]:
-    from coder_stack.app.bench import workday
+    from coder_stack_dev.bench import workday
 
     trace = workday.short_trace() if cfg.workday_trace == "short" else workday.workday_trace()
     t = time.monotonic()
@@ -248,8 +248,8 @@ def run_workday(cfg: Config, log: Any, price: float, crash_cleanup_s: float) -> 
 async def _run(cfg: Config, log: Any, only: tuple[str, ...] = PREFECT_GROUPS) -> dict[str, Any]:
     from prefect.settings import PREFECT_API_URL
 
-    from coder_stack.app.bench import rss, scenarios
     from coder_stack.orchestration.gpu import ensure_gpu_limit
+    from coder_stack_dev.bench import rss, scenarios
 
     res: dict[str, Any] = {}
     timing: dict[str, float] = {}
@@ -313,7 +313,7 @@ async def _run(cfg: Config, log: Any, only: tuple[str, ...] = PREFECT_GROUPS) ->
         lap("rss", t)
 
     if "crash" in only:
-        from coder_stack.app.bench import crash
+        from coder_stack_dev.bench import crash
 
         t = time.monotonic()
         reps = CRASH_REPS.get(cfg.name, 1)
@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
                 _quiet_prefect_console()
             res = asyncio.run(_run(cfg, log, prefect_groups))
     if "workday" in only:
-        from coder_stack.app.bench.workday import NODE_PRICE_PER_HOUR
+        from coder_stack_dev.bench.workday import NODE_PRICE_PER_HOUR
 
         price = args.workday_price if args.workday_price is not None else NODE_PRICE_PER_HOUR
         res.update(run_workday(cfg, log, price, args.crash_cleanup_s))
@@ -412,12 +412,12 @@ def main(argv: list[str] | None = None) -> int:
     res["targets"] = targets(res)
     res["config"] = asdict(cfg)
     res["machine"] = info
-    res["command"] = "python -m coder_stack.app.bench.run " + " ".join(argv if argv is not None else sys.argv[1:])
+    res["command"] = "python -m coder_stack_dev.bench.run " + " ".join(argv if argv is not None else sys.argv[1:])
     res["total_seconds"] = round(time.monotonic() - t_start, 1)
     Path(args.json).write_text(json.dumps(res, indent=2, default=str) + "\n")
     print(table(res))
     if "workday" in res:
-        from coder_stack.app.bench.workday import table as workday_table
+        from coder_stack_dev.bench.workday import table as workday_table
 
         print(("\n" if table(res) else "") + workday_table(res))
     print(f"\n{cfg.name} run: {res['total_seconds']:.0f} s; JSON written to {args.json}")

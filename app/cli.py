@@ -1,11 +1,13 @@
 """`coder-stack`: the runbook as commands. Each command runs a Prefect flow (visible in the UI when
-PREFECT_API_URL points at a server), or, for `sim`, the simulated stack."""
+PREFECT_API_URL points at a server). `demo`, `sim` and `bench` come from the development tools of a checkout
+(``devtools/``), added here through an entry point, never imported by the product."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -102,90 +104,6 @@ def spec(stack: StackOpt = None) -> None:
         _fail(e)
 
 
-@app.command()
-def sim(
-    kubeconfig: Annotated[Path, typer.Option("--kubeconfig", help="Where to write the sim's kubeconfig.")],
-    time_scale: Annotated[
-        float,
-        typer.Option(
-            "--time-scale", min=0.0001, max=10.0, help="Multiply every simulated duration (0.01: 10 min -> 6 s)."
-        ),
-    ] = 1.0,
-    fault: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--fault",
-            help="DEPLOYMENT=KIND with KIND one of crashloop, imagepull, oom, unschedulable, slow-node. Repeatable.",
-        ),
-    ] = None,
-    gpu_pool: Annotated[
-        str, typer.Option("--gpu-pool", help="autoscaled (GPU node provisioned on demand) or static.")
-    ] = "autoscaled",
-    exit_after: Annotated[
-        float | None, typer.Option("--exit-after", min=1, help="Stop by itself after this many seconds.")
-    ] = None,
-    project_image: Annotated[
-        str | None,
-        typer.Option(
-            "--project-image",
-            metavar="IMAGE",
-            help="Run this checkout as IMAGE, the flows' image (the one `coder-stack image` prints or the "
-            'coder-stack-k8s pool\'s, e.g. "$CODER_STACK_IMAGE"): a pod of IMAGE runs its command as a local '
-            "process in the checkout, with this environment's python and prefect, its ServiceAccount's token and "
-            "the cluster's DNS, so in-cluster Jobs really run. Any other image without a stand-in ends in "
-            "ImagePullBackOff, as on a real cluster that cannot pull it.",
-        ),
-    ] = None,
-    stack: StackOpt = None,
-) -> None:
-    """Serve a simulated cluster (Kubernetes API on 127.0.0.1) with the runbook's objects until interrupted."""
-    from coder_stack.app.setup import PROJECT_DIR
-    from simstack.controllers.faults import FAULTS as FAULT_KINDS
-    from simstack.stack import run_sim
-    from simstack.standins import has_standin
-
-    faults: dict[str, str] = {}
-    for f in fault or []:
-        name, _, kind = f.partition("=")
-        if not name or kind not in FAULT_KINDS:
-            _fail(CoderStackError(f"--fault {f!r}: expected DEPLOYMENT=KIND with KIND one of {', '.join(FAULT_KINDS)}"))
-        faults[name] = kind
-    if gpu_pool not in ("autoscaled", "static"):
-        _fail(CoderStackError(f"--gpu-pool {gpu_pool!r}: expected autoscaled or static"))
-    try:
-        spec_obj = load_spec(stack)
-    except CoderStackError as e:
-        _fail(e)
-        return
-    unknown = [n for n in faults if n not in {m.name for m in spec_obj.models} | {f.name for f in spec_obj.frontends}]
-    if unknown:
-        _fail(CoderStackError(f"--fault names unknown deployment(s) {unknown}"))
-    runnable: dict[str, str | Path] = {}
-    if project_image is not None:
-        if not project_image.strip() or any(c.isspace() for c in project_image):
-            _fail(CoderStackError(f"--project-image {project_image!r}: expected an image name, e.g. coder-stack:0.1.0"))
-        if has_standin(project_image):
-            _fail(CoderStackError(f"--project-image {project_image!r} is a stand-in's image; give the flows' image"))
-        if not (PROJECT_DIR / "prefect.yaml").is_file():
-            _fail(
-                CoderStackError(
-                    f"--project-image runs a checkout of coder-stack, and {PROJECT_DIR} is not one (no prefect.yaml): "
-                    "install coder-stack from its checkout (pip install -e .) to use it"
-                )
-            )
-        runnable[project_image] = PROJECT_DIR
-    run_sim(
-        kubeconfig,
-        time_scale=time_scale,
-        faults=faults,
-        gpu_pool=gpu_pool,
-        exit_after=exit_after,
-        spec=spec_obj,
-        runnable_images=runnable,
-    )
-
-
-# --------------------------------------------------------------------------------------- flows
 def _connection(
     stack: Path | None,
     kubeconfig: Path | None,
@@ -197,7 +115,7 @@ def _connection(
     runs (a worker may run it elsewhere); loading it here first refuses a bad one before any flow starts."""
     from pydantic import ValidationError
 
-    from flows.common import Connection
+    from coder_stack.flows.common import Connection
 
     _check_kubeconfig(kubeconfig)
     try:
@@ -257,7 +175,7 @@ def validate(
     """Run the whole runbook end to end (validate_coder_stack); leaves the GPU as it found it."""
     from pydantic import ValidationError
 
-    from flows.validate import ValidateOptions, validate_coder_stack
+    from coder_stack.flows.validate import ValidateOptions, validate_coder_stack
 
     stages = list(stage or ["chat", "fim"])
     if agent and "agent" not in stages:
@@ -288,7 +206,7 @@ def swap(
     credentials_block: CredentialsBlockOpt = None,
 ) -> None:
     """Give the GPU to MODEL: others to 0 (pods gone), MODEL up, ready, smoked, left serving."""
-    from flows.swap import SwapOptions, swap_model
+    from coder_stack.flows.swap import SwapOptions, swap_model
 
     conn, spec_obj = _connection(stack, kubeconfig, context, stack_block, credentials_block)
     _check(spec_obj.model, model)
@@ -310,7 +228,7 @@ def up(
     credentials_block: CredentialsBlockOpt = None,
 ) -> None:
     """Morning bring-up: keys, front-ends, the default model serving and smoked (bring_up)."""
-    from flows.bring_up import BringUpOptions, bring_up
+    from coder_stack.flows.bring_up import BringUpOptions, bring_up
 
     conn, spec_obj = _connection(stack, kubeconfig, context, stack_block, credentials_block)
     if model:
@@ -328,7 +246,7 @@ def down(
     credentials_block: CredentialsBlockOpt = None,
 ) -> None:
     """Evening teardown to $0: every GPU model and front-end to 0, verified. Never waits for the GPU limit."""
-    from flows.teardown import TeardownOptions, teardown
+    from coder_stack.flows.teardown import TeardownOptions, teardown
 
     _run_flow(
         teardown(
@@ -351,8 +269,8 @@ def cleanup(
     slot. A run still sending heartbeats is left alone: it decides once one heartbeat interval (plus 10 s) has
     passed since the run was marked dead, so it may wait up to ~40 s. Each model is changed only while it is still
     stamped with the dead run. Without the stack and cluster options, the dead run's own (from its parameters)."""
+    from coder_stack.flows.cleanup import clean_up_crashed_run
     from coder_stack.orchestration.liveness import parse_run_id
-    from flows.cleanup import clean_up_crashed_run
 
     try:
         parse_run_id(run_id)  # before a flow run (and a temporary Prefect server) is started for nothing
@@ -373,7 +291,7 @@ def reclaim(
     credentials_block: CredentialsBlockOpt = None,
 ) -> None:
     """Scale serving models idle for idle_after_s (nothing running or waiting, counters unchanged) to 0."""
-    from flows.reclaim import ReclaimOptions, reclaim_idle_models
+    from coder_stack.flows.reclaim import ReclaimOptions, reclaim_idle_models
 
     conn = _connection(stack, kubeconfig, context, stack_block, credentials_block)[0]
     _run_flow(reclaim_idle_models(options=ReclaimOptions(dry_run=dry_run), connection=conn))
@@ -391,7 +309,7 @@ def keys(
     credentials_block: CredentialsBlockOpt = None,
 ) -> None:
     """Mint or check the virtual keys and deliver them to Open WebUI, Tabby and the keystore (idempotent)."""
-    from flows.keys import KeyOptions, manage_keys
+    from coder_stack.flows.keys import KeyOptions, manage_keys
 
     conn, spec_obj = _connection(stack, kubeconfig, context, stack_block, credentials_block)
     for a in alias or []:
@@ -408,7 +326,7 @@ def spend(
     credentials_block: CredentialsBlockOpt = None,
 ) -> None:
     """Spend, budget and share used per virtual key."""
-    from flows.keys import report_spend
+    from coder_stack.flows.keys import report_spend
 
     _run_flow(report_spend(connection=_connection(stack, kubeconfig, context, stack_block, credentials_block)[0]))
 
@@ -424,12 +342,12 @@ def status(
     """Replicas and pod status per model and front-end, who holds the GPU limit, spend per key (read-only)."""
     from rich.table import Table
 
+    from coder_stack.flows.cleanup import GPU_FLOWS
     from coder_stack.orchestration.gpu import gpu_limit_status
+    from coder_stack.tasks.cluster import stack_status_task
+    from coder_stack.tasks.gateway import read_spend_task
     from coder_stack.usecases.holders import orphaned_models
     from coder_stack.usecases.idle import reclaimed_note
-    from flows.cleanup import GPU_FLOWS
-    from tasks.cluster import stack_status_task
-    from tasks.gateway import read_spend_task
 
     conn, spec_obj = _connection(stack, kubeconfig, context, stack_block, credentials_block)
     target = conn.cluster_target()
@@ -620,61 +538,44 @@ def image_hint(
     )
 
 
-@app.command()
-def demo(
-    keep_ui: Annotated[
-        bool, typer.Option("--keep-ui", help="Keep the Prefect server (UI) running after the demo until Ctrl-C.")
-    ] = False,
-    time_scale: Annotated[
-        float, typer.Option("--time-scale", min=0.0005, max=1.0, help="Simulated time factor (0.005: 10 min -> 3 s).")
-    ] = 0.005,
-    home: Annotated[Path, typer.Option("--home", help="Where the demo keeps its Prefect database.")] = Path(
-        ".coder-stack"
-    ),
-) -> None:
-    """Start the simulated stack and a local Prefect server, run validate_coder_stack with the agent stage."""
-    from coder_stack.app.demo import run_demo
-
-    raise typer.Exit(run_demo(home=home, time_scale=time_scale, keep_ui=keep_ui))
-
-
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def bench(
-    ctx: typer.Context,
-    quick: Annotated[bool, typer.Option("--quick", help="Fewer, shorter runs (under 3 minutes).")] = False,
-    json_path: Annotated[Path, typer.Option("--json", help="Where to write the results.")] = Path("bench-results.json"),
-    only: Annotated[
-        str | None,
-        typer.Option(
-            "--only",
-            help="Scenario groups to run, comma-separated: detect, validate, handoff, scale, rss, crash, workday.",
-        ),
-    ] = None,
-    prefect_api: Annotated[
-        str | None,
-        typer.Option(
-            "--prefect-api",
-            help="Run against this Prefect server (e.g. one on PostgreSQL) instead of a temporary SQLite one.",
-        ),
-    ] = None,
-    scale_time_scale: Annotated[
-        float | None,
-        typer.Option("--scale-time-scale", help="Time scale of the scale scenario only (full run: 0.005)."),
-    ] = None,
-) -> None:
-    """Benchmark the flows on the simulated stack against the usual ways (see BENCHMARKS.md)."""
-    from coder_stack.app.bench.run import main as bench_main
-
-    argv = (["--quick"] if quick else []) + ["--json", str(json_path), *ctx.args]
-    argv += ["--only", only] if only else []
-    argv += ["--prefect-api", prefect_api] if prefect_api else []
-    argv += ["--scale-time-scale", str(scale_time_scale)] if scale_time_scale is not None else []
-    raise typer.Exit(bench_main(argv))
-
-
 def main() -> None:  # pragma: no cover - console entry point
     try:
         app()
     except CoderStackError as e:
         console.print(Text.assemble(("error: ", "bold red"), one_line(e)), soft_wrap=True)
         sys.exit(1)
+
+
+# ------------------------------------------------------------------------------ development tools
+DEV_COMMANDS = ("demo", "sim", "bench")
+
+
+def _add_dev_commands() -> None:
+    """``demo``, ``sim`` and ``bench`` come from the development tools of a checkout (``./dev.sh`` installs
+    them), found through the ``coder_stack.commands`` entry point; the product never imports them. Without
+    them, each of those names is a command that says where to get it."""
+    for ep in entry_points(group="coder_stack.commands"):
+        ep.load()(app)
+    have = {c.name or (c.callback.__name__ if c.callback else "") for c in app.registered_commands}
+    for name in DEV_COMMANDS:
+        if name not in have:
+            app.command(name=name, hidden=True, context_settings=_ANY_ARGS)(_missing_dev_tool(name))
+
+
+_ANY_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+def _missing_dev_tool(name: str) -> Any:
+    def missing(ctx: typer.Context) -> None:
+        _fail(
+            CoderStackError(
+                f"`coder-stack {name}` is a development tool: it comes with a checkout of the coder-stack repository "
+                "(git clone ..., then ./dev.sh demo, or ./dev.sh shell for the environment), not with the "
+                "installed package or the flows' image"
+            )
+        )
+
+    return missing
+
+
+_add_dev_commands()

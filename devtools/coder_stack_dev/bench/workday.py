@@ -11,11 +11,11 @@ What the project's own code and numbers decide (in both):
 - the GPU node: it bills from the autoscaler's TriggeredScaleUp (the VM is created when provisioning
   starts) until the autoscaler removes it ``scale_down_unneeded_s`` after its last GPU pod is gone (a real
   cluster-autoscaler: 10 min unneeded); a pod waits ``node_provision_s`` for a new node, pulls the vLLM image
-  once per node, finds its weights on the model-cache PVC and starts (``simstack/timings.py``). The replay
+  once per node, finds its weights on the model-cache PVC and starts (``devtools/simstack/timings.py``). The replay
   models these steps with those durations; :class:`SimDay` and :func:`sim_check` run ``SimStack``'s own
   deployment controller, scheduler, kubelet and cluster-autoscaler;
 - the idle decision: at every reclaim tick the replay renders the stand-in vLLM's ``/metrics``
-  (``simstack/standins/vllm.py: Metrics``, whose counters the trace's requests move), parses it with
+  (``devtools/simstack/standins/vllm.py: Metrics``, whose counters the trace's requests move), parses it with
   ``coder_stack/vllm/metrics.py`` (``parse_exposition``, ``activity_of``) and judges it with ``judge`` and the
   spec's ``idle_after_s`` / ``idle_grace_s``, keeping the reading between ticks as the annotation string
   ``read_idleness`` keeps; :class:`SimDay` calls ``coder_stack/usecases/idle.py: read_idleness`` itself
@@ -57,14 +57,14 @@ from typing import Any
 
 import httpx
 import yaml
+from simstack.standins.vllm import Metrics
+from simstack.timings import Timings, model_timings
 
 from coder_stack.kubernetes.client import ClusterTarget, open_api
 from coder_stack.orchestration.gpu import LEASE_SECONDS
 from coder_stack.spec import StackSpec
 from coder_stack.usecases.idle import read_idleness
 from coder_stack.vllm.metrics import Reading, activity_of, judge, parse_exposition
-from simstack.standins.vllm import Metrics
-from simstack.timings import Timings, model_timings
 
 HOUR = 3600.0
 MINUTE = 60.0
@@ -314,7 +314,7 @@ class Day:
             for k in range(int(tr.end // tick) + 1):
                 self.at(k * tick + 1e-3, self._reclaim)  # just after the minute: after that minute's requests
 
-    # ---- the cluster: pods, the GPU node, the autoscaler (simstack/controllers: deployment, scheduler,
+    # ---- the cluster: pods, the GPU node, the autoscaler (devtools/simstack/controllers: deployment, scheduler,
     # kubelet, autoscaler; durations from Timings)
     def _node(self) -> _Node | None:
         return next((n for n in self.nodes if n.removed is None), None)

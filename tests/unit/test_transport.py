@@ -10,8 +10,8 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from coder_stack.http import RetryingTransport, bearer, error_detail, make_client, scrub_url
 from coder_stack.spec import Timeouts
+from coder_stack.transport import RetryingTransport, bearer, error_detail, make_client, scrub_url
 
 SECRET = "sk-http-test-secret-0123456789"
 
@@ -122,7 +122,7 @@ async def test_httpx_log_lines_never_carry_a_key_in_the_url_or_header(caplog: py
 
 
 def test_api_bodies_withhold_secret_values_in_objects_lists_and_non_json() -> None:
-    from coder_stack.http import redact_api_body
+    from coder_stack.transport import redact_api_body
 
     applied = {"kubectl.kubernetes.io/last-applied-configuration": '{"data":{"k":"c2VjcmV0"}}'}
     secret = {"kind": "Secret", "metadata": {"name": "s", "annotations": applied}, "data": {"k": "c2VjcmV0"}}

@@ -1,6 +1,6 @@
 """Stand-in for the vLLM OpenAI-compatible server (image ``vllm/vllm-openai``), as vLLM 0.32.0 answers.
 
-Held to the exchanges recorded from real vLLM 0.32.0 (``simstack/recordings/vllm-0.32.0.jsonl``, replayed by
+Held to the exchanges recorded from real vLLM 0.32.0 (``devtools/simstack/recordings/vllm-0.32.0.jsonl``, replayed by
 ``tests/conformance/test_vllm_conformance.py``): open ``/health`` (empty body), ``/version`` and ``/metrics``
 (every recorded ``vllm:*`` family), bearer auth on ``/v1/*`` only, every answer naming the first served
 name, vLLM's error bodies (400 "Bad Request" pydantic lists, 404 ``NotFoundError``, int ``code``), its
@@ -427,7 +427,7 @@ def _recorded_tokens(ex: Exchange) -> list[str]:
 
 @cache
 def recorded_answers() -> dict[tuple[str, str, str], Recorded]:
-    """(endpoint, prompt key, tool mode) -> the recorded answer, from simstack/recordings (vLLM 0.32.0)."""
+    """(endpoint, prompt key, tool mode) -> the recorded answer, from devtools/simstack/recordings (vLLM 0.32.0)."""
     out: dict[tuple[str, str, str], Recorded] = {}
     for ex in quotable(VLLM):  # held-out exchanges are matched by the stand-in's own logic
         body = ex.request.get("body")

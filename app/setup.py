@@ -27,6 +27,7 @@ from prefect.exceptions import ObjectNotFound
 from pydantic import BaseModel, Field
 
 from coder_stack.errors import ConfigError
+from coder_stack.flows.cleanup import GPU_FLOWS
 from coder_stack.kubernetes.client import ClusterTarget
 from coder_stack.orchestration.gpu import ensure_gpu_limit
 from coder_stack.orchestration.liveness import ensure_crash_automation
@@ -37,9 +38,8 @@ from coder_stack.orchestration.stack_block import (
     stack_block_exists,
 )
 from coder_stack.spec import StackSpec
-from flows.cleanup import GPU_FLOWS
 
-PROJECT_DIR = Path(__file__).resolve().parents[2]  # coder_stack/app/setup.py -> the checkout
+PROJECT_DIR = Path(__file__).resolve().parents[1]  # app/setup.py (coder_stack/app is a link to app/) -> the checkout
 PROCESS_POOL = "coder-stack-process"
 K8S_POOL = "coder-stack-k8s"
 POOLS = {PROCESS_POOL: "process", K8S_POOL: "kubernetes"}

@@ -172,7 +172,6 @@ def _run_demo(home: Path, time_scale: float, keep_ui: bool, signals: _Signals) -
         PREFECT_SERVER_ANALYTICS_ENABLED,
         temporary_settings,
     )
-
     from simstack.stack import SimStack
 
     t0 = time.monotonic()
@@ -242,9 +241,9 @@ def _drain_prefect_workers() -> None:
 
 
 async def _run_validate(kubeconfig: Path) -> Any:
+    from coder_stack.flows.common import Connection
+    from coder_stack.flows.validate import Stage, ValidateOptions, validate_coder_stack
     from coder_stack.orchestration.gpu import ensure_gpu_limit
-    from flows.common import Connection
-    from flows.validate import Stage, ValidateOptions, validate_coder_stack
 
     console.print(f"[bold]3/4[/] {await ensure_gpu_limit(1)}")
     console.print("[bold]4/4[/] running validate_coder_stack: chat, fim, agent")

@@ -115,7 +115,7 @@ class ServiceProxies:
     loopback address, 127.96.x.y) and every Service port a local forwarder on 127.0.0.1; the cluster DNS names of
     the Service (``<svc>.<ns>``, ``<svc>.<ns>.svc``, ``<svc>.<ns>.svc.<cluster domain>``, and ``<svc>`` from a pod
     in the same namespace) resolve to its address. The pod's process maps a connection to (address, Service
-    port) onto the forwarder (``simstack/podshim/sitecustomize.py``)."""
+    port) onto the forwarder (``devtools/simstack/podshim/sitecustomize.py``)."""
 
     def __init__(self, store: Store, backends: Backends, cluster_domain: str) -> None:
         self._store = store

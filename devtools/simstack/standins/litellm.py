@@ -55,7 +55,7 @@ _DURATION_RE = re.compile(r"^(\d+)(s|m|h|d|w|mo)$")
 
 # ------------------------------------------------------------------ field model
 # The answers of real LiteLLM 1.108.7 carry many fields the stand-in has no behaviour behind (team, org,
-# rotation ... all null/empty for these keys). simstack/standins/litellm_fields.py declares the field set of
+# rotation ... all null/empty for these keys). devtools/simstack/standins/litellm_fields.py declares the field set of
 # each answer and the value of every field no logic here decides; an answer is the stand-in's own values molded
 # into that declaration. Nothing is read from the recordings: conformance holds the result to them.
 _T_GENERATE = F.KEY_GENERATE

@@ -18,15 +18,15 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from coder_stack.errors import PodNotReady, WaitTimeout
+from coder_stack.flows.common import Connection, Run, record_ready, release, spend_lines
+from coder_stack.flows.validate import Stage, _smoke_stage
 from coder_stack.kubernetes.client import ClusterTarget, cluster_session, open_api
 from coder_stack.kubernetes.workloads import deployment_status
 from coder_stack.orchestration.gpu import gpu_session
 from coder_stack.report import RunReport
 from coder_stack.spec import ModelSpec
-from flows.common import Connection, Run, record_ready, release, spend_lines
-from flows.validate import Stage, _smoke_stage
-from tasks.cluster import preflight_task, scale_task, wait_frontend_ready_task, wait_model_ready_task
-from tasks.gateway import ensure_keys_task, gateway_ready_task, read_spend_task
+from coder_stack.tasks.cluster import preflight_task, scale_task, wait_frontend_ready_task, wait_model_ready_task
+from coder_stack.tasks.gateway import ensure_keys_task, gateway_ready_task, read_spend_task
 
 
 # ------------------------------------------------------------------ peers of wait_model_ready_task

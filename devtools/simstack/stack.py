@@ -89,7 +89,7 @@ class SimStack:
         self._services: SimServices | None = None
         self.cluster: Cluster | None = None
         self._started = False
-        # image -> working directory: pods of these images run as local processes (simstack/podruntime.py)
+        # image -> working directory: pods of these images run as local processes (devtools/simstack/podruntime.py)
         self._runnable = {image: Path(d).resolve() for image, d in (runnable_images or {}).items()}
         for image, d in self._runnable.items():
             if not d.is_dir():
