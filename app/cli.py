@@ -424,17 +424,15 @@ def doctor(
     credentials_block: CredentialsBlockOpt = None,
 ) -> None:
     """Check the gateway and the model servers before the morning run meets them (see DOCTOR_HELP)."""
-    from rich.text import Text
-
-    from coder_stack.usecases.doctor import doctor_cluster, render
+    from coder_stack.app.doctor_view import show
+    from coder_stack.usecases.doctor import doctor_cluster
 
     conn, spec_obj = _connection(stack, kubeconfig, context, stack_block, credentials_block)
     report = _run(doctor_cluster(conn.cluster_target(), spec_obj))
     if json_out:
         typer.echo(report.to_json())
     else:
-        out.print(render(report))
-        out.print(Text(report.summary(), style="bold" if report.ok else "bold red"))
+        show(out, report)
     raise typer.Exit(0 if report.ok else 1)
 
 

@@ -286,3 +286,58 @@ def test_cli_prints_brackets_as_text_and_exits_by_the_result(monkeypatch: pytest
     data = json.loads(res_json.output)
     assert data["ok"] is (not fail) and data["rows"][0]["seen"] == "[key] [bold]not markup[/bold]"
     assert res_json.exit_code == (1 if fail else 0)
+
+
+def test_the_doctor_library_imports_no_terminal_library() -> None:
+    """Showing a report on a terminal is the app's (app/doctor_view.py): no module of the doctor package
+    imports rich, typer or click, also inside a function."""
+    import ast
+    from pathlib import Path
+
+    package = Path(doctor.__file__).parent
+    modules = sorted(package.glob("*.py"))
+    assert {p.stem for p in modules} >= {"__init__", "rows", "gateway", "servers", "cluster"}, modules
+    wrong = []
+    for p in modules:
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            wrong += [f"{p.name}:{node.lineno} {n}" for n in names if n.split(".")[0] in {"rich", "typer", "click"}]
+    assert wrong == []
+
+
+def test_the_view_styles_each_status_and_prints_the_summary_after_the_rows() -> None:
+    import io
+
+    from rich.console import Console
+    from rich.text import Text
+
+    from coder_stack.app.doctor_view import STYLE, render, show
+
+    statuses: list[doctor.Status] = ["ok", "warn", "fail", "skipped"]
+    report = doctor.DoctorReport(
+        rows=[doctor.DoctorRow(name=f"check {s}", status=s, seen=f"[seen {s}]", todo=f"todo {s}") for s in statuses]
+    )
+    status_cells = [c for c in render(report).columns[1].cells if isinstance(c, Text)]
+    assert [(c.plain, c.style) for c in status_cells] == [(s, STYLE[s]) for s in statuses]
+
+    def shown(rep: doctor.DoctorReport) -> tuple[str, str]:
+        con = Console(file=io.StringIO(), record=True, width=160, force_terminal=True, color_system="truecolor")
+        show(con, rep)
+        return con.export_text(clear=False), con.export_text(styles=True).rstrip("\n").rsplit("\n", 1)[-1]
+
+    def styled(text: str, style: str) -> str:
+        con = Console(file=io.StringIO(), record=True, width=160, force_terminal=True, color_system="truecolor")
+        con.print(Text(text, style=style))
+        return con.export_text(styles=True).rstrip("\n")
+
+    text, summary_line = shown(report)
+    at = [text.index(f"check {s}") for s in statuses] + [text.index(report.summary())]
+    assert at == sorted(at) and "[seen fail]" in text  # brackets are text, not markup
+    assert not report.ok and summary_line == styled(report.summary(), "bold red")
+    fine = doctor.DoctorReport(rows=report.rows[:2])
+    assert fine.ok and shown(fine)[1] == styled(fine.summary(), "bold")

@@ -1,38 +1,29 @@
-"""`coder-stack doctor`: quick checks of the gateway and the model servers before the morning run meets them.
+"""The gateway's checks: it is ready and which LiteLLM it is; every alias the stack uses is in ``/model/info``,
+has prices and routes to the spec's Service; a throwaway key's whole lifecycle; whether a streamed FIM
+completion (as Tabby sends it) is metered.
 
 Read-only, except for throwaway virtual keys (alias ``coder-stack-doctor-<hex>``, tiny budget) that are
-always deleted again. No Prefect flow, no Prefect server.
-
-Two layers:
-
-- :func:`gateway_checks`, :func:`model_server_checks` and :func:`run_doctor` take an httpx client, the
-  master key and the spec (testable against any gateway, no cluster needed);
-- :func:`doctor_cluster` wires them to a cluster: reads the Secrets, the Deployments' replicas and opens
-  the endpoints (port-forward, in-cluster or URL overrides) as the flows do.
-
-Each check is a :class:`DoctorRow`: name, ``ok`` / ``warn`` / ``fail`` / ``skipped``, what was seen, what to
-do. No key value, header or master key ever goes into a row, a log line or an exception.
+always deleted again, even after a failed check. Takes an httpx client on the gateway and the master key
+(testable against any gateway, no cluster needed).
 """
 
 from __future__ import annotations
 
-import json
 import secrets
-from collections.abc import Awaitable, Callable, Collection, Mapping
-from contextlib import AsyncExitStack
-from typing import Any, Literal
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import httpx
 import openai
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import SecretStr
 
 from coder_stack.errors import CoderStackError, redact
 from coder_stack.litellm import admin as gateway
 from coder_stack.probe import fim_streamed
 from coder_stack.spec import ModelSpec, StackSpec
-from coder_stack.transport import bearer, error_detail, openai_client, scrub_url
+from coder_stack.transport import bearer, openai_client, scrub_url
 
-Status = Literal["ok", "warn", "fail", "skipped"]
+from .rows import DoctorRow, Rows, Status, answer, why
 
 KNOWN_LITELLM = "1.108.7"
 """The LiteLLM release the project's recordings (and so its expectations) come from."""
@@ -43,81 +34,6 @@ NOT_METERED = (
     "not metered: streamed FIM is logged at $0 — budgets do not limit Tabby; cap it with rpm/tpm limits on its "
     "key or use a LiteLLM that meters streamed completions"
 )
-
-
-class DoctorRow(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str = Field(max_length=120, description="What was checked.")
-    status: Status = Field(description="ok, warn, fail or skipped.")
-    seen: str = Field("", max_length=1200, description="What was seen (redacted).")
-    todo: str = Field("", max_length=600, description="What to do about it ('' when nothing).")
-
-
-class DoctorReport(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    rows: list[DoctorRow] = Field(default_factory=list, description="Every check, in order.")
-
-    def count(self, status: Status) -> int:
-        return sum(1 for r in self.rows if r.status == status)
-
-    @property
-    def ok(self) -> bool:
-        """Nothing failed (warnings and skips do not fail the doctor)."""
-        return self.count("fail") == 0
-
-    def summary(self) -> str:
-        parts = [f"{self.count(s)} {s}" for s in ("ok", "warn", "fail", "skipped")]
-        verdict = "nothing failed" if self.ok else "something failed: read the rows marked fail"
-        return f"doctor: {', '.join(parts)} — {verdict}"
-
-    def to_json(self) -> str:
-        return json.dumps(
-            {"ok": self.ok, "summary": self.summary(), "rows": [r.model_dump() for r in self.rows]}, indent=2
-        )
-
-
-class _Rows:
-    """Collects rows; every text is redacted (known secret values and anything shaped like a key)."""
-
-    def __init__(self, *secret_values: str) -> None:
-        self.rows: list[DoctorRow] = []
-        self._secrets = [s for s in secret_values if s]
-
-    def hide(self, *values: str) -> None:
-        self._secrets.extend(v for v in values if v)
-
-    def add(self, name: str, status: Status, seen: str = "", todo: str = "") -> DoctorRow:
-        row = DoctorRow(
-            name=redact(name, *self._secrets, limit=120),
-            status=status,
-            seen=redact(seen, *self._secrets, limit=1100),
-            todo=redact(todo, *self._secrets, limit=550),
-        )
-        self.rows.append(row)
-        return row
-
-
-def _why(e: BaseException) -> str:
-    """An exception as a short, redacted phrase (our own errors carry what to do; others only their type)."""
-    if isinstance(e, CoderStackError):
-        return e.message
-    if isinstance(e, openai.APIStatusError):
-        try:
-            raw: Any = e.response.content
-        except httpx.ResponseNotRead:
-            raw = e.body
-        etype, msg = error_detail(raw)
-        return f"answered {e.status_code} {etype}: {msg}".strip()
-    if isinstance(e, openai.APIConnectionError | httpx.TransportError):
-        return f"unreachable ({type(e.__cause__ or e).__name__})"
-    return f"{type(e).__name__}"
-
-
-def _answer(resp: httpx.Response) -> str:
-    etype, msg = error_detail(resp.content)
-    return f"{resp.status_code} {etype}: {msg}".strip().rstrip(":")
 
 
 class _VersionSeen:
@@ -175,7 +91,7 @@ def _serving_note(serving: Mapping[str, int] | None, model: ModelSpec) -> str | 
 # --------------------------------------------------------------------------------------------- gateway
 
 
-async def _check_models(gw: httpx.AsyncClient, master: SecretStr, spec: StackSpec, rows: _Rows) -> None:
+async def _check_models(gw: httpx.AsyncClient, master: SecretStr, spec: StackSpec, rows: Rows) -> None:
     aliases = stack_aliases(spec)
     deployments: dict[str, list[dict[str, Any]]] = {}
     try:
@@ -184,7 +100,7 @@ async def _check_models(gw: httpx.AsyncClient, master: SecretStr, spec: StackSpe
             deployments[a] = [e for e in entries if e.get("model_name") == a]
         prices = gateway.prices_of(entries)
     except CoderStackError as e:
-        rows.add("aliases in /model/info", "fail", _why(e), "fix the gateway (or the master key) and run doctor again")
+        rows.add("aliases in /model/info", "fail", why(e), "fix the gateway (or the master key) and run doctor again")
         return
     runtime = {m.alias for m in spec.models if m.register_at_runtime}
     missing = [a for a in aliases if not deployments[a]]
@@ -271,7 +187,7 @@ async def _chat_status(gw: httpx.AsyncClient, key: SecretStr, alias: str) -> htt
 
 
 async def _delete_throwaway(
-    gw: httpx.AsyncClient, master: SecretStr, minted: gateway.MintedKey | None, alias: str, rows: _Rows, name: str
+    gw: httpx.AsyncClient, master: SecretStr, minted: gateway.MintedKey | None, alias: str, rows: Rows, name: str
 ) -> None:
     """Delete a throwaway key (always, even after a failed check); a row only if that fails."""
     if minted is None:
@@ -282,13 +198,13 @@ async def _delete_throwaway(
         rows.add(
             name,
             "fail",
-            f"could not delete the throwaway key {alias!r}: {_why(e)}",
+            f"could not delete the throwaway key {alias!r}: {why(e)}",
             f"delete it: POST /key/delete with key_aliases [{alias}]",
         )
 
 
 async def _check_key_lifecycle(
-    gw: httpx.AsyncClient, master: SecretStr, spec: StackSpec, rows: _Rows, serving: Mapping[str, int] | None
+    gw: httpx.AsyncClient, master: SecretStr, spec: StackSpec, rows: Rows, serving: Mapping[str, int] | None
 ) -> None:
     chat = _chat_model(spec)
     alias = f"{DOCTOR_ALIAS_PREFIX}{secrets.token_hex(4)}"
@@ -315,7 +231,7 @@ async def _check_key_lifecycle(
         try:
             return await call()
         except (CoderStackError, httpx.HTTPError) as e:
-            add(name, "fail", _why(e), "fix the gateway's key handling (database connected?) and run doctor again")
+            add(name, "fail", why(e), "fix the gateway's key handling (database connected?) and run doctor again")
 
     try:
         minted = await attempt(
@@ -374,7 +290,7 @@ async def _check_key_lifecycle(
                 add(
                     steps[3],
                     "fail",
-                    f"{chat.alias} answered {_answer(resp)}",
+                    f"{chat.alias} answered {answer(resp)}",
                     f"read the gateway's log and the {chat.name} pod's",
                 )
 
@@ -414,7 +330,7 @@ async def _check_key_lifecycle(
 
         dead = await attempt(steps[7], lambda: _chat_status(gw, key, chat.alias))
         if dead.status_code == 401:
-            add(steps[7], "ok", f"refused: {_answer(dead)}")
+            add(steps[7], "ok", f"refused: {answer(dead)}")
         elif dead.is_success:
             add(
                 steps[7],
@@ -423,7 +339,7 @@ async def _check_key_lifecycle(
                 "the gateway caches keys: restart it; rotated keys would keep working",
             )
         else:
-            add(steps[7], "warn", f"answered {_answer(dead)} (expected 401 token_not_found_in_db)")
+            add(steps[7], "warn", f"answered {answer(dead)} (expected 401 token_not_found_in_db)")
     except _Stop:
         pass
     finally:
@@ -434,7 +350,7 @@ async def _check_key_lifecycle(
 
 
 async def _check_fim_metering(
-    gw: httpx.AsyncClient, master: SecretStr, spec: StackSpec, rows: _Rows, serving: Mapping[str, int] | None
+    gw: httpx.AsyncClient, master: SecretStr, spec: StackSpec, rows: Rows, serving: Mapping[str, int] | None
 ) -> None:
     name = "streamed FIM metering"
     fim = _fim_model(spec)
@@ -460,7 +376,7 @@ async def _check_fim_metering(
             oai = openai_client(gw, str(gw.base_url), minted.key, spec.timeouts)
             _text, _usage, ident = await fim_streamed(oai, fim.alias)
         except (openai.OpenAIError, httpx.HTTPError) as e:
-            rows.add(name, "fail", f"streamed /v1/completions to {fim.alias}: {_why(e)}", "read the gateway's log")
+            rows.add(name, "fail", f"streamed /v1/completions to {fim.alias}: {why(e)}", "read the gateway's log")
             return
         if not token or not ident:
             rows.add(name, "warn", "cannot match the stream to a spend-log entry (no key hash or no completion id)")
@@ -486,7 +402,7 @@ async def _check_fim_metering(
         else:
             rows.add(name, "ok", f"metered: ${spend:g} for {tokens} tokens")
     except CoderStackError as e:
-        rows.add(name, "fail", _why(e), "fix the gateway and run doctor again")
+        rows.add(name, "fail", why(e), "fix the gateway and run doctor again")
     finally:
         await _delete_throwaway(gw, master, minted, alias, rows, "streamed FIM: clean-up")
 
@@ -500,11 +416,11 @@ async def gateway_checks(
 ) -> list[DoctorRow]:
     """The gateway's rows. ``gw`` is a client on the gateway (base URL without ``/v1``); ``serving`` gives
     replicas per model name (None: unknown, so the checks that need a model answering are skipped)."""
-    rows = _Rows(master.get_secret_value())
+    rows = Rows(master.get_secret_value())
     try:
         await gateway.gateway_ready(gw)
     except CoderStackError as e:
-        rows.add("gateway ready", "fail", _why(e), "check the litellm pod, its database and the endpoint")
+        rows.add("gateway ready", "fail", why(e), "check the litellm pod, its database and the endpoint")
         for n in ("gateway version", "aliases in /model/info", "key lifecycle", "streamed FIM metering"):
             rows.add(n, "skipped", "the gateway is not ready")
         return rows.rows
@@ -536,188 +452,10 @@ async def gateway_checks(
     return out
 
 
-# --------------------------------------------------------------------------------------------- model servers
-
-
-async def model_server_checks(
-    http: httpx.AsyncClient,
-    spec: StackSpec,
-    vllm_key: SecretStr | None,
-    replicas: Mapping[str, int],
-    urls: Mapping[str, str],
-    *,
-    key_problem: str = "",
-) -> list[DoctorRow]:
-    """Per model: ``/health``, ``/version``, its served name in ``/v1/models`` (with the vLLM key), when its
-    Deployment has replicas > 0 (``replicas`` per model name, ``urls`` its base URL without ``/v1``)."""
-    rows = _Rows(vllm_key.get_secret_value() if vllm_key else "")
-    for m in spec.models:
-        n = replicas.get(m.name, 0)
-        if n <= 0:
-            rows.add(f"model {m.name}", "skipped", "not serving (replicas 0)")
-            continue
-        base = urls.get(m.name)
-        if not base:
-            rows.add(f"model {m.name}", "fail", f"replicas {n} but no endpoint to reach it", "check its Service")
-            continue
-        base = base.rstrip("/")
-        try:
-            r = await http.get(f"{base}/health")
-            if r.status_code == 200:
-                rows.add(f"model {m.name}: /health", "ok", "200")
-            else:
-                rows.add(f"model {m.name}: /health", "fail", _answer(r), f"read the {m.name} pod's log")
-            r = await http.get(f"{base}/version")
-            version = ""
-            if r.status_code == 200:
-                try:
-                    version = str((r.json() or {}).get("version") or "")
-                except (ValueError, AttributeError):
-                    version = ""
-            if version:
-                rows.add(f"model {m.name}: /version", "ok", f"vLLM {redact(version, limit=40)}")
-            else:
-                rows.add(f"model {m.name}: /version", "warn", f"no version in the answer ({_answer(r)})")
-        except httpx.HTTPError as e:
-            rows.add(
-                f"model {m.name}: /health",
-                "fail",
-                f"{scrub_url(base)} {_why(e)}",
-                f"replicas {n}: is a pod Ready? (kubectl -n {spec.serving_namespace} get pods)",
-            )
-            continue
-        if vllm_key is None:
-            rows.add(
-                f"model {m.name}: served name",
-                "fail",
-                key_problem or "no vLLM key to ask /v1/models with",
-                f"create the Secret {spec.vllm_key.namespace}/{spec.vllm_key.name} key {spec.vllm_key.key}",
-            )
-            continue
-        try:
-            r = await http.get(f"{base}/v1/models", headers=bearer(vllm_key))
-        except httpx.HTTPError as e:
-            rows.add(f"model {m.name}: served name", "fail", _why(e), f"read the {m.name} pod's log")
-            continue
-        if r.status_code == 401:
-            rows.add(
-                f"model {m.name}: served name",
-                "fail",
-                f"/v1/models refused the vLLM key ({_answer(r)})",
-                f"the pod's --api-key differs from {spec.vllm_key.namespace}/{spec.vllm_key.name}: restart it",
-            )
-            continue
-        try:
-            ids = [str(d.get("id")) for d in r.json().get("data") or [] if isinstance(d, dict)]
-        except (ValueError, AttributeError):
-            ids = []
-        if r.status_code == 200 and m.served_model_name in ids:
-            rows.add(f"model {m.name}: served name", "ok", f"/v1/models lists {m.served_model_name}")
-        else:
-            rows.add(
-                f"model {m.name}: served name",
-                "fail",
-                f"/v1/models ({r.status_code}) lists {ids}, not {m.served_model_name!r}",
-                "make --served-model-name and spec.models[].served_model_name agree",
-            )
-    return rows.rows
-
-
-async def run_doctor(
-    gw: httpx.AsyncClient,
-    master: SecretStr,
-    spec: StackSpec,
-    *,
-    serving: Mapping[str, int] | None = None,
-    vllm_key: SecretStr | None = None,
-    model_urls: Mapping[str, str] | None = None,
-    http: httpx.AsyncClient | None = None,
-) -> DoctorReport:
-    """Gateway checks, then model-server checks when ``serving`` (replicas per model) is known."""
-    rows = await gateway_checks(gw, master, spec, serving=serving)
-    if serving is not None:
-        rows += await model_server_checks(http or gw, spec, vllm_key, serving, model_urls or {})
-    return DoctorReport(rows=rows)
-
-
-# --------------------------------------------------------------------------------------------- cluster wiring
-
-
-async def doctor_cluster(target: Any, spec: StackSpec) -> DoctorReport:
-    """Read the master and vLLM keys from their Secrets and the models' replicas from their Deployments,
-    open the gateway and the serving models' endpoints as the spec says, and run every check."""
-    from coder_stack.kubernetes.client import open_api
-    from coder_stack.kubernetes.workloads import deployment_status
-    from coder_stack.transport import make_client
-    from coder_stack.usecases.endpoints import open_endpoint, open_gateway, read_ref
-
-    pre = _Rows()
-    async with open_api(target) as api, AsyncExitStack() as stack:
-        replicas: dict[str, int] = {}
-        for m in spec.models:
-            try:
-                replicas[m.name] = (await deployment_status(api, spec.serving_namespace, m.name)).replicas
-            except CoderStackError as e:
-                pre.add(f"model {m.name}", "fail", _why(e), "apply the stack's manifests")
-        vllm_key: SecretStr | None = None
-        key_problem = ""
-        if any(n > 0 for n in replicas.values()):
-            try:
-                vllm_key = await read_ref(api, spec.vllm_key)
-            except CoderStackError as e:
-                key_problem = _why(e)
-        urls: dict[str, str] = {}
-        for m in spec.models:
-            if replicas.get(m.name, 0) > 0:
-                try:
-                    urls[m.name] = await stack.enter_async_context(open_endpoint(api, spec, m.name))
-                except CoderStackError as e:
-                    pre.add(f"model {m.name}: endpoint", "fail", _why(e), "check its Service and pods")
-        try:
-            master = await read_ref(api, spec.master_key)
-            gw = await stack.enter_async_context(open_gateway(api, spec))
-        except CoderStackError as e:
-            pre.add("gateway ready", "fail", _why(e), "check the litellm Secret, Service and pod")
-            rows: list[DoctorRow] = []
-        else:
-            rows = await gateway_checks(gw, master, spec, serving=replicas)
-        http = await stack.enter_async_context(make_client(spec.timeouts, attempts=2, max_wait_s=2.0))
-        rows += await model_server_checks(http, spec, vllm_key, replicas, urls, key_problem=key_problem)
-    return DoctorReport(rows=pre.rows + rows)
-
-
-# --------------------------------------------------------------------------------------------- output
-
-_STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red", "skipped": "dim"}
-
-
-def render(report: DoctorReport) -> Any:
-    """A rich Table of the rows; every cell is plain Text (messages hold ``[...]`` that markup would eat)."""
-    from rich.table import Table
-    from rich.text import Text
-
-    t = Table(title="coder-stack doctor")
-    for col in ("check", "status", "seen", "what to do"):
-        t.add_column(col)
-    for r in report.rows:
-        t.add_row(Text(r.name), Text(r.status, style=_STYLE[r.status]), Text(r.seen), Text(r.todo))
-    return t
-
-
-def selected(rows: Collection[DoctorRow], prefix: str) -> list[DoctorRow]:
-    return [r for r in rows if r.name.startswith(prefix)]
-
-
 __all__ = [
     "DOCTOR_ALIAS_PREFIX",
+    "KNOWN_LITELLM",
     "NOT_METERED",
-    "DoctorReport",
-    "DoctorRow",
-    "doctor_cluster",
     "gateway_checks",
-    "model_server_checks",
-    "render",
-    "run_doctor",
-    "selected",
     "stack_aliases",
 ]
