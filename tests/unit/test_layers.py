@@ -247,3 +247,17 @@ def test_the_checker_catches_a_wrong_arrow(tmp_path: Path, rel: str, text: str, 
     me = module_name(tmp_path / rel, tmp_path)
     assert any(expected in w for w in wrong), wrong
     assert all(w.startswith(me) for w in wrong), wrong
+
+
+TERMINAL = ("rich", "typer", "click")
+
+
+def test_only_the_app_talks_to_a_terminal() -> None:
+    """The library, the tasks and the flows return typed results; rendering them for a person is the app's."""
+    wrong = [
+        f"{module_name(p)}:{line} imports {target}"
+        for p in sources("coder_stack", "flows", "tasks")
+        for line, target in imports(p)
+        if any(within(target, t) for t in TERMINAL)
+    ]
+    assert wrong == [], "\n".join(wrong)
