@@ -589,3 +589,15 @@ def test_the_stand_in_reads_no_recording() -> None:
         source = Path(str(module.__file__)).read_text()
         assert "simstack.recordings" not in source and "recordings import" not in source, module.__name__
     assert QUOTED[LITELLM] == frozenset()
+
+
+def test_no_module_of_the_split_stand_in_reads_a_recording() -> None:
+    """The stand-in is a package of one module per concern: each of them (not only its ``__init__``, which
+    the test above reads) is its own code, importing nothing from simstack.recordings."""
+    package = Path(str(litellm_standin.__file__)).parent
+    sources = sorted(package.glob("*.py"))
+    names = {p.stem for p in sources}
+    assert {"__init__", "app", "keys", "models", "spend", "routing"} <= names, names
+    for path in sources:
+        source = path.read_text()
+        assert "simstack.recordings" not in source and "recordings import" not in source, path.name
