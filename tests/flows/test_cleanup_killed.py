@@ -36,7 +36,7 @@ from tests.flows.test_crash_cleanup import (
     stamp_and_scale,
 )
 from tests.flows.test_status_holders import status
-from tests.kits.flowkit import PROJECT, conn, flow_process_env, gpu_pods, replicas, until
+from tests.kits.flowkit import PROJECT, conn, flow_process_env, gpu_pods, replicas, sigkill, until
 
 pytestmark = pytest.mark.usefixtures("gpu_limit")
 
@@ -112,12 +112,8 @@ async def test_a_cleanup_killed_mid_way_leaves_its_remains_named_by_status_and_t
         stop = f"{HOOK} coder-fim" if point == "before-unstamp" else f"{HOOK} the slot release"
         await until(lambda: stop in log.read_text() or proc.poll() is not None, 120, f"the clean-up at {point}")
         assert proc.poll() is None, log.read_text()[-3000:]
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        sigkill(proc)
     assert proc.returncode == -signal.SIGKILL
 
     # What the killed clean-up left: its scale-down done (coder-fim at 0, no pod), the dead run's slot still held;

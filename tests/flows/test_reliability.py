@@ -76,6 +76,7 @@ from tests.kits.flowkit import (
     latest_run_of,
     replicas,
     scaled_up,
+    sigkill,
     start_flow_process,
     until,
 )
@@ -452,12 +453,8 @@ async def test_sigkill_mid_session_is_cleaned_up_by_the_teardown_which_reports_w
         await until(lambda: scaled_up(sim, "coder-chat") or proc.poll() is not None, 60, "coder-chat scaled up")
         assert proc.poll() is None, log.read_text()[-3000:]
         await until(lambda: gpu_pods(sim), 10, "a coder-chat pod")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        sigkill(proc)
     assert proc.returncode == -signal.SIGKILL
     # Nothing ran on the way out: the model is still scaled up (that is the point of the backstop).
     await asyncio.sleep(0.5)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +21,8 @@ from typing import Any
 from uuid import UUID
 
 import httpx
+from coder_stack_dev.processes import sigkill as sigkill  # the tests kill their flow processes with it
+from coder_stack_dev.processes import stop_group
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 from prefect.client.schemas.objects import State
@@ -117,20 +118,6 @@ class PrefectServer:
     def restart(self) -> None:
         self.stop()
         self.start()
-
-
-def stop_group(proc: subprocess.Popen[bytes], grace_s: float = 15) -> None:
-    """SIGTERM a process started with ``start_new_session`` and its group; SIGKILL after ``grace_s``."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def flow_process_env(prefect_api: str, tmp_path: Path) -> dict[str, str]:

@@ -1,5 +1,5 @@
-"""The workday scenario's replay (devtools/coder_stack_dev/bench/workday.py): what each policy bills and makes
-users wait.
+"""The workday scenario's replay (devtools/coder_stack_dev/bench/workday/): what each policy bills and makes
+users wait; the package's modules import one way; the dev tools find their checkout once.
 
 Every expectation below is derived from the inputs (the trace, prefect.yaml's schedules, the sim's Timings, the
 lease) rather than copied from a run.
@@ -7,14 +7,19 @@ lease) rather than copied from a run.
 
 from __future__ import annotations
 
+import ast
 from dataclasses import replace
+from pathlib import Path
 
+import coder_stack_dev.bench.workday as workday_pkg
 import pytest
+from coder_stack_dev import CHECKOUT, find_checkout
 from coder_stack_dev.bench.workday import (
     AGENT,
     CHAT,
     HOUR,
     MINUTE,
+    PREFECT_YAML,
     Policy,
     Result,
     Schedules,
@@ -166,3 +171,30 @@ def test_a_normal_end_restores_chat_and_frees_the_slot() -> None:
     )
     assert not r.cold_starts  # chat back before the users: nobody waits
     assert HOUR > 0 and AGENT in {w.split()[0] for _, w in r.events}
+
+
+# the workday package's modules, each importing only those before it (the docstring of its __init__ says so)
+LAYERS = ("schedules", "trace", "policy", "result", "day", "simday", "check", "scenario", "report")
+
+
+def test_the_workday_modules_import_one_way() -> None:
+    folder = Path(workday_pkg.__file__).parent
+    assert {p.stem for p in folder.glob("*.py")} == {"__init__", *LAYERS}  # a new module gets a place here
+    for i, name in enumerate(LAYERS):
+        tree = ast.parse((folder / f"{name}.py").read_text())
+        names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        used = {m.split(".")[3] for m in names if m.startswith("coder_stack_dev.bench.workday.")}
+        assert used <= set(LAYERS[:i]), (name, sorted(used - set(LAYERS[:i])))
+    # no module is shadowed by a function of the same name that the package exports
+    assert not set(LAYERS) & set(workday_pkg.__all__)
+
+
+def test_the_dev_tools_find_prefect_yaml_in_their_checkout(tmp_path: Path) -> None:
+    assert PREFECT_YAML == CHECKOUT / "prefect.yaml" and PREFECT_YAML.is_file()
+    assert (CHECKOUT / "devtools" / "coder_stack_dev" / "__init__.py").is_file()
+    installed = tmp_path / "site-packages" / "coder_stack_dev" / "__init__.py"  # not in place in a checkout
+    with pytest.raises(RuntimeError, match=r"has no prefect.yaml.*pip install -e ./devtools"):
+        find_checkout(installed)
+    (tmp_path / "prefect.yaml").write_text("deployments: []\n")
+    assert find_checkout(installed) == tmp_path

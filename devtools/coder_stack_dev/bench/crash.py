@@ -12,9 +12,7 @@ and never below ``MIN_TIME_SCALE``: the victim must still be in its cold start w
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -43,6 +41,7 @@ from coder_stack.app.setup import PROJECT_DIR, deploy_all, ensure_work_pools
 from coder_stack.flows.cleanup import GPU_FLOWS
 from coder_stack.orchestration.liveness import CRASH_AUTOMATION, LEASE_LABEL, RELEASED, ensure_crash_automation
 from coder_stack_dev.bench.scenarios import fresh_sim
+from coder_stack_dev.processes import sigkill, stop_group
 
 POOL = "coder-stack-process"
 # coder-chat's cold start (670 simulated s on an empty autoscaled pool) at least ~13 s: a tiny run's 1.3 s cold
@@ -69,18 +68,6 @@ def _env(api_url: str, home: Path) -> dict[str, str]:
         PREFECT_LOGGING_LEVEL="WARNING",
     )
     return env
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def _serving(sim: Any, model: str) -> tuple[int, int]:
@@ -148,12 +135,8 @@ async def one_kill(time_scale: float, env: dict[str, str], log: Any, timeout_s: 
                     else (f"ended (exit code {proc.returncode}) before it was seen holding the GPU mid cold start")
                 )
                 raise RuntimeError(f"the victim {how}: {out.read()[-2000:]!r}")
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(10)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            sigkill(proc)  # the kill itself, or, after a failure, no victim left behind
         t_kill = time.monotonic()
         gpu_s = slot_s = crashed_s = None
         while time.monotonic() - t_kill < timeout_s and None in (gpu_s, slot_s, crashed_s):
@@ -235,7 +218,7 @@ async def crash(time_scale: float, reps: int, log: Any) -> dict[str, Any]:
                 env.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")
                 kills = [await one_kill(time_scale, env, log) for _ in range(reps)]
             finally:
-                _stop(worker)
+                stop_group(worker)
     med = {k: round(statistics.median(x[k] for x in kills), 1) for k in ("crashed_s", "gpu0_s", "slot_free_s")}
     return {
         "crash_kills": [{k: round(v, 1) for k, v in x.items()} for x in kills],

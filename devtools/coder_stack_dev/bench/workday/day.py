@@ -1,0 +1,429 @@
+"""The discrete-event replay of one policy's day in simulated time (:class:`Day`): the GPU node and its
+autoscaler, the pods, the GPU slot, the idle verdict of the project's own metrics code, the killed run."""
+
+from __future__ import annotations
+
+import functools
+import heapq
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from simstack.standins.vllm import Metrics
+from simstack.timings import Timings, model_timings
+
+from coder_stack.orchestration.gpu import LEASE_SECONDS
+from coder_stack.spec import StackSpec
+from coder_stack.vllm.metrics import Reading, activity_of, judge, parse_exposition
+from coder_stack_dev.bench.workday.policy import Policy
+from coder_stack_dev.bench.workday.result import Result
+from coder_stack_dev.bench.workday.schedules import MINUTE, Schedules, hm, read_schedules
+from coder_stack_dev.bench.workday.trace import Trace
+
+CHAT = "coder-chat"
+AGENT = "coder-agent"
+
+
+@dataclass
+class Pod:
+    model: str
+    created: float
+    node: str | None = None
+    ready_at: float | None = None
+    terminating: bool = False
+    metrics: Metrics | None = None
+
+
+@dataclass
+class GpuNode:
+    name: str
+    requested: float
+    ready: float | None = None
+    image_cached: bool = False
+    idle_since: float | None = None
+    removed: float | None = None
+
+
+class Day:
+    """One policy's day, event by event, in simulated seconds since midnight."""
+
+    def __init__(
+        self, policy: Policy, trace: Trace, schedules: Schedules, spec: StackSpec | None = None,
+        timings: Timings | None = None, lease_s: float = LEASE_SECONDS,
+    ) -> None:  # fmt: skip
+        self.p, self.trace, self.sched = policy, trace, schedules
+        spec = spec or StackSpec()
+        if policy.idle_after_s is not None:
+            spec = spec.model_copy(update={"idle_after_s": policy.idle_after_s})
+        self.spec = spec
+        self.t = timings or Timings()
+        self.lease_s = lease_s
+        self.date = datetime(2026, 12, 1, tzinfo=UTC)
+        self.now = 0.0
+        self._q: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+        self.replicas: dict[str, int] = {m.name: 0 for m in spec.models}
+        self.pods: dict[str, Pod] = {}  # model -> its pod (not terminating)
+        self.terminating: list[Pod] = []
+        self.nodes: list[GpuNode] = []
+        self.annotations: dict[str, str] = {}  # model -> kept reading (coder-stack.io/activity)
+        self.slot: str | None = None  # who holds the GPU slot
+        self.slot_queue: list[tuple[str, Callable[[], None]]] = []
+        self.waiting: list[float] = []  # requests waiting for coder-chat
+        self.bringing_back: float | None = None  # first waiting request of the bring-back under way
+        self.cold_starts: list[dict[str, Any]] = []
+        self.request_wait_s = 0.0
+        self.reclaims: list[dict[str, str]] = []
+        self.events: list[tuple[float, str]] = []
+        self.killed: dict[str, Any] = {}
+        self._on_ready: dict[str, list[Callable[[], None]]] = {}
+        self._on_gone: dict[str, list[Callable[[], None]]] = {}
+
+    # ---- event loop
+    def at(self, t: float, fn: Callable[[], None]) -> None:
+        heapq.heappush(self._q, (t, next(self._seq), fn))
+
+    def log(self, what: str) -> None:
+        self.events.append((self.now, what))
+
+    def run(self) -> Result:
+        self._seed()
+        while self._q:
+            t, _, fn = heapq.heappop(self._q)
+            if t > self.trace.end:
+                break
+            self.now = t
+            fn()
+        return self._result()
+
+    def _seed(self) -> None:
+        p, tr, s = self.p, self.trace, self.sched
+        self.at(p.up_s, self._morning)
+        self.at(p.down_s, self._evening)
+        for r in tr.requests:
+            self.at(r, functools.partial(self._request, r))
+        self.at(tr.killed_start, self._validate_start)
+        self.at(tr.kill_at, self._validate_end)
+        if p.flows and p.idle_after_s is not None:
+            tick = s.reclaim_every_s
+            for k in range(int(tr.end // tick) + 1):
+                self.at(k * tick + 1e-3, self._reclaim)  # just after the minute: after that minute's requests
+
+    # ---- the cluster: pods, the GPU node, the autoscaler (devtools/simstack/controllers: deployment, scheduler,
+    # kubelet, autoscaler; durations from Timings)
+    def _node(self) -> GpuNode | None:
+        return next((n for n in self.nodes if n.removed is None), None)
+
+    def scale(self, model: str, replicas: int, why: str = "") -> None:
+        if self.replicas[model] == replicas:
+            return
+        self.replicas[model] = replicas
+        self.log(f"{model} scaled to {replicas}" + (f" ({why})" if why else ""))
+        if replicas == 0 and model == AGENT and self.now >= self.trace.kill_at and "agent_until" not in self.killed:
+            self.killed["agent_until"] = hm(self.now)
+            self.killed["agent_min_after_kill"] = round((self.now - self.trace.kill_at) / MINUTE, 1)
+            self.killed["agent_stopped_by"] = why
+        self._apply(model, replicas)
+
+    def _has_pods(self, model: str) -> bool:
+        """A pod of ``model`` still exists (terminating)."""
+        return any(q.model == model for q in self.terminating)
+
+    def _apply(self, model: str, replicas: int) -> None:
+        if replicas == 1:
+            self.pods[model] = Pod(model, self.now)
+            self._schedule()
+            return
+        pod = self.pods.pop(model, None)
+        if pod is not None:
+            pod.terminating = True
+            self.terminating.append(pod)
+            self.at(self.now + self.t.termination_s, lambda: self._gone(pod))
+
+    def _busy(self, node: GpuNode) -> bool:
+        return any(q.node == node.name for q in [*self.pods.values(), *self.terminating])
+
+    def _gone(self, pod: Pod) -> None:
+        self.terminating.remove(pod)
+        self.log(f"{pod.model} pod gone")
+        self._idle_check()
+        if not any(q.model == pod.model for q in self.terminating):
+            for fn in self._on_gone.pop(pod.model, []):
+                fn()
+        self._schedule()
+
+    def _idle_check(self) -> None:
+        node = self._node()
+        if node is not None and node.ready is not None and not self._busy(node) and node.idle_since is None:
+            node.idle_since = self.now
+            self.at(self.now + self.t.scale_down_unneeded_s, lambda: self._maybe_remove(node))
+
+    def _maybe_remove(self, node: GpuNode) -> None:
+        since = node.idle_since
+        if node.removed is None and since is not None and self.now - since >= self.t.scale_down_unneeded_s - 1e-6:
+            node.removed = self.now
+            self.log(f"GPU node {node.name} removed by the autoscaler (billed {hm(node.requested)}-{hm(self.now)})")
+
+    def _schedule(self) -> None:
+        """Bind a pending GPU pod when the one GPU is free; ask the autoscaler for a node when there is none."""
+        pending = [q for q in self.pods.values() if q.node is None]
+        if not pending:
+            return
+        if any(q.node is not None for q in [*self.pods.values(), *self.terminating]):
+            return  # the GPU is taken (a pod running or terminating): Unschedulable, max node group size
+        node = self._node()
+        pod = min(pending, key=lambda q: q.created)
+        if node is None:
+            name = f"gpu-{len(self.nodes) + 1}"
+            node = GpuNode(name, self.now)
+            self.nodes.append(node)
+            self.log(f"TriggeredScaleUp: GPU node {name} provisioning (billed from now)")
+            self.at(self.now + self.t.node_provision_s, lambda: self._node_ready(node))
+            return
+        if node.ready is None:
+            return
+        pod.node = node.name
+        node.idle_since = None
+        spec = self.spec.model(pod.model)
+        mt = model_timings(spec)
+        pull = 0.0 if node.image_cached else self.t.gpu_image_pull_s
+        node.image_cached = True
+        self.at(self.now + pull + self.t.weights_cached_s + mt.server_start_s, lambda: self._ready(pod))
+
+    def _node_ready(self, node: GpuNode) -> None:
+        node.ready = self.now
+        self.log(f"GPU node {node.name} Ready")
+        self._schedule()
+        self._idle_check()
+
+    def _ready(self, pod: Pod) -> None:
+        if self.pods.get(pod.model) is not pod:
+            return
+        pod.ready_at = self.now
+        # a fresh engine: its counters start at 0, vllm:request_success_created = its start
+        pod.metrics = Metrics(started=(self.date + timedelta(seconds=self.now)).timestamp())
+        self.log(f"{pod.model} Ready")
+        for fn in self._on_ready.pop(pod.model, []):
+            fn()
+
+    def is_ready(self, model: str) -> bool:
+        pod = self.pods.get(model)
+        return pod is not None and pod.ready_at is not None
+
+    def when_ready(self, model: str, fn: Callable[[], None]) -> None:
+        if self.is_ready(model):
+            fn()
+        else:
+            self._on_ready.setdefault(model, []).append(fn)
+
+    def up(self, model: str, then: Callable[[], None]) -> None:
+        """Scale ``model`` to 1 and call ``then`` once it is Ready."""
+        self.scale(model, 1)
+        self.when_ready(model, then)
+
+    def when_gone(self, models: list[str], fn: Callable[[], None], why: str = "") -> None:
+        """Scale ``models`` to 0 and call ``fn`` once all their pods are gone (flows.common.free_gpu)."""
+        for m in models:
+            self.scale(m, 0, why)
+        left = [m for m in dict.fromkeys(models) if self._has_pods(m)]
+        if not left:
+            fn()
+            return
+        remaining = set(left)
+
+        def one(m: str) -> None:
+            remaining.discard(m)
+            if not remaining:
+                fn()
+
+        for m in left:
+            self._on_gone.setdefault(m, []).append(functools.partial(one, m))
+
+    def serve(self, model: str, n: int = 1) -> None:
+        """``n`` requests finish on ``model`` (what the stand-in's _account does to its counters)."""
+        pod = self.pods[model]
+        assert pod.metrics is not None
+        pod.metrics.success["stop"] += n
+        pod.metrics.prompt_tokens += 400 * n
+        pod.metrics.generation_tokens += 150 * n
+
+    # ---- the GPU slot (tag:gpu, limit 1)
+    def take_slot(self, who: str, fn: Callable[[], None]) -> None:
+        if not self.p.flows:
+            fn()
+        elif self.slot is None:
+            self.slot = who
+            fn()
+        else:
+            self.slot_queue.append((who, fn))
+
+    def free_slot(self, who: str) -> None:
+        if not self.p.flows or self.slot != who:
+            return
+        self.slot = None
+        self.log(f"GPU slot released ({who})")
+        if self.slot_queue:
+            nxt, fn = self.slot_queue.pop(0)
+            self.slot = nxt
+            fn()
+
+    # ---- the day
+    def _morning(self) -> None:
+        self.log("by hand: coder-chat up" if not self.p.flows else "morning-bring-up")
+        self._bring_up("morning-bring-up")
+
+    def _bring_up(self, who: str) -> None:
+        """bring_up (or by hand: kubectl): free the GPU except coder-chat, scale it up, smoke it."""
+
+        def go() -> None:
+            others = [m for m in self.pods if m != CHAT]
+            how = "by hand: swapped back" if not self.p.flows else f"{who} frees the GPU"
+            self.when_gone(others, functools.partial(self.up, CHAT, done), how)
+
+        def done() -> None:
+            if self.p.flows:
+                self.serve(CHAT, 2)  # the direct and the gateway smoke
+            self.free_slot(who)
+
+        self.take_slot(who, go)
+
+    def _evening(self) -> None:
+        self.log("by hand: everything down" if not self.p.flows else "evening-teardown")
+        for m in list(self.replicas):
+            self.scale(m, 0, "by hand at the end of the day" if not self.p.flows else "evening-teardown")
+
+    def _request(self, r: float) -> None:
+        if self.now >= self.p.down_s or (self.now < self.p.up_s and not self.p.flows):
+            return  # outside the policy's day (none of the trace's requests are)
+        if self.is_ready(CHAT):
+            self.serve(CHAT)
+            return
+        self.waiting.append(r)
+        if self.bringing_back is None:
+            self.bringing_back = r
+            state = "cold-starting" if self.replicas[CHAT] else "at 0"
+            self.log(f"request finds coder-chat {state}" + ("" if self.replicas[CHAT] else ": bring it back"))
+            if not self.replicas[CHAT] or any(m != CHAT for m in self.pods):
+                self._bring_up("coder-stack up")
+            self.when_ready(CHAT, self._served_waiting)
+
+    def _served_waiting(self) -> None:
+        first = self.bringing_back
+        assert first is not None
+        self.cold_starts.append(
+            {"request": hm(first), "ready": hm(self.now), "wait_min": round((self.now - first) / MINUTE, 2),
+             "requests_waiting": len(self.waiting)}
+        )  # fmt: skip
+        self.request_wait_s += sum(self.now - r for r in self.waiting)
+        self.serve(CHAT, len(self.waiting))
+        self.waiting.clear()
+        self.bringing_back = None
+
+    # ---- the validate run that is killed
+    def _validate_start(self) -> None:
+        self.log("validate_coder_stack (take_over, agent stage) starts")
+
+        def go() -> None:
+            self.killed["had_chat"] = CHAT in self.pods
+            others = [m for m in self.pods if m != AGENT]
+            self.when_gone(others, functools.partial(self.up, AGENT, calls), "validate frees the GPU")
+
+        def calls() -> None:
+            t = self.now
+            while t < self.trace.kill_at:
+                self.at(t, lambda: self.serve(AGENT) if self.is_ready(AGENT) else None)
+                t += self.trace.killed_calls_every_s
+
+        self.take_slot("validate", go)
+
+    def _validate_end(self) -> None:
+        if not self.p.killed:
+            self.log("validate finishes: coder-agent to 0, coder-chat restored")
+
+            def restore() -> None:
+                if self.killed.get("had_chat"):
+                    self.scale(CHAT, 1)
+                    self.when_ready(CHAT, lambda: self.free_slot("validate"))
+                else:
+                    self.free_slot("validate")
+
+            self.when_gone([AGENT], restore, "validate finishes")
+            return
+        self.log("validate killed (SIGKILL): coder-agent serving, the GPU slot held")
+        self.killed["agent_serving_at_kill"] = self.is_ready(AGENT)
+        if self.p.flows:
+            if self.p.crash_cleanup_s is not None:
+                self.at(self.now + self.p.crash_cleanup_s, self._crash_cleanup)
+            else:
+                self.at(self.now + self.lease_s, self._lease_expires)
+
+    def _crash_cleanup(self) -> None:
+        self.log("crash clean-up: the killed run's coder-agent to 0, its slot freed")
+        self.killed["cleaned_up"] = hm(self.now)
+        self.scale(AGENT, 0, "crash clean-up")
+        self.free_slot("validate")
+
+    def _lease_expires(self) -> None:
+        self.log("the killed run's slot lease expires")
+        self.free_slot("validate")
+
+    # ---- reclaim_idle_models (flows/reclaim.py) every few minutes
+    def _reclaim(self) -> None:
+        if self.slot is not None:
+            return  # GPU limit held by another run: nothing read or changed
+        self._read_and_reclaim()
+
+    def _read_and_reclaim(self) -> None:
+        spec = self.spec
+        now_dt = self.date + timedelta(seconds=self.now)
+        for name, reps in list(self.replicas.items()):
+            if not reps:
+                continue
+            pod = self.pods.get(name)
+            if pod is None or pod.ready_at is None or pod.metrics is None:
+                continue  # no Ready pod: not read, left serving
+            model = spec.model(name)
+            exposition = pod.metrics.render(model.served_model_name)  # the stand-in's GET /metrics body
+            activity = activity_of(parse_exposition(exposition), model.served_model_name)
+            previous = Reading.from_annotation(self.annotations.get(name))
+            ready_since = self.date + timedelta(seconds=pod.ready_at)
+            verdict = judge(activity, previous, now_dt, ready_since, spec.idle_after_s, spec.idle_grace_s)
+            if verdict.reading is not None:
+                self.annotations[name] = verdict.reading.to_annotation()
+            if verdict.idle:
+                self.log(f"reclaim: {name} {verdict.reason}: scaled to 0")
+                self.reclaims.append({"model": name, "at": hm(self.now), "reason": verdict.reason})
+                self.scale(name, 0, "reclaim_idle_models")
+
+    # ---- the result
+    def _result(self) -> Result:
+        end = self.trace.end
+        secs = 0.0
+        nodes = []
+        for n in self.nodes:
+            stop = n.removed if n.removed is not None else end
+            secs += stop - n.requested
+            nodes.append({"billed_from": hm(n.requested), "billed_until": hm(stop) if n.removed else f"{hm(end)}+"})
+        slot_free = next(
+            (t for t, what in self.events if t >= self.trace.kill_at and what == "GPU slot released (validate)"), None
+        )
+        killed = dict(self.killed)
+        killed["slot_free_at"] = hm(slot_free) if slot_free is not None else "no slot (by hand)"
+        return Result(
+            policy=self.p.name,
+            label=self.p.label,
+            node_seconds=secs,
+            nodes=nodes,
+            cold_starts=self.cold_starts,
+            wait_s=sum(c["wait_min"] for c in self.cold_starts) * MINUTE,
+            request_wait_s=self.request_wait_s,
+            reclaims=self.reclaims,
+            killed=killed,
+            events=self.events,
+        )
+
+
+def replay(policy: Policy, trace: Trace, schedules: Schedules | None = None, **kw: Any) -> Result:
+    return Day(policy, trace, schedules or read_schedules(), **kw).run()
