@@ -13,13 +13,21 @@ from coder_stack_dev.bench.workday import MINUTE, Policy, Trace, at, read_schedu
 SCALE = 0.002
 
 
+# The sim check runs slower than the days below: each measured step is a chain of controller hops whose wall
+# latency counts as simulated time; at 0.002 an allowance of 60 ms of wall time (30 simulated s) was exceeded by
+# 0.6 ms on a 2-core machine running five other jobs. At 0.005 the allowance is 0.15 s of wall time for the same
+# 30 simulated s, still under the smallest modelled step (43 s).
+CHECK_SCALE = 0.005
+HOP_LATENCY_WALL_S = 0.15
+
+
 def test_the_sim_measures_what_the_replay_models() -> None:
-    chk = sim_check(SCALE)
+    chk = sim_check(CHECK_SCALE)
     assert chk["third_start_on_the_same_node"]
     for key, modelled in chk["modelled_s"].items():
         measured = chk["measured_s"][key]
-        # never faster than the sim's own durations; slower by at most the controllers' latency (wall ms)
-        assert modelled - 1 <= measured <= modelled + 0.06 / SCALE, (key, measured, modelled)
+        # never faster than the sim's own durations; slower by at most the controllers' latency (wall time)
+        assert modelled - 1 <= measured <= modelled + HOP_LATENCY_WALL_S / CHECK_SCALE, (key, measured, modelled)
 
 
 @pytest.mark.timeout(120)
