@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
-import gc
 import random
 import time
 import weakref
@@ -25,11 +23,8 @@ from uuid import UUID
 
 import httpx
 from prefect.client.orchestration import PrefectClient, get_client
-from prefect.client.schemas.objects import ConcurrencyLeaseHolder, StateType
+from prefect.client.schemas.objects import StateType
 from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
-from prefect.concurrency._events import emit_concurrency_acquisition_events, emit_concurrency_release_events
-from prefect.concurrency.context import ConcurrencyContext
-from prefect.context import AsyncClientContext
 from prefect.exceptions import ObjectNotFound
 from pydantic import BaseModel, Field
 
@@ -45,6 +40,17 @@ from coder_stack.orchestration.liveness import (
     require_heartbeats,
     runs_of,
     unfinished_runs,
+)
+from coder_stack.orchestration.prefect_api import (
+    ServerBusy,
+    emit_acquired,
+    emit_released,
+    lease_of,
+    release_at_run_end,
+    released_by_us,
+    request_slot,
+    slot_client,
+    without_run_client,
 )
 
 GPU_LIMIT = "tag:gpu"
@@ -286,42 +292,14 @@ async def require_gpu_limit() -> None:
 
 
 # ------------------------------------------------------------------ the slot request, ours
-# Where Prefect (3.9.1) retried the 503: ``concurrency()`` sends the request from
-# ConcurrencySlotAcquisitionWithLeaseService (prefect/concurrency/services.py, ``acquire``; its
-# ``max_retries`` only counts 423s), a thread with its own event loop and PrefectClient, which calls
-# ``increment_concurrency_slots_with_lease`` (prefect/client/orchestration/_concurrency_limits/client.py) ->
-# ``PrefectHttpxAsyncClient.send`` -> ``_send_with_retry`` (prefect/client/base.py). That retries 503 (and
-# 408, 429, 502, PREFECT_CLIENT_RETRY_EXTRA_CODES) up to PREFECT_CLIENT_MAX_RETRIES (5) times after
-# ``2**try_count`` s (2 s, 4 s, ...; jittered), as the server's 503 has no Retry-After.
-# What does not work: ``temporary_settings`` around ``concurrency()`` (the service thread does not run in
-# the caller's context), and PREFECT_CLIENT_MAX_RETRIES=0 even on our own client (``_send_with_retry``
-# still sleeps 2 s after its only attempt before it returns the 503: base.py, ``await anyio.sleep`` at the
-# end of the ``while try_count <= ...`` loop).
-# What we do: send the request ourselves with the same public client method, on a client made for it
-# (``get_client(httpx_settings=...)``) whose httpx response hook raises _ServerBusy on a 503 to the slot
-# request. The hook runs inside httpx's ``send``, so the exception leaves Prefect's retry loop at once (it
-# retries only its own list of exceptions); everything else about the request (other codes, dropped
-# connections, CSRF) stays Prefect's. The 503 is asked again here within tens of ms. Holding and giving
-# back the slot follow ``concurrency()`` (prefect/concurrency/_asyncio.py): its acquired/released events,
-# the lease recorded on the run's ConcurrencyContext (released when the run ends if our release is
-# cancelled), release by lease id. Those helpers live in underscore modules: called, never patched; re-check
-# them on a Prefect upgrade. The lease renewal is ours (``_LeaseKeeper``): Prefect's stops the session with a
-# cancel scope that also cancels the session's own clean-up.
-
-_SLOT_REQUEST_PATH = "/v2/concurrency_limits/increment-with-lease"
-
-
-class _ServerBusy(Exception):
-    """The server answered the slot request 503: its transaction was rolled back, nothing is held."""
-
-
-async def _no_retry_on_503(response: httpx.Response) -> None:
-    if response.status_code == 503 and response.request.url.path.endswith(_SLOT_REQUEST_PATH):
-        raise _ServerBusy(response.status_code)
-
-
-def _slot_client() -> PrefectClient:
-    return get_client(httpx_settings={"event_hooks": {"response": [_no_retry_on_503]}})
+# Prefect's ``concurrency()`` retries a slot request the server answers 503 after 2 s, 4 s, ... (its HTTP
+# back-off; nothing we can set turns it off), so the request is ours: sent through ``prefect_api`` (the adapter
+# for what of Prefect is not its documented API: the request's path, its 503 hook, the acquired/released
+# events, the run's ConcurrencyContext; the reasons are in its docstring) and asked again here within tens of
+# ms. Holding and giving back the slot follow ``concurrency()`` (prefect/concurrency/_asyncio.py): its
+# acquired/released events, the lease left to the run's end if our release is cancelled, release by lease id.
+# The lease renewal is ours (``_LeaseKeeper``): Prefect's stops the session with a cancel scope that also
+# cancels the session's own clean-up.
 
 
 async def _release(lease_id: UUID) -> None:
@@ -330,7 +308,7 @@ async def _release(lease_id: UUID) -> None:
 
 
 def _lease_of(response: httpx.Response) -> ConcurrencyLimitWithLeaseResponse:
-    lease = ConcurrencyLimitWithLeaseResponse.model_validate(response.json())
+    lease = lease_of(response)
     if not lease.limits:
         raise GpuLimitMissing(f"the GPU concurrency limit {GPU_LIMIT} is gone; run `coder-stack setup` and rerun")
     return lease
@@ -349,18 +327,12 @@ async def _request_slot(client: PrefectClient) -> httpx.Response:
     granted is given back (Prefect's acquisition service does the same for a cancelled caller)."""
     # The flow run is the lease's holder, stored with the lease on the server in the same request: the crash
     # clean-up frees a dead run's leases by its id (``release_lease_of``) even if it died right after the grant.
-    run_id = holder_run_id()
-    holder = ConcurrencyLeaseHolder(type="flow_run", id=run_id) if run_id else None
-    req = asyncio.ensure_future(
-        client.increment_concurrency_slots_with_lease(
-            names=[GPU_LIMIT], slots=1, mode="concurrency", lease_duration=LEASE_SECONDS, holder=holder
-        )
-    )
+    req = asyncio.ensure_future(request_slot(client, GPU_LIMIT, LEASE_SECONDS, holder_run_id()))
     try:
         return await asyncio.shield(req)
     except asyncio.CancelledError:
         with contextlib.suppress(Exception):
-            lease = ConcurrencyLimitWithLeaseResponse.model_validate((await req).json())
+            lease = lease_of(await req)
             if lease.limits:
                 await client.release_concurrency_slots_with_lease(lease_id=lease.lease_id)
         raise
@@ -379,7 +351,7 @@ async def _take_slot(client: PrefectClient) -> ConcurrencyLimitWithLeaseResponse
             if e.response.status_code == 423:
                 return None
             raise
-        except _ServerBusy as e:
+        except ServerBusy as e:
             tries += 1
             now = time.monotonic()
             first_503 = now if first_503 is None else first_503
@@ -394,10 +366,8 @@ async def _holding(lease: ConcurrencyLimitWithLeaseResponse, room: _WaitingRoom)
 
     The lease is renewed meanwhile (:class:`_LeaseKeeper`); if it is lost, the session's body is stopped and
     the session ends with GpuLeaseLost after the body's own clean-up has run."""
-    ctx = ConcurrencyContext.get()
-    if ctx is not None:
-        ctx.cleanup_lease_ids.append(lease.lease_id)
-    events = emit_concurrency_acquisition_events(lease.limits, 1)
+    release_at_run_end(lease.lease_id)
+    events = emit_acquired(lease.limits)
     # The lease on the flow run, for `status` (the API lists no holders; the crash clean-up also finds a run's
     # leases by their holder): written beside the session, not before it, so the GPU step after the grant
     # does not wait for it (nor the next session of this process for the "released" write).
@@ -412,10 +382,9 @@ async def _holding(lease: ConcurrencyLimitWithLeaseResponse, room: _WaitingRoom)
         try:
             await _release(lease.lease_id)
         except asyncio.CancelledError:
-            pass  # left on the ConcurrencyContext: released when the run ends (or the lease expires)
+            pass  # left to the run's end: released then (or the lease expires)
         else:
-            if ctx is not None and lease.lease_id in ctx.cleanup_lease_ids:
-                ctx.cleanup_lease_ids.remove(lease.lease_id)
+            released_by_us(lease.lease_id)
             if label is not None:
                 if room.queued:
                     # the event of the next grant in this process, taken now: a grant before the label task runs
@@ -425,7 +394,7 @@ async def _holding(lease: ConcurrencyLimitWithLeaseResponse, room: _WaitingRoom)
                     # No session of this process waits: written now, before the run (and its process) can end.
                     label.released(lease.lease_id)
                     await label.written()
-        emit_concurrency_release_events(lease.limits, 1, events)
+        emit_released(lease.limits, events)
 
 
 class _LeaseKeeper:
@@ -580,20 +549,13 @@ async def _label_released(label: _LeaseLabel, lease_id: UUID, next_grant: asynci
 _PENDING: set[asyncio.Task[None]] = set()
 
 
-def _forget_client() -> None:
-    var: contextvars.ContextVar[Any] = AsyncClientContext.__var__
-    var.set(None)
-
-
 def _background(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
     """Run ``coro`` beside the caller, keeping a reference until it is done (asyncio keeps only weak ones).
 
     It runs without the caller's Prefect client: a task started inside a flow run would otherwise get the run's
     client from ``get_client()`` (Prefect's AsyncClientContext), which is closed when the run ends, and every
     call it made after that failed (a "released" lease label never written)."""
-    ctx = contextvars.copy_context()
-    ctx.run(_forget_client)
-    task = asyncio.get_running_loop().create_task(coro, context=ctx)
+    task = asyncio.get_running_loop().create_task(coro, context=without_run_client())
     _PENDING.add(task)
     task.add_done_callback(_PENDING.discard)
     return task
@@ -642,7 +604,7 @@ class _WaitingRoom:
 
 async def _keep_client(made: asyncio.Future[PrefectClient], close: asyncio.Event) -> None:
     try:
-        async with _slot_client() as client:
+        async with slot_client() as client:
             made.set_result(client)
             await close.wait()
     except asyncio.CancelledError:
@@ -653,24 +615,6 @@ async def _keep_client(made: asyncio.Future[PrefectClient], close: asyncio.Event
         if not made.done():
             made.set_exception(e)  # the sessions waiting for the client get the error; the next one tries again
         # an error closing it is no session's concern
-
-
-_FROZEN = False
-
-
-def _freeze_startup_heap() -> None:
-    """Once per process, before its first GPU session queues: collect, then move every object alive now
-    (Prefect, the clients, the flow's modules: ~280,000 objects) out of the garbage collector's view.
-
-    A full collection of that heap takes 0.2-0.4 s here, and one can fall between a GPU's release and the
-    next model's scale-up (the bench's hand-off: one such pause in half its runs). After the freeze a full
-    collection walks only what was made since. Objects alive at start-up live as long as the process, so
-    nothing collectable is hidden from the collector."""
-    global _FROZEN
-    if not _FROZEN:
-        _FROZEN = True
-        gc.collect()
-        gc.freeze()
 
 
 _ROOMS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _WaitingRoom] = weakref.WeakKeyDictionary()
@@ -725,7 +669,6 @@ async def gpu_session(timeout_s: float, poll_s: float = POLL_SECONDS) -> AsyncIt
     in arrival order and only the first asks.
     """
     require_heartbeats()
-    _freeze_startup_heap()
     deadline = time.monotonic() + timeout_s
     room = _room()
     # The place in line is taken now, on arrival (asyncio.Lock serves waiters in the order they began

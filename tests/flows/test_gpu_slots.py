@@ -122,7 +122,7 @@ async def test_sessions_queued_in_one_process_share_one_slot_client_and_the_next
     b = busy(0)
     made: list[object] = []
     closed: list[object] = []
-    orig = gpu._slot_client
+    orig = gpu.slot_client
 
     class Counting:
         """The real slot client, entered and exited through this wrapper (``async with`` looks on the type)."""
@@ -141,7 +141,7 @@ async def test_sessions_queued_in_one_process_share_one_slot_client_and_the_next
     def counting() -> Counting:
         return Counting()
 
-    monkeypatch.setattr(gpu, "_slot_client", counting)
+    monkeypatch.setattr(gpu, "slot_client", counting)
     runs = [uuid4() for _ in range(3)]
     index = {run: i for i, run in enumerate(runs)}
     current: ContextVar[UUID | None] = ContextVar("flow_run", default=None)
@@ -250,29 +250,3 @@ async def test_a_lease_label_the_server_did_not_take_is_written_again(monkeypatc
             await asyncio.gather(*list(gpu._PENDING), return_exceptions=True)
     assert len(calls) == 5 and calls[0] == calls[1] is not None and calls[2:] == [None, None, None], calls
     assert await active_slots() == 0
-
-
-async def test_the_first_session_of_a_process_freezes_its_start_up_heap_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    """After the freeze a full garbage collection no longer walks the ~280,000 start-up objects (0.2-0.4 s, a
-    pause that fell into hand-offs); a second session does not collect again."""
-    import gc
-
-    monkeypatch.setattr(gpu, "_FROZEN", False)
-    collects: list[int] = []
-    real_collect = gc.collect
-
-    def counting_collect(*a: int) -> int:
-        collects.append(1)
-        return real_collect(*a)
-
-    monkeypatch.setattr(gc, "collect", counting_collect)
-    before = gc.get_freeze_count()
-    try:
-        async with gpu_session(timeout_s=30):
-            pass
-        frozen = gc.get_freeze_count()
-        async with gpu_session(timeout_s=30):
-            pass
-    finally:
-        gc.unfreeze()
-    assert frozen > max(before, 100_000) and len(collects) == 1
