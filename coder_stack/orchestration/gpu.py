@@ -80,9 +80,10 @@ class GpuLeaseLost(RetriableError):
     restarted server): the session's work was stopped, its clean-up ran."""
 
 
-class GpuHolder(BaseModel):
+class GpuRun(BaseModel):
     """A coder-stack flow run that is running, or ended with its GPU lease not given back: whether it is alive
-    (its heartbeats) and holds a GPU slot."""
+    (its heartbeats) and holds a GPU slot (is the holder of a ``tag:gpu`` lease: in orchestration, "holder" is
+    only ever that, Prefect's word for the flow run stored with a lease)."""
 
     run_id: str
     label: str
@@ -131,7 +132,7 @@ class GpuLimitStatus(BaseModel):
     limit: int = 0
     active_slots: int = 0
     running_flow_runs: list[str] = Field(default_factory=list, description="Names of running coder-stack flows.")
-    holders: list[GpuHolder] = Field(
+    runs: list[GpuRun] = Field(
         default_factory=list, description="Running coder-stack runs, live or dead, and ended ones still on a lease."
     )
     unaccounted: int = Field(0, description="Slots held that no recorded lease of a coder-stack run accounts for.")
@@ -151,9 +152,9 @@ class GpuLimitStatus(BaseModel):
         text = f"GPU limit {GPU_LIMIT}: {self.active_slots}/{self.limit} slot(s) held"
         if self.running_flow_runs:
             text += f" (running: {', '.join(self.running_flow_runs)})"
-        if self.holders:
-            text += "; " + "; ".join(h.describe() for h in self.holders)
-        claims = sum(1 for h in self.holders if h.holds_slot)
+        if self.runs:
+            text += "; " + "; ".join(r.describe() for r in self.runs)
+        claims = sum(1 for r in self.runs if r.holds_slot)
         if claims > self.active_slots:
             text += (
                 f"; {claims} run(s) have a lease on record but only {self.active_slots} slot(s) are held: some of "
@@ -210,8 +211,8 @@ async def gpu_limit_status(flow_names: tuple[str, ...] = ()) -> GpuLimitStatus:
         running = await runs_of(client, flow_names, [StateType.RUNNING, StateType.CANCELLING])
         ended = await runs_of(client, flow_names, FINAL_STATES, ended_after=now - window)
         names = []
-        holders = []
-        unrecorded: list[GpuHolder] = []
+        shown: list[GpuRun] = []
+        unrecorded: list[GpuRun] = []
         flows: dict[UUID, str] = {}
         for r in running + ended:
             if r.flow_id not in flows:
@@ -223,7 +224,7 @@ async def gpu_limit_status(flow_names: tuple[str, ...] = ()) -> GpuLimitStatus:
                 # Ended abnormally with no lease on record: killed between its grant and the label, it may still
                 # hold a slot the server knows by its run id. Named below if a slot is unaccounted for.
                 unrecorded.append(
-                    GpuHolder(
+                    GpuRun(
                         run_id=str(r.id),
                         label=live.label(),
                         state=live.state,
@@ -239,8 +240,8 @@ async def gpu_limit_status(flow_names: tuple[str, ...] = ()) -> GpuLimitStatus:
                 names.append(live.label())
             expires = lease_expires_by(live.last_heartbeat)
             alive_after_mark = over and live.heartbeats_after(live.state_at)
-            holders.append(
-                GpuHolder(
+            shown.append(
+                GpuRun(
                     run_id=str(r.id),
                     label=live.label(),
                     state="RUNNING" if alive_after_mark else live.state,
@@ -250,11 +251,11 @@ async def gpu_limit_status(flow_names: tuple[str, ...] = ()) -> GpuLimitStatus:
                     lease_expires_by=f"{expires:%H:%M:%S} UTC" if expires else None,
                 )
             )
-        unaccounted = max(0, gcl.active_slots - sum(1 for h in holders if h.holds_slot))
+        unaccounted = max(0, gcl.active_slots - sum(1 for g in shown if g.holds_slot))
         if unaccounted:
-            holders += unrecorded
+            shown += unrecorded
         leaked = False
-        if unaccounted and not any(h.holds_slot for h in holders) and not ended:
+        if unaccounted and not any(g.holds_slot for g in shown) and not ended:
             leaked = await unfinished_runs(client) == 0
     last_end = max((r.end_time for r in ended if r.end_time), default=None)
     return GpuLimitStatus(
@@ -262,7 +263,7 @@ async def gpu_limit_status(flow_names: tuple[str, ...] = ()) -> GpuLimitStatus:
         limit=gcl.limit,
         active_slots=gcl.active_slots,
         running_flow_runs=names,
-        holders=holders,
+        runs=shown,
         unaccounted=unaccounted,
         leaked=leaked,
         lease_window_ends=f"{last_end + window:%H:%M:%S} UTC" if last_end else None,
