@@ -46,6 +46,7 @@ from coder_stack.orchestration.prefect_api import (
     emit_acquired,
     emit_released,
     lease_of,
+    lend_client,
     release_at_run_end,
     released_by_us,
     request_slot,
@@ -505,9 +506,20 @@ class _LeaseLabel:
     def _set(self, value: tuple[UUID | None]) -> None:
         self._want = value
         if self._writer is None or self._writer.done():
-            self._writer = _background(self._write())
+            room = _room()
+            room.users += 1  # now: the room's client stays open for it
+            self._writer = _background(self._write(room))
 
-    async def _write(self) -> None:
+    async def _write(self, room: _WaitingRoom) -> None:
+        try:
+            client = room.open_client()
+            if client is not None:  # else record_lease makes a client of its own
+                lend_client(client)
+            await self._write_wanted()
+        finally:
+            room.done()
+
+    async def _write_wanted(self) -> None:
         failures = 0
         while self._want is not None and self._want != self._written:
             value = self._want
@@ -576,17 +588,21 @@ class _WaitingRoom:
         self.turn = asyncio.Lock()
         self.freed = asyncio.Event()
         self.queued = 0  # sessions of this process in line or holding the turn
+        self.users = 0  # sessions of this process in line or holding the turn, and lease-label writes under way
         self.granted = asyncio.Event()  # set when a session of this process takes a slot (then replaced)
         self._client: asyncio.Future[PrefectClient] | None = None
         self._close: asyncio.Event | None = None
 
     async def slot_client(self) -> PrefectClient:
-        """The slot client of this process's queued sessions: made by the first in line, handed on with the
-        turn, closed when no session of this process is queued.
+        """The client of this process's GPU sessions: made by the first in line, handed on with the turn and
+        used for the lease labels too, closed when no session of this process is queued and no label is being
+        written.
 
         A client of its own per turn was made just as the session before was granted the GPU: its TLS
         context (~20-50 ms of CPU) ran on the event loop exactly while that session freed the GPU and scaled
-        its model up. The client lives in a task of its own, which enters and exits it."""
+        its model up; so did one per lease-label write (the "held" label of the session just granted, the
+        "released" one of the session before), until they used this one. The client lives in a task of its
+        own, which enters and exits it."""
         if self._client is None or (
             self._client.done() and (self._client.cancelled() or self._client.exception() is not None)
         ):
@@ -595,10 +611,22 @@ class _WaitingRoom:
             _background(_keep_client(self._client, self._close))
         return await asyncio.shield(self._client)
 
+    def open_client(self) -> PrefectClient | None:
+        """The sessions' client if one is open now (a label write uses it, never makes one)."""
+        made = self._client
+        if made is not None and made.done() and not made.cancelled() and made.exception() is None:
+            return made.result()
+        return None
+
     def leave(self) -> None:
-        """A session left the line or its turn; the last one closes the client."""
+        """A session left the line or its turn."""
         self.queued -= 1
-        if self.queued == 0 and self._close is not None:
+        self.done()
+
+    def done(self) -> None:
+        """A session ended, or a label write; the last user closes the client."""
+        self.users -= 1
+        if self.users == 0 and self._close is not None:
             self._close.set()
             self._client = self._close = None
 
@@ -677,6 +705,7 @@ async def gpu_session(timeout_s: float, poll_s: float = POLL_SECONDS) -> AsyncIt
     # overtake one that arrived before it.
     turn = asyncio.ensure_future(room.turn.acquire())
     room.queued += 1
+    room.users += 1
     try:
         await require_gpu_limit()
         async with asyncio.timeout(timeout_s):

@@ -21,7 +21,8 @@ What it wraps, and why we need it:
 - ``ConcurrencyContext.cleanup_lease_ids``: a lease the flow run's engine releases when the run ends, if our
   own release was cancelled (:func:`release_at_run_end`, :func:`released_by_us`).
 - ``AsyncClientContext.__var__``: a background task started in a flow run must not use the run's client,
-  closed when the run ends (:func:`without_run_client`).
+  closed when the run ends (:func:`without_run_client`); the lease-label writes use the GPU sessions' shared
+  client instead of making one each (:func:`lend_client`); ``async with`` on an entered client re-enters it.
 - The tag-limit decrement ``POST /concurrency_limits/decrement`` revokes the leases of the tag's global limit
   whose *holder* has the given id, whatever the holder's type (prefect/server/api/concurrency_limits.py,
   ``decrement_concurrency_limits_v1``): :func:`revoke_leases_held_by`, how the crash clean-up frees a dead
@@ -120,6 +121,21 @@ def without_run_client() -> contextvars.Context:
     var: contextvars.ContextVar[Any] = AsyncClientContext.__var__
     ctx.run(var.set, None)
     return ctx
+
+
+class _Lent:
+    """Stands for an AsyncClientContext: what ``get_client()`` reads of one (Prefect 3.9.1)."""
+
+    def __init__(self, client: PrefectClient) -> None:
+        self.client = client
+        self._httpx_settings = None
+
+
+def lend_client(client: PrefectClient) -> None:
+    """From here on in the current context (call it in a task of its own), ``get_client()`` returns ``client``
+    (entered by its owner, who keeps it open meanwhile); ``async with`` on it neither opens nor closes it."""
+    var: contextvars.ContextVar[Any] = AsyncClientContext.__var__
+    var.set(_Lent(client))
 
 
 async def revoke_leases_held_by(client: PrefectClient, limit: str, holder: UUID) -> None:

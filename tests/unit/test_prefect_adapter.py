@@ -180,6 +180,22 @@ async def test_get_client_hands_out_the_run_s_client_and_without_run_client_make
         var.reset(token)
 
 
+async def test_a_lent_client_is_what_get_client_returns_and_async_with_does_not_close_it(api: None) -> None:
+    """The label writes use the GPU sessions' open client: ``get_client()`` returns it in the task that borrowed
+    it, and ``async with`` on it re-enters it (Prefect's client counts its entries) instead of closing it."""
+    async with get_client() as owned:
+
+        async def borrower() -> bool:
+            prefect_api.lend_client(owned)
+            async with get_client() as client:
+                same = client is owned
+            return same
+
+        assert await asyncio.create_task(borrower())
+        assert get_client() is not owned  # the caller's context is unchanged
+        assert not owned._closed  # still open for its owner
+
+
 # ------------------------------------------------------------------ the requests, against a stand-in transport
 
 
