@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from coder_stack.app.process import freeze_startup_heap
 from coder_stack.errors import CoderStackError, one_line
 from coder_stack.spec import load_spec, spec_yaml
 
@@ -148,6 +149,7 @@ def _show(report: Any) -> None:
 
 
 def _run_flow(coro: Any) -> Any:
+    freeze_startup_heap()  # the flow's modules are imported: out of the garbage collector's view from here
     report = _run(coro)
     if report is not None:
         _show(report)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
-import gc
 import random
 import time
 import weakref
@@ -25,11 +23,8 @@ from uuid import UUID
 
 import httpx
 from prefect.client.orchestration import PrefectClient, get_client
-from prefect.client.schemas.objects import ConcurrencyLeaseHolder, StateType
+from prefect.client.schemas.objects import StateType
 from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
-from prefect.concurrency._events import emit_concurrency_acquisition_events, emit_concurrency_release_events
-from prefect.concurrency.context import ConcurrencyContext
-from prefect.context import AsyncClientContext
 from prefect.exceptions import ObjectNotFound
 from pydantic import BaseModel, Field
 
@@ -45,6 +40,18 @@ from coder_stack.orchestration.liveness import (
     require_heartbeats,
     runs_of,
     unfinished_runs,
+)
+from coder_stack.orchestration.prefect_api import (
+    ServerBusy,
+    emit_acquired,
+    emit_released,
+    lease_of,
+    lend_client,
+    release_at_run_end,
+    released_by_us,
+    request_slot,
+    slot_client,
+    without_run_client,
 )
 
 GPU_LIMIT = "tag:gpu"
@@ -74,9 +81,10 @@ class GpuLeaseLost(RetriableError):
     restarted server): the session's work was stopped, its clean-up ran."""
 
 
-class GpuHolder(BaseModel):
+class GpuRun(BaseModel):
     """A coder-stack flow run that is running, or ended with its GPU lease not given back: whether it is alive
-    (its heartbeats) and holds a GPU slot."""
+    (its heartbeats) and holds a GPU slot (is the holder of a ``tag:gpu`` lease: in orchestration, "holder" is
+    only ever that, Prefect's word for the flow run stored with a lease)."""
 
     run_id: str
     label: str
@@ -125,7 +133,7 @@ class GpuLimitStatus(BaseModel):
     limit: int = 0
     active_slots: int = 0
     running_flow_runs: list[str] = Field(default_factory=list, description="Names of running coder-stack flows.")
-    holders: list[GpuHolder] = Field(
+    runs: list[GpuRun] = Field(
         default_factory=list, description="Running coder-stack runs, live or dead, and ended ones still on a lease."
     )
     unaccounted: int = Field(0, description="Slots held that no recorded lease of a coder-stack run accounts for.")
@@ -145,9 +153,9 @@ class GpuLimitStatus(BaseModel):
         text = f"GPU limit {GPU_LIMIT}: {self.active_slots}/{self.limit} slot(s) held"
         if self.running_flow_runs:
             text += f" (running: {', '.join(self.running_flow_runs)})"
-        if self.holders:
-            text += "; " + "; ".join(h.describe() for h in self.holders)
-        claims = sum(1 for h in self.holders if h.holds_slot)
+        if self.runs:
+            text += "; " + "; ".join(r.describe() for r in self.runs)
+        claims = sum(1 for r in self.runs if r.holds_slot)
         if claims > self.active_slots:
             text += (
                 f"; {claims} run(s) have a lease on record but only {self.active_slots} slot(s) are held: some of "
@@ -204,8 +212,8 @@ async def gpu_limit_status(flow_names: tuple[str, ...] = ()) -> GpuLimitStatus:
         running = await runs_of(client, flow_names, [StateType.RUNNING, StateType.CANCELLING])
         ended = await runs_of(client, flow_names, FINAL_STATES, ended_after=now - window)
         names = []
-        holders = []
-        unrecorded: list[GpuHolder] = []
+        shown: list[GpuRun] = []
+        unrecorded: list[GpuRun] = []
         flows: dict[UUID, str] = {}
         for r in running + ended:
             if r.flow_id not in flows:
@@ -217,7 +225,7 @@ async def gpu_limit_status(flow_names: tuple[str, ...] = ()) -> GpuLimitStatus:
                 # Ended abnormally with no lease on record: killed between its grant and the label, it may still
                 # hold a slot the server knows by its run id. Named below if a slot is unaccounted for.
                 unrecorded.append(
-                    GpuHolder(
+                    GpuRun(
                         run_id=str(r.id),
                         label=live.label(),
                         state=live.state,
@@ -233,8 +241,8 @@ async def gpu_limit_status(flow_names: tuple[str, ...] = ()) -> GpuLimitStatus:
                 names.append(live.label())
             expires = lease_expires_by(live.last_heartbeat)
             alive_after_mark = over and live.heartbeats_after(live.state_at)
-            holders.append(
-                GpuHolder(
+            shown.append(
+                GpuRun(
                     run_id=str(r.id),
                     label=live.label(),
                     state="RUNNING" if alive_after_mark else live.state,
@@ -244,11 +252,11 @@ async def gpu_limit_status(flow_names: tuple[str, ...] = ()) -> GpuLimitStatus:
                     lease_expires_by=f"{expires:%H:%M:%S} UTC" if expires else None,
                 )
             )
-        unaccounted = max(0, gcl.active_slots - sum(1 for h in holders if h.holds_slot))
+        unaccounted = max(0, gcl.active_slots - sum(1 for g in shown if g.holds_slot))
         if unaccounted:
-            holders += unrecorded
+            shown += unrecorded
         leaked = False
-        if unaccounted and not any(h.holds_slot for h in holders) and not ended:
+        if unaccounted and not any(g.holds_slot for g in shown) and not ended:
             leaked = await unfinished_runs(client) == 0
     last_end = max((r.end_time for r in ended if r.end_time), default=None)
     return GpuLimitStatus(
@@ -256,7 +264,7 @@ async def gpu_limit_status(flow_names: tuple[str, ...] = ()) -> GpuLimitStatus:
         limit=gcl.limit,
         active_slots=gcl.active_slots,
         running_flow_runs=names,
-        holders=holders,
+        runs=shown,
         unaccounted=unaccounted,
         leaked=leaked,
         lease_window_ends=f"{last_end + window:%H:%M:%S} UTC" if last_end else None,
@@ -286,42 +294,14 @@ async def require_gpu_limit() -> None:
 
 
 # ------------------------------------------------------------------ the slot request, ours
-# Where Prefect (3.9.1) retried the 503: ``concurrency()`` sends the request from
-# ConcurrencySlotAcquisitionWithLeaseService (prefect/concurrency/services.py, ``acquire``; its
-# ``max_retries`` only counts 423s), a thread with its own event loop and PrefectClient, which calls
-# ``increment_concurrency_slots_with_lease`` (prefect/client/orchestration/_concurrency_limits/client.py) ->
-# ``PrefectHttpxAsyncClient.send`` -> ``_send_with_retry`` (prefect/client/base.py). That retries 503 (and
-# 408, 429, 502, PREFECT_CLIENT_RETRY_EXTRA_CODES) up to PREFECT_CLIENT_MAX_RETRIES (5) times after
-# ``2**try_count`` s (2 s, 4 s, ...; jittered), as the server's 503 has no Retry-After.
-# What does not work: ``temporary_settings`` around ``concurrency()`` (the service thread does not run in
-# the caller's context), and PREFECT_CLIENT_MAX_RETRIES=0 even on our own client (``_send_with_retry``
-# still sleeps 2 s after its only attempt before it returns the 503: base.py, ``await anyio.sleep`` at the
-# end of the ``while try_count <= ...`` loop).
-# What we do: send the request ourselves with the same public client method, on a client made for it
-# (``get_client(httpx_settings=...)``) whose httpx response hook raises _ServerBusy on a 503 to the slot
-# request. The hook runs inside httpx's ``send``, so the exception leaves Prefect's retry loop at once (it
-# retries only its own list of exceptions); everything else about the request (other codes, dropped
-# connections, CSRF) stays Prefect's. The 503 is asked again here within tens of ms. Holding and giving
-# back the slot follow ``concurrency()`` (prefect/concurrency/_asyncio.py): its acquired/released events,
-# the lease recorded on the run's ConcurrencyContext (released when the run ends if our release is
-# cancelled), release by lease id. Those helpers live in underscore modules: called, never patched; re-check
-# them on a Prefect upgrade. The lease renewal is ours (``_LeaseKeeper``): Prefect's stops the session with a
-# cancel scope that also cancels the session's own clean-up.
-
-_SLOT_REQUEST_PATH = "/v2/concurrency_limits/increment-with-lease"
-
-
-class _ServerBusy(Exception):
-    """The server answered the slot request 503: its transaction was rolled back, nothing is held."""
-
-
-async def _no_retry_on_503(response: httpx.Response) -> None:
-    if response.status_code == 503 and response.request.url.path.endswith(_SLOT_REQUEST_PATH):
-        raise _ServerBusy(response.status_code)
-
-
-def _slot_client() -> PrefectClient:
-    return get_client(httpx_settings={"event_hooks": {"response": [_no_retry_on_503]}})
+# Prefect's ``concurrency()`` retries a slot request the server answers 503 after 2 s, 4 s, ... (its HTTP
+# back-off; nothing we can set turns it off), so the request is ours: sent through ``prefect_api`` (the adapter
+# for what of Prefect is not its documented API: the request's path, its 503 hook, the acquired/released
+# events, the run's ConcurrencyContext; the reasons are in its docstring) and asked again here within tens of
+# ms. Holding and giving back the slot follow ``concurrency()`` (prefect/concurrency/_asyncio.py): its
+# acquired/released events, the lease left to the run's end if our release is cancelled, release by lease id.
+# The lease renewal is ours (``_LeaseKeeper``): Prefect's stops the session with a cancel scope that also
+# cancels the session's own clean-up.
 
 
 async def _release(lease_id: UUID) -> None:
@@ -330,7 +310,7 @@ async def _release(lease_id: UUID) -> None:
 
 
 def _lease_of(response: httpx.Response) -> ConcurrencyLimitWithLeaseResponse:
-    lease = ConcurrencyLimitWithLeaseResponse.model_validate(response.json())
+    lease = lease_of(response)
     if not lease.limits:
         raise GpuLimitMissing(f"the GPU concurrency limit {GPU_LIMIT} is gone; run `coder-stack setup` and rerun")
     return lease
@@ -349,18 +329,12 @@ async def _request_slot(client: PrefectClient) -> httpx.Response:
     granted is given back (Prefect's acquisition service does the same for a cancelled caller)."""
     # The flow run is the lease's holder, stored with the lease on the server in the same request: the crash
     # clean-up frees a dead run's leases by its id (``release_lease_of``) even if it died right after the grant.
-    run_id = holder_run_id()
-    holder = ConcurrencyLeaseHolder(type="flow_run", id=run_id) if run_id else None
-    req = asyncio.ensure_future(
-        client.increment_concurrency_slots_with_lease(
-            names=[GPU_LIMIT], slots=1, mode="concurrency", lease_duration=LEASE_SECONDS, holder=holder
-        )
-    )
+    req = asyncio.ensure_future(request_slot(client, GPU_LIMIT, LEASE_SECONDS, holder_run_id()))
     try:
         return await asyncio.shield(req)
     except asyncio.CancelledError:
         with contextlib.suppress(Exception):
-            lease = ConcurrencyLimitWithLeaseResponse.model_validate((await req).json())
+            lease = lease_of(await req)
             if lease.limits:
                 await client.release_concurrency_slots_with_lease(lease_id=lease.lease_id)
         raise
@@ -379,7 +353,7 @@ async def _take_slot(client: PrefectClient) -> ConcurrencyLimitWithLeaseResponse
             if e.response.status_code == 423:
                 return None
             raise
-        except _ServerBusy as e:
+        except ServerBusy as e:
             tries += 1
             now = time.monotonic()
             first_503 = now if first_503 is None else first_503
@@ -394,10 +368,8 @@ async def _holding(lease: ConcurrencyLimitWithLeaseResponse, room: _WaitingRoom)
 
     The lease is renewed meanwhile (:class:`_LeaseKeeper`); if it is lost, the session's body is stopped and
     the session ends with GpuLeaseLost after the body's own clean-up has run."""
-    ctx = ConcurrencyContext.get()
-    if ctx is not None:
-        ctx.cleanup_lease_ids.append(lease.lease_id)
-    events = emit_concurrency_acquisition_events(lease.limits, 1)
+    release_at_run_end(lease.lease_id)
+    events = emit_acquired(lease.limits)
     # The lease on the flow run, for `status` (the API lists no holders; the crash clean-up also finds a run's
     # leases by their holder): written beside the session, not before it, so the GPU step after the grant
     # does not wait for it (nor the next session of this process for the "released" write).
@@ -412,10 +384,9 @@ async def _holding(lease: ConcurrencyLimitWithLeaseResponse, room: _WaitingRoom)
         try:
             await _release(lease.lease_id)
         except asyncio.CancelledError:
-            pass  # left on the ConcurrencyContext: released when the run ends (or the lease expires)
+            pass  # left to the run's end: released then (or the lease expires)
         else:
-            if ctx is not None and lease.lease_id in ctx.cleanup_lease_ids:
-                ctx.cleanup_lease_ids.remove(lease.lease_id)
+            released_by_us(lease.lease_id)
             if label is not None:
                 if room.queued:
                     # the event of the next grant in this process, taken now: a grant before the label task runs
@@ -425,7 +396,7 @@ async def _holding(lease: ConcurrencyLimitWithLeaseResponse, room: _WaitingRoom)
                     # No session of this process waits: written now, before the run (and its process) can end.
                     label.released(lease.lease_id)
                     await label.written()
-        emit_concurrency_release_events(lease.limits, 1, events)
+        emit_released(lease.limits, events)
 
 
 class _LeaseKeeper:
@@ -535,9 +506,20 @@ class _LeaseLabel:
     def _set(self, value: tuple[UUID | None]) -> None:
         self._want = value
         if self._writer is None or self._writer.done():
-            self._writer = _background(self._write())
+            room = _room()
+            room.users += 1  # now: the room's client stays open for it
+            self._writer = _background(self._write(room))
 
-    async def _write(self) -> None:
+    async def _write(self, room: _WaitingRoom) -> None:
+        try:
+            client = room.open_client()
+            if client is not None:  # else record_lease makes a client of its own
+                lend_client(client)
+            await self._write_wanted()
+        finally:
+            room.done()
+
+    async def _write_wanted(self) -> None:
         failures = 0
         while self._want is not None and self._want != self._written:
             value = self._want
@@ -580,20 +562,13 @@ async def _label_released(label: _LeaseLabel, lease_id: UUID, next_grant: asynci
 _PENDING: set[asyncio.Task[None]] = set()
 
 
-def _forget_client() -> None:
-    var: contextvars.ContextVar[Any] = AsyncClientContext.__var__
-    var.set(None)
-
-
 def _background(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
     """Run ``coro`` beside the caller, keeping a reference until it is done (asyncio keeps only weak ones).
 
     It runs without the caller's Prefect client: a task started inside a flow run would otherwise get the run's
     client from ``get_client()`` (Prefect's AsyncClientContext), which is closed when the run ends, and every
     call it made after that failed (a "released" lease label never written)."""
-    ctx = contextvars.copy_context()
-    ctx.run(_forget_client)
-    task = asyncio.get_running_loop().create_task(coro, context=ctx)
+    task = asyncio.get_running_loop().create_task(coro, context=without_run_client())
     _PENDING.add(task)
     task.add_done_callback(_PENDING.discard)
     return task
@@ -613,17 +588,21 @@ class _WaitingRoom:
         self.turn = asyncio.Lock()
         self.freed = asyncio.Event()
         self.queued = 0  # sessions of this process in line or holding the turn
+        self.users = 0  # sessions of this process in line or holding the turn, and lease-label writes under way
         self.granted = asyncio.Event()  # set when a session of this process takes a slot (then replaced)
         self._client: asyncio.Future[PrefectClient] | None = None
         self._close: asyncio.Event | None = None
 
     async def slot_client(self) -> PrefectClient:
-        """The slot client of this process's queued sessions: made by the first in line, handed on with the
-        turn, closed when no session of this process is queued.
+        """The client of this process's GPU sessions: made by the first in line, handed on with the turn and
+        used for the lease labels too, closed when no session of this process is queued and no label is being
+        written.
 
         A client of its own per turn was made just as the session before was granted the GPU: its TLS
         context (~20-50 ms of CPU) ran on the event loop exactly while that session freed the GPU and scaled
-        its model up. The client lives in a task of its own, which enters and exits it."""
+        its model up; so did one per lease-label write (the "held" label of the session just granted, the
+        "released" one of the session before), until they used this one. The client lives in a task of its
+        own, which enters and exits it."""
         if self._client is None or (
             self._client.done() and (self._client.cancelled() or self._client.exception() is not None)
         ):
@@ -632,17 +611,29 @@ class _WaitingRoom:
             _background(_keep_client(self._client, self._close))
         return await asyncio.shield(self._client)
 
+    def open_client(self) -> PrefectClient | None:
+        """The sessions' client if one is open now (a label write uses it, never makes one)."""
+        made = self._client
+        if made is not None and made.done() and not made.cancelled() and made.exception() is None:
+            return made.result()
+        return None
+
     def leave(self) -> None:
-        """A session left the line or its turn; the last one closes the client."""
+        """A session left the line or its turn."""
         self.queued -= 1
-        if self.queued == 0 and self._close is not None:
+        self.done()
+
+    def done(self) -> None:
+        """A session ended, or a label write; the last user closes the client."""
+        self.users -= 1
+        if self.users == 0 and self._close is not None:
             self._close.set()
             self._client = self._close = None
 
 
 async def _keep_client(made: asyncio.Future[PrefectClient], close: asyncio.Event) -> None:
     try:
-        async with _slot_client() as client:
+        async with slot_client() as client:
             made.set_result(client)
             await close.wait()
     except asyncio.CancelledError:
@@ -653,24 +644,6 @@ async def _keep_client(made: asyncio.Future[PrefectClient], close: asyncio.Event
         if not made.done():
             made.set_exception(e)  # the sessions waiting for the client get the error; the next one tries again
         # an error closing it is no session's concern
-
-
-_FROZEN = False
-
-
-def _freeze_startup_heap() -> None:
-    """Once per process, before its first GPU session queues: collect, then move every object alive now
-    (Prefect, the clients, the flow's modules: ~280,000 objects) out of the garbage collector's view.
-
-    A full collection of that heap takes 0.2-0.4 s here, and one can fall between a GPU's release and the
-    next model's scale-up (the bench's hand-off: one such pause in half its runs). After the freeze a full
-    collection walks only what was made since. Objects alive at start-up live as long as the process, so
-    nothing collectable is hidden from the collector."""
-    global _FROZEN
-    if not _FROZEN:
-        _FROZEN = True
-        gc.collect()
-        gc.freeze()
 
 
 _ROOMS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _WaitingRoom] = weakref.WeakKeyDictionary()
@@ -725,7 +698,6 @@ async def gpu_session(timeout_s: float, poll_s: float = POLL_SECONDS) -> AsyncIt
     in arrival order and only the first asks.
     """
     require_heartbeats()
-    _freeze_startup_heap()
     deadline = time.monotonic() + timeout_s
     room = _room()
     # The place in line is taken now, on arrival (asyncio.Lock serves waiters in the order they began
@@ -733,6 +705,7 @@ async def gpu_session(timeout_s: float, poll_s: float = POLL_SECONDS) -> AsyncIt
     # overtake one that arrived before it.
     turn = asyncio.ensure_future(room.turn.acquire())
     room.queued += 1
+    room.users += 1
     try:
         await require_gpu_limit()
         async with asyncio.timeout(timeout_s):

@@ -44,6 +44,7 @@ from prefect.settings import get_current_settings
 from pydantic import BaseModel, Field
 
 from coder_stack.errors import ConfigError
+from coder_stack.orchestration.prefect_api import revoke_leases_held_by
 
 # How often a coder-stack flow run sends its heartbeat: Prefect's minimum.
 HEARTBEAT_S = 30
@@ -311,12 +312,9 @@ async def release_lease_of(live: RunLiveness, limit_name: str) -> str:
         if live.lease_id is not None:
             await client.release_concurrency_slots_with_lease(lease_id=live.lease_id)
         if limit_name.startswith("tag:"):
-            # Prefect's tag-limit release (POST /concurrency_limits/decrement) revokes the leases of the tag's
-            # limit whose holder has this id, whatever the holder's type (prefect/server/api/concurrency_limits.py,
-            # decrement_concurrency_limits_v1 in 3.9.1; tests/flows/test_gpu_lease_record.py holds it to that).
-            await client.decrement_v1_concurrency_slots(
-                names=[limit_name.removeprefix("tag:")], task_run_id=live.run_id, occupancy_seconds=1.0
-            )
+            # every lease the server holds with the run as its holder (an undocumented behaviour of Prefect's
+            # tag-limit decrement: see prefect_api)
+            await revoke_leases_held_by(client, limit_name, live.run_id)
         after = (await client.read_global_concurrency_limit_by_name(limit_name)).active_slots
         # Both releases answered: the run holds no lease of the limit now, whoever freed it. Labelled so even when
         # this call freed nothing (an earlier clean-up did, and was cancelled or killed before its label write):

@@ -384,11 +384,7 @@ async def test_a_live_run_is_left_alone_and_status_names_a_dead_holder_and_how_t
     async def both_heartbeats_stored() -> bool:
         st = await gpu_limit_status(GPU_FLOWS)
         return (
-            sum(
-                1
-                for h in st.holders
-                if h.heartbeat_age_s is not None and h.label.endswith(("silent-holder", "live-one"))
-            )
+            sum(1 for h in st.runs if h.heartbeat_age_s is not None and h.label.endswith(("silent-holder", "live-one")))
             == 2
         )
 
@@ -398,8 +394,8 @@ async def test_a_live_run_is_left_alone_and_status_names_a_dead_holder_and_how_t
         await asyncio.sleep(0.5)
     st = await gpu_limit_status(GPU_FLOWS)
     text = st.describe()
-    silent = next(h for h in st.holders if h.label.endswith("silent-holder"))
-    alive = next(h for h in st.holders if h.label.endswith("live-one"))
+    silent = next(h for h in st.runs if h.label.endswith("silent-holder"))
+    alive = next(h for h in st.runs if h.label.endswith("live-one"))
     assert silent.dead and silent.holds_slot and not alive.dead, st
     assert (
         f"validate_coder_stack/silent-holder holds the GPU: DEAD (last heartbeat {silent.heartbeat_age_s:.0f} s ago"

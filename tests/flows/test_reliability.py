@@ -484,7 +484,7 @@ async def test_sigkill_mid_session_is_cleaned_up_by_the_teardown_which_reports_w
     text = st.describe()
     assert not st.leaked and "--active-slots 0" not in text, text
     killed = {str(r.id) for r in runs}  # the shared test server also holds earlier tests' ended runs
-    dead = [h for h in st.holders if h.dead and h.run_id in killed]
+    dead = [h for h in st.runs if h.dead and h.run_id in killed]
     assert len(dead) == 1 and f"coder-stack cleanup {dead[0].run_id}" in text, text
     slot = await release_lease_of(await read_liveness(UUID(dead[0].run_id)), GPU_LIMIT)
     assert "GPU slot freed" in slot, slot

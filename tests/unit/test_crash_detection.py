@@ -16,7 +16,7 @@ from prefect.events.schemas.automations import EventTrigger
 
 from coder_stack.errors import ConfigError
 from coder_stack.flows.cleanup import GPU_FLOWS
-from coder_stack.orchestration.gpu import LEASE_SECONDS, GpuHolder
+from coder_stack.orchestration.gpu import LEASE_SECONDS, GpuRun
 from coder_stack.orchestration.liveness import (
     CRASH_SETTLE_S,
     HEARTBEAT_S,
@@ -96,7 +96,7 @@ def test_a_run_id_is_taken_bare_or_as_the_trigger_passes_it_and_anything_else_sa
 
 
 def test_status_wording_for_a_dead_holder_says_when_the_slot_frees_itself_and_how_to_free_it_now() -> None:
-    dead = GpuHolder(
+    dead = GpuRun(
         run_id="r1",
         label="swap_model/x",
         heartbeat_age_s=95,
@@ -107,5 +107,5 @@ def test_status_wording_for_a_dead_holder_says_when_the_slot_frees_itself_and_ho
     text = dead.describe()
     assert text.startswith("swap_model/x holds the GPU: DEAD (last heartbeat 95 s ago; one is due every 30 s)")
     assert "frees itself by 12:40:00 UTC" in text and "free it now: `coder-stack cleanup r1`" in text
-    live = GpuHolder(run_id="r2", label="validate_coder_stack/y", heartbeat_age_s=4, holds_slot=True)
+    live = GpuRun(run_id="r2", label="validate_coder_stack/y", heartbeat_age_s=4, holds_slot=True)
     assert live.describe() == "validate_coder_stack/y holds the GPU: live (last heartbeat 4 s ago; one every 30 s)"

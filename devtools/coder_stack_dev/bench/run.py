@@ -248,6 +248,7 @@ def run_workday(cfg: Config, log: Any, price: float, crash_cleanup_s: float) -> 
 async def _run(cfg: Config, log: Any, only: tuple[str, ...] = PREFECT_GROUPS) -> dict[str, Any]:
     from prefect.settings import PREFECT_API_URL
 
+    from coder_stack.app.process import freeze_startup_heap
     from coder_stack.orchestration.gpu import ensure_gpu_limit
     from coder_stack_dev.bench import rss, scenarios
 
@@ -258,6 +259,7 @@ async def _run(cfg: Config, log: Any, only: tuple[str, ...] = PREFECT_GROUPS) ->
         timing[name] = round(time.monotonic() - t0, 1)
 
     await ensure_gpu_limit(1)
+    freeze_startup_heap()  # as the CLI does before a flow: the Prefect server and client are up by now
     if "detect" in only:
         t = time.monotonic()
         log(f"detect: {cfg.detect_n} coder-chat cold starts (time scale {cfg.time_scale})")
