@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 
 from coder_stack.errors import PodNotReady, WaitTimeout
 from coder_stack.flows.common import Connection, Run, record_ready, release, spend_lines
-from coder_stack.flows.validate import Stage, _smoke_stage
+from coder_stack.flows.validate import Stage, smoke_chat, smoke_fim
 from coder_stack.kubernetes.client import ClusterTarget, cluster_session, open_api
 from coder_stack.kubernetes.workloads import deployment_status
 from coder_stack.orchestration.gpu import gpu_session
@@ -130,7 +130,7 @@ async def sequential_runbook(connection: Connection) -> RunReport:
                     await scale_task(target, spec.serving_namespace, model.name, 1)
                     ready = await wait_model_ready_task(target, spec, model)
                     record_ready(report.section(model.name), ready)
-                    await _smoke_stage(run, stage, model, [])
+                    await (smoke_chat if stage is Stage.CHAT else smoke_fim)(run, model)
                 rows = await read_spend_task(
                     target, spec, [k.alias for k in spec.virtual_keys], called=["open-webui", "tabby"]
                 )
