@@ -9,17 +9,11 @@ from __future__ import annotations
 from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
-from coder_stack.flows.common import (
-    Connection,
-    Run,
-    free_gpu,
-    guarded,
-    logger,
-    model_up_with_keys_and_frontends,
-    record_failure,
-    record_smoke,
-    release,
-)
+from coder_stack.flows.gpu_steps import free_gpu, model_up_with_keys_and_frontends, release
+from coder_stack.flows.guard import guarded
+from coder_stack.flows.params import Connection
+from coder_stack.flows.record import record_failure, record_smoke
+from coder_stack.flows.run import Run, logger
 from coder_stack.kubernetes.client import cluster_session
 from coder_stack.orchestration.gpu import gpu_session
 from coder_stack.report import RunReport

@@ -16,22 +16,13 @@ from typing import Any
 from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
-from coder_stack.errors import GpuBusy
-from coder_stack.flows.common import (
-    Connection,
-    ReleaseIncomplete,
-    Run,
-    free_gpu,
-    guarded,
-    holder,
-    model_for_role,
-    model_up,
-    model_up_with_keys_and_frontends,
-    record_failure,
-    record_smoke,
-    release,
-    spend_lines,
-)
+from coder_stack.errors import GpuBusy, SpecError
+from coder_stack.flows.errors import ReleaseIncomplete
+from coder_stack.flows.gpu_steps import free_gpu, model_up, model_up_with_keys_and_frontends, release
+from coder_stack.flows.guard import guarded
+from coder_stack.flows.params import Connection
+from coder_stack.flows.record import record_failure, record_smoke, spend_lines
+from coder_stack.flows.run import Run, holder
 from coder_stack.kubernetes.client import cluster_session
 from coder_stack.orchestration.gpu import gpu_session
 from coder_stack.probe import SmokeResult
@@ -340,3 +331,12 @@ class _Smokes:
         result = getattr(res, "smoke", res)
         record_smoke(self.section, result, label)
         self.results.append(result)
+
+
+def model_for_role(spec: StackSpec, role: str) -> ModelSpec:
+    for m in spec.models:
+        if m.role == role:
+            return m
+    raise SpecError(
+        f"the stack has no model with role {role!r}; roles present: {sorted({m.role for m in spec.models})}"
+    )

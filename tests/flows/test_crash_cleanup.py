@@ -76,7 +76,7 @@ SETTLE_S = 1.0
 
 VALIDATE_CHAT = """
 import asyncio, sys
-from coder_stack.flows.common import Connection
+from coder_stack.flows.params import Connection
 from coder_stack.flows.validate import ValidateOptions, validate_coder_stack
 
 options = ValidateOptions(stages=["chat"])
@@ -539,7 +539,7 @@ async def test_the_cleanup_never_scales_down_or_unstamps_a_model_another_run_too
     serving; (2) after the clean-up scaled coder-fim to 0 and its pods are gone, before the stamp is removed, a
     session stamps it — the clean-up keeps that stamp. A cancelled clean-up is finished by the next one."""
     import coder_stack.flows.cleanup as cleanup_module
-    import coder_stack.flows.common as common_module
+    import coder_stack.flows.gpu_steps as gpu_steps_module
     import coder_stack.usecases.holders as holders_module
 
     sim = make_sim()
@@ -556,7 +556,7 @@ async def test_the_cleanup_never_scales_down_or_unstamps_a_model_another_run_too
         await stamp_and_scale(sim, "coder-chat", chat_owner, 1)  # a session took coder-chat since the read
         return found
 
-    real_wait = holders_module.wait_gone if hasattr(holders_module, "wait_gone") else common_module.wait_gone
+    real_wait = holders_module.wait_gone if hasattr(holders_module, "wait_gone") else gpu_steps_module.wait_gone
 
     async def gone_then_stamped(api: Any, namespace: str, selector: str, timeout_s: float) -> Any:
         gone = await real_wait(api, namespace, selector, timeout_s)
@@ -565,7 +565,7 @@ async def test_the_cleanup_never_scales_down_or_unstamps_a_model_another_run_too
         return gone
 
     monkeypatch.setattr(cleanup_module, "held_by", read_then_taken_over)
-    for module in (holders_module, common_module):
+    for module in (holders_module, gpu_steps_module):
         monkeypatch.setattr(module, "wait_gone", gone_then_stamped, raising=False)
     mark = len(sim.timeline)
     report = await clean_up_crashed_run(crashed_run=str(dead), connection=conn(sim), settle_s=SETTLE_S)

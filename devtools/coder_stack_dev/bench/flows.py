@@ -18,7 +18,10 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from coder_stack.errors import PodNotReady, WaitTimeout
-from coder_stack.flows.common import Connection, Run, record_ready, release, spend_lines
+from coder_stack.flows.gpu_steps import release
+from coder_stack.flows.params import Connection
+from coder_stack.flows.record import record_ready, spend_lines
+from coder_stack.flows.run import Run
 from coder_stack.flows.validate import Stage, smoke_chat, smoke_fim
 from coder_stack.kubernetes.client import ClusterTarget, cluster_session, open_api
 from coder_stack.kubernetes.workloads import deployment_status
