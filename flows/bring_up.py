@@ -58,7 +58,7 @@ async def bring_up(
                 await free_gpu(run, model)
                 ok = False
                 try:
-                    await model_up_with_keys_and_frontends(run, model, aliases, frontends)
+                    await model_up_with_keys_and_frontends(run, model, aliases, list(spec.frontends))
                     section = report.section(model.name)
                     try:
                         direct = await smoke_direct_task(target, spec, model)

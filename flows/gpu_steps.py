@@ -21,7 +21,7 @@ from coder_stack.flows.run import Run, holder, logger
 from coder_stack.kubernetes.client import ClusterTarget, open_api
 from coder_stack.kubernetes.wait import ReadyReport, wait_gone
 from coder_stack.kubernetes.workloads import scale
-from coder_stack.spec import ModelSpec, StackSpec
+from coder_stack.spec import FrontendSpec, ModelSpec, StackSpec
 from coder_stack.tasks.cluster import free_gpu_task, scale_task, wait_frontend_ready_task, wait_model_ready_task
 from coder_stack.tasks.gateway import ensure_keys_task
 
@@ -48,7 +48,7 @@ async def gather_or_cancel(*aws: Awaitable[Any]) -> list[Any]:
 async def model_up(run: Run, model: ModelSpec) -> ReadyReport:
     """Scale a model to 1 and wait through its cold start (phase budgets from the spec)."""
     run.step(f"scale {model.name} to 1 and wait through its cold start")
-    await scale_task(run.target, run.spec.serving_namespace, model.name, 1, held_by=holder())
+    await scale_task(run.target, run.spec, model, 1, held_by=holder())
     ready = await wait_model_ready_task(run.target, run.spec, model)
     record_ready(run.report.section(model.name), ready)
     run.step(f"{model.name} Ready after {ready.total_s:.1f} s")
@@ -56,7 +56,7 @@ async def model_up(run: Run, model: ModelSpec) -> ReadyReport:
 
 
 async def model_up_with_keys_and_frontends(
-    run: Run, model: ModelSpec, key_aliases: list[str], frontends: list[str]
+    run: Run, model: ModelSpec, key_aliases: list[str], frontends: list[FrontendSpec]
 ) -> ReadyReport:
     """Scale a model to 1 and, while it cold starts, deliver the keys and bring the front-ends up.
 
@@ -64,15 +64,15 @@ async def model_up_with_keys_and_frontends(
     inside the GPU model's ~10 min cold start.
     """
     target, spec, report = run.target, run.spec, run.report
-    await scale_task(target, spec.serving_namespace, model.name, 1, held_by=holder())
+    await scale_task(target, spec, model, 1, held_by=holder())
     run.step(f"{model.name} cold start; keys and front-ends meanwhile")
 
     async def keys_and_frontends() -> None:
         reps = await ensure_keys_task(target, spec, key_aliases)
         report.key_actions += [f"{r.alias}: {r.action} ({r.delivered_to})" for r in reps]
-        await asyncio.gather(*(scale_task(target, spec.experience_namespace, f, 1) for f in frontends))
+        await asyncio.gather(*(scale_task(target, spec, f, 1) for f in frontends))
         await asyncio.gather(*(wait_frontend_ready_task(target, spec, f) for f in frontends))
-        run.step(f"keys delivered; {', '.join(frontends)} Ready")
+        run.step(f"keys delivered; {', '.join(f.name for f in frontends)} Ready")
 
     ready, _ = await gather_or_cancel(wait_model_ready_task(target, spec, model), keys_and_frontends())
     record_ready(report.section(model.name), ready)
@@ -85,7 +85,7 @@ async def free_gpu(run: Run, keep: ModelSpec | None) -> list[ModelSpec]:
 
     Called right after the GPU grant: one task (``free_gpu_task``) reads only what it needs, since the flow's
     preflight checked the rest, and every task run here is time a freed GPU idles in a hand-off."""
-    freed = await free_gpu_task(run.target, run.spec, keep.name if keep else None)
+    freed = await free_gpu_task(run.target, run.spec, keep)
     names = {h.name for h in freed.holders}
     busy = [m for m in run.spec.models if m.name in names]
     if busy:

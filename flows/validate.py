@@ -183,7 +183,7 @@ async def first_model_up_with_keys_and_frontends(v: Validation) -> None:
     the spend baseline the smokes are measured against."""
     model = v.models[0]
     v.started.append(model)
-    await model_up_with_keys_and_frontends(v.run, model, v.client_keys, v.frontends)
+    await model_up_with_keys_and_frontends(v.run, model, v.client_keys, list(v.spec.frontends))
     v.spend_before = await spend_baseline_task(v.run.target, v.spec, [k.alias for k in v.spec.virtual_keys])
 
 
@@ -301,7 +301,7 @@ async def restore_taken_over_models(v: Validation) -> None:
     names = ", ".join(m.name for m in v.restore)
     v.run.step(f"restore {names} (take_over)", cleanup=True)
     for m in v.restore:
-        await scale_task(v.run.target, v.spec.serving_namespace, m.name, 1, held_by=holder())
+        await scale_task(v.run.target, v.spec, m, 1, held_by=holder())
         await wait_model_ready_task(v.run.target, v.spec, m, progress=False)
     v.run.report.notes.append(f"restored {names} as it was before this run")
 

@@ -53,6 +53,7 @@ from tests.kits.flowkit import (
     PROJECT,
     SERVING,
     SLOW_SCALE,
+    SPEC,
     conn,
     flow_process_env,
     gpu_pods,
@@ -481,7 +482,7 @@ async def stamp_and_scale(sim: SimStack, model: str, run_id: str, replicas: int)
     """What a GPU session does (``scale_task(..., held_by=...)``): stamp the model with its run, then scale it."""
     from coder_stack.tasks.cluster import scale_task
 
-    await scale_task.fn(conn(sim).cluster_target(), SERVING, model, replicas, held_by=run_id)
+    await scale_task.fn(conn(sim).cluster_target(), SPEC, SPEC.model(model), replicas, held_by=run_id)
 
 
 def heartbeat(run_id: UUID, name: str) -> None:

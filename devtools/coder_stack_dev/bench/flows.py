@@ -81,7 +81,7 @@ async def bench_bringup(
     async with cluster_session(target):
         m = spec.model(model)
         t_start = time.monotonic()
-        await scale_task(target, spec.serving_namespace, m.name, 1)
+        await scale_task(target, spec, m, 1)
         t_scaled = time.monotonic()
         out: dict[str, Any] = {"peer": peer, "model": m.name}
         if peer == "ours":
@@ -123,14 +123,14 @@ async def sequential_runbook(connection: Connection) -> RunReport:
             await preflight_task(target, spec, [])
             try:
                 await ensure_keys_task(target, spec, key_aliases)
-                for f in frontends:
-                    await scale_task(target, spec.experience_namespace, f, 1)
+                for f in spec.frontends:
+                    await scale_task(target, spec, f, 1)
                     await wait_frontend_ready_task(target, spec, f)
                 for i, (stage, model) in enumerate(stages):
                     if i > 0:
                         await release(target, spec, [started.pop()], [])
                     started.append(model)
-                    await scale_task(target, spec.serving_namespace, model.name, 1)
+                    await scale_task(target, spec, model, 1)
                     ready = await wait_model_ready_task(target, spec, model)
                     record_ready(report.section(model.name), ready)
                     await (smoke_chat if stage is Stage.CHAT else smoke_fim)(run, model)
@@ -155,7 +155,7 @@ async def gpu_session_run(connection: Connection, model: str) -> dict[str, float
         async with gpu_session(spec.timeouts.gpu_limit_s):
             t_got = time.monotonic()
             try:
-                await scale_task(target, spec.serving_namespace, m.name, 1)
+                await scale_task(target, spec, m, 1)
                 await wait_model_ready_task(target, spec, m, progress=False)
             finally:
                 await release(target, spec, [m], [])
