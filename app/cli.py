@@ -116,7 +116,7 @@ def _connection(
     runs (a worker may run it elsewhere); loading it here first refuses a bad one before any flow starts."""
     from pydantic import ValidationError
 
-    from coder_stack.flows.common import Connection
+    from coder_stack.flows.params import Connection
 
     _check_kubeconfig(kubeconfig)
     try:

@@ -9,17 +9,11 @@ from __future__ import annotations
 from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
-from coder_stack.flows.common import (
-    Connection,
-    Run,
-    free_gpu,
-    guarded,
-    logger,
-    model_up_with_keys_and_frontends,
-    record_failure,
-    record_smoke,
-    release,
-)
+from coder_stack.flows.gpu_steps import free_gpu, model_up_with_keys_and_frontends, release
+from coder_stack.flows.guard import guarded
+from coder_stack.flows.params import Connection
+from coder_stack.flows.record import record_failure, record_smoke
+from coder_stack.flows.run import Run, logger
 from coder_stack.kubernetes.client import cluster_session
 from coder_stack.orchestration.gpu import gpu_session
 from coder_stack.report import RunReport
@@ -64,7 +58,7 @@ async def bring_up(
                 await free_gpu(run, model)
                 ok = False
                 try:
-                    await model_up_with_keys_and_frontends(run, model, aliases, frontends)
+                    await model_up_with_keys_and_frontends(run, model, aliases, list(spec.frontends))
                     section = report.section(model.name)
                     try:
                         direct = await smoke_direct_task(target, spec, model)

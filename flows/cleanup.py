@@ -17,14 +17,18 @@ after the mark proves the run alive. Every change to a model is conditional on t
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Any
 
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.states import Crashed
 
-from coder_stack.errors import CoderStackError, PermanentError
-from coder_stack.flows.common import Connection, guarded, logger
+from coder_stack.errors import CoderStackError
+from coder_stack.flows.errors import CleanupIncomplete
+from coder_stack.flows.guard import guarded
+from coder_stack.flows.params import Connection
+from coder_stack.flows.run import logger
 from coder_stack.kubernetes.client import cluster_session, open_api
 from coder_stack.orchestration.gpu import GPU_LIMIT
 from coder_stack.orchestration.liveness import (
@@ -47,8 +51,19 @@ from coder_stack.usecases.holders import held_by, release_held
 GPU_FLOWS = ("validate_coder_stack", "swap_model", "bring_up", "reclaim_idle_models")
 
 
-class CleanupIncomplete(PermanentError):
-    """A dead run's model could not be scaled down (its pods are still there)."""
+@dataclass(frozen=True)
+class Verdict:
+    """Whether the run's process is gone (only then is anything changed), and why, for the report."""
+
+    headline: str  # "dead", "alive" or "ended <STATE>"
+    detail: str
+
+    @property
+    def dead(self) -> bool:
+        return self.headline == "dead"
+
+    def __str__(self) -> str:
+        return f"{self.headline}: {self.detail}"
 
 
 @flow(name=CLEANUP_FLOW, log_prints=False)
@@ -71,8 +86,8 @@ async def clean_up_crashed_run(
         verdict = await _verdict(live, settle_s)
         report.notes.append(f"found: {live.label()} {verdict}")
         logger().info("Flow run %s %s.", live.label(), verdict)
-        if not verdict.startswith("dead"):
-            report.finish(f"skipped: {live.label()} {verdict.split(':')[0]}")
+        if not verdict.dead:
+            report.finish(f"skipped: {live.label()} {verdict.headline}")
             return report
         conn = connection or _connection_of(live)
         spec, target = await conn.resolve()
@@ -93,9 +108,13 @@ async def clean_up_crashed_run(
 
                 async def one(m: ModelSpec, up: bool) -> None:
                     try:
-                        outcome[m.name] = await release_held(api, spec, m, str(run_id), serving=up)
+                        done = await release_held(api, spec, m, str(run_id), serving=up)
                     except CoderStackError as e:
                         bad[m.name] = outcome[m.name] = f"still has pods: {e}"
+                        return
+                    outcome[m.name] = done.detail
+                    if done.scaled_down:
+                        freed.append(m.name)
 
                 await asyncio.gather(*(one(m, m in serving) for m, _ in held))
             report.notes += [f"{k}: {v}" for k, v in outcome.items() if k in {m.name for m in serving}]
@@ -105,7 +124,6 @@ async def clean_up_crashed_run(
                     + "; ".join(f"{k}: {v}" for k, v in bad.items())
                     + ". Run `coder-stack down`, then check the cluster"
                 )
-            freed = [k for k, v in outcome.items() if v.startswith("scaled to 0") and "then taken over" not in v]
         report.step("free its GPU slot")
         slot = await release_lease_of(live, GPU_LIMIT)
         report.notes.append(slot)
@@ -115,8 +133,8 @@ async def clean_up_crashed_run(
         return report
 
 
-async def _verdict(live: RunLiveness, settle_s: float) -> str:
-    """``dead: …`` when the run's process is gone, else why it is left alone.
+async def _verdict(live: RunLiveness, settle_s: float) -> Verdict:
+    """Dead when the run's process is gone, else why it is left alone.
 
     A run marked dead (Crashed by the automation, or Failed/Cancelled) is judged only once the server's clock
     reads the mark plus ``settle_s``: a heartbeat the server receives after the mark proves it alive (the
@@ -125,26 +143,30 @@ async def _verdict(live: RunLiveness, settle_s: float) -> str:
     if live.state in {"CRASHED", "FAILED", "CANCELLED"} and live.state_at is not None:
         beat = await heartbeat_after(live.run_id, live.state_at, settle_s)
         if beat is not None:
-            return (
-                f"alive: marked {live.state} but a heartbeat came after the mark (received {beat:%H:%M:%S} UTC); "
-                "nothing done — cancel it from the Prefect UI to stop it"
+            return Verdict(
+                "alive",
+                f"marked {live.state} but a heartbeat came after the mark (received {beat:%H:%M:%S} UTC); "
+                "nothing done — cancel it from the Prefect UI to stop it",
             )
-        return f"dead: {live.state} ({live.state_message or 'no message'}; heartbeat {age}, none since the mark)"
+        return Verdict(
+            "dead", f"{live.state} ({live.state_message or 'no message'}; heartbeat {age}, none since the mark)"
+        )
     if live.final:
-        return f"ended {live.state}: its models are what it left; nothing to do"
+        return Verdict(f"ended {live.state}", "its models are what it left; nothing to do")
     if live.silent:
         async with get_client() as client:
             mark = await server_now(client)
         beat = await heartbeat_after(live.run_id, mark, settle_s)
         if beat is not None:
-            return f"alive: {live.state}, a heartbeat came after {age}; nothing done"
+            return Verdict("alive", f"{live.state}, a heartbeat came after {age}; nothing done")
         async with get_client() as client:
             msg = f"no heartbeat for over {SILENT_AFTER_S} s ({age}): marked Crashed by coder-stack's clean-up"
             await client.set_flow_run_state(live.run_id, Crashed(message=msg), force=True)
-        return f"dead: {live.state} but silent ({age}); marked Crashed"
-    return (
-        f"alive: {live.state}, heartbeat {age} (one every {HEARTBEAT_S} s); nothing done — a live run is never "
-        "touched (cancel it from the Prefect UI to stop it)"
+        return Verdict("dead", f"{live.state} but silent ({age}); marked Crashed")
+    return Verdict(
+        "alive",
+        f"{live.state}, heartbeat {age} (one every {HEARTBEAT_S} s); nothing done — a live run is never "
+        "touched (cancel it from the Prefect UI to stop it)",
     )
 
 

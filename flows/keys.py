@@ -5,7 +5,9 @@ from __future__ import annotations
 from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
-from coder_stack.flows.common import Connection, logger, publish, spend_lines
+from coder_stack.flows.params import Connection
+from coder_stack.flows.record import publish, spend_lines
+from coder_stack.flows.run import logger
 from coder_stack.kubernetes.client import cluster_session
 from coder_stack.report import RunReport
 from coder_stack.tasks.gateway import ensure_keys_task, gateway_ready_task, read_spend_task

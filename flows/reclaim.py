@@ -16,8 +16,12 @@ from prefect import flow
 from prefect.artifacts import acreate_markdown_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
-from coder_stack.errors import GpuSlotTimeout, PermanentError, RetriableError
-from coder_stack.flows.common import Connection, Run, guarded, logger, release
+from coder_stack.errors import GpuSlotTimeout, RetriableError
+from coder_stack.flows.errors import ReclaimIncomplete
+from coder_stack.flows.gpu_steps import release
+from coder_stack.flows.guard import guarded
+from coder_stack.flows.params import Connection
+from coder_stack.flows.run import Run, logger
 from coder_stack.kubernetes.client import cluster_session
 from coder_stack.orchestration.gpu import GPU_LIMIT, gpu_session
 from coder_stack.report import IdleLine, RunReport
@@ -29,10 +33,6 @@ from coder_stack.usecases.idle import Idleness, bring_back
 # How long the flow waits for the GPU limit: a run holding it is using the GPU, so the flow does not queue.
 GPU_WAIT_S = 3.0
 HELD = "held by another run"
-
-
-class ReclaimIncomplete(PermanentError):
-    """An idle model's scale-down was not confirmed (its pods are still there)."""
 
 
 class ReclaimOptions(BaseModel):

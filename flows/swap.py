@@ -15,17 +15,11 @@ from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
 from coder_stack.errors import KeyUnusable, SmokeFailed
-from coder_stack.flows.common import (
-    Connection,
-    Run,
-    free_gpu,
-    guarded,
-    logger,
-    model_up,
-    record_failure,
-    record_smoke,
-    release,
-)
+from coder_stack.flows.gpu_steps import free_gpu, model_up, release
+from coder_stack.flows.guard import guarded
+from coder_stack.flows.params import Connection
+from coder_stack.flows.record import record_failure, record_smoke
+from coder_stack.flows.run import Run, logger
 from coder_stack.kubernetes.client import cluster_session
 from coder_stack.orchestration.gpu import gpu_session
 from coder_stack.probe import KEY_HOPS

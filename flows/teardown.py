@@ -12,9 +12,13 @@ from datetime import UTC, datetime, timedelta
 from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
-from coder_stack.errors import PermanentError
 from coder_stack.flows.cleanup import GPU_FLOWS
-from coder_stack.flows.common import Connection, final_state, guarded, logger, release
+from coder_stack.flows.errors import TeardownIncomplete
+from coder_stack.flows.gpu_steps import release
+from coder_stack.flows.guard import guarded
+from coder_stack.flows.params import Connection
+from coder_stack.flows.record import final_state
+from coder_stack.flows.run import logger
 from coder_stack.kubernetes.client import cluster_session, open_api
 from coder_stack.kubernetes.pods import pod_summary
 from coder_stack.kubernetes.workloads import deployment_status
@@ -22,10 +26,6 @@ from coder_stack.orchestration.gpu import gpu_limit_status
 from coder_stack.report import RunReport
 
 NODE_DRAIN_MIN = 10
-
-
-class TeardownIncomplete(PermanentError):
-    """Something is still running after the teardown."""
 
 
 class TeardownOptions(BaseModel):
@@ -59,7 +59,10 @@ async def teardown(
                 report.finish("dry run: nothing changed")
                 return report
             outcome = await release(target, spec, list(spec.models), frontends)
-            report.notes += [f"{n}: {line.detail}" for n, line in outcome.lines.items() if line.detail != "scaled to 0"]
+            # a plain scale-down is not news; pods waited out or a failure is
+            report.notes += [
+                f"{n}: {line.detail}" for n, line in outcome.lines.items() if line.pods_seen or not line.released
+            ]
             state = await final_state(target, spec)
             report.final_state = state
             left = [k for k, v in state.items() if v]

@@ -8,35 +8,27 @@ coder-agent, register it, scoped key, tool loop) -> spend per key -> tear down.
 from __future__ import annotations
 
 from collections.abc import Awaitable
+from dataclasses import dataclass, field
 from enum import StrEnum
+from itertools import pairwise
 from typing import Any
 
 from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
-from coder_stack.errors import GpuBusy
-from coder_stack.flows.common import (
-    Connection,
-    ReleaseIncomplete,
-    Run,
-    final_state,
-    free_gpu,
-    guarded,
-    holder,
-    model_for_role,
-    model_up,
-    model_up_with_keys_and_frontends,
-    record_failure,
-    record_smoke,
-    release,
-    spend_lines,
-)
+from coder_stack.errors import GpuBusy, SpecError
+from coder_stack.flows.errors import ReleaseIncomplete
+from coder_stack.flows.gpu_steps import free_gpu, model_up, model_up_with_keys_and_frontends, release
+from coder_stack.flows.guard import guarded
+from coder_stack.flows.params import Connection
+from coder_stack.flows.record import record_failure, record_smoke, spend_lines
+from coder_stack.flows.run import Run, holder
 from coder_stack.kubernetes.client import cluster_session
 from coder_stack.orchestration.gpu import gpu_session
 from coder_stack.probe import SmokeResult
 from coder_stack.report import RunReport
 from coder_stack.spec import KeyDestination, ModelSpec, StackSpec
-from coder_stack.tasks.cluster import preflight_task, scale_task, wait_model_ready_task
+from coder_stack.tasks.cluster import preflight_task, scale_task, stack_status_task, wait_model_ready_task
 from coder_stack.tasks.gateway import (
     ensure_keys_task,
     gateway_ready_task,
@@ -73,6 +65,39 @@ class ValidateOptions(BaseModel):
     dry_run: bool = Field(False, description="Only check and report what would be scaled, minted and registered.")
 
 
+@dataclass
+class Validation:
+    """One validate run: what it was asked, what it works on, and what it has done so far (for the clean-up)."""
+
+    run: Run
+    options: ValidateOptions
+    stages: list[Stage]
+    models: list[ModelSpec]  # one per stage, in order
+    started: list[ModelSpec] = field(default_factory=list)  # models this run scaled up and has not released
+    restore: list[ModelSpec] = field(default_factory=list)  # models serving before it (take_over): put back at the end
+    ours: list[str] = field(default_factory=list)  # front-ends this run starts (those already up are the users')
+    spend_before: dict[str, float] = field(default_factory=dict)
+    streamed: dict[str, list[str]] = field(default_factory=dict)  # alias -> ids of calls streamed as its consumer does
+
+    @property
+    def spec(self) -> StackSpec:
+        return self.run.spec
+
+    @property
+    def frontends(self) -> list[str]:
+        return [f.name for f in self.spec.frontends]
+
+    @property
+    def client_keys(self) -> list[str]:
+        """The keys delivered to a front-end's Secret (minted while the first model cold starts)."""
+        return [k.alias for k in self.spec.virtual_keys if k.deliver_to != "keystore"]
+
+    @property
+    def agent_keys(self) -> list[str]:
+        """The keys kept in the keystore (minted in the agent stage)."""
+        return [k.alias for k in self.spec.virtual_keys if k.deliver_to == "keystore"]
+
+
 @flow(name="validate_coder_stack", log_prints=False)
 async def validate_coder_stack(
     options: ValidateOptions = ValidateOptions(),
@@ -81,115 +106,204 @@ async def validate_coder_stack(
     """The whole runbook, end to end; everything it started is scaled back to 0."""
     spec, target = await connection.resolve()
     async with cluster_session(target):
-        run = Run(target, spec, RunReport(flow="validate_coder_stack"))
-        report = run.report
-        stages = list(dict.fromkeys(options.stages))
-        models = [model_for_role(spec, s.value) for s in stages]
-        frontends = [f.name for f in spec.frontends]
-        key_aliases = [k.alias for k in spec.virtual_keys if k.deliver_to != "keystore"]
-        agent_keys = [k.alias for k in spec.virtual_keys if k.deliver_to == "keystore"]
-        async with guarded(report, "validate-report", "validate_coder_stack", final_state_of=(target, spec)):
-            run.step("preflight: Deployments exist, models fit the GPU node's RAM, gateway ready")
-            pf = await preflight_task(target, spec, [m.name for m in models])
-            await gateway_ready_task(target, spec)
+        v = _plan(Run(target, spec, RunReport(flow="validate_coder_stack")), options)
+        async with guarded(v.run.report, "validate-report", "validate_coder_stack", final_state_of=(target, spec)):
+            serving = await preflight(v)
             if options.dry_run:
-                serving = ", ".join(a.name for a in pf.active_models) or "nothing"
-                report.notes.append(
-                    f"dry run: would mint/check keys {key_aliases + (agent_keys if Stage.AGENT in stages else [])}, "
-                    f"scale {', '.join(frontends)} to 1, then bring up {' -> '.join(m.name for m in models)} one at "
-                    f"a time; register {[m.name for m in models if m.register_at_runtime]}; serving now: {serving}."
-                )
-                report.finish("dry run: nothing changed")
-                return report
-
-            started: list[ModelSpec] = []
-            restore: list[ModelSpec] = []
-            spend_before: dict[str, float] = {}
-            streamed: dict[str, list[str]] = {}  # alias -> ids of calls streamed the way its consumer calls
+                return report_dry_run(v, serving)
             async with gpu_session(spec.timeouts.gpu_limit_s):
-                run.step("holding the GPU limit")
-                pf = await preflight_task(target, spec, [])
-                active = {a.name for a in pf.active_models}
-                if active and not options.take_over:
-                    raise GpuBusy(
-                        f"{', '.join(sorted(active))} is serving on the GPU (perhaps the morning bring-up). "
-                        "Nothing was changed. "
-                        "Rerun with take_over (--take-over) to validate anyway; that model is restored at the end"
-                    )
-                restore = [m for m in spec.models if m.name in active]
-                # Front-ends already running (the morning bring-up's) are the users': this run did not start them.
-                before = await final_state(target, spec)
-                ours = [f for f in frontends if not before.get(f"{spec.experience_namespace}/{f}")]
+                await take_the_gpu(v)
                 body_done = False
                 try:
-                    if restore:
-                        await free_gpu(run, None)
-                    for i, (stage, model) in enumerate(zip(stages, models, strict=True)):
-                        if i > 0:
-                            prev = models[i - 1]
-                            run.step(f"swap: scale {prev.name} to 0 and wait until its pod is gone")
-                            freed = await release(target, spec, [prev], [])
-                            if not freed.ok:
-                                # The next stage would be scheduled beside it (an autoscaled pool adds a second
-                                # GPU node): stop here; the ``finally`` below tries it again with the rest.
-                                raise ReleaseIncomplete(
-                                    f"{prev.name} is still up: {freed.detail(prev.name)}. The {stage.value} stage "
-                                    f"was not started, so that {model.name} does not share the GPU with it"
-                                )
-                            started.remove(prev)
-                        started.append(model)
-                        if i == 0:
-                            await model_up_with_keys_and_frontends(run, model, key_aliases, frontends)
-                            spend_before = await spend_baseline_task(target, spec, [k.alias for k in spec.virtual_keys])
-                        else:
-                            await model_up(run, model)
-                        for res in await _smoke_stage(run, stage, model, agent_keys):
-                            for u in res.usage:
-                                if u.streamed and u.request_id and u.key_alias:
-                                    streamed.setdefault(u.key_alias, []).append(u.request_id)
-                        if stage is Stage.AGENT:
-                            # the agent key is minted in its stage: its spend before the calls is 0
-                            spend_before.update({a: 0.0 for a in agent_keys if a not in spend_before})
-                    webui_alias = _alias_delivered_to(spec, "openwebui-secrets")
-                    tabby_alias = _alias_delivered_to(spec, "tabby-config")
-                    used = [a for a, st in ((webui_alias, Stage.CHAT), (tabby_alias, Stage.FIM)) if a and st in stages]
-                    if Stage.AGENT in stages:
-                        used += agent_keys
-                    rows = await read_spend_task(
-                        target, spec, [k.alias for k in spec.virtual_keys], spend_before, called=used, streamed=streamed
-                    )
-                    report.spend = spend_lines(rows)
-                    run.step("spend read back per key")
+                    await stop_taken_over_models(v)
+                    await first_model_up_with_keys_and_frontends(v)
+                    await run_stage(v, v.stages[0], v.models[0])
+                    for (_, leaving), (stage, coming) in pairwise(zip(v.stages, v.models, strict=True)):
+                        await swap_model_on_gpu(v, leaving, coming, stage)
+                        await run_stage(v, stage, coming)
+                    await read_spend_per_key(v)
                     body_done = True
                 finally:
-                    run.step("tear down what this run started", cleanup=True)
-                    outcome = await release(target, spec, started, [] if options.keep_frontends else ours)
-                    if options.keep_frontends:
-                        report.notes.append("front-ends left running (keep_frontends)")
-                    report.notes += outcome.notes()
-                    if not outcome.ok:
-                        left = ", ".join(outcome.left_up)
-                        report.notes.append(
-                            f"left up: {left}; run `coder-stack down` (or the evening teardown) to scale it to 0"
-                        )
-                        if restore:
-                            report.notes.append(f"not restored: {', '.join(m.name for m in restore)} ({left} is up)")
-                            restore = []
-                        if body_done:  # no error of the run's own in flight: this one is the run's failure
-                            raise ReleaseIncomplete(
-                                f"{left} could not be scaled to 0 at the end: "
-                                + "; ".join(f"{n}: {outcome.detail(n)}" for n in outcome.left_up)
-                                + ". Run `coder-stack down`, then check the cluster"
-                            )
-                    if restore:
-                        names = ", ".join(m.name for m in restore)
-                        run.step(f"restore {names} (take_over)", cleanup=True)
-                        for m in restore:
-                            await scale_task(target, spec.serving_namespace, m.name, 1, held_by=holder())
-                            await wait_model_ready_task(target, spec, m, progress=False)
-                        report.notes.append(f"restored {names} as it was before this run")
-            report.finish("passed")  # every failed smoke raised above
-            return report
+                    await tear_down(v, raise_if_left_up=body_done)
+                    await restore_taken_over_models(v)
+            v.run.report.finish("passed")  # every failed smoke raised above
+            return v.run.report
+
+
+def _plan(run: Run, options: ValidateOptions) -> Validation:
+    stages = list(dict.fromkeys(options.stages))
+    return Validation(run, options, stages, [model_for_role(run.spec, s.value) for s in stages])
+
+
+async def preflight(v: Validation) -> list[str]:
+    """Deployments exist, the models fit the GPU node's RAM, the gateway is ready; returns who serves now."""
+    v.run.step("preflight: Deployments exist, models fit the GPU node's RAM, gateway ready")
+    pf = await preflight_task(v.run.target, v.spec, [m.name for m in v.models])
+    await gateway_ready_task(v.run.target, v.spec)
+    return [a.name for a in pf.active_models]
+
+
+def report_dry_run(v: Validation, serving: list[str]) -> RunReport:
+    report = v.run.report
+    keys = v.client_keys + (v.agent_keys if Stage.AGENT in v.stages else [])
+    report.notes.append(
+        f"dry run: would mint/check keys {keys}, "
+        f"scale {', '.join(v.frontends)} to 1, then bring up {' -> '.join(m.name for m in v.models)} one at "
+        f"a time; register {[m.name for m in v.models if m.register_at_runtime]}; "
+        f"serving now: {', '.join(serving) or 'nothing'}."
+    )
+    report.finish("dry run: nothing changed")
+    return report
+
+
+async def take_the_gpu(v: Validation) -> None:
+    """Holding the GPU limit: read what serves now (it may have changed while waiting). Another model serving
+    is refused unless ``take_over`` (then it is restored at the end); front-ends already up are left as found."""
+    v.run.step("holding the GPU limit")
+    spec = v.spec
+    now = {(s.namespace, s.name): s.replicas for s in await stack_status_task(v.run.target, spec)}
+    active = [m for m in spec.models if now.get((spec.serving_namespace, m.name))]
+    if active and not v.options.take_over:
+        raise GpuBusy(
+            f"{', '.join(sorted(m.name for m in active))} is serving on the GPU (perhaps the morning bring-up). "
+            "Nothing was changed. "
+            "Rerun with take_over (--take-over) to validate anyway; that model is restored at the end"
+        )
+    v.restore = active
+    v.ours = [f for f in v.frontends if not now.get((spec.experience_namespace, f))]
+
+
+async def stop_taken_over_models(v: Validation) -> None:
+    if v.restore:
+        await free_gpu(v.run, None)
+
+
+async def first_model_up_with_keys_and_frontends(v: Validation) -> None:
+    """The first model's cold start, with the client keys minted and the front-ends brought up meanwhile; then
+    the spend baseline the smokes are measured against."""
+    model = v.models[0]
+    v.started.append(model)
+    await model_up_with_keys_and_frontends(v.run, model, v.client_keys, list(v.spec.frontends))
+    v.spend_before = await spend_baseline_task(v.run.target, v.spec, [k.alias for k in v.spec.virtual_keys])
+
+
+async def swap_model_on_gpu(v: Validation, leaving: ModelSpec, coming: ModelSpec, stage: Stage) -> None:
+    """One GPU: ``leaving`` to 0 and its pod gone before ``coming`` is scaled up (chat -> FIM, FIM -> agent)."""
+    v.run.step(f"swap: scale {leaving.name} to 0 and wait until its pod is gone")
+    freed = await release(v.run.target, v.spec, [leaving], [])
+    if not freed.ok:
+        # The next stage would be scheduled beside it (an autoscaled pool adds a second GPU node): stop here;
+        # the tear-down tries it again with the rest.
+        raise ReleaseIncomplete(
+            f"{leaving.name} is still up: {freed.detail(leaving.name)}. The {stage.value} stage "
+            f"was not started, so that {coming.name} does not share the GPU with it"
+        )
+    v.started.remove(leaving)
+    v.started.append(coming)
+    await model_up(v.run, coming)
+
+
+async def run_stage(v: Validation, stage: Stage, model: ModelSpec) -> None:
+    """The stage's own step (chat smokes, FIM smokes or the agent stage); notes which calls were streamed."""
+    if stage is Stage.CHAT:
+        results = await smoke_chat(v.run, model)
+    elif stage is Stage.FIM:
+        results = await smoke_fim(v.run, model)
+    else:
+        results = await agent_stage(v.run, model, v.agent_keys)
+        # the agent key is minted in its stage: its spend before the calls is 0
+        v.spend_before.update({a: 0.0 for a in v.agent_keys if a not in v.spend_before})
+    for res in results:
+        for u in res.usage:
+            if u.streamed and u.request_id and u.key_alias:
+                v.streamed.setdefault(u.key_alias, []).append(u.request_id)
+
+
+async def smoke_chat(run: Run, model: ModelSpec) -> list[SmokeResult]:
+    """Chat: the pod directly, the gateway with Open WebUI's key, and Open WebUI's pod listing its models."""
+    smokes = _Smokes(run, model)
+    alias = _alias_delivered_to(run.spec, "openwebui-secrets")
+    await smokes.direct()
+    await smokes(f"gateway chat ({alias} key)", smoke_gateway_task(run.target, run.spec, model, key_alias=alias))
+    await smokes(
+        "Open WebUI pod lists its models", smoke_frontends_task(run.target, run.spec, openwebui=True, tabby=False)
+    )
+    return smokes.results
+
+
+async def smoke_fim(run: Run, model: ModelSpec) -> list[SmokeResult]:
+    """FIM: the pod directly, the gateway with Tabby's key, and Tabby's configured key completing FIM."""
+    smokes = _Smokes(run, model)
+    alias = _alias_delivered_to(run.spec, "tabby-config")
+    await smokes.direct()
+    await smokes(f"gateway FIM ({alias} key)", smoke_gateway_task(run.target, run.spec, model, key_alias=alias))
+    await smokes(
+        "Tabby's configured key completes FIM", smoke_frontends_task(run.target, run.spec, openwebui=False, tabby=True)
+    )
+    return smokes.results
+
+
+async def agent_stage(run: Run, model: ModelSpec, agent_keys: list[str]) -> list[SmokeResult]:
+    """Agent: the pod directly, then register it in the gateway, mint its scoped key, and run a tool loop."""
+    smokes = _Smokes(run, model)
+    await smokes.direct()
+    reg = await register_model_task(run.target, run.spec, model)
+    run.step(f"{model.name} {reg.action} in the gateway")
+    reps = await ensure_keys_task(run.target, run.spec, agent_keys)
+    run.report.key_actions += [f"{r.alias}: {r.action} ({r.delivered_to})" for r in reps]
+    await smokes("tool loop through the gateway (agent key)", smoke_agent_task(run.target, run.spec, model))
+    return smokes.results
+
+
+async def read_spend_per_key(v: Validation) -> None:
+    """Spend per key, waiting until the keys the smokes called show what they spent."""
+    spec, stages = v.spec, v.stages
+    webui_alias = _alias_delivered_to(spec, "openwebui-secrets")
+    tabby_alias = _alias_delivered_to(spec, "tabby-config")
+    used = [a for a, st in ((webui_alias, Stage.CHAT), (tabby_alias, Stage.FIM)) if a and st in stages]
+    if Stage.AGENT in stages:
+        used += v.agent_keys
+    rows = await read_spend_task(
+        v.run.target, spec, [k.alias for k in spec.virtual_keys], v.spend_before, called=used, streamed=v.streamed
+    )
+    v.run.report.spend = spend_lines(rows)
+    v.run.step("spend read back per key")
+
+
+async def tear_down(v: Validation, *, raise_if_left_up: bool) -> None:
+    """Scale to 0 what this run started (its front-ends too unless keep_frontends). Something left up cancels
+    the restore, and is the run's failure when no error of its own is in flight (``raise_if_left_up``)."""
+    report, keep = v.run.report, v.options.keep_frontends
+    v.run.step("tear down what this run started", cleanup=True)
+    outcome = await release(v.run.target, v.spec, v.started, [] if keep else v.ours)
+    if keep:
+        report.notes.append("front-ends left running (keep_frontends)")
+    report.notes += outcome.notes()
+    if outcome.ok:
+        return
+    left = ", ".join(outcome.left_up)
+    report.notes.append(f"left up: {left}; run `coder-stack down` (or the evening teardown) to scale it to 0")
+    if v.restore:
+        report.notes.append(f"not restored: {', '.join(m.name for m in v.restore)} ({left} is up)")
+        v.restore = []
+    if raise_if_left_up:
+        raise ReleaseIncomplete(
+            f"{left} could not be scaled to 0 at the end: "
+            + "; ".join(f"{n}: {outcome.detail(n)}" for n in outcome.left_up)
+            + ". Run `coder-stack down`, then check the cluster"
+        )
+
+
+async def restore_taken_over_models(v: Validation) -> None:
+    """take_over: bring back the models that were serving before this run."""
+    if not v.restore:
+        return
+    names = ", ".join(m.name for m in v.restore)
+    v.run.step(f"restore {names} (take_over)", cleanup=True)
+    for m in v.restore:
+        await scale_task(v.run.target, v.spec, m, 1, held_by=holder())
+        await wait_model_ready_task(v.run.target, v.spec, m, progress=False)
+    v.run.report.notes.append(f"restored {names} as it was before this run")
 
 
 def _alias_delivered_to(spec: StackSpec, home: KeyDestination) -> str | None:
@@ -197,38 +311,32 @@ def _alias_delivered_to(spec: StackSpec, home: KeyDestination) -> str | None:
     return key.alias if key else None
 
 
-async def _smoke_stage(run: Run, stage: Stage, model: ModelSpec, agent_keys: list[str]) -> list[SmokeResult]:
-    """The stage's smokes, recorded in the report; returns their results."""
-    target, spec = run.target, run.spec
-    section = run.report.section(model.name)
-    results: list[SmokeResult] = []
+class _Smokes:
+    """A model's smokes, each recorded in its report section (a failure too, before it propagates)."""
 
-    async def smoke(label: str, coro: Awaitable[Any]) -> Any:
+    def __init__(self, run: Run, model: ModelSpec) -> None:
+        self.run, self.model = run, model
+        self.section = run.report.section(model.name)
+        self.results: list[SmokeResult] = []
+
+    async def direct(self) -> None:
+        await self("direct (pod, vLLM key)", smoke_direct_task(self.run.target, self.run.spec, self.model))
+
+    async def __call__(self, label: str, coro: Awaitable[Any]) -> None:
         try:
             res = await coro
         except Exception as e:
-            record_failure(section, label, e)
+            record_failure(self.section, label, e)
             raise
         result = getattr(res, "smoke", res)
-        record_smoke(section, result, label)
-        results.append(result)
-        return res
+        record_smoke(self.section, result, label)
+        self.results.append(result)
 
-    await smoke("direct (pod, vLLM key)", smoke_direct_task(target, spec, model))
-    webui_key = _alias_delivered_to(spec, "openwebui-secrets")
-    tabby_key = _alias_delivered_to(spec, "tabby-config")
-    if stage is Stage.CHAT:
-        await smoke(f"gateway chat ({webui_key} key)", smoke_gateway_task(target, spec, model, key_alias=webui_key))
-        await smoke("Open WebUI pod lists its models", smoke_frontends_task(target, spec, openwebui=True, tabby=False))
-    elif stage is Stage.FIM:
-        await smoke(f"gateway FIM ({tabby_key} key)", smoke_gateway_task(target, spec, model, key_alias=tabby_key))
-        await smoke(
-            "Tabby's configured key completes FIM", smoke_frontends_task(target, spec, openwebui=False, tabby=True)
-        )
-    else:
-        reg = await register_model_task(target, spec, model)
-        run.step(f"{model.name} {reg.action} in the gateway")
-        reps = await ensure_keys_task(target, spec, agent_keys)
-        run.report.key_actions += [f"{r.alias}: {r.action} ({r.delivered_to})" for r in reps]
-        await smoke("tool loop through the gateway (agent key)", smoke_agent_task(target, spec, model))
-    return results
+
+def model_for_role(spec: StackSpec, role: str) -> ModelSpec:
+    for m in spec.models:
+        if m.role == role:
+            return m
+    raise SpecError(
+        f"the stack has no model with role {role!r}; roles present: {sorted({m.role for m in spec.models})}"
+    )

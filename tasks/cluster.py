@@ -8,19 +8,16 @@ hiccups, a pod not Ready yet); a crash loop or an over-budget phase fails at onc
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from uuid import UUID
 
 from prefect import task
 from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifact
 from prefect.exceptions import MissingContextError
-from pydantic import BaseModel, ConfigDict, Field
 
-from coder_stack.errors import SpecError
 from coder_stack.kubernetes.client import ClusterTarget, open_api
-from coder_stack.kubernetes.preflight import ModelOnGpu, PreflightReport, gpu_holders, preflight
-from coder_stack.kubernetes.wait import GoneReport, OnPhase, PhaseUpdate, ReadyReport, wait_gone, wait_ready
+from coder_stack.kubernetes.preflight import PreflightReport, preflight
+from coder_stack.kubernetes.wait import OnPhase, PhaseUpdate, ReadyReport, wait_ready
 from coder_stack.kubernetes.workloads import (
     DeploymentStatus,
     ScaleResult,
@@ -28,8 +25,9 @@ from coder_stack.kubernetes.workloads import (
     deployment_status,
     scale,
 )
-from coder_stack.spec import ModelSpec, PhaseBudgets, StackSpec
+from coder_stack.spec import FrontendSpec, ModelSpec, PhaseBudgets, StackSpec
 from coder_stack.tasks._common import retrying, run_logger
+from coder_stack.usecases.gpu import FreedGpu, free_gpu
 from coder_stack.usecases.holders import HELD_BY
 
 _TASK = retrying(2, 5, 10)
@@ -55,48 +53,36 @@ async def preflight_task(target: ClusterTarget, spec: StackSpec, models: list[st
     return report
 
 
-class FreedGpu(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    holders: list[ModelOnGpu] = Field(description="The other GPU models found with replicas or pods.")
-    gone: list[GoneReport] = Field(description="For each of them, the wait until its last pod was gone.")
-
-
 @task(name="free-gpu", **_TASK)
-async def free_gpu_task(target: ClusterTarget, spec: StackSpec, keep: str | None = None) -> FreedGpu:
-    """Every GPU model except ``keep`` to 0, then until their pods are gone (the GPU is free only then).
-
-    One task for the check, the scale-downs and the wait: it runs between the GPU grant and the next
-    model's scale-up, where each extra task run is time the freed GPU idles. Safe to retry."""
+async def free_gpu_task(target: ClusterTarget, spec: StackSpec, keep: ModelSpec | None = None) -> FreedGpu:
+    """Every GPU model except ``keep`` to 0, then until their pods are gone (the GPU is free only then)."""
     log = run_logger()
-    ns = spec.serving_namespace
     async with open_api(target) as api:
-        holders = await gpu_holders(api, spec, keep)
-        if not holders:
-            log.info("No other GPU model has replicas or pods; the GPU is free.")
-            return FreedGpu(holders=[], gone=[])
+        freed = await free_gpu(api, spec, keep)
+    if not freed.holders:
+        log.info("No other GPU model had replicas or pods; the GPU is free.")
+    for h, g in zip(freed.holders, freed.gone, strict=True):
         log.info(
-            "Freeing the GPU: %s to 0.",
-            ", ".join(f"{h.name} ({h.replicas} replica(s), {len(h.pods)} pod(s))" for h in holders),
-        )
-        await asyncio.gather(*(scale(api, ns, h.name, 0) for h in holders))
-        gone = list(
-            await asyncio.gather(
-                *(wait_gone(api, ns, spec.model(h.name).selector, spec.timeouts.deletion_s) for h in holders)
-            )
-        )
-    for h, g in zip(holders, gone, strict=True):
-        log.info("%s: %d pod(s) gone after %.1fs; its GPU is free.", h.name, g.pods_seen, g.seconds)
-    return FreedGpu(holders=holders, gone=gone)
+            "%s (%d replica(s), %d pod(s)) to 0: %d pod(s) gone after %.1fs; its GPU is free.",
+            h.name, h.replicas, len(h.pods), g.pods_seen, g.seconds,
+        )  # fmt: skip
+    return freed
 
 
 @task(name="scale", **_TASK)
 async def scale_task(
-    target: ClusterTarget, namespace: str, name: str, replicas: int, held_by: str | None = None
+    target: ClusterTarget,
+    spec: StackSpec,
+    deployment: ModelSpec | FrontendSpec,
+    replicas: int,
+    held_by: str | None = None,
 ) -> ScaleResult:
-    """`kubectl scale deploy/<name> --replicas=N` (no change if already there). ``held_by``: first stamp that
-    flow run on the Deployment as the one holding it (the crash clean-up scales to 0 what a dead run holds)."""
+    """`kubectl scale deploy/<name> --replicas=N` for a model or a front-end of the spec (no change if already
+    there). ``held_by``: first stamp that flow run on the Deployment as the one holding it (the crash clean-up
+    scales to 0 what a dead run holds)."""
     log = run_logger()
+    namespace = spec.serving_namespace if isinstance(deployment, ModelSpec) else spec.experience_namespace
+    name = deployment.name
     async with open_api(target) as api:
         if held_by is not None:
             await annotate_deployment(api, namespace, name, {HELD_BY: held_by})
@@ -156,25 +142,22 @@ async def wait_model_ready_task(
 
 
 @task(name="wait-frontend-ready", **_TASK)
-async def wait_frontend_ready_task(target: ClusterTarget, spec: StackSpec, name: str) -> ReadyReport:
+async def wait_frontend_ready_task(target: ClusterTarget, spec: StackSpec, frontend: FrontendSpec) -> ReadyReport:
     """A front-end (Open WebUI, Tabby) Ready within spec.timeouts.frontend_ready_s."""
     log = run_logger()
-    fe = next((f for f in spec.frontends if f.name == name), None)
-    if fe is None:
-        raise SpecError(f"unknown front-end {name!r}; this stack has: {', '.join(f.name for f in spec.frontends)}")
     t = spec.timeouts.frontend_ready_s
     budgets = PhaseBudgets(node=t, image=t, weights=t, start=t)
     async with open_api(target) as api:
         report = await wait_ready(
             api,
             spec.experience_namespace,
-            fe.name,
-            fe.selector,
+            frontend.name,
+            frontend.selector,
             budgets,
-            on_phase=_progress_callback(log, None, fe.name),
+            on_phase=_progress_callback(log, None, frontend.name),
             deadline_s=t,
         )
-    _log_ready(log, fe.name, report)
+    _log_ready(log, frontend.name, report)
     return report
 
 
@@ -195,6 +178,7 @@ async def stack_status_task(target: ClusterTarget, spec: StackSpec) -> list[Depl
 
 
 __all__ = [
+    "free_gpu_task",
     "preflight_task",
     "scale_task",
     "stack_status_task",

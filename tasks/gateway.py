@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from coder_stack.errors import KeyUnusable, PreflightError, SpecError
 from coder_stack.kubernetes.client import ClusterTarget, open_api
-from coder_stack.litellm import admin as gateway
+from coder_stack.litellm import admin as litellm_admin
 from coder_stack.litellm.admin import ModelRegistration, SpendRow
 from coder_stack.spec import ModelSpec, StackSpec
 from coder_stack.tasks._common import retrying, run_logger
@@ -38,12 +38,12 @@ _RETRY = retrying(2, 5, 10)
 async def gateway_ready_task(target: ClusterTarget, spec: StackSpec) -> GatewayHealth:
     """LiteLLM answers /health/readiness (no auth) and serves every alias the stack calls (/model/info)."""
     log = run_logger()
-    aliases = gateway.expected_aliases(spec)
-    async with open_api(target) as api, open_gateway(api, spec) as gw:
-        await gateway.gateway_ready(gw)
-        url = scrub_url(gw.base_url)
+    aliases = litellm_admin.expected_aliases(spec)
+    async with open_api(target) as api, open_gateway(api, spec) as litellm_http:
+        await litellm_admin.gateway_ready(litellm_http)
+        url = scrub_url(litellm_http.base_url)
         master = await read_ref(api, spec.master_key)
-        missing = await gateway.missing_aliases(gw, master, aliases)
+        missing = await litellm_admin.missing_aliases(litellm_http, master, aliases)
     if missing:
         raise PreflightError(
             f"the gateway at {url} has no model named {', '.join(repr(a) for a in missing)} (/model/info): calls "
@@ -62,10 +62,10 @@ async def ensure_keys_task(
     log = run_logger()
     key_specs = [spec.key(a) for a in aliases] if aliases is not None else list(spec.virtual_keys)
     reports = []
-    async with open_api(target) as api, open_gateway(api, spec) as gw:
+    async with open_api(target) as api, open_gateway(api, spec) as litellm_http:
         master = await read_ref(api, spec.master_key)
         for ks in key_specs:
-            rep = await ensure_key(api, gw, master, spec, ks, rotate=rotate)
+            rep = await ensure_key(api, litellm_http, master, spec, ks, rotate=rotate)
             restarted = f"; restarted {rep.consumer}" if rep.consumer_restarted else ""
             ident = f"id {rep.token_id[:12]}..." if rep.token_id else "id not given by the gateway"
             log.info("Key %r: %s (%s) in %s%s.", rep.alias, rep.action, ident, rep.delivered_to, restarted)
@@ -86,10 +86,10 @@ async def register_model_task(target: ClusterTarget, spec: StackSpec, model: Mod
     log = run_logger()
     if not model.register_at_runtime:
         raise SpecError(f"{model.name} is defined in the gateway's values (register_at_runtime is false)")
-    async with open_api(target) as api, open_gateway(api, spec) as gw:
+    async with open_api(target) as api, open_gateway(api, spec) as litellm_http:
         master = await read_ref(api, spec.master_key)
         upstream = await read_ref(api, spec.upstream_key)
-        reg = await gateway.ensure_model_registered(gw, master, upstream, spec, model)
+        reg = await litellm_admin.ensure_model_registered(litellm_http, master, upstream, spec, model)
     if reg.action == "registered":
         log.info("Registered %r in the gateway, routed to %s.", reg.alias, reg.api_base)
     else:
@@ -102,9 +102,9 @@ async def register_model_task(target: ClusterTarget, spec: StackSpec, model: Mod
 @task(name="spend-baseline", **_RETRY)
 async def spend_baseline_task(target: ClusterTarget, spec: StackSpec, aliases: list[str]) -> dict[str, float]:
     """Spend per key alias now (USD), to prove later that smoke calls were metered."""
-    async with open_api(target) as api, open_gateway(api, spec) as gw:
+    async with open_api(target) as api, open_gateway(api, spec) as litellm_http:
         master = await read_ref(api, spec.master_key)
-        return await gateway.read_spend_baseline(gw, master, aliases)
+        return await litellm_admin.read_spend_baseline(litellm_http, master, aliases)
 
 
 @task(name="read-spend", **_RETRY)
@@ -119,10 +119,10 @@ async def read_spend_task(
     """Per-key spend, waiting (bounded by spec.timeouts.spend_visible_s) for LiteLLM's batched write;
     ``streamed``: per alias, ids of streamed calls whose metering the spend log decides."""
     log = run_logger()
-    async with open_api(target) as api, open_gateway(api, spec) as gw:
+    async with open_api(target) as api, open_gateway(api, spec) as litellm_http:
         master = await read_ref(api, spec.master_key)
-        rows = await gateway.read_spend(
-            gw,
+        rows = await litellm_admin.read_spend(
+            litellm_http,
             master,
             aliases,
             before=before,
@@ -142,7 +142,6 @@ __all__ = [
     "GatewayHealth",
     "ensure_keys_task",
     "gateway_ready_task",
-    "open_gateway",
     "read_spend_task",
     "register_model_task",
     "spend_baseline_task",

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from coder_stack.errors import SmokeFailed, SpecError
 from coder_stack.kubernetes.client import ClusterTarget, open_api
 from coder_stack.kubernetes.exec import exec_in_deployment
-from coder_stack.litellm import smoke as gateway_smoke
+from coder_stack.litellm import smoke as litellm_smoke
 from coder_stack.litellm.admin import SpendRow, expected_cost, model_prices, read_spend, read_spend_baseline
 from coder_stack.probe import SmokeResult
 from coder_stack.spec import ClientKeySpec, ModelSpec, StackSpec
@@ -67,7 +67,7 @@ def _log_spend(row: SpendRow | None) -> None:
 
 
 async def _metered(
-    gw: httpx.AsyncClient,
+    litellm_http: httpx.AsyncClient,
     master: SecretStr,
     spec: StackSpec,
     alias: str,
@@ -75,10 +75,16 @@ async def _metered(
     before: dict[str, float] | None,
 ) -> SpendRow:
     """The key's spend after the smoke, waiting for the calls' expected cost (tokens x gateway prices)."""
-    prices = await model_prices(gw, master)
+    prices = await model_prices(litellm_http, master)
     cost = expected_cost(prices, [(u.model, u.prompt_tokens, u.completion_tokens) for u in res.usage])
     rows = await read_spend(
-        gw, master, [alias], before=before, called=[alias], expected={alias: cost}, wait_s=spec.timeouts.spend_visible_s
+        litellm_http,
+        master,
+        [alias],
+        before=before,
+        called=[alias],
+        expected={alias: cost},
+        wait_s=spec.timeouts.spend_visible_s,
     )
     return rows[0]
 
@@ -105,12 +111,12 @@ async def smoke_gateway_task(
 ) -> MeteredSmoke:
     """The model through the gateway with a client's own key (read from its home), then its metered spend."""
     ks = _key_spec(spec, model, key_alias)
-    async with open_api(target) as api, open_gateway(api, spec) as gw:
+    async with open_api(target) as api, open_gateway(api, spec) as litellm_http:
         client_key = await read_client_key(api, spec, ks.alias)
         master = await read_ref(api, spec.master_key)
-        before = await read_spend_baseline(gw, master, [ks.alias]) if check_spend else None
-        res = await gateway_smoke.smoke_gateway(gw, str(gw.base_url), client_key, ks, model, spec)
-        spend = await _metered(gw, master, spec, ks.alias, res, before) if check_spend else None
+        before = await read_spend_baseline(litellm_http, master, [ks.alias]) if check_spend else None
+        res = await litellm_smoke.smoke_gateway(litellm_http, str(litellm_http.base_url), client_key, ks, model, spec)
+        spend = await _metered(litellm_http, master, spec, ks.alias, res, before) if check_spend else None
     _log_result(res)
     _log_spend(spend)
     return MeteredSmoke(smoke=res, spend=spend)
@@ -128,12 +134,14 @@ async def smoke_agent_task(
     if model.role != "agent":
         raise SpecError(f"{model.name} has role {model.role!r}; the tool-loop smoke is for agent models")
     ks = _key_spec(spec, model, key_alias)
-    async with open_api(target) as api, open_gateway(api, spec) as gw:
+    async with open_api(target) as api, open_gateway(api, spec) as litellm_http:
         agent_key = await read_client_key(api, spec, ks.alias)
         master = await read_ref(api, spec.master_key)
-        before = await read_spend_baseline(gw, master, [ks.alias]) if check_spend else None
-        res = await gateway_smoke.smoke_agent(gw, str(gw.base_url), agent_key, model, spec.timeouts, key_alias=ks.alias)
-        spend = await _metered(gw, master, spec, ks.alias, res, before) if check_spend else None
+        before = await read_spend_baseline(litellm_http, master, [ks.alias]) if check_spend else None
+        res = await litellm_smoke.smoke_agent(
+            litellm_http, str(litellm_http.base_url), agent_key, model, spec.timeouts, key_alias=ks.alias
+        )
+        spend = await _metered(litellm_http, master, spec, ks.alias, res, before) if check_spend else None
     _log_result(res)
     _log_spend(spend)
     return MeteredSmoke(smoke=res, spend=spend)
@@ -147,10 +155,16 @@ async def smoke_frontends_task(
 
     Open WebUI must be Ready; for ``tabby`` the FIM model must be serving.
     """
-    async with open_api(target) as api, open_gateway(api, spec) as gw:
+    async with open_api(target) as api, open_gateway(api, spec) as litellm_http:
         try:
             res = await frontends.smoke_frontends(
-                api, spec, exec_in_deployment, str(gw.base_url), http=gw, openwebui=openwebui, tabby=tabby
+                api,
+                spec,
+                exec_in_deployment,
+                str(litellm_http.base_url),
+                http=litellm_http,
+                openwebui=openwebui,
+                tabby=tabby,
             )
         except SmokeFailed as e:
             run_logger().error("Front-end smoke failed at the %s hop: %s", e.hop, e.message)

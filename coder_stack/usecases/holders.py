@@ -12,6 +12,7 @@ serving model stamped with a run that is not alive (:func:`orphaned_models`).
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from uuid import UUID
 
@@ -61,26 +62,35 @@ async def clear_held(api: ApiClient, spec: StackSpec, model: ModelSpec, run_id: 
     return await unannotate_if(api, spec.serving_namespace, model.name, HELD_BY, run_id)
 
 
-async def release_held(api: ApiClient, spec: StackSpec, model: ModelSpec, run_id: str, *, serving: bool) -> str:
+@dataclass(frozen=True)
+class HeldRelease:
+    """What :func:`release_held` did to one model: typed, so the caller never reads the prose."""
+
+    scaled_down: bool  # this call scaled it to 0 and its pods are gone (a stamp taken over after that is kept)
+    detail: str  # for the report: ``scaled to 0…``, ``left alone: taken over…``, ``not serving``
+
+
+async def release_held(api: ApiClient, spec: StackSpec, model: ModelSpec, run_id: str, *, serving: bool) -> HeldRelease:
     """Scale ``model`` to 0 (if ``serving``), wait until its pods are gone, then remove its stamp — each change only
     while the stamp still names ``run_id``. Returns what happened (``scaled to 0…``, ``taken over…``); raises
     the cluster's error (the pods still there after the deletion budget, while the stamp is still the run's)."""
     ns = spec.serving_namespace
-    done = "not serving"
+    done, scaled_down = "not serving", False
     if serving:
         if not await scale_if_annotated(api, ns, model.name, 0, HELD_BY, run_id):
-            return f"left alone: {_taken_over(await stamp_of(api, spec, model))}"
+            return HeldRelease(False, f"left alone: {_taken_over(await stamp_of(api, spec, model))}")
         try:
             gone = await wait_gone(api, ns, model.selector, spec.timeouts.deletion_s)
         except WaitTimeout:
             now = await stamp_of(api, spec, model)
             if now != run_id:  # a session took it over meanwhile and scaled it up again: its pods are its own
-                return f"scaled to 0, then {_taken_over(now)}: its pods are its own"
+                return HeldRelease(False, f"scaled to 0, then {_taken_over(now)}: its pods are its own")
             raise
         done = f"scaled to 0, pods gone after {gone.seconds:.1f} s" if gone.pods_seen else "scaled to 0"
+        scaled_down = True
     if not await clear_held(api, spec, model, run_id):
-        return f"{done}; stamp kept: {_taken_over(await stamp_of(api, spec, model))}"
-    return done
+        return HeldRelease(scaled_down, f"{done}; stamp kept: {_taken_over(await stamp_of(api, spec, model))}")
+    return HeldRelease(scaled_down, done)
 
 
 def _taken_over(stamp: str | None) -> str:
@@ -170,6 +180,7 @@ async def _not_alive(client: PrefectClient, run_id: str, now: datetime) -> tuple
 
 __all__ = [
     "HELD_BY",
+    "HeldRelease",
     "OrphanedModel",
     "clear_held",
     "held_by",

@@ -241,7 +241,7 @@ def _drain_prefect_workers() -> None:
 
 
 async def _run_validate(kubeconfig: Path) -> Any:
-    from coder_stack.flows.common import Connection
+    from coder_stack.flows.params import Connection
     from coder_stack.flows.validate import Stage, ValidateOptions, validate_coder_stack
     from coder_stack.orchestration.gpu import ensure_gpu_limit
 

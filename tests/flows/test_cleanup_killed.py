@@ -48,7 +48,7 @@ KILLABLE_CLEANUP = f"""
 import asyncio, sys
 import coder_stack.usecases.holders as holders
 import coder_stack.flows.cleanup as cleanup
-from coder_stack.flows.common import Connection
+from coder_stack.flows.params import Connection
 
 kubeconfig, dead, point = sys.argv[1:4]
 

@@ -53,6 +53,7 @@ from tests.kits.flowkit import (
     PROJECT,
     SERVING,
     SLOW_SCALE,
+    SPEC,
     conn,
     flow_process_env,
     gpu_pods,
@@ -76,7 +77,7 @@ SETTLE_S = 1.0
 
 VALIDATE_CHAT = """
 import asyncio, sys
-from coder_stack.flows.common import Connection
+from coder_stack.flows.params import Connection
 from coder_stack.flows.validate import ValidateOptions, validate_coder_stack
 
 options = ValidateOptions(stages=["chat"])
@@ -477,7 +478,7 @@ async def stamp_and_scale(sim: SimStack, model: str, run_id: str, replicas: int)
     """What a GPU session does (``scale_task(..., held_by=...)``): stamp the model with its run, then scale it."""
     from coder_stack.tasks.cluster import scale_task
 
-    await scale_task.fn(conn(sim).cluster_target(), SERVING, model, replicas, held_by=run_id)
+    await scale_task.fn(conn(sim).cluster_target(), SPEC, SPEC.model(model), replicas, held_by=run_id)
 
 
 def heartbeat(run_id: UUID, name: str) -> None:
@@ -535,7 +536,7 @@ async def test_the_cleanup_never_scales_down_or_unstamps_a_model_another_run_too
     serving; (2) after the clean-up scaled coder-fim to 0 and its pods are gone, before the stamp is removed, a
     session stamps it — the clean-up keeps that stamp. A cancelled clean-up is finished by the next one."""
     import coder_stack.flows.cleanup as cleanup_module
-    import coder_stack.flows.common as common_module
+    import coder_stack.flows.gpu_steps as gpu_steps_module
     import coder_stack.usecases.holders as holders_module
 
     sim = make_sim()
@@ -552,7 +553,7 @@ async def test_the_cleanup_never_scales_down_or_unstamps_a_model_another_run_too
         await stamp_and_scale(sim, "coder-chat", chat_owner, 1)  # a session took coder-chat since the read
         return found
 
-    real_wait = holders_module.wait_gone if hasattr(holders_module, "wait_gone") else common_module.wait_gone
+    real_wait = holders_module.wait_gone if hasattr(holders_module, "wait_gone") else gpu_steps_module.wait_gone
 
     async def gone_then_stamped(api: Any, namespace: str, selector: str, timeout_s: float) -> Any:
         gone = await real_wait(api, namespace, selector, timeout_s)
@@ -561,7 +562,7 @@ async def test_the_cleanup_never_scales_down_or_unstamps_a_model_another_run_too
         return gone
 
     monkeypatch.setattr(cleanup_module, "held_by", read_then_taken_over)
-    for module in (holders_module, common_module):
+    for module in (holders_module, gpu_steps_module):
         monkeypatch.setattr(module, "wait_gone", gone_then_stamped, raising=False)
     mark = len(sim.timeline)
     report = await clean_up_crashed_run(crashed_run=str(dead), connection=conn(sim), settle_s=SETTLE_S)

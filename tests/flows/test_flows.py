@@ -28,8 +28,9 @@ from simstack.store import Store
 
 from coder_stack.errors import GpuBusy, GpuLimitMissing, PodFailed, RetriableError, SpecError
 from coder_stack.flows.bring_up import BringUpOptions, bring_up
-from coder_stack.flows.common import Connection, ReleaseIncomplete
+from coder_stack.flows.errors import ReleaseIncomplete
 from coder_stack.flows.keys import KeyOptions, manage_keys
+from coder_stack.flows.params import Connection
 from coder_stack.flows.swap import SwapOptions, swap_model
 from coder_stack.flows.teardown import TeardownOptions, teardown
 from coder_stack.flows.validate import ValidateOptions, validate_coder_stack

@@ -29,8 +29,8 @@ from simstack.stack import SimStack
 
 from coder_stack.app.setup import K8S_POOL, k8s_base_job_template, run_setup
 from coder_stack.errors import ConfigError, SpecError
-from coder_stack.flows.common import Connection
 from coder_stack.flows.keys import manage_keys
+from coder_stack.flows.params import Connection
 from coder_stack.flows.teardown import teardown
 from coder_stack.kubernetes.client import ClusterTarget, load_configuration, open_api
 from coder_stack.kubernetes.workloads import deployment_status

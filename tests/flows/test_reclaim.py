@@ -22,7 +22,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from simstack.stack import SimStack
 from simstack.store import Store
 
-from coder_stack.flows.common import Connection
+from coder_stack.flows.params import Connection
 from coder_stack.flows.reclaim import ReclaimOptions, reclaim_idle_models
 from coder_stack.orchestration.gpu import gpu_session
 from coder_stack.report import RunReport

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from simstack.stack import SimStack
 
-import coder_stack.flows.common as common
+import coder_stack.flows.gpu_steps as gpu_steps
 from coder_stack.kubernetes.client import ClusterTarget
 from tests.conftest import scale
 from tests.kits.flowkit import SERVING, SPEC, replicas
@@ -23,7 +23,7 @@ async def test_a_cancellation_during_the_scale_downs_still_leaves_the_models_at_
     sim = make_sim()
     scale(sim, SERVING, "coder-chat", 1)
     scale(sim, SERVING, "coder-fim", 1)
-    real_scale = common.scale
+    real_scale = gpu_steps.scale
     entered: asyncio.Queue[str] = asyncio.Queue()
     gate = asyncio.Event()
 
@@ -32,11 +32,11 @@ async def test_a_cancellation_during_the_scale_downs_still_leaves_the_models_at_
         await gate.wait()  # the cancellation arrives while every scale-down is in flight
         return await real_scale(api, ns, name, n)
 
-    monkeypatch.setattr(common, "scale", held_scale)
-    monkeypatch.setattr(common, "logger", lambda: logging.getLogger("test-release"))
+    monkeypatch.setattr(gpu_steps, "scale", held_scale)
+    monkeypatch.setattr(gpu_steps, "logger", lambda: logging.getLogger("test-release"))
     models = [m for m in SPEC.models if m.name in ("coder-chat", "coder-fim")]
     target = ClusterTarget(kubeconfig=str(sim.kubeconfig_path))
-    task = asyncio.ensure_future(common.release(target, SPEC, models, []))
+    task = asyncio.ensure_future(gpu_steps.release(target, SPEC, models, []))
     started = {await asyncio.wait_for(entered.get(), 20), await asyncio.wait_for(entered.get(), 20)}
     assert started == {"coder-chat", "coder-fim"}
     task.cancel()

@@ -52,8 +52,8 @@ from coder_stack.errors import (
     RetriableError,
     WaitTimeout,
 )
-from coder_stack.flows.common import Connection
 from coder_stack.flows.keys import KeyOptions, manage_keys
+from coder_stack.flows.params import Connection
 from coder_stack.flows.swap import SwapOptions, swap_model
 from coder_stack.flows.teardown import teardown
 from coder_stack.flows.validate import ValidateOptions, validate_coder_stack
@@ -436,7 +436,7 @@ async def test_a_model_registered_twice_by_someone_else_gets_no_third(make_sim: 
 # ====================================================================== process faults
 SIGKILL_FLOW = """
 import asyncio, sys
-from coder_stack.flows.common import Connection
+from coder_stack.flows.params import Connection
 from coder_stack.flows.swap import SwapOptions, swap_model
 
 asyncio.run(swap_model(options=SwapOptions(target="coder-chat", smoke_gateway=False),

@@ -44,7 +44,7 @@ pytestmark = pytest.mark.usefixtures("gpu_limit")
 # ------------------------------------------------------------------ 7. SIGTERM
 SUBPROCESS_FLOW = """
 import asyncio, sys
-from coder_stack.flows.common import Connection
+from coder_stack.flows.params import Connection
 from coder_stack.flows.validate import ValidateOptions, validate_coder_stack
 
 options = ValidateOptions(stages=["chat"])

@@ -30,7 +30,7 @@ from prefect.client.schemas.sorting import FlowRunSort
 from simstack.stack import SimStack
 from simstack.store import Store
 
-from coder_stack.flows.common import Connection
+from coder_stack.flows.params import Connection
 from coder_stack.spec import StackSpec
 from tests.conftest import pods_of, wait_for
 

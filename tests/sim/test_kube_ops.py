@@ -106,7 +106,7 @@ async def test_library_errors_do_not_leak_and_5xx_is_retriable(server: ServerThr
 
 
 async def test_scale_task_fn_returns_the_report(server: ServerThread) -> None:
-    result = await scale_task.fn(server.target, NS, "coder-agent", 0)
+    result = await scale_task.fn(server.target, SPEC, SPEC.model("coder-agent"), 0)
     assert result.changed is False and result.name == "coder-agent"
 
 

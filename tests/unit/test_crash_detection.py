@@ -109,3 +109,27 @@ def test_status_wording_for_a_dead_holder_says_when_the_slot_frees_itself_and_ho
     assert "frees itself by 12:40:00 UTC" in text and "free it now: `coder-stack cleanup r1`" in text
     live = GpuRun(run_id="r2", label="validate_coder_stack/y", heartbeat_age_s=4, holds_slot=True)
     assert live.describe() == "validate_coder_stack/y holds the GPU: live (last heartbeat 4 s ago; one every 30 s)"
+
+
+def test_gpu_flows_are_exactly_the_flows_that_take_the_gpu_limit() -> None:
+    """GPU_FLOWS (and so prefect.yaml's trigger, held equal above) names every flow whose module takes
+    ``gpu_session``: a new GPU flow left off the list would crash with nobody cleaning up after it."""
+    import ast
+
+    import coder_stack.flows as flows_pkg
+
+    taking: set[str] = set()
+    for path in Path(flows_pkg.__file__).resolve().parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        if not any(isinstance(n, ast.Name) and n.id == "gpu_session" for n in ast.walk(tree)):
+            continue
+        for fn in (n for n in ast.walk(tree) if isinstance(n, ast.AsyncFunctionDef)):
+            for d in fn.decorator_list:
+                if isinstance(d, ast.Call) and isinstance(d.func, ast.Name) and d.func.id == "flow":
+                    taking |= {
+                        str(kw.value.value)
+                        for kw in d.keywords
+                        if kw.arg == "name" and isinstance(kw.value, ast.Constant)
+                    }
+    assert taking, "no flow module takes gpu_session: the scan found nothing"
+    assert taking == set(GPU_FLOWS)

@@ -50,7 +50,7 @@ MIN_TIME_SCALE = 0.02
 CLEANUP = "clean-up-crashed-run"
 VICTIM = """
 import asyncio, sys
-from coder_stack.flows.common import Connection
+from coder_stack.flows.params import Connection
 from coder_stack.flows.validate import ValidateOptions, validate_coder_stack
 
 options = ValidateOptions(stages=["chat"])

@@ -18,8 +18,11 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from coder_stack.errors import PodNotReady, WaitTimeout
-from coder_stack.flows.common import Connection, Run, record_ready, release, spend_lines
-from coder_stack.flows.validate import Stage, _smoke_stage
+from coder_stack.flows.gpu_steps import release
+from coder_stack.flows.params import Connection
+from coder_stack.flows.record import record_ready, spend_lines
+from coder_stack.flows.run import Run
+from coder_stack.flows.validate import Stage, smoke_chat, smoke_fim
 from coder_stack.kubernetes.client import ClusterTarget, cluster_session, open_api
 from coder_stack.kubernetes.workloads import deployment_status
 from coder_stack.orchestration.gpu import gpu_session
@@ -78,7 +81,7 @@ async def bench_bringup(
     async with cluster_session(target):
         m = spec.model(model)
         t_start = time.monotonic()
-        await scale_task(target, spec.serving_namespace, m.name, 1)
+        await scale_task(target, spec, m, 1)
         t_scaled = time.monotonic()
         out: dict[str, Any] = {"peer": peer, "model": m.name}
         if peer == "ours":
@@ -120,17 +123,17 @@ async def sequential_runbook(connection: Connection) -> RunReport:
             await preflight_task(target, spec, [])
             try:
                 await ensure_keys_task(target, spec, key_aliases)
-                for f in frontends:
-                    await scale_task(target, spec.experience_namespace, f, 1)
+                for f in spec.frontends:
+                    await scale_task(target, spec, f, 1)
                     await wait_frontend_ready_task(target, spec, f)
                 for i, (stage, model) in enumerate(stages):
                     if i > 0:
                         await release(target, spec, [started.pop()], [])
                     started.append(model)
-                    await scale_task(target, spec.serving_namespace, model.name, 1)
+                    await scale_task(target, spec, model, 1)
                     ready = await wait_model_ready_task(target, spec, model)
                     record_ready(report.section(model.name), ready)
-                    await _smoke_stage(run, stage, model, [])
+                    await (smoke_chat if stage is Stage.CHAT else smoke_fim)(run, model)
                 rows = await read_spend_task(
                     target, spec, [k.alias for k in spec.virtual_keys], called=["open-webui", "tabby"]
                 )
@@ -152,7 +155,7 @@ async def gpu_session_run(connection: Connection, model: str) -> dict[str, float
         async with gpu_session(spec.timeouts.gpu_limit_s):
             t_got = time.monotonic()
             try:
-                await scale_task(target, spec.serving_namespace, m.name, 1)
+                await scale_task(target, spec, m, 1)
                 await wait_model_ready_task(target, spec, m, progress=False)
             finally:
                 await release(target, spec, [m], [])

@@ -27,7 +27,7 @@ from simstack.timings import Timings, model_timings
 
 import coder_stack.flows.swap as swap_flow
 from coder_stack.errors import PodFailed
-from coder_stack.flows.common import Connection
+from coder_stack.flows.params import Connection
 from coder_stack.flows.swap import SwapOptions, swap_model
 from coder_stack.flows.validate import Stage, ValidateOptions, validate_coder_stack
 from coder_stack.orchestration.gpu import ensure_gpu_limit, gpu_session

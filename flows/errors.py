@@ -1,0 +1,24 @@
+"""The errors specific to flows: a clean-up that could not give back what a run held.
+
+Each is permanent (a retry would not fix it): the message says what is left up and what to run.
+"""
+
+from __future__ import annotations
+
+from coder_stack.errors import PermanentError
+
+
+class ReleaseIncomplete(PermanentError):
+    """A clean-up scale-down was not confirmed, or the pods stayed: the model may still hold the GPU."""
+
+
+class CleanupIncomplete(PermanentError):
+    """A dead run's model could not be scaled down (its pods are still there)."""
+
+
+class ReclaimIncomplete(PermanentError):
+    """An idle model's scale-down was not confirmed (its pods are still there)."""
+
+
+class TeardownIncomplete(PermanentError):
+    """Something is still running after the teardown."""

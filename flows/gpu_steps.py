@@ -1,0 +1,211 @@
+"""The GPU steps the flows share: bring a model up (with keys and front-ends meanwhile), free the GPU, and the
+fast clean-up (:func:`release`, typed outcome :class:`Released`).
+
+Clean-up (:func:`release`) calls the cluster functions directly rather than through tasks: it runs in a
+``finally`` while the run may be failing, cancelled or terminated, and must issue every scale-down within
+seconds (the runner kills a cancelled flow 30 s after the request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from coder_stack.errors import CoderStackError
+from coder_stack.flows.record import record_ready
+from coder_stack.flows.run import Run, holder, logger
+from coder_stack.kubernetes.client import ClusterTarget, open_api
+from coder_stack.kubernetes.wait import ReadyReport, wait_gone
+from coder_stack.kubernetes.workloads import scale
+from coder_stack.spec import FrontendSpec, ModelSpec, StackSpec
+from coder_stack.tasks.cluster import free_gpu_task, scale_task, wait_frontend_ready_task, wait_model_ready_task
+from coder_stack.tasks.gateway import ensure_keys_task
+
+# How long the clean-up may spend issuing scale-downs before it moves on to waiting.
+RELEASE_ISSUE_S = 5.0
+
+
+async def gather_or_cancel(*aws: Awaitable[Any]) -> list[Any]:
+    """``asyncio.gather`` that, when one awaitable fails, cancels the others and waits for them before raising.
+
+    Plain ``gather`` lets the siblings run on: a keys-and-front-ends branch kept scaling Open WebUI and Tabby to
+    1 *after* the ``finally`` clean-up had scaled them to 0 (a model's wait failed, or SIGTERM landed in it).
+    """
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+async def model_up(run: Run, model: ModelSpec) -> ReadyReport:
+    """Scale a model to 1 and wait through its cold start (phase budgets from the spec)."""
+    run.step(f"scale {model.name} to 1 and wait through its cold start")
+    await scale_task(run.target, run.spec, model, 1, held_by=holder())
+    ready = await wait_model_ready_task(run.target, run.spec, model)
+    record_ready(run.report.section(model.name), ready)
+    run.step(f"{model.name} Ready after {ready.total_s:.1f} s")
+    return ready
+
+
+async def model_up_with_keys_and_frontends(
+    run: Run, model: ModelSpec, key_aliases: list[str], frontends: list[FrontendSpec]
+) -> ReadyReport:
+    """Scale a model to 1 and, while it cold starts, deliver the keys and bring the front-ends up.
+
+    The front-ends need their keys' Secrets before they can start, and both are CPU work that fits
+    inside the GPU model's ~10 min cold start.
+    """
+    target, spec, report = run.target, run.spec, run.report
+    await scale_task(target, spec, model, 1, held_by=holder())
+    run.step(f"{model.name} cold start; keys and front-ends meanwhile")
+
+    async def keys_and_frontends() -> None:
+        reps = await ensure_keys_task(target, spec, key_aliases)
+        report.key_actions += [f"{r.alias}: {r.action} ({r.delivered_to})" for r in reps]
+        await asyncio.gather(*(scale_task(target, spec, f, 1) for f in frontends))
+        await asyncio.gather(*(wait_frontend_ready_task(target, spec, f) for f in frontends))
+        run.step(f"keys delivered; {', '.join(f.name for f in frontends)} Ready")
+
+    ready, _ = await gather_or_cancel(wait_model_ready_task(target, spec, model), keys_and_frontends())
+    record_ready(report.section(model.name), ready)
+    run.step(f"{model.name} Ready after {ready.total_s:.1f} s")
+    return ready
+
+
+async def free_gpu(run: Run, keep: ModelSpec | None) -> list[ModelSpec]:
+    """Scale every GPU model except ``keep`` to 0 and wait until their pods are gone. Returns who was stopped.
+
+    Called right after the GPU grant: one task (``free_gpu_task``) reads only what it needs, since the flow's
+    preflight checked the rest, and every task run here is time a freed GPU idles in a hand-off."""
+    freed = await free_gpu_task(run.target, run.spec, keep)
+    names = {h.name for h in freed.holders}
+    busy = [m for m in run.spec.models if m.name in names]
+    if busy:
+        run.step(f"free the GPU: {', '.join(m.name for m in busy)} scaled to 0 and gone")
+    return busy
+
+
+class ReleaseLine(BaseModel):
+    """One Deployment's clean-up: was the scale-down to 0 confirmed, are its pods gone, and the words for it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Deployment name.")
+    scaled: bool = Field(False, description="The scale-down to 0 was confirmed by the API server.")
+    gone: bool | None = Field(None, description="Its pods are gone (None: not waited for).")
+    pods_seen: bool = Field(False, description="It had pods that were waited out (the detail says how long).")
+    detail: str = Field("", description="What happened, for the report (no secrets).")
+
+    @property
+    def released(self) -> bool:
+        """Scaled to 0 and (when waited for) no pod left: it holds nothing."""
+        return self.scaled and self.gone is not False
+
+
+class Released(BaseModel):
+    """What :func:`release` did, per Deployment: typed, so a caller decides on ``ok``/``left_up``, never on prose."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lines: dict[str, ReleaseLine] = Field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return all(line.released for line in self.lines.values())
+
+    @property
+    def left_up(self) -> list[str]:
+        """The Deployments that may still hold what they held: scale-down not confirmed, or pods still there."""
+        return [n for n, line in self.lines.items() if not line.released]
+
+    def detail(self, name: str) -> str:
+        line = self.lines.get(name)
+        return line.detail if line is not None else "no answer"
+
+    def notes(self) -> list[str]:
+        return [f"{n}: {line.detail}" for n, line in self.lines.items()]
+
+    def _line(self, name: str) -> ReleaseLine:
+        return self.lines.setdefault(name, ReleaseLine(name=name))
+
+
+async def release(
+    target: ClusterTarget, spec: StackSpec, models: list[ModelSpec], frontends: list[str], *, wait: bool = True
+) -> Released:
+    """Scale the given models and front-ends to 0 at once, then (optionally) wait until their pods are gone.
+
+    Every scale-down is issued first, concurrently, within RELEASE_ISSUE_S; only then does it wait (only for
+    those whose scale-down was confirmed). Never raises: what could not be done is returned (and logged) so the
+    caller's own error is not masked; the caller decides on ``Released.ok`` / ``left_up``.
+    """
+    outcome = Released()
+    if not models and not frontends:
+        return outcome
+    log = logger()
+    targets = [(spec.serving_namespace, m.name) for m in models] + [(spec.experience_namespace, n) for n in frontends]
+    try:
+        async with open_api(target) as api:
+
+            async def down(ns: str, name: str) -> None:
+                line = outcome._line(name)
+                try:
+                    await scale(api, ns, name, 0)
+                    line.scaled, line.detail = True, "scaled to 0"
+                except CoderStackError as e:
+                    line.detail = f"scale-down failed: {e}"
+
+            # The scale-downs run in a task of their own that a cancellation of the caller does not stop (a lost
+            # GPU lease, a cancel from the UI, a SIGTERM landing in this finally): once issued they finish, within
+            # RELEASE_ISSUE_S, and only then does the cancellation go on. Nothing is left billing half-released.
+            issuing = asyncio.ensure_future(
+                asyncio.wait_for(asyncio.gather(*(down(ns, n) for ns, n in targets)), RELEASE_ISSUE_S)
+            )
+            try:
+                await asyncio.shield(issuing)
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await issuing
+                log.warning(
+                    "Clean-up interrupted after its scale-downs: %s.",
+                    "; ".join(f"{n} {line.detail or 'not confirmed'}" for n, line in outcome.lines.items()),
+                )
+                raise
+            except TimeoutError:
+                for _, n in targets:
+                    line = outcome._line(n)
+                    if not line.scaled and not line.detail:
+                        line.detail = f"scale-down not confirmed within {RELEASE_ISSUE_S:.0f} s"
+            log.info("Clean-up: %s.", "; ".join(f"{n} {line.detail}" for n, line in outcome.lines.items()))
+            if wait:
+                for ns, n, sel in [(spec.serving_namespace, m.name, m.selector) for m in models] + [
+                    (spec.experience_namespace, f.name, f.selector) for f in spec.frontends if f.name in frontends
+                ]:
+                    line = outcome._line(n)
+                    if not line.scaled:
+                        continue  # its pods will not go: waiting would only delay the caller's error
+                    try:
+                        gone = await wait_gone(api, ns, sel, spec.timeouts.deletion_s)
+                        line.gone = True
+                        line.pods_seen = bool(gone.pods_seen)
+                        if gone.pods_seen:
+                            line.detail = f"scaled to 0, pods gone after {gone.seconds:.1f} s"
+                    except CoderStackError as e:
+                        line.gone = False
+                        line.detail = f"{line.detail}; still has pods: {e}"
+    except CoderStackError as e:
+        log.error("Clean-up could not reach the cluster: %s. Run `coder-stack down` to make sure nothing is left.", e)
+        for _, n in targets:
+            line = outcome._line(n)
+            if not line.detail:
+                line.detail = f"not released: {e}"
+    if not outcome.ok:
+        log.error("Clean-up left up: %s.", "; ".join(f"{n}: {outcome.detail(n)}" for n in outcome.left_up))
+    return outcome
