@@ -15,8 +15,8 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from coder_stack.app.process import freeze_startup_heap
 from coder_stack.errors import CoderStackError, one_line
+from coder_stack.flows.process import freeze_startup_heap
 from coder_stack.spec import load_spec, spec_yaml
 
 # Without PREFECT_API_URL every command starts a temporary Prefect server (15-20 s on 2 cores); Prefect's
@@ -348,8 +348,8 @@ def status(
     from coder_stack.orchestration.gpu import gpu_limit_status
     from coder_stack.tasks.cluster import stack_status_task
     from coder_stack.tasks.gateway import read_spend_task
-    from coder_stack.usecases.holders import orphaned_models
     from coder_stack.usecases.idle import reclaimed_note
+    from coder_stack.usecases.stamps import orphaned_models
 
     conn, spec_obj = _connection(stack, kubeconfig, context, stack_block, credentials_block)
     target = conn.cluster_target()

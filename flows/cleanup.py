@@ -45,7 +45,7 @@ from coder_stack.orchestration.liveness import (
 )
 from coder_stack.report import RunReport
 from coder_stack.spec import ModelSpec
-from coder_stack.usecases.holders import held_by, release_held
+from coder_stack.usecases.stamps import held_by, release_held
 
 # The flows that hold the GPU: the crash automation watches these (and prefect.yaml's trigger lists them).
 GPU_FLOWS = ("validate_coder_stack", "swap_model", "bring_up", "reclaim_idle_models")

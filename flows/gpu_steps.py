@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from coder_stack.errors import CoderStackError
 from coder_stack.flows.record import record_ready
-from coder_stack.flows.run import Run, holder, logger
+from coder_stack.flows.run import Run, logger, this_run_id
 from coder_stack.kubernetes.client import ClusterTarget, open_api
 from coder_stack.kubernetes.wait import ReadyReport, wait_gone
 from coder_stack.kubernetes.workloads import scale
@@ -48,7 +48,7 @@ async def gather_or_cancel(*aws: Awaitable[Any]) -> list[Any]:
 async def model_up(run: Run, model: ModelSpec) -> ReadyReport:
     """Scale a model to 1 and wait through its cold start (phase budgets from the spec)."""
     run.step(f"scale {model.name} to 1 and wait through its cold start")
-    await scale_task(run.target, run.spec, model, 1, held_by=holder())
+    await scale_task(run.target, run.spec, model, 1, held_by=this_run_id())
     ready = await wait_model_ready_task(run.target, run.spec, model)
     record_ready(run.report.section(model.name), ready)
     run.step(f"{model.name} Ready after {ready.total_s:.1f} s")
@@ -64,7 +64,7 @@ async def model_up_with_keys_and_frontends(
     inside the GPU model's ~10 min cold start.
     """
     target, spec, report = run.target, run.spec, run.report
-    await scale_task(target, spec, model, 1, held_by=holder())
+    await scale_task(target, spec, model, 1, held_by=this_run_id())
     run.step(f"{model.name} cold start; keys and front-ends meanwhile")
 
     async def keys_and_frontends() -> None:
@@ -86,7 +86,7 @@ async def free_gpu(run: Run, keep: ModelSpec | None) -> list[ModelSpec]:
     Called right after the GPU grant: one task (``free_gpu_task``) reads only what it needs, since the flow's
     preflight checked the rest, and every task run here is time a freed GPU idles in a hand-off."""
     freed = await free_gpu_task(run.target, run.spec, keep)
-    names = {h.name for h in freed.holders}
+    names = {h.name for h in freed.scaled_down}
     busy = [m for m in run.spec.models if m.name in names]
     if busy:
         run.step(f"free the GPU: {', '.join(m.name for m in busy)} scaled to 0 and gone")

@@ -18,6 +18,7 @@ from prefect.exceptions import TerminationSignal
 from prefect.states import Cancelled
 
 from coder_stack.errors import CoderStackError, UnexpectedError
+from coder_stack.flows.process import freeze_startup_heap
 from coder_stack.flows.record import final_state, publish
 from coder_stack.flows.run import logger
 from coder_stack.kubernetes.client import ClusterTarget
@@ -91,7 +92,9 @@ async def guarded(
 ) -> AsyncIterator[None]:
     """Every flow's body runs inside this: SIGTERM becomes a clean cancellation (:class:`SigtermGuard`), a
     failure is recorded in the report and logged, and the report is published whatever happens (with
-    the cluster's replicas as they are at the end when ``final_state_of`` is given)."""
+    the cluster's replicas as they are at the end when ``final_state_of`` is given). The process's start-up
+    heap is frozen first (once per process; a worker-run flow never passes through the CLI that does it)."""
+    freeze_startup_heap()
     sigterm = SigtermGuard()
     try:
         yield

@@ -29,7 +29,7 @@ def logger() -> Any:
     return get_run_logger()
 
 
-def holder() -> str | None:
-    """This flow run's id, stamped on the models it brings up or uses (see coder_stack.usecases.holders)."""
+def this_run_id() -> str | None:
+    """This flow run's id, stamped on the models it brings up or uses (see coder_stack.usecases.stamps)."""
     ctx = FlowRunContext.get()
     return str(ctx.flow_run.id) if ctx is not None and ctx.flow_run is not None else None

@@ -22,7 +22,7 @@ from coder_stack.flows.gpu_steps import free_gpu, model_up, model_up_with_keys_a
 from coder_stack.flows.guard import guarded
 from coder_stack.flows.params import Connection
 from coder_stack.flows.record import record_failure, record_smoke, spend_lines
-from coder_stack.flows.run import Run, holder
+from coder_stack.flows.run import Run, this_run_id
 from coder_stack.kubernetes.client import cluster_session
 from coder_stack.orchestration.gpu import gpu_session
 from coder_stack.probe import SmokeResult
@@ -301,7 +301,7 @@ async def restore_taken_over_models(v: Validation) -> None:
     names = ", ".join(m.name for m in v.restore)
     v.run.step(f"restore {names} (take_over)", cleanup=True)
     for m in v.restore:
-        await scale_task(v.run.target, v.spec, m, 1, held_by=holder())
+        await scale_task(v.run.target, v.spec, m, 1, held_by=this_run_id())
         await wait_model_ready_task(v.run.target, v.spec, m, progress=False)
     v.run.report.notes.append(f"restored {names} as it was before this run")
 

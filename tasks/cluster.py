@@ -28,7 +28,7 @@ from coder_stack.kubernetes.workloads import (
 from coder_stack.spec import FrontendSpec, ModelSpec, PhaseBudgets, StackSpec
 from coder_stack.tasks._common import retrying, run_logger
 from coder_stack.usecases.gpu import FreedGpu, free_gpu
-from coder_stack.usecases.holders import HELD_BY
+from coder_stack.usecases.stamps import HELD_BY
 
 _TASK = retrying(2, 5, 10)
 
@@ -59,9 +59,9 @@ async def free_gpu_task(target: ClusterTarget, spec: StackSpec, keep: ModelSpec 
     log = run_logger()
     async with open_api(target) as api:
         freed = await free_gpu(api, spec, keep)
-    if not freed.holders:
+    if not freed.scaled_down:
         log.info("No other GPU model had replicas or pods; the GPU is free.")
-    for h, g in zip(freed.holders, freed.gone, strict=True):
+    for h, g in zip(freed.scaled_down, freed.gone, strict=True):
         log.info(
             "%s (%d replica(s), %d pod(s)) to 0: %d pod(s) gone after %.1fs; its GPU is free.",
             h.name, h.replicas, len(h.pods), g.pods_seen, g.seconds,

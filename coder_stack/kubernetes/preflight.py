@@ -194,7 +194,7 @@ class ModelOnGpu(_Report):
     pods: list[str] = Field(description="Its pods that still exist, terminating ones included.")
 
 
-async def gpu_holders(api: ApiClient, spec: StackSpec, keep: str | None = None) -> list[ModelOnGpu]:
+async def models_on_gpu(api: ApiClient, spec: StackSpec, keep: str | None = None) -> list[ModelOnGpu]:
     """The GPU models other than ``keep`` that hold or will hold a GPU: replicas > 0, or a pod still there.
 
     The check inside a GPU session, between the grant and the next model's scale-up: what ``preflight``
@@ -237,7 +237,7 @@ __all__ = [
     "ModelFit",
     "ModelOnGpu",
     "PreflightReport",
-    "gpu_holders",
+    "models_on_gpu",
     "node_size_for",
     "parse_memory_gb",
     "preflight",

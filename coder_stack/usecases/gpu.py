@@ -11,7 +11,7 @@ import asyncio
 from kubernetes_asyncio.client import ApiClient
 from pydantic import BaseModel, ConfigDict, Field
 
-from coder_stack.kubernetes.preflight import ModelOnGpu, gpu_holders
+from coder_stack.kubernetes.preflight import ModelOnGpu, models_on_gpu
 from coder_stack.kubernetes.wait import GoneReport, wait_gone
 from coder_stack.kubernetes.workloads import scale
 from coder_stack.spec import ModelSpec, StackSpec
@@ -20,21 +20,21 @@ from coder_stack.spec import ModelSpec, StackSpec
 class FreedGpu(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    holders: list[ModelOnGpu] = Field(description="The other GPU models found with replicas or pods.")
+    scaled_down: list[ModelOnGpu] = Field(description="The other GPU models found with replicas or pods, scaled to 0.")
     gone: list[GoneReport] = Field(description="For each of them, the wait until its last pod was gone.")
 
 
 async def free_gpu(api: ApiClient, spec: StackSpec, keep: ModelSpec | None) -> FreedGpu:
     """Every GPU model except ``keep`` to 0 at once, then wait until each one's pods are gone."""
     ns = spec.serving_namespace
-    holders = await gpu_holders(api, spec, keep.name if keep else None)
-    if not holders:
-        return FreedGpu(holders=[], gone=[])
-    await asyncio.gather(*(scale(api, ns, h.name, 0) for h in holders))
+    others = await models_on_gpu(api, spec, keep.name if keep else None)
+    if not others:
+        return FreedGpu(scaled_down=[], gone=[])
+    await asyncio.gather(*(scale(api, ns, h.name, 0) for h in others))
     gone = await asyncio.gather(
-        *(wait_gone(api, ns, spec.model(h.name).selector, spec.timeouts.deletion_s) for h in holders)
+        *(wait_gone(api, ns, spec.model(h.name).selector, spec.timeouts.deletion_s) for h in others)
     )
-    return FreedGpu(holders=holders, gone=list(gone))
+    return FreedGpu(scaled_down=others, gone=list(gone))
 
 
 __all__ = ["FreedGpu", "free_gpu"]

@@ -35,7 +35,7 @@ from tests.flows.test_crash_cleanup import (
     lease_label,
     stamp_and_scale,
 )
-from tests.flows.test_status_holders import status
+from tests.flows.test_status_stamps import status
 from tests.kits.flowkit import PROJECT, conn, flow_process_env, gpu_pods, replicas, sigkill, until
 
 pytestmark = pytest.mark.usefixtures("gpu_limit")
@@ -46,7 +46,7 @@ HOOK = "clean-up stopped at"
 # clean-up calls next, so everything before it runs as in production.
 KILLABLE_CLEANUP = f"""
 import asyncio, sys
-import coder_stack.usecases.holders as holders
+import coder_stack.usecases.stamps as stamps
 import coder_stack.flows.cleanup as cleanup
 from coder_stack.flows.params import Connection
 
@@ -60,7 +60,7 @@ if point == "before-unstamp":
     # every stamp removal waits: the one after coder-fim's scale-down (its pods gone) is the kill point
     async def clear_held(api, spec, model, run_id):
         await stop_here(model.name)
-    holders.clear_held = clear_held
+    stamps.clear_held = clear_held
 else:
     async def release_lease_of(live, limit_name):
         await stop_here("the slot release")

@@ -47,7 +47,7 @@ from coder_stack.orchestration.liveness import (
     RELEASED,
     ensure_crash_automation,
 )
-from coder_stack.usecases.holders import HELD_BY
+from coder_stack.usecases.stamps import HELD_BY
 from tests.kits.flowkit import (
     PREFECT_BIN,
     PROJECT,
@@ -537,7 +537,7 @@ async def test_the_cleanup_never_scales_down_or_unstamps_a_model_another_run_too
     session stamps it — the clean-up keeps that stamp. A cancelled clean-up is finished by the next one."""
     import coder_stack.flows.cleanup as cleanup_module
     import coder_stack.flows.gpu_steps as gpu_steps_module
-    import coder_stack.usecases.holders as holders_module
+    import coder_stack.usecases.stamps as stamps_module
 
     sim = make_sim()
     dead = await hand_made_holder(sim, "dead-holder")
@@ -553,7 +553,7 @@ async def test_the_cleanup_never_scales_down_or_unstamps_a_model_another_run_too
         await stamp_and_scale(sim, "coder-chat", chat_owner, 1)  # a session took coder-chat since the read
         return found
 
-    real_wait = holders_module.wait_gone if hasattr(holders_module, "wait_gone") else gpu_steps_module.wait_gone
+    real_wait = stamps_module.wait_gone if hasattr(stamps_module, "wait_gone") else gpu_steps_module.wait_gone
 
     async def gone_then_stamped(api: Any, namespace: str, selector: str, timeout_s: float) -> Any:
         gone = await real_wait(api, namespace, selector, timeout_s)
@@ -562,7 +562,7 @@ async def test_the_cleanup_never_scales_down_or_unstamps_a_model_another_run_too
         return gone
 
     monkeypatch.setattr(cleanup_module, "held_by", read_then_taken_over)
-    for module in (holders_module, gpu_steps_module):
+    for module in (stamps_module, gpu_steps_module):
         monkeypatch.setattr(module, "wait_gone", gone_then_stamped, raising=False)
     mark = len(sim.timeline)
     report = await clean_up_crashed_run(crashed_run=str(dead), connection=conn(sim), settle_s=SETTLE_S)
@@ -581,28 +581,28 @@ async def test_a_cleanup_cancelled_mid_way_is_finished_by_the_next_and_leaves_no
 ) -> None:
     """Cancelled while it waits for the pods to go (after its scale-down): the model is at 0, still stamped with the
     dead run (so no session's stamp is lost); the next clean-up removes the stamp and says there is nothing left."""
-    import coder_stack.usecases.holders as holders_module
+    import coder_stack.usecases.stamps as stamps_module
 
     sim = make_sim()
     dead = await hand_made_holder(sim, "dead-cancelled-cleanup")
     async with get_client() as client:
         await client.set_flow_run_state(dead, Crashed(message="no heartbeat for 60 s (test)"), force=True)
     waiting = asyncio.Event()
-    real_wait = holders_module.wait_gone
+    real_wait = stamps_module.wait_gone
 
     async def block(*args: Any, **kwargs: Any) -> Any:
         waiting.set()
         await asyncio.Event().wait()  # until cancelled
         return await real_wait(*args, **kwargs)
 
-    monkeypatch.setattr(holders_module, "wait_gone", block)
+    monkeypatch.setattr(stamps_module, "wait_gone", block)
     first = asyncio.create_task(clean_up_crashed_run(crashed_run=str(dead), connection=conn(sim), settle_s=SETTLE_S))
     await asyncio.wait_for(waiting.wait(), 60)
     first.cancel()
     with pytest.raises(BaseException):
         await first
     assert replicas(sim)["coder-chat"] == 0 and held_by(sim, "coder-chat") == str(dead)
-    monkeypatch.setattr(holders_module, "wait_gone", real_wait)
+    monkeypatch.setattr(stamps_module, "wait_gone", real_wait)
     second = await clean_up_crashed_run(crashed_run=str(dead), connection=conn(sim), settle_s=SETTLE_S)
     assert second.outcome.startswith("passed:"), second
     assert held_by(sim, "coder-chat") is None and replicas(sim)["coder-chat"] == 0

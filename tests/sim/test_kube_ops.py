@@ -10,7 +10,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from coder_stack.errors import ClusterUnavailable, CoderStackError, NotFound, PodNotReady, PreflightError
 from coder_stack.kubernetes.exec import exec_in_deployment
 from coder_stack.kubernetes.pods import pod_summary
-from coder_stack.kubernetes.preflight import gpu_holders, node_size_for, parse_memory_gb, preflight
+from coder_stack.kubernetes.preflight import models_on_gpu, node_size_for, parse_memory_gb, preflight
 from coder_stack.kubernetes.workloads import (
     annotate_deployment,
     deployment_status,
@@ -265,8 +265,8 @@ async def test_gpu_holders_names_models_with_replicas_or_a_pod_left_but_not_the_
         async with server.api() as api:
             await scale(api, NS, "coder-chat", 1)
             await scale(api, NS, "coder-fim", 1)
-            held = await gpu_holders(api, SPEC, keep="coder-fim")
-            everyone = await gpu_holders(api, SPEC)
+            held = await models_on_gpu(api, SPEC, keep="coder-fim")
+            everyone = await models_on_gpu(api, SPEC)
         assert [(h.name, h.replicas, h.pods) for h in held] == [
             ("coder-chat", 1, []),
             ("coder-agent", 0, [leftover.name]),
@@ -279,7 +279,7 @@ async def test_gpu_holders_names_models_with_replicas_or_a_pod_left_but_not_the_
         async with server.api() as api:
             await scale(api, NS, "coder-chat", 0)
             await scale(api, NS, "coder-fim", 0)
-            assert await gpu_holders(api, SPEC) == []
+            assert await models_on_gpu(api, SPEC) == []
 
 
 async def test_gpu_holders_refuses_when_a_model_deployment_vanished(server: ServerThread) -> None:
@@ -287,7 +287,7 @@ async def test_gpu_holders_refuses_when_a_model_deployment_vanished(server: Serv
     try:
         async with server.api() as api:
             with pytest.raises(NotFound, match=r"serving/coder-agent vanished during the run.*nothing was scaled"):
-                await gpu_holders(api, SPEC)
+                await models_on_gpu(api, SPEC)
     finally:
         await server.acall(server.store.create, "deployments", deployment("coder-agent", replicas=0))
 

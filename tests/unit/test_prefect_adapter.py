@@ -5,7 +5,7 @@ tests/flows/test_prefect_api.py):
 
 - the guard: no other product module imports a private Prefect module (a ``prefect`` module path with a segment
   starting with ``_``), touches a Prefect context's ``__var__``, names a ``/v2/`` API path, or calls
-  ``gc.freeze`` from the library (it is the process owner's, ``coder_stack.app.process``);
+  ``gc.freeze`` from the library (it is the process owner's, ``coder_stack.flows.process``);
 - the pins: the pinned Prefect still has what the adapter uses, with the signatures, request shapes and
   answers it relies on. A Prefect upgrade that changes one fails here, naming it.
 """
@@ -85,9 +85,9 @@ def offences(name: str, tree: ast.Module) -> list[str]:
             and node.attr == "freeze"
             and isinstance(node.value, ast.Name)
             and node.value.id == "gc"
-            and not name.startswith("coder_stack.app")
+            and name != "coder_stack.flows.process"
         ):
-            found.append(f"calls gc.freeze (line {node.lineno}): the process owner's (coder_stack.app.process)")
+            found.append(f"calls gc.freeze (line {node.lineno}): the process owner's (coder_stack.flows.process)")
     return found
 
 
@@ -113,7 +113,7 @@ gc.freeze()
 """
     found = offences("coder_stack.orchestration.gpu", ast.parse(source))
     assert len(found) == 5, found
-    assert offences("coder_stack.app.process", ast.parse("import gc\ngc.freeze()")) == []
+    assert offences("coder_stack.flows.process", ast.parse("import gc\ngc.freeze()")) == []
     assert offences("coder_stack.litellm.admin", ast.parse("P = '/v2/model/info'")) == []
 
 
@@ -281,7 +281,7 @@ def test_the_process_freezes_its_start_up_heap_once(monkeypatch: pytest.MonkeyPa
     """After the freeze a full garbage collection no longer walks the start-up objects (0.2-0.4 s, a pause that
     fell into hand-offs); a second call does not collect again."""
     import coder_stack.flows.swap  # noqa: F401  (a flow process's heap: Prefect and the flows)
-    from coder_stack.app import process
+    from coder_stack.flows import process
 
     monkeypatch.setattr(process, "_FROZEN", False)
     collects: list[int] = []
@@ -313,3 +313,23 @@ def test_the_cli_freezes_the_heap_before_it_runs_a_flow(monkeypatch: pytest.Monk
 
     cli._run_flow(flow())
     assert order == ["freeze", "flow"]
+
+
+async def test_every_flow_freezes_the_heap_as_it_starts_so_worker_run_flows_do_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A flow run a worker starts (``prefect flow-run execute``, a Job's pod) never passes through the CLI: the
+    flows' common guard freezes the start-up heap before the body runs, once per process."""
+    from coder_stack.flows import guard
+    from coder_stack.report import RunReport
+
+    order: list[str] = []
+    monkeypatch.setattr(guard, "freeze_startup_heap", lambda: order.append("freeze"))
+
+    async def publish(report: RunReport, key: str) -> None:
+        order.append("publish")
+
+    monkeypatch.setattr(guard, "publish", publish)
+    async with guard.guarded(RunReport(flow="t"), "k", "t", final_state_of=None):
+        order.append("body")
+    assert order == ["freeze", "body", "publish"]

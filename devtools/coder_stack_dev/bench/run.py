@@ -248,7 +248,7 @@ def run_workday(cfg: Config, log: Any, price: float, crash_cleanup_s: float) -> 
 async def _run(cfg: Config, log: Any, only: tuple[str, ...] = PREFECT_GROUPS) -> dict[str, Any]:
     from prefect.settings import PREFECT_API_URL
 
-    from coder_stack.app.process import freeze_startup_heap
+    from coder_stack.flows.process import freeze_startup_heap
     from coder_stack.orchestration.gpu import ensure_gpu_limit
     from coder_stack_dev.bench import rss, scenarios
 
