@@ -126,9 +126,9 @@ async def clean_up_crashed_run(
                 )
         report.step("free its GPU slot")
         slot = await release_lease_of(live, GPU_LIMIT)
-        report.notes.append(slot)
+        report.notes.append(slot.text)
         report.finish(
-            "passed: " + (f"{', '.join(freed)} scaled to 0" if freed else "no model left") + f"; {slot.split(' (')[0]}"
+            "passed: " + (f"{', '.join(freed)} scaled to 0" if freed else "no model left") + f"; {slot.headline}"
         )
         return report
 

@@ -41,7 +41,7 @@ from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFi
 from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import get_current_settings
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from coder_stack.errors import ConfigError
 from coder_stack.orchestration.prefect_api import revoke_leases_held_by
@@ -301,7 +301,21 @@ async def record_lease(run_id: UUID, lease_id: UUID | None) -> bool:
     return True
 
 
-async def release_lease_of(live: RunLiveness, limit_name: str) -> str:
+class SlotRelease(BaseModel):
+    """What giving back a dead run's GPU leases did, read from the limit's active slots before and after."""
+
+    model_config = ConfigDict(frozen=True)
+
+    freed: bool = Field(description="The limit's active slots went down during this call.")
+    headline: str = Field(description='A few words for a run\'s outcome, e.g. "GPU slot freed".')
+    detail: str = Field(default="", description='The numbers behind it, e.g. "tag:gpu: 1 -> 0 held".')
+
+    @property
+    def text(self) -> str:
+        return f"{self.headline} ({self.detail})" if self.detail else self.headline
+
+
+async def release_lease_of(live: RunLiveness, limit_name: str) -> SlotRelease:
     """Give back the run's GPU leases: the one its label records, and every lease the server holds with the run
     as its holder (a session sends its flow run as the holder with the slot request, so a run killed before
     its label was written is found too). The server answers 204 for a lease already gone. Returns what
@@ -326,12 +340,16 @@ async def release_lease_of(live: RunLiveness, limit_name: str) -> str:
                 if e.response.status_code != 404:
                     raise  # 404: the run was deleted meanwhile, nothing left to label
     if after < before:
-        return f"GPU slot freed ({limit_name}: {before} -> {after} held)"
+        return SlotRelease(freed=True, headline="GPU slot freed", detail=f"{limit_name}: {before} -> {after} held")
     if live.lease_id is None:
-        return (
-            "GPU slot already free (its lease was released)" if live.lease_released else "no GPU slot recorded as held"
-        )
-    return f"GPU slot was already free (its lease had expired or was released; {limit_name}: {after} held)"
+        if live.lease_released:
+            return SlotRelease(freed=False, headline="GPU slot already free", detail="its lease was released")
+        return SlotRelease(freed=False, headline="no GPU slot recorded as held")
+    return SlotRelease(
+        freed=False,
+        headline="GPU slot was already free",
+        detail=f"its lease had expired or was released; {limit_name}: {after} held",
+    )
 
 
 # The clean-up flow's name (flows/cleanup.py): its scheduled runs are what `status` looks for.

@@ -101,7 +101,7 @@ async def test_a_run_killed_at_the_first_instant_after_the_grant_has_its_slot_fr
     assert live.lease_id is None  # ... and no label records it: the kill came first
     said = await release_lease_of(live, GPU_LIMIT)  # what the crash clean-up does
     assert await active_slots() == 0, said
-    assert said == f"GPU slot freed ({GPU_LIMIT}: 1 -> 0 held)"
+    assert said.text == f"GPU slot freed ({GPU_LIMIT}: 1 -> 0 held)"
     assert (await read_liveness(run_id)).lease_released
     # and the next session gets the GPU at once
     async with asyncio.timeout(30), gpu_session(timeout_s=30):
@@ -122,16 +122,16 @@ async def test_the_clean_up_of_one_run_never_frees_a_live_run_s_slot_and_frees_i
     async with gpu_session(timeout_s=30):
         assert await active_slots() == 1
         said = await release_lease_of(RunLiveness(run_id=run_b), GPU_LIMIT)
-        assert said == "no GPU slot recorded as held"
+        assert said.text == "no GPU slot recorded as held"
         assert await active_slots() == 1  # A still holds the GPU
     assert await active_slots() == 0
     # B takes the slot; A's clean-up (A has given its lease back) must not free B's
     holder.append(run_b)
     async with gpu_session(timeout_s=30):
         said = await release_lease_of(RunLiveness(run_id=run_a), GPU_LIMIT)
-        assert said == "no GPU slot recorded as held" and await active_slots() == 1
+        assert said.text == "no GPU slot recorded as held" and await active_slots() == 1
         said = await release_lease_of(RunLiveness(run_id=run_b), GPU_LIMIT)
-        assert said == f"GPU slot freed ({GPU_LIMIT}: 1 -> 0 held)" and await active_slots() == 0
+        assert said.text == f"GPU slot freed ({GPU_LIMIT}: 1 -> 0 held)" and await active_slots() == 0
     assert await active_slots() == 0  # the session's own release of a lease already freed changes nothing
 
 

@@ -487,7 +487,7 @@ async def test_sigkill_mid_session_is_cleaned_up_by_the_teardown_which_reports_w
     dead = [h for h in st.runs if h.dead and h.run_id in killed]
     assert len(dead) == 1 and f"coder-stack cleanup {dead[0].run_id}" in text, text
     slot = await release_lease_of(await read_liveness(UUID(dead[0].run_id)), GPU_LIMIT)
-    assert "GPU slot freed" in slot, slot
+    assert slot.freed and slot.headline == "GPU slot freed", slot
     async with get_client() as client:
         assert (await client.read_global_concurrency_limit_by_name(GPU_LIMIT)).active_slots == 0
 
