@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -45,6 +45,17 @@ async def gather_or_cancel(*aws: Awaitable[Any]) -> list[Any]:
         raise
 
 
+async def gather_all(*aws: Awaitable[Any]) -> list[Any]:
+    """Run independent checks at once and wait for every one; a failure is raised only then, the first in the
+    order given (so a check that explains the others' failures — the pod before the gateway — is the one
+    reported, whichever finished first). Cancelled from outside, every check is cancelled with it."""
+    results = await asyncio.gather(*aws, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return list(results)
+
+
 async def model_up(run: Run, model: ModelSpec) -> ReadyReport:
     """Scale a model to 1 and wait through its cold start (phase budgets from the spec)."""
     run.step(f"scale {model.name} to 1 and wait through its cold start")
@@ -56,9 +67,15 @@ async def model_up(run: Run, model: ModelSpec) -> ReadyReport:
 
 
 async def model_up_with_keys_and_frontends(
-    run: Run, model: ModelSpec, key_aliases: list[str], frontends: list[FrontendSpec]
-) -> ReadyReport:
-    """Scale a model to 1 and, while it cold starts, deliver the keys and bring the front-ends up.
+    run: Run,
+    model: ModelSpec,
+    key_aliases: list[str],
+    frontends: list[FrontendSpec],
+    then: Callable[[], Awaitable[Any]] | None = None,
+) -> tuple[ReadyReport, Any]:
+    """Scale a model to 1 and, while it cold starts, deliver the keys and bring the front-ends up, then run
+    ``then`` (validate reads the keys' spend baseline there); returns the model's Ready report and what
+    ``then`` returned.
 
     The front-ends need their keys' Secrets before they can start, and both are CPU work that fits
     inside the GPU model's ~10 min cold start.
@@ -67,17 +84,18 @@ async def model_up_with_keys_and_frontends(
     await scale_task(target, spec, model, 1, held_by=this_run_id())
     run.step(f"{model.name} cold start; keys and front-ends meanwhile")
 
-    async def keys_and_frontends() -> None:
+    async def keys_and_frontends() -> Any:
         reps = await ensure_keys_task(target, spec, key_aliases)
         report.key_actions += [f"{r.alias}: {r.action} ({r.delivered_to})" for r in reps]
         await asyncio.gather(*(scale_task(target, spec, f, 1) for f in frontends))
         await asyncio.gather(*(wait_frontend_ready_task(target, spec, f) for f in frontends))
         run.step(f"keys delivered; {', '.join(f.name for f in frontends)} Ready")
+        return await then() if then is not None else None
 
-    ready, _ = await gather_or_cancel(wait_model_ready_task(target, spec, model), keys_and_frontends())
+    ready, after = await gather_or_cancel(wait_model_ready_task(target, spec, model), keys_and_frontends())
     record_ready(report.section(model.name), ready)
     run.step(f"{model.name} Ready after {ready.total_s:.1f} s")
-    return ready
+    return ready, after
 
 
 async def free_gpu(run: Run, keep: ModelSpec | None) -> list[ModelSpec]:

@@ -37,21 +37,26 @@ def record_failure(section: ModelSection, label: str, err: BaseException) -> Non
     section.smokes.append(SmokeLine(check=label, ok=False, detail=str(err)))
 
 
-async def final_state(target: ClusterTarget, spec: StackSpec) -> dict[str, int]:
-    """spec.replicas of every Deployment the stack scales, as the run leaves them: one Deployment list per
+async def read_replicas(target: ClusterTarget, spec: StackSpec) -> dict[str, int]:
+    """spec.replicas of every Deployment the stack scales, now (``namespace/name``): one Deployment list per
     namespace (it runs as the GPU passes to the next session; a read per Deployment and its pods slowed
-    that hand-off)."""
+    that hand-off). A Deployment the stack names that is missing is left out and warned about."""
     deployments = spec.deployments()
+    async with open_api(target) as api:
+        by_ns = {ns: await deployment_replicas(api, ns) for ns in dict.fromkeys(ns for ns, _ in deployments)}
+    missing = [f"{ns}/{name}" for ns, name in deployments if name not in by_ns[ns]]
+    if missing:
+        logger().warning("No such Deployment: %s.", ", ".join(missing))
+    return {f"{ns}/{name}": by_ns[ns][name] for ns, name in deployments if name in by_ns[ns]}
+
+
+async def final_state(target: ClusterTarget, spec: StackSpec) -> dict[str, int]:
+    """The replicas as the run leaves them, for its report; a cluster that cannot be read is a warning here."""
     try:
-        async with open_api(target) as api:
-            by_ns = {ns: await deployment_replicas(api, ns) for ns in dict.fromkeys(ns for ns, _ in deployments)}
+        return await read_replicas(target, spec)
     except CoderStackError as e:
         logger().warning("Could not read the final state: %s", e)
         return {}
-    missing = [f"{ns}/{name}" for ns, name in deployments if name not in by_ns[ns]]
-    if missing:
-        logger().warning("Could not read the final state of %s: no such Deployment.", ", ".join(missing))
-    return {f"{ns}/{name}": by_ns[ns][name] for ns, name in deployments if name in by_ns[ns]}
 
 
 def spend_lines(rows: list[Any]) -> list[SpendLine]:

@@ -7,6 +7,7 @@ coder-agent, register it, scoped key, tool loop) -> spend per key -> tear down.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -18,17 +19,17 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from coder_stack.errors import GpuBusy, SpecError
 from coder_stack.flows.errors import ReleaseIncomplete
-from coder_stack.flows.gpu_steps import free_gpu, model_up, model_up_with_keys_and_frontends, release
+from coder_stack.flows.gpu_steps import free_gpu, gather_all, model_up, model_up_with_keys_and_frontends, release
 from coder_stack.flows.guard import guarded
 from coder_stack.flows.params import Connection
-from coder_stack.flows.record import record_failure, record_smoke, spend_lines
+from coder_stack.flows.record import read_replicas, record_failure, record_smoke, spend_lines
 from coder_stack.flows.run import Run, this_run_id
 from coder_stack.kubernetes.client import cluster_session
 from coder_stack.orchestration.gpu import gpu_session
 from coder_stack.probe import SmokeResult
 from coder_stack.report import RunReport
 from coder_stack.spec import KeyDestination, ModelSpec, StackSpec
-from coder_stack.tasks.cluster import preflight_task, scale_task, stack_status_task, wait_model_ready_task
+from coder_stack.tasks.cluster import preflight_task, scale_task, wait_model_ready_task
 from coder_stack.tasks.gateway import (
     ensure_keys_task,
     gateway_ready_task,
@@ -138,8 +139,9 @@ def _plan(run: Run, options: ValidateOptions) -> Validation:
 async def preflight(v: Validation) -> list[str]:
     """Deployments exist, the models fit the GPU node's RAM, the gateway is ready; returns who serves now."""
     v.run.step("preflight: Deployments exist, models fit the GPU node's RAM, gateway ready")
-    pf = await preflight_task(v.run.target, v.spec, [m.name for m in v.models])
-    await gateway_ready_task(v.run.target, v.spec)
+    pf, _ = await gather_all(
+        preflight_task(v.run.target, v.spec, [m.name for m in v.models]), gateway_ready_task(v.run.target, v.spec)
+    )
     return [a.name for a in pf.active_models]
 
 
@@ -161,8 +163,8 @@ async def take_the_gpu(v: Validation) -> None:
     is refused unless ``take_over`` (then it is restored at the end); front-ends already up are left as found."""
     v.run.step("holding the GPU limit")
     spec = v.spec
-    now = {(s.namespace, s.name): s.replicas for s in await stack_status_task(v.run.target, spec)}
-    active = [m for m in spec.models if now.get((spec.serving_namespace, m.name))]
+    now = await read_replicas(v.run.target, spec)
+    active = [m for m in spec.models if now.get(f"{spec.serving_namespace}/{m.name}")]
     if active and not v.options.take_over:
         raise GpuBusy(
             f"{', '.join(sorted(m.name for m in active))} is serving on the GPU (perhaps the morning bring-up). "
@@ -170,7 +172,7 @@ async def take_the_gpu(v: Validation) -> None:
             "Rerun with take_over (--take-over) to validate anyway; that model is restored at the end"
         )
     v.restore = active
-    v.ours = [f for f in v.frontends if not now.get((spec.experience_namespace, f))]
+    v.ours = [f for f in v.frontends if not now.get(f"{spec.experience_namespace}/{f}")]
 
 
 async def stop_taken_over_models(v: Validation) -> None:
@@ -179,12 +181,18 @@ async def stop_taken_over_models(v: Validation) -> None:
 
 
 async def first_model_up_with_keys_and_frontends(v: Validation) -> None:
-    """The first model's cold start, with the client keys minted and the front-ends brought up meanwhile; then
-    the spend baseline the smokes are measured against."""
+    """The first model's cold start, with the client keys minted, the front-ends brought up and the keys' spend
+    baseline read meanwhile (after the keys, before any call through them)."""
     model = v.models[0]
     v.started.append(model)
-    await model_up_with_keys_and_frontends(v.run, model, v.client_keys, list(v.spec.frontends))
-    v.spend_before = await spend_baseline_task(v.run.target, v.spec, [k.alias for k in v.spec.virtual_keys])
+    aliases = [k.alias for k in v.spec.virtual_keys]
+    _, v.spend_before = await model_up_with_keys_and_frontends(
+        v.run,
+        model,
+        v.client_keys,
+        list(v.spec.frontends),
+        then=lambda: spend_baseline_task(v.run.target, v.spec, aliases),
+    )
 
 
 async def swap_model_on_gpu(v: Validation, leaving: ModelSpec, coming: ModelSpec, stage: Stage) -> None:
@@ -223,10 +231,10 @@ async def smoke_chat(run: Run, model: ModelSpec) -> list[SmokeResult]:
     """Chat: the pod directly, the gateway with Open WebUI's key, and Open WebUI's pod listing its models."""
     smokes = _Smokes(run, model)
     alias = _alias_delivered_to(run.spec, "openwebui-secrets")
-    await smokes.direct()
-    await smokes(f"gateway chat ({alias} key)", smoke_gateway_task(run.target, run.spec, model, key_alias=alias))
-    await smokes(
-        "Open WebUI pod lists its models", smoke_frontends_task(run.target, run.spec, openwebui=True, tabby=False)
+    await smokes.together(
+        smokes.pod(),
+        (f"gateway chat ({alias} key)", smoke_gateway_task(run.target, run.spec, model, key_alias=alias)),
+        ("Open WebUI pod lists its models", smoke_frontends_task(run.target, run.spec, openwebui=True, tabby=False)),
     )
     return smokes.results
 
@@ -235,10 +243,13 @@ async def smoke_fim(run: Run, model: ModelSpec) -> list[SmokeResult]:
     """FIM: the pod directly, the gateway with Tabby's key, and Tabby's configured key completing FIM."""
     smokes = _Smokes(run, model)
     alias = _alias_delivered_to(run.spec, "tabby-config")
-    await smokes.direct()
-    await smokes(f"gateway FIM ({alias} key)", smoke_gateway_task(run.target, run.spec, model, key_alias=alias))
-    await smokes(
-        "Tabby's configured key completes FIM", smoke_frontends_task(run.target, run.spec, openwebui=False, tabby=True)
+    await smokes.together(
+        smokes.pod(),
+        (f"gateway FIM ({alias} key)", smoke_gateway_task(run.target, run.spec, model, key_alias=alias)),
+        (
+            "Tabby's configured key completes FIM",
+            smoke_frontends_task(run.target, run.spec, openwebui=False, tabby=True),
+        ),
     )
     return smokes.results
 
@@ -319,8 +330,11 @@ class _Smokes:
         self.section = run.report.section(model.name)
         self.results: list[SmokeResult] = []
 
+    def pod(self) -> tuple[str, Awaitable[Any]]:
+        return "direct (pod, vLLM key)", smoke_direct_task(self.run.target, self.run.spec, self.model)
+
     async def direct(self) -> None:
-        await self("direct (pod, vLLM key)", smoke_direct_task(self.run.target, self.run.spec, self.model))
+        await self(*self.pod())
 
     async def __call__(self, label: str, coro: Awaitable[Any]) -> None:
         try:
@@ -328,6 +342,45 @@ class _Smokes:
         except Exception as e:
             record_failure(self.section, label, e)
             raise
+        self._record(label, res)
+
+    async def together(self, pod: tuple[str, Awaitable[Any]], *others: tuple[str, Awaitable[Any]]) -> None:
+        """The pod's smoke and the smokes through the gateway, at once; recorded in the order given.
+
+        The pod's failure explains the others': when it fails they are cancelled and its failure is raised at
+        once (as when the pod was smoked first). Otherwise every smoke ends, and the first failure in the order
+        given is raised (the gateway's before its client's, whose failure it would explain)."""
+        smokes = (pod, *others)
+        runs = [asyncio.ensure_future(coro) for _, coro in smokes]
+        try:
+            try:
+                await runs[0]
+            except Exception:
+                for r in runs[1:]:
+                    r.cancel()
+            await asyncio.gather(*runs[1:], return_exceptions=True)
+        except BaseException:  # cancelled from outside: every smoke with it
+            for r in runs:
+                r.cancel()
+            await asyncio.gather(*runs, return_exceptions=True)
+            raise
+        failed: BaseException | None = None
+        for (label, _), run in zip(smokes, runs, strict=True):
+            if run.cancelled():
+                continue
+            err = run.exception()
+            if err is None:
+                self._record(label, run.result())
+                continue
+            if isinstance(err, Exception):
+                record_failure(self.section, label, err)
+            failed = failed or err
+            if run is runs[0]:
+                break  # the pod failed: the others were cancelled, not judged
+        if failed is not None:
+            raise failed
+
+    def _record(self, label: str, res: Any) -> None:
         result = getattr(res, "smoke", res)
         record_smoke(self.section, result, label)
         self.results.append(result)

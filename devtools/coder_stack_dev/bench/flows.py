@@ -20,9 +20,9 @@ from prefect.cache_policies import NO_CACHE
 from coder_stack.errors import PodNotReady, WaitTimeout
 from coder_stack.flows.gpu_steps import release
 from coder_stack.flows.params import Connection
-from coder_stack.flows.record import record_ready, spend_lines
+from coder_stack.flows.record import record_ready, record_smoke, spend_lines
 from coder_stack.flows.run import Run
-from coder_stack.flows.validate import Stage, smoke_chat, smoke_fim
+from coder_stack.flows.validate import Stage
 from coder_stack.kubernetes.client import ClusterTarget, cluster_session, open_api
 from coder_stack.kubernetes.workloads import deployment_status
 from coder_stack.orchestration.gpu import gpu_session
@@ -30,6 +30,7 @@ from coder_stack.report import RunReport
 from coder_stack.spec import ModelSpec
 from coder_stack.tasks.cluster import preflight_task, scale_task, wait_frontend_ready_task, wait_model_ready_task
 from coder_stack.tasks.gateway import ensure_keys_task, gateway_ready_task, read_spend_task
+from coder_stack.tasks.smoke import smoke_direct_task, smoke_frontends_task, smoke_gateway_task
 
 
 # ------------------------------------------------------------------ peers of wait_model_ready_task
@@ -133,7 +134,7 @@ async def sequential_runbook(connection: Connection) -> RunReport:
                     await scale_task(target, spec, model, 1)
                     ready = await wait_model_ready_task(target, spec, model)
                     record_ready(report.section(model.name), ready)
-                    await (smoke_chat if stage is Stage.CHAT else smoke_fim)(run, model)
+                    await _smokes_one_by_one(run, stage, model)
                 rows = await read_spend_task(
                     target, spec, [k.alias for k in spec.virtual_keys], called=["open-webui", "tabby"]
                 )
@@ -142,6 +143,19 @@ async def sequential_runbook(connection: Connection) -> RunReport:
                 await release(target, spec, started, frontends)
         report.finish("passed")  # a failed smoke raised above
         return report
+
+
+async def _smokes_one_by_one(run: Run, stage: Stage, model: ModelSpec) -> None:
+    """validate's smokes of a chat or FIM stage (the pod, the gateway with the client's key, the client), each
+    after the previous one (validate runs the last two at once)."""
+    target, spec = run.target, run.spec
+    chat = stage is Stage.CHAT
+    key = spec.key_delivered_to("openwebui-secrets" if chat else "tabby-config")
+    section = run.report.section(model.name)
+    record_smoke(section, await smoke_direct_task(target, spec, model), "direct (pod, vLLM key)")
+    res = await smoke_gateway_task(target, spec, model, key_alias=key.alias if key else None)
+    record_smoke(section, res.smoke, "gateway")
+    record_smoke(section, await smoke_frontends_task(target, spec, openwebui=chat, tabby=not chat), "client")
 
 
 # ------------------------------------------------------------------ one GPU session (scale scenario)
