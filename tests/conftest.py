@@ -2,8 +2,9 @@
 
 ``sim``: a started ``SimStack`` (time_scale 0.002: coder-chat's ~10 min cold start takes ~1 s) with a
 static one-GPU pool. ``make_sim(**kwargs)``: build more stacks (spec, faults, gpu_pool, time_scale ...), all
-stopped after the test. The sim and flow tiers use both; the helpers below read and drive a started stack.
-Tier-only fixtures live in the tiers' conftest.py (tests/sim/: ``sim_autoscaled``, ``fake_standins``;
+stopped after the test. The integration, devtools and flow tiers use both; the helpers below read and drive a
+started stack.
+Tier-only fixtures live in the tiers' conftest.py (tests/devtools/: ``sim_autoscaled``, ``fake_standins``;
 tests/flows/: ``prefect_api``, ``gpu_limit``).
 """
 
@@ -27,7 +28,8 @@ TESTS = Path(__file__).resolve().parent
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The flow tier runs last: its session Prefect harness (tests/flows/conftest.py) starts with the first flow
-    test and stops when the session ends, so no unit, sim, conformance or contract test runs beside it."""
+    test and stops when the session ends, so no unit, integration, devtools, conformance or contract test runs
+    beside it."""
     items.sort(key=lambda item: item.path.resolve().is_relative_to(TESTS / "flows"))  # stable: order kept within
 
 

@@ -1,7 +1,8 @@
 """Flow level: every fault ends with a clear error or a recovery, and no GPU model left running.
 
-Function-level tests of the same faults live beside the code (tests/sim/test_kube_wait.py, test_rollout_outcomes.py,
-test_gateway_admin_and_smokes.py, test_keys.py ...); docs/FAULTS.md maps each fault to its tests. Here the
+Function-level tests of the same faults live beside the code (tests/integration/test_kube_wait.py,
+test_rollout_outcomes.py, test_gateway_admin_and_smokes.py, test_keys.py ...); docs/FAULTS.md maps each fault
+to its tests. Here the
 flows themselves run (on the flow tier's session Prefect harness) against the simulated cluster:
 
 * pod faults: crash loop, image pull, OOM, unschedulable without scale-up, a slow node, a phase over budget;
@@ -310,7 +311,7 @@ async def test_gateway_5xx_is_retried_and_the_run_recovers(make_sim: Callable[..
     """The gateway (behind an ingress URL override) answers 500 to the first key call, then recovers.
 
     A gateway that keeps answering 5xx ends in a GatewayError naming the call and the status after the
-    retries: tests/sim/test_gateway_admin_and_smokes.py and tests/unit/test_http.py.
+    retries: tests/integration/test_gateway_admin_and_smokes.py and tests/unit/test_http.py.
     """
     sim = make_sim()
     failures = {"left": 1}

@@ -2,7 +2,7 @@
 the SimStack runs it; the clients run on the test's loop. ``seed`` writes the objects the API-server and
 kubectl tests read (namespaces, nodes, Deployments, pods, Secrets, events); no controllers run.
 
-Shared by tests/sim/test_sim_apiserver.py and tests/sim/test_sim_kubectl.py.
+Shared by tests/devtools/test_sim_apiserver.py and tests/devtools/test_sim_kubectl.py.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Fake stand-ins: tiny aiohttp servers for every image, answering ``/health`` and ``/v1/models``, that record
 each ``ContainerRun`` started (``runs``) and stopped (``stopped``); ``fail_apps`` refuse to start. The
-``fake_standins`` fixture (tests/sim/conftest.py) registers ``FakeStandins.factory`` in
+``fake_standins`` fixture (tests/devtools/conftest.py) registers ``FakeStandins.factory`` in
 ``simstack.standins.FACTORIES``.
 """
 

@@ -1,4 +1,4 @@
-"""The sim tier's fixtures (the shared ``sim`` / ``make_sim`` are in tests/conftest.py).
+"""The development tools' tier's fixtures (the shared ``sim`` / ``make_sim`` are in tests/conftest.py).
 
 ``sim_autoscaled``: a started SimStack whose GPU pool starts empty and scales up on demand (max spec.gpus nodes).
 ``fake_standins``: tiny aiohttp servers registered in ``simstack.standins.FACTORIES`` for every image
