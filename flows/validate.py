@@ -229,27 +229,25 @@ async def run_stage(v: Validation, stage: Stage, model: ModelSpec) -> None:
 
 async def smoke_chat(run: Run, model: ModelSpec) -> list[SmokeResult]:
     """Chat: the pod directly, the gateway with Open WebUI's key, and Open WebUI's pod listing its models."""
-    smokes = _Smokes(run, model)
-    alias = _alias_delivered_to(run.spec, "openwebui-secrets")
-    await smokes.together(
-        smokes.pod(),
-        (f"gateway chat ({alias} key)", smoke_gateway_task(run.target, run.spec, model, key_alias=alias)),
-        ("Open WebUI pod lists its models", smoke_frontends_task(run.target, run.spec, openwebui=True, tabby=False)),
-    )
-    return smokes.results
+    return await _pod_gateway_client(run, model, "openwebui-secrets", "gateway chat", "Open WebUI pod lists its models")
 
 
 async def smoke_fim(run: Run, model: ModelSpec) -> list[SmokeResult]:
     """FIM: the pod directly, the gateway with Tabby's key, and Tabby's configured key completing FIM."""
+    return await _pod_gateway_client(run, model, "tabby-config", "gateway FIM", "Tabby's configured key completes FIM")
+
+
+async def _pod_gateway_client(
+    run: Run, model: ModelSpec, home: KeyDestination, gateway_label: str, client_label: str
+) -> list[SmokeResult]:
+    """The pod, the gateway with the key delivered to ``home``, and that key's client (Open WebUI or Tabby)."""
     smokes = _Smokes(run, model)
-    alias = _alias_delivered_to(run.spec, "tabby-config")
+    alias = _alias_delivered_to(run.spec, home)
+    openwebui = home == "openwebui-secrets"
     await smokes.together(
         smokes.pod(),
-        (f"gateway FIM ({alias} key)", smoke_gateway_task(run.target, run.spec, model, key_alias=alias)),
-        (
-            "Tabby's configured key completes FIM",
-            smoke_frontends_task(run.target, run.spec, openwebui=False, tabby=True),
-        ),
+        (f"{gateway_label} ({alias} key)", smoke_gateway_task(run.target, run.spec, model, key_alias=alias)),
+        (client_label, smoke_frontends_task(run.target, run.spec, openwebui=openwebui, tabby=not openwebui)),
     )
     return smokes.results
 
