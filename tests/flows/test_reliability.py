@@ -35,8 +35,6 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterId,
-    FlowRunFilterState,
-    FlowRunFilterStateType,
     TaskRunFilter,
     TaskRunFilterName,
 )
@@ -473,19 +471,16 @@ async def test_sigkill_mid_session_is_cleaned_up_by_the_teardown_which_reports_w
     # The killed run holds its slot until the lease expires (300 s). Once it is marked Crashed, status names it
     # and its clean-up command, never the zeroing of the limit (its lease lives: zeroing would double-book the GPU);
     # the advised command releases exactly that lease.
+    # The killed run is the newest swap_model run, still Running: the shared test server also holds earlier tests'
+    # runs, some of them killed and Running for ever (a killed clean-up's own run), which are not this test's.
+    killed_id, state = await latest_run_of("swap_model")
+    assert state.type == StateType.RUNNING, state
     async with get_client() as client:
-        runs = await client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(
-                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))
-            )
-        )
-        for r in runs:
-            await client.set_flow_run_state(r.id, Crashed(message="killed by the test"), force=True)
+        await client.set_flow_run_state(killed_id, Crashed(message="killed by the test"), force=True)
     st = await gpu_limit_status()
     text = st.describe()
     assert not st.leaked and "--active-slots 0" not in text, text
-    killed = {str(r.id) for r in runs}  # the shared test server also holds earlier tests' ended runs
-    dead = [h for h in st.runs if h.dead and h.run_id in killed]
+    dead = [h for h in st.runs if h.dead and h.run_id == str(killed_id)]
     assert len(dead) == 1 and f"coder-stack cleanup {dead[0].run_id}" in text, text
     slot = await release_lease_of(await read_liveness(UUID(dead[0].run_id)), GPU_LIMIT)
     assert slot.freed and slot.headline == "GPU slot freed", slot
