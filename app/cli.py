@@ -30,7 +30,7 @@ os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")
 app = typer.Typer(
     help=(
         "Bring up, validate, swap and tear down a self-hosted coding assistant (vLLM + LiteLLM) on a "
-        "one-GPU Kubernetes cluster. Start with `coder-stack demo` (no cluster needed), then point "
+        "one-GPU Kubernetes cluster. Start with `./dev.sh demo` in a checkout (no cluster needed), then point "
         "--kubeconfig at your cluster."
     ),
     no_args_is_help=True,
