@@ -254,7 +254,7 @@ async def test_preflight_task_fn(server: ServerThread) -> None:
     assert [m.name for m in report.models] == ["coder-fim"]
 
 
-async def test_gpu_holders_names_models_with_replicas_or_a_pod_left_but_not_the_kept_one(server: ServerThread) -> None:
+async def test_models_on_gpu_are_those_with_replicas_or_a_pod_left_but_not_the_kept_one(server: ServerThread) -> None:
     # coder-chat asked for (no pod yet), coder-agent at 0 but its pod still terminating, coder-fim kept
     leftover = PodScript(server.store, app="coder-agent")
     fim_pod = PodScript(server.store, app="coder-fim")
@@ -282,7 +282,7 @@ async def test_gpu_holders_names_models_with_replicas_or_a_pod_left_but_not_the_
             assert await models_on_gpu(api, SPEC) == []
 
 
-async def test_gpu_holders_refuses_when_a_model_deployment_vanished(server: ServerThread) -> None:
+async def test_models_on_gpu_refuses_when_a_model_deployment_vanished(server: ServerThread) -> None:
     await server.acall(server.store.delete, "deployments", NS, "coder-agent")
     try:
         async with server.api() as api:

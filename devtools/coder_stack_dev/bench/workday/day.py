@@ -224,7 +224,7 @@ class Day:
         self.when_ready(model, then)
 
     def when_gone(self, models: list[str], fn: Callable[[], None], why: str = "") -> None:
-        """Scale ``models`` to 0 and call ``fn`` once all their pods are gone (flows.common.free_gpu)."""
+        """Scale ``models`` to 0 and call ``fn`` once all their pods are gone (coder_stack.flows.gpu_steps.free_gpu)."""
         for m in models:
             self.scale(m, 0, why)
         left = [m for m in dict.fromkeys(models) if self._has_pods(m)]
