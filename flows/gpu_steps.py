@@ -47,8 +47,8 @@ async def gather_or_cancel(*aws: Awaitable[Any]) -> list[Any]:
 
 async def gather_all(*aws: Awaitable[Any]) -> list[Any]:
     """Run independent checks at once and wait for every one; a failure is raised only then, the first in the
-    order given (so a check that explains the others' failures — the pod before the gateway — is the one
-    reported, whichever finished first). Cancelled from outside, every check is cancelled with it."""
+    order given, whichever finished first (validate's preflight: the cluster's before the gateway's). Cancelled
+    from outside, every check is cancelled with it."""
     results = await asyncio.gather(*aws, return_exceptions=True)
     for r in results:
         if isinstance(r, BaseException):

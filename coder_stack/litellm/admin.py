@@ -429,6 +429,12 @@ def poll_interval(waited_s: float, poll_s: float) -> float:
     return min(poll_s, max(FIRST_POLL_S, waited_s / 4))
 
 
+async def _until_next_read(start: float, deadline: float, poll_s: float) -> None:
+    """Sleep until the next read of a wait that began at ``start`` (monotonic), never past ``deadline``."""
+    now = time.monotonic()
+    await asyncio.sleep(min(poll_interval(now - start, poll_s), max(0.0, deadline - now)))
+
+
 async def wait_for_spend_log_entries(
     gw: httpx.AsyncClient,
     master: SecretStr,
@@ -447,7 +453,7 @@ async def wait_for_spend_log_entries(
         found = {e["request_id"]: e for e in await spend_logs(gw, master, token) if e.get("request_id") in wanted}
         if len(found) == len(wanted) or time.monotonic() >= deadline:
             return found
-        await asyncio.sleep(min(poll_interval(time.monotonic() - start, poll_s), max(0.0, deadline - time.monotonic())))
+        await _until_next_read(start, deadline, poll_s)
 
 
 STREAMED_FIM_ADVICE = (
@@ -577,7 +583,7 @@ async def read_spend(
                 pending.discard(a)
         if not pending or time.monotonic() >= deadline:
             break
-        await asyncio.sleep(min(poll_interval(time.monotonic() - start, poll_s), max(0.0, deadline - time.monotonic())))
+        await _until_next_read(start, deadline, poll_s)
     waited = round(time.monotonic() - start, 3)
     rows = []
     for a in aliases:
