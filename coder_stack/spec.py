@@ -205,6 +205,41 @@ def _default_keys() -> list[ClientKeySpec]:
     ]
 
 
+class WakeSpec(_Model):
+    """Wake on demand: what the LiteLLM callback (``coder-stack wake-setup``) and the ``wake_model`` flow do when a
+    request names a model that is not serving."""
+
+    enabled: bool = Field(True, description="A request for a model that is down asks for it (one wake per burst).")
+    chat_as_message: bool = Field(
+        False,
+        description="Answer a chat request for a model that is starting with an assistant message saying so (Open "
+        "WebUI shows it in the conversation) instead of a 503. Never for FIM: Tabby gets a fast 503.",
+    )
+    hold_s: float = Field(
+        20.0, ge=0, le=300, description="Hold a request (at most this long) when its model is this close to Ready."
+    )
+    burst_s: float = Field(
+        120.0, ge=1, le=3600, description="One wake request per model per this many seconds, however many requests."
+    )
+    cache_s: float = Field(
+        5.0, ge=0.1, le=300, description="How long the callback trusts that a model is serving before it looks again."
+    )
+    wait_for_gpu_s: float = Field(
+        14400.0,
+        ge=0,
+        le=86400,
+        description="How long a wake waits for the GPU while another model is in use (it is never evicted).",
+    )
+    fallbacks: dict[str, str] = Field(
+        default_factory=dict,
+        description="Gateway alias -> an alias to answer with while the model is down (a smaller or hosted model).",
+    )
+    prefect_api_url: AnyHttpUrl | None = Field(
+        None,
+        description="The Prefect API as the LiteLLM pod reaches it (with /api); empty: the URL `wake-setup` is given.",
+    )
+
+
 class StackSpec(_Model):
     """The whole coder stack. Every default is the runbook's reference deployment."""
 
@@ -264,6 +299,7 @@ class StackSpec(_Model):
         le=86400,
         description="Never reclaim a model whose pod has been Ready for less than this many seconds.",
     )
+    wake: WakeSpec = Field(default_factory=WakeSpec, description="Wake on demand (the LiteLLM callback, wake_model).")
     access: AccessSpec = Field(default_factory=AccessSpec, description="How endpoints are reached.")
     timeouts: Timeouts = Field(default_factory=Timeouts, description="Timeouts outside cold starts.")
 
@@ -281,6 +317,12 @@ class StackSpec(_Model):
                 raise ValueError(f"key {k.alias!r} names unknown models {unknown}; known: {sorted(aliases)}")
         if len({k.alias for k in self.virtual_keys}) != len(self.virtual_keys):
             raise ValueError("key aliases must be unique")
+        for alias, fallback in self.wake.fallbacks.items():
+            model_aliases = sorted(m.alias for m in self.models)
+            if alias not in model_aliases:
+                raise ValueError(f"wake.fallbacks names unknown alias {alias!r}; the models' aliases: {model_aliases}")
+            if fallback == alias:
+                raise ValueError(f"wake.fallbacks: {alias!r} cannot fall back to itself")
         for name in self.access.overrides.models:
             if name not in names:
                 raise ValueError(f"access.overrides.models names unknown model {name!r}; known: {names}")
