@@ -30,7 +30,6 @@ import ssl
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,13 +37,21 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from fastapi import HTTPException
 
+
+class _NoProxyException(Exception):
+    """Stands for LiteLLM's ProxyException where LiteLLM is not installed."""
+
+
 if TYPE_CHECKING:
     _Base = object
+    _ProxyException = _NoProxyException
 else:
     try:
         from litellm.integrations.custom_logger import CustomLogger as _Base
+        from litellm.proxy._types import ProxyException as _ProxyException
     except ImportError:  # outside the LiteLLM pod (the simulator, the tests)
         _Base = object
+        _ProxyException = _NoProxyException
 
 # Seams for the simulator; the defaults are a real pod's.
 ENV: Mapping[str, str] = os.environ
@@ -64,18 +71,34 @@ CHAT_CALLS = frozenset({"completion", "acompletion"})
 FIM_CALLS = frozenset({"text_completion", "atext_completion"})
 
 
-@dataclass
+class Unavailable(_ProxyException, HTTPException):
+    """The 503 with Retry-After: a fastapi HTTPException (what the contract and the stand-in expect) that inside the
+    proxy is first of all LiteLLM's ProxyException, because LiteLLM 1.108.7's /completions route drops an
+    HTTPException's headers (and puts its detail's repr in the message) but answers a ProxyException as it is."""
+
+    def __init__(self, message: str, seconds: int) -> None:
+        HTTPException.__init__(self, 503, detail={"error": message}, headers={"Retry-After": str(seconds)})
+        self.message, self.type, self.param, self.code, self.openai_code = (
+            message, "internal_server_error", None, "503", "503"
+        )  # fmt: skip
+        self.provider_specific_fields = None
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# Plain classes, not dataclasses: LiteLLM loads this file without entering it in sys.modules, and a dataclass
+# with string annotations looks its module up there (AttributeError at proxy start).
 class Verdict:
-    serving: bool
-    read_at: float
-    wake: dict[str, Any] | None = None
-    cold_start_s: float | None = None
+    def __init__(
+        self, serving: bool, read_at: float, wake: dict[str, Any] | None = None, cold_start_s: float | None = None
+    ) -> None:
+        self.serving, self.read_at, self.wake, self.cold_start_s = serving, read_at, wake, cold_start_s
 
 
-@dataclass
 class _Settings:
-    mtime: float = -1.0
-    data: dict[str, Any] = field(default_factory=dict)
+    def __init__(self, mtime: float = -1.0, data: dict[str, Any] | None = None) -> None:
+        self.mtime, self.data = mtime, data or {}
 
 
 def _now() -> datetime:
@@ -177,7 +200,7 @@ class WakeOnDemand(_Base):
         if model.get("role") == "chat" and call_type in CHAT_CALLS and s.get("chat_as_message"):
             data["mock_response"] = message
             return data
-        raise HTTPException(status_code=503, detail={"error": message}, headers={"Retry-After": str(seconds)})
+        raise Unavailable(message, seconds)
 
     async def _hold(self, alias: str, budget_s: float) -> bool:
         """Wait (bounded) for a model about to be ready; True once it serves."""
