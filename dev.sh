@@ -16,6 +16,19 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
+# The real-LiteLLM test tier's own environment (tests/litellm_proxy/), for `test` only: the exact package set of
+# litellm[proxy]==1.108.7, installed without resolving, re-made when its requirements file changes.
+litellm_env() {
+  local req=tests/litellm_proxy/requirements-litellm-proxy.txt
+  local stamp=.venv-litellm/.installed-$(sha256sum "$req" | cut -c1-16)
+  if [ ! -f "$stamp" ]; then
+    rm -rf .venv-litellm
+    "$PY" -m venv .venv-litellm
+    .venv-litellm/bin/python -m pip install -q --upgrade "pip==26.3"
+    .venv-litellm/bin/python -m pip install -q --no-deps -r "$req"
+    touch "$stamp"
+  fi
+}
 export PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_CLI_PROMPT=false
 cmd=${1:-help}
 shift || true
@@ -23,6 +36,7 @@ case "$cmd" in
   demo)
     exec .venv/bin/coder-stack demo "$@" ;;
   test)
+    litellm_env
     .venv/bin/ruff check .
     .venv/bin/ruff format --check .
     .venv/bin/mypy

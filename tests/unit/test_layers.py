@@ -19,6 +19,7 @@ arrow fails here, naming the module and the import.
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -247,6 +248,37 @@ def test_the_checker_catches_a_wrong_arrow(tmp_path: Path, rel: str, text: str, 
     me = module_name(tmp_path / rel, tmp_path)
     assert any(expected in w for w in wrong), wrong
     assert all(w.startswith(me) for w in wrong), wrong
+
+
+# Modules shipped as a single file into another program (the wake hook runs inside the LiteLLM pod as
+# coder_stack_wake.py): the standard library and the named packages only, never coder_stack.
+STANDALONE = {"coder_stack.litellm.wake_hook": ("httpx", "fastapi", "litellm")}
+
+
+def standalone_violations(root: Path = ROOT) -> list[str]:
+    wrong = []
+    for module, allowed in STANDALONE.items():
+        path = folder_of(module, root).with_suffix(".py")
+        for line, target in imports(path, root):
+            top = target.split(".")[0]
+            if top not in sys.stdlib_module_names and top not in allowed:
+                wrong.append(f"{module}:{line} imports {target}; it is shipped alone and may import only {allowed}")
+    return wrong
+
+
+def test_a_module_shipped_alone_imports_only_what_its_host_has() -> None:
+    assert standalone_violations() == []
+
+
+def test_the_standalone_checker_catches_an_import_of_the_project(tmp_path: Path) -> None:
+    hook = "coder_stack/litellm/wake_hook.py"
+    _tree(tmp_path, CLEAN_TREE | {hook: "import json\nimport httpx\nfrom litellm.x import Y\n"})
+    assert standalone_violations(tmp_path) == []
+    _tree(tmp_path, {hook: "import httpx\n\ndef f():\n    from ..errors import E\n"})
+    wrong = standalone_violations(tmp_path)
+    assert len(wrong) == 1 and "wake_hook:4 imports coder_stack.errors" in wrong[0], wrong
+    _tree(tmp_path, {hook: "import yaml\n"})
+    assert "imports yaml" in standalone_violations(tmp_path)[0]
 
 
 TERMINAL = ("rich", "typer", "click")
