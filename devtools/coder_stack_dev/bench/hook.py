@@ -56,6 +56,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+READS = [0]  # Deployment reads the fake Kubernetes API answered: proof that the hook ran in the hooked proxy
+
+
 async def _fakes() -> tuple[web.AppRunner, str]:
     """A fast OpenAI-compatible upstream and a Kubernetes API saying the model is Ready, on 127.0.0.1."""
     answer = {
@@ -70,6 +73,7 @@ async def _fakes() -> tuple[web.AppRunner, str]:
         return web.json_response(answer)
 
     async def deployment(_: web.Request) -> web.Response:
+        READS[0] += 1
         return web.json_response(ready)
 
     app = web.Application()
@@ -163,7 +167,9 @@ async def hook_overhead(reps: int, log: Any) -> dict[str, Any]:
                     pair = [("without", plain_url), ("with", hooked_url)]
                     for name, url in pair if i % 2 == 0 else pair[::-1]:
                         times[name].append(await one(url))
-            out: dict[str, Any] = {"reps": reps}
+            if READS[0] == 0:
+                raise RuntimeError("the hooked proxy never read the Deployment: the hook did not run")
+            out: dict[str, Any] = {"reps": reps, "hook_deployment_reads": READS[0]}
             for name, values in times.items():
                 out[f"{name}_hook_p50_ms"] = round(_percentile(values, 0.5), 2)
                 out[f"{name}_hook_p99_ms"] = round(_percentile(values, 0.99), 2)
