@@ -155,7 +155,7 @@ def litellm_program() -> Path:
     return litellm_binary()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # one proxy for the tier's one module, stopped when it is done (not at session end)
 async def proxy(litellm_program: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Proxy]:
     cluster = FakeCluster()
     async with serve(cluster) as base:

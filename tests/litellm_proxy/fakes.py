@@ -21,6 +21,8 @@ class FakeCluster:
     deployments: dict[str, dict[str, Any]] = field(default_factory=dict)
     reads: int = 0
     hang: bool = False
+    gate: asyncio.Event | None = None  # when set to an Event, a Deployment read waits for it
+    read_started: asyncio.Event = field(default_factory=asyncio.Event)
     ready_from_read: dict[str, int] = field(default_factory=dict)  # name -> from this read on, one ready replica
     events: list[Any] = field(default_factory=list)
     event_headers: list[dict[str, str]] = field(default_factory=list)
@@ -39,6 +41,9 @@ class FakeCluster:
 def _app(c: FakeCluster) -> web.Application:
     async def deployment(request: web.Request) -> web.Response:
         c.reads += 1
+        c.read_started.set()
+        if c.gate is not None:
+            await c.gate.wait()
         if c.hang:
             await asyncio.sleep(3600)
         d = c.deployments.get(request.match_info["name"])

@@ -128,6 +128,24 @@ async def test_the_estimate_falls_back_to_the_settings_when_no_cold_start_was_me
     assert e.value.headers == {"Retry-After": "600"} and "ready in about 10 min" in msg(e)
 
 
+async def test_a_request_cancelled_mid_read_leaves_the_shared_read_and_the_one_event_to_the_others(rig: Rig) -> None:
+    """Two requests interleaved on one Deployment read; the first is cancelled (its client went away) while the read
+    is in flight: the second still gets its 503 from that same read, and the model is asked for exactly once."""
+    rig.c.set("coder-chat", ready=0)
+    rig.c.gate = asyncio.Event()
+    first = asyncio.ensure_future(rig.call("coder-chat"))
+    await rig.c.read_started.wait()
+    second = asyncio.ensure_future(rig.call("coder-chat"))
+    await asyncio.sleep(0)  # one loop step: the second runs to its await on the read in flight (no I/O before it)
+    first.cancel()
+    rig.c.gate.set()
+    with pytest.raises(HTTPException) as e:
+        await second
+    assert first.cancelled() and e.value.status_code == 503
+    await rig.hook.drain()
+    assert rig.c.reads == 1 and len(rig.c.events) == 1
+
+
 async def test_a_model_waiting_for_the_gpu_says_who_holds_it_and_asks_for_nothing_more(rig: Rig) -> None:
     wake = {"state": "waiting-for-gpu", "run": "r1", "since": in_future(0), "busy": ["coder-chat"], "ready_by": None}
     rig.c.set("coder-fim", ready=0, wake=wake)
