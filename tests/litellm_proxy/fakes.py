@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ class FakeCluster:
     hang: bool = False
     gate: asyncio.Event | None = None  # when set to an Event, a Deployment read waits for it
     read_started: asyncio.Event = field(default_factory=asyncio.Event)
+    read_auth: list[str] = field(default_factory=list)  # the Authorization header of every Deployment read
     ready_from_read: dict[str, int] = field(default_factory=dict)  # name -> from this read on, one ready replica
     events: list[Any] = field(default_factory=list)
     event_headers: list[dict[str, str]] = field(default_factory=list)
@@ -41,6 +43,7 @@ class FakeCluster:
 def _app(c: FakeCluster) -> web.Application:
     async def deployment(request: web.Request) -> web.Response:
         c.reads += 1
+        c.read_auth.append(request.headers.get("Authorization", ""))
         c.read_started.set()
         if c.gate is not None:
             await c.gate.wait()
@@ -112,15 +115,15 @@ def _app(c: FakeCluster) -> web.Application:
 
 
 @asynccontextmanager
-async def serve(cluster: FakeCluster) -> Any:
-    """Start the fakes on a free port of 127.0.0.1; yields the base URL."""
+async def serve(cluster: FakeCluster, tls: ssl.SSLContext | None = None) -> Any:
+    """Start the fakes on a free port of 127.0.0.1 (https with ``tls``); yields the base URL."""
     runner = web.AppRunner(_app(cluster), shutdown_timeout=0.1)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
 

@@ -9,6 +9,8 @@ import base64
 import json
 import logging
 import os
+import ssl
+import subprocess
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -261,3 +263,39 @@ async def test_a_failed_connection_forgets_the_serving_verdict(rig: Rig) -> None
     rig.c.set("coder-chat", ready=0)
     with pytest.raises(HTTPException):
         await rig.call("coder-chat")
+
+
+async def test_in_a_pod_it_reads_the_api_over_https_with_the_service_account_token_and_ca(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The defaults of a real pod: ``kubernetes.url`` null (the API from KUBERNETES_SERVICE_HOST/PORT), https checked
+    against the mounted CA, the mounted token as Bearer; the paths opened under ROOT."""
+    sa = tmp_path / "var/run/secrets/kubernetes.io/serviceaccount"
+    sa.mkdir(parents=True)
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=kubernetes",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(tmp_path / "key.pem"), "-out", str(sa / "ca.crt")],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    (sa / "token").write_text("pod-sa-token\n")
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(sa / "ca.crt", tmp_path / "key.pem")
+    c = FakeCluster()
+    c.set("coder-chat", ready=1)
+    async with serve(c, tls) as base:
+        port = base.rsplit(":", 1)[1]
+        s = settings(base)
+        s["kubernetes"] = {
+            "url": None,
+            "token_file": "/var/run/secrets/kubernetes.io/serviceaccount/token",
+            "ca_file": "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt",
+        }
+        (tmp_path / "coder_stack_wake.json").write_text(json.dumps(s))
+        env = {"KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": port,
+               "CODER_STACK_WAKE_SETTINGS": str(tmp_path / "coder_stack_wake.json")}  # fmt: skip
+        monkeypatch.setattr(wake_hook, "ENV", env)
+        monkeypatch.setattr(wake_hook, "ROOT", str(tmp_path))
+        hook = wake_hook.WakeOnDemand()
+        data = await hook.async_pre_call_hook(USER, None, {"model": "coder-chat"}, "acompletion")
+        await hook.drain()
+    assert data == {"model": "coder-chat"} and c.reads == 1 and c.read_auth == ["Bearer pod-sa-token"]
