@@ -77,6 +77,7 @@ class LiteLLMProxy:
         spend.flush_due(self.state, everything=True)
         if self.state.session is not None:
             await self.state.session.close()
+        self.state.callbacks.close()
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
