@@ -76,6 +76,11 @@ PROBE = textwrap.dedent(
                                                traceback_str=None):
             FAILURES.append({"type": type(original_exception).__name__, "model": request_data.get("model"),
                              "message": str(original_exception)})
+            if request_data.get("user") == "transform":
+                return HTTPException(status_code=503, detail={"error": "replaced by the failure hook"})
+            if request_data.get("user") == "fails":
+                raise RuntimeError("the failure hook itself fails")
+            return None
 
 
     probe = Probe()
@@ -172,6 +177,8 @@ async def test_hook_called_per_route_with_litellm_call_types_after_auth(tmp_path
         r = await c.post("/v1/chat/completions", json=_chat("coder-chat", "none"))
         assert r.status_code == 401  # authentication first: the hook never sees an unauthenticated call
         assert _calls(gw) == []
+        # ... but the failure hook does, as LiteLLM's auth exception handler runs it
+        assert [(f["type"], f["model"]) for f in _failures(gw)] == [("ProxyCallError", "coder-chat")]
         r = await c.post("/v1/chat/completions", headers=_m(), json=_chat("coder-chat", "none"))
         assert r.status_code == 200, r.text
         r = await c.post("/v1/completions", headers=_m(), json={"model": "coder-fim", "prompt": "def", "user": "x"})
@@ -274,6 +281,11 @@ async def test_failure_hook_on_unreachable_upstream(tmp_path: Path) -> None:
         fail = _failures(gw)[-1]
         assert fail["type"] == "InternalServerError" and fail["model"] == "coder-down"
         assert "Connection error" in fail["message"]
+        # an HTTPException the failure hook returns replaces the error; one it raises changes nothing
+        r = await c.post("/v1/chat/completions", headers=_m(), json=_chat("coder-down", "transform"))
+        assert r.status_code == 503 and r.json()["error"]["message"] == "replaced by the failure hook"
+        r = await c.post("/v1/chat/completions", headers=_m(), json=_chat("coder-down", "fails"))
+        assert r.status_code == 500 and "Connection error" in r.json()["error"]["message"]
 
 
 async def test_module_gets_the_pods_seams(tmp_path: Path) -> None:

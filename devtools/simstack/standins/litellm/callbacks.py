@@ -19,8 +19,9 @@ What the real 1.108.7 proxy does, read in its source (``litellm/proxy/common_uti
   (``HTTPException(400, {"error": str})`` for these call types); an exception → raised (observed shapes in
   :func:`hook_error`).
 - ``async_post_call_failure_hook(request_data=, user_api_key_dict=, original_exception=, traceback_str=)`` runs
-  for every failure once the request got past authentication, the pre-call hook's own refusal included
-  (observed); its exceptions are logged, not raised; an ``HTTPException`` it returns replaces the error.
+  for every failed call: the pre-call hook's own refusal, an unknown alias, an unreachable upstream (observed),
+  and a call the key's checks refused (read in the source: the auth exception handler runs it too); its
+  exceptions are logged, not raised; an ``HTTPException`` it returns replaces the error.
 
 The module gets the simulated pod around it through its seams (``ENV``, ``ROOT``; see :class:`PodSandbox`).
 """

@@ -57,10 +57,13 @@ async def forward(st: ProxyState, request: web.Request, caller: Caller, route: s
         err = ProxyError(403, ACCESS_DENIED.format(model=model), "key_model_access_denied", "model")
         dep = models.pick(st, str(model)) if isinstance(model, str) else None
         spend.record(st, caller, dep, None, route, model=str(model), error=err, started=started, user_agent=ua)
-        raise err
+        raise await auth_failure(st, request, route, err, caller, body)
     # GUESS: the order scope -> budget -> unknown model is recorded only pairwise (an over-budget key calling
     # a model it lacks, or an alias the gateway lacks, was not recorded)
-    spend.check_budget(st, caller)
+    try:
+        spend.check_budget(st, caller)
+    except ProxyError as err:
+        raise await auth_failure(st, request, route, err, caller, body) from None
     cbs = st.callbacks
     if not cbs.instances:
         return await _route(st, request, caller, route, body, model, ua, started)
@@ -82,6 +85,37 @@ async def forward(st: ProxyState, request: web.Request, caller: Caller, route: s
         if replaced is not None:
             raise callbacks.hook_error(replaced, route, call_id) from err
         raise
+
+
+async def auth_failure(
+    st: ProxyState,
+    request: web.Request,
+    route: str,
+    err: ProxyError,
+    caller: Caller | None,
+    body: dict[str, Any] | None = None,
+) -> ProxyError:
+    """A call refused by the key's checks (authentication, model scope, budget): the callbacks' failure hooks run
+    as LiteLLM's auth exception handler runs them (read in 1.108.7's ``auth/auth_exception_handler.py``), and an
+    ``HTTPException`` one returns replaces the error. GUESS: the ``user_api_key_dict`` of an unauthenticated call
+    (only the route is set here; never the key)."""
+    cbs = st.callbacks
+    if not cbs.instances:
+        return err
+    if body is None:
+        try:
+            parsed = await read_json(request)
+        except ValueError:
+            parsed = {}
+        body = parsed if isinstance(parsed, dict) else {}
+    if caller is None:
+        auth = callbacks.UserAPIKeyAuth(request_route=request.path)
+    else:
+        auth = callbacks.user_api_key_auth(caller.token, st.db["keys"].get(caller.token or ""), body, request.path)
+    replaced = await cbs.failure(auth, dict(body), callbacks.ProxyCallError(err))
+    if replaced is None:
+        return err
+    return callbacks.hook_error(replaced, route, str(uuid.uuid4()))
 
 
 CALL_TYPES = {"/chat/completions": "acompletion", "/completions": "atext_completion", "/embeddings": "aembedding"}
