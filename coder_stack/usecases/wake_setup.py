@@ -371,7 +371,8 @@ def render(spec: StackSpec, prefect_url: str, service_account: str = "default") 
 # 3. The LiteLLM Deployment mounts both files beside its proxy config file, e.g. (a config mounted as a whole
 #    directory: add {CONFIGMAP} as a second source of a projected volume instead; `--apply` does that):
 {_comment(yaml.safe_dump(mount_example, sort_keys=False))}
-# 4. The proxy config names the callback (a Helm chart's values: proxy_config.litellm_settings.callbacks):
+# 4. The proxy config names the callback (in a Helm chart's values: proxy_config.litellm_settings.callbacks,
+#    together with the mount of step 3: LiteLLM does not start when the callback names a file it cannot find):
 #      litellm_settings:
 #        callbacks: ["{CALLBACK}"]
 # 5. Restart the gateway (kubectl -n {gw} rollout restart deploy/{spec.gateway_service}).
@@ -573,8 +574,10 @@ async def apply(
         report.lines.append(changed)
         if loc.configmap != CONFIGMAP:
             report.lines.append(
-                f"note: if ConfigMap {gw}/{loc.configmap} comes from a Helm chart, add the callback to its values too "
-                f'(proxy_config.litellm_settings.callbacks: ["{CALLBACK}"]): an upgrade rewrites the ConfigMap'
+                f"note: if ConfigMap {gw}/{loc.configmap} and deploy/{name} come from a Helm chart, an upgrade of it "
+                "drops both the mount and the callback line: run `coder-stack wake-setup --apply` again after each "
+                "upgrade, or put both in the chart's values (never the line alone: LiteLLM does not start when the "
+                "callback's file is missing)"
             )
 
     with api_errors("get", "configmaps", gw, loc.configmap):

@@ -14,7 +14,9 @@ import pytest
 import yaml
 from simstack.apiserver.rbac import RBACAuthorizer
 from simstack.stack import SimStack
+from typer.testing import CliRunner
 
+from coder_stack.app.cli import app
 from coder_stack.kubernetes.client import ClusterTarget, open_api
 from coder_stack.spec import StackSpec
 from coder_stack.usecases import wake_setup as ws
@@ -140,8 +142,11 @@ def test_apply_loads_the_callback_from_the_mounted_files_and_a_rerun_changes_not
     assert dep is not None
     generation = dep["metadata"]["generation"]
 
-    again = asyncio.run(_apply(cluster))
-    assert not again.changed and again.lines == ["nothing to change: wake-setup was already applied"]
+    # the second run, as a person types it
+    args = ["wake-setup", "--apply", "--kubeconfig", str(cluster.kubeconfig_path), "--context", "coder-sim"]
+    again = CliRunner().invoke(app, [*args, "--prefect-api-url", URL])
+    assert again.exit_code == 0, again.output
+    assert again.stdout.strip() == "nothing to change: wake-setup was already applied"
     dep = cluster.store.find("deployments", "litellm", "litellm")
     assert dep is not None and dep["metadata"]["generation"] == generation  # no second rollout
 
