@@ -4,6 +4,7 @@ real 1.108.7 proxy does (devtools/simstack/standins/litellm/callbacks.py), with 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import textwrap
@@ -40,6 +41,7 @@ PROBE = textwrap.dedent(
     ROOT = "/"
     CALLS = []
     FAILURES = []
+    TASKS = []
     SETTINGS = json.loads(Path(__file__).with_name("probe_settings.json").read_text())
 
 
@@ -62,6 +64,10 @@ PROBE = textwrap.dedent(
             if what == "reroute":
                 data["model"] = SETTINGS["fallback"]
                 return data
+            if what == "spawn":  # a background task, as a cache refresh is; the module keeps a handle
+                import asyncio
+                TASKS.append(asyncio.get_running_loop().create_task(asyncio.sleep(3600)))
+                return None
             if what == "seams":
                 sa = Path(ROOT) / "var/run/secrets/kubernetes.io/serviceaccount"
                 data["mock_response"] = json.dumps({
@@ -316,6 +322,23 @@ async def test_two_gateways_load_their_own_module(tmp_path: Path) -> None:
     finally:
         await a.stop()
         await b.stop()
+
+
+async def test_the_callbacks_tasks_end_with_the_pod() -> None:
+    """The module runs on the simulator's loop: what it started ends when the stand-in stops, as with its process."""
+    services = SimServices(resolve_url=service_resolver({}), time_scale=0.01)
+    gw = await start_standin(_run(_config(), _probe_files()), services)
+    assert gw is not None
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gw.port}") as c:
+            r = await c.post("/v1/chat/completions", headers=_m(), json=_chat("ghost", "spawn"))
+            assert r.status_code == 400  # the router refuses the alias; the hook ran first
+        tasks = gw.proxy.state.callbacks.instances[0].async_pre_call_hook.__globals__["TASKS"]  # type: ignore[attr-defined]
+        assert len(tasks) == 1 and not tasks[0].done()
+    finally:
+        await gw.stop()
+    await asyncio.wait(tasks, timeout=5)
+    assert tasks[0].cancelled()
 
 
 @pytest.mark.parametrize(

@@ -24,10 +24,15 @@ What the real 1.108.7 proxy does, read in its source (``litellm/proxy/common_uti
   exceptions are logged, not raised; an ``HTTPException`` it returns replaces the error.
 
 The module gets the simulated pod around it through its seams (``ENV``, ``ROOT``; see :class:`PodSandbox`).
+It runs on the simulator's event loop, not in a process of its own: every task it starts (at import, in a hook,
+and the tasks those start) is cancelled when the stand-in stops, as the pod's process would end with them.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import contextvars
 import importlib.util
 import logging
 import posixpath
@@ -54,6 +59,31 @@ PROXY_ADMIN_ID = "default_user_id"  # litellm_proxy_admin_name (observed as the 
 # Keys the proxy adds to a request before the hook (observed: litellm_call_id, litellm_logging_obj, metadata,
 # proxy_server_request, secret_fields); the stand-in adds the plain ones and takes them off before routing.
 ADDED_KEYS = ("litellm_call_id", "metadata", "proxy_server_request", "secret_fields")
+
+
+_OWNER: contextvars.ContextVar[set[asyncio.Task[Any]] | None] = contextvars.ContextVar(
+    "simstack_litellm_callback_tasks", default=None
+)
+
+
+def _track_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    """A task factory on the loop that adds each task started in a callback's context to that callback's set
+    (chained with the loop's own factory, installed once)."""
+    prev = loop.get_task_factory()
+    if getattr(prev, "simstack_litellm_callbacks", False):
+        return
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kw: Any) -> asyncio.Future[Any]:
+        task = prev(loop, coro, **kw) if prev is not None else asyncio.Task(coro, loop=loop, **kw)
+        ctx = kw.get("context")
+        owned = ctx.get(_OWNER) if ctx is not None else _OWNER.get()
+        if owned is not None and isinstance(task, asyncio.Task):
+            owned.add(task)
+            task.add_done_callback(owned.discard)
+        return task
+
+    factory.simstack_litellm_callbacks = True  # type: ignore[attr-defined]
+    loop.set_task_factory(factory)  # type: ignore[arg-type]
 
 
 class CallbackLoadError(Exception):
@@ -157,7 +187,7 @@ def _entries(value: Any) -> list[str]:
     raise CallbackLoadError(f"litellm_settings.callbacks must be a list or a string, not {type(value).__name__}")
 
 
-def _load_one(entry: str, config_path: str, sandbox: PodSandbox) -> Any:
+def _load_one(entry: str, config_path: str, sandbox: PodSandbox, tasks: set[asyncio.Task[Any]]) -> Any:
     module_name, _, instance_name = entry.rpartition(".")
     if not module_name:
         # GUESS: a bare name is one of LiteLLM's built-in integrations ("prometheus", "langfuse", ...), which the
@@ -177,12 +207,15 @@ def _load_one(entry: str, config_path: str, sandbox: PodSandbox) -> Any:
     # module that assigns its defaults at import still ends up with the pod's.
     module.ENV = sandbox.env  # type: ignore[attr-defined]
     module.ROOT = str(sandbox.root)  # type: ignore[attr-defined]
+    token = _OWNER.set(tasks)
     try:
         spec.loader.exec_module(module)
     except ImportError as e:
         raise CallbackLoadError(f"Could not import {instance_name} from {module_name}") from e
     except Exception as e:
         raise CallbackLoadError(f"{entry}: the module failed while loading: {type(e).__name__}: {e}") from e
+    finally:
+        _OWNER.reset(token)
     module.ENV = sandbox.env  # type: ignore[attr-defined]
     module.ROOT = str(sandbox.root)  # type: ignore[attr-defined]
     if not hasattr(module, instance_name):
@@ -220,6 +253,7 @@ class Callbacks:
     instances: list[Any]
     sandbox: PodSandbox | None
     cache: DualCache = field(default_factory=DualCache)
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)  # every task the callbacks started, still running
 
     @classmethod
     def none(cls) -> Callbacks:
@@ -234,14 +268,22 @@ class Callbacks:
             # GUESS: without a config file path the real proxy imports by module name from its environment
             raise CallbackLoadError(f"Could not import callbacks {entries}: no config file to load them beside")
         sandbox = PodSandbox.create(run, access)
+        tasks: set[asyncio.Task[Any]] = set()
+        with contextlib.suppress(RuntimeError):  # no running loop: nothing to track
+            _track_tasks(asyncio.get_running_loop())
         try:
-            instances = [i for i in (_load_one(e, config_path, sandbox) for e in entries) if i is not None]
+            instances = [i for i in (_load_one(e, config_path, sandbox, tasks) for e in entries) if i is not None]
         except BaseException:
+            for t in tasks:
+                t.cancel()
             sandbox.remove()
             raise
-        return cls(instances, sandbox)
+        return cls(instances, sandbox, tasks=tasks)
 
     def close(self) -> None:
+        """The pod's process ends: the callbacks' tasks with it, and the sandbox."""
+        for t in list(self.tasks):
+            t.cancel()
         if self.sandbox is not None:
             self.sandbox.remove()
 
@@ -251,9 +293,13 @@ class Callbacks:
         for cb in self.instances:
             if not _defines(cb, "async_pre_call_hook"):
                 continue
-            answer = await cb.async_pre_call_hook(
-                user_api_key_dict=auth, cache=self.cache, data=data, call_type=call_type
-            )
+            token = _OWNER.set(self.tasks)
+            try:
+                answer = await cb.async_pre_call_hook(
+                    user_api_key_dict=auth, cache=self.cache, data=data, call_type=call_type
+                )
+            finally:
+                _OWNER.reset(token)
             if answer is None:
                 continue
             if isinstance(answer, Exception):
@@ -274,11 +320,14 @@ class Callbacks:
             hook = getattr(cb, "async_post_call_failure_hook", None)
             if hook is None:
                 continue
+            token = _OWNER.set(self.tasks)
             try:
                 result = await hook(request_data=data, user_api_key_dict=auth, original_exception=exc, traceback_str=tb)
             except Exception as e:  # "[Non-Blocking] Error in async_post_call_failure_hook callback"
                 log.warning("[Non-Blocking] Error in async_post_call_failure_hook callback: %s", type(e).__name__)
                 continue
+            finally:
+                _OWNER.reset(token)
             if isinstance(result, HTTPException) and replaced is None:
                 replaced = result
         return replaced
