@@ -173,7 +173,8 @@ async def relay_stream(
         | headers(st, caller, dep, None, started, route, stream=True),
     )
     await out.prepare(request)
-    alias = asked or dep.model_name  # the alias the client asked for (a callback may have rerouted it)
+    # the alias the client asked for (a callback may have rerouted it); GUESS for streams: observed unstreamed only
+    alias = asked or dep.model_name
     text_route = route == "/completions" or dep.provider == "text-completion-openai"
 
     async def send(obj: dict[str, Any]) -> None:
