@@ -93,6 +93,10 @@ PROBE = textwrap.dedent(
     """
 )
 SETTINGS = {"fallback": "coder-fim"}
+DATACLASS_MODULE = (
+    "from __future__ import annotations\nfrom dataclasses import dataclass\n\n\n@dataclass\nclass A:\n"
+    "    x: int = 1\n\n\ninst = A()\n"
+)
 
 
 def _config(callbacks: Any = ("probe.probe",)) -> dict[str, Any]:
@@ -348,6 +352,9 @@ async def test_the_callbacks_tasks_end_with_the_pod() -> None:
         (["broken.probe"], {"broken.py": "import not_a_module_anywhere\n"}, "Could not import probe from broken"),
         (["probe.Probe"], None, "resolved to the class"),
         (["probe.nothing"], None, "Could not import nothing from probe"),
+        # not in sys.modules, as LiteLLM loads it: a dataclass under postponed annotations fails at import
+        # (checked with LiteLLM 1.108.7's Python and its loader's calls)
+        (["dc.inst"], {"dc.py": DATACLASS_MODULE}, "AttributeError"),
     ],
 )
 async def test_callback_that_cannot_load_stops_the_proxy(
