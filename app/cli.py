@@ -546,6 +546,12 @@ def main() -> None:  # pragma: no cover - console entry point
         sys.exit(1)
 
 
+# wake on demand: the callback in the gateway (app/wake_setup.py)
+from coder_stack.app.wake_setup import wake_setup as _wake_setup  # noqa: E402
+
+app.command(name="wake-setup")(_wake_setup)
+
+
 # ------------------------------------------------------------------------------ development tools
 DEV_COMMANDS = ("demo", "sim", "bench")
 

@@ -104,6 +104,12 @@ def missing_volumes(store: Store, namespace: str, pod_spec: Obj) -> list[tuple[s
             ref = vol["configMap"]
             if not ref.get("optional") and store.find("configmaps", namespace, ref["name"]) is None:
                 out.append((vol["name"], f'configmap "{ref["name"]}" not found'))
+        elif "projected" in vol:
+            for src in vol["projected"].get("sources") or []:
+                for kind, plural, key in (("secret", "secrets", "name"), ("configMap", "configmaps", "name")):
+                    ref = src.get(kind)
+                    if ref and not ref.get("optional") and store.find(plural, namespace, ref[key]) is None:
+                        out.append((vol["name"], f'{kind.lower()} "{ref[key]}" not found'))
     return out
 
 
@@ -113,24 +119,28 @@ def mounted_files(store: Store, namespace: str, pod_spec: Obj, container: Obj) -
     files: dict[str, str] = {}
     for vm in container.get("volumeMounts") or []:
         vol = vols.get(vm["name"]) or {}
-        if "secret" in vol:
-            obj = store.find("secrets", namespace, vol["secret"]["secretName"])
-            data = {k: _decode(v) for k, v in ((obj or {}).get("data") or {}).items()}
-            items = vol["secret"].get("items")
-        elif "configMap" in vol:
-            obj = store.find("configmaps", namespace, vol["configMap"]["name"])
-            data = dict((obj or {}).get("data") or {})
-            items = vol["configMap"].get("items")
-        else:
-            continue
-        paths = {it["key"]: it["path"] for it in items} if items else {k: k for k in data}
+        # every source of the volume: (data, items); a projected volume has several (Secrets, ConfigMaps)
+        sources: list[tuple[dict[str, str], list[Obj] | None]] = []
+        refs = [vol] if "secret" in vol or "configMap" in vol else (vol.get("projected") or {}).get("sources") or []
+        for ref in refs:
+            if "secret" in ref:
+                name = ref["secret"].get("secretName") or ref["secret"].get("name")
+                obj = store.find("secrets", namespace, name)
+                sources.append(
+                    ({k: _decode(v) for k, v in ((obj or {}).get("data") or {}).items()}, ref["secret"].get("items"))
+                )
+            elif "configMap" in ref:
+                obj = store.find("configmaps", namespace, ref["configMap"]["name"])
+                sources.append((dict((obj or {}).get("data") or {}), ref["configMap"].get("items")))
         mount = vm["mountPath"].rstrip("/")
-        if vm.get("subPath"):
+        for data, items in sources:
+            paths = {it["key"]: it["path"] for it in items} if items else {k: k for k in data}
+            if vm.get("subPath"):
+                for key, rel in paths.items():
+                    if rel == vm["subPath"] and key in data:
+                        files[mount] = data[key]
+                continue
             for key, rel in paths.items():
-                if rel == vm["subPath"] and key in data:
-                    files[mount] = data[key]
-            continue
-        for key, rel in paths.items():
-            if key in data:
-                files[f"{mount}/{rel}"] = data[key]
+                if key in data:
+                    files[f"{mount}/{rel}"] = data[key]
     return files

@@ -31,7 +31,7 @@ from simstack.controllers.faults import check_fault
 from simstack.kubeproxy import ServiceForwarder, ServiceProxies
 from simstack.layout import gateway_workloads
 from simstack.podruntime import PodRuntime
-from simstack.standins import SimServices, has_standin
+from simstack.standins import PodAccess, SimServices, has_standin
 from simstack.store import Store, WatchEvent
 from simstack.timings import Timings
 
@@ -56,6 +56,7 @@ class SimStack:
         authorizer: Callable[[Store], Any] | None = None,
         ready_timeout: float | None = None,
         runnable_images: dict[str, str | Path] | None = None,
+        pod_api: bool = False,
     ) -> None:
         if gpu_pool not in ("autoscaled", "static"):
             raise ValueError(f"gpu_pool must be 'autoscaled' or 'static', got {gpu_pool!r}")
@@ -97,6 +98,9 @@ class SimStack:
             if has_standin(image):
                 raise ValueError(f"runnable image {image!r} is a stand-in's image; name the image another way")
         self._runtime_dir: str | None = None
+        # pods reach the API server (TLS listener, ServiceAccount tokens, the cluster CA) also without runnable
+        # images: the LiteLLM stand-in's callbacks (devtools/simstack/standins/litellm/callbacks.py) use it
+        self._pod_api = pod_api or bool(self._runnable)
         self._proxies: ServiceProxies | None = None
         self._sa_tokens: dict[str, tuple[str, str]] = {}
 
@@ -161,7 +165,7 @@ class SimStack:
             if self._authorizer_factory is not None:
                 self.authorizer = self._authorizer_factory(store)
             ca = None
-            if self._runnable:
+            if self._pod_api:
                 self._runtime_dir = tempfile.mkdtemp(prefix="coder-sim-pods-")
                 ca = make_cluster_ca(Path(self._runtime_dir) / "pki", spec.access.cluster_domain)
             self._runner, self.api_url = await start_apiserver(
@@ -198,6 +202,8 @@ class SimStack:
             issue_token=self._issue_token,
             service_dns=self._proxies.dns,
         )
+        assert self._services is not None
+        self._services.pod_access = PodAccess(host, int(port), ca.ca_file, self._issue_token)
 
     def _issue_token(self, namespace: str, service_account: str) -> str:
         """A token for a pod's ServiceAccount, known to the authorizer as that ServiceAccount (the real

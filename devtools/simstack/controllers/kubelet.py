@@ -478,6 +478,7 @@ class Kubelet:
             env=dict(env),
             files=mounted_files(self.c.store, r.namespace, pod["spec"], cspec),
             container_port=port,
+            service_account=pod["spec"].get("serviceAccountName") or "default",
         )
         task = asyncio.ensure_future(self.c.start_standin(run))
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 
@@ -24,6 +25,19 @@ class ContainerRun:
     env: dict[str, str]
     files: dict[str, str] = field(default_factory=dict)  # mounted path -> content (Secrets, ConfigMaps)
     container_port: int = 8000
+    service_account: str = "default"  # the pod's spec.serviceAccountName
+
+
+@dataclass
+class PodAccess:
+    """What a pod gets from its node to reach the API server: the ``kubernetes`` Service's host and port (the
+    simulated API server's TLS listener), a token for its ServiceAccount and the cluster CA. Set by ``SimStack``
+    when pods get API access (runnable images, or ``pod_api=True``)."""
+
+    api_host: str
+    api_port: int
+    ca_file: Path
+    issue_token: Callable[[str, str], str]  # (namespace, service account) -> token
 
 
 @dataclass
@@ -41,6 +55,7 @@ class SimServices:
     counters: dict[str, int] = field(default_factory=dict)  # request counts per stand-in, for tests
     # Other apps' persistent state (e.g. Tabby's registration token), keyed "<app>:<namespace>".
     app_data: dict[str, Any] = field(default_factory=dict)
+    pod_access: PodAccess | None = None  # API access for stand-ins that run code of the pod's (LiteLLM callbacks)
 
 
 class RunningBackend(Protocol):

@@ -77,6 +77,7 @@ class LiteLLMProxy:
         spend.flush_due(self.state, everything=True)
         if self.state.session is not None:
             await self.state.session.close()
+        self.state.callbacks.close()
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -107,8 +108,11 @@ class LiteLLMProxy:
         return json_response(models.listing(self.state, key_models(self.state, caller)))
 
     async def data_plane(self, request: web.Request) -> web.StreamResponse:
-        caller = authenticate(self.state, request)
         route = normalize_route(request.path).removeprefix("/v1")
+        try:
+            caller = authenticate(self.state, request)
+        except ProxyError as e:
+            raise await routing.auth_failure(self.state, request, route, e, None) from None
         return await routing.forward(self.state, request, caller, route)
 
     # ------------------------------------------------------------------ keys

@@ -25,6 +25,11 @@ def resolve_env(value: Any, env: dict[str, str]) -> Any:
 
 
 def find_config(run: ContainerRun) -> dict[str, Any]:
+    return read_config(run)[1]
+
+
+def read_config(run: ContainerRun) -> tuple[str | None, dict[str, Any]]:
+    """The config file's path in the pod (None when there is none) and its content."""
     path: str | None = None
     args = run.args
     for i, a in enumerate(args):
@@ -41,11 +46,11 @@ def find_config(run: ContainerRun) -> dict[str, Any]:
     else:
         for p, content in run.files.items():
             if posixpath.basename(p) in CONFIG_NAMES:
-                text = content
+                path, text = p, content
                 break
     if text is None:
-        return {}
+        return None, {}
     cfg = yaml.safe_load(text) or {}
     if not isinstance(cfg, dict):
         raise ValueError("LiteLLM config must be a mapping")
-    return cfg
+    return path, cfg

@@ -21,6 +21,7 @@ class ProxyError(Exception):
         self.param = param
         self.extra: dict[str, Any] = {}
         self.headers: dict[str, str] = {}
+        self.connect_failed = False  # the upstream could not be reached (what a callback's failure hook is told)
 
     def response(self) -> web.Response:
         err = {"message": self.message, "type": self.err_type, "param": self.param, "code": str(self.status)}
@@ -40,13 +41,15 @@ async def read_body(request: web.Request) -> dict[str, Any]:
 
 def connection_error(model: str) -> ProxyError:
     # GUESS: an unreachable upstream was not recorded; 500 and this message are from memory of LiteLLM
-    return ProxyError(
+    err = ProxyError(
         500,
         "litellm.APIConnectionError: APIConnectionError: OpenAIException - Connection error.. "
         f"Received Model Group={model}\nAvailable Model Group Fallbacks=None",
         None,
         None,
     )
+    err.connect_failed = True
+    return err
 
 
 def upstream_error(status: int, text: str, model: str) -> ProxyError:

@@ -162,6 +162,7 @@ async def relay_stream(
     route: str,
     started: dt.datetime,
     ua: str,
+    asked: str | None = None,
 ) -> web.StreamResponse:
     """Reshaped like LiteLLM (recorded: chat-reverse-stream(-usage), fim-stop-stream, agent-tools-required-stream).
 
@@ -172,7 +173,8 @@ async def relay_stream(
         | headers(st, caller, dep, None, started, route, stream=True),
     )
     await out.prepare(request)
-    alias = dep.model_name
+    # the alias the client asked for (a callback may have rerouted it); GUESS for streams: observed unstreamed only
+    alias = asked or dep.model_name
     text_route = route == "/completions" or dep.provider == "text-completion-openai"
 
     async def send(obj: dict[str, Any]) -> None:

@@ -12,7 +12,8 @@ import aiohttp
 
 from simstack.standins import ContainerRun, SimServices
 from simstack.standins.litellm import models
-from simstack.standins.litellm.config import find_config, resolve_env
+from simstack.standins.litellm.callbacks import Callbacks
+from simstack.standins.litellm.config import read_config, resolve_env
 from simstack.standins.litellm.shape import now
 
 
@@ -32,11 +33,12 @@ class ProxyState:
     rr: itertools.count[int]
     session: aiohttp.ClientSession | None
     started: dt.datetime
+    callbacks: Callbacks
 
     @classmethod
     def from_run(cls, run: ContainerRun, services: SimServices) -> ProxyState:
         env = dict(run.env)
-        cfg = find_config(run)
+        config_path, cfg = read_config(run)
         env.update({k: str(v) for k, v in (cfg.get("environment_variables") or {}).items()})
         general = resolve_env(cfg.get("general_settings") or {}, env)
         master_key: str | None = (
@@ -48,6 +50,9 @@ class ProxyState:
             "1",
         )
         config_deployments = [models.config_deployment(m, env) for m in cfg.get("model_list") or []]
+        settings = cfg.get("litellm_settings") or {}
+        # loaded last: a callback that cannot be loaded stops the proxy's start (callbacks.py)
+        callbacks = Callbacks.load(run, settings.get("callbacks"), config_path, services.pod_access)
         db = services.litellm_db
         db.setdefault("keys", {})
         db.setdefault("deleted_keys", {})
@@ -68,4 +73,5 @@ class ProxyState:
             rr=itertools.count(),
             session=None,
             started=now(),
+            callbacks=callbacks,
         )
