@@ -36,6 +36,7 @@ PROBE = textwrap.dedent(
     from pathlib import Path
 
     from fastapi import HTTPException
+    from litellm.proxy._types import ProxyException
 
     ENV = os.environ
     ROOT = "/"
@@ -54,6 +55,9 @@ PROBE = textwrap.dedent(
             if what == "http503":
                 raise HTTPException(status_code=503, detail={"error": "coder-chat is starting"},
                                     headers={"Retry-After": "420"})
+            if what == "proxy503":  # LiteLLM's own exception class, from the image's litellm
+                raise ProxyException("coder-fim waits for the GPU", "internal_server_error", None, 503,
+                                     headers={"Retry-After": "600"})
             if what == "string":
                 return "refused by hook"
             if what == "valueerror":
@@ -233,6 +237,26 @@ async def test_hook_raises_http_exception_503_as_the_real_proxy_answers(tmp_path
         }  # fmt: skip
         assert [f["type"] for f in _failures(gw)] == ["HTTPException", "HTTPException"]
         assert gw.proxy.state.services.counters.get("litellm:upstream:coder-chat") is None  # never routed
+
+
+async def test_a_hooks_proxy_exception_is_answered_as_recorded_on_both_routes(tmp_path: Path) -> None:
+    """Recorded (hook-down-chat-503, hook-fim-waiting-for-gpu-503): a ProxyException keeps its Retry-After on
+    /completions too, where an HTTPException loses it — so a hook that raises LiteLLM's class (the product's wake
+    hook does) gives Tabby a Retry-After. The class comes from the image's litellm: the stand-in lends it only
+    while the module loads."""
+    async with _stack(tmp_path) as (url, _gw, _), httpx.AsyncClient(base_url=url) as c:
+        assert "litellm" not in sys.modules
+        want = {"message": "coder-fim waits for the GPU", "type": "internal_server_error", "param": None, "code": "503"}
+        r = await c.post(
+            "/v1/completions", headers=_m(), json={"model": "coder-fim", "prompt": "d", "user": "proxy503"}
+        )
+        assert r.status_code == 503 and r.headers["retry-after"] == "600", r.headers
+        assert r.json() == {"error": want}
+        assert "x-litellm-response-cost" not in r.headers
+        r = await c.post("/v1/chat/completions", headers=_m(), json=_chat("coder-chat", "proxy503"))
+        assert r.status_code == 503 and r.headers["retry-after"] == "600"
+        assert r.json() == {"error": want}
+        assert r.headers["x-litellm-response-cost"] == "0" and r.headers["x-litellm-key-spend"] == "0.0"
 
 
 async def test_hook_string_and_other_exception(tmp_path: Path) -> None:

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import HTTPException
 
 from simstack.standins.litellm.errors import ProxyError
+from simstack.standins.litellm.hostlib import is_proxy_exception, litellm_importable
 
 if TYPE_CHECKING:
     from simstack.standins import ContainerRun, PodAccess
@@ -209,7 +210,8 @@ def _load_one(entry: str, config_path: str, sandbox: PodSandbox, tasks: set[asyn
     module.ROOT = str(sandbox.root)  # type: ignore[attr-defined]
     token = _OWNER.set(tasks)
     try:
-        spec.loader.exec_module(module)
+        with litellm_importable():  # the LiteLLM classes a hook imports from the image (hostlib)
+            spec.loader.exec_module(module)
     except ImportError as e:
         raise CallbackLoadError(f"Could not import {instance_name} from {module_name}") from e
     except Exception as e:
@@ -365,6 +367,18 @@ def hook_error(exc: BaseException, route: str, call_id: str) -> ProxyError:
       ``{"error": {"message": "<status>: <detail as Python prints it>", "type": "None", "param": "None",
       "code": "<status>"}}``.
     """
+    if is_proxy_exception(exc):
+        # recorded (hook-down-chat-503, hook-fim-waiting-for-gpu-503): a ProxyException is answered as it is, on
+        # every route — its code as the status, its headers (retry-after) kept; chat also gets the cost headers
+        p: Any = exc
+        status = int(p.code) if str(p.code).isdigit() else 500
+        err = ProxyError(status, p.message, p.type, p.param)
+        if p.provider_specific_fields:
+            err.extra = {"provider_specific_fields": p.provider_specific_fields}
+        err.headers = {k.lower(): str(v) for k, v in (p.headers or {}).items()} | {"x-litellm-call-id": call_id}
+        if route != "/completions":
+            err.headers |= {"x-litellm-response-cost": "0", "x-litellm-key-spend": "0.0"}
+        return err
     if route == "/completions":
         if isinstance(exc, HTTPException):
             err = ProxyError(exc.status_code, f"{exc.status_code}: {exc.detail}", "None", "None")
