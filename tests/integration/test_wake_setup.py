@@ -24,9 +24,10 @@ from coder_stack.usecases import wake_setup as ws
 ADMIN = "tok-wake-admin"
 URL = "http://prefect-server.prefect.svc.cluster.local:4200/api"
 
-# The callback as the gateway loads it, until the product's module (coder_stack/litellm/wake_hook.py) defines
-# `wake_on_demand`: it reads its settings beside itself and, for a probe request, GETs the model's Deployment
-# with the pod's token and CA (ENV and ROOT seams) and answers with what it saw.
+# A probe in place of the product's module (tests/integration/test_wake_on_demand.py runs the product's): it reads
+# its settings beside itself and, for a probe request, GETs the model's Deployment and the namespace's Secrets with
+# the pod's token and CA (ENV and ROOT seams) and answers with what it saw — so the RBAC wake-setup grants is proven
+# both ways (the Deployment allowed, nothing else).
 TINY_HOOK = """
 import json
 import os
@@ -61,14 +62,9 @@ wake_on_demand = WakeOnDemand()
 """
 
 
-def _product_module_ready() -> bool:
-    return "wake_on_demand" in ws.hook_source()
-
-
 @pytest.fixture
 def cluster(make_sim: Callable[..., SimStack], monkeypatch: pytest.MonkeyPatch) -> SimStack:
-    if not _product_module_ready():
-        monkeypatch.setattr(ws, "hook_source", lambda: TINY_HOOK)
+    monkeypatch.setattr(ws, "hook_source", lambda: TINY_HOOK)
     return make_sim(
         api_token=ADMIN, authorizer=lambda store: RBACAuthorizer(store, {}, superusers={ADMIN}), pod_api=True
     )
@@ -134,10 +130,9 @@ def test_apply_loads_the_callback_from_the_mounted_files_and_a_rerun_changes_not
     assert any("created configmaps/coder-stack-wake" in ln for ln in report.lines)
     assert any("restarted deploy/litellm" in ln for ln in report.lines)
     _assert_loaded(cluster)
-    if not _product_module_ready():
-        seen = _probe(cluster)
-        # the pod's ServiceAccount may get the model's Deployment (wake-setup's Role), nothing else
-        assert seen == {"deployment": 200, "secrets": 403, "prefect": URL}
+    seen = _probe(cluster)
+    # the pod's ServiceAccount may get the model's Deployment (wake-setup's Role), nothing else
+    assert seen == {"deployment": 200, "secrets": 403, "prefect": URL}
     dep = cluster.store.find("deployments", "litellm", "litellm")
     assert dep is not None
     generation = dep["metadata"]["generation"]
