@@ -1,10 +1,11 @@
 """The workday scenario: what one day of use costs in billed GPU-node hours and cold-start waits, per policy.
 
-One day (:func:`workday_trace`, or a trace file: :func:`read_trace`): users' requests to coder-chat 09:00-12:00 and 13:30-17:30 with gaps and a
-lunch break, and a validate run (take_over, agent stage) started 09:40 and killed at 10:00 with coder-agent
-serving and the GPU slot held. Each policy's day runs twice: in :class:`Day`, an event-driven replay in
-simulated time (milliseconds; the table's numbers), and, in the full run, in :class:`SimDay` on the real
-simulated cluster (time-scaled; the table's "sim" columns), which checks the replay.
+One day (:func:`workday_trace`; or a trace file, :func:`read_trace`): users' requests to coder-chat 09:00-12:00
+and 13:30-17:30 with gaps and a lunch break, and a validate run (take_over, agent stage) started 09:40 and
+killed at 10:00 with coder-agent serving and the GPU slot held. Each policy's day runs twice: in :class:`Day`,
+an event-driven replay in simulated time (milliseconds; the table's numbers), and, in the full run, in
+:class:`SimDay` on the real simulated cluster (time-scaled; the table's "sim" columns), which checks the
+replay; the wake policy's rows are replayed only (no sim day yet).
 
 What the project's own code and numbers decide (in both):
 
@@ -56,7 +57,7 @@ benchmark prints). No module shares a name with a function the package exports.
 
 from coder_stack_dev.bench.workday.check import modelled_durations, sim_check
 from coder_stack_dev.bench.workday.day import AGENT, CHAT, Day, replay
-from coder_stack_dev.bench.workday.policy import WAKE_LATENCY_S, Policy, policies
+from coder_stack_dev.bench.workday.policy import WAKE_LATENCY_S, Policy, policies, wake_policies
 from coder_stack_dev.bench.workday.report import table
 from coder_stack_dev.bench.workday.result import WORKDAYS_PER_MONTH, Result
 from coder_stack_dev.bench.workday.scenario import NODE_PRICE_PER_HOUR, NODE_PRICE_SOURCE, workday
@@ -104,6 +105,7 @@ __all__ = [
     "sim_day",
     "table",
     "trace_lines",
+    "wake_policies",
     "workday",
     "workday_trace",
 ]

@@ -109,7 +109,7 @@ class Day:
         self.at(p.down_s, self._evening)
         for r, model in tr.all_requests:
             self.at(r, functools.partial(self._request, r, model))
-        if tr.killed_start is not None and tr.kill_at is not None:
+        if tr.killed_run:
             self.at(tr.killed_start, self._validate_start)
             self.at(tr.kill_at, self._validate_end)
         if p.flows and p.idle_after_s is not None:
@@ -128,9 +128,10 @@ class Day:
         self.replicas[model] = replicas
         self.log(f"{model} scaled to {replicas}" + (f" ({why})" if why else ""))
         kill_at = self.trace.kill_at
-        if replicas == 0 and model == AGENT and kill_at is not None and self.now >= kill_at and "agent_until" not in self.killed:
+        after_kill = self.trace.killed_run and self.now >= kill_at
+        if replicas == 0 and model == AGENT and after_kill and "agent_until" not in self.killed:
             self.killed["agent_until"] = hm(self.now)
-            self.killed["agent_min_after_kill"] = round((self.now - self.trace.kill_at) / MINUTE, 1)
+            self.killed["agent_min_after_kill"] = round((self.now - kill_at) / MINUTE, 1)
             self.killed["agent_stopped_by"] = why
         self._apply(model, replicas)
         if replicas == 0 and self.gpu_waits:
@@ -484,18 +485,18 @@ class Day:
         kill_at = self.trace.kill_at
         slot_free = next(
             (t for t, what in self.events
-             if kill_at is not None and t >= kill_at and what == "GPU slot released (validate)"), None
+             if self.trace.killed_run and t >= kill_at and what == "GPU slot released (validate)"), None
         )  # fmt: skip
         killed = dict(self.killed)
-        if kill_at is None:
+        if not self.trace.killed_run:
             killed["slot_free_at"] = "no killed run"
         else:
             killed["slot_free_at"] = hm(slot_free) if slot_free is not None else "no slot (by hand)"
         cold_starts = list(self.cold_starts)
         for model, first in self.outage.items():  # never back before the end
-            n = len(self.waiting.get(model, [])) or sum(1 for t, m in self.failed if m == model and t >= first)
+            left = len(self.waiting.get(model, [])) or sum(1 for t, m in self.failed if m == model and t >= first)
             cold_starts.append({"model": model, "request": hm(first), "ready": None,
-                                "wait_min": round((end - first) / MINUTE, 2), "requests_not_served": n})  # fmt: skip
+                                "wait_min": round((end - first) / MINUTE, 2), "requests_not_served": left})  # fmt: skip
         never = [(r, m) for m, rs in self.waiting.items() for r in rs]  # delayed past the end: count as failed
         return Result(
             policy=self.p.name,

@@ -33,9 +33,8 @@ class Policy:
 
 
 def policies(
-    s: Schedules, crash_cleanup_s: float = 120.0, idle_after_min: tuple[int, ...] = (15, 30, 60),
-    wake_latency_s: float = WAKE_LATENCY_S,
-) -> list[Policy]:  # fmt: skip
+    s: Schedules, crash_cleanup_s: float = 120.0, idle_after_min: tuple[int, ...] = (15, 30, 60)
+) -> list[Policy]:
     rows = [
         Policy("by_hand", "runbook by hand (up 09:00, down 18:00)", at("09:00"), at("18:00"), False),
         Policy("schedules", f"schedules (up {hm(s.bring_up_s)}, down {hm(s.teardown_s)})", s.bring_up_s,
@@ -52,10 +51,17 @@ def policies(
     rows.append(Policy(f"reclaim_{default / MINUTE:.0f}_no_cleanup",
                        f"schedules + reclaim {default / MINUTE:.0f} min, no clean-up", s.bring_up_s, s.teardown_s,
                        True, None, default))  # fmt: skip
-    # wake on demand (issue 19): idle reclaim, and a request for a model that is down wakes it
-    rows += [
+    return rows
+
+
+def wake_policies(
+    s: Schedules, crash_cleanup_s: float = 120.0, idle_after_min: tuple[int, ...] = (15, 30, 60),
+    wake_latency_s: float = WAKE_LATENCY_S,
+) -> list[Policy]:  # fmt: skip
+    """Wake on demand (issue 19): the reclaim rows of :func:`policies`, and a request for a model that is down
+    wakes it instead of failing."""
+    return [
         Policy(f"wake_{m}", f"schedules + clean-up + reclaim {m} min + wake", s.bring_up_s, s.teardown_s, True,
                crash_cleanup_s, m * MINUTE, wake=True, wake_latency_s=wake_latency_s)
         for m in idle_after_min
     ]  # fmt: skip
-    return rows

@@ -6,7 +6,7 @@ from typing import Any
 
 
 def table(res: dict[str, Any]) -> str:
-    rows = res.get("workday") or []
+    rows = (res.get("workday") or []) + (res.get("workday_wake") or [])
     if not rows:
         return ""
     a = res["workday_assumptions"]
@@ -33,12 +33,13 @@ def table(res: dict[str, Any]) -> str:
             left = "(no killed run)"
         waits = f"{r['delay_p50_min']:.1f}/{r['delay_max_min']:.1f}" if r.get("delayed_requests") else "-"
         sim = r.get("sim")
+        sim_cols = (
+            (f" {sim['node_hours']:>10.2f} {sim['wait_min']:>8.1f}" if sim else f" {'-':>10} {'-':>8}") if sims else ""
+        )
         out.append(
             f"{r['label']:<46} {r['node_hours']:>7.2f} {r['wait_min']:>8.1f} {len(r['cold_starts']):>4} "
             f"{r.get('failed_requests', 0):>6} {r.get('delayed_requests', 0):>7} {waits:>11} "
-            f"{r['cost_per_day']:>7.2f} {r['cost_per_month']:>8.2f}"
-            + ((f" {sim['node_hours']:>10.2f} {sim['wait_min']:>8.1f}" if sim else f" {'-':>10} {'-':>8}") if sims else "")
-            + f"  {left}"
+            f"{r['cost_per_day']:>7.2f} {r['cost_per_month']:>8.2f}" + sim_cols + f"  {left}"
         )
     chk = res.get("workday_sim_check")
     if chk:

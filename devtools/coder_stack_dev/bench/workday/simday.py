@@ -228,6 +228,6 @@ def _pod_ready(obj: dict[str, Any] | None) -> bool:
 
 def sim_day(policy: Policy, trace: Trace, time_scale: float, schedules: Schedules | None = None) -> Result:
     """``policy``'s day on the simulated cluster, from a minute before its first event to ``trace.end``."""
-    starts = [policy.up_s, trace.first] + ([trace.killed_start] if trace.killed_start is not None else [])
+    starts = [policy.up_s, trace.first] + ([trace.killed_start] if trace.killed_run else [])
     start = min(starts) - 5 * MINUTE
     return SimDay(policy, trace, schedules or read_schedules(), time_scale, start).run()

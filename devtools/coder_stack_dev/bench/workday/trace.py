@@ -36,11 +36,12 @@ class Trace:
     """One workday: users' requests, and (optionally) one validate run killed while it held the GPU."""
 
     requests: tuple[float, ...]  # seconds since midnight, each one request to coder-chat
-    killed_start: float | None  # the validate run (take_over) starts: frees coder-chat, brings coder-agent up
-    kill_at: float | None  # ... and is killed here, coder-agent serving, the GPU slot held (None: no such run)
+    killed_start: float  # the validate run (take_over) starts: frees coder-chat, brings coder-agent up
+    kill_at: float  # ... and is killed here, coder-agent serving, the GPU slot held
     killed_calls_every_s: float  # its agent stage calls coder-agent this often from Ready until the kill
     end: float  # the replay stops (after the last node could have drained)
     other_requests: tuple[tuple[float, str], ...] = ()  # (time, model): requests to models other than coder-chat
+    killed_run: bool = True  # False: no validate run that day (killed_start and kill_at are not used)
 
     @property
     def all_requests(self) -> list[tuple[float, str]]:
@@ -164,11 +165,12 @@ def parse_trace(lines: Iterable[str], models: Iterable[str], source: str = "trac
         end = max(at(DEFAULT_END), last + 30 * MINUTE)
     return Trace(
         tuple(sorted(chat)),
-        start[0] if start else None,
-        kill[0] if kill else None,
+        start[0] if start else end,
+        kill[0] if kill else end,
         KILLED_CALLS_EVERY_S,
         end,
         tuple(sorted(others)),
+        killed_run=start is not None,
     )
 
 
@@ -186,7 +188,7 @@ def trace_lines(trace: Trace) -> list[str]:
     """``trace`` in the trace file format (what :func:`parse_trace` reads back to the same trace)."""
     out = ["time,model,kind"]
     events: list[tuple[float, int, str]] = [(t, 1, f"{hm(t)},{m},request") for t, m in trace.all_requests]
-    if trace.killed_start is not None and trace.kill_at is not None:
+    if trace.killed_run:
         events += [(trace.killed_start, 0, f"{hm(trace.killed_start)},{AGENT_ALIAS},validate-start"),
                    (trace.kill_at, 0, f"{hm(trace.kill_at)},{AGENT_ALIAS},validate-kill")]  # fmt: skip
     events.append((trace.end, 2, f"{hm(trace.end)},,end"))
