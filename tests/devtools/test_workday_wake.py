@@ -32,6 +32,7 @@ from coder_stack_dev.bench.workday import (
     read_trace,
     replay,
     short_trace,
+    sim_day,
     table,
     trace_lines,
     workday,
@@ -211,6 +212,28 @@ def test_the_table_prints_the_wake_rows_beside_the_policies() -> None:
         assert r["label"] in out
     w = res["workday_wake"][0]
     assert f"{w['delay_p50_min']:.1f}/{w['delay_max_min']:.1f}" in out and "wake latency 10 s" in out
+
+
+@pytest.mark.timeout(180)
+def test_a_wake_day_on_the_sim_agrees_with_the_replay() -> None:
+    """coder-fim requested while coder-chat serves and a validate run takes the GPU: the wake waits for the GPU,
+    then coder-fim comes up; later coder-chat is woken on a new node. The real cluster-autoscaler, kubelet and
+    read_idleness against the replay of the same day (time scale 0.002, as the workday's other sim day)."""
+    every = [at("09:10") + k * 4 * MINUTE for k in range(6)] + [at("11:00") + k * 4 * MINUTE for k in range(4)]
+    trace = Trace(tuple(every), at("09:35"), at("09:50"), 120.0, at("12:30"), ((at("09:20"), FIM),))
+    p = Policy("w", "w", at("09:00"), at("12:00"), True, 120.0, 15 * MINUTE, wake=True)
+    model, sim = replay(p, trace, SCHED), sim_day(p, trace, 0.002, SCHED)
+    late = 3 * MINUTE  # the sim's controllers and the driver's API calls take wall time, counted as simulated
+    # delayed: fim's 09:20, and chat's 11:00, 11:04, 11:08 (chat Ready at 11:00 + the wake + a new node's start)
+    assert at("11:08") < at("11:00") + WAKE_LATENCY_S + COLD_NEW_NODE < at("11:12")
+    assert (sim.failed_requests, sim.delayed_requests) == (model.failed_requests, model.delayed_requests) == (0, 4)
+    assert [w["model"] for w in sim.wakes] == [w["model"] for w in model.wakes] == [FIM, CHAT]
+    assert len(sim.cold_starts) == len(model.cold_starts) == 2
+    for a, b in zip(sim.cold_starts, model.cold_starts, strict=True):
+        assert a["model"] == b["model"] and abs(a["wait_min"] - b["wait_min"]) * MINUTE <= late, (a, b)
+    for a_s, b_s in zip(sorted(sim.delays_s), sorted(model.delays_s), strict=True):
+        assert abs(a_s - b_s) <= late
+    assert len(sim.nodes) == len(model.nodes) == 2, (sim.nodes, sim.events)
 
 
 # ---- --only hook

@@ -5,7 +5,7 @@ and 13:30-17:30 with gaps and a lunch break, and a validate run (take_over, agen
 killed at 10:00 with coder-agent serving and the GPU slot held. Each policy's day runs twice: in :class:`Day`,
 an event-driven replay in simulated time (milliseconds; the table's numbers), and, in the full run, in
 :class:`SimDay` on the real simulated cluster (time-scaled; the table's "sim" columns), which checks the
-replay; the wake policy's rows are replayed only (no sim day yet).
+replay (the wake policy's rows too: :class:`SimDay` inherits the wake from :class:`Day`).
 
 What the project's own code and numbers decide (in both):
 

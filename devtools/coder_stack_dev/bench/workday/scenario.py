@@ -41,13 +41,13 @@ def workday(
     trace = trace or workday_trace()
     sched = read_schedules()
 
-    def run(p: Policy, sim: bool = True) -> dict[str, Any]:
+    def run(p: Policy) -> dict[str, Any]:
         res = replay(p, trace, sched, timings=timings)
         base = replay(replace(p, killed=False), trace, sched, timings=timings)
         d = res.as_dict(price)
         d["killed"]["extra_node_min_vs_normal_end"] = round((res.node_seconds - base.node_seconds) / MINUTE, 1)
         d["killed"]["extra_cost_per_day_vs_normal_end"] = round((res.node_hours - base.node_hours) * price, 2)
-        if sim_scale is not None and sim:
+        if sim_scale is not None:
             t0 = time.monotonic()
             on_sim = sim_day(p, trace, sim_scale, sched).as_dict(price)
             on_sim["wall_s"] = round(time.monotonic() - t0, 1)
@@ -60,8 +60,7 @@ def workday(
         return d
 
     rows = [run(p) for p in policies(sched, crash_cleanup_s)]
-    # the wake rows are replayed only: SimDay has not been checked against the replay with wake (no "sim" columns)
-    wake_rows = [run(p, False) for p in wake_policies(sched, crash_cleanup_s, wake_latency_s=wake_latency_s)]
+    wake_rows = [run(p) for p in wake_policies(sched, crash_cleanup_s, wake_latency_s=wake_latency_s)]
     return {
         "workday": rows,
         "workday_wake": wake_rows,  # the wake policy's rows (issue 19), printed in the same table

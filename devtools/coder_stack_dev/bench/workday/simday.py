@@ -28,7 +28,8 @@ class SimDay(Day):
     reading kept on the Deployment). The sim runs on the wall clock compressed by ``time_scale``, so the spec
     given to read_idleness has ``idle_after_s`` and ``idle_grace_s`` times ``time_scale``. Still modelled as in
     the replay: the GPU slot (no Prefect server), the flows' own durations (the driver's calls take wall time
-    that counts as simulated time), the users' instant bring-back.
+    that counts as simulated time), the users' instant bring-back, the wake's latency (a delay in simulated time
+    before the wake flow acts, as in the replay).
     """
 
     def __init__(self, policy: Policy, trace: Trace, schedules: Schedules, time_scale: float, start_s: float) -> None:
