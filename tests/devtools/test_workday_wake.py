@@ -201,7 +201,7 @@ def test_without_wake_the_failures_end_when_the_schedule_brings_the_model_up() -
 def test_the_table_prints_the_wake_rows_beside_the_policies() -> None:
     res = workday(short_trace())
     names = [r["policy"] for r in res["workday_wake"]]
-    assert names == ["wake_15", "wake_30", "wake_60"]
+    assert names == ["wake_15", "wake_30", "wake_60", "wake_30_no_schedules"]
     assert all(r["delayed_requests"] == 0 for r in res["workday"])  # no wake: nothing waits
     assert any(r["failed_requests"] > 0 for r in res["workday"])
     for r in res["workday_wake"]:

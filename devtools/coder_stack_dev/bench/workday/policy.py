@@ -12,6 +12,7 @@ from coder_stack_dev.bench.workday.schedules import MINUTE, Schedules, at, hm
 # worker polling every 10 s (PREFECT_WORKER_QUERY_SECONDS); taken as one poll interval, 10 s. The flow's own
 # API calls are 0, as every flow's in the replay. Override with --wake-latency-s.
 WAKE_LATENCY_S = 10.0
+NO_SCHEDULE = float("inf")  # a policy's up_s / down_s that never comes
 
 
 @dataclass(frozen=True)
@@ -59,9 +60,15 @@ def wake_policies(
     wake_latency_s: float = WAKE_LATENCY_S,
 ) -> list[Policy]:  # fmt: skip
     """Wake on demand (issue 19): the reclaim rows of :func:`policies`, and a request for a model that is down
-    wakes it instead of failing."""
-    return [
+    wakes it instead of failing; last, the spec's default idle_after_s without the morning bring-up and the
+    evening teardown (with wake nothing needs them)."""
+    rows = [
         Policy(f"wake_{m}", f"schedules + clean-up + reclaim {m} min + wake", s.bring_up_s, s.teardown_s, True,
                crash_cleanup_s, m * MINUTE, wake=True, wake_latency_s=wake_latency_s)
         for m in idle_after_min
     ]  # fmt: skip
+    default = StackSpec().idle_after_s
+    rows.append(Policy(f"wake_{default / MINUTE:.0f}_no_schedules",
+                       f"clean-up + reclaim {default / MINUTE:.0f} min + wake, no schedules", NO_SCHEDULE, NO_SCHEDULE,
+                       True, crash_cleanup_s, default, wake=True, wake_latency_s=wake_latency_s))  # fmt: skip
+    return rows
