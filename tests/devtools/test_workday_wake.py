@@ -236,6 +236,22 @@ def test_a_wake_day_on_the_sim_agrees_with_the_replay() -> None:
     assert len(sim.nodes) == len(model.nodes) == 2, (sim.nodes, sim.events)
 
 
+def test_react_s_never_leaves_the_reclaimed_model_down_until_the_next_schedule(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nobody reacts: reclaim takes the morning's coder-chat before the first user, and no schedule comes again
+    that day: every request of the short day fails; the wake rows do not depend on it."""
+    res = workday(short_trace(), react_s=None)
+    by = {r["policy"]: r for r in res["workday"] + res["workday_wake"]}
+    assert by["reclaim_15"]["failed_requests"] == short_trace().n_requests
+    assert by["reclaim_15"]["cold_starts"][0]["ready"] is None
+    assert by["wake_15"]["failed_requests"] == 0
+    assert "nobody brings the model back" in table(res)
+    with pytest.raises(SystemExit):
+        main(["--only", "workday", "--react-s", "soon", "--json", str(tmp_path / "o.json")])
+    assert "--react-s: give 0 or more seconds, or 'never'" in capsys.readouterr().err
+
+
 # ---- --only hook
 
 

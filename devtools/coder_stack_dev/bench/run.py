@@ -255,7 +255,7 @@ def run_hook(cfg: Config, log: Any) -> dict[str, Any]:
 
 def run_workday(
     cfg: Config, log: Any, price: float, crash_cleanup_s: float, trace_file: str | None = None,
-    wake_latency_s: float | None = None,
+    wake_latency_s: float | None = None, react_s: float | None = 0.0,
 ) -> dict[str, Any]:  # fmt: skip
     from coder_stack.spec import StackSpec
     from coder_stack_dev.bench import workday
@@ -271,6 +271,7 @@ def run_workday(
     res = workday.workday(
         trace, crash_cleanup_s=crash_cleanup_s, price=price, sim_scale=cfg.workday_sim_days, log=log,
         wake_latency_s=workday.WAKE_LATENCY_S if wake_latency_s is None else wake_latency_s, trace_source=trace_file,
+        react_s=react_s,
     )  # fmt: skip
     res["workday_sim_check"] = workday.sim_check(cfg.workday_sim_scale)
     res["workday_seconds"] = round(time.monotonic() - t, 1)
@@ -403,6 +404,13 @@ def main(argv: list[str] | None = None) -> int:
         "process worker polls every 10 s).",
     )
     p.add_argument(
+        "--react-s",
+        default="0",
+        metavar="S|never",
+        help="The workday without wake: a person brings a model back this long after the first request that "
+        "failed (default 0: at once, a lower bound); 'never': nobody does, it stays down until a schedule.",
+    )
+    p.add_argument(
         "--scale-time-scale",
         type=float,
         metavar="F",
@@ -422,6 +430,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--workday-price: give a price above 0 (USD per node-hour)")
     if args.crash_cleanup_s < 0:
         p.error("--crash-cleanup-s: give 0 or more seconds")
+    react_s: float | None = None
+    if args.react_s != "never":
+        try:
+            react_s = float(args.react_s)
+        except ValueError:
+            react_s = -1.0
+        if not react_s >= 0:
+            p.error("--react-s: give 0 or more seconds, or 'never'")
     if args.wake_latency_s is not None and args.wake_latency_s < 0:
         p.error("--wake-latency-s: give 0 or more seconds")
     if args.trace is not None:
@@ -462,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         from coder_stack_dev.bench.workday import NODE_PRICE_PER_HOUR
 
         price = args.workday_price if args.workday_price is not None else NODE_PRICE_PER_HOUR
-        res.update(run_workday(cfg, log, price, args.crash_cleanup_s, args.trace, args.wake_latency_s))
+        res.update(run_workday(cfg, log, price, args.crash_cleanup_s, args.trace, args.wake_latency_s, react_s))
     if "hook" in only:
         if importlib.util.find_spec("coder_stack_dev.bench.hook") is not None:
             res.update(run_hook(cfg, log))

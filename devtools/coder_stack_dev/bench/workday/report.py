@@ -16,10 +16,12 @@ def table(res: dict[str, Any]) -> str:
         f"workday: {a['trace']}; {a['requests']} requests ({by_model}); node price ${a['node_price_per_hour']:.4f}/h "
         f"({a['node_price_source']}); month = {a['workdays_per_month']} workdays; crash clean-up bound "
         f"{a['crash_cleanup_s']:.0f} s; wake latency {a.get('wake_latency_s', 0):.0f} s",
-        "no model: minutes from the first request that found its model not serving to Ready (summed); failed: "
+        "no model: minutes from the first request that found its model not serving to Ready or the replay's end "
+        "(summed over the outages); failed: "
         "requests answered with an error (no wake); delayed: requests that waited out a wake (p50/max wait, min)",
+        f"without wake: {a.get('no_wake_note', '')}",
         "",
-        f"{'policy':<46} {'node h':>7} {'no model':>8} {'cold':>4} {'failed':>6} {'delayed':>7} {'p50/max':>11} "
+        f"{'policy':<46} {'node h':>7} {'no model':>8} {'outages':>7} {'failed':>6} {'delayed':>7} {'p50/max':>11} "
         f"{'$/day':>7} {'$/month':>8}"
         + (f" {'sim node h':>10} {'sim wait':>8}" if sims else "")
         + "  killed run's coder-agent after the kill",
@@ -37,7 +39,7 @@ def table(res: dict[str, Any]) -> str:
             (f" {sim['node_hours']:>10.2f} {sim['wait_min']:>8.1f}" if sim else f" {'-':>10} {'-':>8}") if sims else ""
         )
         out.append(
-            f"{r['label']:<46} {r['node_hours']:>7.2f} {r['wait_min']:>8.1f} {len(r['cold_starts']):>4} "
+            f"{r['label']:<46} {r['node_hours']:>7.2f} {r['wait_min']:>8.1f} {len(r['cold_starts']):>7} "
             f"{r.get('failed_requests', 0):>6} {r.get('delayed_requests', 0):>7} {waits:>11} "
             f"{r['cost_per_day']:>7.2f} {r['cost_per_month']:>8.2f}" + sim_cols + f"  {left}"
         )

@@ -35,6 +35,7 @@ def workday(
     log: Callable[[str], None] | None = None,
     wake_latency_s: float = WAKE_LATENCY_S,
     trace_source: str | None = None,
+    react_s: float | None = 0.0,
 ) -> dict[str, Any]:
     """Every policy's day on the trace, and each one's day with the validate run finishing normally; with
     ``sim_scale``, each policy's day also on the simulated cluster (:class:`SimDay`; 0.004: ~3 min each)."""
@@ -59,7 +60,7 @@ def workday(
                 )
         return d
 
-    rows = [run(p) for p in policies(sched, crash_cleanup_s)]
+    rows = [run(replace(p, react_s=react_s)) for p in policies(sched, crash_cleanup_s)]
     wake_rows = [run(p) for p in wake_policies(sched, crash_cleanup_s, wake_latency_s=wake_latency_s)]
     return {
         "workday": rows,
@@ -83,7 +84,13 @@ def workday(
             "wake_latency_s": wake_latency_s,
             "wake_latency_note": "event -> trigger -> worker -> flow start: Prefect's process worker polls every "
             "10 s, trigger to Running measured 6-9 s; taken as one poll interval unless given",
-            "no_wake_note": "without wake a request to a model not serving fails; a person brings the model back "
-            "at the first failure, with no reaction time (a lower bound on the outage)",
+            "react_s": react_s,
+            "no_wake_note": "a request to a model not serving fails; "
+            + (
+                "nobody brings the model back: it is down until a schedule brings it up"
+                if react_s is None
+                else f"a person brings it back {react_s:.0f} s after the first failure"
+                + (" (no reaction time: a lower bound on the outage)" if not react_s else "")
+            ),
         },
     }
