@@ -158,6 +158,19 @@ def test_a_burst_makes_one_wake() -> None:
     assert n.failed_requests == 50 and len(n.cold_starts) == 1
 
 
+def test_a_wake_cut_short_is_asked_again_by_the_people_still_waiting() -> None:
+    """The evening teardown scales everything to 0 while a wake's coder-chat is still provisioning its node:
+    that wake ends, the request still waiting makes the hook ask again, and the second wake uses the node
+    the first one started (so the wait is still one new node's cold start + one wake latency)."""
+    p = Policy("p", "p", NEVER, at("19:00"), True, 120.0, None, wake=True)
+    r = replay(p, day(("18:58", CHAT)), SCHED)
+    assert at("18:58") + WAKE_LATENCY_S + T.node_provision_s > at("19:00") + WAKE_LATENCY_S  # node not Ready yet
+    assert [w["requested"] for w in r.wakes] == ["18:58", "19:00"]
+    assert (r.failed_requests, r.delayed_requests) == (0, 1)
+    assert r.delays_s == pytest.approx([WAKE_LATENCY_S + COLD_NEW_NODE])
+    assert len(r.nodes) == 1
+
+
 def test_a_wake_for_b_waits_until_a_in_use_is_reclaimed_and_never_evicts_it() -> None:
     """coder-chat up from the 09:00 schedule and in use; coder-fim requested at 09:25: its wake waits for the
     GPU while chat is used (09:30 still served), until reclaim finds chat idle idle_after_s; then fim starts

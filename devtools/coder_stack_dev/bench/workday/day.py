@@ -136,6 +136,13 @@ class Day:
         self._apply(model, replicas)
         if replicas == 0 and self.gpu_waits:
             self.at(self.now, self._retry_wakes)  # a wake waiting for the GPU looks again
+        if replicas == 0 and model in self.wake_pending:
+            # taken away before it was Ready (a validate run's take_over): that wake ends; the people waiting
+            # retry, and the hook asks again
+            self.wake_pending.discard(model)
+            self.free_slot(f"wake {model}")  # the wake flow ends without its model: it gives the slot back
+            if self.waiting.get(model):
+                self._request_wake(model, self.now)
 
     def _has_pods(self, model: str) -> bool:
         """A pod of ``model`` still exists (terminating)."""
@@ -320,9 +327,7 @@ class Day:
             self.waiting.setdefault(model, []).append(r)
             if not self.replicas[model] and model not in self.wake_pending:
                 self.log(f"request finds {model} {state}: wake requested")
-                self.wake_pending.add(model)
-                self.wakes.append({"model": model, "requested": hm(r)})
-                self.at(self.now + self.p.wake_latency_s, functools.partial(self._wake, model))
+                self._request_wake(model, r)
             return
         self.failed.append((r, model))
         if not first:
@@ -361,6 +366,11 @@ class Day:
             self.serve(model, len(waiting))
 
     # ---- wake on demand (the wake_model flow, started by the hook's event through the deployment trigger)
+    def _request_wake(self, model: str, r: float) -> None:
+        self.wake_pending.add(model)
+        self.wakes.append({"model": model, "requested": hm(r)})
+        self.at(self.now + self.p.wake_latency_s, functools.partial(self._wake, model))
+
     def _wake(self, model: str) -> None:
         """The wake flow starts: idempotent (Ready or coming up: nothing to do); never evicts a model in use:
         while another model holds the GPU it waits (``waiting-for-gpu``) until reclaim takes that one away."""
@@ -368,6 +378,8 @@ class Day:
             self.wake_pending.discard(model)
             self.gpu_waits.pop(model, None)
             return
+        wake = next(w for w in reversed(self.wakes) if w["model"] == model)
+        wake.setdefault("flow_start", hm(self.now))
         busy = [m for m, n in self.replicas.items() if n and m != model]
         if busy:
             if model not in self.gpu_waits:
@@ -375,8 +387,6 @@ class Day:
                 self.log(f"wake {model} waits for the GPU: {', '.join(busy)} in use")
             return
         since = self.gpu_waits.pop(model, None)
-        wake = next(w for w in reversed(self.wakes) if w["model"] == model)
-        wake.setdefault("flow_start", hm(self.now))
         if since is not None:
             wake["gpu_wait_min"] = round((self.now - since) / MINUTE, 2)
         who = f"wake {model}"
