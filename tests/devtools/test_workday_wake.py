@@ -287,3 +287,18 @@ def test_bench_only_hook_reports_what_hook_overhead_measured(
     res = json.loads(out.read_text())
     assert res["hook_overhead"]["p99_ms_with"] == 3.5 and "workday" not in res
     assert "hook: p50_ms_with" in capsys.readouterr().out
+
+
+def test_bench_only_hook_without_the_measurement_says_so_before_running_anything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import coder_stack_dev.bench.run as bench_run
+
+    real = bench_run.importlib.util.find_spec
+    monkeypatch.setattr(
+        bench_run.importlib.util, "find_spec", lambda name, *a: None if name.endswith(".hook") else real(name, *a)
+    )
+    with pytest.raises(SystemExit) as e:
+        main(["--only", "detect,hook", "--json", str(tmp_path / "o.json")])
+    assert e.value.code == 2 and "no coder_stack_dev.bench.hook" in capsys.readouterr().err
+    assert not (tmp_path / "o.json").exists()

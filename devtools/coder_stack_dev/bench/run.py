@@ -438,6 +438,9 @@ def main(argv: list[str] | None = None) -> int:
             react_s = -1.0
         if not react_s >= 0:
             p.error("--react-s: give 0 or more seconds, or 'never'")
+    has_hook = importlib.util.find_spec("coder_stack_dev.bench.hook") is not None
+    if "hook" in only and not has_hook and args.only != ",".join(GROUPS):  # asked for by name
+        p.error("--only hook: this checkout has no coder_stack_dev.bench.hook (the wake hook's measurement)")
     if args.wake_latency_s is not None and args.wake_latency_s < 0:
         p.error("--wake-latency-s: give 0 or more seconds")
     if args.trace is not None:
@@ -480,10 +483,8 @@ def main(argv: list[str] | None = None) -> int:
         price = args.workday_price if args.workday_price is not None else NODE_PRICE_PER_HOUR
         res.update(run_workday(cfg, log, price, args.crash_cleanup_s, args.trace, args.wake_latency_s, react_s))
     if "hook" in only:
-        if importlib.util.find_spec("coder_stack_dev.bench.hook") is not None:
+        if has_hook:
             res.update(run_hook(cfg, log))
-        elif args.only != ",".join(GROUPS):  # asked for by name
-            p.error("--only hook: this checkout has no coder_stack_dev.bench.hook (the wake hook's measurement)")
         else:
             log("hook: skipped, this checkout has no coder_stack_dev.bench.hook")
     info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
