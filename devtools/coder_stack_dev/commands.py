@@ -137,7 +137,7 @@ def bench(
         str | None,
         typer.Option(
             "--only",
-            help="Scenario groups to run, comma-separated: detect, validate, handoff, scale, rss, crash, workday.",
+            help="Scenario groups, comma-separated: detect, validate, handoff, scale, rss, crash, workday, hook.",
         ),
     ] = None,
     prefect_api: Annotated[

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import logging
 import math
@@ -171,6 +172,12 @@ def table(res: dict[str, Any]) -> str:
         ("crash: SIGKILL -> slot free, median (s)", res.get("crash_slot_free_median_s"), ""),
         ("crash: SIGKILL -> GPU at 0, worst (s)", res.get("crash_gpu0_max_s"), "<= 150"),
     ]
+    # the wake hook's overhead on a serving model (--only hook): every figure hook_overhead returned
+    rows += [
+        (f"hook: {k}", v, "")
+        for k, v in (res.get("hook_overhead") or {}).items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    ]
     rows = [r for r in rows if r[1] is not None]
     out: list[str] = []
     if rows:
@@ -227,19 +234,45 @@ def targets(res: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-GROUPS = ("detect", "validate", "handoff", "scale", "rss", "crash", "workday")
-PREFECT_GROUPS = GROUPS[:-1]  # the workday needs no Prefect server
+# The scenario groups `--only` picks from. Those in PREFECT_GROUPS run flows on a Prefect server; the others
+# need none. (The request-to-Ready measurement of wake on demand, issue 19, is a group of its own to come.)
+GROUPS = ("detect", "validate", "handoff", "scale", "rss", "crash", "workday", "hook")
+PREFECT_GROUPS = ("detect", "validate", "handoff", "scale", "rss", "crash")
+HOOK_REPS = {"full": 2000, "quick": 500, "tiny": 50}  # requests per side (without / with the wake hook)
 
 
-def run_workday(cfg: Config, log: Any, price: float, crash_cleanup_s: float) -> dict[str, Any]:
+def run_hook(cfg: Config, log: Any) -> dict[str, Any]:
+    """The wake hook's overhead on a request to a serving model: ``coder_stack_dev.bench.hook.hook_overhead``
+    (imported here, so the other groups run without it)."""
+    from coder_stack_dev.bench.hook import hook_overhead
+
+    reps = HOOK_REPS.get(cfg.name, HOOK_REPS["full"])
+    t = time.monotonic()
+    log(f"hook: {reps} requests to a serving model without and with the wake hook")
+    res = dict(hook_overhead(reps, log))
+    return {"hook_overhead": res, "hook_seconds": round(time.monotonic() - t, 1)}
+
+
+def run_workday(
+    cfg: Config, log: Any, price: float, crash_cleanup_s: float, trace_file: str | None = None,
+    wake_latency_s: float | None = None, react_s: float | None = 0.0,
+) -> dict[str, Any]:  # fmt: skip
+    from coder_stack.spec import StackSpec
     from coder_stack_dev.bench import workday
 
-    trace = workday.short_trace() if cfg.workday_trace == "short" else workday.workday_trace()
+    if trace_file is not None:
+        trace = workday.read_trace(trace_file, [m.name for m in StackSpec().models])
+    else:
+        trace = workday.short_trace() if cfg.workday_trace == "short" else workday.workday_trace()
     t = time.monotonic()
-    log(f"workday: {len(trace.requests)} requests replayed per policy; sim check at time scale {cfg.workday_sim_scale}")
+    log(f"workday: {trace.n_requests} requests replayed per policy; sim check at time scale {cfg.workday_sim_scale}")
     if cfg.workday_sim_days is not None:
         log(f"workday: each policy's day on SimStack too, time scale {cfg.workday_sim_days} (~3 min each at 0.004)")
-    res = workday.workday(trace, crash_cleanup_s=crash_cleanup_s, price=price, sim_scale=cfg.workday_sim_days, log=log)
+    res = workday.workday(
+        trace, crash_cleanup_s=crash_cleanup_s, price=price, sim_scale=cfg.workday_sim_days, log=log,
+        wake_latency_s=workday.WAKE_LATENCY_S if wake_latency_s is None else wake_latency_s, trace_source=trace_file,
+        react_s=react_s,
+    )  # fmt: skip
     res["workday_sim_check"] = workday.sim_check(cfg.workday_sim_scale)
     res["workday_seconds"] = round(time.monotonic() - t, 1)
     return res
@@ -358,6 +391,26 @@ def main(argv: list[str] | None = None) -> int:
         help="The workday's crash clean-up bound: a killed run's models at 0 and slot freed this long after the kill.",
     )
     p.add_argument(
+        "--trace",
+        metavar="FILE",
+        help="The workday's requests from this trace file (CSV time,model,kind; the format and an example, the "
+        "built-in day: devtools/coder_stack_dev/bench/workday/workday.trace.csv) instead of the built-in day.",
+    )
+    p.add_argument(
+        "--wake-latency-s",
+        type=float,
+        metavar="S",
+        help="The workday's wake latency, event -> trigger -> worker -> flow start (default 10 s: Prefect's "
+        "process worker polls every 10 s).",
+    )
+    p.add_argument(
+        "--react-s",
+        default="0",
+        metavar="S|never",
+        help="The workday without wake: a person brings a model back this long after the first request that "
+        "failed (default 0: at once, a lower bound); 'never': nobody does, it stays down until a schedule.",
+    )
+    p.add_argument(
         "--scale-time-scale",
         type=float,
         metavar="F",
@@ -377,6 +430,27 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--workday-price: give a price above 0 (USD per node-hour)")
     if args.crash_cleanup_s < 0:
         p.error("--crash-cleanup-s: give 0 or more seconds")
+    react_s: float | None = None
+    if args.react_s != "never":
+        try:
+            react_s = float(args.react_s)
+        except ValueError:
+            react_s = -1.0
+        if not react_s >= 0:
+            p.error("--react-s: give 0 or more seconds, or 'never'")
+    has_hook = importlib.util.find_spec("coder_stack_dev.bench.hook") is not None
+    if "hook" in only and not has_hook and args.only != ",".join(GROUPS):  # asked for by name
+        p.error("--only hook: this checkout has no coder_stack_dev.bench.hook (the wake hook's measurement)")
+    if args.wake_latency_s is not None and args.wake_latency_s < 0:
+        p.error("--wake-latency-s: give 0 or more seconds")
+    if args.trace is not None:
+        from coder_stack.spec import StackSpec
+        from coder_stack_dev.bench.workday import TraceError, read_trace
+
+        try:
+            read_trace(args.trace, [m.name for m in StackSpec().models])  # a bad file fails before any run
+        except TraceError as e:
+            p.error(f"--trace: {e}")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")  # as the CLI: GPU sessions require it
 
@@ -407,7 +481,12 @@ def main(argv: list[str] | None = None) -> int:
         from coder_stack_dev.bench.workday import NODE_PRICE_PER_HOUR
 
         price = args.workday_price if args.workday_price is not None else NODE_PRICE_PER_HOUR
-        res.update(run_workday(cfg, log, price, args.crash_cleanup_s))
+        res.update(run_workday(cfg, log, price, args.crash_cleanup_s, args.trace, args.wake_latency_s, react_s))
+    if "hook" in only:
+        if has_hook:
+            res.update(run_hook(cfg, log))
+        else:
+            log("hook: skipped, this checkout has no coder_stack_dev.bench.hook")
     info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     if res.get("scale"):
         res["scale_linearity"] = linearity(res["scale"])

@@ -1,10 +1,11 @@
 """The workday scenario: what one day of use costs in billed GPU-node hours and cold-start waits, per policy.
 
-One day (:func:`workday_trace`): users' requests to coder-chat 09:00-12:00 and 13:30-17:30 with gaps and a
-lunch break, and a validate run (take_over, agent stage) started 09:40 and killed at 10:00 with coder-agent
-serving and the GPU slot held. Each policy's day runs twice: in :class:`Day`, an event-driven replay in
-simulated time (milliseconds; the table's numbers), and, in the full run, in :class:`SimDay` on the real
-simulated cluster (time-scaled; the table's "sim" columns), which checks the replay.
+One day (:func:`workday_trace`; or a trace file, :func:`read_trace`): users' requests to coder-chat 09:00-12:00
+and 13:30-17:30 with gaps and a lunch break, and a validate run (take_over, agent stage) started 09:40 and
+killed at 10:00 with coder-agent serving and the GPU slot held. Each policy's day runs twice: in :class:`Day`,
+an event-driven replay in simulated time (milliseconds; the table's numbers), and, in the full run, in
+:class:`SimDay` on the real simulated cluster (time-scaled; the table's "sim" columns), which checks the
+replay (the wake policy's rows too: :class:`SimDay` inherits the wake from :class:`Day`).
 
 What the project's own code and numbers decide (in both):
 
@@ -32,9 +33,16 @@ What is modelled (no Prefect server or flow runs; the same in both):
   the kill (an upper bound: Prefect renews it before it runs out);
 - the flows' own durations are 0 in the replay (a flow's API calls take seconds, the cluster's waits
   minutes); in :class:`SimDay` the driver's calls take wall time, which counts as simulated time;
-- a request that finds coder-chat not serving brings it back at once: by hand the engineer swaps it back
-  with kubectl, with the flows ``coder-stack up`` (bring_up: waits for the GPU slot, frees the GPU, scales
-  coder-chat up, smokes it). Nobody's reaction time is counted, so the waits are lower bounds;
+- without wake, a request that finds its model not serving fails (counted), and a person brings the model
+  back at that first failure (``Policy.react_s``, 0 by default; None: nobody, until a schedule does): by hand
+  the engineer swaps it back with kubectl, with the flows ``coder-stack up`` (bring_up: waits for the GPU slot,
+  frees the GPU, scales the model up, smokes it). Every request until it is Ready fails too. Nobody's
+  reaction time is counted, so the outages are lower bounds;
+- with wake (``Policy.wake``), the request waits (delayed, counted with its wait) and the first one of an
+  outage wakes the model: ``wake_latency_s`` later (event -> trigger -> worker -> flow start) the wake flow
+  takes the GPU slot and scales it up; while another model is scaled up it waits, without evicting it, until
+  reclaim takes that one away (idle ``idle_after_s``); the hook's burst de-duplication is modelled as one wake
+  per outage;
 - the model-cache PVC already holds every model's weights (a workday after the first);
 - the crash clean-up (flows/cleanup.py) scales a killed run's models to 0 and frees its slot
   ``crash_cleanup_s`` after the kill: by default the clean-up's bound (120 s), not its measurement (the crash
@@ -49,13 +57,22 @@ benchmark prints). No module shares a name with a function the package exports.
 
 from coder_stack_dev.bench.workday.check import modelled_durations, sim_check
 from coder_stack_dev.bench.workday.day import AGENT, CHAT, Day, replay
-from coder_stack_dev.bench.workday.policy import Policy, policies
+from coder_stack_dev.bench.workday.policy import WAKE_LATENCY_S, Policy, policies, wake_policies
 from coder_stack_dev.bench.workday.report import table
 from coder_stack_dev.bench.workday.result import WORKDAYS_PER_MONTH, Result
 from coder_stack_dev.bench.workday.scenario import NODE_PRICE_PER_HOUR, NODE_PRICE_SOURCE, workday
 from coder_stack_dev.bench.workday.schedules import HOUR, MINUTE, PREFECT_YAML, Schedules, at, hm, read_schedules
 from coder_stack_dev.bench.workday.simday import SimDay, sim_day
-from coder_stack_dev.bench.workday.trace import Trace, short_trace, workday_trace
+from coder_stack_dev.bench.workday.trace import (
+    WORKDAY_TRACE_FILE,
+    Trace,
+    TraceError,
+    parse_trace,
+    read_trace,
+    short_trace,
+    trace_lines,
+    workday_trace,
+)
 
 __all__ = [
     "AGENT",
@@ -65,23 +82,30 @@ __all__ = [
     "NODE_PRICE_PER_HOUR",
     "NODE_PRICE_SOURCE",
     "PREFECT_YAML",
+    "WAKE_LATENCY_S",
     "WORKDAYS_PER_MONTH",
+    "WORKDAY_TRACE_FILE",
     "Day",
     "Policy",
     "Result",
     "Schedules",
     "SimDay",
     "Trace",
+    "TraceError",
     "at",
     "hm",
     "modelled_durations",
+    "parse_trace",
     "policies",
     "read_schedules",
+    "read_trace",
     "replay",
     "short_trace",
     "sim_check",
     "sim_day",
     "table",
+    "trace_lines",
+    "wake_policies",
     "workday",
     "workday_trace",
 ]

@@ -71,8 +71,13 @@ class Day:
         self.annotations: dict[str, str] = {}  # model -> kept reading (coder-stack.io/activity)
         self.slot: str | None = None  # who holds the GPU slot
         self.slot_queue: list[tuple[str, Callable[[], None]]] = []
-        self.waiting: list[float] = []  # requests waiting for coder-chat
-        self.bringing_back: float | None = None  # first waiting request of the bring-back under way
+        self.outage: dict[str, float] = {}  # model -> the first request that found it not serving, until Ready
+        self.waiting: dict[str, list[float]] = {}  # with wake: model -> requests waiting for it (delayed)
+        self.failed: list[tuple[float, str]] = []  # without wake: requests that found their model not serving
+        self.delays_s: list[float] = []  # with wake: each delayed request's wait (Ready - its arrival)
+        self.wake_pending: set[str] = set()  # with wake: woken (event sent), not Ready yet
+        self.gpu_waits: dict[str, float] = {}  # with wake: model -> since when its wake waits for the GPU
+        self.wakes: list[dict[str, Any]] = []
         self.cold_starts: list[dict[str, Any]] = []
         self.request_wait_s = 0.0
         self.reclaims: list[dict[str, str]] = []
@@ -102,10 +107,11 @@ class Day:
         p, tr, s = self.p, self.trace, self.sched
         self.at(p.up_s, self._morning)
         self.at(p.down_s, self._evening)
-        for r in tr.requests:
-            self.at(r, functools.partial(self._request, r))
-        self.at(tr.killed_start, self._validate_start)
-        self.at(tr.kill_at, self._validate_end)
+        for r, model in tr.all_requests:
+            self.at(r, functools.partial(self._request, r, model))
+        if tr.killed_run:
+            self.at(tr.killed_start, self._validate_start)
+            self.at(tr.kill_at, self._validate_end)
         if p.flows and p.idle_after_s is not None:
             tick = s.reclaim_every_s
             for k in range(int(tr.end // tick) + 1):
@@ -121,11 +127,22 @@ class Day:
             return
         self.replicas[model] = replicas
         self.log(f"{model} scaled to {replicas}" + (f" ({why})" if why else ""))
-        if replicas == 0 and model == AGENT and self.now >= self.trace.kill_at and "agent_until" not in self.killed:
+        kill_at = self.trace.kill_at
+        after_kill = self.trace.killed_run and self.now >= kill_at
+        if replicas == 0 and model == AGENT and after_kill and "agent_until" not in self.killed:
             self.killed["agent_until"] = hm(self.now)
-            self.killed["agent_min_after_kill"] = round((self.now - self.trace.kill_at) / MINUTE, 1)
+            self.killed["agent_min_after_kill"] = round((self.now - kill_at) / MINUTE, 1)
             self.killed["agent_stopped_by"] = why
         self._apply(model, replicas)
+        if replicas == 0 and self.gpu_waits:
+            self.at(self.now, self._retry_wakes)  # a wake waiting for the GPU looks again
+        if replicas == 0 and model in self.wake_pending:
+            # taken away before it was Ready (a validate run's take_over): that wake ends; the people waiting
+            # retry, and the hook asks again
+            self.wake_pending.discard(model)
+            self.free_slot(f"wake {model}")  # the wake flow ends without its model: it gives the slot back
+            if self.waiting.get(model):
+                self._request_wake(model, self.now)
 
     def _has_pods(self, model: str) -> bool:
         """A pod of ``model`` still exists (terminating)."""
@@ -274,17 +291,17 @@ class Day:
         self.log("by hand: coder-chat up" if not self.p.flows else "morning-bring-up")
         self._bring_up("morning-bring-up")
 
-    def _bring_up(self, who: str) -> None:
-        """bring_up (or by hand: kubectl): free the GPU except coder-chat, scale it up, smoke it."""
+    def _bring_up(self, who: str, model: str = CHAT) -> None:
+        """bring_up (or by hand: kubectl): free the GPU except ``model``, scale it up, smoke it."""
 
         def go() -> None:
-            others = [m for m in self.pods if m != CHAT]
+            others = [m for m in self.pods if m != model]
             how = "by hand: swapped back" if not self.p.flows else f"{who} frees the GPU"
-            self.when_gone(others, functools.partial(self.up, CHAT, done), how)
+            self.when_gone(others, functools.partial(self.up, model, done), how)
 
         def done() -> None:
             if self.p.flows:
-                self.serve(CHAT, 2)  # the direct and the gateway smoke
+                self.serve(model, 2)  # the direct and the gateway smoke
             self.free_slot(who)
 
         self.take_slot(who, go)
@@ -294,32 +311,101 @@ class Day:
         for m in list(self.replicas):
             self.scale(m, 0, "by hand at the end of the day" if not self.p.flows else "evening-teardown")
 
-    def _request(self, r: float) -> None:
-        if self.now >= self.p.down_s or (self.now < self.p.up_s and not self.p.flows):
-            return  # outside the policy's day (none of the trace's requests are)
-        if self.is_ready(CHAT):
-            self.serve(CHAT)
+    def _request(self, r: float, model: str = CHAT) -> None:
+        """One request to ``model``: served when it is Ready; otherwise, without wake it fails (and a person
+        brings the model back ``react_s`` later, within the policy's day), with wake it waits for the model and
+        the first request of the outage wakes it."""
+        if self.is_ready(model):
+            self.serve(model)
             return
-        self.waiting.append(r)
-        if self.bringing_back is None:
-            self.bringing_back = r
-            state = "cold-starting" if self.replicas[CHAT] else "at 0"
-            self.log(f"request finds coder-chat {state}" + ("" if self.replicas[CHAT] else ": bring it back"))
-            if not self.replicas[CHAT] or any(m != CHAT for m in self.pods):
-                self._bring_up("coder-stack up")
-            self.when_ready(CHAT, self._served_waiting)
+        state = "cold-starting" if self.replicas[model] else "at 0"
+        first = model not in self.outage
+        if first:
+            self.outage[model] = r
+            self.when_ready(model, functools.partial(self._back, model))
+        if self.p.wake:
+            self.waiting.setdefault(model, []).append(r)
+            if not self.replicas[model] and model not in self.wake_pending:
+                self.log(f"request finds {model} {state}: wake requested")
+                self._request_wake(model, r)
+            return
+        self.failed.append((r, model))
+        if not first:
+            return
+        in_day = self.now < self.p.down_s and (self.p.flows or self.now >= self.p.up_s)
+        nobody = self.p.react_s is None or not in_day
+        self.log(f"request to {model} fails: {state}" + ("" if nobody else ": bring it back"))
+        if self.p.react_s is None or not in_day:
+            return
+        if self.p.react_s == 0:
+            self._person_brings_back(model)
+        else:
+            self.at(self.now + self.p.react_s, functools.partial(self._person_brings_back, model))
 
-    def _served_waiting(self) -> None:
-        first = self.bringing_back
-        assert first is not None
-        self.cold_starts.append(
-            {"request": hm(first), "ready": hm(self.now), "wait_min": round((self.now - first) / MINUTE, 2),
-             "requests_waiting": len(self.waiting)}
-        )  # fmt: skip
-        self.request_wait_s += sum(self.now - r for r in self.waiting)
-        self.serve(CHAT, len(self.waiting))
-        self.waiting.clear()
-        self.bringing_back = None
+    def _person_brings_back(self, model: str) -> None:
+        if self.is_ready(model):
+            return
+        if not self.replicas[model] or any(m != model for m in self.pods):
+            self._bring_up("coder-stack up", model)
+
+    def _back(self, model: str) -> None:
+        """``model`` Ready after an outage: the delayed requests are served; the outage is recorded."""
+        first = self.outage.pop(model)
+        waiting = self.waiting.pop(model, [])
+        self.wake_pending.discard(model)
+        entry: dict[str, Any] = {"model": model, "request": hm(first), "ready": hm(self.now),
+                                 "wait_min": round((self.now - first) / MINUTE, 2)}  # fmt: skip
+        if self.p.wake:
+            entry["requests_delayed"] = len(waiting)
+        else:
+            entry["requests_failed"] = sum(1 for t, m in self.failed if m == model and t >= first)
+        self.cold_starts.append(entry)
+        self.delays_s += [self.now - r for r in waiting]
+        self.request_wait_s += sum(self.now - r for r in waiting)
+        if waiting:
+            self.serve(model, len(waiting))
+
+    # ---- wake on demand (the wake_model flow, started by the hook's event through the deployment trigger)
+    def _request_wake(self, model: str, r: float) -> None:
+        self.wake_pending.add(model)
+        self.wakes.append({"model": model, "requested": hm(r)})
+        self.at(self.now + self.p.wake_latency_s, functools.partial(self._wake, model))
+
+    def _wake(self, model: str) -> None:
+        """The wake flow starts: idempotent (Ready or coming up: nothing to do); never evicts a model in use:
+        while another model holds the GPU it waits (``waiting-for-gpu``) until reclaim takes that one away."""
+        if self.is_ready(model) or self.replicas[model]:
+            self.wake_pending.discard(model)
+            self.gpu_waits.pop(model, None)
+            return
+        wake = next(w for w in reversed(self.wakes) if w["model"] == model)
+        wake.setdefault("flow_start", hm(self.now))
+        busy = [m for m, n in self.replicas.items() if n and m != model]
+        if busy:
+            if model not in self.gpu_waits:
+                self.gpu_waits[model] = self.now
+                self.log(f"wake {model} waits for the GPU: {', '.join(busy)} in use")
+            return
+        since = self.gpu_waits.pop(model, None)
+        if since is not None:
+            wake["gpu_wait_min"] = round((self.now - since) / MINUTE, 2)
+        who = f"wake {model}"
+
+        def go() -> None:
+            if self.is_ready(model) or self.replicas[model]:
+                self.free_slot(who)
+            elif any(n for m, n in self.replicas.items() if m != model):
+                self.free_slot(who)  # someone took the GPU while the wake waited for the slot: wait again
+                self._wake(model)
+            else:
+                self.log(f"wake_model brings {model} up")
+                self.up(model, lambda: self.free_slot(who))
+
+        self.take_slot(who, go)
+
+    def _retry_wakes(self) -> None:
+        for model in list(self.gpu_waits):
+            self._wake(model)
 
     # ---- the validate run that is killed
     def _validate_start(self) -> None:
@@ -406,22 +492,37 @@ class Day:
             stop = n.removed if n.removed is not None else end
             secs += stop - n.requested
             nodes.append({"billed_from": hm(n.requested), "billed_until": hm(stop) if n.removed else f"{hm(end)}+"})
+        kill_at = self.trace.kill_at
         slot_free = next(
-            (t for t, what in self.events if t >= self.trace.kill_at and what == "GPU slot released (validate)"), None
-        )
+            (t for t, what in self.events
+             if self.trace.killed_run and t >= kill_at and what == "GPU slot released (validate)"), None
+        )  # fmt: skip
         killed = dict(self.killed)
-        killed["slot_free_at"] = hm(slot_free) if slot_free is not None else "no slot (by hand)"
+        if not self.trace.killed_run:
+            killed["slot_free_at"] = "no killed run"
+        else:
+            killed["slot_free_at"] = hm(slot_free) if slot_free is not None else "no slot (by hand)"
+        cold_starts = list(self.cold_starts)
+        for model, first in self.outage.items():  # never back before the end
+            left = len(self.waiting.get(model, [])) or sum(1 for t, m in self.failed if m == model and t >= first)
+            cold_starts.append({"model": model, "request": hm(first), "ready": None,
+                                "wait_min": round((end - first) / MINUTE, 2), "requests_not_served": left})  # fmt: skip
+        never = [(r, m) for m, rs in self.waiting.items() for r in rs]  # delayed past the end: count as failed
         return Result(
             policy=self.p.name,
             label=self.p.label,
             node_seconds=secs,
             nodes=nodes,
-            cold_starts=self.cold_starts,
-            wait_s=sum(c["wait_min"] for c in self.cold_starts) * MINUTE,
+            cold_starts=cold_starts,
+            wait_s=sum(c["wait_min"] for c in cold_starts) * MINUTE,
             request_wait_s=self.request_wait_s,
             reclaims=self.reclaims,
             killed=killed,
             events=self.events,
+            failed_requests=len(self.failed) + len(never),
+            delayed_requests=len(self.delays_s),
+            delays_s=self.delays_s,
+            wakes=self.wakes,
         )
 
 

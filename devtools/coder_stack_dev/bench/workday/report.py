@@ -6,29 +6,42 @@ from typing import Any
 
 
 def table(res: dict[str, Any]) -> str:
-    rows = res.get("workday") or []
+    rows = (res.get("workday") or []) + (res.get("workday_wake") or [])
     if not rows:
         return ""
     a = res["workday_assumptions"]
-    sims = all("sim" in r for r in rows)
+    sims = any("sim" in r for r in rows)
+    by_model = ", ".join(f"{m} {n}" for m, n in (a.get("requests_by_model") or {}).items())
     out = [
-        f"workday: {a['trace']}, {a['requests']} requests to coder-chat; node price ${a['node_price_per_hour']:.4f}/h "
+        f"workday: {a['trace']}; {a['requests']} requests ({by_model}); node price ${a['node_price_per_hour']:.4f}/h "
         f"({a['node_price_source']}); month = {a['workdays_per_month']} workdays; crash clean-up bound "
-        f"{a['crash_cleanup_s']:.0f} s",
+        f"{a['crash_cleanup_s']:.0f} s; wake latency {a.get('wake_latency_s', 0):.0f} s",
+        "no model: minutes from the first request that found its model not serving to Ready or the replay's end "
+        "(summed over the outages); failed: "
+        "requests answered with an error (no wake); delayed: requests that waited out a wake (p50/max wait, min)",
+        f"without wake: {a.get('no_wake_note', '')}",
         "",
-        f"{'policy':<42} {'node h':>7} {'wait min':>8} {'cold':>4} {'$/day':>7} {'$/month':>8}"
+        f"{'policy':<46} {'node h':>7} {'no model':>8} {'outages':>7} {'failed':>6} {'delayed':>7} {'p50/max':>11} "
+        f"{'$/day':>7} {'$/month':>8}"
         + (f" {'sim node h':>10} {'sim wait':>8}" if sims else "")
         + "  killed run's coder-agent after the kill",
     ]
     for r in rows:
         k = r["killed"]
-        left = f"{k.get('agent_min_after_kill', float('nan')):.0f} min, to {k.get('agent_until', '?')} "
-        left += f"({k.get('agent_stopped_by', '')}); slot free {k['slot_free_at']}"
+        if "agent_min_after_kill" in k or k.get("slot_free_at") != "no killed run":
+            left = f"{k.get('agent_min_after_kill', float('nan')):.0f} min, to {k.get('agent_until', '?')} "
+            left += f"({k.get('agent_stopped_by', '')}); slot free {k['slot_free_at']}"
+        else:
+            left = "(no killed run)"
+        waits = f"{r['delay_p50_min']:.1f}/{r['delay_max_min']:.1f}" if r.get("delayed_requests") else "-"
+        sim = r.get("sim")
+        sim_cols = (
+            (f" {sim['node_hours']:>10.2f} {sim['wait_min']:>8.1f}" if sim else f" {'-':>10} {'-':>8}") if sims else ""
+        )
         out.append(
-            f"{r['label']:<42} {r['node_hours']:>7.2f} {r['wait_min']:>8.1f} {len(r['cold_starts']):>4} "
-            f"{r['cost_per_day']:>7.2f} {r['cost_per_month']:>8.2f}"
-            + (f" {r['sim']['node_hours']:>10.2f} {r['sim']['wait_min']:>8.1f}" if sims else "")
-            + f"  {left}"
+            f"{r['label']:<46} {r['node_hours']:>7.2f} {r['wait_min']:>8.1f} {len(r['cold_starts']):>7} "
+            f"{r.get('failed_requests', 0):>6} {r.get('delayed_requests', 0):>7} {waits:>11} "
+            f"{r['cost_per_day']:>7.2f} {r['cost_per_month']:>8.2f}" + sim_cols + f"  {left}"
         )
     chk = res.get("workday_sim_check")
     if chk:

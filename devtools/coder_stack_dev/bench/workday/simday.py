@@ -28,7 +28,8 @@ class SimDay(Day):
     reading kept on the Deployment). The sim runs on the wall clock compressed by ``time_scale``, so the spec
     given to read_idleness has ``idle_after_s`` and ``idle_grace_s`` times ``time_scale``. Still modelled as in
     the replay: the GPU slot (no Prefect server), the flows' own durations (the driver's calls take wall time
-    that counts as simulated time), the users' instant bring-back.
+    that counts as simulated time), the users' instant bring-back, the wake's latency (a delay in simulated time
+    before the wake flow acts, as in the replay).
     """
 
     def __init__(self, policy: Policy, trace: Trace, schedules: Schedules, time_scale: float, start_s: float) -> None:
@@ -228,5 +229,6 @@ def _pod_ready(obj: dict[str, Any] | None) -> bool:
 
 def sim_day(policy: Policy, trace: Trace, time_scale: float, schedules: Schedules | None = None) -> Result:
     """``policy``'s day on the simulated cluster, from a minute before its first event to ``trace.end``."""
-    start = min(policy.up_s, trace.killed_start, trace.first) - 5 * MINUTE
+    starts = [policy.up_s, trace.first] + ([trace.killed_start] if trace.killed_run else [])
+    start = min(starts) - 5 * MINUTE
     return SimDay(policy, trace, schedules or read_schedules(), time_scale, start).run()
