@@ -46,9 +46,10 @@ from coder_stack.orchestration.liveness import (
 from coder_stack.report import RunReport
 from coder_stack.spec import ModelSpec
 from coder_stack.usecases.stamps import held_by, release_held
+from coder_stack.usecases.wake import clear_wake_of
 
 # The flows that hold the GPU: the crash automation watches these (and prefect.yaml's trigger lists them).
-GPU_FLOWS = ("validate_coder_stack", "swap_model", "bring_up", "reclaim_idle_models")
+GPU_FLOWS = ("validate_coder_stack", "swap_model", "bring_up", "reclaim_idle_models", "wake_model")
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,12 @@ async def clean_up_crashed_run(
                         freed.append(m.name)
 
                 await asyncio.gather(*(one(m, m in serving) for m, _ in held))
+                # A dead wake's claim (coder-stack.io/wake) is removed after its model was scaled down: the
+                # callback then asks for a new wake instead of saying "starting" for a run that is gone. (The
+                # next wake would take a dead run's claim over anyway; this only makes it prompt.)
+                cleared = await clear_wake_of(api, spec, str(run_id))
+                if cleared:
+                    report.notes.append(f"its wake claim removed from {', '.join(cleared)}")
             report.notes += [f"{k}: {v}" for k, v in outcome.items() if k in {m.name for m in serving}]
             if bad:
                 raise CleanupIncomplete(
