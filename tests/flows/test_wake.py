@@ -134,7 +134,7 @@ async def test_a_killed_wakes_claim_is_cleared_by_the_crash_clean_up_and_taken_o
     sim = make_sim(time_scale=SLOW_SCALE)
     proc, log = start_flow_process(KILLABLE_WAKE, sim, prefect_api, tmp_path)
     try:
-        claim = await wait_store(
+        await wait_store(
             sim, lambda s: pods_of(s, SERVING, CHAT) and wake_state(s, CHAT), 90, "the killable wake's cold start"
         )
     finally:
@@ -149,7 +149,6 @@ async def test_a_killed_wakes_claim_is_cleared_by_the_crash_clean_up_and_taken_o
     assert cleanup.outcome.startswith("passed: coder-chat scaled to 0"), cleanup.to_markdown()
     assert any("its wake claim removed from coder-chat" in n for n in cleanup.notes), cleanup.notes
     assert WAKE not in annotations(sim, CHAT) and replicas(sim)[CHAT] == 0
-
 
     # The same dead claim, as the clean-up would find it had it not run yet: the next wake takes it over.
     await _annotate(sim, dead_claim)
