@@ -35,6 +35,7 @@ from coder_stack.spec import StackSpec, spec_yaml
 from coder_stack.usecases.wake import COLD_START, WAKE
 from tests.conftest import is_ready, pods_of, scale, wait_for
 from tests.flows.test_reclaim import slow_stream
+from tests.flows.test_status_stamps import status
 from tests.kits.flowkit import SERVING, SLOW_SCALE, conn, replicas, sigkill, start_flow_process
 
 pytestmark = pytest.mark.usefixtures("gpu_limit")
@@ -42,7 +43,7 @@ pytestmark = pytest.mark.usefixtures("gpu_limit")
 CHAT, FIM = "coder-chat", "coder-fim"
 
 
-def annotations(sim: SimStack, name: str) -> dict[str, str]:
+def deploy_annotations(sim: SimStack, name: str) -> dict[str, str]:
     def _read(store: Store) -> dict[str, str]:
         return dict(store.get("deployments", SERVING, name)["metadata"].get("annotations") or {})
 
@@ -83,14 +84,14 @@ async def test_a_wake_brings_the_model_up_and_a_wake_interleaved_with_it_does_no
     section = report.section(CHAT)
     assert [s.check for s in section.smokes] == ["direct (pod, vLLM key)", "gateway (client key)"], section
     assert scaled(sim, CHAT, mark) == [1]  # one scale-up, by the first wake only
-    kept = annotations(sim, CHAT)
+    kept = deploy_annotations(sim, CHAT)
     assert WAKE not in kept  # the claim ends with the run
     assert float(kept[COLD_START]) > 0  # the measured cold start, for the callback's message
     assert replicas(sim)["open-webui"] == 1 and replicas(sim)["tabby"] == 1
 
     third: RunReport = await wake_model(CHAT, connection=conn(sim))
     assert third.outcome == "passed: already serving" and scaled(sim, CHAT, mark) == [1]
-    assert annotations(sim, CHAT)[COLD_START] == kept[COLD_START]  # no cold start seen: the estimate is kept
+    assert deploy_annotations(sim, CHAT)[COLD_START] == kept[COLD_START]  # no cold start seen: the estimate is kept
 
 
 async def test_an_unknown_model_fails_with_what_to_check_and_changes_nothing(sim: SimStack) -> None:
@@ -98,7 +99,7 @@ async def test_an_unknown_model_fails_with_what_to_check_and_changes_nothing(sim
     with pytest.raises(SpecError, match=r"'nope' is not a model of this stack.*coder-chat.*nothing was changed"):
         await wake_model("nope", connection=conn(sim))
     assert sim.timeline[mark:] == []
-    assert all(WAKE not in annotations(sim, m.name) for m in StackSpec().models)
+    assert all(WAKE not in deploy_annotations(sim, m.name) for m in StackSpec().models)
 
 
 # ------------------------------------------------------------------ cancelled in the middle
@@ -107,14 +108,18 @@ async def test_a_wake_cancelled_in_its_cold_start_leaves_no_claim_and_the_model_
 ) -> None:
     sim = make_sim(time_scale=SLOW_SCALE)
     mark = len(sim.timeline)
-    task = asyncio.create_task(wake_model(CHAT, connection=conn(sim), return_state=True))
+
+    async def wake() -> Any:
+        return await wake_model(CHAT, connection=conn(sim), return_state=True)
+
+    task = asyncio.create_task(wake())
     await wait_store(sim, lambda s: pods_of(s, SERVING, CHAT) and wake_state(s, CHAT), 60, "cold start, claimed")
     assert not any(is_ready(p) for p in sim.call(lambda s: pods_of(s, SERVING, CHAT), sim.store))
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await asyncio.wait_for(task, 60)
     assert replicas(sim)[CHAT] == 0 and scaled(sim, CHAT, mark) == [1, 0]
-    assert WAKE not in annotations(sim, CHAT)
+    assert WAKE not in deploy_annotations(sim, CHAT)
     await wait_store(sim, lambda s: not pods_of(s, SERVING, CHAT), 30, "coder-chat's pod gone")
 
 
@@ -139,7 +144,7 @@ async def test_a_killed_wakes_claim_is_cleared_by_the_crash_clean_up_and_taken_o
         )
     finally:
         sigkill(proc)
-    dead_claim = annotations(sim, CHAT)[WAKE]
+    dead_claim = deploy_annotations(sim, CHAT)[WAKE]
     dead = json.loads(dead_claim)["run"]
     assert replicas(sim)[CHAT] == 1, log.read_text()
     async with get_client() as client:  # what the crash automation does once its heartbeats stop
@@ -148,7 +153,7 @@ async def test_a_killed_wakes_claim_is_cleared_by_the_crash_clean_up_and_taken_o
     cleanup: RunReport = await clean_up_crashed_run(dead, connection=conn(sim), settle_s=1.0)
     assert cleanup.outcome.startswith("passed: coder-chat scaled to 0"), cleanup.to_markdown()
     assert any("its wake claim removed from coder-chat" in n for n in cleanup.notes), cleanup.notes
-    assert WAKE not in annotations(sim, CHAT) and replicas(sim)[CHAT] == 0
+    assert WAKE not in deploy_annotations(sim, CHAT) and replicas(sim)[CHAT] == 0
 
     # The same dead claim, as the clean-up would find it had it not run yet: the next wake takes it over.
     await _annotate(sim, dead_claim)
@@ -156,7 +161,7 @@ async def test_a_killed_wakes_claim_is_cleared_by_the_crash_clean_up_and_taken_o
     report: RunReport = await wake_model(CHAT, connection=conn(sim))
     assert report.outcome == "passed: coder-chat serving", report.to_markdown()
     assert any(f"took over the wake claimed by {dead}" in n for n in report.notes), report.notes
-    assert scaled(sim, CHAT, mark) == [1] and WAKE not in annotations(sim, CHAT)
+    assert scaled(sim, CHAT, mark) == [1] and WAKE not in deploy_annotations(sim, CHAT)
 
 
 async def _annotate(sim: SimStack, value: str) -> None:
@@ -186,13 +191,16 @@ async def test_a_wake_while_another_model_is_in_use_waits_for_the_gpu_and_never_
         # no time to wait: it fails at once, saying what to do, and changes nothing
         with pytest.raises(WakeGaveUp, match="coder-chat stayed in use; nothing was evicted"):
             await wake_model(FIM, connection=stack(tmp_path, sim, wait_for_gpu_s=0))
-        assert WAKE not in annotations(sim, FIM) and sim.timeline[mark:] == []
+        assert WAKE not in deploy_annotations(sim, FIM) and sim.timeline[mark:] == []
 
         waiting = asyncio.create_task(wake_model(FIM, connection=stack(tmp_path, sim, wait_for_gpu_s=120)))
         state = await wait_store(
             sim, lambda s: (w := wake_state(s, FIM)) and w["state"] == "waiting-for-gpu" and w, 60, "waiting-for-gpu"
         )
         assert state["busy"] == [CHAT] and state["ready_by"] is None
+        shown = await status(sim)
+        assert f"wake pending: coder-fim: waiting-for-gpu since {state['since']} (run {state['run']})" in shown, shown
+        assert "the GPU: coder-chat in use (never evicted" in shown, shown
         assert sim.timeline[mark:] == [] and not waiting.done()  # coder-chat untouched, coder-fim not scaled
     # the request ended: once coder-chat's counters stand still for idle_after_s it is reclaimed, fim comes up
     report: RunReport = await asyncio.wait_for(waiting, 120)
@@ -200,4 +208,61 @@ async def test_a_wake_while_another_model_is_in_use_waits_for_the_gpu_and_never_
     assert any("coder-chat: reclaimed (idle) to wake coder-fim" in n for n in report.notes), report.notes
     order = [(n, v) for _, ns, n, v in sim.timeline[mark:] if ns == SERVING]
     assert order == [(CHAT, 0), (FIM, 1)], order
-    assert WAKE not in annotations(sim, FIM)
+    assert WAKE not in deploy_annotations(sim, FIM)
+
+
+# ------------------------------------------------------------------ asked for, not picked up
+async def test_a_wake_asked_for_by_hand_is_sent_as_the_callbacks_event_and_status_shows_it_waiting_for_a_worker(
+    sim: SimStack,
+) -> None:
+    """`coder-stack wake` refuses while nothing would answer (no wake-model deployment); with one, it sends the
+    callback's event; a wake run its trigger made that no worker picks up is shown by `status` with the command
+    that starts a worker for its pool."""
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+    from typer.testing import CliRunner
+
+    from coder_stack.app.cli import app
+
+    def cli(*args: str) -> Any:
+        return CliRunner().invoke(app, list(args), env={"COLUMNS": "400"})
+
+    res = await asyncio.to_thread(cli, "wake", "coder-nope")
+    assert res.exit_code != 0 and "'coder-nope' is not a model of this stack" in " ".join(res.output.split())
+    res = await asyncio.to_thread(cli, "wake", FIM)
+    assert res.exit_code != 0 and "run `coder-stack setup`" in " ".join(res.output.split()), res.output
+
+    pool = "wake-test-pool"
+    async with get_client() as client:
+        await client.create_work_pool(WorkPoolCreate(name=pool, type="process"), overwrite=True)
+        flow_id = await client.create_flow_from_name("wake_model")
+        dep_id = await client.create_deployment(flow_id=flow_id, name="wake-model", work_pool_name=pool)
+        try:
+            res = await asyncio.to_thread(cli, "wake", FIM)
+            assert res.exit_code == 0, (res.output, res.exception)
+            flt = EventFilter(
+                event=EventNameFilter(name=["coder-stack.model.wake-requested"]),
+                resource=EventResourceFilter(id=[f"coder-stack.model.{FIM}"]),
+            )
+
+            async def sent() -> list[Any]:
+                return (await client.read_events(filter=flt, limit=5)).events
+
+            events: list[Any] = []
+            async with asyncio.timeout(30):
+                while not events:
+                    events = await sent()
+                    await asyncio.sleep(0.1)
+            [ev] = events
+            assert ev.resource.get("prefect.resource.name") == FIM and ev.payload["alias"] == "coder-fim"
+            assert set(ev.payload) == {"alias", "route", "reason"}
+
+            run = await client.create_flow_run_from_deployment(dep_id, parameters={"model": FIM})
+            try:
+                shown = await status(sim)
+                assert f"wake pending: {FIM}: requested" in shown and str(run.id) in shown, shown
+                assert f"none is online: start one (`prefect worker start --pool {pool}`)" in shown, shown
+            finally:
+                await client.delete_flow_run(run.id)
+        finally:
+            await client.delete_deployment(dep_id)
