@@ -14,13 +14,14 @@ import asyncio
 import contextlib
 import json
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.states import Crashed
+from prefect.states import Failed
 from simstack.stack import SimStack
 from simstack.store import Store
 
@@ -147,8 +148,10 @@ async def test_a_killed_wakes_claim_is_cleared_by_the_crash_clean_up_and_taken_o
     dead_claim = deploy_annotations(sim, CHAT)[WAKE]
     dead = json.loads(dead_claim)["run"]
     assert replicas(sim)[CHAT] == 1, log.read_text()
-    async with get_client() as client:  # what the crash automation does once its heartbeats stop
-        await client.set_flow_run_state(UUID(dead), Crashed(message="killed by the test"), force=True)
+    # Dead in Prefect's eyes (the crash automation would mark it Crashed once its heartbeats stop; Failed here, so
+    # the shared server's clean-up trigger does not start a second clean-up of it beside this one)
+    async with get_client() as client:
+        await client.set_flow_run_state(UUID(dead), Failed(message="killed by the test"), force=True)
 
     cleanup: RunReport = await clean_up_crashed_run(dead, connection=conn(sim), settle_s=1.0)
     assert cleanup.outcome.startswith("passed: coder-chat scaled to 0"), cleanup.to_markdown()
@@ -219,7 +222,7 @@ async def test_a_wake_asked_for_by_hand_is_sent_as_the_callbacks_event_and_statu
     callback's event; a wake run its trigger made that no worker picks up is shown by `status` with the command
     that starts a worker for its pool."""
     from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
     from typer.testing import CliRunner
 
     from coder_stack.app.cli import app
@@ -227,12 +230,16 @@ async def test_a_wake_asked_for_by_hand_is_sent_as_the_callbacks_event_and_statu
     def cli(*args: str) -> Any:
         return CliRunner().invoke(app, list(args), env={"COLUMNS": "400"})
 
+    async with get_client() as client:  # another test's `coder-stack setup` may have deployed it on the shared API
+        with contextlib.suppress(Exception):
+            await client.delete_deployment((await client.read_deployment_by_name("wake_model/wake-model")).id)
     res = await asyncio.to_thread(cli, "wake", "coder-nope")
     assert res.exit_code != 0 and "'coder-nope' is not a model of this stack" in " ".join(res.output.split())
     res = await asyncio.to_thread(cli, "wake", FIM)
     assert res.exit_code != 0 and "run `coder-stack setup`" in " ".join(res.output.split()), res.output
 
     pool = "wake-test-pool"
+    start = datetime.now(UTC) - timedelta(seconds=1)
     async with get_client() as client:
         await client.create_work_pool(WorkPoolCreate(name=pool, type="process"), overwrite=True)
         flow_id = await client.create_flow_from_name("wake_model")
@@ -241,6 +248,7 @@ async def test_a_wake_asked_for_by_hand_is_sent_as_the_callbacks_event_and_statu
             res = await asyncio.to_thread(cli, "wake", FIM)
             assert res.exit_code == 0, (res.output, res.exception)
             flt = EventFilter(
+                occurred=EventOccurredFilter(since=start),
                 event=EventNameFilter(name=["coder-stack.model.wake-requested"]),
                 resource=EventResourceFilter(id=[f"coder-stack.model.{FIM}"]),
             )
@@ -266,3 +274,52 @@ async def test_a_wake_asked_for_by_hand_is_sent_as_the_callbacks_event_and_statu
                 await client.delete_flow_run(run.id)
         finally:
             await client.delete_deployment(dep_id)
+
+
+async def test_setup_deploys_wake_model_whose_trigger_turns_the_event_into_one_run_for_that_model(
+    sim: SimStack, prefect_api: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`coder-stack setup` deploys prefect.yaml's wake-model with its trigger: the callback's event (sent here by
+    `coder-stack wake`) becomes a wake_model run for the model it names, on the process pool, bounded by the
+    deployment's concurrency limit; with no worker online, `status` says how to start one."""
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from typer.testing import CliRunner
+
+    from coder_stack.app.cli import app
+    from coder_stack.app.setup import run_setup
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    report = await run_setup(gpus=1, kubeconfig=sim.kubeconfig_path)
+    assert report.deployed, report.deploy_output
+    async with get_client() as client:
+        d = await client.read_deployment_by_name("wake_model/wake-model")
+        assert d.work_pool_name == "coder-stack-process" and d.enforce_parameter_schema
+        assert d.global_concurrency_limit is not None and d.global_concurrency_limit.limit == 2
+        assert d.concurrency_options is not None and d.concurrency_options.collision_strategy == "CANCEL_NEW"
+
+        def ask() -> Any:
+            return CliRunner().invoke(app, ["wake", FIM], env={"COLUMNS": "400"})
+
+        res = await asyncio.to_thread(ask)
+        assert res.exit_code == 0, (res.output, res.exception)
+        flows = FlowFilter(name=FlowFilterName(any_=["wake_model"]))
+
+        async def runs() -> list[Any]:
+            return [r for r in await client.read_flow_runs(flow_filter=flows) if r.deployment_id == d.id]
+
+        found: list[Any] = []
+        async with asyncio.timeout(60):
+            while not found:
+                found = await runs()
+                await asyncio.sleep(0.2)
+        try:
+            [run] = found
+            assert run.parameters["model"] == FIM, run.parameters
+            shown = await status(sim)
+            assert f"wake pending: {FIM}: requested" in shown and str(run.id) in shown, shown
+            assert "none is online: start one (`prefect worker start --pool coder-stack-process`)" in shown, shown
+        finally:
+            for r in found:
+                await client.delete_flow_run(r.id)
