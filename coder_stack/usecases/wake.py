@@ -332,6 +332,8 @@ async def pending_wakes(spec: StackSpec, statuses: list[DeploymentStatus]) -> li
             label = f"{r.name} ({r.id})"
             st = r.state.type if r.state else None
             if st == StateType.RUNNING:
+                if await why_not_alive(c, str(r.id), now) is not None:
+                    continue  # a dead run: the crash clean-up's business (status names what it holds)
                 waits = "the run is starting (reading the model, taking the GPU limit)"
                 out.append(
                     PendingWake(model=str(model), state="requested", since=_when(since), waits_for=waits, run=label)
