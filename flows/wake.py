@@ -153,7 +153,10 @@ async def _wake(run: Run, m: ModelSpec, held: _Held) -> None:
                 f"was evicted and {m.name} is at 0. It comes up with the next request once {what} is idle (reclaimed "
                 f"after idle_after_s), or when {what} is no longer needed: `coder-stack swap {m.name}` (that stops it)"
             )
-        await _set(run, held, WakeState.waiting(held.claim.run if held.claim else "", busy))
+        assert held.claim is not None
+        now = held.claim.state
+        if now.state != "waiting-for-gpu" or now.busy != sorted(busy):  # `since`: when it began waiting for these
+            await _set(run, held, WakeState.waiting(held.claim.run, busy))
         run.step(f"{m.name} waits for the GPU: {', '.join(busy) or 'another run'} in use; looking again")
         logger().info("%s waits for the GPU: %s in use (never evicted).", m.name, ", ".join(busy) or "another run")
         await asyncio.sleep(min(GPU_POLL_S, left))
