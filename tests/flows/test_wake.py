@@ -124,6 +124,20 @@ async def test_a_wake_cancelled_in_its_cold_start_leaves_no_claim_and_the_model_
     await wait_store(sim, lambda s: not pods_of(s, SERVING, CHAT), 30, "coder-chat's pod gone")
 
 
+async def test_a_wake_whose_model_fails_to_start_scales_it_back_to_0_and_leaves_no_claim(
+    make_sim: Callable[..., SimStack],
+) -> None:
+    from coder_stack.errors import PodFailed
+
+    sim = make_sim(faults={FIM: "crashloop"})
+    mark = len(sim.timeline)
+    with pytest.raises(PodFailed, match="CrashLoopBackOff"):
+        await wake_model(FIM, connection=conn(sim))
+    assert scaled(sim, FIM, mark) == [1, 0] and WAKE not in deploy_annotations(sim, FIM)
+    assert COLD_START not in deploy_annotations(sim, FIM)  # no cold start was seen to its end: no estimate
+    await wait_store(sim, lambda s: not pods_of(s, SERVING, FIM), 30, "coder-fim's pod gone")
+
+
 # ------------------------------------------------------------------ killed in the middle
 KILLABLE_WAKE = """
 import asyncio, sys
