@@ -5,14 +5,14 @@ ends Crashed — its process was SIGKILLed, OOM-killed or lost with its node, an
 (``coder-stack setup``) marked it Crashed after its heartbeats stopped — or by hand:
 ``coder-stack cleanup <run-id>``.
 
-It scales to 0 the models the dead run holds (stamped ``coder-stack.io/held-by`` with its id), never one a
-live run has taken over, waits until their pods are gone, removes a wake claim the run left
-(``coder-stack.io/wake``, so the LiteLLM callback asks for a new wake instead of saying "starting"), frees the run's
-GPU slot if it still holds one, and publishes what it found. It never takes the GPU limit, so it runs while another session holds the GPU;
-safe to run twice (the second finds nothing). A run that is still alive is left alone: it decides only once the
-server's clock reads the dead mark plus ``settle_s`` (one heartbeat interval plus 10 s), and a heartbeat received
-after the mark proves the run alive. Every change to a model is conditional on the stamp it read (a JSON patch
-``test`` op), so a session that took the model over since keeps it.
+It scales to 0 the models the dead run holds (stamped ``coder-stack.io/held-by`` with its id), never one a live run
+has taken over, waits until their pods are gone, removes a wake claim the run left (``coder-stack.io/wake``, so the
+LiteLLM callback asks for a new wake instead of saying "starting"), frees the run's GPU slot if it still holds one,
+and publishes what it found. It never takes the GPU limit, so it runs while another session holds the GPU; safe to
+run twice (the second finds nothing). A run that is still alive is left alone: it decides only once the server's
+clock reads the dead mark plus ``settle_s`` (one heartbeat interval plus 10 s), and a heartbeat received after the
+mark proves the run alive. Every change to a model is conditional on the stamp it read (a JSON patch ``test`` op),
+so a session that took the model over since keeps it.
 """
 
 from __future__ import annotations
