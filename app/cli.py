@@ -284,6 +284,29 @@ def cleanup(
 
 
 @app.command()
+def wake(
+    model: Annotated[str, typer.Argument(help="The model's Deployment name (e.g. coder-chat).")],
+    stack: StackOpt = None,
+    stack_block: StackBlockOpt = None,
+) -> None:
+    """Ask for a wake of MODEL, as a request through the gateway does: the coder-stack.model.wake-requested event
+    that starts the wake-model deployment (a worker on its pool runs it; `coder-stack status` shows it pending).
+    Nothing happens if the model is Ready or a wake is already pending; a model in use is never evicted."""
+    from coder_stack.errors import SpecError
+    from coder_stack.orchestration.wake_events import request_wake
+
+    spec_obj = _connection(stack, None, None, stack_block, None)[1]
+    names = [m.name for m in spec_obj.models]
+    if model not in names:
+        _fail(SpecError(f"{model!r} is not a model of this stack; its models: {', '.join(names)}"))
+    m = spec_obj.model(model)
+    _run(request_wake(m.name, m.alias, m.role, "asked by hand (coder-stack wake)"))
+    out.print(
+        f"asked for a wake of {m.name}: the wake-model deployment runs it (`coder-stack status` shows it pending)"
+    )
+
+
+@app.command()
 def reclaim(
     dry_run: DryRunOpt = False,
     stack: StackOpt = None,
@@ -350,11 +373,12 @@ def status(
     from coder_stack.tasks.gateway import read_spend_task
     from coder_stack.usecases.idle import reclaimed_note
     from coder_stack.usecases.stamps import orphaned_models
+    from coder_stack.usecases.wake import pending_wakes
 
     conn, spec_obj = _connection(stack, kubeconfig, context, stack_block, credentials_block)
     target = conn.cluster_target()
 
-    async def gather() -> tuple[Any, Any, Any, Any]:
+    async def gather() -> tuple[Any, Any, Any, Any, Any]:
         deps = await stack_status_task.fn(target, spec_obj)
         try:
             gpu: Any = await gpu_limit_status(GPU_FLOWS)
@@ -366,12 +390,17 @@ def status(
         except Exception as e:
             orphans = f"model holders: unknown ({type(e).__name__}: is the Prefect API reachable?)"
         try:
+            # wakes on the models' Deployments, and wake_model runs requested but not yet at a model
+            wakes: Any = await pending_wakes(spec_obj, deps)
+        except Exception as e:
+            wakes = [f"pending wakes: unknown ({type(e).__name__}: is the Prefect API reachable?)"]
+        try:
             rows: Any = await read_spend_task.fn(target, spec_obj, [k.alias for k in spec_obj.virtual_keys])
         except CoderStackError as e:
             rows = f"spend: unavailable ({e})"
-        return deps, gpu, orphans, rows
+        return deps, gpu, orphans, wakes, rows
 
-    deps, gpu, orphans, rows = _run(gather())
+    deps, gpu, orphans, wakes, rows = _run(gather())
     t = Table(title="Deployments")
     for col in ("deployment", "replicas", "ready", "pods"):
         t.add_column(col)
@@ -386,6 +415,8 @@ def status(
                 out.print(note)
     for o in [orphans] if isinstance(orphans, str) else orphans:
         out.print(Text(o if isinstance(o, str) else o.describe()))
+    for w in wakes:
+        out.print(Text(w if isinstance(w, str) else f"wake pending: {w.describe()}"))
     out.print(Text(gpu if isinstance(gpu, str) else gpu.describe()))
     if isinstance(rows, str):
         out.print(rows)

@@ -5,13 +5,14 @@ ends Crashed — its process was SIGKILLed, OOM-killed or lost with its node, an
 (``coder-stack setup``) marked it Crashed after its heartbeats stopped — or by hand:
 ``coder-stack cleanup <run-id>``.
 
-It scales to 0 the models the dead run holds (stamped ``coder-stack.io/held-by`` with its id), never one a
-live run has taken over, waits until their pods are gone, frees the run's GPU slot if it still holds one,
-and publishes what it found. It never takes the GPU limit, so it runs while another session holds the GPU;
-safe to run twice (the second finds nothing). A run that is still alive is left alone: it decides only once the
-server's clock reads the dead mark plus ``settle_s`` (one heartbeat interval plus 10 s), and a heartbeat received
-after the mark proves the run alive. Every change to a model is conditional on the stamp it read (a JSON patch
-``test`` op), so a session that took the model over since keeps it.
+It scales to 0 the models the dead run holds (stamped ``coder-stack.io/held-by`` with its id), never one a live run
+has taken over, waits until their pods are gone, removes a wake claim the run left (``coder-stack.io/wake``, so the
+LiteLLM callback asks for a new wake instead of saying "starting"), frees the run's GPU slot if it still holds one,
+and publishes what it found. It never takes the GPU limit, so it runs while another session holds the GPU; safe to
+run twice (the second finds nothing). A run that is still alive is left alone: it decides only once the server's
+clock reads the dead mark plus ``settle_s`` (one heartbeat interval plus 10 s), and a heartbeat received after the
+mark proves the run alive. Every change to a model is conditional on the stamp it read (a JSON patch ``test`` op),
+so a session that took the model over since keeps it.
 """
 
 from __future__ import annotations
@@ -46,9 +47,10 @@ from coder_stack.orchestration.liveness import (
 from coder_stack.report import RunReport
 from coder_stack.spec import ModelSpec
 from coder_stack.usecases.stamps import held_by, release_held
+from coder_stack.usecases.wake import clear_wake_of
 
 # The flows that hold the GPU: the crash automation watches these (and prefect.yaml's trigger lists them).
-GPU_FLOWS = ("validate_coder_stack", "swap_model", "bring_up", "reclaim_idle_models")
+GPU_FLOWS = ("validate_coder_stack", "swap_model", "bring_up", "reclaim_idle_models", "wake_model")
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,12 @@ async def clean_up_crashed_run(
                         freed.append(m.name)
 
                 await asyncio.gather(*(one(m, m in serving) for m, _ in held))
+                # A dead wake's claim (coder-stack.io/wake) is removed after its model was scaled down: the
+                # callback then asks for a new wake instead of saying "starting" for a run that is gone. (The
+                # next wake would take a dead run's claim over anyway; this only makes it prompt.)
+                cleared = await clear_wake_of(api, spec, str(run_id))
+                if cleared:
+                    report.notes.append(f"its wake claim removed from {', '.join(cleared)}")
             report.notes += [f"{k}: {v}" for k, v in outcome.items() if k in {m.name for m in serving}]
             if bad:
                 raise CleanupIncomplete(

@@ -22,3 +22,11 @@ class ReclaimIncomplete(PermanentError):
 
 class TeardownIncomplete(PermanentError):
     """Something is still running after the teardown."""
+
+
+class WakeGaveUp(PermanentError):
+    """A wake waited ``wake.wait_for_gpu_s`` for the GPU and the model in use stayed in use (it is never evicted)."""
+
+
+class WakeTakenOver(PermanentError):
+    """This wake's claim on the model was taken over or removed while it ran (it no longer owns the model)."""

@@ -24,6 +24,7 @@ from coder_stack.kubernetes.workloads import scale
 from coder_stack.spec import FrontendSpec, ModelSpec, StackSpec
 from coder_stack.tasks.cluster import free_gpu_task, scale_task, wait_frontend_ready_task, wait_model_ready_task
 from coder_stack.tasks.gateway import ensure_keys_task
+from coder_stack.tasks.wake import record_cold_start_task
 
 # How long the clean-up may spend issuing scale-downs before it moves on to waiting.
 RELEASE_ISSUE_S = 5.0
@@ -63,7 +64,20 @@ async def model_up(run: Run, model: ModelSpec) -> ReadyReport:
     ready = await wait_model_ready_task(run.target, run.spec, model)
     record_ready(run.report.section(model.name), ready)
     run.step(f"{model.name} Ready after {ready.total_s:.1f} s")
+    await keep_cold_start(run, model, ready)
     return ready
+
+
+async def keep_cold_start(run: Run, model: ModelSpec, ready: ReadyReport) -> None:
+    """After a wait that saw a cold start (not a model already Ready), keep its length on the model's Deployment
+    (``coder-stack.io/cold-start-s``): the wake callback tells the person asking how long this model takes. Best
+    effort: a model that came up is never failed for its estimate."""
+    if ready.already_ready:
+        return
+    try:
+        await record_cold_start_task(run.target, run.spec, model, ready.total_s)
+    except Exception as e:
+        logger().warning("Could not keep %s's cold start (%.1f s) as its estimate: %s", model.name, ready.total_s, e)
 
 
 async def model_up_with_keys_and_frontends(
@@ -95,6 +109,7 @@ async def model_up_with_keys_and_frontends(
     ready, after = await gather_or_cancel(wait_model_ready_task(target, spec, model), keys_and_frontends())
     record_ready(report.section(model.name), ready)
     run.step(f"{model.name} Ready after {ready.total_s:.1f} s")
+    await keep_cold_start(run, model, ready)
     return ready, after
 
 

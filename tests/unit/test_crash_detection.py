@@ -83,8 +83,8 @@ def test_prefect_yaml_gives_every_pool_the_heartbeat_and_triggers_the_clean_up_o
     assert trigger["parameters"] == {"crashed_run": "{{ event.resource.id }}"}
     # Every flow the automation watches is deployed (a renamed flow would silently leave the chain).
     entry_flows = {d["entrypoint"].split(":")[1] for d in PREFECT_YAML["deployments"]}
-    assert {"validate_coder_stack", "swap_model", "bring_up", "reclaim_idle_models"} == set(GPU_FLOWS)
-    assert {"bring_up", "swap_model", "validate_coder_stack", "reclaim_idle_models"} <= entry_flows
+    assert {"validate_coder_stack", "swap_model", "bring_up", "reclaim_idle_models", "wake_model"} == set(GPU_FLOWS)
+    assert {"bring_up", "swap_model", "validate_coder_stack", "reclaim_idle_models", "wake_model"} <= entry_flows
 
 
 def test_a_run_id_is_taken_bare_or_as_the_trigger_passes_it_and_anything_else_says_what_to_pass() -> None:

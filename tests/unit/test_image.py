@@ -117,7 +117,7 @@ def test_the_in_cluster_deployments_run_from_the_images_workdir() -> None:
     """The contract with prefect.yaml: no pull step that needs a path from the deployer's machine."""
     doc = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     in_cluster = [d for d in doc["deployments"] if d["work_pool"]["name"] == "coder-stack-k8s"]
-    assert len(in_cluster) == 6
+    assert len(in_cluster) == 7  # every deployment of the process pool has its in-cluster twin
     for d in in_cluster:
         assert d.get("pull") == [], d["name"]  # replaces the top-level pull; [] is kept, it does not fall back
         assert "CODER_STACK_DIR" not in json.dumps(d), d["name"]
