@@ -65,6 +65,12 @@ STALE_S = 60.0  # a serving verdict older than this is read again before a reque
 DOWN_CACHE_S = 1.0  # a "not serving" verdict is shared this long (a burst reads once)
 POLL_S = 1.0  # how often a held request looks again
 EVENT_RETRY_S = 10.0  # an event Prefect did not take is tried again after this long
+# The event is posted in the background (the person already has the answer), so it may wait longer than a read: a
+# busy Prefect server that takes a second must not lose the wake. It is tried EVENT_TRIES times, EVENT_BACKOFF_S
+# apart, then left to the next request (after EVENT_RETRY_S).
+EVENT_TIMEOUT_S = 5.0
+EVENT_TRIES = 3
+EVENT_BACKOFF_S = 1.0
 WAKE_ANNOTATION = "coder-stack.io/wake"
 COLD_START_ANNOTATION = "coder-stack.io/cold-start-s"
 CHAT_CALLS = frozenset({"completion", "acompletion"})
@@ -308,14 +314,21 @@ class WakeOnDemand(_Base):
         if auth:
             headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
         url = str(s.get("prefect_api_url", "")).rstrip("/") + "/events"
-        try:
-            r = await self._client(url, None).post(url, json=[event], headers=headers)
-            r.raise_for_status()
-            LOG.info("coder_stack_wake: asked Prefect to wake %s", alias)
-        except httpx.HTTPError as e:
-            LOG.warning("coder_stack_wake: Prefect did not take the wake of %s (%s)", alias, type(e).__name__)
-            burst = float(s.get("burst_s", 120))
-            self._last_event[alias] = time.monotonic() - burst + min(EVENT_RETRY_S, burst)
+        for attempt in range(EVENT_TRIES):
+            try:
+                r = await self._client(url, None).post(url, json=[event], headers=headers, timeout=EVENT_TIMEOUT_S)
+                r.raise_for_status()
+                LOG.info("coder_stack_wake: asked Prefect to wake %s", alias)
+                return
+            except httpx.HTTPError as e:
+                LOG.warning(
+                    "coder_stack_wake: Prefect did not take the wake of %s (%s, try %d of %d)",
+                    alias, type(e).__name__, attempt + 1, EVENT_TRIES,
+                )  # fmt: skip
+                if attempt + 1 < EVENT_TRIES:
+                    await asyncio.sleep(EVENT_BACKOFF_S * (attempt + 1))
+        burst = float(s.get("burst_s", 120))
+        self._last_event[alias] = time.monotonic() - burst + min(EVENT_RETRY_S, burst)
 
     def _keep(self, task: asyncio.Task[Any]) -> None:
         self._tasks.add(task)

@@ -37,6 +37,7 @@ from pydantic import BaseModel, Field
 from coder_stack.errors import ConfigError, PermanentError, SpecError
 from coder_stack.kubernetes.client import API_TIMEOUT, api_errors
 from coder_stack.spec import StackSpec
+from coder_stack.usecases.wake import DEFAULT_COLD_START_S  # the estimate until a cold start is measured
 
 CONFIGMAP = "coder-stack-wake"
 MODULE_FILE = "coder_stack_wake.py"
@@ -46,7 +47,6 @@ RBAC_NAME = "coder-stack-wake"
 VOLUME = "coder-stack-wake"
 STAMP = "coder-stack.io/wake-setup"
 PREFECT_AUTH_ENV = "PREFECT_API_AUTH_STRING"
-DEFAULT_COLD_START_S = 600
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 LABELS = {"app.kubernetes.io/managed-by": "coder-stack", "app.kubernetes.io/part-of": "coder-stack"}
 CONFLICT_RETRIES = 8

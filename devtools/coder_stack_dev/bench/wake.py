@@ -61,7 +61,9 @@ async def _wake_run(after: datetime) -> Any:
 
 
 def _scaled_up_at(sim: SimStack, model: str, after: float) -> float | None:
-    return next((t for t, ns, name, n in sim.timeline if name == model and ns == "serving" and n >= 1 and t >= after), None)
+    return next(
+        (t for t, ns, name, n in sim.timeline if name == model and ns == "serving" and n >= 1 and t >= after), None
+    )
 
 
 async def one_wake(time_scale: float, kubeconfig: Path, log: Any, timeout_s: float = 300) -> dict[str, float]:
@@ -128,9 +130,7 @@ async def wake(time_scale: float, reps: int, log: Any, worker_query_s: float | N
     with tempfile.TemporaryDirectory(prefix="coder-bench-wake-") as tmp:
         kubeconfig = Path(tmp) / "kubeconfig"
         conns = DeploymentConnections(process={"kubeconfig": str(kubeconfig)}, in_cluster={}, says="the bench's sim")
-        await asyncio.to_thread(
-            deploy_all, PROJECT_DIR, 180, [WAKE_DEPLOYMENT], {"PREFECT_API_URL": api_url}, conns
-        )
+        await asyncio.to_thread(deploy_all, PROJECT_DIR, 180, [WAKE_DEPLOYMENT], {"PREFECT_API_URL": api_url}, conns)
         env = worker_env(_env(api_url, Path(tmp) / "home"))
         if worker_query_s is not None:
             env["PREFECT_WORKER_QUERY_SECONDS"] = str(worker_query_s)
