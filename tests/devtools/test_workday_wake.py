@@ -7,10 +7,7 @@ Timings and prefect.yaml's reclaim cadence, not copied from a run.
 
 from __future__ import annotations
 
-import importlib.machinery
 import json
-import sys
-import types
 from pathlib import Path
 from typing import Any
 
@@ -271,16 +268,17 @@ def test_react_s_never_leaves_the_reclaimed_model_down_until_the_next_schedule(
 def test_bench_only_hook_reports_what_hook_overhead_measured(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """The wiring only (the measurement itself starts two real proxies: BENCHMARKS.md)."""
+    import coder_stack_dev.bench.hook as hook
+
     calls: list[int] = []
 
-    def hook_overhead(reps: int, log: Any) -> dict[str, float]:
+    async def hook_overhead(reps: int, log: Any) -> dict[str, float]:
         calls.append(reps)
         return {"p50_ms_without": 1.25, "p50_ms_with": 1.5, "p99_ms_without": 3.0, "p99_ms_with": 3.5}
 
-    fake = types.ModuleType("coder_stack_dev.bench.hook")
-    fake.__spec__ = importlib.machinery.ModuleSpec("coder_stack_dev.bench.hook", None)
-    fake.hook_overhead = hook_overhead  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "coder_stack_dev.bench.hook", fake)
+    monkeypatch.setattr(hook, "hook_overhead", hook_overhead)
+    monkeypatch.setattr(hook, "litellm_program", lambda: tmp_path / "litellm")
     out = tmp_path / "b.json"
     assert main(["--tiny", "--only", "hook", "--json", str(out)]) == 0
     assert calls == [50]
@@ -289,16 +287,13 @@ def test_bench_only_hook_reports_what_hook_overhead_measured(
     assert "hook: p50_ms_with" in capsys.readouterr().out
 
 
-def test_bench_only_hook_without_the_measurement_says_so_before_running_anything(
+def test_bench_with_hook_but_no_litellm_proxy_says_so_before_running_anything(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import coder_stack_dev.bench.run as bench_run
-
-    real = bench_run.importlib.util.find_spec
-    monkeypatch.setattr(
-        bench_run.importlib.util, "find_spec", lambda name, *a: None if name.endswith(".hook") else real(name, *a)
-    )
+    monkeypatch.setenv("CODER_STACK_LITELLM", str(tmp_path / "no-such-litellm"))
     with pytest.raises(SystemExit) as e:
         main(["--only", "detect,hook", "--json", str(tmp_path / "o.json")])
-    assert e.value.code == 2 and "no coder_stack_dev.bench.hook" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "no-such-litellm is missing: ./dev.sh test builds .venv-litellm" in err, err
+    assert "--only detect" in err
     assert not (tmp_path / "o.json").exists()

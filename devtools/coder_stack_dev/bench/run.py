@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import logging
 import math
@@ -455,9 +454,13 @@ def main(argv: list[str] | None = None) -> int:
             react_s = -1.0
         if not react_s >= 0:
             p.error("--react-s: give 0 or more seconds, or 'never'")
-    has_hook = importlib.util.find_spec("coder_stack_dev.bench.hook") is not None
-    if "hook" in only and not has_hook and args.only != ",".join(GROUPS):  # asked for by name
-        p.error("--only hook: this checkout has no coder_stack_dev.bench.hook (the wake hook's measurement)")
+    if "hook" in only:  # a real LiteLLM proxy is needed: say so before any group runs, not after them
+        from coder_stack_dev.bench.hook import litellm_program
+
+        try:
+            litellm_program()
+        except RuntimeError as e:
+            p.error(f"hook: {e} (or leave hook out: --only {','.join(g for g in only if g != 'hook') or 'workday'})")
     if args.wake_latency_s is not None and args.wake_latency_s < 0:
         p.error("--wake-latency-s: give 0 or more seconds")
     if args.trace is not None:
@@ -500,10 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         price = args.workday_price if args.workday_price is not None else NODE_PRICE_PER_HOUR
         res.update(run_workday(cfg, log, price, args.crash_cleanup_s, args.trace, args.wake_latency_s, react_s))
     if "hook" in only:
-        if has_hook:
-            res.update(run_hook(cfg, log))
-        else:
-            log("hook: skipped, this checkout has no coder_stack_dev.bench.hook")
+        res.update(run_hook(cfg, log))
     info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     if res.get("scale"):
         res["scale_linearity"] = linearity(res["scale"])
