@@ -416,6 +416,7 @@ def run_sim(
             gpu_pool=gpu_pool,
             kubeconfig_path=kubeconfig,
             runnable_images=runnable_images,
+            pod_api=True,  # the gateway pod reaches the API server: `coder-stack wake-setup --apply` works here
         ) as sim:
             path = sim.kubeconfig_path
             for image, workdir in (runnable_images or {}).items():
