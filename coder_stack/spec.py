@@ -209,7 +209,11 @@ class WakeSpec(_Model):
     """Wake on demand: what the LiteLLM callback (``coder-stack wake-setup``) and the ``wake_model`` flow do when a
     request names a model that is not serving."""
 
-    enabled: bool = Field(True, description="A request for a model that is down asks for it (one wake per burst).")
+    enabled: bool = Field(
+        True,
+        description="A request for a model that is down asks for it (one wake per burst); false: the callback lets "
+        "every request pass as if it were not installed (a ConfigMap update, no gateway restart).",
+    )
     chat_as_message: bool = Field(
         False,
         description="Answer a chat request for a model that is starting with an assistant message saying so (Open "

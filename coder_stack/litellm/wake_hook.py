@@ -145,7 +145,7 @@ class WakeOnDemand(_Base):
         s = self.settings()
         alias = data.get("model")
         model = s.get("models", {}).get(alias) if isinstance(alias, str) else None
-        if model is None:
+        if model is None or s.get("enabled") is False:  # off (wake.enabled: false): as if not installed
             return data
         assert isinstance(alias, str)
         v = self._verdicts.get(alias)

@@ -95,6 +95,7 @@ def wake_settings(spec: StackSpec, prefect_url: str) -> dict[str, Any]:
     w = spec.wake
     return {
         "version": 1,
+        "enabled": w.enabled,
         "namespace": spec.serving_namespace,
         "models": {
             m.alias: {

@@ -94,6 +94,17 @@ async def test_an_alias_not_in_the_settings_is_untouched(rig: Rig) -> None:
     assert data["model"] == "embeddings" and rig.c.reads == 0
 
 
+async def test_switched_off_in_its_settings_it_lets_every_request_pass_and_asks_for_nothing(rig: Rig) -> None:
+    rig.c.set("coder-chat", ready=0)
+    rig.write(enabled=False)  # wake.enabled: false, as wake-setup writes it: re-read without a restart
+    data = await rig.call("coder-chat")
+    await rig.hook.drain()
+    assert data["model"] == "coder-chat" and rig.c.reads == 0 and rig.c.events == []
+    rig.write(enabled=True)
+    with pytest.raises(HTTPException):
+        await rig.call("coder-chat")
+
+
 async def test_a_burst_of_50_for_a_model_that_is_down_makes_one_read_one_event_and_readable_503s(
     rig: Rig, caplog: pytest.LogCaptureFixture
 ) -> None:

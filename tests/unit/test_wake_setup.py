@@ -25,8 +25,10 @@ def _spec(**wake: Any) -> StackSpec:
 def test_settings_are_the_contracts() -> None:
     spec = _spec(fallbacks={"coder-fim": "coder-chat"}, chat_as_message=True, hold_s=15, burst_s=60, cache_s=3)
     settings = ws.wake_settings(spec, URL)
+    assert ws.wake_settings(_spec(enabled=False), URL)["enabled"] is False
     assert settings == {
         "version": 1,
+        "enabled": True,
         "namespace": "serving",
         "models": {
             "coder-chat": {"deployment": "coder-chat", "role": "chat", "fallback": None, "cold_start_s": 600},
