@@ -466,7 +466,11 @@ async def test_backend_down_is_500_connection_error(stack: Stack) -> None:
             json={"model": "coder-down", "messages": [{"role": "user", "content": "hi"}]},
         )
         assert r.status_code == 500
-        assert r.json()["error"]["message"].startswith("litellm.APIConnectionError")
+        err = r.json()["error"]
+        assert err["message"].startswith(
+            "litellm.InternalServerError: InternalServerError: OpenAIException - Connection error."
+        )
+        assert err["type"] == "internal_server_error" and "model group 'coder-down'" in err["message"]
         health = (await c.get(f"{stack.url}/health", headers=_m())).json()
         assert health["unhealthy_count"] >= 1
 

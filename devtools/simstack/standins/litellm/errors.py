@@ -40,12 +40,16 @@ async def read_body(request: web.Request) -> dict[str, Any]:
 
 
 def connection_error(model: str) -> ProxyError:
-    # GUESS: an unreachable upstream was not recorded; 500 and this message are from memory of LiteLLM
+    # GUESS, from one observation outside the recordings: a real 1.108.7 proxy (no database, config-file models,
+    # `num_retries: 0`) whose upstream refused the connection answered exactly this (500, type
+    # internal_server_error, param null; headers x-litellm-call-id, x-litellm-response-cost 0, x-litellm-key-spend
+    # 0.0) on 2026-12-07. With the proxy's default retries the text was not seen. (This replaced a guess from
+    # memory, "litellm.APIConnectionError: ... Received Model Group=...", which the real proxy did not say.)
     err = ProxyError(
         500,
-        "litellm.APIConnectionError: APIConnectionError: OpenAIException - Connection error.. "
-        f"Received Model Group={model}\nAvailable Model Group Fallbacks=None",
-        None,
+        "litellm.InternalServerError: InternalServerError: OpenAIException - Connection error.\n\n"
+        f"LiteLLM: model group '{model}' failed with the error above. No fallback was attempted.",
+        "internal_server_error",
         None,
     )
     err.connect_failed = True
