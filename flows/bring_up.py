@@ -9,17 +9,17 @@ from __future__ import annotations
 from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
-from coder_stack.flows.gpu_steps import free_gpu, model_up_with_keys_and_frontends, release
+from coder_stack.flows.gpu_steps import free_gpu, model_up_with_keys_and_frontends, release, smoke_served
 from coder_stack.flows.guard import guarded
 from coder_stack.flows.params import Connection
-from coder_stack.flows.record import record_failure, record_smoke
+from coder_stack.flows.record import record_smoke
 from coder_stack.flows.run import Run, logger
 from coder_stack.kubernetes.client import cluster_session
 from coder_stack.orchestration.gpu import gpu_session
 from coder_stack.report import RunReport
 from coder_stack.tasks.cluster import preflight_task
 from coder_stack.tasks.gateway import gateway_ready_task
-from coder_stack.tasks.smoke import smoke_direct_task, smoke_frontends_task, smoke_gateway_task
+from coder_stack.tasks.smoke import smoke_frontends_task
 
 
 class BringUpOptions(BaseModel):
@@ -59,15 +59,8 @@ async def bring_up(
                 ok = False
                 try:
                     await model_up_with_keys_and_frontends(run, model, aliases, list(spec.frontends))
+                    await smoke_served(run, model)
                     section = report.section(model.name)
-                    try:
-                        direct = await smoke_direct_task(target, spec, model)
-                        record_smoke(section, direct, "direct (pod, vLLM key)")
-                        via_key = await smoke_gateway_task(target, spec, model)
-                        record_smoke(section, via_key.smoke, "gateway (client key)")
-                    except Exception as e:
-                        record_failure(section, "smoke", e)
-                        raise
                     fe = await smoke_frontends_task(
                         target, spec, openwebui=model.role == "chat", tabby=model.role == "fim"
                     )

@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from coder_stack.errors import CoderStackError
-from coder_stack.flows.record import record_ready
+from coder_stack.flows.record import record_failure, record_ready, record_smoke
 from coder_stack.flows.run import Run, logger, this_run_id
 from coder_stack.kubernetes.client import ClusterTarget, open_api
 from coder_stack.kubernetes.wait import ReadyReport, wait_gone
@@ -24,6 +24,7 @@ from coder_stack.kubernetes.workloads import scale
 from coder_stack.spec import FrontendSpec, ModelSpec, StackSpec
 from coder_stack.tasks.cluster import free_gpu_task, scale_task, wait_frontend_ready_task, wait_model_ready_task
 from coder_stack.tasks.gateway import ensure_keys_task
+from coder_stack.tasks.smoke import smoke_direct_task, smoke_gateway_task
 from coder_stack.tasks.wake import record_cold_start_task
 
 # How long the clean-up may spend issuing scale-downs before it moves on to waiting.
@@ -111,6 +112,20 @@ async def model_up_with_keys_and_frontends(
     run.step(f"{model.name} Ready after {ready.total_s:.1f} s")
     await keep_cold_start(run, model, ready)
     return ready, after
+
+
+async def smoke_served(run: Run, model: ModelSpec) -> None:
+    """The smokes of a model left serving (bring-up, wake): the pod directly with the vLLM key, then through the
+    gateway with a client's key; each recorded in the model's section, a failure recorded and raised."""
+    section = run.report.section(model.name)
+    try:
+        direct = await smoke_direct_task(run.target, run.spec, model)
+        record_smoke(section, direct, "direct (pod, vLLM key)")
+        via_key = await smoke_gateway_task(run.target, run.spec, model)
+        record_smoke(section, via_key.smoke, "gateway (client key)")
+    except Exception as e:
+        record_failure(section, "smoke", e)
+        raise
 
 
 async def free_gpu(run: Run, keep: ModelSpec | None) -> list[ModelSpec]:

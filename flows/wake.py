@@ -30,10 +30,9 @@ from prefect import flow
 
 from coder_stack.errors import CoderStackError, GpuSlotTimeout, SpecError
 from coder_stack.flows.errors import ReclaimIncomplete, WakeGaveUp, WakeTakenOver
-from coder_stack.flows.gpu_steps import model_up_with_keys_and_frontends, release
+from coder_stack.flows.gpu_steps import model_up_with_keys_and_frontends, release, smoke_served
 from coder_stack.flows.guard import guarded
 from coder_stack.flows.params import Connection
-from coder_stack.flows.record import record_failure, record_smoke
 from coder_stack.flows.run import Run, logger, this_run_id
 from coder_stack.kubernetes.client import cluster_session, open_api
 from coder_stack.orchestration.gpu import gpu_session
@@ -41,7 +40,6 @@ from coder_stack.report import RunReport
 from coder_stack.spec import ModelSpec, StackSpec
 from coder_stack.tasks.cluster import stack_status_task
 from coder_stack.tasks.idle import mark_reclaimed_task, moved_since_task, read_idleness_task
-from coder_stack.tasks.smoke import smoke_direct_task, smoke_gateway_task
 from coder_stack.tasks.wake import claim_wake_task, cold_start_estimate_task, update_wake_task
 from coder_stack.usecases.wake import Claim, WakeState, release_claim
 
@@ -210,15 +208,7 @@ async def _bring_up(run: Run, m: ModelSpec, held: _Held) -> None:
     ok = False
     try:
         await model_up_with_keys_and_frontends(run, m, aliases, list(spec.frontends))
-        section = report.section(m.name)
-        try:
-            direct = await smoke_direct_task(target, spec, m)
-            record_smoke(section, direct, "direct (pod, vLLM key)")
-            via_key = await smoke_gateway_task(target, spec, m)
-            record_smoke(section, via_key.smoke, "gateway (client key)")
-        except Exception as e:
-            record_failure(section, "smoke", e)
-            raise
+        await smoke_served(run, m)
         ok = True
     finally:
         if not ok:  # still holding the GPU limit: no other session scales up before the model is gone

@@ -4,8 +4,10 @@ to end a process group politely, one way to kill a process outright, shared by b
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
+import socket
 import subprocess
 
 
@@ -37,3 +39,16 @@ def sigkill(proc: subprocess.Popen[bytes], wait_s: float = 10) -> int | None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def die_with_parent() -> None:
+    """A ``preexec_fn``: in the child, the kernel SIGKILLs it when the process that started it dies, however it
+    dies (``PR_SET_PDEATHSIG``): a server a test or the benchmark starts never outlives them."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -11,13 +11,10 @@ The fakes (Kubernetes API, Prefect's events endpoint, an OpenAI-compatible upstr
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -27,6 +24,7 @@ from typing import Any
 
 import httpx
 import pytest
+from coder_stack_dev.processes import die_with_parent, free_port
 
 from tests.litellm_proxy.fakes import FakeCluster, serve, settings
 
@@ -47,17 +45,6 @@ def litellm_binary() -> Path:
             pytrace=False,
         )
     return path
-
-
-def _die_with_parent() -> None:
-    """In the child: the kernel kills the proxy when this test process dies, however it dies."""
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # the hook's models in this tier: alias -> (role, fallback, cold_start_s)
@@ -163,7 +150,7 @@ async def proxy(litellm_program: Path, tmp_path_factory: pytest.TempPathFactory)
         master = "sk-" + secrets.token_hex(16)
         (d / "config.yaml").write_text(proxy_config(master, base))
         shutil.copy(HOOK, d / "coder_stack_wake.py")
-        port = _free_port()
+        port = free_port()
         p = Proxy(f"http://127.0.0.1:{port}", master, cluster, d / "coder_stack_wake.json", base, d / "proxy.log")
         p.write_settings()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("CODER_STACK_", "PREFECT_"))}
@@ -175,7 +162,7 @@ async def proxy(litellm_program: Path, tmp_path_factory: pytest.TempPathFactory)
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
                 start_new_session=True,
             )
         try:

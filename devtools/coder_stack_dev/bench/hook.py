@@ -10,12 +10,9 @@ model is Ready. The proxy program: ``$CODER_STACK_LITELLM`` or the checkout's ``
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -25,6 +22,8 @@ from typing import Any
 
 import httpx
 from aiohttp import web
+
+from coder_stack_dev.processes import die_with_parent, free_port
 
 REPO = Path(__file__).resolve().parents[3]
 ALIAS = "coder-chat"
@@ -44,16 +43,6 @@ def litellm_program() -> Path:
 def _percentile(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
-
-
-def _die_with_parent() -> None:
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 READS = [0]  # Deployment reads the fake Kubernetes API answered: proof that the hook ran in the hooked proxy
@@ -106,13 +95,13 @@ def _start(program: Path, d: Path, base: str, master: str, hook: bool) -> tuple[
         }  # fmt: skip
         (d / "coder_stack_wake.json").write_text(json.dumps(settings))
     (d / "config.yaml").write_text(json.dumps(cfg))
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CODER_STACK_", "PREFECT_"))}
     env["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
     with (d / "proxy.log").open("wb") as log:
         proc = subprocess.Popen(
             [str(program), "--config", str(d / "config.yaml"), "--host", "127.0.0.1", "--port", str(port)],
-            cwd=d, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+            cwd=d, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
             start_new_session=True,
         )  # fmt: skip
     return proc, f"http://127.0.0.1:{port}"
