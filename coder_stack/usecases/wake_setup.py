@@ -378,6 +378,8 @@ def render(spec: StackSpec, prefect_url: str, service_account: str = "default") 
 #        callbacks: ["{CALLBACK}"]
 # 5. Restart the gateway (kubectl -n {gw} rollout restart deploy/{spec.gateway_service}).
 # If the Prefect server needs auth, give the LiteLLM container env {PREFECT_AUTH_ENV} from a Secret.
+# The callback answers before LiteLLM's router, so router fallbacks would never be tried for a model that is down:
+# name them in the stack's wake.fallbacks (`--apply` carries the proxy config's fallbacks over by itself).
 # `coder-stack wake-setup --apply` does all of it (idempotent; it refuses when it cannot find the config).
 """
     docs = [wake_configmap(spec, prefect_url), role, binding]
@@ -499,6 +501,44 @@ def digest(module: str, settings: str, config: str) -> str:
     return h.hexdigest()[:16]
 
 
+def proxy_fallbacks(config_text: str) -> dict[str, str]:
+    """The fallbacks the proxy config gives LiteLLM's router (``router_settings.fallbacks`` or
+    ``litellm_settings.fallbacks``: a list of ``{alias: [fallback, ...]}``), first fallback per alias. The callback
+    answers a request for a model that is down before the router runs, so LiteLLM would never try them: wake-setup
+    carries them into the callback's settings instead, and a fallback the user configured keeps working."""
+    try:
+        cfg = yaml.safe_load(config_text) or {}
+    except yaml.YAMLError:
+        return {}
+    out: dict[str, str] = {}
+    for section in ("router_settings", "litellm_settings"):
+        entries = (cfg.get(section) or {}).get("fallbacks") if isinstance(cfg.get(section), dict) else None
+        for entry in entries if isinstance(entries, list) else []:
+            for alias, targets in entry.items() if isinstance(entry, dict) else []:
+                first = next(
+                    (t for t in (targets if isinstance(targets, list) else [targets]) if isinstance(t, str)), None
+                )
+                if isinstance(alias, str) and first and first != alias:
+                    out.setdefault(alias, first)
+    return out
+
+
+def with_proxy_fallbacks(spec: StackSpec, config_text: str) -> tuple[StackSpec, list[str]]:
+    """``spec`` with the proxy config's fallbacks added where ``spec.wake.fallbacks`` names none (the spec wins),
+    and a report line per fallback carried over."""
+    aliases = {m.alias for m in spec.models}
+    found = {a: f for a, f in proxy_fallbacks(config_text).items() if a in aliases and a not in spec.wake.fallbacks}
+    if not found:
+        return spec, []
+    wake = spec.wake.model_copy(update={"fallbacks": {**found, **spec.wake.fallbacks}})
+    lines = [
+        f"kept LiteLLM's fallback {a} -> {f} (from the proxy config): while {a} is down the callback sends its "
+        f"requests to {f}"
+        for a, f in sorted(found.items())
+    ]
+    return spec.model_copy(update={"wake": wake}), lines
+
+
 async def apply(
     api: ApiClient,
     spec: StackSpec,
@@ -515,6 +555,10 @@ async def apply(
     dep = await _read_deployment(api, spec)
     loc = locate_config(dep, spec)  # refuse before changing anything
     sa = dep["spec"]["template"]["spec"].get("serviceAccountName") or "default"
+    core = client.CoreV1Api(api)
+    with api_errors("get", "configmaps", gw, loc.configmap):
+        first = _plain(api, await core.read_namespaced_config_map(loc.configmap, gw, _request_timeout=API_TIMEOUT))
+    spec, kept = with_proxy_fallbacks(spec, (first.get("data") or {}).get(loc.key) or "")
     cm = wake_configmap(spec, prefect_url)
     role, binding = wake_rbac(spec, sa)
 
@@ -543,8 +587,6 @@ async def apply(
     changed = await _retrying(mount_step)
     if changed:
         report.lines.append(changed)
-
-    core = client.CoreV1Api(api)
 
     async def config_step() -> str | None:
         with api_errors("get", "configmaps", gw, loc.configmap):
@@ -594,6 +636,7 @@ async def apply(
             await apps.patch_namespaced_deployment(name, gw, patch, _request_timeout=API_TIMEOUT)
         report.lines.append(f"restarted deploy/{name} in {gw} (rollout)")
     report.changed = bool(report.lines)
+    report.lines = kept + report.lines  # said on every run; not a change by itself
     await wait_rolled_out(api, spec, timeout_s, poll_s)
     report.lines.append(
         f"deploy/{name} in {gw} is Ready with the callback"

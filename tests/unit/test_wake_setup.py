@@ -186,3 +186,28 @@ def test_refused_when_the_config_is_not_in_a_mounted_configmap() -> None:
     secret = _deployment({"name": "s", "mountPath": "/etc/litellm"}, {"name": "s", "secret": {"secretName": "c"}})
     with pytest.raises(ws.WakeSetupRefused, match="no --config"):
         ws.locate_config(secret, StackSpec())
+
+
+def test_the_proxy_configs_own_fallbacks_are_carried_into_the_callback_the_spec_winning() -> None:
+    """The callback answers before LiteLLM's router, so a fallback configured for the router would never be tried
+    for a model that is down: wake-setup carries it into the callback's settings (the spec's own choice wins)."""
+    config = (
+        "model_list: []\n"
+        "router_settings:\n  fallbacks: [{coder-chat: [gpt-4o-mini, other]}, {embeddings: [e2]}]\n"
+        "litellm_settings:\n  fallbacks: [{coder-fim: [small-fim]}, {coder-chat: [never-this]}]\n"
+    )
+    assert ws.proxy_fallbacks(config) == {
+        "coder-chat": "gpt-4o-mini",
+        "embeddings": "e2",
+        "coder-fim": "small-fim",
+    }
+    spec, lines = ws.with_proxy_fallbacks(_spec(fallbacks={"coder-fim": "coder-chat"}), config)
+    settings = ws.wake_settings(spec, URL)["models"]
+    assert settings["coder-chat"]["fallback"] == "gpt-4o-mini"
+    assert settings["coder-fim"]["fallback"] == "coder-chat"  # the spec's, not the proxy's
+    assert lines == [
+        "kept LiteLLM's fallback coder-chat -> gpt-4o-mini (from the proxy config): while coder-chat is down the "
+        "callback sends its requests to gpt-4o-mini"
+    ]
+    assert ws.with_proxy_fallbacks(StackSpec(), "model_list: []\n") == (StackSpec(), [])
+    assert ws.proxy_fallbacks("{not yaml") == {}
