@@ -18,7 +18,8 @@ value; the content type; an error's ``message``, ``type``, ``param``, ``code`` e
 ``[DONE]``) and the values the hook decides (the mocked text, the alias in ``model``, the model group that served).
 
 Not compared, each for its reason:
-- ids (``id``, ``x-litellm-call-id``, ``x-litellm-model-id``), ``created`` and the duration headers: per call;
+- ids (``id``, ``x-litellm-call-id``, ``x-litellm-model-id``), ``created``, ``elapsed_ms``/``chunk_ms`` and the
+  duration headers: per call and per machine;
 - the upstream's own text (``pong``) and usage on ``hook-serving-chat``: the fakes' upstream wrote them, not
   LiteLLM or the hook (the same fake answers here, so they are compared anyway, but only as the fake's);
 - how a mocked stream is cut into chunks: the text joined is what a client shows;
@@ -30,7 +31,6 @@ from __future__ import annotations
 import json
 import re
 import secrets
-import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -70,16 +70,18 @@ def test_every_exchange_has_a_setup_this_replay_understands() -> None:
     """A new recording is either covered or fails here loudly (an unknown setup word, a missing setup)."""
     assert len(EXCHANGES) >= 7 and len({ex.id for ex in EXCHANGES}) == len(EXCHANGES)
     for ex in EXCHANGES:
-        assert isinstance(SETUPS.get(ex.id), dict), f"{ex.id}: no setup"
-        _apply_setup(FakeCluster(), SETUPS[ex.id])  # raises on anything it cannot reproduce
+        setup = SETUPS.get(ex.id)
+        assert isinstance(setup, dict), f"{ex.id}: no setup"
+        _apply_setup(FakeCluster(), setup)  # raises on anything it cannot reproduce
 
 
 def _apply_setup(cluster: FakeCluster, setup: dict[str, Any]) -> dict[str, Any]:
     """Show ``setup`` on the fake Kubernetes API; the hook settings it names, returned.
 
-    The grammar the real tier wrote: per alias ``ready N`` then any of ``no wake``, ``wake STATE`` (or the bare
-    state), ``cold-start-s SECONDS``, ``fallback ALIAS`` (a hook setting: checked against the tier's); a boolean
-    top-level key is a hook setting (``chat_as_message``)."""
+    The grammar the real tier wrote: per alias ``ready N`` then any of ``no wake``, ``wake waiting-for-gpu`` (or
+    the bare state), ``cold-start-s SECONDS``, ``fallback ALIAS`` (a hook setting: checked against the tier's);
+    a boolean top-level key is a hook setting (``chat_as_message``). A wake state never recorded (``starting``,
+    with its ``ready_by``) is refused until a recording shows it."""
     over: dict[str, Any] = {}
     for key, value in setup.items():
         if isinstance(value, bool):
@@ -95,7 +97,7 @@ def _apply_setup(cluster: FakeCluster, setup: dict[str, Any]) -> dict[str, Any]:
                 ready = int(m[1])
             elif part == "no wake":
                 wake = None
-            elif m := re.fullmatch(r"(?:wake )?(waiting-for-gpu|starting)", part):
+            elif m := re.fullmatch(r"(?:wake )?(waiting-for-gpu)", part):  # the only wake state recorded so far
                 wake = {"state": m[1], "run": "r1", "since": "2026-12-07T09:00:00+00:00", "busy": BUSY,
                         "ready_by": None}  # fmt: skip
             elif m := re.fullmatch(r"cold-start-s ([0-9.]+)", part):
@@ -119,13 +121,11 @@ def _hook_settings(base: str, **over: Any) -> str:
 
 
 @asynccontextmanager
-async def _gateway(setup: dict[str, Any], tmp_path: Path) -> AsyncIterator[tuple[str, str, str]]:
+async def _gateway(setup: dict[str, Any]) -> AsyncIterator[tuple[str, str, str, FakeCluster]]:
     cluster = FakeCluster()
     over = _apply_setup(cluster, setup)
     master = "sk-" + secrets.token_hex(16)
     async with serve(cluster) as base:
-        hook_file = tmp_path / "coder_stack_wake.py"
-        shutil.copy(HOOK, hook_file)  # the product's module as it is shipped, read from the repository
         run = ContainerRun(
             namespace="litellm",
             pod_name="litellm-0",
@@ -135,7 +135,7 @@ async def _gateway(setup: dict[str, Any], tmp_path: Path) -> AsyncIterator[tuple
             env={"PREFECT_API_AUTH_STRING": "admin:pass"},  # as the tier's proxy had it
             files={
                 CONF: yaml.safe_dump(json.loads(proxy_config(master, base))),
-                f"{CONF_DIR}/coder_stack_wake.py": hook_file.read_text(),
+                f"{CONF_DIR}/coder_stack_wake.py": HOOK.read_text(),  # the product's module, as shipped
                 f"{CONF_DIR}/coder_stack_wake.json": _hook_settings(base, **over),
             },
             container_port=4000,
@@ -146,7 +146,7 @@ async def _gateway(setup: dict[str, Any], tmp_path: Path) -> AsyncIterator[tuple
         gw = await start_standin(run, services)
         assert gw is not None
         try:
-            yield f"http://127.0.0.1:{gw.port}", master, base
+            yield f"http://127.0.0.1:{gw.port}", master, base, cluster
         finally:
             await gw.stop()
 
@@ -156,10 +156,10 @@ def _fill(value: Any, base: str) -> Any:
 
 
 @pytest.mark.parametrize("ex", EXCHANGES, ids=[ex.id for ex in EXCHANGES])
-async def test_hook_exchange(ex: Exchange, tmp_path: Path) -> None:
+async def test_hook_exchange(ex: Exchange) -> None:
     setup = SETUPS[ex.id]
     assert isinstance(setup, dict)
-    async with _gateway(setup, tmp_path) as (url, master, base):
+    async with _gateway(setup) as (url, master, base, cluster):
         assert ex.auth == "<master>" and ex.method == "POST" and not ex.request.get("query")
         headers = {"Authorization": f"Bearer {master}"}
         async with (
@@ -167,6 +167,8 @@ async def test_hook_exchange(ex: Exchange, tmp_path: Path) -> None:
             c.stream("POST", ex.path, json=ex.request["body"], headers=headers) as r,
         ):
             raw = [line async for line in r.aiter_lines()]
+        # the product's hook decided this answer: it read the alias's Deployment, once (a fresh hook, one request)
+        assert cluster.reads == 1
         want_h = ex.response["headers"]
         got_h = {k.lower(): v for k, v in r.headers.items()}
         assert r.status_code == ex.status, "\n".join(raw)[:2000]
