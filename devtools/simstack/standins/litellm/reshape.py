@@ -121,7 +121,9 @@ def headers(
     }
     fim_stream = stream and text_model
     if not fim_stream:
-        h["x-litellm-model-api-base"] = str(dep.litellm_params.get("api_base") or "")
+        # recorded (hook-fallback): an openai/ model without api_base shows OpenAI's; GUESS: "" for other providers
+        default = "https://api.openai.com" if dep.provider == "openai" else ""
+        h["x-litellm-model-api-base"] = str(dep.litellm_params.get("api_base") or default)
     h["x-litellm-version"] = VERSION
     if not stream:
         h["x-litellm-response-cost"] = str(cin + cout)

@@ -151,6 +151,11 @@ async def _route(
     bump(st.services.counters, f"litellm:deployment:{dep.model_id}")
     stream = bool(body.get("stream")) and route != "/embeddings"
     mock = body.get("mock_response")
+    if not isinstance(mock, str):
+        # recorded (hook-fallback): a config model with ``mock_response`` in its litellm_params is answered by
+        # LiteLLM itself too (nothing sent to its api_base), as a request's own; GUESS: the request's wins over
+        # the model's when both are set (not observed)
+        mock = dep.litellm_params.get("mock_response")
     if isinstance(mock, str) and route != "/embeddings":
         # observed: a callback's mock_response is answered by LiteLLM itself, usage 10/20
         # GUESS: the mocked usage is charged at the alias's prices (not checked on the real proxy)
