@@ -370,7 +370,7 @@ class ShareVerdict(_Model):
             fix = (
                 f"raise its gpu_memory_utilization to at least {least:g}"
                 if least <= 1
-                else f"it does not fit a {self.gpu_memory_gb:g} GB GPU even alone: use a smaller model or a bigger GPU"
+                else f"it does not fit one {self.gpu_memory_gb:g} GB GPU even alone: use a smaller model or bigger GPU"
             )
             out.append(
                 f"{m.name}'s share of {m.share_gb:g} GB cannot hold {m.weights_gb:g} GB of weights + "
