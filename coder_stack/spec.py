@@ -276,7 +276,7 @@ class GpuSharing(_Model):
     replicas: int = Field(
         2,
         ge=1,
-        le=48,
+        le=256,
         description="Time-slicing replicas per physical GPU the cluster advertises (GKE max-shared-clients-per-gpu, "
         "the device plugin's replicas): at most this many models share one GPU.",
     )
