@@ -6,6 +6,7 @@ The spec names *where* secrets live (namespace/name/key), never their values.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -71,6 +72,15 @@ class ModelSpec(_Model):
     )
     output_cost_per_token: float = Field(
         1.5e-6, ge=0, le=1, description="USD per completion token, used when registering at runtime."
+    )
+    gpu_memory_utilization: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="vLLM --gpu-memory-utilization: the share of one GPU's memory this model's server takes (weights, "
+        "activations and KV cache). Planned by the preflight when gpu_sharing.mode is time-sliced (the shares of the "
+        "models that run together must add up to at most 1); in exclusive mode the model has the whole GPU and "
+        "this is not read.",
     )
 
     @property
@@ -244,6 +254,140 @@ class WakeSpec(_Model):
     )
 
 
+class GpuSharing(_Model):
+    """How models share a GPU: ``exclusive`` (each model asks for a whole ``nvidia.com/gpu`` and has the card to
+    itself; today's behaviour) or ``time-sliced`` (the cluster advertises each physical GPU as ``replicas``
+    ``nvidia.com/gpu`` and models run on one card together, each in the share of its memory set by its
+    ``gpu_memory_utilization``)."""
+
+    mode: Literal["exclusive", "time-sliced"] = Field(
+        "exclusive",
+        description="exclusive: one model per GPU (the default); time-sliced: models share a GPU when their "
+        "gpu_memory_utilization shares fit its memory (the GPU node pool must be time-shared: GKE "
+        "gpu-sharing-strategy=time-sharing, or the NVIDIA device plugin's sharing.timeSlicing).",
+    )
+    gpu_memory_gb: float = Field(
+        24.0,
+        gt=0,
+        le=1024,
+        description="Memory of one physical GPU in GB (an L4: 24). The preflight uses the nodes' "
+        "nvidia.com/gpu.memory label instead when a GPU node has it.",
+    )
+    replicas: int = Field(
+        2,
+        ge=1,
+        le=256,
+        description="Time-slicing replicas per physical GPU the cluster advertises (GKE max-shared-clients-per-gpu, "
+        "the device plugin's replicas): at most this many models share one GPU.",
+    )
+    min_kv_cache_gb: float = Field(
+        1.0,
+        ge=0,
+        le=1024,
+        description="The least KV cache, in GB, a model's share must hold beside its weights for vLLM to serve it.",
+    )
+
+    @model_validator(mode="after")
+    def _time_sliced_needs_replicas(self) -> GpuSharing:
+        if self.mode == "time-sliced" and self.replicas < 2:
+            raise ValueError(
+                f"gpu_sharing.replicas is {self.replicas} but time-slicing needs at least 2 replicas per GPU (one "
+                "per model that shares it): set gpu_sharing.replicas to the number the cluster advertises (GKE "
+                "max-shared-clients-per-gpu, the device plugin's replicas), or gpu_sharing.mode: exclusive"
+            )
+        return self
+
+
+class ModelShare(_Model):
+    """One model's share of a GPU, as :meth:`StackSpec.shares_fit` plans it."""
+
+    name: str = Field(description="Model deployment name.")
+    utilization: float = Field(description="Its gpu_memory_utilization (1.0 in exclusive mode: the whole GPU).")
+    share_gb: float = Field(description="utilization x the GPU's memory, in GB.")
+    weights_gb: float = Field(description="Size of its weights.")
+    kv_cache_gb: float = Field(description="The least KV cache it needs (gpu_sharing.min_kv_cache_gb).")
+    need_gb: float = Field(description="weights_gb + kv_cache_gb.")
+    fits: bool = Field(description="need_gb <= share_gb.")
+
+    def line(self, gpu_memory_gb: float) -> str:
+        return f"{self.name} {self.utilization:g} x {gpu_memory_gb:g} GB = {self.share_gb:g} GB"
+
+    def need_line(self) -> str:
+        sign = "<=" if self.fits else ">"
+        return (
+            f"{self.name} needs {self.weights_gb:g} GB of weights + {self.kv_cache_gb:g} GB of KV cache = "
+            f"{self.need_gb:g} GB {sign} its {self.share_gb:g} GB"
+        )
+
+
+class ShareVerdict(_Model):
+    """Whether models fit one GPU together, with the numbers (:meth:`StackSpec.shares_fit`)."""
+
+    mode: Literal["exclusive", "time-sliced"] = Field(description="The spec's gpu_sharing.mode.")
+    gpu_memory_gb: float = Field(description="One physical GPU's memory, in GB.")
+    replicas: int = Field(description="How many models may share one GPU (1 in exclusive mode).")
+    models: list[ModelShare] = Field(description="Each model's share and need.")
+    total_gb: float = Field(description="The sum of the models' shares, in GB.")
+    shares_fit: bool = Field(description="total_gb <= gpu_memory_gb.")
+    count_fits: bool = Field(description="len(models) <= replicas.")
+    fits: bool = Field(description="Every model fits its share, the shares fit the GPU and the count the replicas.")
+
+    @property
+    def too_small(self) -> list[ModelShare]:
+        """The models whose share cannot hold their weights and the least KV cache."""
+        return [m for m in self.models if not m.fits]
+
+    def summary(self) -> str:
+        """The numbers in one line: each share, their sum against the card, each need against its share."""
+        if not self.models:
+            return "no model"
+        shares = " and ".join(m.line(self.gpu_memory_gb) for m in self.models)
+        needs = "; ".join(m.need_line() for m in self.models)
+        return f"{shares}: {self.total_gb:g} GB of {self.gpu_memory_gb:g} GB; {needs}"
+
+    def problems(self) -> list[str]:
+        """What does not fit and what to change, one sentence each (empty when it fits)."""
+        out = []
+        if self.mode == "exclusive":
+            if not self.count_fits:
+                out.append(
+                    f"gpu_sharing.mode is exclusive, so each of the {len(self.models)} models takes a whole GPU: run "
+                    "one at a time, or set gpu_sharing.mode: time-sliced on a time-shared GPU node pool"
+                )
+        elif not self.count_fits:
+            out.append(
+                f"{len(self.models)} models but a GPU is shared by at most {self.replicas} (its time-slicing "
+                "replicas): run fewer models together, or raise the replicas the GPU node pool advertises and "
+                "gpu_sharing.replicas with them"
+            )
+        if not self.shares_fit and self.mode == "time-sliced":
+            out.append(
+                f"the shares add up to {self.total_gb:g} GB, more than the GPU's {self.gpu_memory_gb:g} GB: lower "
+                "the models' gpu_memory_utilization so they add up to at most 1, or run fewer models together"
+            )
+        for m in self.too_small:
+            least = _ceil2(m.need_gb / self.gpu_memory_gb)
+            fix = (
+                f"raise its gpu_memory_utilization to at least {least:g}"
+                if least <= 1
+                else f"it does not fit one {self.gpu_memory_gb:g} GB GPU even alone: use a smaller model or bigger GPU"
+            )
+            out.append(
+                f"{m.name}'s share of {m.share_gb:g} GB cannot hold {m.weights_gb:g} GB of weights + "
+                f"{m.kv_cache_gb:g} GB of KV cache: {fix}"
+            )
+        return out
+
+
+def _gb(x: float) -> float:
+    return round(x, 2)
+
+
+def _ceil2(x: float) -> float:
+    """``x`` rounded up to 2 decimals (a utilization that is at least ``x``)."""
+    return -(-round(x * 100, 6) // 1) / 100
+
+
 class StackSpec(_Model):
     """The whole coder stack. Every default is the runbook's reference deployment."""
 
@@ -304,6 +448,10 @@ class StackSpec(_Model):
         description="Never reclaim a model whose pod has been Ready for less than this many seconds.",
     )
     wake: WakeSpec = Field(default_factory=WakeSpec, description="Wake on demand (the LiteLLM callback, wake_model).")
+    gpu_sharing: GpuSharing = Field(
+        default_factory=GpuSharing,
+        description="How models share a GPU: exclusive (one model per GPU, the default) or time-sliced.",
+    )
     access: AccessSpec = Field(default_factory=AccessSpec, description="How endpoints are reached.")
     timeouts: Timeouts = Field(default_factory=Timeouts, description="Timeouts outside cold starts.")
 
@@ -345,6 +493,55 @@ class StackSpec(_Model):
         raise SpecError(f"unknown key alias {alias!r}; this stack has: {', '.join(k.alias for k in self.virtual_keys)}")
 
     # ------------------------------------------------------------------------------ derived facts
+    def shares_fit(
+        self,
+        models: Sequence[ModelSpec | str],
+        *,
+        gpu_memory_gb: float | None = None,
+        replicas: int | None = None,
+    ) -> ShareVerdict:
+        """Whether ``models`` (specs or names) fit one GPU together, with the numbers. Pure: no I/O.
+
+        Time-sliced: each model takes ``gpu_memory_utilization`` x the GPU's memory; the shares must add up to
+        at most the GPU, each share must hold the model's weights plus ``min_kv_cache_gb``, and at most
+        ``replicas`` models share it. Exclusive: each model takes the whole GPU, so only one fits.
+        ``gpu_memory_gb`` and ``replicas`` override the spec's (what the cluster's nodes advertise).
+        """
+        sharing = self.gpu_sharing
+        card = _gb(gpu_memory_gb if gpu_memory_gb is not None else sharing.gpu_memory_gb)
+        exclusive = sharing.mode == "exclusive"
+        slots = 1 if exclusive else (replicas if replicas is not None else sharing.replicas)
+        specs = list({m.name: m for m in (x if isinstance(x, ModelSpec) else self.model(x) for x in models)}.values())
+        shares = []
+        for m in specs:
+            utilization = 1.0 if exclusive else m.gpu_memory_utilization
+            share = _gb(utilization * card)
+            need = _gb(m.weights_gb + sharing.min_kv_cache_gb)
+            shares.append(
+                ModelShare(
+                    name=m.name,
+                    utilization=utilization,
+                    share_gb=share,
+                    weights_gb=m.weights_gb,
+                    kv_cache_gb=sharing.min_kv_cache_gb,
+                    need_gb=need,
+                    fits=need <= share,
+                )
+            )
+        total = _gb(sum(s.share_gb for s in shares))
+        shares_ok = total <= card
+        count_ok = len(shares) <= slots
+        return ShareVerdict(
+            mode=sharing.mode,
+            gpu_memory_gb=card,
+            replicas=slots,
+            models=shares,
+            total_gb=total,
+            shares_fit=shares_ok,
+            count_fits=count_ok,
+            fits=shares_ok and count_ok and all(s.fits for s in shares),
+        )
+
     def frontend(self, app: FrontendApp) -> FrontendSpec | None:
         """The front-end Deployment that runs ``app``, if the stack has one."""
         return next((f for f in self.frontends if f.app == app), None)
