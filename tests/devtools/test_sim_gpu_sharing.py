@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from kubernetes_asyncio import client
 from pydantic import BaseModel, ConfigDict
 from simstack.stack import SimStack
@@ -270,3 +271,35 @@ def test_exclusive_mode_is_unchanged(make_sim: Callable[..., SimStack]) -> None:
     chat = ready_pod(sim, S, "coder-chat", timeout=30)
     assert utilization_arg(chat) == "0.90"
     assert sim.cluster is not None and sim.cluster.kubelet.gpu_held == {}  # no GPU memory is booked
+
+
+@pytest.mark.parametrize("how", ["scaled-down", "force-deleted"])
+def test_a_server_stopped_while_it_starts_frees_its_share(make_sim: Callable[..., SimStack], how: str) -> None:
+    """Shared state cut in the middle: coder-chat holds its share from its container's start; stopped before it
+    is Ready (scaled down: a graceful deletion; force-deleted: the pod removed at once, as when its node's kubelet
+    loses it), its share is free again and coder-agent, whose share does not fit beside it, starts first time."""
+    spec = time_sliced(2, {"coder-chat": 0.55, "coder-agent": 0.5})
+    sim = make_sim(spec=spec, time_scale=SCALE)
+    scale(sim, S, "coder-chat", 1)
+
+    def starting(store: Store) -> dict[str, Any] | None:
+        pod = the_pod(store, "coder-chat")
+        st = main_status(pod) if pod is not None else {}
+        return pod if "running" in (st.get("state") or {}) and not st.get("ready") else None
+
+    chat = wait_for(sim, starting, 30, "coder-chat's server starting")
+    name = chat["metadata"]["name"]
+
+    def stop(store: Store) -> None:
+        d = store.get("deployments", S, "coder-chat")
+        d["spec"]["replicas"] = 0
+        store.update("deployments", d)
+        if how == "force-deleted":
+            store.delete("pods", S, name)
+
+    on_loop(sim, stop)
+    wait_for(sim, lambda s: not pods_of(s, S, "coder-chat"), 30, "coder-chat's pod gone")
+    scale(sim, S, "coder-agent", 1)
+    agent = ready_pod(sim, S, "coder-agent", timeout=30)
+    assert main_status(agent)["restartCount"] == 0
+    assert agent["spec"]["nodeName"] == chat["spec"]["nodeName"]
