@@ -14,7 +14,14 @@ from typing import Any
 import yaml
 
 from coder_stack.spec import ModelSpec, StackSpec
-from simstack.layout import EMBEDDINGS_PORT, EMBEDDINGS_SERVICE, stack_workloads
+from simstack.layout import (
+    EMBEDDINGS_PORT,
+    EMBEDDINGS_SERVICE,
+    EXCLUSIVE_GPU_MEMORY_UTILIZATION,
+    gpu_memory_utilization_arg,
+    gpu_share,
+    stack_workloads,
+)
 
 Obj = dict[str, Any]
 
@@ -135,16 +142,42 @@ def cpu_node(name: str = "default-pool-1", index: int = 0) -> Obj:
     )
 
 
+PHYSICAL_GPUS_PER_NODE = 1  # a g2-standard-4 carries one L4
+
+
+def gpu_sharing_labels(spec: StackSpec) -> dict[str, str]:
+    """The labels a time-sliced GPU node carries ({} when exclusive): GKE's time-sharing labels and the
+    NVIDIA device plugin's (GPU feature discovery), with the GPU's memory in MiB."""
+    share = gpu_share(spec)
+    if not share.time_sliced:
+        return {}
+    return {
+        "cloud.google.com/gke-gpu-sharing-strategy": "time-sharing",
+        "cloud.google.com/gke-max-shared-clients-per-gpu": str(share.replicas),
+        "nvidia.com/gpu.sharing-strategy": "time-slicing",
+        "nvidia.com/gpu.replicas": str(share.replicas),
+        "nvidia.com/gpu.memory": str(share.gpu_memory_mib),
+    }
+
+
 def gpu_node_template(spec: StackSpec) -> Obj:
-    """What a node of the GPU pool looks like (the autoscaler's node template)."""
+    """What a node of the GPU pool looks like (the autoscaler's node template). Time-sliced (the spec's
+    ``gpu_sharing``), it advertises replicas x its physical GPUs as ``nvidia.com/gpu`` and the sharing labels."""
+    share = gpu_share(spec)
+    gpus = PHYSICAL_GPUS_PER_NODE * (share.replicas if share.time_sliced else 1)
     return _node(
         "template",
         0,
-        {POOL_LABEL: GPU_POOL, ACCEL_LABEL: L4, "node.kubernetes.io/instance-type": "g2-standard-4"},
+        {
+            POOL_LABEL: GPU_POOL,
+            ACCEL_LABEL: L4,
+            "node.kubernetes.io/instance-type": "g2-standard-4",
+            **gpu_sharing_labels(spec),
+        },
         {
             "cpu": "4",
             "memory": gib(spec.gpu_node_memory_gb),
-            GPU_RESOURCE: "1",
+            GPU_RESOURCE: str(gpus),
             "pods": "110",
             "ephemeral-storage": "100Gi",
         },
@@ -209,7 +242,7 @@ def _secret_env(var: str, secret: str, key: str) -> Obj:
     return {"name": var, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
 
 
-def vllm_args(model: ModelSpec) -> list[str]:
+def vllm_args(model: ModelSpec, gpu_memory_utilization: str = EXCLUSIVE_GPU_MEMORY_UTILIZATION) -> list[str]:
     args = [
         "--model",
         f"/models/{model.name}",
@@ -222,7 +255,7 @@ def vllm_args(model: ModelSpec) -> list[str]:
         "--max-model-len",
         "16384",
         "--gpu-memory-utilization",
-        "0.90",
+        gpu_memory_utilization,
     ]
     if model.role == "agent":
         args += ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
@@ -251,7 +284,7 @@ def model_deployment(spec: StackSpec, model: ModelSpec) -> Obj:
             {
                 "name": "vllm",
                 "image": VLLM_IMAGE,
-                "args": vllm_args(model),
+                "args": vllm_args(model, gpu_memory_utilization_arg(spec, model)),
                 "env": [
                     _secret_env("VLLM_API_KEY", vref.name, vref.key),
                     {"name": "HF_HUB_OFFLINE", "value": "1"},

@@ -2,7 +2,9 @@
 the API server (``container``, ``tailLines``, ``limitBytes``, ``follow``, ``previous``).
 
 The output of a runnable pod's container is its process's stdout and stderr (a file the kubelet names through
-``log_file``); a stand-in's container has none (an empty log, as before).
+``log_file``); a stand-in's container has none (an empty log, as before), except what the vLLM stand-in writes
+when it fails to start on a time-sliced GPU. A container waiting to restart (CrashLoopBackOff) serves its last
+terminated instance's log, as the kubelet does.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from simstack.apiserver.errors import ApiError, bad_request, parse_bool
 from simstack.apiserver.target import Target
 from simstack.store import Obj, Store
 
-LogFile = Callable[[str, str, str], Path | None]
+LogFile = Callable[[str, str, str, bool], Path | None]  # namespace, pod, container, previous
 
 
 def _container(pod: Obj, wanted: str | None) -> str:
@@ -36,12 +38,16 @@ def _container(pod: Obj, wanted: str | None) -> str:
     return wanted
 
 
-def _state(pod: Obj, container: str) -> Obj:
+def _status(pod: Obj, container: str) -> Obj:
     st = pod.get("status") or {}
     for cs in (st.get("containerStatuses") or []) + (st.get("initContainerStatuses") or []):
         if cs.get("name") == container:
-            return cs.get("state") or {}
+            return cs
     return {}
+
+
+def _state(pod: Obj, container: str) -> Obj:
+    return _status(pod, container).get("state") or {}
 
 
 def _tail(data: bytes, lines: int | None, limit: int | None) -> bytes:
@@ -73,15 +79,26 @@ async def pod_log(request: web.Request, t: Target, store: Store, log_file: LogFi
         raise ApiError(404, "NotFound", f'pods "{name}" not found', {"name": name, "kind": "pods"})
     container = _container(pod, q.get("container"))
     state = _state(pod, container)
-    if "waiting" in state or not state:
+    last = (_status(pod, container).get("lastState") or {}).get("terminated") or {}
+    if "waiting" in state and last.get("containerID"):
+        # the kubelet's validateContainerLogStatus: a container waiting to restart (CrashLoopBackOff) serves the
+        # log of its last terminated instance
+        pass
+    elif "waiting" in state or not state:
         reason = (state.get("waiting") or {}).get("reason", "ContainerCreating")
         raise bad_request(f'container "{container}" in pod "{name}" is waiting to start: {reason}')
+    previous = False
     if parse_bool(q.get("previous"), "previous"):
-        # GUESS: the simulated kubelet keeps no log of a container's previous instance
-        raise bad_request(f'previous terminated container "{container}" in pod "{name}" not found')
+        if not last.get("containerID"):
+            raise bad_request(f'previous terminated container "{container}" in pod "{name}" not found')
+        # waiting to restart, the last terminated instance is the current log; running again, the one before.
+        # GUESS: the simulated kubelet keeps a previous instance's log for the stand-ins' containers only
+        previous = "waiting" not in state
+        if previous and (log_file is None or log_file(ns, name, container, True) is None):
+            raise bad_request(f'previous terminated container "{container}" in pod "{name}" not found')
     tail = _int(q.get("tailLines"), "tailLines")
     limit = _int(q.get("limitBytes"), "limitBytes")
-    path = log_file(ns, name, container) if log_file is not None else None
+    path = log_file(ns, name, container, previous) if log_file is not None else None
     data = path.read_bytes() if path is not None and path.exists() else b""
     if not parse_bool(q.get("follow"), "follow"):
         return web.Response(body=_tail(data, tail, limit), content_type="text/plain")

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from simstack.cluster_objects import GPU_POOL, POOL_LABEL, gpu_node_template
 from simstack.controllers.context import ClusterContext
 from simstack.controllers.faults import provision_delay, scheduling_selector
 from simstack.controllers.loop import Loop, log
-from simstack.controllers.objects import condition, rand_suffix
+from simstack.controllers.objects import condition, pod_requests, rand_suffix
 from simstack.controllers.scheduler import fit_reasons
 from simstack.store import Obj, StoreError
 
@@ -23,6 +23,13 @@ class _Upcoming:
     name: str
     pod_uid: str
     handle: asyncio.TimerHandle
+    used: dict[str, float] = field(default_factory=dict)  # requests of the pods the node is coming for
+    riders: list[str] = field(default_factory=list)  # further pods it will take (a time-sliced GPU node)
+
+    def take(self, pod: Obj) -> None:
+        self.used["pods"] = self.used.get("pods", 0) + 1
+        for k, v in pod_requests(pod["spec"]).items():
+            self.used[k] = self.used.get(k, 0.0) + v
 
 
 class Autoscaler:
@@ -53,7 +60,7 @@ class Autoscaler:
         pool = [n for n in nodes if (n["metadata"].get("labels") or {}).get(POOL_LABEL) == GPU_POOL]
         pods = store.list("pods")
         template = gpu_node_template(self.c.spec)
-        reserved = {u.pod_uid for u in self.upcoming.values()}
+        reserved = {u.pod_uid for u in self.upcoming.values()} | {r for u in self.upcoming.values() for r in u.riders}
         live_uids = set()
         for pod in pods:
             uid = pod["metadata"]["uid"]
@@ -65,7 +72,15 @@ class Autoscaler:
                 continue
             if uid in reserved:
                 continue
-            reasons = fit_reasons(pod, template, {}, scheduling_selector(self.c.fault_of(pod)))
+            selector = scheduling_selector(self.c.fault_of(pod))
+            # a node already coming up that still has room (time-sliced GPUs: replicas x GPUs) takes the pod too
+            up = next((u for u in self.upcoming.values() if not fit_reasons(pod, template, u.used, selector)), None)
+            if up is not None:
+                up.riders.append(uid)
+                up.take(pod)
+                reserved.add(uid)
+                continue
+            reasons = fit_reasons(pod, template, {}, selector)
             size = len(pool) + len(self.upcoming)
             if reasons:
                 msg = f"pod didn't trigger scale-up: 1 {reasons[0]}"
@@ -88,7 +103,8 @@ class Autoscaler:
         delay = provision_delay(self.c.fault_of(pod), self.c.timings)
         loop = asyncio.get_running_loop()
         handle = loop.call_later(self.c.scaled(delay), self._node_arrives, name)
-        self.upcoming[name] = _Upcoming(name, pod["metadata"]["uid"], handle)
+        self.upcoming[name] = up = _Upcoming(name, pod["metadata"]["uid"], handle)
+        up.take(pod)
         self.c.events.emit(
             pod,
             "TriggeredScaleUp",

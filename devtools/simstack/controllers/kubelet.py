@@ -16,17 +16,22 @@ import contextlib
 import copy
 import hashlib
 import math
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from simstack.cluster_objects import NAME_LABEL, VLLM_IMAGE, parse_quantity
+from simstack.cluster_objects import GPU_RESOURCE, NAME_LABEL, VLLM_IMAGE, parse_quantity
 from simstack.controllers.context import ClusterContext
 from simstack.controllers.faults import injected_crash
 from simstack.controllers.loop import Loop, log
+from simstack.controllers.objects import pod_requests
+from simstack.layout import gpu_share
 from simstack.podruntime import PodProcess, unrunnable_hint
 from simstack.pods import MissingConfigError, expand, missing_volumes, mounted_files, resolve_container_env
 from simstack.standins import ContainerRun, RunningBackend
+from simstack.standins import vllm as vllm_standin
 from simstack.store import NotFoundError, Obj, now_rfc3339
 from simstack.timings import model_timings
 
@@ -166,9 +171,17 @@ class Kubelet:
         self._cleanups: set[asyncio.Future[None]] = set()
         self.processes: dict[str, PodProcess] = {}  # pod uid -> the process of a runnable pod's container
         self._logs: dict[tuple[str, str, str], Path] = {}  # (namespace, pod, container) -> its log file
+        # time-sliced GPUs: pod uid -> (node, bytes) a vLLM server holds on the node's one physical GPU, from
+        # its container's start until the container stops
+        self.gpu_held: dict[str, tuple[str, int]] = {}
+        self._standin_logs: str | None = None  # a directory for the logs stand-in containers write
+        self._previous_logs: dict[tuple[str, str, str], Path] = {}  # a stand-in container's instance before
 
-    def log_file(self, namespace: str, pod: str, container: str) -> Path | None:
-        """The log file of a runnable pod's container (what ``pods/log`` serves), if it ever ran."""
+    def log_file(self, namespace: str, pod: str, container: str, previous: bool = False) -> Path | None:
+        """The log file of a runnable pod's container (what ``pods/log`` serves), if it ever ran; ``previous``:
+        the instance before the current one (kept for the stand-ins' containers only)."""
+        if previous:
+            return self._previous_logs.get((namespace, pod, container))
         return self._logs.get((namespace, pod, container))
 
     # -- manager
@@ -195,6 +208,7 @@ class Kubelet:
                 )
         for uid in [u for u in list(self.workers) if u not in seen]:  # removed without a graceful deletion
             self.workers.pop(uid).cancel()
+            self.gpu_held.pop(uid, None)
             asyncio.get_running_loop().create_task(self._stop_backend(uid))
 
     def config_changed(self) -> None:
@@ -225,6 +239,10 @@ class Kubelet:
         procs = list(self.processes.values())
         self.processes.clear()
         await asyncio.gather(*(p.stop(2.0) for p in procs), return_exceptions=True)
+        self.gpu_held.clear()
+        if self._standin_logs is not None:
+            shutil.rmtree(self._standin_logs, ignore_errors=True)
+            self._standin_logs = None
 
     async def _stop_backend(self, uid: str) -> None:
         ns_name = self._pods.get(uid)
@@ -361,6 +379,12 @@ class Kubelet:
                 self._start_container(r, cs)
             r.phase = "Running"
             self._write(r)
+            refused = self._claim_gpu_memory(r, pod, main, mspec, env)
+            if refused is not None:
+                await self.c.sleep(start_s * vllm_standin.MEMORY_CHECK_AT)
+                self._write_log(r, main, vllm_standin.startup_failure_log(refused))
+                await self._crash_loop(r, main, "Error", 1)
+                continue
             crash = self._crash(pod, r.node)
             if crash is not None:
                 delay, reason, code = crash
@@ -432,7 +456,42 @@ class Kubelet:
                 return (0.0, "OOMKilled", 137)
         return None
 
+    def _claim_gpu_memory(self, r: _PodRun, pod: Obj, cs: _CState, cspec: Obj, env: dict[str, str]) -> str | None:
+        """A vLLM server starting on a time-sliced GPU: its share (``--gpu-memory-utilization``) of the node's
+        GPU memory is held from now until its container stops, or, when the servers already on that GPU leave
+        less free, vLLM's own start-up error (None: the share is held). Exclusive GPUs: nothing to check."""
+        share = gpu_share(self.c.spec)
+        if not share.time_sliced or cs.image != VLLM_IMAGE or pod_requests(pod["spec"]).get(GPU_RESOURCE, 0) <= 0:
+            return None
+        self._new_log(r, cs)
+        cfg = vllm_standin.parse_args([str(a) for a in cspec.get("args") or []], env)
+        total = share.gpu_memory_bytes
+        held = sum(b for uid, (node, b) in self.gpu_held.items() if node == r.node and uid != r.uid)
+        error = vllm_standin.startup_memory_error(cfg.gpu_memory_utilization, max(total - held, 0), total)
+        if error is None:
+            self.gpu_held[r.uid] = (r.node, vllm_standin.requested_memory(total, cfg.gpu_memory_utilization))
+        return error
+
+    def _new_log(self, r: _PodRun, cs: _CState) -> None:
+        """A new instance of a stand-in's container: a new, empty log; the last one is kept as ``previous``."""
+        if self._standin_logs is None:
+            self._standin_logs = tempfile.mkdtemp(prefix="coder-sim-logs-")
+        key = (r.namespace, r.name, cs.name)
+        if key in self._logs:
+            self._previous_logs[key] = self._logs[key]
+        path = Path(self._standin_logs) / f"{r.uid}-{cs.name}-{cs.restart_count}.log"
+        path.write_text("", encoding="utf-8")
+        self._logs[key] = path
+
+    def _write_log(self, r: _PodRun, cs: _CState, text: str) -> None:
+        """Append to the log of a stand-in's container's current instance (what ``pods/log`` serves)."""
+        path = self._logs.get((r.namespace, r.name, cs.name))
+        if path is not None:
+            with path.open("a", encoding="utf-8") as f:
+                f.write(text)
+
     async def _crash_loop(self, r: _PodRun, cs: _CState, reason: str, code: int) -> None:
+        self.gpu_held.pop(r.uid, None)  # the container has exited: its GPU memory is free
         started = cs.state.get("running", {}).get("startedAt", now_rfc3339())
         cs.last_state = {
             "terminated": {
@@ -614,6 +673,7 @@ class Kubelet:
                 await self._stopped_process(pod, await proc.stop(grace))
             else:
                 await self.c.sleep(min(grace, self.c.timings.termination_s))
+            self.gpu_held.pop(uid, None)  # the container has stopped: its GPU memory is free
             cur = self.c.store.find("pods", ns, name)
             if cur is not None and cur["metadata"]["uid"] == uid:
                 status = cur.get("status") or {}
@@ -640,10 +700,13 @@ class Kubelet:
         except NotFoundError:
             pass
         finally:
+            self.gpu_held.pop(uid, None)
             self.terminating.pop(uid, None)
             self._pods.pop(uid, None)
             for key in [k for k in self._logs if k[:2] == (ns, name)]:
                 del self._logs[key]
+            for key in [k for k in self._previous_logs if k[:2] == (ns, name)]:
+                del self._previous_logs[key]
 
     async def _stopped_process(self, pod: Obj, code: int) -> None:
         """The terminated state of a runnable pod's container its deletion stopped."""

@@ -11,7 +11,9 @@ recording shows is marked ``GUESS``.
 Configuration, as the real server reads it: ``--model`` (or the positional model after ``serve``),
 ``--served-model-name`` (one or more), ``--api-key`` or env ``VLLM_API_KEY``, ``--enable-auto-tool-choice``
 with ``--tool-call-parser``, ``--task embed`` (also ``--runner pooling`` / ``--convert embed``),
-``--max-model-len``.
+``--max-model-len``, ``--gpu-memory-utilization`` (vLLM's default 0.9): the share of the GPU a server asks
+for when it starts (``startup_memory_error``: vLLM's own check and message; the simulated kubelet calls it
+with the node's GPU memory and what the other servers on that GPU hold).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import base64
 import contextlib
 import hashlib
 import json
+import math
 import re
 import secrets
 import struct
@@ -47,6 +50,7 @@ IMAGE = "vllm/vllm-openai"
 VERSION = "0.32.0"
 EMBED_DIM = 384
 DEFAULT_MAX_MODEL_LEN = 32768
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9  # vLLM's CacheConfig.gpu_memory_utilization default
 FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")
 EOS_TOKENS = ("<|endoftext|>", "<|fim_pad|>", "<|im_end|>")
 
@@ -95,6 +99,7 @@ class VllmConfig:
     tool_call_parser: str | None = None
     embed: bool = False
     max_model_len: int = DEFAULT_MAX_MODEL_LEN
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION
 
     @property
     def name(self) -> str:
@@ -114,7 +119,13 @@ def parse_args(args: list[str], env: dict[str, str]) -> VllmConfig:
     model: str | None = None
     served: list[str] = []
     api_key: str | None = None
-    cfg: dict[str, Any] = {"auto": False, "parser": None, "embed": False, "max_len": DEFAULT_MAX_MODEL_LEN}
+    cfg: dict[str, Any] = {
+        "auto": False,
+        "parser": None,
+        "embed": False,
+        "max_len": DEFAULT_MAX_MODEL_LEN,
+        "gpu_util": DEFAULT_GPU_MEMORY_UTILIZATION,
+    }
     i = 0
     positional: list[str] = []
     while i < len(tokens):
@@ -147,6 +158,10 @@ def parse_args(args: list[str], env: dict[str, str]) -> VllmConfig:
             with contextlib.suppress(ValueError):
                 cfg["max_len"] = int(nxt.lower().replace("k", "000"))
             i += 2
+        elif t == "--gpu-memory-utilization" and nxt is not None:
+            with contextlib.suppress(ValueError):
+                cfg["gpu_util"] = float(nxt)
+            i += 2
         elif t.startswith("--"):
             # unknown flag: swallow its value if it has one
             i += 2 if nxt is not None and not nxt.startswith("--") else 1
@@ -170,6 +185,76 @@ def parse_args(args: list[str], env: dict[str, str]) -> VllmConfig:
         tool_call_parser=cfg["parser"],
         embed=cfg["embed"],
         max_model_len=cfg["max_len"],
+        gpu_memory_utilization=cfg["gpu_util"],
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Start-up: the GPU memory check.
+
+GIB_BYTES = 1 << 30  # vllm/utils/mem_constants.py GiB_bytes
+# The check runs in the worker's init_device, before the weights load. In the recorded start
+# (recordings/vllm-0.32.0-startup.txt) the worker's first line comes 31.3 s into a 39.3 s start: 0.8 of it.
+MEMORY_CHECK_AT = 0.8
+
+
+def format_gib(b: int) -> float:
+    """vllm/utils/mem_utils.py ``format_gib``."""
+    return round(b / GIB_BYTES, 2)
+
+
+def requested_memory(total_memory: int, gpu_memory_utilization: float) -> int:
+    """The bytes a server holds on its GPU: ``math.ceil(total * gpu_memory_utilization)`` (vLLM's
+    ``request_memory``)."""
+    return math.ceil(total_memory * gpu_memory_utilization)
+
+
+def startup_memory_error(
+    gpu_memory_utilization: float, free_memory: int, total_memory: int, device: str = "cuda:0"
+) -> str | None:
+    """vLLM's start-up memory check, or None when the share is free.
+
+    Copied from vLLM's own source: ``request_memory(init_snapshot, cache_config)`` in
+    ``vllm/v1/worker/utils.py``, which ``Worker.init_device`` (``vllm/v1/worker/gpu_worker.py``) calls on a
+    fresh ``MemorySnapshot`` (``torch.cuda.mem_get_info``): it raises ``ValueError`` with this text when the
+    free memory is less than ``ceil(total * gpu_memory_utilization)``. ``device`` is the snapshot's
+    ``torch.device`` (``cuda:0`` for the one GPU a pod sees); numbers through ``format_gib`` (GiB, 2 places)
+    and the utilization as the float vLLM parsed.
+    """
+    requested = requested_memory(total_memory, gpu_memory_utilization)
+    if free_memory >= requested:
+        return None
+    return (
+        f"Free memory on device {device} "
+        f"({format_gib(free_memory)}/"
+        f"{format_gib(total_memory)} GiB) on startup "
+        f"is less than desired GPU memory utilization "
+        f"({gpu_memory_utilization}, "
+        f"{format_gib(requested)} GiB). Decrease GPU memory "
+        f"utilization or reduce GPU memory used by other processes."
+    )
+
+
+def startup_failure_log(error: str, when: float | None = None) -> str:
+    """The tail of a vLLM 0.32.0 log whose engine failed the memory check; the process then exits 1.
+
+    The ``ValueError: ...`` text is vLLM's own (``startup_memory_error``). GUESS: the lines around it, from
+    vLLM's source rather than a recorded failure: ``EngineCoreProc.run_engine_core`` logs "EngineCore failed to
+    start." with the traceback (prefixed ``(EngineCore pid=N)`` as in the recorded start) and re-raises, and
+    the API server's ``wait_for_engine_startup`` raises ``RuntimeError: Engine core initialization failed. See
+    root cause above. Failed core proc(s): {}``; an uncaught exception exits the interpreter with code 1. The
+    pids, the source line numbers and the traceback frames in between are not reproduced.
+    """
+    stamp = time.strftime("%m-%d %H:%M:%S", time.localtime(when))
+    api, core = "(APIServer pid=1)", "(EngineCore pid=72)"
+    return (
+        f"{api} INFO {stamp} [api_utils.py:347]  \u2584\u2584 \u2584\u2588 \u2588     \u2588     "
+        f"\u2588 \u2580\u2584\u2580 \u2588  version 0.32.0\n"
+        f"{core} ERROR {stamp} [core.py:842] EngineCore failed to start.\n"
+        f"{core} ERROR {stamp} [core.py:842] Traceback (most recent call last):\n"
+        f"{core} ERROR {stamp} [core.py:842] ValueError: {error}\n"
+        f"{core} ValueError: {error}\n"
+        f"{api} RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {{}}\n"
     )
 
 
