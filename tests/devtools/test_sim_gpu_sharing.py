@@ -10,13 +10,11 @@ from typing import Any
 
 import pytest
 from kubernetes_asyncio import client
-from pydantic import BaseModel, ConfigDict
 from simstack.stack import SimStack
 from simstack.store import Store
 
-import coder_stack.spec as spec_module
 from coder_stack.kubernetes.client import ClusterTarget, open_api
-from coder_stack.spec import ModelSpec, StackSpec
+from coder_stack.spec import GpuSharing, ModelSpec, StackSpec
 from tests.conftest import events_of, is_ready, on_loop, pods_of, ready_pod, scale, wait_for
 
 S = "serving"
@@ -30,26 +28,9 @@ SHARING_LABELS = (
 )
 
 
-# The spec's fields (coder_stack/spec.py: StackSpec.gpu_sharing, GpuSharing, ModelSpec.gpu_memory_utilization) as
-# the share contract names them; until spec.py has them, test-local subclasses carry the same fields (the
-# simulator reads them by name).
-class _Sharing(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    mode: str = "exclusive"
-    gpu_memory_gb: float = 24.0
-    replicas: int = 2
-    min_kv_cache_gb: float = 1.0
-
-
-class _SharedModel(ModelSpec):
-    gpu_memory_utilization: float = 0.9
-
-
-class _SharedSpec(StackSpec):
-    gpu_sharing: _Sharing = _Sharing()
-
-
-def time_sliced(replicas: int, shares: dict[str, float], weights: dict[str, float] | None = None, **kw: Any) -> Any:
+def time_sliced(
+    replicas: int, shares: dict[str, float], weights: dict[str, float] | None = None, **kw: Any
+) -> StackSpec:
     """A spec with a time-sliced L4 (24 GB) of ``replicas`` and these models' shares."""
     base = StackSpec()
     weights = weights or {}
@@ -57,13 +38,10 @@ def time_sliced(replicas: int, shares: dict[str, float], weights: dict[str, floa
     def fields(m: ModelSpec) -> dict[str, Any]:
         return {**m.model_dump(), "weights_gb": weights.get(m.name, m.weights_gb)}
 
-    sharing_cls = getattr(spec_module, "GpuSharing", None)
-    if sharing_cls is not None and "gpu_memory_utilization" in ModelSpec.model_fields:
-        models = [ModelSpec(**{**fields(m), "gpu_memory_utilization": shares.get(m.name, 0.9)}) for m in base.models]
-        sharing = sharing_cls(mode="time-sliced", gpu_memory_gb=24.0, replicas=replicas)
-        return StackSpec(**{"models": models, "gpu_sharing": sharing, **kw})
-    models = [_SharedModel(**fields(m), gpu_memory_utilization=shares.get(m.name, 0.9)) for m in base.models]
-    return _SharedSpec(models=models, gpu_sharing=_Sharing(mode="time-sliced", replicas=replicas), **kw)
+    models = [ModelSpec(**{**fields(m), "gpu_memory_utilization": shares.get(m.name, 0.9)}) for m in base.models]
+    return StackSpec(
+        models=models, gpu_sharing=GpuSharing(mode="time-sliced", gpu_memory_gb=24.0, replicas=replicas), **kw
+    )
 
 
 def gpu_nodes(store: Store) -> list[dict[str, Any]]:
