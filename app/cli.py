@@ -364,22 +364,30 @@ def status(
     stack_block: StackBlockOpt = None,
     credentials_block: CredentialsBlockOpt = None,
 ) -> None:
-    """Replicas and pod status per model and front-end, who holds the GPU limit, spend per key (read-only)."""
+    """Replicas and pod status per model and front-end, the GPU's shares (time-sliced), who holds the GPU limit,
+    spend per key (read-only)."""
     from rich.table import Table
 
     from coder_stack.flows.cleanup import GPU_FLOWS
     from coder_stack.orchestration.gpu import gpu_limit_status
     from coder_stack.tasks.cluster import stack_status_task
     from coder_stack.tasks.gateway import read_spend_task
+    from coder_stack.app.shares_view import show as show_shares
     from coder_stack.usecases.idle import reclaimed_note
+    from coder_stack.usecases.shares import gpu_shares
     from coder_stack.usecases.stamps import orphaned_models
     from coder_stack.usecases.wake import pending_wakes
 
     conn, spec_obj = _connection(stack, kubeconfig, context, stack_block, credentials_block)
     target = conn.cluster_target()
 
-    async def gather() -> tuple[Any, Any, Any, Any, Any]:
+    async def gather() -> tuple[Any, Any, Any, Any, Any, Any]:
         deps = await stack_status_task.fn(target, spec_obj)
+        try:
+            # time-sliced mode: each GPU node's shares (None in exclusive mode: nothing read, nothing shown)
+            shares: Any = await gpu_shares(target, spec_obj)
+        except CoderStackError as e:
+            shares = f"GPU shares: unavailable ({e})"
         try:
             gpu: Any = await gpu_limit_status(GPU_FLOWS)
         except Exception as e:  # Prefect API down: still show the cluster
@@ -398,9 +406,9 @@ def status(
             rows: Any = await read_spend_task.fn(target, spec_obj, [k.alias for k in spec_obj.virtual_keys])
         except CoderStackError as e:
             rows = f"spend: unavailable ({e})"
-        return deps, gpu, orphans, wakes, rows
+        return deps, gpu, orphans, wakes, rows, shares
 
-    deps, gpu, orphans, wakes, rows = _run(gather())
+    deps, gpu, orphans, wakes, rows, shares = _run(gather())
     t = Table(title="Deployments")
     for col in ("deployment", "replicas", "ready", "pods"):
         t.add_column(col)
@@ -408,6 +416,10 @@ def status(
         t.add_row(f"{d.namespace}/{d.name}", str(d.replicas), str(d.ready_replicas),
                   ", ".join(f"{p.name} {p.status}" for p in d.pods) or "-")  # fmt: skip
     out.print(t)
+    if isinstance(shares, str):
+        out.print(Text(shares))
+    elif shares is not None:
+        show_shares(out, shares)
     for d in deps:
         if d.namespace == spec_obj.serving_namespace and not d.replicas:
             note = reclaimed_note(spec_obj, spec_obj.model(d.name), d.annotations)

@@ -187,7 +187,7 @@ async def preflight(api: ApiClient, spec: StackSpec, models: list[str] | None = 
                 gpus = 0
             if gpus > 0:
                 gpu_nodes.append(n.metadata.name)
-                gpu_node_details.append(_gpu_node(n.metadata.name, gpus, n.metadata.labels or {}))
+                gpu_node_details.append(gpu_node(n.metadata.name, gpus, n.metadata.labels or {}))
                 if cap.get("memory"):
                     mems.append(parse_memory_gb(cap["memory"]))
         if mems:
@@ -250,7 +250,7 @@ def _label_int(labels: dict[str, str], key: str) -> int | None:
         return None
 
 
-def _gpu_node(name: str, gpus: int, labels: dict[str, str]) -> GpuNode:
+def gpu_node(name: str, gpus: int, labels: dict[str, str]) -> GpuNode:
     """What one GPU node advertises about sharing: GKE's labels first, then the device plugin's."""
     time_sliced = any(labels.get(k) == v for k, v in TIME_SLICED.items())
     replicas = None
@@ -392,6 +392,7 @@ __all__ = [
     "ModelOnGpu",
     "PreflightReport",
     "SharingReport",
+    "gpu_node",
     "models_on_gpu",
     "node_size_for",
     "parse_memory_gb",
