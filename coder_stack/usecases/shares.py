@@ -56,7 +56,9 @@ class NodeShares(_Report):
 
 class GpuShares(_Report):
     nodes: list[NodeShares] = Field(description="The GPU nodes (nvidia.com/gpu capacity > 0), by name.")
-    unplaced: list[PodShare] = Field(description="Model pods not on a GPU node yet (Pending), share at the spec's card.")
+    unplaced: list[PodShare] = Field(
+        description="Model pods not on a GPU node yet (Pending), share at the spec's card."
+    )
     notes: list[str] = Field(default_factory=list, description="What could not be read, and what that means.")
 
 
@@ -71,14 +73,14 @@ async def read_gpu_shares(api: ApiClient, spec: StackSpec) -> GpuShares | None:
     try:
         with api_errors("list", "nodes"):
             listed = await core.list_node(_request_timeout=API_TIMEOUT)
-        for n in listed.items or []:
-            cap = (n.status.capacity if n.status else None) or {}
+        for item in listed.items or []:
+            cap = (item.status.capacity if item.status else None) or {}
             try:
                 gpus = int(str(cap.get(GPU_RESOURCE, "0")))
             except ValueError:
                 gpus = 0
             if gpus > 0:
-                nodes.append(gpu_node(n.metadata.name, gpus, n.metadata.labels or {}))
+                nodes.append(gpu_node(item.metadata.name, gpus, item.metadata.labels or {}))
     except Forbidden:
         notes.append("not allowed to list nodes: the GPU nodes' shares cannot be shown")
     if not nodes and not notes:

@@ -33,7 +33,9 @@ def sliced_spec(replicas: int = 2, gpu_memory_gb: float = 24.0) -> StackSpec:
 def the_gpu_node(sim: SimStack) -> dict[str, Any]:
     nodes = on_loop(
         sim,
-        lambda s: [n for n in s.list("nodes") if n["metadata"]["labels"].get("cloud.google.com/gke-nodepool") == GPU_POOL],
+        lambda s: [
+            n for n in s.list("nodes") if n["metadata"]["labels"].get("cloud.google.com/gke-nodepool") == GPU_POOL
+        ],
     )
     assert len(nodes) == 1, nodes
     return nodes[0]

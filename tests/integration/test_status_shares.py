@@ -17,7 +17,7 @@ from coder_stack.app.cli import app
 from coder_stack.kubernetes.client import ClusterTarget, open_api
 from coder_stack.spec import StackSpec
 from coder_stack.usecases.shares import read_gpu_shares
-from tests.conftest import on_loop, ready_pod, scale
+from tests.conftest import on_loop, pods_of, ready_pod, scale, wait_for
 from tests.integration.test_preflight_sim_sharing import sliced_spec, the_gpu_node
 
 S = "serving"
@@ -53,9 +53,7 @@ async def test_status_shows_both_shares_on_the_time_sliced_node_and_what_is_left
     sim = make_sim(spec=spec, gpu_pool="static")
     node = the_gpu_node(sim)["metadata"]["name"]
     pods = await asyncio.to_thread(both_serving, sim)
-    placed = on_loop(
-        sim, lambda s: {p["metadata"]["name"]: p["spec"].get("nodeName") for p in s.list("pods", S)}
-    )
+    placed = on_loop(sim, lambda s: {p["metadata"]["name"]: p["spec"].get("nodeName") for p in s.list("pods", S)})
     assert placed[pods["coder-chat"]] == placed[pods["coder-fim"]] == node
 
     async with open_api(ClusterTarget(kubeconfig=str(sim.kubeconfig_path))) as api:
@@ -78,11 +76,30 @@ async def test_status_shows_both_shares_on_the_time_sliced_node_and_what_is_left
     assert "left │ 4.8 GB of 24 GB free (19.2 GB held); 0 of 2 replicas free" in text, text
     assert "GPU limit: unknown" in text  # the Prefect API is down: the cluster is still shown
 
+    # a third model server finds no replica left on the node: Pending, shown apart, holding no share
+    scale(sim, S, "coder-agent", 1)
+    agent = wait_for(
+        sim,
+        lambda s: next(
+            (p for p in pods_of(s, S, "coder-agent") if p.get("status", {}).get("phase") == "Pending"), None
+        ),
+        what="a Pending coder-agent pod",
+    )["metadata"]["name"]
+    async with open_api(ClusterTarget(kubeconfig=str(sim.kubeconfig_path))) as api:
+        again = await read_gpu_shares(api, spec)
+    assert again is not None
+    assert [(p.model, p.pod, p.holds) for p in again.unplaced] == [("coder-agent", agent, False)]
+    assert (again.nodes[0].used_gb, again.nodes[0].left_gb) == (19.2, 4.8)
+    text = await asyncio.to_thread(status_text, sim, write_spec(spec, f"{tmp_path}/stack.json"))
+    assert f"coder-agent │ 0.9 of a GPU once placed │ {agent} Pending" in text, text
+    assert "left │ 4.8 GB of 24 GB free (19.2 GB held); 0 of 2 replicas free" in text, text
+
 
 async def test_status_in_exclusive_mode_shows_no_shares(make_sim: Callable[..., SimStack], tmp_path: object) -> None:
     spec = StackSpec()
     sim = make_sim(spec=spec, gpu_pool="static")
-    pod = await asyncio.to_thread(lambda: (scale(sim, S, "coder-chat", 1), ready_pod(sim, S, "coder-chat", 60))[1])
+    scale(sim, S, "coder-chat", 1)
+    pod = await asyncio.to_thread(ready_pod, sim, S, "coder-chat", 60)
     async with open_api(ClusterTarget(kubeconfig=str(sim.kubeconfig_path))) as api:
         assert await read_gpu_shares(api, spec) is None
     text = await asyncio.to_thread(status_text, sim, write_spec(spec, f"{tmp_path}/stack.json"))
