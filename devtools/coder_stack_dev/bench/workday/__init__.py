@@ -56,20 +56,36 @@ benchmark prints). No module shares a name with a function the package exports.
 """
 
 from coder_stack_dev.bench.workday.check import modelled_durations, sim_check
-from coder_stack_dev.bench.workday.day import AGENT, CHAT, Day, replay
-from coder_stack_dev.bench.workday.policy import WAKE_LATENCY_S, Policy, policies, wake_policies
+from coder_stack_dev.bench.workday.day import AGENT, CHAT, Day, SharingRefused, replay
+from coder_stack_dev.bench.workday.policy import (
+    TEAM_MODELS,
+    WAKE_LATENCY_S,
+    Policy,
+    policies,
+    team_policies,
+    wake_policies,
+)
 from coder_stack_dev.bench.workday.report import table
 from coder_stack_dev.bench.workday.result import WORKDAYS_PER_MONTH, Result
-from coder_stack_dev.bench.workday.scenario import NODE_PRICE_PER_HOUR, NODE_PRICE_SOURCE, workday
+from coder_stack_dev.bench.workday.scenario import (
+    NODE_PRICE_PER_HOUR,
+    NODE_PRICE_SOURCE,
+    TEAM_SHARES,
+    team_spec,
+    team_workday,
+    workday,
+)
 from coder_stack_dev.bench.workday.schedules import HOUR, MINUTE, PREFECT_YAML, Schedules, at, hm, read_schedules
 from coder_stack_dev.bench.workday.simday import SimDay, sim_day
 from coder_stack_dev.bench.workday.trace import (
+    TEAM_TRACE_FILE,
     WORKDAY_TRACE_FILE,
     Trace,
     TraceError,
     parse_trace,
     read_trace,
     short_trace,
+    team_trace,
     trace_lines,
     workday_trace,
 )
@@ -82,6 +98,9 @@ __all__ = [
     "NODE_PRICE_PER_HOUR",
     "NODE_PRICE_SOURCE",
     "PREFECT_YAML",
+    "TEAM_MODELS",
+    "TEAM_SHARES",
+    "TEAM_TRACE_FILE",
     "WAKE_LATENCY_S",
     "WORKDAYS_PER_MONTH",
     "WORKDAY_TRACE_FILE",
@@ -89,6 +108,7 @@ __all__ = [
     "Policy",
     "Result",
     "Schedules",
+    "SharingRefused",
     "SimDay",
     "Trace",
     "TraceError",
@@ -104,6 +124,10 @@ __all__ = [
     "sim_check",
     "sim_day",
     "table",
+    "team_policies",
+    "team_spec",
+    "team_trace",
+    "team_workday",
     "trace_lines",
     "wake_policies",
     "workday",
