@@ -267,8 +267,9 @@ def run_workday(
     from coder_stack.spec import StackSpec
     from coder_stack_dev.bench import workday
 
+    models = [m.name for m in StackSpec().models]
     if trace_file is not None:
-        trace = workday.read_trace(trace_file, [m.name for m in StackSpec().models])
+        trace = workday.read_trace(trace_file, models)
     else:
         trace = workday.short_trace() if cfg.workday_trace == "short" else workday.workday_trace()
     t = time.monotonic()
@@ -279,7 +280,7 @@ def run_workday(
         trace, crash_cleanup_s=crash_cleanup_s, price=price, sim_scale=cfg.workday_sim_days, log=log,
         wake_latency_s=workday.WAKE_LATENCY_S if wake_latency_s is None else wake_latency_s, trace_source=trace_file,
         react_s=react_s,
-        team=None if team_trace_file is None else workday.read_trace(team_trace_file, [m.name for m in StackSpec().models]),
+        team=None if team_trace_file is None else workday.read_trace(team_trace_file, models),
         team_source=team_trace_file,
     )  # fmt: skip
     res["workday_sim_check"] = workday.sim_check(cfg.workday_sim_scale)
@@ -511,8 +512,11 @@ def main(argv: list[str] | None = None) -> int:
         from coder_stack_dev.bench.workday import NODE_PRICE_PER_HOUR
 
         price = args.workday_price if args.workday_price is not None else NODE_PRICE_PER_HOUR
-        res.update(run_workday(cfg, log, price, args.crash_cleanup_s, args.trace, args.wake_latency_s, react_s,
-                                args.team_trace))
+        res.update(
+            run_workday(
+                cfg, log, price, args.crash_cleanup_s, args.trace, args.wake_latency_s, react_s, args.team_trace
+            )
+        )
     if "hook" in only:
         res.update(run_hook(cfg, log))
     info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]

@@ -82,9 +82,7 @@ def wake_policies(
 TEAM_MODELS = ("coder-chat", "coder-fim")
 
 
-def team_policies(
-    s: Schedules, crash_cleanup_s: float = 120.0, wake_latency_s: float = WAKE_LATENCY_S
-) -> list[Policy]:
+def team_policies(s: Schedules, crash_cleanup_s: float = 120.0, wake_latency_s: float = WAKE_LATENCY_S) -> list[Policy]:
     """A team using chat and completion all day (issue 20), both rows with the schedules, the clean-up, reclaim
     at the spec's default idle_after_s and wake: exclusive (today's rules: the morning bring-up brings
     coder-chat; a wake never evicts a model in use, so the other model waits until reclaim takes it away) and

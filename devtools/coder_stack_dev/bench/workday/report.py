@@ -62,7 +62,8 @@ def table(res: dict[str, Any]) -> str:
                     + f"{(f'{pm[0]:.1f}/{pm[1]:.1f}' if pm else '-'):>11}"
                 )
             out.append(
-                f"{r['label']:<46} {r['node_hours']:>7.2f} " + " ".join(cols)
+                f"{r['label']:<46} {r['node_hours']:>7.2f} "
+                + " ".join(cols)
                 + f" {r['cost_per_day']:>7.2f} {r['cost_per_month']:>8.2f}  {r['gpu']}"
             )
     chk = res.get("workday_sim_check")

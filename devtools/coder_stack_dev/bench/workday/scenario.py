@@ -11,8 +11,8 @@ from typing import Any
 from simstack.timings import Timings
 
 from coder_stack.orchestration.gpu import LEASE_SECONDS
-from coder_stack_dev.bench.workday.day import replay
 from coder_stack.spec import GpuSharing, StackSpec
+from coder_stack_dev.bench.workday.day import replay
 from coder_stack_dev.bench.workday.policy import (
     TEAM_MODELS,
     WAKE_LATENCY_S,
