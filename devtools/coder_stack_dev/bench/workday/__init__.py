@@ -49,6 +49,12 @@ What is modelled (no Prefect server or flow runs; the same in both):
   group measures it: ~75 s); it does not bring back what the killed run had taken over;
 - requests are instantaneous (nothing is running or waiting at a reclaim tick).
 
+A team using chat and completion all day (issue 20; :func:`team_trace`, ``team.trace.csv``) is replayed under
+:func:`team_policies`: exclusive (one model on the GPU at a time, as above) and shared (``Policy.shared``: the
+models run on one time-sliced GPU together when ``StackSpec.shares_fit`` says they fit, each server starting
+once the one before is Ready; a spec where they do not fit is refused, :class:`SharingRefused`). Replay only:
+the flows that would share the GPU are not built yet, so :class:`SimDay` does not run these rows.
+
 The modules, each importing only those above it: ``schedules`` (the clock, prefect.yaml's crons), ``trace``,
 ``policy``, ``result``, ``day`` (the replay, :class:`Day`), ``simday`` (:class:`SimDay`), ``check``
 (:func:`sim_check`), ``scenario`` (:func:`workday`: every policy's day, priced) and ``report`` (the table the
