@@ -9,8 +9,10 @@ Timings and prefect.yaml's reclaim cadence, not copied from a run.
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
+from coder_stack_dev.bench.run import main
 from coder_stack_dev.bench.workday import (
     CHAT,
     MINUTE,
@@ -197,3 +199,14 @@ def test_shared_a_server_scaled_while_another_starts_waits_for_it_on_the_node() 
     )
     assert event_time(r, "coder-fim Ready") == pytest.approx(chat_ready + T.weights_cached_s + FIM_START)
     assert len(r.nodes) == 1
+
+
+def test_bench_refuses_a_bad_team_trace_before_running_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    f = tmp_path / "team.csv"
+    f.write_text("09:00,coder-fim,request\n09:01,coder-tab,request\n")
+    with pytest.raises(SystemExit) as e:
+        main(["--only", "workday", "--team-trace", str(f), "--json", str(tmp_path / "out.json")])
+    assert e.value.code == 2 and f"--team-trace: {f} line 2" in capsys.readouterr().err
+    assert not (tmp_path / "out.json").exists()
