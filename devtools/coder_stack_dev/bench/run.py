@@ -262,13 +262,14 @@ def run_hook(cfg: Config, log: Any) -> dict[str, Any]:
 
 def run_workday(
     cfg: Config, log: Any, price: float, crash_cleanup_s: float, trace_file: str | None = None,
-    wake_latency_s: float | None = None, react_s: float | None = 0.0,
+    wake_latency_s: float | None = None, react_s: float | None = 0.0, team_trace_file: str | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     from coder_stack.spec import StackSpec
     from coder_stack_dev.bench import workday
 
+    models = [m.name for m in StackSpec().models]
     if trace_file is not None:
-        trace = workday.read_trace(trace_file, [m.name for m in StackSpec().models])
+        trace = workday.read_trace(trace_file, models)
     else:
         trace = workday.short_trace() if cfg.workday_trace == "short" else workday.workday_trace()
     t = time.monotonic()
@@ -279,6 +280,8 @@ def run_workday(
         trace, crash_cleanup_s=crash_cleanup_s, price=price, sim_scale=cfg.workday_sim_days, log=log,
         wake_latency_s=workday.WAKE_LATENCY_S if wake_latency_s is None else wake_latency_s, trace_source=trace_file,
         react_s=react_s,
+        team=None if team_trace_file is None else workday.read_trace(team_trace_file, models),
+        team_source=team_trace_file,
     )  # fmt: skip
     res["workday_sim_check"] = workday.sim_check(cfg.workday_sim_scale)
     res["workday_seconds"] = round(time.monotonic() - t, 1)
@@ -413,6 +416,12 @@ def main(argv: list[str] | None = None) -> int:
         "built-in day: devtools/coder_stack_dev/bench/workday/workday.trace.csv) instead of the built-in day.",
     )
     p.add_argument(
+        "--team-trace",
+        metavar="FILE",
+        help="The workday's chat-and-completion rows (exclusive and time-sliced GPU) from this trace file (same "
+        "format; the built-in team day: devtools/coder_stack_dev/bench/workday/team.trace.csv).",
+    )
+    p.add_argument(
         "--wake-latency-s",
         type=float,
         metavar="S",
@@ -463,14 +472,16 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"hook: {e} (or leave hook out: --only {','.join(g for g in only if g != 'hook') or 'workday'})")
     if args.wake_latency_s is not None and args.wake_latency_s < 0:
         p.error("--wake-latency-s: give 0 or more seconds")
-    if args.trace is not None:
+    for flag, path in (("--trace", args.trace), ("--team-trace", args.team_trace)):
+        if path is None:
+            continue
         from coder_stack.spec import StackSpec
         from coder_stack_dev.bench.workday import TraceError, read_trace
 
         try:
-            read_trace(args.trace, [m.name for m in StackSpec().models])  # a bad file fails before any run
+            read_trace(path, [m.name for m in StackSpec().models])  # a bad file fails before any run
         except TraceError as e:
-            p.error(f"--trace: {e}")
+            p.error(f"{flag}: {e}")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")  # as the CLI: GPU sessions require it
 
@@ -501,7 +512,11 @@ def main(argv: list[str] | None = None) -> int:
         from coder_stack_dev.bench.workday import NODE_PRICE_PER_HOUR
 
         price = args.workday_price if args.workday_price is not None else NODE_PRICE_PER_HOUR
-        res.update(run_workday(cfg, log, price, args.crash_cleanup_s, args.trace, args.wake_latency_s, react_s))
+        res.update(
+            run_workday(
+                cfg, log, price, args.crash_cleanup_s, args.trace, args.wake_latency_s, react_s, args.team_trace
+            )
+        )
     if "hook" in only:
         res.update(run_hook(cfg, log))
     info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]

@@ -49,6 +49,12 @@ What is modelled (no Prefect server or flow runs; the same in both):
   group measures it: ~75 s); it does not bring back what the killed run had taken over;
 - requests are instantaneous (nothing is running or waiting at a reclaim tick).
 
+A team using chat and completion all day (issue 20; :func:`team_trace`, ``team.trace.csv``) is replayed under
+:func:`team_policies`: exclusive (one model on the GPU at a time, as above) and shared (``Policy.shared``: the
+models run on one time-sliced GPU together when ``StackSpec.shares_fit`` says they fit, each server starting
+once the one before is Ready; a spec where they do not fit is refused, :class:`SharingRefused`). Replay only:
+the flows that would share the GPU are not built yet, so :class:`SimDay` does not run these rows.
+
 The modules, each importing only those above it: ``schedules`` (the clock, prefect.yaml's crons), ``trace``,
 ``policy``, ``result``, ``day`` (the replay, :class:`Day`), ``simday`` (:class:`SimDay`), ``check``
 (:func:`sim_check`), ``scenario`` (:func:`workday`: every policy's day, priced) and ``report`` (the table the
@@ -56,20 +62,36 @@ benchmark prints). No module shares a name with a function the package exports.
 """
 
 from coder_stack_dev.bench.workday.check import modelled_durations, sim_check
-from coder_stack_dev.bench.workday.day import AGENT, CHAT, Day, replay
-from coder_stack_dev.bench.workday.policy import WAKE_LATENCY_S, Policy, policies, wake_policies
+from coder_stack_dev.bench.workday.day import AGENT, CHAT, Day, SharingRefused, replay
+from coder_stack_dev.bench.workday.policy import (
+    TEAM_MODELS,
+    WAKE_LATENCY_S,
+    Policy,
+    policies,
+    team_policies,
+    wake_policies,
+)
 from coder_stack_dev.bench.workday.report import table
 from coder_stack_dev.bench.workday.result import WORKDAYS_PER_MONTH, Result
-from coder_stack_dev.bench.workday.scenario import NODE_PRICE_PER_HOUR, NODE_PRICE_SOURCE, workday
+from coder_stack_dev.bench.workday.scenario import (
+    NODE_PRICE_PER_HOUR,
+    NODE_PRICE_SOURCE,
+    TEAM_SHARES,
+    team_spec,
+    team_workday,
+    workday,
+)
 from coder_stack_dev.bench.workday.schedules import HOUR, MINUTE, PREFECT_YAML, Schedules, at, hm, read_schedules
 from coder_stack_dev.bench.workday.simday import SimDay, sim_day
 from coder_stack_dev.bench.workday.trace import (
+    TEAM_TRACE_FILE,
     WORKDAY_TRACE_FILE,
     Trace,
     TraceError,
     parse_trace,
     read_trace,
     short_trace,
+    team_trace,
     trace_lines,
     workday_trace,
 )
@@ -82,6 +104,9 @@ __all__ = [
     "NODE_PRICE_PER_HOUR",
     "NODE_PRICE_SOURCE",
     "PREFECT_YAML",
+    "TEAM_MODELS",
+    "TEAM_SHARES",
+    "TEAM_TRACE_FILE",
     "WAKE_LATENCY_S",
     "WORKDAYS_PER_MONTH",
     "WORKDAY_TRACE_FILE",
@@ -89,6 +114,7 @@ __all__ = [
     "Policy",
     "Result",
     "Schedules",
+    "SharingRefused",
     "SimDay",
     "Trace",
     "TraceError",
@@ -104,6 +130,10 @@ __all__ = [
     "sim_check",
     "sim_day",
     "table",
+    "team_policies",
+    "team_spec",
+    "team_trace",
+    "team_workday",
     "trace_lines",
     "wake_policies",
     "workday",

@@ -46,6 +46,11 @@ class GpuNode:
     removed: float | None = None
 
 
+class SharingRefused(ValueError):
+    """A shared (time-sliced) policy on a spec whose models do not fit one GPU together: the message says why,
+    with the spec's numbers (``StackSpec.shares_fit``), and what to change."""
+
+
 class Day:
     """One policy's day, event by event, in simulated seconds since midnight."""
 
@@ -58,6 +63,19 @@ class Day:
         if policy.idle_after_s is not None:
             spec = spec.model_copy(update={"idle_after_s": policy.idle_after_s})
         self.spec = spec
+        if policy.shared:
+            verdict = spec.shares_fit(list(policy.morning))
+            if spec.gpu_sharing.mode != "time-sliced" or not verdict.fits:
+                why = (
+                    ["gpu_sharing.mode is exclusive: set it to time-sliced"]
+                    if spec.gpu_sharing.mode != "time-sliced"
+                    else verdict.problems()
+                )
+                raise SharingRefused(
+                    f"policy {policy.name}: {', '.join(policy.morning)} cannot share one GPU ({verdict.summary()}): "
+                    + "; ".join(why)
+                    + "; or run the exclusive policy"
+                )
         self.t = timings or Timings()
         self.lease_s = lease_s
         self.date = datetime(2026, 12, 1, tzinfo=UTC)
@@ -75,6 +93,7 @@ class Day:
         self.waiting: dict[str, list[float]] = {}  # with wake: model -> requests waiting for it (delayed)
         self.failed: list[tuple[float, str]] = []  # without wake: requests that found their model not serving
         self.delays_s: list[float] = []  # with wake: each delayed request's wait (Ready - its arrival)
+        self.delays_by_model: dict[str, list[float]] = {}  # the same, per model
         self.wake_pending: set[str] = set()  # with wake: woken (event sent), not Ready yet
         self.gpu_waits: dict[str, float] = {}  # with wake: model -> since when its wake waits for the GPU
         self.wakes: list[dict[str, Any]] = []
@@ -188,10 +207,19 @@ class Day:
         pending = [q for q in self.pods.values() if q.node is None]
         if not pending:
             return
-        if any(q.node is not None for q in [*self.pods.values(), *self.terminating]):
+        pod = min(pending, key=lambda q: q.created)
+        bound = [q for q in [*self.pods.values(), *self.terminating] if q.node is not None]
+        if self.p.shared and bound:
+            # time-sliced: the pod joins the GPU when its share is free beside the shares held (running or
+            # terminating pods) and no other server is still starting: vLLM measures free memory when it starts,
+            # so servers that share a GPU start one after another (issue 20)
+            if any(q.ready_at is None and not q.terminating for q in bound):
+                return
+            if not self.spec.shares_fit([*{q.model for q in bound}, pod.model]).fits:
+                return
+        elif bound:
             return  # the GPU is taken (a pod running or terminating): Unschedulable, max node group size
         node = self._node()
-        pod = min(pending, key=lambda q: q.created)
         if node is None:
             name = f"gpu-{len(self.nodes) + 1}"
             node = GpuNode(name, self.now)
@@ -224,6 +252,8 @@ class Day:
         self.log(f"{pod.model} Ready")
         for fn in self._on_ready.pop(pod.model, []):
             fn()
+        if self.p.shared:
+            self._schedule()  # the next server that shares the GPU may start now
 
     def is_ready(self, model: str) -> bool:
         pod = self.pods.get(model)
@@ -266,6 +296,14 @@ class Day:
         pod.metrics.prompt_tokens += 400 * n
         pod.metrics.generation_tokens += 150 * n
 
+    def blockers(self, model: str) -> list[str]:
+        """The models scaled up that keep ``model`` off the GPU: exclusive, every other one; shared, every other
+        one unless their shares and ``model``'s fit the GPU together (``StackSpec.shares_fit``)."""
+        others = [m for m, n in self.replicas.items() if n and m != model]
+        if self.p.shared and others and self.spec.shares_fit([*others, model]).fits:
+            return []
+        return others
+
     # ---- the GPU slot (tag:gpu, limit 1)
     def take_slot(self, who: str, fn: Callable[[], None]) -> None:
         if not self.p.flows:
@@ -289,13 +327,37 @@ class Day:
     # ---- the day
     def _morning(self) -> None:
         self.log("by hand: coder-chat up" if not self.p.flows else "morning-bring-up")
-        self._bring_up("morning-bring-up")
+        if self.p.morning == (CHAT,):
+            self._bring_up("morning-bring-up")
+        else:
+            self._bring_up_all("morning-bring-up", self.p.morning)
+
+    def _bring_up_all(self, who: str, models: tuple[str, ...]) -> None:
+        """The bring-up of several models that share the GPU: frees it of the others, brings each up in turn
+        (one start at a time), smokes each."""
+
+        def go() -> None:
+            others = [m for m in self.pods if m not in models]
+            self.when_gone(others, functools.partial(nxt, 0), f"{who} frees the GPU")
+
+        def nxt(i: int) -> None:
+            if i == len(models):
+                self.free_slot(who)
+                return
+
+            def smoked() -> None:
+                self.serve(models[i], 2)
+                nxt(i + 1)
+
+            self.up(models[i], smoked)
+
+        self.take_slot(who, go)
 
     def _bring_up(self, who: str, model: str = CHAT) -> None:
         """bring_up (or by hand: kubectl): free the GPU except ``model``, scale it up, smoke it."""
 
         def go() -> None:
-            others = [m for m in self.pods if m != model]
+            others = self.blockers(model) if self.p.shared else [m for m in self.pods if m != model]
             how = "by hand: swapped back" if not self.p.flows else f"{who} frees the GPU"
             self.when_gone(others, functools.partial(self.up, model, done), how)
 
@@ -345,7 +407,7 @@ class Day:
     def _person_brings_back(self, model: str) -> None:
         if self.is_ready(model):
             return
-        if not self.replicas[model] or any(m != model for m in self.pods):
+        if not self.replicas[model] or (self.blockers(model) if self.p.shared else any(m != model for m in self.pods)):
             self._bring_up("coder-stack up", model)
 
     def _back(self, model: str) -> None:
@@ -361,6 +423,7 @@ class Day:
             entry["requests_failed"] = sum(1 for t, m in self.failed if m == model and t >= first)
         self.cold_starts.append(entry)
         self.delays_s += [self.now - r for r in waiting]
+        self.delays_by_model.setdefault(model, []).extend(self.now - r for r in waiting)
         self.request_wait_s += sum(self.now - r for r in waiting)
         if waiting:
             self.serve(model, len(waiting))
@@ -380,7 +443,7 @@ class Day:
             return
         wake = next(w for w in reversed(self.wakes) if w["model"] == model)
         wake.setdefault("flow_start", hm(self.now))
-        busy = [m for m, n in self.replicas.items() if n and m != model]
+        busy = self.blockers(model)
         if busy:
             if model not in self.gpu_waits:
                 self.gpu_waits[model] = self.now
@@ -394,7 +457,7 @@ class Day:
         def go() -> None:
             if self.is_ready(model) or self.replicas[model]:
                 self.free_slot(who)
-            elif any(n for m, n in self.replicas.items() if m != model):
+            elif self.blockers(model):
                 self.free_slot(who)  # someone took the GPU while the wake waited for the slot: wait again
                 self._wake(model)
             else:
@@ -520,6 +583,9 @@ class Day:
             killed=killed,
             events=self.events,
             failed_requests=len(self.failed) + len(never),
+            failed_by_model={m: sum(1 for _, x in [*self.failed, *never] if x == m) for m in self.trace.by_model()},
+            delayed_by_model={m: len(self.delays_by_model.get(m, [])) for m in self.trace.by_model()},
+            delays_by_model={m: self.delays_by_model.get(m, []) for m in self.trace.by_model()},
             delayed_requests=len(self.delays_s),
             delays_s=self.delays_s,
             wakes=self.wakes,

@@ -31,6 +31,11 @@ class Policy:
     react_s: float | None = 0.0
     wake: bool = False  # wake on demand: the request waits out the wake and the cold start instead of failing
     wake_latency_s: float = WAKE_LATENCY_S  # event -> trigger -> worker -> flow start
+    # the models the morning bring-up brings (today: coder-chat; with a time-sliced GPU: every default model)
+    morning: tuple[str, ...] = ("coder-chat",)
+    # time-sliced (issue 20): models whose gpu_memory_utilization shares fit one GPU together (the spec's
+    # shares_fit) run on it at once, started one after another; False: exclusive, one model per GPU (today)
+    shared: bool = False
 
 
 def policies(
@@ -72,3 +77,22 @@ def wake_policies(
                        f"clean-up + reclaim {default / MINUTE:.0f} min + wake, no schedules", NO_SCHEDULE, NO_SCHEDULE,
                        True, crash_cleanup_s, default, wake=True, wake_latency_s=wake_latency_s))  # fmt: skip
     return rows
+
+
+TEAM_MODELS = ("coder-chat", "coder-fim")
+
+
+def team_policies(s: Schedules, crash_cleanup_s: float = 120.0, wake_latency_s: float = WAKE_LATENCY_S) -> list[Policy]:
+    """A team using chat and completion all day (issue 20), both rows with the schedules, the clean-up, reclaim
+    at the spec's default idle_after_s and wake: exclusive (today's rules: the morning bring-up brings
+    coder-chat; a wake never evicts a model in use, so the other model waits until reclaim takes it away) and
+    shared (chat and FIM time-sliced on one GPU: the bring-up brings both, a wake starts beside the other)."""
+    default = StackSpec().idle_after_s
+    m = f"{default / MINUTE:.0f}"
+    return [
+        Policy("team_exclusive", f"chat+FIM, exclusive GPU, reclaim {m} min + wake", s.bring_up_s, s.teardown_s,
+               True, crash_cleanup_s, default, wake=True, wake_latency_s=wake_latency_s),
+        Policy("team_shared", f"chat+FIM, time-sliced GPU, reclaim {m} min + wake", s.bring_up_s, s.teardown_s,
+               True, crash_cleanup_s, default, wake=True, wake_latency_s=wake_latency_s, morning=TEAM_MODELS,
+               shared=True),
+    ]  # fmt: skip

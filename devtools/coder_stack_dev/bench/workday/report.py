@@ -43,6 +43,29 @@ def table(res: dict[str, Any]) -> str:
             f"{r.get('failed_requests', 0):>6} {r.get('delayed_requests', 0):>7} {waits:>11} "
             f"{r['cost_per_day']:>7.2f} {r['cost_per_month']:>8.2f}" + sim_cols + f"  {left}"
         )
+    team = res.get("workday_team") or []
+    if team:
+        models = list(team[0]["failed_by_model"])
+        out += [
+            "",
+            f"chat and completion all day ({a.get('team_trace', '')}); per model: failed, delayed, wait p50/max min",
+            f"{'policy':<46} {'node h':>7} "
+            + " ".join(f"{m + ' f/d':>14} {'p50/max':>11}" for m in models)
+            + f" {'$/day':>7} {'$/month':>8}",
+        ]
+        for r in team:
+            cols = []
+            for m in models:
+                pm = r["delay_by_model_p50_max_min"].get(m)
+                cols.append(
+                    f"{r['failed_by_model'][m]:>6}/{r['delayed_by_model'][m]:<7} "
+                    + f"{(f'{pm[0]:.1f}/{pm[1]:.1f}' if pm else '-'):>11}"
+                )
+            out.append(
+                f"{r['label']:<46} {r['node_hours']:>7.2f} "
+                + " ".join(cols)
+                + f" {r['cost_per_day']:>7.2f} {r['cost_per_month']:>8.2f}  {r['gpu']}"
+            )
     chk = res.get("workday_sim_check")
     if chk:
         out += ["", f"sim check (SimStack, time scale {chk['time_scale']}): measured vs replay, simulated s"]

@@ -27,6 +27,9 @@ class Result:
     delayed_requests: int = 0  # with wake: requests that waited out a wake and its cold start
     delays_s: list[float] = field(default_factory=list)  # each delayed request's wait
     wakes: list[dict[str, Any]] = field(default_factory=list)  # the wakes (one per outage of a model)
+    failed_by_model: dict[str, int] = field(default_factory=dict)  # failed_requests per model
+    delayed_by_model: dict[str, int] = field(default_factory=dict)  # delayed_requests per model
+    delays_by_model: dict[str, list[float]] = field(default_factory=dict)  # delays_s per model
 
     @property
     def node_hours(self) -> float:
@@ -39,6 +42,11 @@ class Result:
         d["node_hours"] = round(self.node_hours, 3)
         d["wait_min"] = round(self.wait_s / MINUTE, 1)
         d.pop("delays_s")
+        d.pop("delays_by_model")
+        d["delay_by_model_p50_max_min"] = {
+            m: [round(statistics.median(v) / MINUTE, 1), round(max(v) / MINUTE, 1)] if v else None
+            for m, v in self.delays_by_model.items()
+        }
         d["delay_p50_min"] = round(statistics.median(self.delays_s) / MINUTE, 1) if self.delays_s else None
         d["delay_max_min"] = round(max(self.delays_s) / MINUTE, 1) if self.delays_s else None
         d["cost_per_day"] = round(self.node_hours * price, 2)

@@ -12,7 +12,8 @@ skipped, and so is the header ``time,model,kind`` before the first event:
 - ``kind`` ``end`` (``model`` empty): the replay stops (after the last node could have drained); without it,
   at 19:30 or 30 min after the last event, whichever is later.
 
-``workday.trace.csv`` beside this module is :func:`workday_trace` written out in this format.
+``workday.trace.csv`` beside this module is :func:`workday_trace` written out in this format;
+``team.trace.csv`` is :func:`team_trace` (a team using chat and completion all day, issue 20).
 """
 
 from __future__ import annotations
@@ -28,6 +29,13 @@ AGENT_ALIAS = "coder-agent"
 KILLED_CALLS_EVERY_S = 120.0
 DEFAULT_END = "19:30"
 WORKDAY_TRACE_FILE = Path(__file__).with_name("workday.trace.csv")
+TEAM_TRACE_FILE = Path(__file__).with_name("team.trace.csv")
+FIM_ALIAS = "coder-fim"
+# the team's day (team_trace): when people work, how often Tabby's completions come and how often someone chats
+TEAM_WORK = (("09:00", "12:00"), ("13:00", "17:30"))
+TEAM_FIM_BURST_EVERY_MIN = 4  # a burst of completions every 4 min while people type
+TEAM_FIM_BURST = (0, 15, 30, 45)  # ... 4 requests, seconds into the burst (Tabby asks at each pause in typing)
+TEAM_CHAT_GAPS_MIN = (10, 15, 20, 15)  # a chat message every 10-20 min, cycling
 KINDS = ("request", "validate-start", "validate-kill", "end")
 
 
@@ -96,6 +104,28 @@ def short_trace() -> Trace:
     """The tests' trace: 09:00-09:20 every 4 min, the killed run 09:30-09:50, 10:30-10:42, 11:40-12:00."""
     reqs = _every("09:00", "09:20", 4) + _every("10:30", "10:42", 4) + _every("11:40", "12:00", 4)
     return Trace(tuple(reqs), at("09:30"), at("09:50"), KILLED_CALLS_EVERY_S, at(DEFAULT_END))
+
+
+def team_trace() -> Trace:
+    """A team using chat and completion all day, no validate run: 09:00-12:00 and 13:00-17:30 (lunch 12-13),
+    a burst of 4 FIM requests (15 s apart) every 4 min from a minute into each stretch, and a chat request at
+    its start and then every 10, 15, 20, 15, ... min. The numbers are a model, not a measurement: Tabby asks
+    for a completion at each pause in typing, so while people work the FIM requests come in bursts minutes
+    apart; chat is asked now and then."""
+    chat: list[float] = []
+    fim: list[tuple[float, str]] = []
+    for start, stop in TEAM_WORK:
+        t, k = at(start), 0
+        while t < at(stop):
+            chat.append(t)
+            t += TEAM_CHAT_GAPS_MIN[k % len(TEAM_CHAT_GAPS_MIN)] * MINUTE
+            k += 1
+        b = at(start) + MINUTE
+        while b < at(stop):
+            fim += [(b + s, FIM_ALIAS) for s in TEAM_FIM_BURST]
+            b += TEAM_FIM_BURST_EVERY_MIN * MINUTE
+    end = at(DEFAULT_END)
+    return Trace(tuple(chat), end, end, KILLED_CALLS_EVERY_S, end, tuple(sorted(fim)), killed_run=False)
 
 
 def _clock(text: str) -> float:
