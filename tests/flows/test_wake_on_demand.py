@@ -63,7 +63,9 @@ async def test_a_request_for_a_reclaimed_model_wakes_it_and_a_fim_request_never_
 ) -> None:
     monkeypatch.setenv("PREFECT_API_URL", prefect_api)
     sim = make_sim(pod_api=True)
-    spec = StackSpec(wake={"wait_for_gpu_s": 5.0})  # the FIM wake gives up quickly (it would wait hours)
+    # The FIM wake gives up after 30 s (it would wait hours): long enough, on a loaded machine, for its first look at
+    # the GPU to end with time left, so that it writes waiting-for-gpu (5 s ran out before that once, in CI).
+    spec = StackSpec(wake={"wait_for_gpu_s": 30.0})
     stack_file = tmp_path / "stack.yaml"
     stack_file.write_text(spec_yaml(spec))
     conns = DeploymentConnections(
@@ -139,7 +141,7 @@ async def test_a_request_for_a_reclaimed_model_wakes_it_and_a_fim_request_never_
             assert r.status_code == 503
             assert r.json()["error"]["message"].startswith(f"{FIM} waits for the GPU: {CHAT} is in use"), r.text
             [fim_run] = await runs(FIM)
-            ended = await _until("the FIM wake gives up", 60, lambda: _final(client, fim_run.id))
+            ended = await _until("the FIM wake gives up", 90, lambda: _final(client, fim_run.id))
             assert ended.state.is_failed() and "wait_for_gpu_s" in (ended.state.message or ""), ended.state
             assert _state(sim, CHAT)[:2] == (1, 1)  # never evicted
             assert _state(sim, FIM) == (0, 0, None)  # nothing left up, no claim left
