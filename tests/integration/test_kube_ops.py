@@ -21,25 +21,14 @@ from coder_stack.kubernetes.workloads import (
 from coder_stack.spec import ModelSpec, StackSpec
 from coder_stack.tasks._common import only_retriable
 from coder_stack.tasks.cluster import preflight_task, scale_task
-from tests.kits.apiserver import NS, PodScript, ServerThread, deployment, namespace, node
+from tests.kits.apiserver import NS, PodScript, ServerThread, deployment, node, reference_cluster
 
 SPEC = StackSpec()
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    srv = ServerThread(tmp_path_factory.mktemp("kube-ops"))
-
-    async def setup() -> None:
-        for ns in ("serving", "litellm", "experience"):
-            srv.store.create("namespaces", namespace(ns))
-        for m in SPEC.models:
-            srv.store.create("deployments", deployment(m.name, replicas=0))
-        for f in SPEC.frontends:
-            srv.store.create("deployments", deployment(f.name, "experience", replicas=0, gpu=False))
-        srv.store.create("nodes", node("default-pool-1", "16Gi", gpus=0))
-
-    srv.run(setup())
+    srv = reference_cluster(tmp_path_factory.mktemp("kube-ops"), SPEC)
     yield srv
     srv.stop()
 

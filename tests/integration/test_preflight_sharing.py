@@ -14,7 +14,7 @@ import pytest
 from coder_stack.errors import PreflightError
 from coder_stack.kubernetes.preflight import preflight
 from coder_stack.spec import GpuSharing, StackSpec
-from tests.kits.apiserver import NS, ServerThread, deployment, namespace, node
+from tests.kits.apiserver import NS, ServerThread, node, reference_cluster
 
 BASE = StackSpec()
 
@@ -50,18 +50,7 @@ def plugin_node(name: str, replicas: int = 2, memory_mib: int = 23034) -> dict[s
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    srv = ServerThread(tmp_path_factory.mktemp("preflight-sharing"))
-
-    async def setup() -> None:
-        for ns in ("serving", "litellm", "experience"):
-            srv.store.create("namespaces", namespace(ns))
-        for m in BASE.models:
-            srv.store.create("deployments", deployment(m.name, replicas=0))
-        for f in BASE.frontends:
-            srv.store.create("deployments", deployment(f.name, "experience", replicas=0, gpu=False))
-        srv.store.create("nodes", node("default-pool-1", "16Gi", gpus=0))
-
-    srv.run(setup())
+    srv = reference_cluster(tmp_path_factory.mktemp("preflight-sharing"), BASE)
     yield srv
     srv.stop()
 

@@ -24,6 +24,7 @@ from simstack.backends import Backends
 from simstack.store import Store, now_rfc3339
 
 from coder_stack.kubernetes.client import ClusterTarget, open_api
+from coder_stack.spec import StackSpec
 
 NS = "serving"
 NAME = "coder-chat"
@@ -401,3 +402,21 @@ def set_deployment_ready(store: Store, name: str = NAME, ns: str = NS, ready: in
         "availableReplicas": ready,
     }
     store.update("deployments", dep, status_only=True)
+
+
+def reference_cluster(tmp: Path, spec: StackSpec) -> ServerThread:
+    """A started API server holding the stack's namespaces, its model and front-end Deployments at 0 and one CPU
+    node (no GPU node: tests add the ones they need)."""
+    srv = ServerThread(tmp)
+
+    async def setup() -> None:
+        for ns in (spec.serving_namespace, spec.gateway_namespace, spec.experience_namespace):
+            srv.store.create("namespaces", namespace(ns))
+        for m in spec.models:
+            srv.store.create("deployments", deployment(m.name, replicas=0))
+        for f in spec.frontends:
+            srv.store.create("deployments", deployment(f.name, spec.experience_namespace, replicas=0, gpu=False))
+        srv.store.create("nodes", node("default-pool-1", "16Gi", gpus=0))
+
+    srv.run(setup())
+    return srv
