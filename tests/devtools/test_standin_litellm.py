@@ -546,7 +546,7 @@ async def test_model_new_needs_store_model_in_db(stack: Stack) -> None:
     gw = await start_standin(_litellm_run(cfg, "/app/config.yaml"), SimServices(resolve_url=stack.services.resolve_url))
     assert gw is not None
     try:
-        async with httpx.AsyncClient() as c:
+        async with httpx.AsyncClient(timeout=30) as c:  # a loaded CI machine once took over httpx's default 5 s
             r = await c.post(
                 f"http://127.0.0.1:{gw.port}/model/new",
                 headers=_m(),
