@@ -181,10 +181,7 @@ async def preflight(api: ApiClient, spec: StackSpec, models: list[str] | None = 
         mems = []
         for n in nodes.items or []:
             cap = (n.status.capacity if n.status else None) or {}
-            try:
-                gpus = int(str(cap.get(GPU_RESOURCE, "0")))
-            except ValueError:
-                gpus = 0
+            gpus = gpu_capacity(n)
             if gpus > 0:
                 gpu_nodes.append(n.metadata.name)
                 gpu_node_details.append(gpu_node(n.metadata.name, gpus, n.metadata.labels or {}))
@@ -248,6 +245,15 @@ def _label_int(labels: dict[str, str], key: str) -> int | None:
         return int(str(labels[key]))
     except (KeyError, ValueError):
         return None
+
+
+def gpu_capacity(node: client.V1Node) -> int:
+    """A node's ``nvidia.com/gpu`` capacity (time-sliced: replicas x GPUs); 0 when it has none or an unreadable one."""
+    cap = (node.status.capacity if node.status else None) or {}
+    try:
+        return int(str(cap.get(GPU_RESOURCE, "0")))
+    except ValueError:
+        return 0
 
 
 def gpu_node(name: str, gpus: int, labels: dict[str, str]) -> GpuNode:
@@ -392,6 +398,7 @@ __all__ = [
     "ModelOnGpu",
     "PreflightReport",
     "SharingReport",
+    "gpu_capacity",
     "gpu_node",
     "models_on_gpu",
     "node_size_for",

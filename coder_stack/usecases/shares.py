@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from coder_stack.errors import Forbidden
 from coder_stack.kubernetes.client import API_TIMEOUT, ClusterTarget, api_errors, open_api
 from coder_stack.kubernetes.pods import kubectl_status, list_pods
-from coder_stack.kubernetes.preflight import GPU_RESOURCE, GpuNode, gpu_node
+from coder_stack.kubernetes.preflight import GpuNode, gpu_capacity, gpu_node
 from coder_stack.spec import SELECTOR_KEY, StackSpec
 
 
@@ -74,11 +74,7 @@ async def read_gpu_shares(api: ApiClient, spec: StackSpec) -> GpuShares | None:
         with api_errors("list", "nodes"):
             listed = await core.list_node(_request_timeout=API_TIMEOUT)
         for item in listed.items or []:
-            cap = (item.status.capacity if item.status else None) or {}
-            try:
-                gpus = int(str(cap.get(GPU_RESOURCE, "0")))
-            except ValueError:
-                gpus = 0
+            gpus = gpu_capacity(item)
             if gpus > 0:
                 nodes.append(gpu_node(item.metadata.name, gpus, item.metadata.labels or {}))
     except Forbidden:
