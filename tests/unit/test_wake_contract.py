@@ -78,3 +78,18 @@ def test_the_wake_annotation_has_the_contracts_shape_and_an_unreadable_one_count
     assert WakeState.from_annotation("{not json") is None and WakeState.from_annotation('{"state": "x"}') is None
     assert cold_start_estimate({COLD_START: "412.5"}) == 412.5
     assert cold_start_estimate({COLD_START: "junk"}) == cold_start_estimate({}) == DEFAULT_COLD_START_S
+
+
+def test_the_standalone_hook_uses_the_flows_names_and_event_shape() -> None:
+    """The callback runs inside the LiteLLM pod and cannot import coder_stack, so it keeps its own copies of the
+    annotation names, the default estimate and the event; they must stay the ones the flows write and read."""
+    from coder_stack.litellm import wake_hook
+    from coder_stack.orchestration.wake_events import WAKE_EVENT, wake_event
+
+    assert (wake_hook.WAKE_ANNOTATION, wake_hook.COLD_START_ANNOTATION) == (WAKE, COLD_START)
+    source = Path(wake_hook.__file__).read_text()
+    assert f'"event": "{WAKE_EVENT}"' in source
+    ev = wake_event("coder-chat", "coder-chat", "chat", "not serving: 0 replicas")
+    assert set(ev.resource.root) == {"prefect.resource.id", "prefect.resource.name", "coder-stack.alias"}
+    assert set(ev.payload) == {"alias", "route", "reason"}
+    assert f'float(model.get("cold_start_s", {DEFAULT_COLD_START_S:.0f}))' in source
