@@ -379,6 +379,10 @@ class ShareVerdict(_Model):
         return out
 
 
+# The tag:gpu limit's slots per GPU in time-sliced mode: a session occupies its models' shares in hundredths.
+SHARE_SLOTS = 100
+
+
 def _gb(x: float) -> float:
     return round(x, 2)
 
@@ -402,7 +406,16 @@ class StackSpec(_Model):
     models: list[ModelSpec] = Field(
         default_factory=_default_models, min_length=1, max_length=64, description="GPU model servers."
     )
-    default_model: Name = Field("coder-chat", description="Model the morning bring-up leaves serving.")
+    default_model: Name = Field(
+        "coder-chat", description="Model the morning bring-up leaves serving (swap's target when none is given)."
+    )
+    default_models: list[Name] | None = Field(
+        None,
+        max_length=64,
+        description="Models the morning bring-up leaves serving together when gpu_sharing.mode is time-sliced and "
+        "their shares fit one GPU (started one after another). Unset: default_model and the stack's fim model. "
+        "Exclusive mode brings default_model alone.",
+    )
     frontends: list[FrontendSpec] = Field(
         default_factory=lambda: [
             FrontendSpec(name="open-webui", app="open-webui"),
@@ -462,6 +475,14 @@ class StackSpec(_Model):
             raise ValueError(f"model names must be unique, got {names}")
         if self.default_model not in names:
             raise ValueError(f"default_model {self.default_model!r} is not one of the models {names}")
+        for name in self.default_models or []:
+            if name not in names:
+                raise ValueError(f"default_models names unknown model {name!r}; known: {names}")
+        if self.gpu_sharing.mode == "time-sliced" and self.gpus != 1:
+            raise ValueError(
+                f"gpu_sharing.mode is time-sliced with gpus: {self.gpus}; time-slicing is planned on one GPU (the GPU "
+                "limit cannot tell which card a share is on): set gpus: 1, or gpu_sharing.mode: exclusive"
+            )
         aliases = {m.alias for m in self.models} | {self.embeddings_alias}
         for k in self.virtual_keys:
             unknown = [m for m in k.models if m not in aliases]
@@ -541,6 +562,48 @@ class StackSpec(_Model):
             count_fits=count_ok,
             fits=shares_ok and count_ok and all(s.fits for s in shares),
         )
+
+    @property
+    def time_sliced(self) -> bool:
+        return self.gpu_sharing.mode == "time-sliced"
+
+    @property
+    def gpu_limit_slots(self) -> int:
+        """The size of the ``tag:gpu`` limit: ``gpus`` in exclusive mode (a session takes one slot: one model per
+        GPU); :data:`SHARE_SLOTS` in time-sliced mode (a session takes its models' shares, in hundredths)."""
+        return SHARE_SLOTS if self.time_sliced else self.gpus
+
+    def occupy(self, models: Sequence[ModelSpec | str]) -> int:
+        """The slots of the ``tag:gpu`` limit a GPU session of ``models`` takes. Exclusive: 1 (the whole GPU).
+        Time-sliced: the models' shares of the GPU's memory in hundredths (``gpu_memory_utilization`` x 100, rounded
+        up), capped at the limit's size. How many models share the card (its replicas) is checked when a model
+        starts, not by the limit."""
+        if not self.time_sliced:
+            return 1
+        specs = {m.name: m for m in (x if isinstance(x, ModelSpec) else self.model(x) for x in models)}
+        total = sum(int(-(-round(m.gpu_memory_utilization * SHARE_SLOTS, 6) // 1)) for m in specs.values())
+        return min(SHARE_SLOTS, max(1, total))
+
+    def fit_together(self, models: Sequence[ModelSpec | str]) -> bool:
+        """Whether ``models`` may serve on the GPU at once: one model always; more only when time-sliced and
+        :meth:`shares_fit` says they fit."""
+        names = {m if isinstance(m, str) else m.name for m in models}
+        if len(names) <= 1:
+            return True
+        return self.time_sliced and self.shares_fit(list(names)).fits
+
+    @property
+    def bring_up_models(self) -> list[ModelSpec]:
+        """What the morning bring-up leaves serving, in start order: ``default_model`` first; time-sliced, also the
+        other ``default_models`` (unset: the fim model). Whether they fit is the preflight's to say."""
+        first = self.model(self.default_model)
+        if not self.time_sliced:
+            return [first]
+        names = self.default_models
+        if names is None:
+            names = [m.name for m in self.models if m.role == "fim"][:1]
+        rest = [self.model(n) for n in dict.fromkeys(names) if n != first.name]
+        return [first, *rest]
 
     def frontend(self, app: FrontendApp) -> FrontendSpec | None:
         """The front-end Deployment that runs ``app``, if the stack has one."""

@@ -55,6 +55,8 @@ from coder_stack.orchestration.prefect_api import (
 )
 
 GPU_LIMIT = "tag:gpu"
+# Time-sliced mode: one model starts on the shared GPU at a time (vLLM measures free GPU memory as it starts).
+START_LIMIT = "tag:gpu-start"
 LEASE_SECONDS = 300.0
 # How often a queued session asks for a free GPU. Prefect's own retry follows the server's Retry-After:
 # the limit's average slot occupancy capped at PREFECT_SERVER_TASKS_TAG_CONCURRENCY_SLOT_WAIT_SECONDS (10 s),
@@ -688,7 +690,7 @@ async def _leave_line(turn: asyncio.Future[Any], lock: asyncio.Lock) -> None:
 
 
 @asynccontextmanager
-async def gpu_session(timeout_s: float, poll_s: float = POLL_SECONDS) -> AsyncIterator[None]:
+async def gpu_session(timeout_s: float, poll_s: float = POLL_SECONDS, *, occupy: int = 1) -> AsyncIterator[None]:
     """Hold one GPU slot for the whole block (scale-up to scale-down). Queues behind other sessions.
 
     Asks for the slot without Prefect's retries (neither its server-paced 423 retry nor its 2 s, 4 s, ...
@@ -744,3 +746,24 @@ async def gpu_session(timeout_s: float, poll_s: float = POLL_SECONDS) -> AsyncIt
             room.turn.release()
             room.leave()
         yield
+
+
+@asynccontextmanager
+async def start_turn(time_sliced: bool, timeout_s: float) -> AsyncIterator[None]:
+    """Time-sliced mode: the turn to start a model on the shared GPU, one at a time across every run (the
+    ``tag:gpu-start`` limit, one slot). Exclusive mode: nothing to take (the GPU session is already exclusive).
+
+    STUB (issue 20, being built): a process-local lock until the limit-backed turn lands."""
+    if not time_sliced:
+        yield
+        return
+    lock = _START_LOCKS.setdefault(asyncio.get_running_loop(), asyncio.Lock())
+    async with asyncio.timeout(timeout_s):
+        await lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+_START_LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
