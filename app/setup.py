@@ -26,10 +26,10 @@ from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
 from prefect.exceptions import ObjectNotFound
 from pydantic import BaseModel, Field
 
-from coder_stack.errors import ConfigError
+from coder_stack.errors import CoderStackError, ConfigError
 from coder_stack.flows.cleanup import GPU_FLOWS
 from coder_stack.kubernetes.client import ClusterTarget
-from coder_stack.orchestration.gpu import ensure_gpu_limit
+from coder_stack.orchestration.gpu import ensure_gpu_limit, ensure_start_limit
 from coder_stack.orchestration.liveness import ensure_crash_automation
 from coder_stack.orchestration.stack_block import (
     DEFAULT_STACK_BLOCK,
@@ -441,7 +441,15 @@ async def run_setup(
         check_schedules(project_dir)  # before anything changes
         conns = deployment_connections(stack_block, credentials_block, kubeconfig, context)
     given = image or os.environ.get("CODER_STACK_IMAGE") or None
-    report = SetupReport(gpu_limit=await ensure_gpu_limit(gpus))
+    # The limits follow the stack's GPU sharing (the stack file, else the stack block already stored): exclusive,
+    # tag:gpu = the GPUs; time-sliced, tag:gpu counts hundredths of the GPU and tag:gpu-start lets one model start
+    # on it at a time.
+    sizing = spec if spec is not None else await _stored_spec(stack_block)
+    time_sliced = sizing is not None and sizing.time_sliced
+    report = SetupReport(gpu_limit=await ensure_gpu_limit(sizing.gpu_limit_slots if sizing and time_sliced else gpus))
+    start = await ensure_start_limit(time_sliced)
+    if start:
+        report.gpu_limit += f"; {start}"
     report.blocks.append(await ensure_stack_block(stack_block, spec))
     if credentials_block:
         report.blocks.append(await ensure_credentials_block(credentials_block, kubeconfig, context))
@@ -482,6 +490,17 @@ def _reachable_target(
     env = os.environ.get("KUBECONFIG", "").split(os.pathsep)[0]
     path = (kubeconfig or (Path(env) if env else Path("~/.kube/config"))).expanduser()
     return ClusterTarget(kubeconfig=str(path.resolve()), context=context) if path.is_file() else None
+
+
+async def _stored_spec(name: str) -> StackSpec | None:
+    """The spec the stack block ``name`` holds, or None if there is none (or it does not load: its own error comes
+    from the flows that read it)."""
+    from coder_stack.orchestration.stack_block import load_stack_block, stack_block_exists
+
+    try:
+        return await load_stack_block(name) if await stack_block_exists(name) else None
+    except CoderStackError:
+        return None
 
 
 async def _pool_service_account() -> tuple[str, str]:

@@ -31,7 +31,7 @@ from coder_stack.flows.guard import guarded
 from coder_stack.flows.params import Connection
 from coder_stack.flows.run import logger
 from coder_stack.kubernetes.client import cluster_session, open_api
-from coder_stack.orchestration.gpu import GPU_LIMIT
+from coder_stack.orchestration.gpu import GPU_LIMIT, START_LIMIT
 from coder_stack.orchestration.liveness import (
     CLEANUP_FLOW,
     CRASH_SETTLE_S,
@@ -42,6 +42,7 @@ from coder_stack.orchestration.liveness import (
     parse_run_id,
     read_liveness,
     release_lease_of,
+    release_turn_of,
     server_now,
 )
 from coder_stack.report import RunReport
@@ -135,6 +136,10 @@ async def clean_up_crashed_run(
         report.step("free its GPU slot")
         slot = await release_lease_of(live, GPU_LIMIT)
         report.notes.append(slot.text)
+        # time-sliced: the turn to start a model on the shared GPU, if the run died while starting one
+        turn = await release_turn_of(live.run_id, START_LIMIT)
+        if turn is not None and turn.freed:
+            report.notes.append(turn.text)
         report.finish(
             "passed: " + (f"{', '.join(freed)} scaled to 0" if freed else "no model left") + f"; {slot.headline}"
         )

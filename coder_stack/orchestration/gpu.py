@@ -16,6 +16,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
+from contextvars import ContextVar
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any
@@ -28,7 +29,7 @@ from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
 from prefect.exceptions import ObjectNotFound
 from pydantic import BaseModel, Field
 
-from coder_stack.errors import GpuLimitMissing, GpuSlotTimeout, RetriableError
+from coder_stack.errors import GpuBusy, GpuLimitMissing, GpuSlotTimeout, RetriableError
 from coder_stack.orchestration.liveness import (
     FINAL_STATES,
     HEARTBEAT_S,
@@ -53,6 +54,7 @@ from coder_stack.orchestration.prefect_api import (
     slot_client,
     without_run_client,
 )
+from coder_stack.spec import SHARE_SLOTS
 
 GPU_LIMIT = "tag:gpu"
 # Time-sliced mode: one model starts on the shared GPU at a time (vLLM measures free GPU memory as it starts).
@@ -186,19 +188,55 @@ class GpuLimitStatus(BaseModel):
         return text
 
 
-async def ensure_gpu_limit(gpus: int) -> str:
-    """Create the limit or resize it to ``gpus``. Returns what was done."""
+async def ensure_gpu_limit(slots: int) -> str:
+    """Create ``tag:gpu`` or resize it to ``slots`` (setup passes ``StackSpec.gpu_limit_slots``: the GPUs in
+    exclusive mode, SHARE_SLOTS hundredths of the GPU when time-sliced). Returns what was done.
+
+    Refuses (GpuBusy, nothing changed) to switch the limit between counting GPUs and counting shares while any
+    slot is held: the held slots would be read in the new unit (one whole GPU held in exclusive mode would count
+    as one hundredth, and a 55-hundredths session could join it). Resizing between GPU counts stays as it was
+    (a slot is one GPU either way)."""
     async with get_client() as client:
         try:
             existing = await client.read_global_concurrency_limit_by_name(GPU_LIMIT)
         except ObjectNotFound:
             existing = None
-        await client.upsert_global_concurrency_limit_by_name(GPU_LIMIT, gpus)
+        held = existing is not None and existing.active_slots > 0
+        if held and existing and existing.limit != slots and SHARE_SLOTS in (existing.limit, slots):
+            raise GpuBusy(
+                f"{GPU_LIMIT} has {existing.active_slots} of {existing.limit} slot(s) held and the stack now "
+                f"needs {slots} ({_unit(slots)} instead of {_unit(existing.limit)}); resizing it now could let "
+                "two sessions onto the GPU, so it was left as it is. Run `coder-stack setup` again when "
+                "`coder-stack status` shows no GPU session"
+            )
+        await client.upsert_global_concurrency_limit_by_name(GPU_LIMIT, slots)
     if existing is None:
-        return f"created {GPU_LIMIT} with {gpus} slot(s)"
-    if existing.limit != gpus:
-        return f"resized {GPU_LIMIT} from {existing.limit} to {gpus} slot(s)"
-    return f"{GPU_LIMIT} already has {gpus} slot(s)"
+        return f"created {GPU_LIMIT} with {slots} slot(s)"
+    if existing.limit != slots:
+        return f"resized {GPU_LIMIT} from {existing.limit} to {slots} slot(s)"
+    return f"{GPU_LIMIT} already has {slots} slot(s)"
+
+
+def _unit(slots: int) -> str:
+    return "hundredths of a time-sliced GPU" if slots == SHARE_SLOTS else "whole GPUs"
+
+
+async def ensure_start_limit(time_sliced: bool) -> str | None:
+    """Time-sliced: create ``tag:gpu-start`` with one slot (or set it back to one). Exclusive: nothing (a start
+    limit left from time-sliced mode is unused and left alone). Returns what was done, or None."""
+    if not time_sliced:
+        return None
+    async with get_client() as client:
+        try:
+            existing = await client.read_global_concurrency_limit_by_name(START_LIMIT)
+        except ObjectNotFound:
+            existing = None
+        if existing is not None and existing.limit == 1:
+            return f"{START_LIMIT} already has 1 slot"
+        await client.upsert_global_concurrency_limit_by_name(START_LIMIT, 1)
+    if existing is None:
+        return f"created {START_LIMIT} with 1 slot (one model starts on the shared GPU at a time)"
+    return f"set {START_LIMIT} to 1 slot (was {existing.limit})"
 
 
 async def gpu_limit_status(flow_names: tuple[str, ...] = ()) -> GpuLimitStatus:
@@ -281,18 +319,39 @@ def lease_expires_by(last_heartbeat: datetime | None) -> datetime | None:
     return last_heartbeat + timedelta(seconds=HEARTBEAT_S + LEASE_SECONDS)
 
 
-async def require_gpu_limit() -> None:
+async def require_gpu_limit(occupy: int = 1) -> None:
+    """Refuse GPU work when ``tag:gpu`` is missing, inactive, or smaller than the ``occupy`` slots a session
+    asks for (e.g. a limit of 1 left from exclusive mode while the stack is now time-sliced: the session would
+    wait for ever)."""
+    await _require_limit(GPU_LIMIT, occupy)
+
+
+async def _require_limit(limit: str, occupy: int) -> None:
     async with get_client() as client:
         try:
-            gcl = await client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+            gcl = await client.read_global_concurrency_limit_by_name(limit)
         except ObjectNotFound:
+            if limit == START_LIMIT:
+                raise GpuLimitMissing(
+                    f"the concurrency limit {START_LIMIT} does not exist: the stack's GPU is time-sliced and this "
+                    "limit lets one model start on it at a time across runs (vLLM measures the free GPU memory "
+                    "as it starts). Create it with `coder-stack setup` (or `prefect gcl create tag:gpu-start 1`) "
+                    "and rerun; nothing was started"
+                ) from None
             raise GpuLimitMissing(
                 f"the GPU concurrency limit {GPU_LIMIT} does not exist, so this flow could run a second model on "
                 "a busy GPU. Create it with `coder-stack setup` (or `prefect gcl create tag:gpu 1`) and rerun; "
                 "nothing was changed"
             ) from None
     if not gcl.active:
-        raise GpuLimitMissing(f"the GPU concurrency limit {GPU_LIMIT} is inactive; activate it and rerun")
+        raise GpuLimitMissing(f"the GPU concurrency limit {limit} is inactive; activate it and rerun")
+    if gcl.limit < occupy:
+        raise GpuLimitMissing(
+            f"the GPU concurrency limit {limit} has {gcl.limit} slot(s) but this session needs {occupy} (a "
+            "time-sliced stack counts shares of the GPU in hundredths: the limit is sized for another sharing "
+            "mode), so it would wait for ever. Run `coder-stack setup` to size the limit for the stack, once "
+            "`coder-stack status` shows no GPU session; nothing was changed"
+        )
 
 
 # ------------------------------------------------------------------ the slot request, ours
@@ -314,7 +373,8 @@ async def _release(lease_id: UUID) -> None:
 def _lease_of(response: httpx.Response) -> ConcurrencyLimitWithLeaseResponse:
     lease = lease_of(response)
     if not lease.limits:
-        raise GpuLimitMissing(f"the GPU concurrency limit {GPU_LIMIT} is gone; run `coder-stack setup` and rerun")
+        limit = _ASK.get()[0]
+        raise GpuLimitMissing(f"the GPU concurrency limit {limit} is gone; run `coder-stack setup` and rerun")
     return lease
 
 
@@ -326,12 +386,19 @@ def _server_busy(tries: int, seconds: float) -> RetriableError:
     )
 
 
+# What the session asking now asks for: the limit and how many of its slots (set by ``_limit_session`` around its
+# asking, so the request helpers keep their one argument).
+_ASK: ContextVar[tuple[str, int]] = ContextVar("coder_stack_slot_ask", default=(GPU_LIMIT, 1))
+
+
 async def _request_slot(client: PrefectClient) -> httpx.Response:
-    """One slot request. If this task is cancelled meanwhile, the request still finishes and a slot it was
-    granted is given back (Prefect's acquisition service does the same for a cancelled caller)."""
+    """One slot request (for the limit and slots the asking session wants: ``_ASK``). If this task is cancelled
+    meanwhile, the request still finishes and a lease it was granted is given back (Prefect's acquisition
+    service does the same for a cancelled caller)."""
     # The flow run is the lease's holder, stored with the lease on the server in the same request: the crash
     # clean-up frees a dead run's leases by its id (``release_lease_of``) even if it died right after the grant.
-    req = asyncio.ensure_future(request_slot(client, GPU_LIMIT, LEASE_SECONDS, holder_run_id()))
+    limit, occupy = _ASK.get()
+    req = asyncio.ensure_future(request_slot(client, limit, LEASE_SECONDS, holder_run_id(), occupy))
     try:
         return await asyncio.shield(req)
     except asyncio.CancelledError:
@@ -365,22 +432,26 @@ async def _take_slot(client: PrefectClient) -> ConcurrencyLimitWithLeaseResponse
 
 
 @asynccontextmanager
-async def _holding(lease: ConcurrencyLimitWithLeaseResponse, room: _WaitingRoom) -> AsyncIterator[None]:
-    """Hold a granted slot as ``concurrency(..., strict=True)`` does, and give it back on exit.
+async def _holding(
+    lease: ConcurrencyLimitWithLeaseResponse, room: _WaitingRoom, occupy: int = 1
+) -> AsyncIterator[None]:
+    """Hold a granted lease (``occupy`` slots of ``room.limit``) as ``concurrency(..., strict=True)`` does, and give
+    it back on exit.
 
     The lease is renewed meanwhile (:class:`_LeaseKeeper`); if it is lost, the session's body is stopped and
     the session ends with GpuLeaseLost after the body's own clean-up has run."""
     release_at_run_end(lease.lease_id)
-    events = emit_acquired(lease.limits)
+    events = emit_acquired(lease.limits, occupy)
     # The lease on the flow run, for `status` (the API lists no holders; the crash clean-up also finds a run's
     # leases by their holder): written beside the session, not before it, so the GPU step after the grant
-    # does not wait for it (nor the next session of this process for the "released" write).
-    run_id = holder_run_id()
+    # does not wait for it (nor the next session of this process for the "released" write). Only tag:gpu's
+    # lease is labelled: the start turn's is found by its holder (the run), see ``release_start_turn_of``.
+    run_id = holder_run_id() if room.limit == GPU_LIMIT else None
     label = _label_of(run_id) if run_id else None
     if label is not None:
         label.held(lease.lease_id)
     try:
-        async with _LeaseKeeper(lease.lease_id):
+        async with _LeaseKeeper(lease.lease_id, room.limit):
             yield
     finally:
         try:
@@ -398,7 +469,7 @@ async def _holding(lease: ConcurrencyLimitWithLeaseResponse, room: _WaitingRoom)
                     # No session of this process waits: written now, before the run (and its process) can end.
                     label.released(lease.lease_id)
                     await label.written()
-        emit_released(lease.limits, events)
+        emit_released(lease.limits, events, occupy)
 
 
 class _LeaseKeeper:
@@ -412,8 +483,9 @@ class _LeaseKeeper:
     lease: expired, revoked, or a restarted server forgot it) loses it at once; other failures are tried
     again every RENEW_RETRY_S until the lease would have run out."""
 
-    def __init__(self, lease_id: UUID) -> None:
+    def __init__(self, lease_id: UUID, limit: str = GPU_LIMIT) -> None:
         self.lease_id = lease_id
+        self.limit = limit
         self.lost: str | None = None
         self._host = asyncio.current_task()
         self._open = True
@@ -472,7 +544,7 @@ class _LeaseKeeper:
         if self._cancelled and self._host is not None and self._host.uncancel() > 0:
             return False  # cancelled from outside as well: that cancellation goes on
         raise GpuLeaseLost(
-            f"the GPU slot ({GPU_LIMIT}) lease was lost while this session held the GPU: {self.lost}. Another "
+            f"the GPU slot ({self.limit}) lease was lost while this session held the GPU: {self.lost}. Another "
             "session may have the GPU now, so this one was stopped and its clean-up ran; rerun the flow"
         ) from exc
 
@@ -508,7 +580,7 @@ class _LeaseLabel:
     def _set(self, value: tuple[UUID | None]) -> None:
         self._want = value
         if self._writer is None or self._writer.done():
-            room = _room()
+            room = _room(GPU_LIMIT)
             room.users += 1  # now: the room's client stays open for it
             self._writer = _background(self._write(room))
 
@@ -577,7 +649,7 @@ def _background(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
 
 
 class _WaitingRoom:
-    """The queued GPU sessions of one process (one event loop).
+    """The queued sessions of one limit (``tag:gpu``, or the start turn's) in one process (one event loop).
 
     Only the first in line asks the server; the others wait here in arrival order (``asyncio.Lock`` is
     FIFO). Prefect serialises slot requests per limit within a process (its acquisition service), so 20
@@ -586,7 +658,8 @@ class _WaitingRoom:
     queue, and a session that ends in this process wakes the asker at once.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, limit: str = GPU_LIMIT) -> None:
+        self.limit = limit
         self.turn = asyncio.Lock()
         self.freed = asyncio.Event()
         self.queued = 0  # sessions of this process in line or holding the turn
@@ -648,25 +721,32 @@ async def _keep_client(made: asyncio.Future[PrefectClient], close: asyncio.Event
         # an error closing it is no session's concern
 
 
-_ROOMS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _WaitingRoom] = weakref.WeakKeyDictionary()
+_ROOMS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _WaitingRoom]] = weakref.WeakKeyDictionary()
 
 
-def _room() -> _WaitingRoom:
-    loop = asyncio.get_running_loop()
-    room = _ROOMS.get(loop)
+def _room(limit: str = GPU_LIMIT) -> _WaitingRoom:
+    """This process's waiting room for ``limit``: one line per limit (a run holding tag:gpu and queued for the
+    start turn waits in the start turn's line only)."""
+    rooms = _ROOMS.setdefault(asyncio.get_running_loop(), {})
+    room = rooms.get(limit)
     if room is None:
-        room = _ROOMS[loop] = _WaitingRoom()
+        room = rooms[limit] = _WaitingRoom(limit)
     return room
 
 
-def _waited_too_long(timeout_s: float) -> GpuSlotTimeout:
+def _waited_too_long(timeout_s: float, limit: str = GPU_LIMIT) -> GpuSlotTimeout:
+    if limit == START_LIMIT:
+        return GpuSlotTimeout(
+            f"waited {timeout_s:.0f} s for the turn to start a model on the shared GPU ({START_LIMIT}) and another "
+            "run is still starting one; see `coder-stack status` for who holds the GPU"
+        )
     return GpuSlotTimeout(
-        f"waited {timeout_s:.0f} s for the GPU ({GPU_LIMIT}) and another session still holds it; "
+        f"waited {timeout_s:.0f} s for the GPU ({limit}) and another session still holds it; "
         "see `coder-stack status` for who holds it"
     )
 
 
-async def _slot_looks_free(client: PrefectClient) -> bool:
+async def _slot_looks_free(client: PrefectClient, limit: str = GPU_LIMIT, occupy: int = 1) -> bool:
     """Read the limit (no write) before asking for a slot.
 
     A refused request is not free on the server: it writes the limit's ``denied_slots``, and on SQLite,
@@ -675,10 +755,10 @@ async def _slot_looks_free(client: PrefectClient) -> bool:
     a 503 to it is asked again within tens of ms (``_take_slot``).
     """
     try:
-        gcl = await client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+        gcl = await client.read_global_concurrency_limit_by_name(limit)
     except ObjectNotFound:
         return True  # gone since require_gpu_limit(): the slot request reports it
-    return gcl.active_slots < gcl.limit
+    return gcl.active_slots + occupy <= gcl.limit
 
 
 async def _leave_line(turn: asyncio.Future[Any], lock: asyncio.Lock) -> None:
@@ -691,17 +771,46 @@ async def _leave_line(turn: asyncio.Future[Any], lock: asyncio.Lock) -> None:
 
 @asynccontextmanager
 async def gpu_session(timeout_s: float, poll_s: float = POLL_SECONDS, *, occupy: int = 1) -> AsyncIterator[None]:
-    """Hold one GPU slot for the whole block (scale-up to scale-down). Queues behind other sessions.
+    """Hold ``occupy`` slots of ``tag:gpu`` for the whole block (scale-up to scale-down). Queues behind other
+    sessions. Exclusive mode: one slot, the whole GPU. Time-sliced: the session's models' shares of the GPU in
+    hundredths (``StackSpec.occupy``), so sessions whose shares fit hold the GPU together.
 
-    Asks for the slot without Prefect's retries (neither its server-paced 423 retry nor its 2 s, 4 s, ...
+    Asks for the slots without Prefect's retries (neither its server-paced 423 retry nor its 2 s, 4 s, ...
     HTTP back-off on 503) and again every ~``poll_s`` seconds (jittered), so a GPU freed by another process
     is taken within about ``poll_s``; one freed in this process, at once. A 503 is asked again after 20-50 ms
     for up to ``BUSY_BOUND_SECONDS``, then RetriableError with no slot held. Sessions of this process queue
-    in arrival order and only the first asks.
+    in arrival order and only the first asks: a later session whose share would fit never overtakes an earlier
+    one waiting for more (the agent, wanting the whole card, is not starved by chat and FIM coming and going in
+    this process; across processes the server grants whoever asks when the shares are free).
     """
+    async with _limit_session(GPU_LIMIT, timeout_s, poll_s, occupy):
+        yield
+
+
+@asynccontextmanager
+async def start_turn(time_sliced: bool, timeout_s: float) -> AsyncIterator[None]:
+    """Time-sliced mode: the turn to start a model on the shared GPU, one at a time across every run and process
+    (the ``tag:gpu-start`` limit, one slot, leased, renewed and given back as a GPU session's; its holder is the
+    flow run, so the crash clean-up frees a dead run's turn: ``release_start_turn_of``). vLLM measures the free
+    GPU memory as it starts, so two starting at once could each see the other's share as free. A missing start
+    limit refuses (``coder-stack setup`` creates it). Exclusive mode: nothing to take (the GPU session is already
+    exclusive)."""
+    if not time_sliced:
+        yield
+        return
+    async with _limit_session(START_LIMIT, timeout_s, POLL_SECONDS, 1):
+        yield
+
+
+@asynccontextmanager
+async def _limit_session(limit: str, timeout_s: float, poll_s: float, occupy: int) -> AsyncIterator[None]:
+    """Hold ``occupy`` slots of the global limit ``limit`` for the block: the machinery of :func:`gpu_session` and
+    :func:`start_turn` (the process's line, the slot request, the lease, its renewal and release)."""
+    if occupy < 1:
+        raise ValueError(f"occupy must be at least 1 slot, not {occupy}")
     require_heartbeats()
     deadline = time.monotonic() + timeout_s
-    room = _room()
+    room = _room(limit)
     # The place in line is taken now, on arrival (asyncio.Lock serves waiters in the order they began
     # waiting); the limit is checked meanwhile. Checking first let a session whose check answered sooner
     # overtake one that arrived before it.
@@ -709,18 +818,19 @@ async def gpu_session(timeout_s: float, poll_s: float = POLL_SECONDS, *, occupy:
     room.queued += 1
     room.users += 1
     try:
-        await require_gpu_limit()
+        await _require_limit(limit, occupy)
         async with asyncio.timeout(timeout_s):
             await asyncio.shield(turn)
     except BaseException as e:
         await _leave_line(turn, room.turn)
         room.leave()
         if isinstance(e, TimeoutError):
-            raise _waited_too_long(timeout_s) from None
+            raise _waited_too_long(timeout_s, limit) from None
         raise
     async with AsyncExitStack() as stack:
         # Registered first, so it runs last: after the slot is released, wake this process's next asker.
         stack.callback(room.freed.set)
+        asking = _ASK.set((limit, occupy))
         try:
             # The process's slot client (room.slot_client): its connection is kept alive by the polls, so the
             # request at hand-off time pays neither a new client nor a new connection.
@@ -728,42 +838,24 @@ async def gpu_session(timeout_s: float, poll_s: float = POLL_SECONDS, *, occupy:
             room.freed.clear()
             while True:
                 # Woken by a release in this process: ask at once (the read before asking saves a refused
-                # request's write when the slot looks taken; one was just given back).
+                # request's write when the slots look taken; some were just given back).
                 just_freed = room.freed.is_set()
                 room.freed.clear()
-                if (just_freed or await _slot_looks_free(client)) and (lease := await _take_slot(client)) is not None:
-                    await stack.enter_async_context(_holding(lease, room))
+                if (just_freed or await _slot_looks_free(client, limit, occupy)) and (
+                    lease := await _take_slot(client)
+                ) is not None:
+                    await stack.enter_async_context(_holding(lease, room, occupy))
                     room.granted.set()
                     room.granted = asyncio.Event()
                     break
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise _waited_too_long(timeout_s)
+                    raise _waited_too_long(timeout_s, limit)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(min(left, poll_s * random.uniform(0.8, 1.2))):
                         await room.freed.wait()  # a session of this process ended: ask now
         finally:
+            _ASK.reset(asking)
             room.turn.release()
             room.leave()
         yield
-
-
-@asynccontextmanager
-async def start_turn(time_sliced: bool, timeout_s: float) -> AsyncIterator[None]:
-    """Time-sliced mode: the turn to start a model on the shared GPU, one at a time across every run (the
-    ``tag:gpu-start`` limit, one slot). Exclusive mode: nothing to take (the GPU session is already exclusive).
-
-    STUB (issue 20, being built): a process-local lock until the limit-backed turn lands."""
-    if not time_sliced:
-        yield
-        return
-    lock = _START_LOCKS.setdefault(asyncio.get_running_loop(), asyncio.Lock())
-    async with asyncio.timeout(timeout_s):
-        await lock.acquire()
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-_START_LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()

@@ -352,6 +352,23 @@ async def release_lease_of(live: RunLiveness, limit_name: str) -> SlotRelease:
     )
 
 
+async def release_turn_of(run_id: UUID, limit_name: str) -> SlotRelease | None:
+    """Give back every lease of the one-slot tag limit ``limit_name`` (the time-sliced start turn,
+    ``tag:gpu-start``) the server holds with the run as its holder; None when that limit does not exist (an
+    exclusive stack). Its lease is not labelled on the run (it is held for one model's start): it is found by its
+    holder, the run, as the slot request sent it. Safe to run again."""
+    async with get_client() as client:
+        try:
+            before = (await client.read_global_concurrency_limit_by_name(limit_name)).active_slots
+        except ObjectNotFound:
+            return None
+        await revoke_leases_held_by(client, limit_name, run_id)
+        after = (await client.read_global_concurrency_limit_by_name(limit_name)).active_slots
+    if after < before:
+        return SlotRelease(freed=True, headline="start turn freed", detail=f"{limit_name}: {before} -> {after} held")
+    return SlotRelease(freed=False, headline="it held no start turn", detail=f"{limit_name}: {after} held")
+
+
 # The clean-up flow's name (flows/cleanup.py): its scheduled runs are what `status` looks for.
 CLEANUP_FLOW = "clean_up_crashed_run"
 PAGE = 200  # the Prefect API's largest page (PREFECT_API_DEFAULT_LIMIT)

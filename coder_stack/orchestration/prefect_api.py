@@ -69,15 +69,16 @@ def slot_client(**httpx_settings: Any) -> PrefectClient:
 
 
 async def request_slot(
-    client: PrefectClient, limit: str, lease_seconds: float, holder_run: UUID | None
+    client: PrefectClient, limit: str, lease_seconds: float, holder_run: UUID | None, slots: int = 1
 ) -> httpx.Response:
-    """One request for one slot of the global limit ``limit`` with a lease of ``lease_seconds``, held by the
-    flow run ``holder_run`` (stored with the lease on the server, in the same request). 200: granted (read it
+    """One request for ``slots`` slots of the global limit ``limit`` (all or none, as ``concurrency(...,
+    occupy=slots)`` asks) with a lease of ``lease_seconds``, held by the flow run ``holder_run`` (stored with the
+    lease on the server, in the same request; the lease holds all ``slots``). 200: granted (read it
     with :func:`lease_of`); raises ``httpx.HTTPStatusError`` 423 when the limit is full, :class:`ServerBusy` on
     a 503 when ``client`` is a :func:`slot_client`."""
     holder = ConcurrencyLeaseHolder(type="flow_run", id=holder_run) if holder_run else None
     return await client.increment_concurrency_slots_with_lease(
-        names=[limit], slots=1, mode="concurrency", lease_duration=lease_seconds, holder=holder
+        names=[limit], slots=slots, mode="concurrency", lease_duration=lease_seconds, holder=holder
     )
 
 
@@ -87,14 +88,15 @@ def lease_of(response: httpx.Response) -> ConcurrencyLimitWithLeaseResponse:
     return ConcurrencyLimitWithLeaseResponse.model_validate(response.json())
 
 
-def emit_acquired(limits: list[MinimalConcurrencyLimitResponse]) -> AcquiredEvents:
-    """Emit ``prefect.concurrency-limit.acquired`` for one slot of each limit, as ``concurrency()`` does."""
-    return emit_concurrency_acquisition_events(limits, 1)
+def emit_acquired(limits: list[MinimalConcurrencyLimitResponse], occupy: int = 1) -> AcquiredEvents:
+    """Emit ``prefect.concurrency-limit.acquired`` for ``occupy`` slots of each limit, as ``concurrency()`` does."""
+    return emit_concurrency_acquisition_events(limits, occupy)
 
 
-def emit_released(limits: list[MinimalConcurrencyLimitResponse], acquired: AcquiredEvents) -> None:
-    """Emit ``prefect.concurrency-limit.released`` for them, each following its acquired event."""
-    emit_concurrency_release_events(limits, 1, acquired)
+def emit_released(limits: list[MinimalConcurrencyLimitResponse], acquired: AcquiredEvents, occupy: int = 1) -> None:
+    """Emit ``prefect.concurrency-limit.released`` for them (``occupy`` slots each), each following its acquired
+    event."""
+    emit_concurrency_release_events(limits, occupy, acquired)
 
 
 def release_at_run_end(lease_id: UUID) -> bool:
