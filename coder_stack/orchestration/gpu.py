@@ -95,6 +95,8 @@ class GpuRun(BaseModel):
     state: str = Field("RUNNING", description="Its state type.")
     heartbeat_age_s: float | None = None
     holds_slot: bool = Field(False, description="The run recorded a tag:gpu lease it has not given back.")
+    slots: int = Field(1, description="The slots of tag:gpu its recorded lease holds.")
+    shares: bool = Field(False, description="tag:gpu counts hundredths of a time-sliced GPU: slots are shares.")
     dead: bool = Field(False, description=f"No heartbeat for {SILENT_AFTER_S} s, or ended: its process is gone.")
     lease_expires_by: str | None = Field(None, description="When its lease frees itself at the latest (UTC).")
     may_hold_slot: bool = Field(
@@ -109,7 +111,12 @@ class GpuRun(BaseModel):
                 f"{self.label} ended {self.state} with no GPU lease on record; it may hold a slot granted just "
                 f"before it died: `coder-stack cleanup {self.run_id}` releases any lease the server holds for it"
             )
-        what = "holds the GPU" if self.holds_slot else "running"
+        if not self.holds_slot:
+            what = "running"
+        elif self.shares:
+            what = f"holds {self.slots} hundredths of the GPU"
+        else:
+            what = "holds the GPU"
         if self.heartbeat_age_s is None:
             beat = "no heartbeat seen"
         else:
@@ -151,18 +158,33 @@ class GpuLimitStatus(BaseModel):
     )
     lease_window_ends: str | None = Field(None, description="When every lease of a run that ended has expired.")
 
+    @property
+    def shares(self) -> bool:
+        """The limit counts hundredths of a time-sliced GPU (setup sizes it so), not whole GPUs."""
+        return self.limit == SHARE_SLOTS
+
     def describe(self) -> str:
         if not self.exists:
             return f"GPU limit {GPU_LIMIT} is missing: run `coder-stack setup` (or `prefect gcl create {GPU_LIMIT} N`)"
-        text = f"GPU limit {GPU_LIMIT}: {self.active_slots}/{self.limit} slot(s) held"
+        if self.shares:
+            text = (
+                f"GPU limit {GPU_LIMIT} (time-sliced): {self.active_slots} of {self.limit} hundredths of the GPU held"
+            )
+        else:
+            text = f"GPU limit {GPU_LIMIT}: {self.active_slots}/{self.limit} slot(s) held"
         if self.running_flow_runs:
             text += f" (running: {', '.join(self.running_flow_runs)})"
         if self.runs:
             text += "; " + "; ".join(r.describe() for r in self.runs)
-        claims = sum(1 for r in self.runs if r.holds_slot)
+        claims = sum(r.slots for r in self.runs if r.holds_slot)
         if claims > self.active_slots:
+            on_record = (
+                f"leases on record hold {claims} hundredths"
+                if self.shares
+                else f"{claims} run(s) have a lease on record"
+            )
             text += (
-                f"; {claims} run(s) have a lease on record but only {self.active_slots} slot(s) are held: some of "
+                f"; {on_record} but only {self.active_slots} slot(s) are held: some of "
                 "those leases were given back without their label being written (`coder-stack cleanup ID` on such "
                 "a run finds its lease gone and changes nothing)"
             )
@@ -289,10 +311,12 @@ async def gpu_limit_status(flow_names: tuple[str, ...] = ()) -> GpuLimitStatus:
                     heartbeat_age_s=live.heartbeat_age_s,
                     holds_slot=live.lease_id is not None,
                     dead=(live.silent or over) and not alive_after_mark,
+                    slots=live.lease_slots,
+                    shares=gcl.limit == SHARE_SLOTS,
                     lease_expires_by=f"{expires:%H:%M:%S} UTC" if expires else None,
                 )
             )
-        unaccounted = max(0, gcl.active_slots - sum(1 for g in shown if g.holds_slot))
+        unaccounted = max(0, gcl.active_slots - sum(g.slots for g in shown if g.holds_slot))
         if unaccounted:
             shown += unrecorded
         leaked = False
@@ -449,7 +473,7 @@ async def _holding(
     run_id = holder_run_id() if room.limit == GPU_LIMIT else None
     label = _label_of(run_id) if run_id else None
     if label is not None:
-        label.held(lease.lease_id)
+        label.held(lease.lease_id, occupy)
     try:
         async with _LeaseKeeper(lease.lease_id, room.limit):
             yield
@@ -559,25 +583,25 @@ class _LeaseLabel:
     def __init__(self, run_id: UUID) -> None:
         self.run_id = run_id
         self.lease: UUID | None = None  # the run's latest lease not yet given back
-        self._want: tuple[UUID | None] | None = None
-        self._written: tuple[UUID | None] | None = None
+        self._want: tuple[UUID | None, int] | None = None  # (the lease or None: released, its slots)
+        self._written: tuple[UUID | None, int] | None = None
         self._writer: asyncio.Task[None] | None = None
 
-    def held(self, lease_id: UUID) -> None:
+    def held(self, lease_id: UUID, slots: int = 1) -> None:
         self.lease = lease_id
-        self._set((lease_id,))
+        self._set((lease_id, slots))
 
     def released(self, lease_id: UUID) -> None:
         if self.lease == lease_id:
             self.lease = None
-            self._set((None,))
+            self._set((None, 1))
 
     async def written(self) -> None:
         """Until the wanted value is written (or given up on)."""
         if self._writer is not None and not self._writer.done():
             await asyncio.shield(self._writer)
 
-    def _set(self, value: tuple[UUID | None]) -> None:
+    def _set(self, value: tuple[UUID | None, int]) -> None:
         self._want = value
         if self._writer is None or self._writer.done():
             room = _room(GPU_LIMIT)
@@ -597,7 +621,11 @@ class _LeaseLabel:
         failures = 0
         while self._want is not None and self._want != self._written:
             value = self._want
-            if await record_lease(self.run_id, value[0]):  # never raises
+            # (the slots only when not one: exclusive mode writes exactly what it always did)
+            written = await (
+                record_lease(self.run_id, value[0], value[1]) if value[1] != 1 else record_lease(self.run_id, value[0])
+            )
+            if written:  # record_lease never raises
                 self._written, failures = value, 0
                 continue
             # Not written (a busy SQLite answers 503 under load): asked again, a few times, or a lease given back

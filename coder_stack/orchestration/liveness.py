@@ -22,6 +22,7 @@ import contextlib
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
+from typing import Any
 from uuid import UUID
 
 import httpx
@@ -61,6 +62,8 @@ CRASH_SETTLE_S = HEARTBEAT_S + 10.0
 SETTLE_POLL_S = 1.0
 CRASH_AUTOMATION = "coder-stack: mark silent runs Crashed"
 LEASE_LABEL = "coder-stack.io/gpu-lease"
+# How many slots of tag:gpu the recorded lease holds, when not one (time-sliced: hundredths of the GPU).
+LEASE_SLOTS_LABEL = "coder-stack.io/gpu-lease-slots"
 RELEASED = "released"
 HEARTBEAT_EVENT = "prefect.flow-run.heartbeat"
 FINAL_EVENTS = ("prefect.flow-run.Completed", "prefect.flow-run.Failed", "prefect.flow-run.Cancelled")
@@ -154,6 +157,7 @@ class RunLiveness(BaseModel):
     last_received: datetime | None = Field(None, description="When the server last received one (server's clock).")
     heartbeat_age_s: float | None = None
     lease_label: str | None = Field(None, description=f"The run's {LEASE_LABEL!r} label, if it has one.")
+    lease_slots: int = Field(1, description=f"The slots its recorded lease holds ({LEASE_SLOTS_LABEL!r}; else 1).")
     parameters: dict[str, object] = Field(default_factory=dict)
 
     @property
@@ -249,6 +253,10 @@ async def liveness_of(client: PrefectClient, run: FlowRun, flow_name: str, now: 
     now = now or datetime.now(UTC)
     state = run.state
     label = (run.labels or {}).get(LEASE_LABEL)
+    try:
+        slots = max(1, int(str((run.labels or {}).get(LEASE_SLOTS_LABEL, 1))))
+    except ValueError:
+        slots = 1
     return RunLiveness(
         run_id=run.id,
         name=run.name or "",
@@ -260,6 +268,7 @@ async def liveness_of(client: PrefectClient, run: FlowRun, flow_name: str, now: 
         last_received=received,
         heartbeat_age_s=max(0.0, (now - beat).total_seconds()) if beat else None,
         lease_label=None if label is None else str(label),
+        lease_slots=slots,
         parameters=dict(run.parameters or {}),
     )
 
@@ -288,12 +297,16 @@ def holder_run_id() -> UUID | None:
     return ctx.flow_run.id if ctx is not None and ctx.flow_run is not None else None
 
 
-async def record_lease(run_id: UUID, lease_id: UUID | None) -> bool:
-    """Write ``run_id``'s GPU lease on its flow run (``RELEASED`` for None: given back); whether it was written.
-    Best effort: the label only helps ``status`` and the clean-up; a GPU session never fails for it."""
+async def record_lease(run_id: UUID, lease_id: UUID | None, slots: int = 1) -> bool:
+    """Write ``run_id``'s GPU lease on its flow run (``RELEASED`` for None: given back), and the slots it holds when
+    not one (in the same write); whether it was written. Best effort: the label only helps ``status`` and the
+    clean-up; a GPU session never fails for it."""
+    labels: dict[str, Any] = {LEASE_LABEL: str(lease_id) if lease_id else RELEASED}
+    if lease_id and slots != 1:
+        labels[LEASE_SLOTS_LABEL] = str(slots)
     try:
         async with get_client() as client:
-            await client.update_flow_run_labels(run_id, {LEASE_LABEL: str(lease_id) if lease_id else RELEASED})
+            await client.update_flow_run_labels(run_id, labels)
     except httpx.HTTPStatusError as e:
         return e.response.status_code == 404  # the run was deleted: nothing left to label
     except Exception:

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -27,7 +28,7 @@ from uuid import UUID
 import pytest
 from prefect.client.orchestration import PrefectClient, get_client
 from prefect.exceptions import ObjectNotFound
-from prefect.states import Crashed
+from prefect.states import Crashed, Running
 from simstack.stack import SimStack
 
 from coder_stack.errors import GpuBusy, GpuLimitMissing
@@ -419,3 +420,45 @@ async def test_a_run_killed_holding_its_share_and_the_start_turn_has_both_freed_
         assert f"start turn freed ({START_LIMIT}: 1 -> 0 held)" in report.notes, report.notes
         assert f"GPU slot freed ({GPU_LIMIT}: {CHAT + FIM} -> {FIM} held)" in report.notes, report.notes
     assert await slots() == 0
+
+
+@pytest.mark.usefixtures("shares")
+async def test_status_states_the_held_shares_of_the_gpu_and_whose_they_are(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two runs hold 55 and 35 hundredths through real sessions (their leases labelled on the runs as a flow run's
+    are): status says 90 of 100 hundredths, each run's share, and accounts for every slot (no "unaccounted")."""
+    from coder_stack.flows.cleanup import GPU_FLOWS
+    from coder_stack.orchestration.gpu import gpu_limit_status
+    from tests.flows.test_crash_cleanup import _validate_named
+
+    async with get_client() as client:
+        runs = [
+            (await client.create_flow_run(flow=_validate_named, name=f"share-{n}", state=Running())).id
+            for n in (CHAT, FIM)
+        ]
+    current: ContextVar[UUID | None] = ContextVar("flow_run", default=None)
+    monkeypatch.setattr(gpu, "holder_run_id", current.get)
+    chat, fim = Holder(CHAT), Holder(FIM)
+
+    async def as_run(run: UUID, holder: Holder) -> None:
+        current.set(run)
+        await holder.run()
+
+    async with asyncio.timeout(60):
+        tasks = [asyncio.ensure_future(as_run(runs[0], chat)), asyncio.ensure_future(as_run(runs[1], fim))]
+        await chat.entered.wait()
+        await fim.entered.wait()
+        while gpu._PENDING:  # the lease labels
+            await asyncio.gather(*list(gpu._PENDING), return_exceptions=True)
+        text = (await gpu_limit_status(GPU_FLOWS)).describe()
+        chat.leave.set()
+        fim.leave.set()
+        await asyncio.gather(*tasks)
+        while gpu._PENDING:
+            await asyncio.gather(*list(gpu._PENDING), return_exceptions=True)
+    assert f"GPU limit {GPU_LIMIT} (time-sliced): {CHAT + FIM} of {SHARE_SLOTS} hundredths of the GPU held" in text
+    assert f"share-{CHAT} holds {CHAT} hundredths of the GPU" in text, text
+    assert f"share-{FIM} holds {FIM} hundredths of the GPU" in text, text
+    assert "unaccounted" not in text and "not on record" not in text, text
+    async with get_client() as client:
+        for run in runs:
+            await client.delete_flow_run(run)
