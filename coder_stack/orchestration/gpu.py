@@ -1,4 +1,9 @@
-"""One model per GPU: the ``tag:gpu`` global concurrency limit, held for a whole GPU session.
+"""The GPU's occupants: the ``tag:gpu`` global concurrency limit, held for a whole GPU session.
+
+Exclusive mode (the default): the limit has one slot per GPU and a session takes one, so one model per GPU.
+Time-sliced mode: the limit counts hundredths of the GPU (``SHARE_SLOTS``) and a session takes its models' share
+(Prefect's ``occupy``), so models whose shares fit hold the GPU together; ``tag:gpu-start`` (one slot, held the
+same way: ``start_turn``) lets one model start on the shared GPU at a time across runs.
 
 Tagging tasks ``gpu`` only serialises single task runs (two flows can interleave between them), and a
 flow that holds ``tag:gpu`` and then runs a ``gpu``-tagged task deadlocks. So no task carries the tag;
