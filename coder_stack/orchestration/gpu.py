@@ -162,6 +162,7 @@ class GpuLimitStatus(BaseModel):
         ),
     )
     lease_window_ends: str | None = Field(None, description="When every lease of a run that ended has expired.")
+    starting: int | None = Field(None, description=f"Slots of {START_LIMIT} held (None: no such limit, exclusive).")
 
     @property
     def shares(self) -> bool:
@@ -179,6 +180,11 @@ class GpuLimitStatus(BaseModel):
             text = f"GPU limit {GPU_LIMIT}: {self.active_slots}/{self.limit} slot(s) held"
         if self.running_flow_runs:
             text += f" (running: {', '.join(self.running_flow_runs)})"
+        if self.starting:
+            text += (
+                f"; a model is starting on the shared GPU ({START_LIMIT} held: the others start after it; a dead "
+                "run's turn is freed by its clean-up)"
+            )
         if self.runs:
             text += "; " + "; ".join(r.describe() for r in self.runs)
         claims = sum(r.slots for r in self.runs if r.holds_slot)
@@ -327,6 +333,10 @@ async def gpu_limit_status(flow_names: tuple[str, ...] = ()) -> GpuLimitStatus:
         leaked = False
         if unaccounted and not any(g.holds_slot for g in shown) and not ended:
             leaked = await unfinished_runs(client) == 0
+        try:
+            starting: int | None = (await client.read_global_concurrency_limit_by_name(START_LIMIT)).active_slots
+        except ObjectNotFound:
+            starting = None
     last_end = max((r.end_time for r in ended if r.end_time), default=None)
     return GpuLimitStatus(
         exists=True,
@@ -337,6 +347,7 @@ async def gpu_limit_status(flow_names: tuple[str, ...] = ()) -> GpuLimitStatus:
         unaccounted=unaccounted,
         leaked=leaked,
         lease_window_ends=f"{last_end + window:%H:%M:%S} UTC" if last_end else None,
+        starting=starting,
     )
 
 

@@ -39,6 +39,7 @@ from coder_stack.orchestration.gpu import (
     START_LIMIT,
     ensure_gpu_limit,
     ensure_start_limit,
+    gpu_limit_status,
     gpu_session,
     require_gpu_limit,
     start_turn,
@@ -297,12 +298,13 @@ async def test_setup_of_a_time_sliced_stack_sizes_the_limit_in_hundredths_and_cr
 # ------------------------------------------------------------------ processes
 # Takes the start turn ROUNDS times, logging to argv[1] when it began to wait, entered and left (the monotonic
 # clock, one for every process on the machine); inside, a marker file created exclusively: a second holder at the
-# same moment finds it and says so. Polls every 50 ms (production: 0.5 s).
+# same moment finds it and says so. Polls every 50 ms (production: 0.5 s). Both begin when the test opens the gate
+# (argv[4]), once each has said it is ready: else one could finish before the other has started.
 RACER = """
 import asyncio, os, sys, time
 from coder_stack.orchestration import gpu
 
-log, marker, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+log, marker, rounds, gate = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 gpu.POLL_SECONDS = 0.05
 
 def note(what):
@@ -310,6 +312,11 @@ def note(what):
         f.write(f"{os.getpid()} {what} {time.monotonic():.6f}\\n")
 
 async def main():
+    async with gpu.get_client() as client:  # connected and imported: ready to race
+        await client.read_global_concurrency_limit_by_name(gpu.START_LIMIT)
+    open(f"{gate}.ready.{os.getpid()}", "w").close()
+    while not os.path.exists(gate):  # the test opens the gate when both are ready
+        await asyncio.sleep(0.01)
     for _ in range(rounds):
         note("want")
         async with gpu.start_turn(True, 120):
@@ -332,11 +339,11 @@ asyncio.run(main())
 
 @pytest.mark.usefixtures("shares")
 async def test_two_processes_racing_for_the_start_turn_never_hold_it_at_once(prefect_api: str, tmp_path: Path) -> None:
-    log, marker, rounds = tmp_path / "turns.log", tmp_path / "starting", 6
+    log, marker, rounds, gate = tmp_path / "turns.log", tmp_path / "starting", 6, tmp_path / "go"
     env = flow_process_env(prefect_api, tmp_path)
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", RACER, str(log), str(marker), str(rounds)],
+            [sys.executable, "-c", RACER, str(log), str(marker), str(rounds), str(gate)],
             cwd=PROJECT,
             env=env,
             stderr=subprocess.PIPE,
@@ -344,6 +351,9 @@ async def test_two_processes_racing_for_the_start_turn_never_hold_it_at_once(pre
         for _ in range(2)
     ]
     try:
+        ready = lambda: len(list(tmp_path.glob("go.ready.*"))) == 2 or any(p.poll() is not None for p in procs)  # noqa: E731
+        await until(ready, 120, "both processes ready")
+        gate.touch()
         codes = await asyncio.wait_for(asyncio.gather(*(asyncio.to_thread(p.wait) for p in procs)), 120)
     finally:
         for p in procs:
@@ -410,6 +420,7 @@ async def test_a_run_killed_holding_its_share_and_the_start_turn_has_both_freed_
     assert proc.returncode == -signal.SIGKILL
     run_id = UUID(log.read_text().split("holder-run-id ", 1)[1].split()[0])
     assert await slots() == CHAT and await slots(START_LIMIT) == 1  # held until the leases expire (300 s) ...
+    assert f"a model is starting on the shared GPU ({START_LIMIT} held" in (await gpu_limit_status()).describe()
     async with get_client() as client:
         await client.set_flow_run_state(run_id, Crashed(message="no heartbeat for 60 s (test)"), force=True)
     # ... unless the crash clean-up frees them, while another session holds FIM's share, untouched
@@ -419,6 +430,7 @@ async def test_a_run_killed_holding_its_share_and_the_start_turn_has_both_freed_
         assert await slots() == FIM and await slots(START_LIMIT) == 0, report
         assert f"start turn freed ({START_LIMIT}: 1 -> 0 held)" in report.notes, report.notes
         assert f"GPU slot freed ({GPU_LIMIT}: {CHAT + FIM} -> {FIM} held)" in report.notes, report.notes
+        assert "a model is starting" not in (await gpu_limit_status()).describe()
     assert await slots() == 0
 
 
@@ -427,7 +439,6 @@ async def test_status_states_the_held_shares_of_the_gpu_and_whose_they_are(monke
     """Two runs hold 55 and 35 hundredths through real sessions (their leases labelled on the runs as a flow run's
     are): status says 90 of 100 hundredths, each run's share, and accounts for every slot (no "unaccounted")."""
     from coder_stack.flows.cleanup import GPU_FLOWS
-    from coder_stack.orchestration.gpu import gpu_limit_status
     from tests.flows.test_crash_cleanup import _validate_named
 
     async with get_client() as client:
