@@ -289,6 +289,10 @@ async def test_setup_of_a_time_sliced_stack_sizes_the_limit_in_hundredths_and_cr
         )
         async with get_client() as client:
             assert (await client.read_global_concurrency_limit_by_name(START_LIMIT)).limit == 1
+        # setup again with no stack file: the stored stack block is time-sliced, so the limits stay as they are
+        # (not sized from the `gpus` of the default spec)
+        again = await run_setup(gpus=1, deploy=False, stack_block=block)
+        assert again.gpu_limit == f"{GPU_LIMIT} already has {SHARE_SLOTS} slot(s); {START_LIMIT} already has 1 slot"
     finally:
         async with get_client() as client:
             with contextlib.suppress(ObjectNotFound):
