@@ -8,6 +8,7 @@ What users rely on:
   vLLM server ever refused to start;
 - validate with the agent stage and take_over validates chat and FIM together, waits until both are gone before
   the agent (which needs the whole card) starts, and restores both, one after another;
+- two bring-ups at once start each model once, one after another;
 - shares that do not fit one GPU are refused before anything scales, with the numbers;
 - a cancellation between the two starts leaves both at 0; a process killed there is cleaned up by the teardown.
 """
@@ -173,6 +174,44 @@ async def test_one_bring_up_serves_chat_and_fim_started_one_after_another_and_va
     assert (now[CHAT], now[FIM], now[AGENT]) == (1, 1, 0), now
     assert f"restored {CHAT}, {FIM} as it was before this run" in v.notes, v.notes
     assert_no_start_refused(pod_lives(sim))
+
+
+# ------------------------------------------------------------------ two runs at once
+def most_shares_at_once(sim: SimStack, spec: StackSpec) -> float:
+    """The most of the card the GPU model pods alive at one moment would hold (from creation until deleted)."""
+    alive: set[tuple[str, str]] = set()
+    most = 0.0
+    for p in sorted(
+        [(life.created, 1, life) for life in pod_lives(sim)]
+        + [(life.deleted, 0, life) for life in pod_lives(sim) if life.deleted],
+        key=lambda x: (x[0], x[1]),
+    ):
+        _, born, life = p
+        (alive.add if born else alive.discard)((life.model, life.name))
+        most = max(most, sum(spec.model(m).gpu_memory_utilization for m, _ in alive))
+    return round(most, 4)
+
+
+async def test_two_bring_ups_at_once_start_each_model_once_one_after_another(
+    make_sim: Callable[..., SimStack], tmp_path: Path
+) -> None:
+    """Two morning runs at once (a retry racing the schedule): whichever holds the start turn, each model is
+    started once, the second only after the first is Ready, and no server is refused its share."""
+    spec = team_spec()
+    await ensure_gpu_limit(spec.gpu_limit_slots)
+    sim = make_sim(spec=spec)
+    connection = conn(sim, stack_file=write_spec(spec, tmp_path))
+    a, b = await asyncio.gather(bring_up(connection=connection), bring_up(connection=connection))
+    assert a.outcome == b.outcome == "passed: serving", (a, b)
+    now = replicas(sim)
+    assert (now[CHAT], now[FIM], now[AGENT]) == (1, 1, 0), now
+    lives = pod_lives(sim)
+    chat, fim = lives  # one pod each: neither run started a model twice nor scaled the other's down
+    assert (chat.model, fim.model) == (CHAT, FIM) and chat.ready and fim.created > chat.ready, lives
+    assert most_shares_at_once(sim, spec) <= 1.0, lives
+    assert_no_start_refused(lives)
+    for r in (a, b):  # each run smoked both through their keys
+        assert smokes(r, CHAT)[-1] == smokes(r, FIM)[-1] == "front-ends"
 
 
 # ------------------------------------------------------------------ shares that do not fit
