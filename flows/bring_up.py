@@ -20,9 +20,19 @@ from coder_stack.flows.run import Run, logger
 from coder_stack.kubernetes.client import cluster_session
 from coder_stack.orchestration.gpu import gpu_session
 from coder_stack.report import RunReport
+from coder_stack.spec import KeyDestination, ModelSpec, StackSpec
 from coder_stack.tasks.cluster import preflight_task
 from coder_stack.tasks.gateway import gateway_ready_task
 from coder_stack.tasks.smoke import smoke_frontends_task
+
+
+def client_key_of(spec: StackSpec, model: ModelSpec) -> str | None:
+    """The alias of the key its front-end calls ``model`` with: Open WebUI's for a chat model, Tabby's for a FIM
+    model (None: the first key scoped to it)."""
+    homes: dict[str, KeyDestination] = {"chat": "openwebui-secrets", "fim": "tabby-config"}
+    home = homes.get(model.role)
+    key = spec.key_delivered_to(home) if home is not None else None
+    return key.alias if key is not None and model.alias in key.models else None
 
 
 class BringUpOptions(BaseModel):
@@ -69,7 +79,9 @@ async def bring_up(
                 try:
                     await start_models(run, models, aliases, list(spec.frontends))
                     for m in models:
-                        await smoke_served(run, m)
+                        # shared: each through the key of the front-end that uses it (Open WebUI's for chat, Tabby's
+                        # for FIM); one model: as before, the first key scoped to it
+                        await smoke_served(run, m, client_key_of(spec, m) if len(models) > 1 else None)
                     for m in models:
                         fe = await smoke_frontends_task(target, spec, openwebui=m.role == "chat", tabby=m.role == "fim")
                         record_smoke(report.section(m.name), fe, "front-ends")

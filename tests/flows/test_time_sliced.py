@@ -112,6 +112,21 @@ def assert_no_start_refused(lives: list[PodLife]) -> None:
     assert not bad, bad
 
 
+def gateway_calls(sim: SimStack, alias: str, model: str, stream: bool | None = None) -> list[dict[str, Any]]:
+    """The gateway's spend-log rows of ``alias``'s calls to ``model`` (written by its batched spend write)."""
+
+    def _read() -> list[dict[str, Any]]:
+        rows = sim.services.litellm_db.get("spend_logs", [])
+        return [
+            dict(r)
+            for r in rows
+            if r.get("alias") == alias and r.get("model_group") == model and (stream is None or r["stream"] is stream)
+        ]
+
+    result: list[dict[str, Any]] = sim.call(_read)
+    return result
+
+
 def smokes(report: RunReport, model: str) -> list[str]:
     sec = next(s for s in report.models if s.model == model)
     assert sec.smokes and all(s.ok for s in sec.smokes), (model, sec.smokes)
@@ -136,6 +151,10 @@ async def test_one_bring_up_serves_chat_and_fim_started_one_after_another_and_va
     # smoked through their keys: Open WebUI's for chat, Tabby's streamed FIM for fim
     assert smokes(report, CHAT) == ["direct (pod, vLLM key)", "gateway (client key)", "front-ends"]
     assert smokes(report, FIM) == ["direct (pod, vLLM key)", "gateway (client key)", "front-ends"]
+    # the gateway smokes went through each model's own front-end key: Open WebUI's for chat, Tabby's for FIM
+    calls = await until(lambda: gateway_calls(sim, "tabby", FIM, stream=False), 30, "Tabby's key's FIM smoke logged")
+    assert calls and gateway_calls(sim, "open-webui", CHAT, stream=False)
+    assert not gateway_calls(sim, "open-webui", FIM), "coder-fim was smoked through Open WebUI's key"
     fe = {s.model: next(c.detail for c in s.smokes if c.check == "front-ends") for s in report.models}
     assert "open-webui pod: /models = key scope" in fe[CHAT] and "tabby" not in fe[CHAT], fe[CHAT]
     assert "tabby config key: streamed FIM through the gateway" in fe[FIM] and "open-webui" not in fe[FIM], fe[FIM]
