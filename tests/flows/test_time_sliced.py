@@ -10,7 +10,8 @@ What users rely on:
   the agent (which needs the whole card) starts, and restores both, one after another;
 - two bring-ups at once start each model once, one after another;
 - shares that do not fit one GPU are refused before anything scales, with the numbers;
-- a cancellation between the two starts leaves both at 0; a process killed there is cleaned up by the teardown.
+- a cancellation between the two starts leaves both at 0; a process killed there is cleaned up by the crash
+  clean-up (its model and its slot), then the teardown.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from uuid import UUID
 
 import pytest
 from coder_stack_dev.bench.workday.scenario import team_spec
@@ -33,10 +33,10 @@ from simstack.stack import SimStack
 import coder_stack.flows.gpu_steps as gpu_steps
 from coder_stack.errors import PreflightError
 from coder_stack.flows.bring_up import bring_up
+from coder_stack.flows.cleanup import clean_up_crashed_run
 from coder_stack.flows.teardown import teardown
 from coder_stack.flows.validate import ValidateOptions, validate_coder_stack
 from coder_stack.orchestration.gpu import GPU_LIMIT, ensure_gpu_limit
-from coder_stack.orchestration.liveness import read_liveness, release_lease_of
 from coder_stack.report import RunReport
 from coder_stack.spec import StackSpec
 from tests.kits.flowkit import (
@@ -290,6 +290,7 @@ KILLED_BETWEEN = """
 import asyncio, sys
 import coder_stack.flows.gpu_steps as gpu_steps
 from coder_stack.flows.bring_up import bring_up
+from coder_stack.flows.cleanup import clean_up_crashed_run
 from coder_stack.flows.params import Connection
 
 real = gpu_steps.wait_for_share
@@ -305,7 +306,7 @@ asyncio.run(bring_up(connection=Connection(kubeconfig=sys.argv[1], stack_file=sy
 """
 
 
-async def test_a_process_killed_between_the_two_starts_is_cleaned_up_by_the_teardown(
+async def test_a_process_killed_between_the_two_starts_is_cleaned_up_by_the_crash_cleanup_and_the_teardown(
     make_sim: Callable[..., SimStack], prefect_api: str, tmp_path: Path
 ) -> None:
     spec = team_spec()
@@ -321,16 +322,19 @@ async def test_a_process_killed_between_the_two_starts_is_cleaned_up_by_the_tear
     assert proc.returncode == -signal.SIGKILL
     assert replicas(sim)[CHAT] == 1 and not scaled_up(sim, FIM)  # nothing ran on the way out
 
-    report = await teardown(connection=conn(sim, stack_file=stack_file))
-    assert report.outcome == "passed: everything at 0", report
-    assert_all_down(sim, pods_timeout=30)
-
-    # The killed run still holds its 90 hundredths of the GPU until its lease expires: marked Crashed, its
-    # clean-up releases exactly that lease (as `coder-stack cleanup` does).
+    # The crash automation marks the silent run Crashed; its clean-up scales to 0 what the run holds (coder-chat,
+    # stamped by it) and frees the 90 hundredths of the GPU its session held.
     killed_id, _ = await latest_run_of("bring_up")
     async with get_client() as client:
         await client.set_flow_run_state(killed_id, Crashed(message="killed by the test"), force=True)
-    slot = await release_lease_of(await read_liveness(UUID(str(killed_id))), GPU_LIMIT)
-    assert slot.freed, slot
+    cleaned = await clean_up_crashed_run(crashed_run=str(killed_id), settle_s=1.0)
+    assert cleaned.outcome.startswith("passed: coder-chat scaled to 0; GPU slot freed"), cleaned
+    now = replicas(sim)
+    assert (now[CHAT], now[FIM], now[AGENT]) == (0, 0, 0), now
     async with get_client() as client:
         assert (await client.read_global_concurrency_limit_by_name(GPU_LIMIT)).active_slots == 0
+
+    # the evening teardown after it: the front-ends the run started to 0 as well, nothing left
+    report = await teardown(connection=conn(sim, stack_file=stack_file))
+    assert report.outcome == "passed: everything at 0", report
+    assert_all_down(sim, pods_timeout=30)
