@@ -31,7 +31,7 @@ from simstack.pods import pod_is_ready
 from simstack.stack import SimStack
 
 import coder_stack.flows.gpu_steps as gpu_steps
-from coder_stack.errors import PreflightError
+from coder_stack.errors import PodFailed, PreflightError
 from coder_stack.flows.bring_up import bring_up
 from coder_stack.flows.cleanup import clean_up_crashed_run
 from coder_stack.flows.teardown import teardown
@@ -250,6 +250,21 @@ async def test_shares_that_do_not_fit_one_gpu_are_refused_before_any_scale_up_wi
     assert "43.2 GB of 24 GB" in msg, msg
     assert list(sim.timeline) == before  # the replica history of every model and front-end: unchanged
     assert all(n == 0 for n in replicas(sim).values())
+
+
+# ------------------------------------------------------------------ the second model fails
+async def test_a_second_model_that_cannot_start_fails_the_bring_up_and_both_go_back_to_zero(
+    make_sim: Callable[..., SimStack], tmp_path: Path
+) -> None:
+    spec = team_spec()
+    await ensure_gpu_limit(spec.gpu_limit_slots)
+    sim = make_sim(spec=spec, faults={FIM: "crashloop"})
+    state = await bring_up(connection=conn(sim, stack_file=write_spec(spec, tmp_path)), return_state=True)
+    assert state.is_failed(), state
+    with pytest.raises(PodFailed, match="coder-fim"):
+        await state.aresult()
+    assert scaled_up(sim, CHAT) and scaled_up(sim, FIM)  # chat came up first, then fim was tried
+    assert_all_down(sim, pods_timeout=30)  # everything it started: both models and the front-ends
 
 
 # ------------------------------------------------------------------ cancelled, or killed, between the two starts
