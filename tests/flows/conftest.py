@@ -26,7 +26,8 @@ from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 
-from coder_stack.orchestration.gpu import GPU_LIMIT, ensure_gpu_limit
+from coder_stack.orchestration.gpu import GPU_LIMIT, START_LIMIT, ensure_gpu_limit, ensure_start_limit
+from coder_stack.spec import SHARE_SLOTS
 
 
 @pytest.fixture(scope="session")
@@ -54,3 +55,16 @@ async def gpu_limit(prefect_api: str) -> AsyncIterator[None]:
         if gcl.active_slots:  # free it for the next test (the API is shared), then fail this one
             await client.update_global_concurrency_limit(GPU_LIMIT, GlobalConcurrencyLimitUpdate(active_slots=0))
     assert gcl.active_slots == 0, f"{GPU_LIMIT} still has {gcl.active_slots} active slot(s) after the test"
+
+
+@pytest.fixture
+async def shared_gpu(gpu_limit: None) -> AsyncIterator[None]:
+    """tag:gpu counts hundredths (a time-sliced stack, as setup sizes it) and tag:gpu-start has one slot; after the
+    test neither may hold a slot, and the start limit is deleted (the server is shared with exclusive-mode tests)."""
+    await ensure_gpu_limit(SHARE_SLOTS)
+    await ensure_start_limit(True)
+    yield
+    async with get_client() as client:
+        start = await client.read_global_concurrency_limit_by_name(START_LIMIT)
+        await client.delete_global_concurrency_limit_by_name(START_LIMIT)
+    assert start.active_slots == 0, f"{START_LIMIT} still has {start.active_slots} slot(s) held after the test"

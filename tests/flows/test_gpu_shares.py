@@ -38,7 +38,6 @@ from coder_stack.orchestration.gpu import (
     GPU_LIMIT,
     START_LIMIT,
     ensure_gpu_limit,
-    ensure_start_limit,
     gpu_limit_status,
     gpu_session,
     require_gpu_limit,
@@ -56,19 +55,6 @@ CHAT, FIM, AGENT = 55, 35, 90
 async def slots(limit: str = GPU_LIMIT) -> int:
     async with get_client() as client:
         return (await client.read_global_concurrency_limit_by_name(limit)).active_slots
-
-
-@pytest.fixture
-async def shares(gpu_limit: None) -> AsyncIterator[None]:
-    """tag:gpu counts hundredths (a time-sliced stack, as setup sizes it) and tag:gpu-start has one slot; after the
-    test neither may hold a slot, and the start limit is deleted (the server is shared with exclusive-mode tests)."""
-    await ensure_gpu_limit(SHARE_SLOTS)
-    await ensure_start_limit(True)
-    yield
-    async with get_client() as client:
-        start = await client.read_global_concurrency_limit_by_name(START_LIMIT)
-        await client.delete_global_concurrency_limit_by_name(START_LIMIT)
-    assert start.active_slots == 0, f"{START_LIMIT} still has {start.active_slots} slot(s) held after the test"
 
 
 class Asks:
@@ -141,7 +127,7 @@ class Holder:
             await self.leave.wait()
 
 
-@pytest.mark.usefixtures("shares")
+@pytest.mark.usefixtures("shared_gpu")
 async def test_chat_and_fim_hold_the_gpu_together_and_the_agent_waits_for_both_then_gets_it(
     asks: Asks,
 ) -> None:
@@ -168,7 +154,7 @@ async def test_chat_and_fim_hold_the_gpu_together_and_the_agent_waits_for_both_t
     assert await slots() == 0
 
 
-@pytest.mark.usefixtures("shares")
+@pytest.mark.usefixtures("shared_gpu")
 async def test_a_session_waiting_for_more_is_not_overtaken_by_a_later_one_whose_share_would_fit(
     asks: Asks,
 ) -> None:
@@ -199,7 +185,7 @@ async def test_a_session_waiting_for_more_is_not_overtaken_by_a_later_one_whose_
     assert await slots() == 0
 
 
-@pytest.mark.usefixtures("shares")
+@pytest.mark.usefixtures("shared_gpu")
 async def test_a_session_cancelled_while_waiting_or_while_holding_its_share_leaves_no_slot(
     asks: Asks,
 ) -> None:
@@ -341,7 +327,7 @@ asyncio.run(main())
 """
 
 
-@pytest.mark.usefixtures("shares")
+@pytest.mark.usefixtures("shared_gpu")
 async def test_two_processes_racing_for_the_start_turn_never_hold_it_at_once(prefect_api: str, tmp_path: Path) -> None:
     log, marker, rounds, gate = tmp_path / "turns.log", tmp_path / "starting", 6, tmp_path / "go"
     env = flow_process_env(prefect_api, tmp_path)
@@ -404,7 +390,7 @@ asyncio.run(holding())
 """
 
 
-@pytest.mark.usefixtures("shares")
+@pytest.mark.usefixtures("shared_gpu")
 async def test_a_run_killed_holding_its_share_and_the_start_turn_has_both_freed_by_the_crash_clean_up(
     make_sim: Callable[..., SimStack], prefect_api: str, tmp_path: Path
 ) -> None:
@@ -438,7 +424,7 @@ async def test_a_run_killed_holding_its_share_and_the_start_turn_has_both_freed_
     assert await slots() == 0
 
 
-@pytest.mark.usefixtures("shares")
+@pytest.mark.usefixtures("shared_gpu")
 async def test_status_states_the_held_shares_of_the_gpu_and_whose_they_are(monkeypatch: pytest.MonkeyPatch) -> None:
     """Two runs hold 55 and 35 hundredths through real sessions (their leases labelled on the runs as a flow run's
     are): status says 90 of 100 hundredths, each run's share, and accounts for every slot (no "unaccounted")."""

@@ -51,9 +51,9 @@ from tests.kits.flowkit import (
     until,
 )
 
-# Every test starts with ``tag:gpu`` = 1 slot and may leave none held (tests/flows/conftest.py); a time-sliced
+# Every test starts with ``tag:gpu`` sized in hundredths and ``tag:gpu-start`` created (tests/flows/conftest.py: shared_gpu); a time-sliced
 # stack's limit counts hundredths of the GPU (``spec.gpu_limit_slots``), as `coder-stack setup` sizes it.
-pytestmark = pytest.mark.usefixtures("gpu_limit")
+pytestmark = pytest.mark.usefixtures("shared_gpu")
 
 CHAT, FIM, AGENT = "coder-chat", "coder-fim", "coder-agent"
 MODELS = (CHAT, FIM, AGENT)
