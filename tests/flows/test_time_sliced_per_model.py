@@ -1,0 +1,190 @@
+"""Swap, reclaim, wake and teardown per model on a time-sliced L4 (24 GB, 2 replicas; coder-chat 0.55 of it,
+coder-fim 0.35, coder-agent 0.9), on the simulated stack against the shared Prefect API.
+
+Models that fit together stay serving together: a teardown of one leaves the other serving (and the front-ends
+up), a reclaim of an idle coder-fim leaves a busy coder-chat serving, a swap to coder-fim keeps coder-chat while
+a swap to coder-agent stops both, and a wake of coder-fim beside a busy coder-chat brings it up without touching
+chat. The state the runs share (the Deployments, the GPU's shares, the wake claims) is exercised by two actors at
+once, a cancellation in the middle and a killed process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from simstack.stack import SimStack
+from simstack.store import Store
+
+from coder_stack.flows.params import Connection
+from coder_stack.flows.reclaim import ReclaimOptions, reclaim_idle_models
+from coder_stack.flows.teardown import TeardownOptions, teardown
+from coder_stack.orchestration.gpu import ensure_gpu_limit
+from coder_stack.report import RunReport
+from coder_stack.spec import GpuSharing, ModelSpec, StackSpec, spec_yaml
+from tests.conftest import is_ready, pods_of, scale, wait_for
+from tests.kits.flowkit import EXPERIENCE, SERVING, conn, replicas
+
+pytestmark = pytest.mark.usefixtures("gpu_limit")
+
+CHAT, FIM, AGENT = "coder-chat", "coder-fim", "coder-agent"
+SHARES = {CHAT: 0.55, FIM: 0.35, AGENT: 0.9}
+IDLE_AFTER_S = 1.0
+
+
+def shared_spec(**fields: Any) -> StackSpec:
+    """The reference stack on a time-sliced L4 (24 GB, 2 replicas) with the team's shares."""
+    base = StackSpec()
+    models = [ModelSpec(**{**m.model_dump(), "gpu_memory_utilization": SHARES[m.name]}) for m in base.models]
+    fields.setdefault("idle_after_s", IDLE_AFTER_S)
+    fields.setdefault("idle_grace_s", 0.0)
+    return StackSpec.model_validate(
+        {
+            **base.model_dump(),
+            **fields,
+            "models": [m.model_dump() for m in models],
+            "gpu_sharing": GpuSharing(mode="time-sliced", gpu_memory_gb=24.0, replicas=2).model_dump(),
+        }
+    )
+
+
+async def shared_sim(make_sim: Callable[..., SimStack], tmp_path: Path, **kw: Any) -> tuple[SimStack, Connection]:
+    """A sim with the time-sliced GPU, the connection to it with the spec's file, and tag:gpu sized for shares."""
+    spec = shared_spec(**kw.pop("fields", {}))
+    assert spec.fit_together([CHAT, FIM]) and not spec.fit_together([CHAT, AGENT])
+    sim = make_sim(spec=spec, **kw)
+    path = tmp_path / "stack.yaml"
+    path.write_text(spec_yaml(spec))
+    await ensure_gpu_limit(spec.gpu_limit_slots)  # the gpu_limit fixture puts it back to 1 after the test
+    return sim, conn(sim, stack_file=str(path))
+
+
+def ready(*names: str) -> Callable[[Store], bool]:
+    return lambda s: all(any(is_ready(p) for p in pods_of(s, SERVING, n)) for n in names)
+
+
+def up(sim: SimStack, *names: str) -> None:
+    """The models serving, one after another (as the flows start them on a shared GPU)."""
+    for n in names:
+        scale(sim, SERVING, n, 1)
+        wait_for(sim, ready(n), 30, f"{n} Ready")
+
+
+def history(sim: SimStack, name: str, mark: int = 0) -> list[int]:
+    """The replica counts ``name`` was scaled to since ``mark``."""
+    return [v for _, ns, n, v in sim.timeline[mark:] if ns == SERVING and n == name]
+
+
+async def wait_store(sim: SimStack, fn: Callable[[Store], Any], timeout: float, what: str) -> Any:
+    return await asyncio.to_thread(wait_for, sim, fn, timeout, what)
+
+
+@contextlib.asynccontextmanager
+async def in_use(sim: SimStack, name: str) -> AsyncIterator[None]:
+    """A streamed request to ``name``'s pod (chat for coder-chat, a completion for the others) held open while the
+    block runs: the model is in use (its running-requests gauge says 1) throughout."""
+    sim.services.vllm_decode_s = 0.05 / sim.time_scale  # 50 ms per token, real time: ~10 s for 200 tokens
+    m = StackSpec().model(name)
+    base = sim.backends.resolve_url(StackSpec().service_url(name, SERVING, 8000))
+    assert base
+    if name == CHAT:
+        path, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": "A long story about GPUs."}]}
+    else:
+        path, body = "/v1/completions", {"prompt": "def fibonacci(n):"}
+    body |= {"model": m.served_model_name, "stream": True, "max_tokens": 200}
+    headers = {"Authorization": f"Bearer {sim.secrets['vllm_key']}"}
+    async with httpx.AsyncClient(timeout=30) as http, http.stream("POST", base + path, json=body, headers=headers) as r:
+        assert r.status_code == 200
+        first = asyncio.Event()
+
+        async def read() -> None:
+            async for _ in r.aiter_lines():
+                first.set()
+
+        reader = asyncio.create_task(read())
+        try:
+            await asyncio.wait_for(first.wait(), 10)  # the first chunk is out: the request is running
+            yield
+            assert not reader.done(), f"the request to {name} ended before the block did"
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+
+
+# ------------------------------------------------------------------ teardown of one model
+async def test_a_teardown_of_one_model_leaves_the_other_serving_and_the_front_ends_up(
+    make_sim: Callable[..., SimStack], tmp_path: Path
+) -> None:
+    sim, c = await shared_sim(make_sim, tmp_path)
+    up(sim, CHAT, FIM)
+    for f in ("open-webui", "tabby"):
+        scale(sim, EXPERIENCE, f, 1)
+    mark = len(sim.timeline)
+
+    report: RunReport = await teardown(options=TeardownOptions(models=[FIM]), connection=c)
+    assert report.outcome == f"passed: {FIM} at 0; {CHAT} serving", report.to_markdown()
+    assert f"kept serving: {CHAT}; the front-ends stay up for them" in report.notes
+    assert history(sim, FIM, mark) == [0] and history(sim, CHAT, mark) == []
+    assert not sim.call(lambda s: pods_of(s, SERVING, FIM), sim.store)  # verified gone
+    r = replicas(sim)
+    assert r[CHAT] == 1 and r["open-webui"] == 1 and r["tabby"] == 1, r
+
+    # the last serving model named: nothing serves afterwards, so the front-ends go too
+    report = await teardown(options=TeardownOptions(models=[CHAT]), connection=c)
+    assert report.outcome == f"passed: {CHAT} at 0; no model serving", report.to_markdown()
+    assert "no other model serves: the front-ends go to 0 as well" in report.notes
+    assert all(v == 0 for v in replicas(sim).values()), replicas(sim)
+
+
+async def test_a_teardown_naming_an_unknown_model_is_refused_before_anything_changes(
+    make_sim: Callable[..., SimStack], tmp_path: Path
+) -> None:
+    from coder_stack.errors import SpecError
+
+    sim, c = await shared_sim(make_sim, tmp_path)
+    up(sim, CHAT)
+    mark = len(sim.timeline)
+    with pytest.raises(SpecError, match=r"unknown model 'coder-nope'.*coder-chat"):
+        await teardown(options=TeardownOptions(models=[FIM, "coder-nope"]), connection=c)
+    assert sim.timeline[mark:] == [] and replicas(sim)[CHAT] == 1
+
+
+# ------------------------------------------------------------------ reclaim per model
+async def test_a_reclaim_takes_an_idle_fim_and_leaves_a_busy_chat_serving(
+    make_sim: Callable[..., SimStack], tmp_path: Path
+) -> None:
+    sim, c = await shared_sim(make_sim, tmp_path)
+    up(sim, CHAT, FIM)
+    first: RunReport = await reclaim_idle_models(options=ReclaimOptions(), connection=c)  # the first readings
+    assert first.outcome == "passed: nothing idle", first.to_markdown()
+    mark = len(sim.timeline)
+    async with in_use(sim, CHAT):  # someone is using coder-chat
+        await asyncio.sleep(IDLE_AFTER_S)  # both counters stand still: only chat's running request says busy
+        report: RunReport = await reclaim_idle_models(options=ReclaimOptions(), connection=c)
+        assert history(sim, CHAT, mark) == []  # chat untouched while its request runs
+    assert report.outcome == f"passed: reclaimed {FIM}", report.to_markdown()
+    lines = {i.model: i for i in report.idle}
+    assert lines[FIM].action == "reclaimed" and lines[CHAT].action == "left serving", report.to_markdown()
+    assert "busy: 1 request(s) running" in lines[CHAT].reason
+    assert history(sim, FIM, mark) == [0] and replicas(sim)[CHAT] == 1
+    await wait_store(sim, lambda s: not pods_of(s, SERVING, FIM), 30, "coder-fim's pod gone")
+
+
+async def test_a_reclaim_takes_an_idle_chat_and_leaves_a_busy_fim_serving(
+    make_sim: Callable[..., SimStack], tmp_path: Path
+) -> None:
+    sim, c = await shared_sim(make_sim, tmp_path)
+    up(sim, CHAT, FIM)
+    await reclaim_idle_models(options=ReclaimOptions(), connection=c)
+    await asyncio.sleep(IDLE_AFTER_S)
+    mark = len(sim.timeline)
+    async with in_use(sim, FIM):
+        report: RunReport = await reclaim_idle_models(options=ReclaimOptions(), connection=c)
+    assert report.outcome == f"passed: reclaimed {CHAT}", report.to_markdown()
+    assert history(sim, CHAT, mark) == [0] and history(sim, FIM, mark) == [] and replicas(sim)[FIM] == 1
