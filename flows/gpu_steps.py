@@ -1,5 +1,12 @@
-"""The GPU steps the flows share: bring a model up (with keys and front-ends meanwhile), free the GPU, and the
-fast clean-up (:func:`release`, typed outcome :class:`Released`).
+"""The GPU steps the flows share: bring a model up (with keys and front-ends meanwhile), bring several up one
+after another on a time-sliced GPU (:func:`start_models`, each under the start turn once its share is free:
+:func:`wait_for_share`), free the GPU, and the fast clean-up (:func:`release`, typed outcome :class:`Released`).
+
+Why models sharing a GPU start one at a time: vLLM measures the GPU's free memory when its worker initialises the
+device (``request_memory``, ``vllm/v1/worker/utils.py``) and refuses to start when its share
+(``ceil(total x gpu_memory_utilization)``) is not free; two servers starting at once each see the other's memory
+as free, or not, depending on who loads first. So each model is started only when the shares of the pods already
+on the GPU plus its own fit the card, and the next only once it is Ready.
 
 Clean-up (:func:`release`) calls the cluster functions directly rather than through tasks: it runs in a
 ``finally`` while the run may be failing, cancelled or terminated, and must issue every scale-down within
@@ -10,19 +17,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from coder_stack.errors import CoderStackError
+from coder_stack.errors import CoderStackError, PreflightError
 from coder_stack.flows.record import record_failure, record_ready, record_smoke
 from coder_stack.flows.run import Run, logger, this_run_id
 from coder_stack.kubernetes.client import ClusterTarget, open_api
 from coder_stack.kubernetes.wait import ReadyReport, wait_gone
 from coder_stack.kubernetes.workloads import scale
+from coder_stack.orchestration.gpu import start_turn
 from coder_stack.spec import FrontendSpec, ModelSpec, StackSpec
-from coder_stack.tasks.cluster import free_gpu_task, scale_task, wait_frontend_ready_task, wait_model_ready_task
+from coder_stack.tasks.cluster import (
+    free_gpu_task,
+    scale_task,
+    wait_for_share_task,
+    wait_frontend_ready_task,
+    wait_model_ready_task,
+)
 from coder_stack.tasks.gateway import ensure_keys_task
 from coder_stack.tasks.smoke import smoke_direct_task, smoke_gateway_task
 from coder_stack.tasks.wake import record_cold_start_task
@@ -128,17 +142,97 @@ async def smoke_served(run: Run, model: ModelSpec) -> None:
         raise
 
 
-async def free_gpu(run: Run, keep: ModelSpec | None) -> list[ModelSpec]:
-    """Scale every GPU model except ``keep`` to 0 and wait until their pods are gone. Returns who was stopped.
+async def free_gpu(run: Run, keep: ModelSpec | Sequence[ModelSpec] | None) -> list[ModelSpec]:
+    """Scale every GPU model except ``keep`` (one model, several, or none) to 0 and wait until their pods are gone.
+    Returns who was stopped.
 
     Called right after the GPU grant: one task (``free_gpu_task``) reads only what it needs, since the flow's
     preflight checked the rest, and every task run here is time a freed GPU idles in a hand-off."""
-    freed = await free_gpu_task(run.target, run.spec, keep)
+    kept: ModelSpec | list[ModelSpec] | None = keep if keep is None or isinstance(keep, ModelSpec) else list(keep)
+    freed = await free_gpu_task(run.target, run.spec, kept)
     names = {h.name for h in freed.scaled_down}
     busy = [m for m in run.spec.models if m.name in names]
     if busy:
         run.step(f"free the GPU: {', '.join(m.name for m in busy)} scaled to 0 and gone")
     return busy
+
+
+async def wait_for_share(run: Run, model: ModelSpec) -> None:
+    """Time-sliced (under the start turn): until ``model``'s share of the GPU is free beside the models already on
+    it (their replicas or pods, terminating ones included) and a replica of the card is free; waited for, never
+    raced (vLLM would refuse to start), bounded by the deletion timeout, then an error naming what holds the GPU.
+    Exclusive: nothing to do (the session has the whole card, freed by :func:`free_gpu`)."""
+    if not run.spec.time_sliced:
+        return
+    await wait_for_share_task(run.target, run.spec, model)
+
+
+async def start_models(
+    run: Run,
+    models: list[ModelSpec],
+    key_aliases: list[str] | None = None,
+    frontends: Sequence[FrontendSpec] | None = None,
+    then: Callable[[], Awaitable[Any]] | None = None,
+) -> tuple[list[ReadyReport], Any]:
+    """Bring ``models`` up one after another: for each, under the start turn, wait for its share
+    (:func:`wait_for_share`), scale it to 1 and wait until it is Ready; the next starts only then. When keys,
+    front-ends or ``then`` are given, they run during the *first* model's cold start (as
+    :func:`model_up_with_keys_and_frontends`). Returns each model's Ready report, in order, and what ``then``
+    returned. Exclusive mode with one model: exactly :func:`model_up` / :func:`model_up_with_keys_and_frontends`.
+
+    A failure or cancellation stops what is still running (the keys branch too) and is raised; scaling back is the
+    caller's clean-up (:func:`release`)."""
+    spec = run.spec
+    extras = key_aliases is not None or frontends is not None or then is not None
+    if not spec.time_sliced and len(models) == 1:
+        if extras:
+            ready, after = await model_up_with_keys_and_frontends(
+                run, models[0], list(key_aliases or []), list(frontends or []), then
+            )
+            return [ready], after
+        return [await model_up(run, models[0])], None
+    if not models:
+        raise ValueError("start_models needs at least one model")
+    if not spec.fit_together(models):
+        verdict = spec.shares_fit(models)
+        raise PreflightError(
+            f"{', '.join(m.name for m in models)} cannot serve on one GPU together ({verdict.summary()}); "
+            f"{' '.join(verdict.problems()) or 'exclusive mode runs one model at a time'}; nothing was started"
+        )
+    target, report = run.target, run.report
+    first_scaled = asyncio.Event()
+
+    async def one_after_another() -> list[ReadyReport]:
+        readies = []
+        for i, m in enumerate(models):
+            async with start_turn(spec.time_sliced, spec.timeouts.gpu_limit_s):
+                await wait_for_share(run, m)
+                run.step(f"scale {m.name} to 1 and wait through its cold start")
+                await scale_task(target, spec, m, 1, held_by=this_run_id())
+                if i == 0:
+                    first_scaled.set()
+                ready = await wait_model_ready_task(target, spec, m)
+            record_ready(report.section(m.name), ready)
+            run.step(f"{m.name} Ready after {ready.total_s:.1f} s")
+            await keep_cold_start(run, m, ready)
+            readies.append(ready)
+        return readies
+
+    if not extras:
+        return await one_after_another(), None
+
+    async def keys_and_frontends() -> Any:
+        await first_scaled.wait()
+        fronts = list(frontends or [])
+        reps = await ensure_keys_task(target, spec, list(key_aliases or []))
+        report.key_actions += [f"{r.alias}: {r.action} ({r.delivered_to})" for r in reps]
+        await asyncio.gather(*(scale_task(target, spec, f, 1) for f in fronts))
+        await asyncio.gather(*(wait_frontend_ready_task(target, spec, f) for f in fronts))
+        run.step(f"keys delivered; {', '.join(f.name for f in fronts) or 'no front-end'} Ready")
+        return await then() if then is not None else None
+
+    readies, after = await gather_or_cancel(one_after_another(), keys_and_frontends())
+    return readies, after
 
 
 class ReleaseLine(BaseModel):

@@ -27,7 +27,7 @@ from coder_stack.kubernetes.workloads import (
 )
 from coder_stack.spec import FrontendSpec, ModelSpec, PhaseBudgets, StackSpec
 from coder_stack.tasks._common import retrying, run_logger
-from coder_stack.usecases.gpu import FreedGpu, free_gpu
+from coder_stack.usecases.gpu import FreedGpu, ShareCheck, free_gpu, wait_for_share
 from coder_stack.usecases.stamps import HELD_BY
 
 _TASK = retrying(2, 5, 10)
@@ -54,8 +54,11 @@ async def preflight_task(target: ClusterTarget, spec: StackSpec, models: list[st
 
 
 @task(name="free-gpu", **_TASK)
-async def free_gpu_task(target: ClusterTarget, spec: StackSpec, keep: ModelSpec | None = None) -> FreedGpu:
-    """Every GPU model except ``keep`` to 0, then until their pods are gone (the GPU is free only then)."""
+async def free_gpu_task(
+    target: ClusterTarget, spec: StackSpec, keep: ModelSpec | list[ModelSpec] | None = None
+) -> FreedGpu:
+    """Every GPU model except ``keep`` (one or several) to 0, then until their pods are gone (the GPU is free
+    only then)."""
     log = run_logger()
     async with open_api(target) as api:
         freed = await free_gpu(api, spec, keep)
@@ -67,6 +70,17 @@ async def free_gpu_task(target: ClusterTarget, spec: StackSpec, keep: ModelSpec 
             h.name, h.replicas, len(h.pods), g.pods_seen, g.seconds,
         )  # fmt: skip
     return freed
+
+
+@task(name="wait-for-share", **_TASK)
+async def wait_for_share_task(target: ClusterTarget, spec: StackSpec, model: ModelSpec) -> ShareCheck:
+    """Time-sliced: until ``model``'s share of the GPU is free beside the models already on it (vLLM refuses to
+    start otherwise); bounded by the deletion timeout, then an error naming what holds the GPU."""
+    log = run_logger()
+    async with open_api(target) as api:
+        check = await wait_for_share(api, spec, model, spec.timeouts.deletion_s)
+    log.info("%s's share of the GPU is free: %s.", model.name, check.verdict.summary())
+    return check
 
 
 @task(name="scale", **_TASK)
@@ -182,6 +196,7 @@ __all__ = [
     "preflight_task",
     "scale_task",
     "stack_status_task",
+    "wait_for_share_task",
     "wait_frontend_ready_task",
     "wait_model_ready_task",
 ]

@@ -6,6 +6,7 @@ time-slicing, and which GPU models are active now.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Collection
 
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client import ApiClient
@@ -348,15 +349,17 @@ class ModelOnGpu(_Report):
     pods: list[str] = Field(description="Its pods that still exist, terminating ones included.")
 
 
-async def models_on_gpu(api: ApiClient, spec: StackSpec, keep: str | None = None) -> list[ModelOnGpu]:
-    """The GPU models other than ``keep`` that hold or will hold a GPU: replicas > 0, or a pod still there.
+async def models_on_gpu(api: ApiClient, spec: StackSpec, keep: str | Collection[str] | None = None) -> list[ModelOnGpu]:
+    """The GPU models other than ``keep`` (a name or several) that hold or will hold a GPU: replicas > 0, or a
+    pod still there (a terminating pod still holds its GPU memory).
 
     The check inside a GPU session, between the grant and the next model's scale-up: what ``preflight``
     already checked (namespaces, Deployments, node RAM) is not read again. One Deployment list and one
     pod list for all the models, at once. A Deployment missing now was deleted since the preflight: NotFound.
     """
     ns = spec.serving_namespace
-    models = [m for m in spec.models if m.name != keep]
+    kept = {keep} if isinstance(keep, str) else set(keep or ())
+    models = [m for m in spec.models if m.name not in kept]
 
     async def pods() -> dict[str, list[str]]:
         # one list for every model: each model's selector is SELECTOR_KEY=<its name>
