@@ -23,6 +23,7 @@ from simstack.store import Store
 
 from coder_stack.flows.params import Connection
 from coder_stack.flows.reclaim import ReclaimOptions, reclaim_idle_models
+from coder_stack.flows.swap import SwapOptions, swap_model
 from coder_stack.flows.teardown import TeardownOptions, teardown
 from coder_stack.orchestration.gpu import ensure_gpu_limit
 from coder_stack.report import RunReport
@@ -188,3 +189,29 @@ async def test_a_reclaim_takes_an_idle_chat_and_leaves_a_busy_fim_serving(
         report: RunReport = await reclaim_idle_models(options=ReclaimOptions(), connection=c)
     assert report.outcome == f"passed: reclaimed {CHAT}", report.to_markdown()
     assert history(sim, CHAT, mark) == [0] and history(sim, FIM, mark) == [] and replicas(sim)[FIM] == 1
+
+
+# ------------------------------------------------------------------ swap keeps what fits
+async def test_a_swap_to_fim_keeps_a_serving_chat_and_a_swap_to_the_agent_stops_both(
+    make_sim: Callable[..., SimStack], tmp_path: Path
+) -> None:
+    sim, c = await shared_sim(make_sim, tmp_path)
+    up(sim, CHAT)
+    mark = len(sim.timeline)
+    report: RunReport = await swap_model(options=SwapOptions(target=FIM, smoke_gateway=False), connection=c)
+    assert report.outcome == "passed", report.to_markdown()
+    assert f"kept serving beside {FIM}: {CHAT}" in report.notes and "stopped (scaled to 0, pods gone): nothing" in (
+        report.notes
+    ), report.notes
+    assert history(sim, CHAT, mark) == [] and history(sim, FIM, mark) == [1]
+    assert sim.call(ready(CHAT, FIM), sim.store)  # both serving on the one GPU
+
+    mark = len(sim.timeline)
+    report = await swap_model(options=SwapOptions(target=AGENT, smoke_gateway=False), connection=c)
+    assert report.outcome == "passed", report.to_markdown()
+    assert f"kept serving beside {AGENT}: nothing" in report.notes, report.notes
+    assert f"stopped (scaled to 0, pods gone): {CHAT}, {FIM}" in report.notes, report.notes
+    order = [(n, v) for _, ns, n, v in sim.timeline[mark:] if ns == SERVING]
+    assert sorted(order[:2]) == [(CHAT, 0), (FIM, 0)] and order[2:] == [(AGENT, 1)], order  # both gone, then up
+    r = replicas(sim)
+    assert (r[CHAT], r[FIM], r[AGENT]) == (0, 0, 1), r
