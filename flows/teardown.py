@@ -28,6 +28,7 @@ from coder_stack.kubernetes.pods import pod_summary
 from coder_stack.kubernetes.workloads import deployment_status
 from coder_stack.orchestration.gpu import gpu_limit_status
 from coder_stack.report import RunReport
+from coder_stack.spec import ModelSpec
 
 NODE_DRAIN_MIN = 10
 
@@ -70,6 +71,10 @@ async def teardown(
             report.notes.append(f"found running: {', '.join(found) if found else 'nothing'}")
             log.info("Teardown found running: %s.", ", ".join(found) if found else "nothing")
             models = named or list(spec.models)
+
+            def key(m: ModelSpec) -> str:
+                return f"{spec.serving_namespace}/{m.name}"
+
             kept = sorted(n for n in serving if n not in {m.name for m in models})
             frontends = [f.name for f in spec.frontends] if not kept else []
             if named:
@@ -89,9 +94,16 @@ async def teardown(
                 f"{n}: {line.detail}" for n, line in outcome.lines.items() if line.pods_seen or not line.released
             ]
             state = await final_state(target, spec)
+            if named and not frontends and state and not any(state.get(key(m)) for m in spec.models):
+                # the models kept were scaled to 0 meanwhile (another teardown of them, a reclaim): of two runs
+                # interleaved, at least one reads the other's scale-down here, so the front-ends do not stay up alone
+                frontends = [f.name for f in spec.frontends]
+                report.notes.append("no model serves any more: the front-ends go to 0 as well")
+                fronts = await release(target, spec, [], frontends)
+                report.notes += [f"{n}: {line.detail}" for n, line in fronts.lines.items() if not line.released]
+                state = await final_state(target, spec)
             report.final_state = state
-            mine = {f"{spec.serving_namespace}/{m.name}" for m in models}
-            mine |= {f"{spec.experience_namespace}/{f}" for f in frontends}
+            mine = {key(m) for m in models} | {f"{spec.experience_namespace}/{f}" for f in frontends}
             left = [k for k, v in state.items() if v and k in mine]
             async with open_api(target) as api:
                 for m in models:
@@ -103,7 +115,7 @@ async def teardown(
                     "scaling them back up; check it, then rerun `coder-stack down`"
                     + "".join(f" --model {m.name}" for m in named)
                 )
-            still = sorted(n for n in kept if state.get(f"{spec.serving_namespace}/{n}"))
+            still = sorted(m.name for m in spec.models if m.name in kept and state.get(key(m)))
             if named and still:
                 report.notes.append(f"{', '.join(still)} still serving: the GPU node stays up")
                 report.finish(f"passed: {', '.join(m.name for m in named)} at 0; {', '.join(still)} serving")

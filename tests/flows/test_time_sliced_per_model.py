@@ -12,24 +12,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import httpx
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.states import Failed
 from simstack.stack import SimStack
 from simstack.store import Store
 
+from coder_stack.flows.cleanup import clean_up_crashed_run
+from coder_stack.flows.errors import WakeGaveUp
 from coder_stack.flows.params import Connection
 from coder_stack.flows.reclaim import ReclaimOptions, reclaim_idle_models
 from coder_stack.flows.swap import SwapOptions, swap_model
 from coder_stack.flows.teardown import TeardownOptions, teardown
+from coder_stack.flows.wake import wake_model
 from coder_stack.orchestration.gpu import ensure_gpu_limit
 from coder_stack.report import RunReport
 from coder_stack.spec import GpuSharing, ModelSpec, StackSpec, spec_yaml
+from coder_stack.usecases.wake import WAKE
 from tests.conftest import is_ready, pods_of, scale, wait_for
-from tests.kits.flowkit import EXPERIENCE, SERVING, conn, replicas
+from tests.flows.test_wake import deploy_annotations, wake_state
+from tests.kits.flowkit import EXPERIENCE, SERVING, SLOW_SCALE, conn, replicas, sigkill, start_flow_process
 
 pytestmark = pytest.mark.usefixtures("gpu_limit")
 
@@ -215,3 +224,173 @@ async def test_a_swap_to_fim_keeps_a_serving_chat_and_a_swap_to_the_agent_stops_
     assert sorted(order[:2]) == [(CHAT, 0), (FIM, 0)] and order[2:] == [(AGENT, 1)], order  # both gone, then up
     r = replicas(sim)
     assert (r[CHAT], r[FIM], r[AGENT]) == (0, 0, 1), r
+
+
+async def test_two_teardowns_of_the_two_serving_models_at_once_leave_nothing_up(
+    make_sim: Callable[..., SimStack], tmp_path: Path
+) -> None:
+    """Each sees the other model serving when it starts; of the two, at least one reads the other's scale-down
+    after its own, so the front-ends do not stay up with no model behind them."""
+    sim, c = await shared_sim(make_sim, tmp_path)
+    up(sim, CHAT, FIM)
+    for f in ("open-webui", "tabby"):
+        scale(sim, EXPERIENCE, f, 1)
+    reports = await asyncio.gather(
+        teardown(options=TeardownOptions(models=[CHAT]), connection=c),
+        teardown(options=TeardownOptions(models=[FIM]), connection=c),
+    )
+    assert all(r.outcome.startswith("passed") for r in reports), [r.to_markdown() for r in reports]
+    assert all(v == 0 for v in replicas(sim).values()), (replicas(sim), [r.notes for r in reports])
+
+
+# ------------------------------------------------------------------ wake beside what serves
+async def test_a_wake_of_fim_beside_a_busy_chat_brings_it_up_without_touching_chat(
+    make_sim: Callable[..., SimStack], tmp_path: Path
+) -> None:
+    sim, c = await shared_sim(make_sim, tmp_path)
+    up(sim, CHAT)
+    mark = len(sim.timeline)
+    async with in_use(sim, CHAT):  # someone is using coder-chat: a wake in exclusive mode would wait for it
+        report: RunReport = await asyncio.wait_for(wake_model(FIM, connection=c), 120)
+        assert report.outcome == f"passed: {FIM} serving", report.to_markdown()
+    assert f"{FIM} fits beside {CHAT}: nothing reclaimed" in report.notes, report.notes
+    assert history(sim, CHAT)[-1:] == [1] and history(sim, CHAT, mark) == [] and history(sim, FIM, mark) == [1]
+    assert sim.call(ready(CHAT, FIM), sim.store)
+    assert [s.check for s in report.section(FIM).smokes] == ["direct (pod, vLLM key)", "gateway (client key)"]
+    assert WAKE not in deploy_annotations(sim, FIM)
+
+
+async def test_a_wake_of_the_agent_beside_a_busy_chat_waits_and_never_evicts_it(
+    make_sim: Callable[..., SimStack], tmp_path: Path
+) -> None:
+    """The agent needs 0.9 of the card: it does not fit beside coder-chat, so today's rule holds."""
+    sim, c = await shared_sim(make_sim, tmp_path, fields={"wake": {"wait_for_gpu_s": 0}})
+    up(sim, CHAT)
+    mark = len(sim.timeline)
+    async with in_use(sim, CHAT):
+        with pytest.raises(WakeGaveUp, match="coder-chat stayed in use; nothing was evicted"):
+            await wake_model(AGENT, connection=c)
+    assert sim.timeline[mark:] == [] and WAKE not in deploy_annotations(sim, AGENT)
+
+
+class Starts:
+    """Every model scale-up and model Ready in the flows' steps, in the order they happened."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import coder_stack.flows.gpu_steps as steps
+
+        self.events: list[tuple[str, str]] = []
+        scale_task, wait_ready = steps.scale_task, steps.wait_model_ready_task
+        models = {m.name for m in StackSpec().models}
+
+        async def scaled(target: Any, spec: Any, obj: Any, n: int, **kw: Any) -> Any:
+            if obj.name in models and n > 0:
+                self.events.append(("scale", obj.name))
+            return await scale_task(target, spec, obj, n, **kw)
+
+        async def readied(target: Any, spec: Any, model: Any) -> Any:
+            got = await wait_ready(target, spec, model)
+            self.events.append(("ready", model.name))
+            return got
+
+        monkeypatch.setattr(steps, "scale_task", scaled)
+        monkeypatch.setattr(steps, "wait_model_ready_task", readied)
+
+    def never_overlap(self) -> None:
+        """Each model's start ran from its scale-up to its Ready before the next began."""
+        ev = self.events
+        assert len(ev) % 2 == 0 and all(
+            ev[i][0] == "scale" and ev[i + 1] == ("ready", ev[i][1]) for i in range(0, len(ev), 2)
+        ), ev
+
+
+async def test_two_wakes_of_chat_and_fim_at_once_both_come_up_and_their_starts_never_overlap(
+    make_sim: Callable[..., SimStack], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sim, c = await shared_sim(make_sim, tmp_path, time_scale=SLOW_SCALE)
+    starts = Starts(monkeypatch)
+    mark = len(sim.timeline)
+    reports = await asyncio.wait_for(asyncio.gather(wake_model(CHAT, connection=c), wake_model(FIM, connection=c)), 180)
+    assert [r.outcome for r in reports] == [f"passed: {CHAT} serving", f"passed: {FIM} serving"], [
+        r.to_markdown() for r in reports
+    ]
+    assert sorted(n for _, n in starts.events) == [CHAT, CHAT, FIM, FIM], starts.events
+    starts.never_overlap()
+    assert history(sim, CHAT, mark) == [1] and history(sim, FIM, mark) == [1]  # neither stopped the other
+    assert sim.call(ready(CHAT, FIM), sim.store)
+
+
+async def test_a_wake_of_fim_cancelled_in_its_cold_start_scales_only_fim_back_and_leaves_no_claim(
+    make_sim: Callable[..., SimStack], tmp_path: Path
+) -> None:
+    sim, c = await shared_sim(make_sim, tmp_path, time_scale=SLOW_SCALE)
+    up(sim, CHAT)
+    mark = len(sim.timeline)
+
+    async def wake() -> Any:
+        return await wake_model(FIM, connection=c, return_state=True)
+
+    task = asyncio.create_task(wake())
+    await wait_store(sim, lambda s: pods_of(s, SERVING, FIM) and wake_state(s, FIM), 60, "fim cold start, claimed")
+    assert not any(is_ready(p) for p in sim.call(lambda s: pods_of(s, SERVING, FIM), sim.store))
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait_for(task, 60)
+    assert history(sim, FIM, mark) == [1, 0] and history(sim, CHAT, mark) == [] and replicas(sim)[CHAT] == 1
+    assert WAKE not in deploy_annotations(sim, FIM)
+    await wait_store(sim, lambda s: not pods_of(s, SERVING, FIM), 30, "coder-fim's pod gone")
+    assert sim.call(ready(CHAT), sim.store)
+
+
+KILLABLE_WAKE = """
+import asyncio, sys
+from coder_stack.flows.cleanup import clean_up_crashed_run
+from coder_stack.flows.errors import WakeGaveUp
+from coder_stack.flows.params import Connection
+from coder_stack.flows.wake import wake_model
+from coder_stack.flows.wake import wake_model
+
+asyncio.run(wake_model("coder-fim", connection=Connection(kubeconfig=sys.argv[1], stack_file=sys.argv[2])))
+"""
+
+
+async def test_a_killed_wake_of_fim_beside_chat_is_cleaned_up_without_touching_chat(
+    make_sim: Callable[..., SimStack], prefect_api: str, tmp_path: Path
+) -> None:
+    sim, c = await shared_sim(make_sim, tmp_path, time_scale=SLOW_SCALE)
+    up(sim, CHAT)
+    mark = len(sim.timeline)
+    assert c.stack_file
+    proc, log = start_flow_process(KILLABLE_WAKE.replace("sys.argv[2]", repr(c.stack_file)), sim, prefect_api, tmp_path)
+    try:
+        await wait_store(sim, lambda s: pods_of(s, SERVING, FIM) and wake_state(s, FIM), 90, "the fim wake's start")
+    finally:
+        sigkill(proc)
+    dead = json.loads(deploy_annotations(sim, FIM)[WAKE])["run"]
+    assert replicas(sim)[FIM] == 1, log.read_text()
+    async with get_client() as client:  # Failed, not Crashed: the shared server's trigger starts no second clean-up
+        await client.set_flow_run_state(UUID(dead), Failed(message="killed by the test"), force=True)
+    cleanup: RunReport = await clean_up_crashed_run(dead, connection=c, settle_s=1.0)
+    assert cleanup.outcome.startswith(f"passed: {FIM} scaled to 0"), cleanup.to_markdown()
+    assert WAKE not in deploy_annotations(sim, FIM) and replicas(sim)[FIM] == 0
+    assert history(sim, CHAT, mark) == [] and replicas(sim)[CHAT] == 1  # chat was not the dead run's
+
+
+# ------------------------------------------------------------------ swap cancelled in the middle
+async def test_a_swap_to_fim_cancelled_in_its_cold_start_scales_only_fim_back(
+    make_sim: Callable[..., SimStack], tmp_path: Path
+) -> None:
+    sim, c = await shared_sim(make_sim, tmp_path, time_scale=SLOW_SCALE)
+    up(sim, CHAT)
+    mark = len(sim.timeline)
+
+    async def swap() -> Any:
+        return await swap_model(options=SwapOptions(target=FIM, smoke_gateway=False), connection=c, return_state=True)
+
+    task = asyncio.create_task(swap())
+    await wait_store(sim, lambda s: pods_of(s, SERVING, FIM), 60, "fim cold start")
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait_for(task, 60)
+    assert history(sim, FIM, mark) == [1, 0] and history(sim, CHAT, mark) == [] and replicas(sim)[CHAT] == 1
+    await wait_store(sim, lambda s: not pods_of(s, SERVING, FIM), 30, "coder-fim's pod gone")
