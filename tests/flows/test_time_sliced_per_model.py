@@ -98,7 +98,7 @@ async def wait_store(sim: SimStack, fn: Callable[[Store], Any], timeout: float, 
 async def in_use(sim: SimStack, name: str) -> AsyncIterator[None]:
     """A streamed request to ``name``'s pod (chat for coder-chat, a completion for the others) held open while the
     block runs: the model is in use (its running-requests gauge says 1) throughout."""
-    sim.services.vllm_decode_s = 0.05 / sim.time_scale  # 50 ms per token, real time: ~10 s for 200 tokens
+    sim.services.vllm_decode_s = 0.3 / sim.time_scale  # 300 ms per token, real time: ~60 s for 200 tokens
     m = StackSpec().model(name)
     base = sim.backends.resolve_url(StackSpec().service_url(name, SERVING, 8000))
     assert base
@@ -227,10 +227,22 @@ async def test_a_swap_to_fim_keeps_a_serving_chat_and_a_swap_to_the_agent_stops_
 
 
 async def test_two_teardowns_of_the_two_serving_models_at_once_leave_nothing_up(
-    make_sim: Callable[..., SimStack], tmp_path: Path
+    make_sim: Callable[..., SimStack], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each sees the other model serving when it starts; of the two, at least one reads the other's scale-down
-    after its own, so the front-ends do not stay up with no model behind them."""
+    """Both read the other model serving before either scales (held there by a barrier), so each keeps the
+    front-ends at first; of the two, at least one reads the other's scale-down after its own, so the front-ends
+    do not stay up with no model behind them."""
+    import coder_stack.flows.teardown as td
+
+    both_read = asyncio.Barrier(2)
+    real_release = td.release
+
+    async def release_after_both_read(target: Any, spec: Any, models: Any, frontends: Any) -> Any:
+        if models:
+            await asyncio.wait_for(both_read.wait(), 60)
+        return await real_release(target, spec, models, frontends)
+
+    monkeypatch.setattr(td, "release", release_after_both_read)
     sim, c = await shared_sim(make_sim, tmp_path)
     up(sim, CHAT, FIM)
     for f in ("open-webui", "tabby"):
@@ -241,6 +253,8 @@ async def test_two_teardowns_of_the_two_serving_models_at_once_leave_nothing_up(
     )
     assert all(r.outcome.startswith("passed") for r in reports), [r.to_markdown() for r in reports]
     assert all(v == 0 for v in replicas(sim).values()), (replicas(sim), [r.notes for r in reports])
+    notes = [n for r in reports for n in r.notes]
+    assert sum("kept serving:" in n for n in notes) == 2, notes  # each saw the other serving: the race was run
 
 
 # ------------------------------------------------------------------ wake beside what serves
