@@ -102,6 +102,7 @@ async def in_use(sim: SimStack, name: str) -> AsyncIterator[None]:
     m = StackSpec().model(name)
     base = sim.backends.resolve_url(StackSpec().service_url(name, SERVING, 8000))
     assert base
+    body: dict[str, Any]
     if name == CHAT:
         path, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": "A long story about GPUs."}]}
     else:
@@ -408,3 +409,28 @@ async def test_a_swap_to_fim_cancelled_in_its_cold_start_scales_only_fim_back(
         await asyncio.wait_for(task, 60)
     assert history(sim, FIM, mark) == [1, 0] and history(sim, CHAT, mark) == [] and replicas(sim)[CHAT] == 1
     await wait_store(sim, lambda s: not pods_of(s, SERVING, FIM), 30, "coder-fim's pod gone")
+
+
+# ------------------------------------------------------------------ the command
+async def test_down_model_is_explained_by_its_help_refuses_an_unknown_name_and_tears_down_only_that_model(
+    make_sim: Callable[..., SimStack], tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from coder_stack.app.cli import app
+
+    def cli(*args: str) -> Any:
+        return CliRunner().invoke(app, list(args), env={"COLUMNS": "400"})
+
+    shown = " ".join((await asyncio.to_thread(cli, "down", "--help")).output.split())
+    assert "--model" in shown and "repeatable" in shown and "The other models keep serving" in shown, shown
+    sim, c = await shared_sim(make_sim, tmp_path)
+    up(sim, CHAT, FIM)
+    args = ["--kubeconfig", str(sim.kubeconfig_path), "--stack", str(c.stack_file)]
+    mark = len(sim.timeline)
+    res = await asyncio.to_thread(cli, "down", "--model", FIM, "--model", "coder-nope", *args)
+    assert res.exit_code == 1 and "unknown model 'coder-nope'" in " ".join(res.output.split()), res.output
+    assert sim.timeline[mark:] == []
+    res = await asyncio.to_thread(cli, "down", "--model", FIM, *args)
+    assert res.exit_code == 0, (res.output, res.exception)
+    assert history(sim, FIM, mark) == [0] and history(sim, CHAT, mark) == [] and replicas(sim)[CHAT] == 1
