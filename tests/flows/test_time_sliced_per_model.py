@@ -128,6 +128,22 @@ async def in_use(sim: SimStack, name: str) -> AsyncIterator[None]:
                 await reader
 
 
+class Occupied:
+    """The ``occupy`` of every GPU session the flows in ``modules`` open (the sessions themselves run as usual)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, *modules: Any) -> None:
+        from coder_stack.orchestration.gpu import gpu_session
+
+        self.asked: list[int] = []
+
+        def spy(timeout_s: float, *args: Any, occupy: int = 1, **kw: Any) -> Any:
+            self.asked.append(occupy)
+            return gpu_session(timeout_s, *args, occupy=occupy, **kw)
+
+        for mod in modules:
+            monkeypatch.setattr(mod, "gpu_session", spy)
+
+
 # ------------------------------------------------------------------ teardown of one model
 async def test_a_teardown_of_one_model_leaves_the_other_serving_and_the_front_ends_up(
     make_sim: Callable[..., SimStack], tmp_path: Path
@@ -168,8 +184,11 @@ async def test_a_teardown_naming_an_unknown_model_is_refused_before_anything_cha
 
 # ------------------------------------------------------------------ reclaim per model
 async def test_a_reclaim_takes_an_idle_fim_and_leaves_a_busy_chat_serving(
-    make_sim: Callable[..., SimStack], tmp_path: Path
+    make_sim: Callable[..., SimStack], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import coder_stack.flows.reclaim as reclaim_flow
+
+    occupied = Occupied(monkeypatch, reclaim_flow)
     sim, c = await shared_sim(make_sim, tmp_path)
     up(sim, CHAT, FIM)
     first: RunReport = await reclaim_idle_models(options=ReclaimOptions(), connection=c)  # the first readings
@@ -185,6 +204,7 @@ async def test_a_reclaim_takes_an_idle_fim_and_leaves_a_busy_chat_serving(
     assert "busy: 1 request(s) running" in lines[CHAT].reason
     assert history(sim, FIM, mark) == [0] and replicas(sim)[CHAT] == 1
     await wait_store(sim, lambda s: not pods_of(s, SERVING, FIM), 30, "coder-fim's pod gone")
+    assert occupied.asked == [55, 35, 55, 35], occupied.asked  # per run: each model under its own share
 
 
 async def test_a_reclaim_takes_an_idle_chat_and_leaves_a_busy_fim_serving(
@@ -203,8 +223,11 @@ async def test_a_reclaim_takes_an_idle_chat_and_leaves_a_busy_fim_serving(
 
 # ------------------------------------------------------------------ swap keeps what fits
 async def test_a_swap_to_fim_keeps_a_serving_chat_and_a_swap_to_the_agent_stops_both(
-    make_sim: Callable[..., SimStack], tmp_path: Path
+    make_sim: Callable[..., SimStack], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import coder_stack.flows.swap as swap_flow
+
+    occupied = Occupied(monkeypatch, swap_flow)
     sim, c = await shared_sim(make_sim, tmp_path)
     up(sim, CHAT)
     mark = len(sim.timeline)
@@ -225,6 +248,7 @@ async def test_a_swap_to_fim_keeps_a_serving_chat_and_a_swap_to_the_agent_stops_
     assert sorted(order[:2]) == [(CHAT, 0), (FIM, 0)] and order[2:] == [(AGENT, 1)], order  # both gone, then up
     r = replicas(sim)
     assert (r[CHAT], r[FIM], r[AGENT]) == (0, 0, 1), r
+    assert occupied.asked == [90, 90], occupied.asked  # fim with the chat it keeps; the agent alone
 
 
 async def test_two_teardowns_of_the_two_serving_models_at_once_leave_nothing_up(
@@ -260,8 +284,11 @@ async def test_two_teardowns_of_the_two_serving_models_at_once_leave_nothing_up(
 
 # ------------------------------------------------------------------ wake beside what serves
 async def test_a_wake_of_fim_beside_a_busy_chat_brings_it_up_without_touching_chat(
-    make_sim: Callable[..., SimStack], tmp_path: Path
+    make_sim: Callable[..., SimStack], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import coder_stack.flows.wake as wake_flow
+
+    occupied = Occupied(monkeypatch, wake_flow)
     sim, c = await shared_sim(make_sim, tmp_path)
     up(sim, CHAT)
     mark = len(sim.timeline)
@@ -273,6 +300,7 @@ async def test_a_wake_of_fim_beside_a_busy_chat_brings_it_up_without_touching_ch
     assert sim.call(ready(CHAT, FIM), sim.store)
     assert [s.check for s in report.section(FIM).smokes] == ["direct (pod, vLLM key)", "gateway (client key)"]
     assert WAKE not in deploy_annotations(sim, FIM)
+    assert occupied.asked == [35], occupied.asked  # fim's share only
 
 
 async def test_a_wake_of_the_agent_beside_a_busy_chat_waits_and_never_evicts_it(
