@@ -77,7 +77,7 @@ async def swap_model(
                 if spec.time_sliced:
                     # read again under the limit: a model started meanwhile that fits is kept, not stopped
                     kept = _kept(spec, model, await _serving(run))
-                    stopped = await free_gpu(run, [model, *kept])
+                    stopped = await free_gpu(run, [model, *_beside(spec, model, kept)])
                     _say_kept_and_stopped(run, model, kept, stopped)
                 else:
                     await free_gpu(run, model)
@@ -131,6 +131,17 @@ def _kept(spec: StackSpec, model: ModelSpec, serving: list[str]) -> list[ModelSp
         if m.name != model.name and m.name in serving and spec.fit_together([model, *kept, m]):
             kept.append(m)
     return kept
+
+
+def _beside(spec: StackSpec, model: ModelSpec, kept: list[ModelSpec]) -> list[ModelSpec]:
+    """``kept`` and every other model that still fits beside ``model`` and them: spared by the scale-down even when
+    not serving at the read, since another run (a wake, a swap) may be starting it under its own share right now —
+    stopping it would break that run's start for nothing. A model that does not fit is stopped."""
+    spared = list(kept)
+    for m in spec.models:
+        if m.name != model.name and m not in spared and spec.fit_together([model, *spared, m]):
+            spared.append(m)
+    return spared
 
 
 def _say_kept_and_stopped(run: Run, model: ModelSpec, kept: list[ModelSpec], stopped: list[ModelSpec]) -> None:

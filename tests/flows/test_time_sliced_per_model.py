@@ -462,3 +462,56 @@ async def test_down_model_is_explained_by_its_help_refuses_an_unknown_name_and_t
     res = await asyncio.to_thread(cli, "down", "--model", FIM, *args)
     assert res.exit_code == 0, (res.output, res.exception)
     assert history(sim, FIM, mark) == [0] and history(sim, CHAT, mark) == [] and replicas(sim)[CHAT] == 1
+
+
+async def test_two_swaps_to_chat_and_to_fim_at_once_leave_both_serving_and_their_starts_never_overlap(
+    make_sim: Callable[..., SimStack], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worst interleaving, forced: the swap to coder-fim reads what serves under its session before the swap
+    to coder-chat starts chat, and frees the GPU only once chat is scaled up (its start under way). Chat fits
+    beside fim, so it is spared."""
+    import coder_stack.flows.swap as swap_flow
+
+    sim, c = await shared_sim(make_sim, tmp_path, time_scale=SLOW_SCALE)
+    starts = Starts(monkeypatch)
+    real_free_gpu, real_serving, real_start = swap_flow.free_gpu, swap_flow._serving, swap_flow.start_models
+    reads = {CHAT: 0, FIM: 0}
+    fim_read = asyncio.Event()
+
+    async def serving(run: Any) -> list[str]:
+        got = await real_serving(run)
+        name = FIM if run.report.flow.endswith(f"({FIM})") else CHAT
+        reads[name] += 1
+        if name == FIM and reads[FIM] == 2:  # its read under the session
+            fim_read.set()
+        return got
+
+    async def start_after_fims_read(run: Any, models: Any, *args: Any, **kw: Any) -> Any:
+        if models[0].name == CHAT:
+            await asyncio.wait_for(fim_read.wait(), 60)
+        return await real_start(run, models, *args, **kw)
+
+    def chat_scaled_up(store: Store) -> bool:
+        return int(store.get("deployments", SERVING, CHAT)["spec"]["replicas"]) == 1
+
+    async def free_gpu_once_chat_starts(run: Any, keep: Any) -> Any:
+        if keep[0].name == FIM:
+            await wait_store(sim, chat_scaled_up, 60, "the swap to coder-chat scaling it up")
+        return await real_free_gpu(run, keep)
+
+    monkeypatch.setattr(swap_flow, "free_gpu", free_gpu_once_chat_starts)
+    monkeypatch.setattr(swap_flow, "_serving", serving)
+    monkeypatch.setattr(swap_flow, "start_models", start_after_fims_read)
+    mark = len(sim.timeline)
+    reports = await asyncio.wait_for(
+        asyncio.gather(
+            swap_model(options=SwapOptions(target=CHAT, smoke_gateway=False), connection=c),
+            swap_model(options=SwapOptions(target=FIM, smoke_gateway=False), connection=c),
+        ),
+        180,
+    )
+    assert [r.outcome for r in reports] == ["passed", "passed"], [r.to_markdown() for r in reports]
+    assert sorted(n for _, n in starts.events) == [CHAT, CHAT, FIM, FIM], starts.events
+    starts.never_overlap()
+    assert history(sim, CHAT, mark) == [1] and history(sim, FIM, mark) == [1]  # neither stopped the other
+    assert sim.call(ready(CHAT, FIM), sim.store)
