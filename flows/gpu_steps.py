@@ -128,14 +128,15 @@ async def model_up_with_keys_and_frontends(
     return ready, after
 
 
-async def smoke_served(run: Run, model: ModelSpec) -> None:
+async def smoke_served(run: Run, model: ModelSpec, key_alias: str | None = None) -> None:
     """The smokes of a model left serving (bring-up, wake): the pod directly with the vLLM key, then through the
-    gateway with a client's key; each recorded in the model's section, a failure recorded and raised."""
+    gateway with a client's key (``key_alias``; None: the first key scoped to the model); each recorded in the
+    model's section, a failure recorded and raised."""
     section = run.report.section(model.name)
     try:
         direct = await smoke_direct_task(run.target, run.spec, model)
         record_smoke(section, direct, "direct (pod, vLLM key)")
-        via_key = await smoke_gateway_task(run.target, run.spec, model)
+        via_key = await smoke_gateway_task(run.target, run.spec, model, key_alias=key_alias)
         record_smoke(section, via_key.smoke, "gateway (client key)")
     except Exception as e:
         record_failure(section, "smoke", e)

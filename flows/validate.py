@@ -3,6 +3,12 @@
 Preflight -> keys and front-ends while coder-chat cold starts -> chat smokes (direct, gateway, Open WebUI)
 -> swap to coder-fim -> FIM smokes (direct, gateway, Tabby's key) -> optionally the agent stage (swap to
 coder-agent, register it, scoped key, tool loop) -> spend per key -> tear down.
+
+On a time-sliced GPU, consecutive stages whose models fit the card together run as one group: the group's models
+start one after another (the first with the keys, front-ends and spend baseline), then its stages' smokes run
+together; the next group starts only once the previous one is released (pods gone). So chat and FIM are
+validated together, and the agent stage, which needs the whole card, waits until both are gone. Models taken
+over are restored at the end one after another, each once its share is free.
 """
 
 from __future__ import annotations
@@ -19,13 +25,21 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from coder_stack.errors import GpuBusy, SpecError
 from coder_stack.flows.errors import ReleaseIncomplete
-from coder_stack.flows.gpu_steps import free_gpu, gather_all, model_up, model_up_with_keys_and_frontends, release
+from coder_stack.flows.gpu_steps import (
+    free_gpu,
+    gather_all,
+    model_up,
+    model_up_with_keys_and_frontends,
+    release,
+    start_models,
+    wait_for_share,
+)
 from coder_stack.flows.guard import guarded
 from coder_stack.flows.params import Connection
 from coder_stack.flows.record import read_replicas, record_failure, record_smoke, spend_lines
 from coder_stack.flows.run import Run, this_run_id
 from coder_stack.kubernetes.client import cluster_session
-from coder_stack.orchestration.gpu import gpu_session
+from coder_stack.orchestration.gpu import gpu_session, start_turn
 from coder_stack.probe import SmokeResult
 from coder_stack.report import RunReport
 from coder_stack.spec import KeyDestination, ModelSpec, StackSpec
@@ -74,6 +88,7 @@ class Validation:
     options: ValidateOptions
     stages: list[Stage]
     models: list[ModelSpec]  # one per stage, in order
+    groups: list[list[int]] = field(default_factory=list)  # time-sliced: indexes of consecutive stages run together
     started: list[ModelSpec] = field(default_factory=list)  # models this run scaled up and has not released
     restore: list[ModelSpec] = field(default_factory=list)  # models serving before it (take_over): put back at the end
     ours: list[str] = field(default_factory=list)  # front-ends this run starts (those already up are the users')
@@ -112,37 +127,125 @@ async def validate_coder_stack(
             serving = await preflight(v)
             if options.dry_run:
                 return report_dry_run(v, serving)
-            async with gpu_session(spec.timeouts.gpu_limit_s):
-                await take_the_gpu(v)
-                body_done = False
-                try:
-                    await stop_taken_over_models(v)
-                    await first_model_up_with_keys_and_frontends(v)
-                    await run_stage(v, v.stages[0], v.models[0])
-                    for (_, leaving), (stage, coming) in pairwise(zip(v.stages, v.models, strict=True)):
-                        await swap_model_on_gpu(v, leaving, coming, stage)
-                        await run_stage(v, stage, coming)
-                    await read_spend_per_key(v)
-                    body_done = True
-                finally:
-                    await tear_down(v, raise_if_left_up=body_done)
-                    await restore_taken_over_models(v)
+            if spec.time_sliced:
+                await validate_in_groups(v, serving)
+            else:
+                async with gpu_session(spec.timeouts.gpu_limit_s):
+                    await take_the_gpu(v)
+                    body_done = False
+                    try:
+                        await stop_taken_over_models(v)
+                        await first_model_up_with_keys_and_frontends(v)
+                        await run_stage(v, v.stages[0], v.models[0])
+                        for (_, leaving), (stage, coming) in pairwise(zip(v.stages, v.models, strict=True)):
+                            await swap_model_on_gpu(v, leaving, coming, stage)
+                            await run_stage(v, stage, coming)
+                        await read_spend_per_key(v)
+                        body_done = True
+                    finally:
+                        await tear_down(v, raise_if_left_up=body_done)
+                        await restore_taken_over_models(v)
             v.run.report.finish("passed")  # every failed smoke raised above
             return v.run.report
 
 
 def _plan(run: Run, options: ValidateOptions) -> Validation:
     stages = list(dict.fromkeys(options.stages))
-    return Validation(run, options, stages, [model_for_role(run.spec, s.value) for s in stages])
+    models = [model_for_role(run.spec, s.value) for s in stages]
+    return Validation(run, options, stages, models, groups=plan_groups(run.spec, models))
+
+
+def plan_groups(spec: StackSpec, models: list[ModelSpec]) -> list[list[int]]:
+    """Consecutive stages whose models fit the GPU together (``spec.fit_together``), as lists of stage indexes.
+    Exclusive mode: one stage per group."""
+    groups: list[list[int]] = []
+    for i, m in enumerate(models):
+        if groups and spec.fit_together([*(models[j] for j in groups[-1]), m]):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 async def preflight(v: Validation) -> list[str]:
-    """Deployments exist, the models fit the GPU node's RAM, the gateway is ready; returns who serves now."""
+    """Deployments exist, the models fit the GPU node's RAM, the gateway is ready; returns who serves now.
+    Time-sliced: each group of models is checked as a set that shares the GPU."""
     v.run.step("preflight: Deployments exist, models fit the GPU node's RAM, gateway ready")
+    if v.spec.time_sliced:
+        sets = [[v.models[i].name for i in g] for g in v.groups]
+        *pfs, _ = await gather_all(
+            *(preflight_task(v.run.target, v.spec, names) for names in sets), gateway_ready_task(v.run.target, v.spec)
+        )
+        return [a.name for a in pfs[0].active_models]
     pf, _ = await gather_all(
         preflight_task(v.run.target, v.spec, [m.name for m in v.models]), gateway_ready_task(v.run.target, v.spec)
     )
     return [a.name for a in pf.active_models]
+
+
+async def validate_in_groups(v: Validation, serving: list[str]) -> None:
+    """Time-sliced: each group's models start one after another, its stages' smokes run together, and the next
+    group starts once this one is released. The session occupies the most any group (or the models to restore)
+    needs of the GPU."""
+    spec = v.spec
+    groups = [[v.models[i] for i in g] for g in v.groups]
+    sets = [*groups, [spec.model(n) for n in serving]] if v.options.take_over and serving else groups
+    occupy = max(spec.occupy(g) for g in sets)
+    async with gpu_session(spec.timeouts.gpu_limit_s, occupy=occupy):
+        await take_the_gpu(v)
+        body_done = False
+        try:
+            await stop_taken_over_models(v)
+            await first_group_up_with_keys_and_frontends(v, groups[0])
+            await run_group(v, v.groups[0])
+            for k in range(1, len(groups)):
+                idx = v.groups[k]
+                await swap_group_on_gpu(v, groups[k - 1], groups[k], [v.stages[i] for i in idx])
+                await run_group(v, idx)
+            await read_spend_per_key(v)
+            body_done = True
+        finally:
+            await tear_down(v, raise_if_left_up=body_done)
+            await restore_taken_over_models(v)
+
+
+async def first_group_up_with_keys_and_frontends(v: Validation, models: list[ModelSpec]) -> None:
+    """The first group's models, one after another; the client keys, the front-ends and the keys' spend baseline
+    during the first one's cold start."""
+    v.started += models
+    aliases = [k.alias for k in v.spec.virtual_keys]
+    _, v.spend_before = await start_models(
+        v.run,
+        models,
+        v.client_keys,
+        list(v.spec.frontends),
+        then=lambda: spend_baseline_task(v.run.target, v.spec, aliases),
+    )
+
+
+async def swap_group_on_gpu(
+    v: Validation, leaving: list[ModelSpec], coming: list[ModelSpec], stages: list[Stage]
+) -> None:
+    """The previous group to 0 and its pods gone before the next group's models start (one after another)."""
+    names = ", ".join(m.name for m in leaving)
+    v.run.step(f"swap: scale {names} to 0 and wait until their pods are gone")
+    freed = await release(v.run.target, v.spec, leaving, [])
+    if not freed.ok:
+        raise ReleaseIncomplete(
+            f"{', '.join(freed.left_up)} is still up: "
+            + "; ".join(f"{n}: {freed.detail(n)}" for n in freed.left_up)
+            + f". The {', '.join(s.value for s in stages)} stage(s) were not started, so that "
+            f"{', '.join(m.name for m in coming)} does not start beside it"
+        )
+    for m in leaving:
+        v.started.remove(m)
+    v.started += coming
+    await start_models(v.run, coming)
+
+
+async def run_group(v: Validation, idx: list[int]) -> None:
+    """The group's stages, their smokes at once; every one ends, then the first failure is raised."""
+    await gather_all(*(run_stage(v, v.stages[i], v.models[i]) for i in idx))
 
 
 def report_dry_run(v: Validation, serving: list[str]) -> RunReport:
@@ -309,9 +412,13 @@ async def restore_taken_over_models(v: Validation) -> None:
         return
     names = ", ".join(m.name for m in v.restore)
     v.run.step(f"restore {names} (take_over)", cleanup=True)
+    spec = v.spec
     for m in v.restore:
-        await scale_task(v.run.target, v.spec, m, 1, held_by=this_run_id())
-        await wait_model_ready_task(v.run.target, v.spec, m, progress=False)
+        # time-sliced: one after another, each once its share is free (exclusive: no turn, nothing to wait for)
+        async with start_turn(spec.time_sliced, spec.timeouts.gpu_limit_s):
+            await wait_for_share(v.run, m)
+            await scale_task(v.run.target, spec, m, 1, held_by=this_run_id())
+            await wait_model_ready_task(v.run.target, spec, m, progress=False)
     v.run.report.notes.append(f"restored {names} as it was before this run")
 
 
