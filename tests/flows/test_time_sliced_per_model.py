@@ -515,3 +515,35 @@ async def test_two_swaps_to_chat_and_to_fim_at_once_leave_both_serving_and_their
     starts.never_overlap()
     assert history(sim, CHAT, mark) == [1] and history(sim, FIM, mark) == [1]  # neither stopped the other
     assert sim.call(ready(CHAT, FIM), sim.store)
+
+
+KILLABLE_SWAP = """
+import asyncio, sys
+from coder_stack.flows.params import Connection
+from coder_stack.flows.swap import SwapOptions, swap_model
+
+asyncio.run(swap_model(options=SwapOptions(target="coder-fim", smoke_gateway=False),
+                       connection=Connection(kubeconfig=sys.argv[1], stack_file=STACK)))
+"""
+
+
+async def test_a_killed_swap_to_fim_beside_chat_is_cleaned_up_without_touching_chat(
+    make_sim: Callable[..., SimStack], prefect_api: str, tmp_path: Path
+) -> None:
+    from coder_stack.usecases.stamps import HELD_BY
+
+    sim, c = await shared_sim(make_sim, tmp_path, time_scale=SLOW_SCALE)
+    up(sim, CHAT)
+    mark = len(sim.timeline)
+    proc, log = start_flow_process(KILLABLE_SWAP.replace("STACK", repr(c.stack_file)), sim, prefect_api, tmp_path)
+    try:
+        await wait_store(sim, lambda s: pods_of(s, SERVING, FIM), 90, "the swap's fim cold start")
+    finally:
+        sigkill(proc)
+    dead = deploy_annotations(sim, FIM).get(HELD_BY)
+    assert dead and replicas(sim)[FIM] == 1, log.read_text()
+    async with get_client() as client:
+        await client.set_flow_run_state(UUID(dead), Failed(message="killed by the test"), force=True)
+    cleanup: RunReport = await clean_up_crashed_run(dead, connection=c, settle_s=1.0)
+    assert cleanup.outcome.startswith(f"passed: {FIM} scaled to 0"), cleanup.to_markdown()
+    assert replicas(sim)[FIM] == 0 and history(sim, CHAT, mark) == [] and replicas(sim)[CHAT] == 1
