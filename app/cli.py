@@ -240,6 +240,14 @@ def up(
 
 @app.command()
 def down(
+    model: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model",
+            help="Only this model to 0, pods gone (repeatable). The other models keep serving, and Open WebUI and "
+            "Tabby stay up unless no model serves afterwards. Default: every model and front-end to 0.",
+        ),
+    ] = None,
     dry_run: DryRunOpt = False,
     stack: StackOpt = None,
     kubeconfig: KubeconfigOpt = None,
@@ -247,15 +255,16 @@ def down(
     stack_block: StackBlockOpt = None,
     credentials_block: CredentialsBlockOpt = None,
 ) -> None:
-    """Evening teardown to $0: every GPU model and front-end to 0, verified. Never waits for the GPU limit."""
+    """Evening teardown to $0: every GPU model and front-end to 0, verified. Never waits for the GPU limit.
+
+    With --model, only the named models go to 0 (e.g. `coder-stack down --model coder-fim` on a time-sliced GPU
+    stops completions and leaves chat serving)."""
     from coder_stack.flows.teardown import TeardownOptions, teardown
 
-    _run_flow(
-        teardown(
-            options=TeardownOptions(dry_run=dry_run),
-            connection=_connection(stack, kubeconfig, context, stack_block, credentials_block)[0],
-        )
-    )
+    conn, spec_obj = _connection(stack, kubeconfig, context, stack_block, credentials_block)
+    for name in model or []:
+        _check(spec_obj.model, name)
+    _run_flow(teardown(options=TeardownOptions(models=model or [], dry_run=dry_run), connection=conn))
 
 
 @app.command()

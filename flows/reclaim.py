@@ -4,8 +4,10 @@ A model is reclaimed only when its idleness is *read*: no request running or wai
 its request counters unchanged since a reading at least ``idle_after_s`` old (kept on its Deployment,
 ``coder-stack.io/activity``), and its pod Ready for at least ``idle_grace_s``. A model whose metrics cannot
 be read is left serving, with the reason. A model another run holds is busy by definition: the flow takes
-the GPU limit without waiting long and, if another run holds it, changes nothing. Safe to run twice: a
-reclaimed model is at 0 and no longer serving.
+the GPU limit without waiting long and, if another run holds it, changes nothing. On a time-sliced GPU each
+serving model is judged on its own, under a session that occupies its share (``spec.occupy``): an idle model is
+reclaimed while another, in use, keeps serving. Safe to run twice: a reclaimed model is at 0 and no longer
+serving.
 """
 
 from __future__ import annotations
@@ -73,6 +75,18 @@ async def reclaim_idle_models(
                     _record(run, m, idle, "would reclaim" if idle.idle else "left serving")
                 report.finish("dry run: nothing changed")
                 return report
+            if spec.time_sliced:
+                await _reclaim_shares(run, serving)
+                await _publish(run)
+                reclaimed = [i.model for i in report.idle if i.action == "reclaimed"]
+                skipped = [i.model for i in report.idle if i.reason.startswith("busy: GPU limit")]
+                if reclaimed:
+                    report.finish(f"passed: reclaimed {', '.join(reclaimed)}")
+                elif skipped and len(skipped) == len(serving):
+                    report.finish(f"skipped: GPU limit {HELD}")
+                else:
+                    report.finish("passed: nothing idle")
+                return report
             held = False
             try:
                 async with gpu_session(GPU_WAIT_S):
@@ -92,6 +106,27 @@ async def reclaim_idle_models(
             reclaimed = [i.model for i in report.idle if i.action == "reclaimed"]
             report.finish(f"passed: reclaimed {', '.join(reclaimed)}" if reclaimed else "passed: nothing idle")
             return report
+
+
+async def _reclaim_shares(run: Run, serving: list[ModelSpec]) -> None:
+    """Time-sliced GPU: each serving model on its own, under a GPU session that occupies its share only. A model
+    whose share another run holds (a swap keeping it, a wake starting it, the agent's whole card) is left serving,
+    busy; the others are read and reclaimed as usual — an idle coder-fim goes while a busy coder-chat serves on."""
+    for m in serving:
+        held = False
+        try:
+            async with gpu_session(GPU_WAIT_S, occupy=run.spec.occupy([m])):
+                held = True
+                await _reclaim(run, [m])
+        except RetriableError as e:
+            if held:
+                raise
+            why = HELD if isinstance(e, GpuSlotTimeout) else f"not taken: {e}"
+            run.report.idle.append(
+                IdleLine(model=m.name, action="left serving", reason=f"busy: GPU limit {why} (its share)")
+            )
+            run.report.notes.append(f"{m.name}: its share of the GPU limit {GPU_LIMIT} is {why} ({e}); left as it is")
+            logger().info("%s's share of the GPU limit %s is %s; leaving it serving.", m.name, GPU_LIMIT, why)
 
 
 async def _reclaim(run: Run, serving: list[ModelSpec]) -> None:

@@ -1,10 +1,13 @@
 """swap_model: give the GPU to another model and leave it serving.
 
-Every other GPU model to 0, wait until their pods are gone (the GPU is free only then), the target up,
-wait ready, smoke it, leave it serving. If the target fails to come up or its direct smoke fails, it is
-scaled back to 0: no broken model holds the GPU. Once it works directly, a failure through the gateway
-(a stale key, a spent budget) leaves it serving and says what to fix: a cold start is not thrown away
-over a key.
+On a time-sliced GPU, the serving models that fit together with the target (``spec.fit_together``) stay serving;
+only the rest go to 0 and are waited out, and the target starts under the start turn once its share is free (the
+session occupies the shares of the target and the models kept). The report names who was kept and who stopped.
+Exclusive mode (the default): every other GPU model to 0, wait until their pods are gone (the GPU is free only
+then), the target up, wait ready, smoke it, leave it serving. Either way, if the target fails to come up or its
+direct smoke fails, it is scaled back to 0: no broken model holds the GPU. Once it works directly, a failure
+through the gateway (a stale key, a spent budget) leaves it serving and says what to fix: a cold start is not
+thrown away over a key.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
 from coder_stack.errors import KeyUnusable, SmokeFailed
-from coder_stack.flows.gpu_steps import free_gpu, model_up, release
+from coder_stack.flows.gpu_steps import free_gpu, model_up, release, start_models
 from coder_stack.flows.guard import guarded
 from coder_stack.flows.params import Connection
 from coder_stack.flows.record import record_failure, record_smoke
@@ -24,8 +27,8 @@ from coder_stack.kubernetes.client import cluster_session
 from coder_stack.orchestration.gpu import gpu_session
 from coder_stack.probe import KEY_HOPS
 from coder_stack.report import RunReport
-from coder_stack.spec import DNS_LABEL, ModelSpec
-from coder_stack.tasks.cluster import preflight_task
+from coder_stack.spec import DNS_LABEL, ModelSpec, StackSpec
+from coder_stack.tasks.cluster import preflight_task, stack_status_task
 from coder_stack.tasks.gateway import ensure_keys_task, gateway_ready_task
 from coder_stack.tasks.smoke import smoke_direct_task, smoke_gateway_task
 
@@ -60,16 +63,30 @@ async def swap_model(
             pf = await preflight_task(target, spec, [model.name])
             if options.dry_run:
                 others = [a.name for a in pf.active_models if a.name != model.name]
+                if spec.time_sliced:
+                    keep = [k.name for k in _kept(spec, model, await _serving(run))]
+                    others = [o for o in others if o not in keep]
+                    report.notes.append(f"dry run: would keep {keep or 'nothing'} serving beside {model.name}")
                 report.notes.append(f"dry run: would scale {others or 'nothing'} to 0, then {model.name} to 1")
                 report.finish("dry run: nothing changed")
                 return report
-            async with gpu_session(spec.timeouts.gpu_limit_s):
+            kept = _kept(spec, model, await _serving(run)) if spec.time_sliced else []
+            async with gpu_session(spec.timeouts.gpu_limit_s, occupy=spec.occupy([model, *kept])):
                 t0 = time.monotonic()
                 run.step(f"holding the GPU limit; swapping to {model.name}")
-                await free_gpu(run, model)
+                if spec.time_sliced:
+                    # read again under the limit: a model started meanwhile that fits is kept, not stopped
+                    kept = _kept(spec, model, await _serving(run))
+                    stopped = await free_gpu(run, [model, *_beside(spec, model, kept)])
+                    _say_kept_and_stopped(run, model, kept, stopped)
+                else:
+                    await free_gpu(run, model)
                 ok = False
                 try:
-                    await model_up(run, model)
+                    if spec.time_sliced:
+                        await start_models(run, [model])
+                    else:
+                        await model_up(run, model)
                     swap_s = time.monotonic() - t0
                     section = report.section(model.name)
                     try:
@@ -93,6 +110,46 @@ async def swap_model(
                         report.notes += outcome.notes()
             report.finish("passed")
             return report
+
+
+async def _serving(run: Run) -> list[str]:
+    """The models with replicas or pods now (starting ones included)."""
+    statuses = await stack_status_task(run.target, run.spec)
+    names = {m.name for m in run.spec.models}
+    return [
+        s.name
+        for s in statuses
+        if s.namespace == run.spec.serving_namespace and s.name in names and (s.replicas or s.pods)
+    ]
+
+
+def _kept(spec: StackSpec, model: ModelSpec, serving: list[str]) -> list[ModelSpec]:
+    """The serving models that stay beside ``model``: in the spec's order, each that fits together with the target
+    and those kept before it (``spec.fit_together``). Exclusive mode: none."""
+    kept: list[ModelSpec] = []
+    for m in spec.models:
+        if m.name != model.name and m.name in serving and spec.fit_together([model, *kept, m]):
+            kept.append(m)
+    return kept
+
+
+def _beside(spec: StackSpec, model: ModelSpec, kept: list[ModelSpec]) -> list[ModelSpec]:
+    """``kept`` and every other model that still fits beside ``model`` and them: spared by the scale-down even when
+    not serving at the read, since another run (a wake, a swap) may be starting it under its own share right now —
+    stopping it would break that run's start for nothing. A model that does not fit is stopped."""
+    spared = list(kept)
+    for m in spec.models:
+        if m.name != model.name and m not in spared and spec.fit_together([model, *spared, m]):
+            spared.append(m)
+    return spared
+
+
+def _say_kept_and_stopped(run: Run, model: ModelSpec, kept: list[ModelSpec], stopped: list[ModelSpec]) -> None:
+    k = ", ".join(m.name for m in kept) or "nothing"
+    st = ", ".join(m.name for m in stopped) or "nothing"
+    run.report.notes.append(f"kept serving beside {model.name}: {k}")
+    run.report.notes.append(f"stopped (scaled to 0, pods gone): {st}")
+    logger().info("Swap to %s: kept %s; stopped %s.", model.name, k, st)
 
 
 async def _smoke_through_gateway(run: Run, model: ModelSpec, alias: str) -> None:

@@ -11,6 +11,9 @@ claims, the other does nothing; a claim naming a dead run is taken over) and, un
   smoked directly and through the gateway), state ``starting`` with ``ready_by`` from its measured cold start;
 - another model serves and is idle by the reclaim rule (``read_idleness`` + ``moved_since``, the checks
   ``reclaim_idle_models`` makes): it is reclaimed, then the model comes up;
+- on a time-sliced GPU where the model fits beside every model that serves (``spec.fit_together``): it comes up
+  beside them — nothing is read, reclaimed or waited for; its session occupies its share only, and it starts under
+  the start turn once its share is free;
 - another model is in use: it is **never evicted**. The state is ``waiting-for-gpu`` (``busy`` names it), the GPU
   limit is given back, and the run looks again every :data:`GPU_POLL_S` seconds — within ``wake.wait_for_gpu_s``,
   then it fails saying what to do.
@@ -30,7 +33,7 @@ from prefect import flow
 
 from coder_stack.errors import CoderStackError, GpuSlotTimeout, SpecError
 from coder_stack.flows.errors import ReclaimIncomplete, WakeGaveUp, WakeTakenOver
-from coder_stack.flows.gpu_steps import model_up_with_keys_and_frontends, release, smoke_served
+from coder_stack.flows.gpu_steps import release, smoke_served, start_models
 from coder_stack.flows.guard import guarded
 from coder_stack.flows.params import Connection
 from coder_stack.flows.run import Run, logger, this_run_id
@@ -131,7 +134,7 @@ async def _wake(run: Run, m: ModelSpec, held: _Held) -> None:
         busy: list[str] = []
         holding = False
         try:
-            async with gpu_session(max(1.0, min(GPU_POLL_S, left))):
+            async with gpu_session(max(1.0, min(GPU_POLL_S, left)), occupy=spec.occupy([m])):
                 holding = True
                 run.step(f"holding the GPU limit; what serves besides {m.name}?")
                 busy = await _make_room(run, m)
@@ -171,20 +174,33 @@ async def _serving_besides(run: Run, m: ModelSpec) -> list[str]:
 
 
 async def _make_room(run: Run, m: ModelSpec) -> list[str]:
-    """Holding the GPU limit: reclaim the other serving models if every one is idle by the reclaim rule (read,
-    then read again right before its scale-down, as ``reclaim_idle_models`` does). Returns the models in use
-    (nothing was changed then), or [] when the GPU is free for ``m``."""
+    """Holding the GPU limit: make room for ``m``. On a time-sliced GPU where ``m`` fits beside every model that
+    serves (``spec.fit_together``), nothing is read or changed: it comes up beside them. Otherwise the other
+    serving models are read by the reclaim rule (read, then read again right before its scale-down, as
+    ``reclaim_idle_models`` does): if ``m`` does not fit beside the ones in use, nothing is changed and they are
+    returned (it waits); else each idle one that does not fit beside ``m`` and the ones in use is reclaimed (in
+    exclusive mode: every idle one, and only when none is in use). Returns [] when there is room for ``m``."""
     target, spec = run.target, run.spec
     others = [o for o in spec.models if o.name in set(await _serving_besides(run, m))]
     if not others:
         return []
+    if spec.time_sliced and spec.fit_together([m, *others]):
+        run.report.notes.append(f"{m.name} fits beside {', '.join(o.name for o in others)}: nothing reclaimed")
+        return []
     readings = [(o, await read_idleness_task(target, spec, o)) for o in others]
-    busy = [o.name for o, i in readings if not i.idle]
+    in_use = [o for o, i in readings if not i.idle]
+    busy = [o.name for o in in_use]
     for o, i in readings:
         run.report.notes.append(f"{o.name}: {'idle' if i.idle else 'in use'}: {i.reason}")
-    if busy:
+    if busy and not spec.fit_together([m, *in_use]):
         return busy
+    keep = list(in_use)
     for o, i in readings:
+        if i.idle and spec.fit_together([m, *keep, o]):
+            keep.append(o)  # time-sliced: an idle model that fits beside m and the ones in use stays
+    for o, i in readings:
+        if o in keep:
+            continue
         moved = await moved_since_task(target, spec, o, i.activity) if i.activity is not None else "no reading"
         if moved:
             run.report.notes.append(f"{o.name}: in use: {moved}")
@@ -207,7 +223,9 @@ async def _bring_up(run: Run, m: ModelSpec, held: _Held) -> None:
     aliases = [k.alias for k in spec.virtual_keys if k.deliver_to != "keystore"]
     ok = False
     try:
-        await model_up_with_keys_and_frontends(run, m, aliases, list(spec.frontends))
+        # one model: exclusive mode is model_up_with_keys_and_frontends; time-sliced, its start waits for its share
+        # under the start turn (never two models starting on the shared GPU at once)
+        await start_models(run, [m], aliases, list(spec.frontends))
         await smoke_served(run, m)
         ok = True
     finally:
