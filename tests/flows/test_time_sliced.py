@@ -51,8 +51,8 @@ from tests.kits.flowkit import (
     until,
 )
 
-# Every test starts with ``tag:gpu`` sized in hundredths and ``tag:gpu-start`` created (tests/flows/conftest.py: shared_gpu); a time-sliced
-# stack's limit counts hundredths of the GPU (``spec.gpu_limit_slots``), as `coder-stack setup` sizes it.
+# Every test starts with tag:gpu sized in hundredths of the GPU (``spec.gpu_limit_slots``, as `coder-stack setup`
+# sizes it for a time-sliced stack) and tag:gpu-start created (tests/flows/conftest.py: shared_gpu).
 pytestmark = pytest.mark.usefixtures("shared_gpu")
 
 CHAT, FIM, AGENT = "coder-chat", "coder-fim", "coder-agent"

@@ -40,7 +40,7 @@ from tests.conftest import is_ready, pods_of, scale, wait_for
 from tests.flows.test_wake import deploy_annotations, wake_state
 from tests.kits.flowkit import EXPERIENCE, SERVING, SLOW_SCALE, conn, replicas, sigkill, start_flow_process
 
-pytestmark = pytest.mark.usefixtures("gpu_limit")
+pytestmark = pytest.mark.usefixtures("shared_gpu")
 
 CHAT, FIM, AGENT = "coder-chat", "coder-fim", "coder-agent"
 SHARES = {CHAT: 0.55, FIM: 0.35, AGENT: 0.9}
