@@ -379,6 +379,9 @@ class ShareVerdict(_Model):
         return out
 
 
+# Shares of one 24 GB GPU (an L4) for chat and FIM together: coder-chat 0.55 (13.2 GB for 5.5 GB of weights), coder-fim
+# 0.35 (8.4 GB for 3.1 GB), 21.6 of 24 GB; the agent keeps the whole card's 0.9 and runs alone.
+STARTER_SHARES = {"chat": 0.55, "fim": 0.35}
 # The tag:gpu limit's slots per GPU in time-sliced mode: a session occupies its models' shares in hundredths.
 SHARE_SLOTS = 100
 
@@ -561,6 +564,18 @@ class StackSpec(_Model):
             shares_fit=shares_ok,
             count_fits=count_ok,
             fits=shares_ok and count_ok and all(s.fits for s in shares),
+        )
+
+    def time_sliced_starter(self) -> StackSpec:
+        """This stack on a time-sliced GPU, as a file to start from: ``gpu_sharing.mode: time-sliced`` and the chat
+        and fim models at the shares :data:`STARTER_SHARES` (an L4: chat 13.2 GB and fim 8.4 GB of 24, room for
+        both KV caches); other models keep theirs. The preflight checks the result against the cluster."""
+        models = [
+            m.model_copy(update={"gpu_memory_utilization": STARTER_SHARES.get(m.role, m.gpu_memory_utilization)})
+            for m in self.models
+        ]
+        return self.model_copy(
+            update={"models": models, "gpu_sharing": self.gpu_sharing.model_copy(update={"mode": "time-sliced"})}
         )
 
     @property

@@ -4,6 +4,7 @@ GPU, refusals that say what to do, and ``shares_fit``'s numbers."""
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from coder_stack.errors import SpecError
 from coder_stack.spec import GpuSharing, StackSpec, load_spec, spec_yaml
@@ -155,3 +156,33 @@ def test_shares_fit_takes_names_aliases_or_specs_counts_each_model_once_and_refu
     assert [m.name for m in by_spec.models] == ["coder-chat", "coder-fim"] and by_spec.total_gb == 19.2
     with pytest.raises(SpecError, match="unknown model 'coder-32b'"):
         spec.shares_fit(["coder-32b"])
+
+
+def test_the_time_sliced_starter_serves_chat_and_fim_together_and_is_what_spec_prints() -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from coder_stack.app import cli
+    from coder_stack.spec import parse_spec
+
+    starter = StackSpec().time_sliced_starter()
+    assert starter.time_sliced and [m.name for m in starter.bring_up_models] == ["coder-chat", "coder-fim"]
+    assert starter.shares_fit(starter.bring_up_models).fits and starter.fit_together(["coder-chat", "coder-fim"])
+    assert not starter.fit_together(["coder-chat", "coder-agent"])  # the agent needs the whole card
+    assert starter.occupy(["coder-chat", "coder-fim"]) == 90 and starter.occupy(["coder-agent"]) == 90
+    assert (
+        starter.gpu_limit_slots == 100 and StackSpec().gpu_limit_slots == 1 and StackSpec().occupy(["coder-chat"]) == 1
+    )
+    res = CliRunner().invoke(cli.app, ["spec", "--time-sliced"])
+    assert res.exit_code == 0, res.output
+    assert parse_spec(yaml.safe_load(res.output), "spec --time-sliced") == starter
+    assert parse_spec(yaml.safe_load(CliRunner().invoke(cli.app, ["spec"]).output), "spec") == StackSpec()
+
+
+def test_time_sliced_is_planned_on_one_gpu_and_default_models_must_exist() -> None:
+    with pytest.raises(ValidationError, match="time-slicing is planned on one GPU"):
+        StackSpec(gpus=2, gpu_sharing=GpuSharing(mode="time-sliced"))
+    with pytest.raises(ValidationError, match="default_models names unknown model 'coder-32b'"):
+        StackSpec(default_models=["coder-32b"])
+    spec = StackSpec(gpu_sharing=GpuSharing(mode="time-sliced"), default_models=["coder-agent", "coder-chat"])
+    assert [m.name for m in spec.bring_up_models] == ["coder-chat", "coder-agent"]  # default_model starts first

@@ -11,7 +11,7 @@ from typing import Any
 from simstack.timings import Timings
 
 from coder_stack.orchestration.gpu import LEASE_SECONDS
-from coder_stack.spec import GpuSharing, StackSpec
+from coder_stack.spec import STARTER_SHARES, GpuSharing, StackSpec
 from coder_stack_dev.bench.workday.day import replay
 from coder_stack_dev.bench.workday.policy import (
     TEAM_MODELS,
@@ -35,7 +35,10 @@ NODE_PRICE_SOURCE = "GCP g2-standard-4 (1 x L4) on-demand, us-central1, Compute 
 # ASSUMPTION: the team day's time-sliced L4 (24 GB, 2 replicas) and each model's share of it
 # (--gpu-memory-utilization): coder-chat 0.55 (13.2 GB for 5.5 GB of weights), coder-fim 0.35 (8.4 GB for
 # 3.1 GB), 21.6 of 24 GB; StackSpec.shares_fit checks it (the spec's 0.9 each would not fit)
-TEAM_SHARES = {"coder-chat": 0.55, "coder-fim": 0.35}
+TEAM_SHARES = {
+    "coder-chat": STARTER_SHARES["chat"],
+    "coder-fim": STARTER_SHARES["fim"],
+}  # what `spec --time-sliced` prints
 
 
 def team_spec(shares: dict[str, float] | None = None) -> StackSpec:
