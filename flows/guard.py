@@ -24,6 +24,7 @@ from coder_stack.flows.run import logger
 from coder_stack.kubernetes.client import ClusterTarget
 from coder_stack.report import RunReport
 from coder_stack.spec import StackSpec
+from coder_stack.tasks.cluster import progress_written
 
 
 class SigtermGuard:
@@ -115,6 +116,7 @@ async def guarded(
         raise
     finally:
         sigterm.restore()
+        await progress_written()  # a cold start's final progress write, issued in the background, lands first
         if final_state_of is not None:
             report.final_state = await final_state(*final_state_of)
         await publish(report, artifact_key)

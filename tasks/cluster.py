@@ -8,6 +8,7 @@ hiccups, a pod not Ready yet); a crash loop or an over-budget phase fails at onc
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from uuid import UUID
 
@@ -108,13 +109,57 @@ async def scale_task(
     return result
 
 
+# The final ("Ready") write of a cold-start progress artifact, by artifact key: issued in the background so the
+# flow goes on the moment the model is Ready (the write is a round trip to the Prefect API, on the critical path
+# otherwise), and awaited before the next write of the same key and before the flow run ends
+# (:func:`progress_written`, called by the flows' guard).
+_FINAL_WRITES: dict[str, asyncio.Task[None]] = {}
+# How long the flow waits for one such write at its end (the Prefect client's own timeout and retries apply within).
+PROGRESS_WRITE_S = 30.0
+
+
+async def _write_progress(
+    log: logging.Logger | logging.LoggerAdapter[logging.Logger],
+    artifact: UUID,
+    progress: float,
+    description: str,
+) -> None:
+    """One update of a progress artifact; a failure is logged, never raised (the artifact only informs the UI)."""
+    try:
+        await aupdate_progress_artifact(artifact, progress=progress, description=description)
+    except Exception as e:
+        log.warning("Could not update the cold-start progress artifact (%s: %s); the run goes on.", type(e).__name__, e)
+
+
+async def progress_written(key: str | None = None, timeout_s: float = PROGRESS_WRITE_S) -> None:
+    """Wait for the final progress writes issued in the background (of ``key`` only, if given) on this event
+    loop, each for at most ``timeout_s`` (then logged and left to finish); never raises. A write of another
+    loop (a task run in a worker thread) cannot be awaited here and is left alone."""
+    loop = asyncio.get_running_loop()
+    for k, t in list(_FINAL_WRITES.items()):
+        if (key is None or k == key) and t.get_loop() is loop:
+            done, _ = await asyncio.wait({t}, timeout=timeout_s)  # waiting never cancels the write
+            if not done:
+                logging.getLogger("coder_stack.tasks").warning(
+                    "The cold-start progress artifact %s was not written within %.0f s; not waiting longer.",
+                    k, timeout_s,
+                )  # fmt: skip
+            if _FINAL_WRITES.get(k) is t:
+                del _FINAL_WRITES[k]
+
+
 def _progress_callback(
-    log: logging.Logger | logging.LoggerAdapter[logging.Logger], artifact: UUID | None, label: str
+    log: logging.Logger | logging.LoggerAdapter[logging.Logger], artifact: UUID | None, label: str, key: str = ""
 ) -> OnPhase:
     async def on_phase(phase: str, info: PhaseUpdate) -> None:
         log.info("%s: %s (%.0fs in).", label, info.detail or phase, info.elapsed_s)
-        if artifact is not None:
-            await aupdate_progress_artifact(artifact, progress=round(info.progress * 100, 1), description=info.detail)
+        if artifact is None:
+            return
+        progress = round(info.progress * 100, 1)
+        if phase == "ready" and key:
+            _FINAL_WRITES[key] = asyncio.create_task(_write_progress(log, artifact, progress, info.detail))
+        else:
+            await _write_progress(log, artifact, progress, info.detail)
 
     return on_phase
 
@@ -135,10 +180,12 @@ async def wait_model_ready_task(
     """Follow a model's pod through node, image, weights, start until Ready, each phase within its budget."""
     log = run_logger()
     artifact = None
+    key = f"cold-start-{model.name}"
     if progress:
+        await progress_written(key)  # the previous cold start's final write lands before this one's first
         try:
             artifact = await acreate_progress_artifact(
-                progress=0.0, key=f"cold-start-{model.name}", description=f"{model.name}: waiting for a node"
+                progress=0.0, key=key, description=f"{model.name}: waiting for a node"
             )
         except MissingContextError:
             artifact = None
@@ -149,7 +196,7 @@ async def wait_model_ready_task(
             model.name,
             model.selector,
             model.budgets,
-            on_phase=_progress_callback(log, artifact, model.name),
+            on_phase=_progress_callback(log, artifact, model.name, key),
         )
     _log_ready(log, model.name, report)
     return report
@@ -194,6 +241,7 @@ async def stack_status_task(target: ClusterTarget, spec: StackSpec) -> list[Depl
 __all__ = [
     "free_gpu_task",
     "preflight_task",
+    "progress_written",
     "scale_task",
     "stack_status_task",
     "wait_for_share_task",

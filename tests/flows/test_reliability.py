@@ -22,7 +22,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -443,17 +443,41 @@ asyncio.run(swap_model(options=SwapOptions(target="coder-chat", smoke_gateway=Fa
 """
 
 
+async def newest_run(flow_name: str) -> UUID | None:
+    """The id of the flow's newest run on the shared server, if it has one."""
+    try:
+        return (await latest_run_of(flow_name))[0]
+    except AssertionError:
+        return None
+
+
+@pytest.fixture
+async def leases_of_killed() -> AsyncIterator[list[UUID]]:
+    """Runs a test killed: after it, whatever happened, every lease the server holds for them is given back. A
+    failed test must not leave its killed run's live lease (300 s) to expire inside a later test, where its expiry
+    takes a slot off the limit under whoever holds it then."""
+    killed: list[UUID] = []
+    yield killed
+    for run_id in killed:
+        await release_lease_of(await read_liveness(run_id), GPU_LIMIT)
+
+
 async def test_sigkill_mid_session_is_cleaned_up_by_the_teardown_which_reports_what_it_found(
-    make_sim: Callable[..., SimStack], prefect_api: str, tmp_path: Path
+    make_sim: Callable[..., SimStack], prefect_api: str, tmp_path: Path, leases_of_killed: list[UUID]
 ) -> None:
     sim = make_sim(gpu_pool="autoscaled", time_scale=SLOW_SCALE)
+    before = await newest_run("swap_model")
     proc, log = start_flow_process(SIGKILL_FLOW, sim, prefect_api, tmp_path)
     try:
-        await until(lambda: scaled_up(sim, "coder-chat") or proc.poll() is not None, 60, "coder-chat scaled up")
+        # bounds for a loaded machine: the process imports Prefect and the product before its run starts
+        await until(lambda: scaled_up(sim, "coder-chat") or proc.poll() is not None, 120, "coder-chat scaled up")
         assert proc.poll() is None, log.read_text()[-3000:]
-        await until(lambda: gpu_pods(sim), 10, "a coder-chat pod")
+        await until(lambda: gpu_pods(sim), 30, "a coder-chat pod")
     finally:
         sigkill(proc)
+        killed = await newest_run("swap_model")
+        if killed is not None and killed != before:
+            leases_of_killed.append(killed)
     assert proc.returncode == -signal.SIGKILL
     # Nothing ran on the way out: the model is still scaled up (that is the point of the backstop).
     await asyncio.sleep(0.5)

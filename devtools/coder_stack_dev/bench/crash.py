@@ -26,6 +26,7 @@ from typing import Any
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import DeploymentUpdate
 from prefect.client.schemas.filters import (
     DeploymentFilter,
     DeploymentFilterId,
@@ -39,7 +40,14 @@ from prefect.states import Crashed
 
 from coder_stack.app.setup import PROJECT_DIR, deploy_all, ensure_work_pools
 from coder_stack.flows.cleanup import GPU_FLOWS
-from coder_stack.orchestration.liveness import CRASH_AUTOMATION, LEASE_LABEL, RELEASED, ensure_crash_automation
+from coder_stack.orchestration.liveness import (
+    CLEANUP_FLOW,
+    CRASH_AUTOMATION,
+    CRASH_SETTLE_S,
+    LEASE_LABEL,
+    RELEASED,
+    ensure_crash_automation,
+)
 from coder_stack_dev.bench.scenarios import fresh_sim
 from coder_stack_dev.processes import sigkill, stop_group
 
@@ -200,10 +208,18 @@ def worker_env(env: dict[str, str]) -> dict[str, str]:
     return out
 
 
-async def crash(time_scale: float, reps: int, log: Any) -> dict[str, Any]:
+async def crash(time_scale: float, reps: int, log: Any, settle_s: float | None = None) -> dict[str, Any]:
+    """``settle_s``: the deployed clean-up's wait after the mark (its ``settle_s`` parameter), if not production's
+    CRASH_SETTLE_S — the tests' plumbing run shortens it; the figures of a real run keep the default."""
     time_scale = max(time_scale, MIN_TIME_SCALE)
     api_url = str(PREFECT_API_URL.value())
     async with crash_chain(api_url, [CLEANUP]):
+        if settle_s is not None:
+            async with get_client() as client:
+                dep = await client.read_deployment_by_name(f"{CLEANUP_FLOW}/{CLEANUP}")
+                await client.update_deployment(
+                    dep.id, DeploymentUpdate(parameters={**(dep.parameters or {}), "settle_s": settle_s})
+                )
         with tempfile.TemporaryDirectory(prefix="coder-bench-crash-") as tmp:
             env = _env(api_url, Path(tmp))
             worker = subprocess.Popen(  # noqa: ASYNC220 (returns at once)
@@ -226,4 +242,5 @@ async def crash(time_scale: float, reps: int, log: Any) -> dict[str, Any]:
         "crash_slot_free_median_s": med["slot_free_s"],
         "crash_crashed_median_s": med["crashed_s"],
         "crash_gpu0_max_s": round(max(x["gpu0_s"] for x in kills), 1),
+        "crash_settle_s": CRASH_SETTLE_S if settle_s is None else settle_s,
     }

@@ -57,6 +57,9 @@ TARGETS: dict[str, tuple[str, float]] = {
 }
 # The crash group's repetitions (each one to two minutes of real-time heartbeats), per configuration name.
 CRASH_REPS = {"full": 3, "quick": 1, "tiny": 1}
+# The deployed clean-up's wait after the mark in the tests' plumbing run (production's CRASH_SETTLE_S, 40 s, in the
+# others): the plumbing is the same, and the wait is proven where it matters (tests/flows/test_crash_cleanup.py).
+CRASH_SETTLE = {"tiny": 1.0}
 
 
 # Linear: the seconds each extra round of sessions adds, from 5 to 20 sessions, at most this many times
@@ -363,7 +366,7 @@ async def _run(cfg: Config, log: Any, only: tuple[str, ...] = PREFECT_GROUPS) ->
         t = time.monotonic()
         reps = CRASH_REPS.get(cfg.name, 1)
         log(f"crash: {reps} flow process(es) SIGKILLed mid cold start; the crash chain frees the GPU")
-        res.update(await crash.crash(cfg.time_scale, reps, log))
+        res.update(await crash.crash(cfg.time_scale, reps, log, settle_s=CRASH_SETTLE.get(cfg.name)))
         lap("crash", t)
 
     if "wake" in only:
