@@ -169,6 +169,10 @@ async def _verdict(live: RunLiveness, settle_s: float) -> Verdict:
     if live.silent:
         async with get_client() as client:
             mark = await server_now(client)
+        # The server's clock (its Date header: whole seconds, behind under load) can read earlier than the receipt of
+        # the very heartbeat that made the run look silent; that one must not count as a heartbeat after the look.
+        if live.last_received is not None and live.last_received > mark:
+            mark = live.last_received
         beat = await heartbeat_after(live.run_id, mark, settle_s)
         if beat is not None:
             return Verdict("alive", f"{live.state}, a heartbeat came after {age}; nothing done")
