@@ -279,11 +279,11 @@ async def sequential(time_scale: float, log: Any) -> dict[str, Any]:
 
 # ------------------------------------------------------------------ handoff between queued swaps
 @asynccontextmanager
-async def _recording_session(sessions: list[dict[str, float]], timeout_s: float) -> AsyncIterator[None]:
+async def _recording_session(sessions: list[dict[str, float]], timeout_s: float, **kw: Any) -> AsyncIterator[None]:
     """flows.swap's gpu_session, recording when each session got the GPU and when its GPU work ended."""
     rec = {"ask": time.monotonic()}
     try:
-        async with gpu_session(timeout_s):
+        async with gpu_session(timeout_s, **kw):
             rec["enter"] = time.monotonic()
             try:
                 yield
@@ -300,7 +300,7 @@ async def handoff(time_scale: float, n: int, log: Any) -> dict[str, Any]:
     spec = bench_spec(n, 1, weights_gb=3.1)
     sessions: list[dict[str, float]] = []
     original = swap_flow.gpu_session
-    swap_flow.gpu_session = lambda timeout_s: _recording_session(sessions, timeout_s)  # type: ignore[assignment,misc]
+    swap_flow.gpu_session = lambda timeout_s, **kw: _recording_session(sessions, timeout_s, **kw)  # type: ignore[assignment,misc]
     try:
         with fresh_sim(time_scale, spec) as b:
             await ensure_gpu_limit(1)
