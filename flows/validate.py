@@ -17,7 +17,6 @@ import asyncio
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from itertools import pairwise
 from typing import Any
 
 from prefect import flow
@@ -28,8 +27,6 @@ from coder_stack.flows.errors import ReleaseIncomplete
 from coder_stack.flows.gpu_steps import (
     free_gpu,
     gather_all,
-    model_up,
-    model_up_with_keys_and_frontends,
     release,
     start_models,
     wait_for_share,
@@ -127,24 +124,7 @@ async def validate_coder_stack(
             serving = await preflight(v)
             if options.dry_run:
                 return report_dry_run(v, serving)
-            if spec.time_sliced:
-                await validate_in_groups(v, serving)
-            else:
-                async with gpu_session(spec.timeouts.gpu_limit_s):
-                    await take_the_gpu(v)
-                    body_done = False
-                    try:
-                        await stop_taken_over_models(v)
-                        await first_model_up_with_keys_and_frontends(v)
-                        await run_stage(v, v.stages[0], v.models[0])
-                        for (_, leaving), (stage, coming) in pairwise(zip(v.stages, v.models, strict=True)):
-                            await swap_model_on_gpu(v, leaving, coming, stage)
-                            await run_stage(v, stage, coming)
-                        await read_spend_per_key(v)
-                        body_done = True
-                    finally:
-                        await tear_down(v, raise_if_left_up=body_done)
-                        await restore_taken_over_models(v)
+            await validate_in_groups(v, serving)
             v.run.report.finish("passed")  # every failed smoke raised above
             return v.run.report
 
@@ -184,9 +164,10 @@ async def preflight(v: Validation) -> list[str]:
 
 
 async def validate_in_groups(v: Validation, serving: list[str]) -> None:
-    """Time-sliced: each group's models start one after another, its stages' smokes run together, and the next
-    group starts once this one is released. The session occupies the most any group (or the models to restore)
-    needs of the GPU."""
+    """The runbook over the stages' groups (``plan_groups``; exclusive mode: one stage per group, so chat, then the
+    swap to FIM, then the agent): each group's models start one after another, its stages' smokes run together,
+    and the next group starts once this one is released. The session occupies the most any group (or the models
+    to restore) needs of the GPU (exclusive: its one slot)."""
     spec = v.spec
     groups = [[v.models[i] for i in g] for g in v.groups]
     sets = [*groups, [spec.model(n) for n in serving]] if v.options.take_over and serving else groups
@@ -234,8 +215,8 @@ async def swap_group_on_gpu(
         raise ReleaseIncomplete(
             f"{', '.join(freed.left_up)} is still up: "
             + "; ".join(f"{n}: {freed.detail(n)}" for n in freed.left_up)
-            + f". The {', '.join(s.value for s in stages)} stage(s) were not started, so that "
-            f"{', '.join(m.name for m in coming)} does not start beside it"
+            + f". The {', '.join(s.value for s in stages)} stage{' was' if len(stages) == 1 else 's were'} not "
+            f"started, so that {', '.join(m.name for m in coming)} does not share the GPU with it"
         )
     for m in leaving:
         v.started.remove(m)
@@ -281,37 +262,6 @@ async def take_the_gpu(v: Validation) -> None:
 async def stop_taken_over_models(v: Validation) -> None:
     if v.restore:
         await free_gpu(v.run, None)
-
-
-async def first_model_up_with_keys_and_frontends(v: Validation) -> None:
-    """The first model's cold start, with the client keys minted, the front-ends brought up and the keys' spend
-    baseline read meanwhile (after the keys, before any call through them)."""
-    model = v.models[0]
-    v.started.append(model)
-    aliases = [k.alias for k in v.spec.virtual_keys]
-    _, v.spend_before = await model_up_with_keys_and_frontends(
-        v.run,
-        model,
-        v.client_keys,
-        list(v.spec.frontends),
-        then=lambda: spend_baseline_task(v.run.target, v.spec, aliases),
-    )
-
-
-async def swap_model_on_gpu(v: Validation, leaving: ModelSpec, coming: ModelSpec, stage: Stage) -> None:
-    """One GPU: ``leaving`` to 0 and its pod gone before ``coming`` is scaled up (chat -> FIM, FIM -> agent)."""
-    v.run.step(f"swap: scale {leaving.name} to 0 and wait until its pod is gone")
-    freed = await release(v.run.target, v.spec, [leaving], [])
-    if not freed.ok:
-        # The next stage would be scheduled beside it (an autoscaled pool adds a second GPU node): stop here;
-        # the tear-down tries it again with the rest.
-        raise ReleaseIncomplete(
-            f"{leaving.name} is still up: {freed.detail(leaving.name)}. The {stage.value} stage "
-            f"was not started, so that {coming.name} does not share the GPU with it"
-        )
-    v.started.remove(leaving)
-    v.started.append(coming)
-    await model_up(v.run, coming)
 
 
 async def run_stage(v: Validation, stage: Stage, model: ModelSpec) -> None:
