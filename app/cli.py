@@ -543,9 +543,10 @@ def setup(
         str | None, typer.Option("--context", help="Context for --credentials-block (default: the current one).")
     ] = None,
 ) -> None:
-    """Create or resize the tag:gpu limit (= GPUs in the spec), write the stack (and credentials) blocks, create or
-    update the work pools (the Kubernetes pool's namespace, ServiceAccount, image, pod watch timeout), deploy
-    prefect.yaml. Safe to rerun: a pool value someone changed is kept and reported."""
+    """Create or resize the tag:gpu limit (the GPUs in the spec; time-sliced: 100 hundredths of the GPU, and the
+    one-slot tag:gpu-start), write the stack (and credentials) blocks, create or update the work pools (the
+    Kubernetes pool's namespace, ServiceAccount, image, pod watch timeout), deploy prefect.yaml. Safe to rerun: a
+    pool value someone changed is kept and reported."""
     from coder_stack.app.setup import run_setup
 
     spec_obj = _load(stack)
