@@ -40,7 +40,8 @@ case "$cmd" in
     .venv/bin/ruff check .
     .venv/bin/ruff format --check .
     .venv/bin/mypy
-    exec .venv/bin/pytest -q -p no:cacheprovider "$@" ;;
+    # --durations: the slowest tests in every run's log, to keep the suite's time in check
+    exec .venv/bin/pytest -q -p no:cacheprovider --durations=25 "$@" ;;
   shell)
     echo "source $(pwd)/.venv/bin/activate" ;;
   *)
