@@ -607,6 +607,15 @@ class StackSpec(_Model):
             return True
         return self.time_sliced and self.shares_fit(list(names)).fits
 
+    def fit_beside(self, base: Sequence[ModelSpec], candidates: Sequence[ModelSpec]) -> list[ModelSpec]:
+        """The ``candidates`` that may serve beside ``base``, taken in order: each one that fits together with
+        ``base`` and the candidates taken before it (:meth:`fit_together`). Exclusive mode: none beside a model."""
+        taken: list[ModelSpec] = []
+        for m in candidates:
+            if m not in base and m not in taken and self.fit_together([*base, *taken, m]):
+                taken.append(m)
+        return taken
+
     @property
     def bring_up_models(self) -> list[ModelSpec]:
         """What the morning bring-up leaves serving, in start order: ``default_model`` first; time-sliced, also the

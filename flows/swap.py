@@ -125,23 +125,15 @@ async def _serving(run: Run) -> list[str]:
 
 def _kept(spec: StackSpec, model: ModelSpec, serving: list[str]) -> list[ModelSpec]:
     """The serving models that stay beside ``model``: in the spec's order, each that fits together with the target
-    and those kept before it (``spec.fit_together``). Exclusive mode: none."""
-    kept: list[ModelSpec] = []
-    for m in spec.models:
-        if m.name != model.name and m.name in serving and spec.fit_together([model, *kept, m]):
-            kept.append(m)
-    return kept
+    and those kept before it (``spec.fit_beside``). Exclusive mode: none."""
+    return spec.fit_beside([model], [m for m in spec.models if m.name in serving])
 
 
 def _beside(spec: StackSpec, model: ModelSpec, kept: list[ModelSpec]) -> list[ModelSpec]:
     """``kept`` and every other model that still fits beside ``model`` and them: spared by the scale-down even when
     not serving at the read, since another run (a wake, a swap) may be starting it under its own share right now —
     stopping it would break that run's start for nothing. A model that does not fit is stopped."""
-    spared = list(kept)
-    for m in spec.models:
-        if m.name != model.name and m not in spared and spec.fit_together([model, *spared, m]):
-            spared.append(m)
-    return spared
+    return [*kept, *spec.fit_beside([model, *kept], spec.models)]
 
 
 def _say_kept_and_stopped(run: Run, model: ModelSpec, kept: list[ModelSpec], stopped: list[ModelSpec]) -> None:

@@ -194,10 +194,8 @@ async def _make_room(run: Run, m: ModelSpec) -> list[str]:
         run.report.notes.append(f"{o.name}: {'idle' if i.idle else 'in use'}: {i.reason}")
     if busy and not spec.fit_together([m, *in_use]):
         return busy
-    keep = list(in_use)
-    for o, i in readings:
-        if i.idle and spec.fit_together([m, *keep, o]):
-            keep.append(o)  # time-sliced: an idle model that fits beside m and the ones in use stays
+    # time-sliced: an idle model that fits beside m and the ones in use stays
+    keep = [*in_use, *spec.fit_beside([m, *in_use], [o for o, i in readings if i.idle])]
     for o, i in readings:
         if o in keep:
             continue

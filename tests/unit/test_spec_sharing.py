@@ -186,3 +186,12 @@ def test_time_sliced_is_planned_on_one_gpu_and_default_models_must_exist() -> No
         StackSpec(default_models=["coder-32b"])
     spec = StackSpec(gpu_sharing=GpuSharing(mode="time-sliced"), default_models=["coder-agent", "coder-chat"])
     assert [m.name for m in spec.bring_up_models] == ["coder-chat", "coder-agent"]  # default_model starts first
+
+
+def test_fit_beside_takes_candidates_in_order_while_they_fit_and_none_in_exclusive_mode() -> None:
+    spec = sliced(chat=0.55, fim=0.35, agent=0.9)
+    chat, fim, agent = (spec.model(n) for n in ("coder-chat", "coder-fim", "coder-agent"))
+    assert spec.fit_beside([fim], [agent, chat]) == [chat]  # the agent does not fit beside fim; chat does
+    assert spec.fit_beside([agent], [chat, fim]) == []
+    assert spec.fit_beside([chat], [chat, fim, fim]) == [fim]  # the base and a repeat are not taken again
+    assert StackSpec().fit_beside([StackSpec().model("coder-chat")], StackSpec().models) == []
