@@ -76,10 +76,9 @@ async def reclaim_idle_models(
                 report.finish("dry run: nothing changed")
                 return report
             if spec.time_sliced:
-                await _reclaim_shares(run, serving)
+                skipped = await _reclaim_shares(run, serving)
                 await _publish(run)
                 reclaimed = [i.model for i in report.idle if i.action == "reclaimed"]
-                skipped = [i.model for i in report.idle if i.reason.startswith("busy: GPU limit")]
                 if reclaimed:
                     report.finish(f"passed: reclaimed {', '.join(reclaimed)}")
                 elif skipped and len(skipped) == len(serving):
@@ -108,10 +107,12 @@ async def reclaim_idle_models(
             return report
 
 
-async def _reclaim_shares(run: Run, serving: list[ModelSpec]) -> None:
+async def _reclaim_shares(run: Run, serving: list[ModelSpec]) -> list[str]:
     """Time-sliced GPU: each serving model on its own, under a GPU session that occupies its share only. A model
     whose share another run holds (a swap keeping it, a wake starting it, the agent's whole card) is left serving,
-    busy; the others are read and reclaimed as usual — an idle coder-fim goes while a busy coder-chat serves on."""
+    busy; the others are read and reclaimed as usual — an idle coder-fim goes while a busy coder-chat serves on.
+    Returns the models left serving because their share of the GPU limit was not taken."""
+    skipped: list[str] = []
     for m in serving:
         held = False
         try:
@@ -127,6 +128,8 @@ async def _reclaim_shares(run: Run, serving: list[ModelSpec]) -> None:
             )
             run.report.notes.append(f"{m.name}: its share of the GPU limit {GPU_LIMIT} is {why} ({e}); left as it is")
             logger().info("%s's share of the GPU limit %s is %s; leaving it serving.", m.name, GPU_LIMIT, why)
+            skipped.append(m.name)
+    return skipped
 
 
 async def _reclaim(run: Run, serving: list[ModelSpec]) -> None:
