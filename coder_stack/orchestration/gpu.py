@@ -637,11 +637,7 @@ class _LeaseLabel:
         failures = 0
         while self._want is not None and self._want != self._written:
             value = self._want
-            # (the slots only when not one: exclusive mode writes exactly what it always did)
-            written = await (
-                record_lease(self.run_id, value[0], value[1]) if value[1] != 1 else record_lease(self.run_id, value[0])
-            )
-            if written:  # record_lease never raises
+            if await record_lease(self.run_id, *value):  # never raises; the slots are written only when not one
                 self._written, failures = value, 0
                 continue
             # Not written (a busy SQLite answers 503 under load): asked again, a few times, or a lease given back

@@ -73,7 +73,7 @@ def holder(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[UUID]]:
     ids: list[UUID] = []
     monkeypatch.setattr(gpu, "holder_run_id", lambda: ids[-1] if ids else None)
 
-    async def no_label(run_id: UUID, lease_id: UUID | None) -> bool:
+    async def no_label(run_id: UUID, lease_id: UUID | None, slots: int = 1) -> bool:
         return True  # as if written: the holder id alone must find the lease
 
     monkeypatch.setattr(gpu, "record_lease", no_label)

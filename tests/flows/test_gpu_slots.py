@@ -150,7 +150,7 @@ async def test_sessions_queued_in_one_process_share_one_slot_client_and_the_next
     log: list[tuple[str, int]] = []  # what happened, in order
     all_released = asyncio.Event()
 
-    async def record_lease(run_id: UUID, lease_id: UUID | None) -> bool:
+    async def record_lease(run_id: UUID, lease_id: UUID | None, slots: int = 1) -> bool:
         if run_id in index:
             log.append(("lease" if lease_id else "released", index[run_id]))
             if sum(1 for what, _ in log if what == "released") == len(runs):
@@ -203,7 +203,7 @@ async def test_a_late_released_label_never_covers_the_same_run_s_next_lease(monk
     monkeypatch.setattr(gpu, "holder_run_id", lambda: run)
     labels: list[UUID | None] = []
 
-    async def record_lease(run_id: UUID, lease_id: UUID | None) -> bool:
+    async def record_lease(run_id: UUID, lease_id: UUID | None, slots: int = 1) -> bool:
         if run_id == run:
             labels.append(lease_id)
         return True
@@ -244,7 +244,7 @@ async def test_a_lease_label_the_server_did_not_take_is_written_again(monkeypatc
     monkeypatch.setattr(gpu, "LABEL_RETRY_S", (0.01, 0.01, 0.01))
     calls: list[UUID | None] = []
 
-    async def record_lease(run_id: UUID, lease_id: UUID | None) -> bool:
+    async def record_lease(run_id: UUID, lease_id: UUID | None, slots: int = 1) -> bool:
         calls.append(lease_id)
         return len(calls) not in (1, 3, 4)  # the first "held" and the first two "released" writes fail
 
@@ -279,9 +279,9 @@ async def test_lease_labels_written_while_sessions_queue_use_the_queue_s_client(
     real_record = gpu.record_lease
     wrote: dict[tuple[int, str], bool] = {}
 
-    async def record_lease(run_id: UUID, lease_id: UUID | None) -> bool:
+    async def record_lease(run_id: UUID, lease_id: UUID | None, slots: int = 1) -> bool:
         wrote[(index[run_id], "held" if lease_id else "released")] = get_client() is made[0]
-        return await real_record(run_id, lease_id)
+        return await real_record(run_id, lease_id, slots)
 
     monkeypatch.setattr(gpu, "record_lease", record_lease)
 
