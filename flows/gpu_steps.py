@@ -77,10 +77,15 @@ async def model_up(run: Run, model: ModelSpec) -> ReadyReport:
     run.step(f"scale {model.name} to 1 and wait through its cold start")
     await scale_task(run.target, run.spec, model, 1, held_by=this_run_id())
     ready = await wait_model_ready_task(run.target, run.spec, model)
+    await model_ready(run, model, ready)
+    return ready
+
+
+async def model_ready(run: Run, model: ModelSpec, ready: ReadyReport) -> None:
+    """A model's cold start ended: its Ready report in its section, the step, and its length kept as its estimate."""
     record_ready(run.report.section(model.name), ready)
     run.step(f"{model.name} Ready after {ready.total_s:.1f} s")
     await keep_cold_start(run, model, ready)
-    return ready
 
 
 async def keep_cold_start(run: Run, model: ModelSpec, ready: ReadyReport) -> None:
@@ -109,23 +114,32 @@ async def model_up_with_keys_and_frontends(
     The front-ends need their keys' Secrets before they can start, and both are CPU work that fits
     inside the GPU model's ~10 min cold start.
     """
-    target, spec, report = run.target, run.spec, run.report
+    target, spec = run.target, run.spec
     await scale_task(target, spec, model, 1, held_by=this_run_id())
     run.step(f"{model.name} cold start; keys and front-ends meanwhile")
 
-    async def keys_and_frontends() -> Any:
-        reps = await ensure_keys_task(target, spec, key_aliases)
-        report.key_actions += [f"{r.alias}: {r.action} ({r.delivered_to})" for r in reps]
-        await asyncio.gather(*(scale_task(target, spec, f, 1) for f in frontends))
-        await asyncio.gather(*(wait_frontend_ready_task(target, spec, f) for f in frontends))
-        run.step(f"keys delivered; {', '.join(f.name for f in frontends)} Ready")
-        return await then() if then is not None else None
-
-    ready, after = await gather_or_cancel(wait_model_ready_task(target, spec, model), keys_and_frontends())
-    record_ready(report.section(model.name), ready)
-    run.step(f"{model.name} Ready after {ready.total_s:.1f} s")
-    await keep_cold_start(run, model, ready)
+    ready, after = await gather_or_cancel(
+        wait_model_ready_task(target, spec, model), keys_and_frontends(run, key_aliases, frontends, then)
+    )
+    await model_ready(run, model, ready)
     return ready, after
+
+
+async def keys_and_frontends(
+    run: Run,
+    key_aliases: list[str],
+    frontends: Sequence[FrontendSpec],
+    then: Callable[[], Awaitable[Any]] | None = None,
+) -> Any:
+    """The CPU work of a cold start: the keys delivered, then the front-ends (which read them) up and Ready, then
+    ``then``; returns what ``then`` returned."""
+    target, spec, report = run.target, run.spec, run.report
+    reps = await ensure_keys_task(target, spec, key_aliases)
+    report.key_actions += [f"{r.alias}: {r.action} ({r.delivered_to})" for r in reps]
+    await asyncio.gather(*(scale_task(target, spec, f, 1) for f in frontends))
+    await asyncio.gather(*(wait_frontend_ready_task(target, spec, f) for f in frontends))
+    run.step(f"keys delivered; {', '.join(f.name for f in frontends) or 'no front-end'} Ready")
+    return await then() if then is not None else None
 
 
 async def smoke_served(run: Run, model: ModelSpec, key_alias: str | None = None) -> None:
@@ -200,7 +214,7 @@ async def start_models(
             f"{', '.join(m.name for m in models)} cannot serve on one GPU together ({verdict.summary()}); "
             f"{' '.join(verdict.problems()) or 'exclusive mode runs one model at a time'}; nothing was started"
         )
-    target, report = run.target, run.report
+    target = run.target
     first_scaled = asyncio.Event()
 
     async def one_after_another() -> list[ReadyReport]:
@@ -213,26 +227,18 @@ async def start_models(
                 if i == 0:
                     first_scaled.set()
                 ready = await wait_model_ready_task(target, spec, m)
-            record_ready(report.section(m.name), ready)
-            run.step(f"{m.name} Ready after {ready.total_s:.1f} s")
-            await keep_cold_start(run, m, ready)
+            await model_ready(run, m, ready)
             readies.append(ready)
         return readies
 
     if not extras:
         return await one_after_another(), None
 
-    async def keys_and_frontends() -> Any:
+    async def once_the_first_is_scaled() -> Any:
         await first_scaled.wait()
-        fronts = list(frontends or [])
-        reps = await ensure_keys_task(target, spec, list(key_aliases or []))
-        report.key_actions += [f"{r.alias}: {r.action} ({r.delivered_to})" for r in reps]
-        await asyncio.gather(*(scale_task(target, spec, f, 1) for f in fronts))
-        await asyncio.gather(*(wait_frontend_ready_task(target, spec, f) for f in fronts))
-        run.step(f"keys delivered; {', '.join(f.name for f in fronts) or 'no front-end'} Ready")
-        return await then() if then is not None else None
+        return await keys_and_frontends(run, list(key_aliases or []), list(frontends or []), then)
 
-    readies, after = await gather_or_cancel(one_after_another(), keys_and_frontends())
+    readies, after = await gather_or_cancel(one_after_another(), once_the_first_is_scaled())
     return readies, after
 
 
