@@ -35,9 +35,11 @@ class Recorder:
         self.batches: list[list[dict[str, Any]]] = []
         self.raw: list[str] = []
         self.url = ""
+        self.delay_s = 0.0  # a busy Prefect server: each POST answered this late
 
     async def events(self, request: web.Request) -> web.Response:
         text = await request.text()
+        await asyncio.sleep(self.delay_s)
         self.raw.append(text + json.dumps(dict(request.headers)))
         self.batches.append(json.loads(text))
         return web.Response(status=204)
@@ -92,6 +94,10 @@ async def test_a_burst_for_a_reclaimed_model_is_answered_readably_at_once_and_as
     cluster: SimStack, recorder: Recorder
 ) -> None:
     await _install(cluster, recorder)
+    # Prefect takes 3 s to accept the event: a callback that posted it before answering would keep every request
+    # at least that long, so the bound below tells "at once" from "after the wake was asked for" on a loaded CI
+    # machine too (one CI run saw the whole burst answered in 1.02 s there; 0.1 s on an idle machine).
+    recorder.delay_s = 3.0
     master = cluster.secrets["master_key"]
     headers = {"Authorization": f"Bearer {master}"}
     async with httpx.AsyncClient(base_url=cluster.gateway_url, headers=headers, timeout=30) as c:
@@ -108,7 +114,7 @@ async def test_a_burst_for_a_reclaimed_model_is_answered_readably_at_once_and_as
             msg = r.json()["error"]["message"]
             assert msg.startswith("coder-chat is starting (node, image, weights): ready in about"), msg
         waits = sorted(s for _, s in answers)
-        assert waits[len(waits) // 2] < 1.0, waits  # the person asking is told at once (median of 50)
+        assert waits[len(waits) // 2] < 2.0, waits  # the person asking is told at once (median of 50)
 
         # Tabby's route gets a fast 503 with Retry-After, never text in the editor
         r = await c.post("/v1/completions", json={"model": "coder-fim", "prompt": "def add(a, b):", "max_tokens": 8})
