@@ -11,6 +11,7 @@ tests/flows/: ``prefect_api``, ``gpu_limit``).
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -25,11 +26,18 @@ from simstack.store import Store
 SIM_SCALE = 0.002
 TESTS = Path(__file__).resolve().parent
 
+# pytest-xdist's workers start with COLUMNS=80 and LINES=24 in their environment. The CLI's Rich consoles read
+# COLUMNS once, when app.cli is imported, so that would fix every table at 80 columns whatever a test passes to
+# CliRunner(env=...). Tests run as `pytest` alone does: no terminal size in the environment.
+for _var in ("COLUMNS", "LINES"):
+    os.environ.pop(_var, None)
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The flow tier runs last: its session Prefect harness (tests/flows/conftest.py) starts with the first flow
     test and stops when the session ends, so no unit, integration, devtools, conformance or contract test runs
-    beside it."""
+    beside it. Under pytest-xdist (``./dev.sh test``) each worker has its own session and harness, and files are
+    handed out in this order, so a worker that has started the harness is given only flow files after it."""
     items.sort(key=lambda item: item.path.resolve().is_relative_to(TESTS / "flows"))  # stable: order kept within
 
 
