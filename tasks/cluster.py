@@ -152,7 +152,8 @@ def _progress_callback(
     log: logging.Logger | logging.LoggerAdapter[logging.Logger], artifact: UUID | None, label: str, key: str = ""
 ) -> OnPhase:
     async def on_phase(phase: str, info: PhaseUpdate) -> None:
-        log.info("%s: %s (%.0fs in).", label, info.detail or phase, info.elapsed_s)
+        if phase != "ready":  # Ready is logged once, with the phases' times, by the task (_log_ready)
+            log.info("%s: %s (%.0fs in).", label, info.detail or phase, info.elapsed_s)
         if artifact is None:
             return
         progress = round(info.progress * 100, 1)
