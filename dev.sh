@@ -44,8 +44,8 @@ case "$cmd" in
     # -n 2 --dist loadfile: two pytest-xdist workers, each with its own Prefect test server and simulated
     # clusters; a test file is never split between them, and files are handed out in collection order
     # (--no-loadscope-reorder), so the flow tier stays last in each worker (see tests/conftest.py). Most of the
-    # suite waits (cold starts, heartbeats, a crash's 60 s of silence), so two workers on two cores cut it from about 28 to 17 minutes.
-    # Extra arguments go to pytest: `./dev.sh test -n 0 tests/...` runs in one process.
+    # suite waits (cold starts, heartbeats, a crash's 60 s of silence), so two workers on two cores take it from
+    # about 28 to about 17 minutes. Extra arguments go to pytest: `./dev.sh test -n 0 tests/...` runs in one process.
     exec .venv/bin/pytest -q -p no:cacheprovider --durations=25 -n 2 --dist loadfile --no-loadscope-reorder "$@" ;;
   shell)
     echo "source $(pwd)/.venv/bin/activate" ;;
