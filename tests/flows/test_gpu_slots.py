@@ -83,7 +83,10 @@ async def test_a_503_to_the_slot_request_is_asked_again_within_tens_of_ms_and_th
     async with asyncio.timeout(10):
         async with gpu_session(timeout_s=60):
             held.append(await active_slots())
-    assert b.statuses == [503, 503, 503, 200], b.attempts
+    # the three 503s made here, then the GPU; a real SQLite 503 from the server in between (seen on a loaded CI
+    # machine) is asked again the same way
+    assert b.statuses[:3] == [503, 503, 503] and b.statuses[-1] == 200, b.attempts
+    assert set(b.statuses[3:-1]) <= {503}, b.attempts
     assert held == [1]
     assert await active_slots() == 0  # released at the end of the session
 
