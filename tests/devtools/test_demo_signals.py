@@ -33,6 +33,9 @@ import pytest
 
 CLI = Path(sys.executable).with_name("coder-stack")
 RUN_S = 300  # every case to its end, all at once on a loaded 2-core machine
+# The fixture may take RUN_S, then up to 30 s for the last processes to be reaped: past pytest's 300 s default, so a
+# demo that does not end fails its own case with its output rather than every case with a timeout.
+pytestmark = pytest.mark.timeout(RUN_S + 120)
 PR_SET_CHILD_SUBREAPER = 36
 CONCURRENT = 4  # demos at a time: each starts a Prefect server; more only slows them all on 2 cores
 SAMPLE_S = 0.02  # how often the process tree is sampled (the subreaper catches what a sample misses)
@@ -186,7 +189,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Run]]:
                 cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
             run = started[case] = Run(sig, stage, home, proc)
-            run.read()
+            # Read in a thread of its own: a process the demo left behind holding its stdout would keep the read
+            # from ending, and this case must still be judged (its survivor named) instead of the fixture hanging.
+            threading.Thread(target=run.read, daemon=True).start()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 run.rc = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
 
