@@ -27,7 +27,10 @@ FIELDS = [
     "handoff_p95_s",
     "naive_poll_ratio",
     "kubectl_wait_ratio",
+    "kubectl_detect_p50_ms",  # the ratio's parts: each side's Ready -> returned, and the cold start it waited
+    "kubectl_detect_ratio",
     "sequential_ratio",
+    "kubectl_cold_start_diff_ms",  # either sign
     "scale",
     "peak_rss_mb",
     "fault_report_max_ms",  # the crash-loop report latency test_kube_wait no longer bounds
@@ -104,8 +107,9 @@ def test_tiny_run_writes_every_field(tmp_path: Path) -> None:
     res = json.loads(out.read_text())
     for f in FIELDS:
         assert f in res, f
-    for f in FIELDS[:9]:
+    for f in FIELDS[:11]:
         assert isinstance(res[f], float) and math.isfinite(res[f]) and res[f] >= 0, (f, res[f])
+    assert isinstance(res["kubectl_cold_start_diff_ms"], float)  # either sign
     assert res["detect_p50_ms"] <= res["detect_p95_ms"]
     assert 0.0 <= res["overlap_fraction"] <= 1.0
     assert {(r["models"], r["gpus"]) for r in res["scale"]} == {(1, 1), (2, 1), (3, 1)}

@@ -165,6 +165,9 @@ def table(res: dict[str, Any]) -> str:
         ("handoff_p95_s", res.get("handoff_p95_s"), "<= 2"),
         ("naive_poll_ratio", res.get("naive_poll_ratio"), "(> 1: ours is faster)"),
         ("kubectl_wait_ratio", res.get("kubectl_wait_ratio"), "~1"),
+        ("  kubectl: Ready -> returned, p50 (ms)", res.get("kubectl_detect_p50_ms"), "ours: detect_p50_ms"),
+        ("  kubectl_detect_ratio", res.get("kubectl_detect_ratio"), "(> 1: ours returns sooner)"),
+        ("  cold start: ours - kubectl's (ms)", res.get("kubectl_cold_start_diff_ms"), "(the sim's, not a wait)"),
         ("sequential_ratio", res.get("sequential_ratio"), "(> 1: ours is faster)"),
         ("peak_rss_mb flow process", rss.get("flow_process"), "<= 300"),
         ("peak_rss_mb simulated stack", rss.get("sim"), ""),
@@ -321,7 +324,7 @@ async def _run(cfg: Config, log: Any, only: tuple[str, ...] = PREFECT_GROUPS) ->
 
         t = time.monotonic()
         log(f"peers: naive retry loop and kubectl rollout status, {cfg.peer_reps} each")
-        res.update(await scenarios.peers(cfg.time_scale, cfg.peer_reps, det["bringup_s"], log))
+        res.update(await scenarios.peers(cfg.time_scale, cfg.peer_reps, det, log))
         lap("peers", t)
 
     if "validate" in only:
