@@ -81,8 +81,8 @@ async def reclaim_idle_models(
                 reclaimed = [i.model for i in report.idle if i.action == "reclaimed"]
                 if reclaimed:
                     report.finish(f"passed: reclaimed {', '.join(reclaimed)}")
-                elif skipped and len(skipped) == len(serving):
-                    report.finish(f"skipped: GPU limit {HELD}")
+                elif skipped and len(skipped) == len(serving):  # every share held or failed: nothing was read
+                    report.finish(f"skipped: GPU limit {' / '.join(sorted(set(skipped.values())))}")
                 else:
                     report.finish("passed: nothing idle")
                 return report
@@ -94,7 +94,7 @@ async def reclaim_idle_models(
             except RetriableError as e:
                 if held:
                     raise
-                why = HELD if isinstance(e, GpuSlotTimeout) else f"not taken: {e}"
+                why = _not_taken(e)
                 for m in serving:
                     report.idle.append(IdleLine(model=m.name, action="left serving", reason=f"busy: GPU limit {why}"))
                 report.notes.append(f"the GPU limit {GPU_LIMIT} is {why} ({e}); nothing read or changed")
@@ -107,12 +107,12 @@ async def reclaim_idle_models(
             return report
 
 
-async def _reclaim_shares(run: Run, serving: list[ModelSpec]) -> list[str]:
+async def _reclaim_shares(run: Run, serving: list[ModelSpec]) -> dict[str, str]:
     """Time-sliced GPU: each serving model on its own, under a GPU session that occupies its share only. A model
     whose share another run holds (a swap keeping it, a wake starting it, the agent's whole card) is left serving,
     busy; the others are read and reclaimed as usual — an idle coder-fim goes while a busy coder-chat serves on.
-    Returns the models left serving because their share of the GPU limit was not taken."""
-    skipped: list[str] = []
+    Returns the models left serving because their share of the GPU limit was not taken, each with why."""
+    skipped: dict[str, str] = {}
     for m in serving:
         held = False
         try:
@@ -122,14 +122,20 @@ async def _reclaim_shares(run: Run, serving: list[ModelSpec]) -> list[str]:
         except RetriableError as e:
             if held:
                 raise
-            why = HELD if isinstance(e, GpuSlotTimeout) else f"not taken: {e}"
+            why = _not_taken(e)
             run.report.idle.append(
                 IdleLine(model=m.name, action="left serving", reason=f"busy: GPU limit {why} (its share)")
             )
             run.report.notes.append(f"{m.name}: its share of the GPU limit {GPU_LIMIT} is {why} ({e}); left as it is")
             logger().info("%s's share of the GPU limit %s is %s; leaving it serving.", m.name, GPU_LIMIT, why)
-            skipped.append(m.name)
+            skipped[m.name] = why
     return skipped
+
+
+def _not_taken(e: RetriableError) -> str:
+    """Why the GPU limit (or a model's share of it) was not taken, in a word: another run holds it, or the request
+    failed. The error itself goes into the report's note once."""
+    return HELD if isinstance(e, GpuSlotTimeout) else "not taken"
 
 
 async def _reclaim(run: Run, serving: list[ModelSpec]) -> None:

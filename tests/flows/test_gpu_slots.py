@@ -18,7 +18,6 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from uuid import UUID, uuid4
 
-import httpx
 import pytest
 from prefect.client.orchestration import get_client
 
@@ -26,37 +25,9 @@ from coder_stack.errors import RetriableError
 from coder_stack.orchestration import gpu
 from coder_stack.orchestration.gpu import GPU_LIMIT, gpu_session
 from coder_stack.orchestration.prefect_api import ServerBusy
+from tests.kits.prefect_busy import Busy503
 
 pytestmark = pytest.mark.usefixtures("gpu_limit")
-
-SLOT_REQUEST = "/v2/concurrency_limits/increment-with-lease"
-
-
-class Busy503:
-    """Answers the first ``n`` slot requests with the server's 503; records every slot request's time and status."""
-
-    def __init__(self, n: float) -> None:
-        self.n = n
-        self.attempts: list[tuple[float, int]] = []
-
-    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        orig = httpx.AsyncHTTPTransport.handle_async_request
-
-        async def handle(transport: httpx.AsyncHTTPTransport, request: httpx.Request) -> httpx.Response:
-            if not request.url.path.endswith(SLOT_REQUEST):
-                return await orig(transport, request)
-            if sum(1 for _, s in self.attempts if s == 503) < self.n:
-                self.attempts.append((time.monotonic(), 503))
-                return httpx.Response(503, json={"exception_message": "Service Unavailable"}, request=request)
-            response = await orig(transport, request)
-            self.attempts.append((time.monotonic(), response.status_code))
-            return response
-
-        monkeypatch.setattr(httpx.AsyncHTTPTransport, "handle_async_request", handle)
-
-    @property
-    def statuses(self) -> list[int]:
-        return [s for _, s in self.attempts]
 
 
 @pytest.fixture

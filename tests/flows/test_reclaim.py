@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,12 +25,14 @@ from simstack.store import Store
 
 from coder_stack.flows.params import Connection
 from coder_stack.flows.reclaim import ReclaimOptions, reclaim_idle_models
-from coder_stack.orchestration.gpu import gpu_session
+from coder_stack.orchestration import gpu
+from coder_stack.orchestration.gpu import GPU_LIMIT, gpu_session
 from coder_stack.report import RunReport
 from coder_stack.spec import StackSpec, spec_yaml
 from coder_stack.usecases.idle import ACTIVITY, RECLAIMED_AT, reclaimed_note
 from tests.conftest import is_ready, pods_of, scale, wait_for
 from tests.kits.flowkit import SERVING, assert_no_gpu_model_running, conn, replicas
+from tests.kits.prefect_busy import Busy503
 
 pytestmark = pytest.mark.usefixtures("gpu_limit")
 
@@ -240,6 +243,27 @@ async def test_a_model_another_run_holds_is_left(make_sim: Callable[..., SimStac
     assert report.outcome == "skipped: GPU limit held by another run", report.to_markdown()
     await assert_left_serving(sim, report, "held by another run")
     assert deploy_annotations(sim) == before  # nothing read or written while another run holds it
+
+
+# ------------------------------------------------------------------ the GPU limit cannot be asked for
+async def test_a_slot_request_the_server_keeps_refusing_leaves_it_serving_and_says_why_once(
+    make_sim: Callable[..., SimStack], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sim = make_sim()
+    c = stack(tmp_path, sim)
+    chat_up(sim)
+    await run(c)
+    before = deploy_annotations(sim)
+    await asyncio.sleep(IDLE_AFTER_S)  # idle by its counters: only the unanswered slot request keeps it
+    monkeypatch.setattr(gpu, "BUSY_BOUND_SECONDS", 0.3)  # 5 s in production
+    Busy503(math.inf).install(monkeypatch)  # the server answers every slot request 503 (busy)
+    report, _ = await run(c)
+    assert report.outcome == "skipped: GPU limit not taken", report.to_markdown()
+    await assert_left_serving(sim, report, "busy: GPU limit not taken")
+    (note,) = [n for n in report.notes if GPU_LIMIT in n]
+    assert note.count("answered 503") == 1, note  # the server's answer is told once, not twice
+    assert "nothing read or changed" in note
+    assert deploy_annotations(sim) == before
 
 
 # ------------------------------------------------------------------ too young

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from coder_stack.flows.reclaim import ReclaimOptions, reclaim_idle_models
 from coder_stack.flows.swap import SwapOptions, swap_model
 from coder_stack.flows.teardown import TeardownOptions, teardown
 from coder_stack.flows.wake import wake_model
+from coder_stack.orchestration import gpu
 from coder_stack.orchestration.gpu import ensure_gpu_limit
 from coder_stack.report import RunReport
 from coder_stack.spec import GpuSharing, ModelSpec, StackSpec, spec_yaml
@@ -39,6 +41,7 @@ from coder_stack.usecases.wake import WAKE
 from tests.conftest import is_ready, pods_of, scale, wait_for
 from tests.flows.test_wake import deploy_annotations, wake_state
 from tests.kits.flowkit import EXPERIENCE, SERVING, SLOW_SCALE, conn, replicas, sigkill, start_flow_process
+from tests.kits.prefect_busy import Busy503
 
 pytestmark = pytest.mark.usefixtures("shared_gpu")
 
@@ -219,6 +222,27 @@ async def test_a_reclaim_takes_an_idle_chat_and_leaves_a_busy_fim_serving(
         report: RunReport = await reclaim_idle_models(options=ReclaimOptions(), connection=c)
     assert report.outcome == f"passed: reclaimed {CHAT}", report.to_markdown()
     assert history(sim, CHAT, mark) == [0] and history(sim, FIM, mark) == [] and replicas(sim)[FIM] == 1
+
+
+async def test_a_reclaim_whose_share_requests_the_server_keeps_refusing_leaves_both_serving_and_says_why_once(
+    make_sim: Callable[..., SimStack], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sim, c = await shared_sim(make_sim, tmp_path)
+    up(sim, CHAT, FIM)
+    await reclaim_idle_models(options=ReclaimOptions(), connection=c)
+    await asyncio.sleep(IDLE_AFTER_S)  # both idle by their counters
+    mark = len(sim.timeline)
+    monkeypatch.setattr(gpu, "BUSY_BOUND_SECONDS", 0.3)  # 5 s in production
+    Busy503(math.inf).install(monkeypatch)  # the server answers every slot request 503 (busy)
+    report: RunReport = await reclaim_idle_models(options=ReclaimOptions(), connection=c)
+    assert report.outcome == "skipped: GPU limit not taken", report.to_markdown()
+    lines = {i.model: i for i in report.idle}
+    for name in (CHAT, FIM):
+        assert lines[name].action == "left serving", report.to_markdown()
+        assert lines[name].reason == "busy: GPU limit not taken (its share)", report.to_markdown()
+        (note,) = [n for n in report.notes if n.startswith(f"{name}: its share")]
+        assert note.count("answered 503") == 1, note
+    assert history(sim, CHAT, mark) == [] and history(sim, FIM, mark) == []
 
 
 # ------------------------------------------------------------------ swap keeps what fits
