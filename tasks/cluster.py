@@ -99,9 +99,11 @@ async def scale_task(
     namespace = spec.serving_namespace if isinstance(deployment, ModelSpec) else spec.experience_namespace
     name = deployment.name
     async with open_api(target) as api:
-        if held_by is not None:
-            await annotate_deployment(api, namespace, name, {HELD_BY: held_by})
-        result = await scale(api, namespace, name, replicas)
+        found = None
+        if held_by is not None:  # the stamp first; the Deployment it answers with says the replicas found
+            written = await annotate_deployment(api, namespace, name, {HELD_BY: held_by})
+            found = (written.spec.replicas or 0) if written is not None and written.spec is not None else None
+        result = await scale(api, namespace, name, replicas, found=found)
     if result.changed:
         log.info("Scaled %s/%s from %d to %d replicas.", namespace, name, result.found, replicas)
     else:

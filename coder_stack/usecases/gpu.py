@@ -54,7 +54,7 @@ async def free_gpu(api: ApiClient, spec: StackSpec, keep: ModelSpec | Sequence[M
     others = await models_on_gpu(api, spec, kept_names(keep))
     if not others:
         return FreedGpu(scaled_down=[], gone=[])
-    await asyncio.gather(*(scale(api, ns, h.name, 0) for h in others))
+    await asyncio.gather(*(scale(api, ns, h.name, 0, found=h.replicas) for h in others))  # as just listed
     gone = await asyncio.gather(
         *(wait_gone(api, ns, spec.model(h.name).selector, spec.timeouts.deletion_s) for h in others)
     )

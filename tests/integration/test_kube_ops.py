@@ -21,7 +21,8 @@ from coder_stack.kubernetes.workloads import (
 from coder_stack.spec import ModelSpec, StackSpec
 from coder_stack.tasks._common import only_retriable
 from coder_stack.tasks.cluster import preflight_task, scale_task
-from tests.kits.apiserver import NS, PodScript, ServerThread, deployment, node, reference_cluster
+from coder_stack.usecases.stamps import HELD_BY
+from tests.kits.apiserver import NS, PodScript, ServerThread, deployment, node, record_requests, reference_cluster
 
 SPEC = StackSpec()
 
@@ -92,6 +93,25 @@ async def test_library_errors_do_not_leak_and_5xx_is_retriable(server: ServerThr
             await scale(api, NS, "coder-chat", 0)
     assert isinstance(info.value, ClusterUnavailable) and info.value.retriable
     assert not isinstance(info.value, ApiException)
+
+
+async def test_a_stamped_scale_takes_the_replicas_found_from_the_stamps_answer_one_round_trip_fewer(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent = record_requests(monkeypatch)
+    fim = SPEC.model("coder-fim")
+    up = await scale_task.fn(server.target, SPEC, fim, 1, held_by="run-1")
+    again = await scale_task.fn(server.target, SPEC, fim, 1, held_by="run-1")
+    down = await scale_task.fn(server.target, SPEC, fim, 0)
+    assert (up.found, up.changed, again.found, again.changed, down.found, down.changed) == (0, True, 1, False, 1, True)
+    dep = await server.acall(server.store.get, "deployments", NS, "coder-fim")
+    assert dep["spec"]["replicas"] == 0 and dep["metadata"]["annotations"][HELD_BY] == "run-1"
+    deploy, scale_url = f"/namespaces/{NS}/deployments/coder-fim", f"/namespaces/{NS}/deployments/coder-fim/scale"
+    assert sent == [
+        ("PATCH", deploy), ("PATCH", scale_url),  # stamped (its answer says 0 replicas), then scaled: no read
+        ("PATCH", deploy),  # stamped again: 1 replica already, nothing more
+        ("GET", scale_url), ("PATCH", scale_url),  # no stamp: read, then scaled
+    ], sent  # fmt: skip
 
 
 async def test_scale_task_fn_returns_the_report(server: ServerThread) -> None:

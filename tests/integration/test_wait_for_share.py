@@ -25,6 +25,7 @@ from coder_stack.errors import WaitTimeout
 from coder_stack.kubernetes.client import ClusterTarget, open_api
 from coder_stack.usecases.gpu import check_share, free_gpu, wait_for_share
 from tests.conftest import pods_of, ready_pod, record, scale, wait_for
+from tests.kits.apiserver import record_requests
 
 S = "serving"
 CHAT, FIM, AGENT = "coder-chat", "coder-fim", "coder-agent"
@@ -91,7 +92,9 @@ async def test_a_share_held_by_a_serving_model_is_refused_after_the_bound_with_t
     assert list(sim.timeline) == before  # nothing was scaled
 
 
-async def test_free_gpu_keeps_every_model_it_is_given(make_sim: Callable[..., SimStack]) -> None:
+async def test_free_gpu_keeps_every_model_it_is_given(
+    make_sim: Callable[..., SimStack], monkeypatch: pytest.MonkeyPatch
+) -> None:
     spec = team_spec({CHAT: 0.3, FIM: 0.3, AGENT: 0.45})
     sim = make_sim(spec=spec)
     for m in (CHAT, FIM):
@@ -102,7 +105,12 @@ async def test_free_gpu_keeps_every_model_it_is_given(make_sim: Callable[..., Si
     wait_for(sim, lambda s: pods_of(s, S, AGENT), what="a coder-agent pod")
     async with open_api(ClusterTarget(kubeconfig=str(sim.kubeconfig_path))) as api:
         blocked = await check_share(api, spec, spec.model(AGENT))
+        sent = record_requests(monkeypatch)
         freed = await free_gpu(api, spec, [spec.model(CHAT), spec.model(AGENT)])
+    # FIM scaled to 0 from the replicas the Deployment list said, not read again first
+    assert [r for r in sent if ("deployments" in r[1] and r[0] != "GET") or r[1].endswith("/scale")] == [
+        ("PATCH", f"/namespaces/{S}/deployments/{FIM}/scale")
+    ], sent
     assert blocked.already_up and blocked.free  # it has its replica already: nothing to wait for
     assert [h.name for h in freed.scaled_down] == [FIM]
     # waited for FIM's pods to be gone (it may already be gone when the watch lists, so pods_seen is 0 or 1)

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
 from kubernetes_asyncio.client import ApiClient
 from simstack.apiserver import kubeconfig_yaml, start_apiserver
@@ -420,3 +421,20 @@ def reference_cluster(tmp: Path, spec: StackSpec) -> ServerThread:
 
     srv.run(setup())
     return srv
+
+
+def record_requests(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Every request the Kubernetes client sends from now on (in this process), as (method, path after the API
+    group's prefix), in order."""
+    from kubernetes_asyncio.client.rest import RESTClientObject
+
+    sent: list[tuple[str, str]] = []
+    orig = RESTClientObject.request
+
+    async def request(self: RESTClientObject, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        path = url.split("://", 1)[-1].split("/", 1)[-1].split("?", 1)[0]
+        sent.append((method, path.split("/v1", 1)[-1]))
+        return await orig(self, method, url, *args, **kwargs)
+
+    monkeypatch.setattr(RESTClientObject, "request", request)
+    return sent
