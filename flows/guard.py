@@ -22,7 +22,6 @@ from coder_stack.flows.process import freeze_startup_heap
 from coder_stack.flows.record import final_state, publish
 from coder_stack.flows.run import logger
 from coder_stack.kubernetes.client import ClusterTarget
-from coder_stack.orchestration.gpu import handed_over
 from coder_stack.report import RunReport
 from coder_stack.spec import StackSpec
 from coder_stack.tasks.cluster import progress_written
@@ -100,7 +99,6 @@ async def guarded(
     sigterm = SigtermGuard()
     try:
         yield
-        await handed_over()  # the report's writes below do not race the next GPU session's slot request
     except BaseException as e:
         step = report.current_step
         report.finish(f"failed: {type(e).__name__}")

@@ -500,8 +500,6 @@ async def _holding(
             pass  # left to the run's end: released then (or the lease expires)
         else:
             released_by_us(lease.lease_id)
-            if room.queued:  # the run's own writes after its session wait for this grant (handed_over)
-                _NEXT_GRANT.set(room.granted)
             if label is not None:
                 if room.queued:
                     # the event of the next grant in this process, taken now: a grant before the label task runs
@@ -659,27 +657,6 @@ def _label_of(run_id: UUID) -> _LeaseLabel:
     if label is None:
         label = _LABELS[run_id] = _LeaseLabel(run_id)
     return label
-
-
-# The grant a run's own writes after its GPU session wait for (:func:`handed_over`): set when the session ended with
-# another session of this process in line.
-_NEXT_GRANT: ContextVar[asyncio.Event | None] = ContextVar("coder_stack_next_grant", default=None)
-
-
-async def handed_over(timeout_s: float | None = None) -> None:
-    """After this run's GPU session: until the session next in line in this process has its slot (at most
-    ``timeout_s``, default RELEASED_LABEL_WAIT_S); at once when none was in line (a worker runs each flow run in a
-    process of its own).
-
-    The run's writes after its session (its report artifact, its final state) otherwise land on the Prefect
-    server just as that session asks for the slot; on SQLite two writes at once can make the request answer
-    503 and the GPU idle while it is asked again (as for the "released" lease label)."""
-    grant = _NEXT_GRANT.get()
-    if grant is None:
-        return
-    _NEXT_GRANT.set(None)
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(grant.wait(), RELEASED_LABEL_WAIT_S if timeout_s is None else timeout_s)
 
 
 async def _label_released(label: _LeaseLabel, lease_id: UUID, next_grant: asyncio.Event | None) -> None:

@@ -13,8 +13,6 @@ clear, retriable error and no slot held.
 from __future__ import annotations
 
 import asyncio
-import logging
-import math
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -24,11 +22,9 @@ import pytest
 from prefect.client.orchestration import get_client
 
 from coder_stack.errors import RetriableError
-from coder_stack.flows import guard
 from coder_stack.orchestration import gpu
 from coder_stack.orchestration.gpu import GPU_LIMIT, gpu_session
 from coder_stack.orchestration.prefect_api import ServerBusy
-from coder_stack.report import RunReport
 from tests.kits.prefect_busy import Busy503
 
 pytestmark = pytest.mark.usefixtures("gpu_limit")
@@ -276,109 +272,4 @@ async def test_lease_labels_written_while_sessions_queue_use_the_queue_s_client(
     # the writes at the two hand-offs with a session still in line: through the queue's one client
     assert wrote[(0, "held")] and wrote[(0, "released")] and wrote[(1, "held")], wrote
     assert len(made) == 1, f"{len(made)} slot clients for one queue"
-    assert await active_slots() == 0
-
-
-# ------------------------------------------------------------------ a run's writes after its session
-async def _guarded_session(
-    name: str, order: list[str], hold_s: float = 0.0, entered: asyncio.Event | None = None
-) -> None:
-    """A flow body as every flow runs it (inside ``guarded``) holding a GPU session; notes when it has the GPU."""
-    async with guard.guarded(RunReport(flow=name), "k", name, final_state_of=None), gpu_session(30):
-        order.append(f"{name} has the GPU")
-        if entered is not None:
-            entered.set()
-        await asyncio.sleep(hold_s)
-
-
-@pytest.fixture
-def published(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    order: list[str] = []
-
-    async def publish(report: RunReport, key: str) -> None:
-        order.append(f"{report.flow} published")
-
-    monkeypatch.setattr(guard, "publish", publish)
-    return order
-
-
-async def test_a_run_publishes_its_report_once_the_next_session_in_its_process_has_the_gpu(
-    published: list[str],
-) -> None:
-    """The report's writes after a GPU session wait for the next session of the process to get the slot, so they do
-    not race its slot request on the server (a 503 there idles the freed GPU while it is asked again)."""
-    first_in = asyncio.Event()
-
-    async def second() -> None:
-        await first_in.wait()
-        await _guarded_session("second", published)
-
-    async with asyncio.timeout(30):
-        await asyncio.gather(_guarded_session("first", published, 0.3, first_in), second())
-    assert published == ["first has the GPU", "second has the GPU", "first published", "second published"]
-    assert await active_slots() == 0
-
-
-async def test_a_run_whose_next_session_never_gets_the_gpu_publishes_after_the_bound(
-    published: list[str], busy: Callable[[float], Busy503], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(gpu, "RELEASED_LABEL_WAIT_S", 0.3)
-    monkeypatch.setattr(gpu, "BUSY_BOUND_SECONDS", 2.0)
-    monkeypatch.setattr(guard, "logger", lambda: logging.getLogger("test"))  # outside a flow run: no run logger
-    first_in = asyncio.Event()
-    ended: dict[str, float] = {}
-
-    async def first() -> None:
-        await _guarded_session("first", published, 0.3, first_in)
-        ended["first"] = time.monotonic()
-
-    async def second() -> None:
-        await first_in.wait()
-        busy(math.inf)  # from now on the server answers every slot request 503: the second never gets the GPU
-        with pytest.raises(RetriableError, match="answered 503"):
-            await _guarded_session("second", published)
-        ended["second"] = time.monotonic()
-
-    async with asyncio.timeout(30):
-        await asyncio.gather(first(), second())
-    assert published == ["first has the GPU", "first published", "second published"], published
-    assert ended["second"] - ended["first"] > 1.0  # the first did not wait for the second's end, only the bound
-
-
-async def test_a_run_with_no_session_in_line_publishes_at_once(
-    published: list[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(gpu, "RELEASED_LABEL_WAIT_S", 30.0)
-    t0 = time.monotonic()
-    await _guarded_session("alone", published)
-    assert published == ["alone has the GPU", "alone published"]
-    assert time.monotonic() - t0 < 5.0  # not the 30 s bound
-
-
-async def test_a_run_cancelled_while_it_waits_for_the_hand_over_still_publishes_its_report(
-    published: list[str], busy: Callable[[float], Busy503], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(gpu, "RELEASED_LABEL_WAIT_S", 30.0)
-    monkeypatch.setattr(gpu, "BUSY_BOUND_SECONDS", 3.0)
-    monkeypatch.setattr(guard, "logger", lambda: logging.getLogger("test"))  # outside a flow run: no run logger
-    first_in = asyncio.Event()
-    first = asyncio.create_task(_guarded_session("first", published, 0.3, first_in))
-
-    async def second() -> None:
-        await first_in.wait()
-        busy(math.inf)  # the second never gets the GPU: the first waits for the hand-over (up to 30 s)
-        with pytest.raises(RetriableError):
-            await _guarded_session("second", published)
-
-    waiting = asyncio.create_task(second())
-    async with asyncio.timeout(30):
-        while "first has the GPU" not in published:
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.6)  # the first held the GPU 0.3 s: its session has ended, it waits for the hand-over
-        assert "first published" not in published
-        first.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await first
-        assert "first published" in published  # the report is published whatever ends the run
-        await waiting
     assert await active_slots() == 0
