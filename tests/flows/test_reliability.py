@@ -39,6 +39,7 @@ from prefect.client.schemas.filters import (
     TaskRunFilterName,
 )
 from prefect.client.schemas.objects import StateType
+from prefect.exceptions import PrefectHTTPStatusError
 from prefect.states import Crashed
 from simstack.stack import SimStack
 from simstack.store import Store
@@ -612,12 +613,27 @@ async def test_twenty_swaps_at_once_never_share_the_gpu_and_leave_no_slot(make_s
     sim = make_sim(time_scale=0.0005)
     targets = [MODELS[i % len(MODELS)] for i in range(20)]
     t0 = time.monotonic()
-    states = await asyncio.gather(
-        *(
-            swap_model(options=SwapOptions(target=t, smoke_gateway=False), connection=conn(sim), return_state=True)
-            for t in targets
-        )
-    )
+    created_again: list[str] = []
+
+    async def swap(target: str) -> Any:
+        # The test's Prefect server runs on SQLite beside the other test worker: once (CI, two workers) one of the
+        # twenty flow runs was not even created, its POST /flow_runs/ answered 503 six times over Prefect's
+        # client's 62 s of retries. No swap ran for it, so it is created again; a failure anywhere else stands.
+        for attempt in range(3):
+            try:
+                return await swap_model(
+                    options=SwapOptions(target=target, smoke_gateway=False), connection=conn(sim), return_state=True
+                )
+            except PrefectHTTPStatusError as e:
+                creating = e.request.method == "POST" and e.request.url.path.endswith("/flow_runs/")
+                if not creating or e.response.status_code != 503 or attempt == 2:
+                    raise
+                created_again.append(target)
+        raise AssertionError("unreachable")
+
+    states = await asyncio.gather(*(swap(t) for t in targets))
+    if created_again:
+        print(f"flow runs created again after the server's 503s: {created_again}")
     wall = time.monotonic() - t0
     print(f"20 concurrent swaps: {wall:.1f} s")
     assert all(s.is_completed() for s in states), [s for s in states if not s.is_completed()]
