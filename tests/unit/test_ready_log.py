@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 import pytest
 
 from coder_stack.kubernetes.wait import PhaseUpdate, ReadyReport
-from tasks.cluster import _log_ready, _progress_callback
+from coder_stack.tasks.cluster import _log_ready, _progress_callback
 
 
 def _update(phase: str, detail: str, elapsed_s: float) -> PhaseUpdate:
