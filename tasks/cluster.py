@@ -102,7 +102,8 @@ async def scale_task(
         found = None
         if held_by is not None:  # the stamp first; the Deployment it answers with says the replicas found
             written = await annotate_deployment(api, namespace, name, {HELD_BY: held_by})
-            found = (written.spec.replicas or 0) if written is not None and written.spec is not None else None
+            if written is not None and written.spec is not None:
+                found = written.spec.replicas  # an answer without it (None): scale reads it itself
         result = await scale(api, namespace, name, replicas, found=found)
     if result.changed:
         log.info("Scaled %s/%s from %d to %d replicas.", namespace, name, result.found, replicas)
