@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from coder_stack.errors import ClusterUnavailable, CoderStackError, NotFound, PodNotReady, PreflightError
@@ -112,6 +114,28 @@ async def test_a_stamped_scale_takes_the_replicas_found_from_the_stamps_answer_o
         ("PATCH", deploy),  # stamped again: 1 replica already, nothing more
         ("GET", scale_url), ("PATCH", scale_url),  # no stamp: read, then scaled
     ], sent  # fmt: skip
+
+
+async def test_a_stamps_answer_without_the_replicas_leaves_the_count_to_a_read(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from coder_stack.tasks import cluster
+
+    async def answer_without_replicas(*args: Any, **kwargs: Any) -> client.V1Deployment:
+        spec = client.V1DeploymentSpec(selector=client.V1LabelSelector(), template=client.V1PodTemplateSpec())
+        return client.V1Deployment(spec=spec)  # spec.replicas left out
+
+    async with server.api() as api:
+        await scale(api, NS, "coder-agent", 1)
+    monkeypatch.setattr(cluster, "annotate_deployment", answer_without_replicas)
+    sent = record_requests(monkeypatch)
+    try:
+        result = await scale_task.fn(server.target, SPEC, SPEC.model("coder-agent"), 1, held_by="run-1")
+    finally:
+        async with server.api() as api:
+            await scale(api, NS, "coder-agent", 0)
+    assert (result.found, result.changed) == (1, False)  # read, not taken as 0 (which would have scaled it again)
+    assert sent[0] == ("GET", f"/namespaces/{NS}/deployments/coder-agent/scale"), sent
 
 
 async def test_scale_task_fn_returns_the_report(server: ServerThread) -> None:
