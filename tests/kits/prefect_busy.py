@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-SLOT_REQUEST = "/v2/concurrency_limits/increment-with-lease"
+from coder_stack.orchestration.prefect_api import SLOT_REQUEST_PATH
 
 
 class Busy503:
@@ -22,7 +22,7 @@ class Busy503:
         orig = httpx.AsyncHTTPTransport.handle_async_request
 
         async def handle(transport: httpx.AsyncHTTPTransport, request: httpx.Request) -> httpx.Response:
-            if not request.url.path.endswith(SLOT_REQUEST):
+            if not request.url.path.endswith(SLOT_REQUEST_PATH):
                 return await orig(transport, request)
             if sum(1 for _, s in self.attempts if s == 503) < self.n:
                 self.attempts.append((time.monotonic(), 503))

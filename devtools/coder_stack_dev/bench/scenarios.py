@@ -31,6 +31,7 @@ from coder_stack.flows.params import Connection
 from coder_stack.flows.swap import SwapOptions, swap_model
 from coder_stack.flows.validate import Stage, ValidateOptions, validate_coder_stack
 from coder_stack.orchestration.gpu import ensure_gpu_limit, gpu_session
+from coder_stack.orchestration.prefect_api import SLOT_REQUEST_PATH
 from coder_stack.spec import ModelSpec, PhaseBudgets, StackSpec, spec_yaml
 from coder_stack_dev.bench.flows import bench_bringup, gpu_session_run, sequential_runbook
 from coder_stack_dev.bench.rss import SimProcess
@@ -407,7 +408,7 @@ def slot_requests() -> Iterator[SlotRequests]:
 
     async def send(self: httpx.AsyncHTTPTransport, request: httpx.Request) -> httpx.Response:
         response = await orig_send(self, request)
-        if request.url.path.endswith("/increment-with-lease"):
+        if request.url.path.endswith(SLOT_REQUEST_PATH):
             rec.statuses[response.status_code] = rec.statuses.get(response.status_code, 0) + 1
         return response
 
