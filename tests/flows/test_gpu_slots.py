@@ -163,7 +163,11 @@ async def test_sessions_queued_in_one_process_share_one_slot_client_and_the_next
         assert [what for what, j in log if j == i and what in ("lease", "released")] == ["lease", "released"], log
     for i in range(len(runs) - 1):
         assert log.index(("released", i)) > log.index(("asked", i + 1)), log
-    assert set(b.statuses) == {200} and len(b.statuses) == len(runs)
+    # one granted request per session; any other answer is a real SQLite 503 from the server (seen on a loaded CI
+    # machine), each one a "busy" entry above, asked again at once and not a second ask of the session
+    assert b.statuses.count(200) == len(runs), b.attempts
+    assert set(b.statuses) <= {200, 503}, b.attempts
+    assert b.statuses.count(503) == sum(1 for what, _ in log if what == "busy"), (b.attempts, log)
     assert len(made) == 1, f"{len(made)} slot clients for one queue"
     assert closed == made, "the queue's slot client was left open"
     assert await active_slots() == 0
