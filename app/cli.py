@@ -393,7 +393,7 @@ def status(
 
     from coder_stack.app.shares_view import show as show_shares
     from coder_stack.flows.cleanup import GPU_FLOWS
-    from coder_stack.orchestration.gpu import gpu_limit_status
+    from coder_stack.orchestration.gpu_limit import gpu_limit_status
     from coder_stack.tasks.cluster import stack_status_task
     from coder_stack.tasks.gateway import read_spend_task
     from coder_stack.usecases.idle import reclaimed_note

@@ -29,7 +29,7 @@ from pydantic import BaseModel, Field
 from coder_stack.errors import CoderStackError, ConfigError
 from coder_stack.flows.cleanup import GPU_FLOWS
 from coder_stack.kubernetes.client import ClusterTarget
-from coder_stack.orchestration.gpu import ensure_gpu_limit, ensure_start_limit
+from coder_stack.orchestration.gpu_limit import ensure_gpu_limit, ensure_start_limit
 from coder_stack.orchestration.liveness import ensure_crash_automation
 from coder_stack.orchestration.stack_block import (
     DEFAULT_STACK_BLOCK,

@@ -31,7 +31,7 @@ from coder_stack.flows.guard import guarded
 from coder_stack.flows.params import Connection
 from coder_stack.flows.run import logger
 from coder_stack.kubernetes.client import cluster_session, open_api
-from coder_stack.orchestration.gpu import GPU_LIMIT, START_LIMIT
+from coder_stack.orchestration.gpu_limit import GPU_LIMIT, START_LIMIT
 from coder_stack.orchestration.liveness import (
     CLEANUP_FLOW,
     CRASH_SETTLE_S,

@@ -25,7 +25,8 @@ from coder_stack.flows.guard import guarded
 from coder_stack.flows.params import Connection
 from coder_stack.flows.run import Run, logger
 from coder_stack.kubernetes.client import cluster_session
-from coder_stack.orchestration.gpu import GPU_LIMIT, gpu_session
+from coder_stack.orchestration.gpu import gpu_session
+from coder_stack.orchestration.gpu_limit import GPU_LIMIT
 from coder_stack.report import IdleLine, RunReport
 from coder_stack.spec import ModelSpec
 from coder_stack.tasks.cluster import stack_status_task

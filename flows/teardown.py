@@ -26,7 +26,7 @@ from coder_stack.flows.run import logger
 from coder_stack.kubernetes.client import cluster_session, open_api
 from coder_stack.kubernetes.pods import pod_summary
 from coder_stack.kubernetes.workloads import deployment_status
-from coder_stack.orchestration.gpu import gpu_limit_status
+from coder_stack.orchestration.gpu_limit import gpu_limit_status
 from coder_stack.report import RunReport
 from coder_stack.spec import ModelSpec
 

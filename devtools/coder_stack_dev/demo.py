@@ -243,7 +243,7 @@ def _drain_prefect_workers() -> None:
 async def _run_validate(kubeconfig: Path) -> Any:
     from coder_stack.flows.params import Connection
     from coder_stack.flows.validate import Stage, ValidateOptions, validate_coder_stack
-    from coder_stack.orchestration.gpu import ensure_gpu_limit
+    from coder_stack.orchestration.gpu_limit import ensure_gpu_limit
 
     console.print(f"[bold]3/4[/] {await ensure_gpu_limit(1)}")
     console.print("[bold]4/4[/] running validate_coder_stack: chat, fim, agent")

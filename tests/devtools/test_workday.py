@@ -36,7 +36,7 @@ from coder_stack_dev.bench.workday import (
 )
 from simstack.timings import Timings, model_timings
 
-from coder_stack.orchestration.gpu import LEASE_SECONDS
+from coder_stack.orchestration.gpu_limit import LEASE_SECONDS
 from coder_stack.spec import StackSpec
 
 T = Timings()

@@ -26,7 +26,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 
-from coder_stack.orchestration.gpu import GPU_LIMIT, START_LIMIT, ensure_gpu_limit, ensure_start_limit
+from coder_stack.orchestration.gpu_limit import GPU_LIMIT, START_LIMIT, ensure_gpu_limit, ensure_start_limit
 from coder_stack.spec import SHARE_SLOTS
 
 

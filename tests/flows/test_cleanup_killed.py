@@ -24,7 +24,7 @@ from prefect.states import Crashed, Running
 from simstack.stack import SimStack
 
 from coder_stack.flows.cleanup import clean_up_crashed_run
-from coder_stack.orchestration.gpu import GPU_LIMIT, ensure_gpu_limit
+from coder_stack.orchestration.gpu_limit import GPU_LIMIT, ensure_gpu_limit
 from coder_stack.orchestration.liveness import LEASE_LABEL, RELEASED
 from tests.flows.test_crash_cleanup import (
     SETTLE_S,

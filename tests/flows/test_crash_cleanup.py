@@ -39,7 +39,7 @@ from prefect.states import Crashed, Running
 from simstack.stack import SimStack
 
 from coder_stack.flows.cleanup import GPU_FLOWS, clean_up_crashed_run
-from coder_stack.orchestration.gpu import GPU_LIMIT, gpu_limit_status
+from coder_stack.orchestration.gpu_limit import GPU_LIMIT, gpu_limit_status
 from coder_stack.orchestration.liveness import (
     CRASH_AUTOMATION,
     HEARTBEAT_EVENT,
@@ -328,7 +328,8 @@ async def test_cleanup_of_a_killed_run_frees_its_model_and_slot_only_and_is_safe
     """Killed mid cold start, marked Crashed (as the automation would): the clean-up scales its model to 0,
     waits until the pods are gone, frees its slot — while another session holds a second GPU slot and another
     run holds coder-fim, neither touched. The second run finds nothing."""
-    from coder_stack.orchestration.gpu import ensure_gpu_limit, gpu_session
+    from coder_stack.orchestration.gpu import gpu_session
+    from coder_stack.orchestration.gpu_limit import ensure_gpu_limit
 
     await ensure_gpu_limit(2)
     sim = make_sim(gpu_pool="autoscaled", time_scale=SLOW_SCALE)

@@ -34,7 +34,8 @@ from coder_stack.flows.params import Connection
 from coder_stack.flows.swap import SwapOptions, swap_model
 from coder_stack.flows.teardown import TeardownOptions, teardown
 from coder_stack.flows.validate import ValidateOptions, validate_coder_stack
-from coder_stack.orchestration.gpu import GPU_LIMIT, ensure_gpu_limit, gpu_session
+from coder_stack.orchestration.gpu import gpu_session
+from coder_stack.orchestration.gpu_limit import GPU_LIMIT, ensure_gpu_limit
 from coder_stack.report import RunReport
 from tests.conftest import is_ready, pods_of, record, scale, wait_for
 from tests.kits.flowkit import (

@@ -15,7 +15,8 @@ import pytest
 from prefect.client.orchestration import PrefectClient, get_client
 
 from coder_stack.orchestration import gpu
-from coder_stack.orchestration.gpu import GPU_LIMIT, GpuLeaseLost, gpu_session
+from coder_stack.orchestration.gpu import GpuLeaseLost, gpu_session
+from coder_stack.orchestration.gpu_limit import GPU_LIMIT
 
 pytestmark = pytest.mark.usefixtures("gpu_limit")
 

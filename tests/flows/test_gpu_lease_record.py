@@ -26,7 +26,8 @@ from prefect.states import Crashed, Running
 
 from coder_stack.flows.cleanup import GPU_FLOWS
 from coder_stack.orchestration import gpu
-from coder_stack.orchestration.gpu import GPU_LIMIT, ensure_gpu_limit, gpu_limit_status, gpu_session
+from coder_stack.orchestration.gpu import gpu_session
+from coder_stack.orchestration.gpu_limit import GPU_LIMIT, ensure_gpu_limit, gpu_limit_status
 from coder_stack.orchestration.liveness import LEASE_LABEL, RunLiveness, read_liveness, release_lease_of
 from tests.flows.test_crash_cleanup import _validate_named
 from tests.kits.flowkit import PROJECT, flow_process_env

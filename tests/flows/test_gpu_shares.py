@@ -34,15 +34,8 @@ from simstack.stack import SimStack
 from coder_stack.errors import GpuBusy, GpuLimitMissing
 from coder_stack.flows.cleanup import clean_up_crashed_run
 from coder_stack.orchestration import gpu
-from coder_stack.orchestration.gpu import (
-    GPU_LIMIT,
-    START_LIMIT,
-    ensure_gpu_limit,
-    gpu_limit_status,
-    gpu_session,
-    require_gpu_limit,
-    start_turn,
-)
+from coder_stack.orchestration.gpu import gpu_session, require_gpu_limit, start_turn
+from coder_stack.orchestration.gpu_limit import GPU_LIMIT, START_LIMIT, ensure_gpu_limit, gpu_limit_status
 from coder_stack.spec import SHARE_SLOTS, GpuSharing, StackSpec
 from tests.flows.test_crash_cleanup import SETTLE_S
 from tests.kits.flowkit import PROJECT, conn, flow_process_env, sigkill, until

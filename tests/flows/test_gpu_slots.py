@@ -23,7 +23,8 @@ from prefect.client.orchestration import get_client
 
 from coder_stack.errors import RetriableError
 from coder_stack.orchestration import gpu
-from coder_stack.orchestration.gpu import GPU_LIMIT, gpu_session
+from coder_stack.orchestration.gpu import gpu_session
+from coder_stack.orchestration.gpu_limit import GPU_LIMIT
 from coder_stack.orchestration.prefect_api import ServerBusy
 from tests.kits.prefect_busy import Busy503
 

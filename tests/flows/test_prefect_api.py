@@ -10,7 +10,7 @@ import httpx
 import pytest
 from prefect.client.orchestration import PrefectClient, get_client
 
-from coder_stack.orchestration.gpu import GPU_LIMIT, ensure_gpu_limit
+from coder_stack.orchestration.gpu_limit import GPU_LIMIT, ensure_gpu_limit
 from coder_stack.orchestration.prefect_api import lease_of, request_slot, revoke_leases_held_by, slot_client
 
 pytestmark = pytest.mark.usefixtures("gpu_limit")

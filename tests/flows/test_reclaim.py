@@ -26,7 +26,8 @@ from simstack.store import Store
 from coder_stack.flows.params import Connection
 from coder_stack.flows.reclaim import ReclaimOptions, reclaim_idle_models
 from coder_stack.orchestration import gpu
-from coder_stack.orchestration.gpu import GPU_LIMIT, gpu_session
+from coder_stack.orchestration.gpu import gpu_session
+from coder_stack.orchestration.gpu_limit import GPU_LIMIT
 from coder_stack.report import RunReport
 from coder_stack.spec import StackSpec, spec_yaml
 from coder_stack.usecases.idle import ACTIVITY, RECLAIMED_AT, reclaimed_note

@@ -58,7 +58,7 @@ from coder_stack.flows.swap import SwapOptions, swap_model
 from coder_stack.flows.teardown import teardown
 from coder_stack.flows.validate import ValidateOptions, validate_coder_stack
 from coder_stack.kubernetes.client import ClusterTarget, open_api, read_secret
-from coder_stack.orchestration.gpu import GPU_LIMIT, gpu_limit_status
+from coder_stack.orchestration.gpu_limit import GPU_LIMIT, gpu_limit_status
 from coder_stack.orchestration.liveness import LEASE_LABEL, RELEASED, read_liveness, release_lease_of
 from coder_stack.spec import StackSpec, spec_yaml
 from coder_stack.tasks.gateway import gateway_ready_task

@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 
 from coder_stack.app.cli import app
 from coder_stack.flows.cleanup import clean_up_crashed_run
-from coder_stack.orchestration.gpu import GPU_LIMIT
+from coder_stack.orchestration.gpu_limit import GPU_LIMIT
 from coder_stack.orchestration.liveness import LEASE_LABEL, heartbeats
 from tests.flows.test_crash_cleanup import (
     _validate_named,

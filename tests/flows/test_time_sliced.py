@@ -36,7 +36,7 @@ from coder_stack.flows.bring_up import bring_up
 from coder_stack.flows.cleanup import clean_up_crashed_run
 from coder_stack.flows.teardown import teardown
 from coder_stack.flows.validate import ValidateOptions, validate_coder_stack
-from coder_stack.orchestration.gpu import GPU_LIMIT, ensure_gpu_limit
+from coder_stack.orchestration.gpu_limit import GPU_LIMIT, ensure_gpu_limit
 from coder_stack.report import RunReport
 from coder_stack.spec import StackSpec
 from tests.kits.flowkit import (

@@ -34,7 +34,7 @@ from coder_stack.flows.swap import SwapOptions, swap_model
 from coder_stack.flows.teardown import TeardownOptions, teardown
 from coder_stack.flows.wake import wake_model
 from coder_stack.orchestration import gpu
-from coder_stack.orchestration.gpu import ensure_gpu_limit
+from coder_stack.orchestration.gpu_limit import ensure_gpu_limit
 from coder_stack.report import RunReport
 from coder_stack.spec import GpuSharing, ModelSpec, StackSpec, spec_yaml
 from coder_stack.usecases.wake import WAKE

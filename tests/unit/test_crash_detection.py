@@ -16,7 +16,7 @@ from prefect.events.schemas.automations import EventTrigger
 
 from coder_stack.errors import ConfigError
 from coder_stack.flows.cleanup import GPU_FLOWS
-from coder_stack.orchestration.gpu import LEASE_SECONDS, GpuRun
+from coder_stack.orchestration.gpu_limit import LEASE_SECONDS, GpuRun
 from coder_stack.orchestration.liveness import (
     CRASH_SETTLE_S,
     HEARTBEAT_S,

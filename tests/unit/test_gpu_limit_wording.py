@@ -3,7 +3,7 @@ shares), in slots as before when it is exclusive."""
 
 from __future__ import annotations
 
-from coder_stack.orchestration.gpu import GPU_LIMIT, GpuLimitStatus, GpuRun
+from coder_stack.orchestration.gpu_limit import GPU_LIMIT, GpuLimitStatus, GpuRun
 from coder_stack.spec import SHARE_SLOTS
 
 

@@ -112,7 +112,7 @@ class SimProcess:
 async def _flows_main(args: argparse.Namespace) -> dict[str, Any]:
     from coder_stack.flows.params import Connection
     from coder_stack.flows.validate import Stage, ValidateOptions, validate_coder_stack
-    from coder_stack.orchestration.gpu import ensure_gpu_limit
+    from coder_stack.orchestration.gpu_limit import ensure_gpu_limit
     from coder_stack_dev.bench.flows import gpu_session_run
 
     spec = load_spec(args.stack)

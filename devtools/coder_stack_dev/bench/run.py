@@ -298,7 +298,7 @@ async def _run(cfg: Config, log: Any, only: tuple[str, ...] = PREFECT_GROUPS) ->
     from prefect.settings import PREFECT_API_URL
 
     from coder_stack.flows.process import freeze_startup_heap
-    from coder_stack.orchestration.gpu import ensure_gpu_limit
+    from coder_stack.orchestration.gpu_limit import ensure_gpu_limit
     from coder_stack_dev.bench import rss, scenarios
 
     res: dict[str, Any] = {}

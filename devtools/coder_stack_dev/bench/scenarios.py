@@ -30,7 +30,8 @@ from coder_stack.errors import PodFailed
 from coder_stack.flows.params import Connection
 from coder_stack.flows.swap import SwapOptions, swap_model
 from coder_stack.flows.validate import Stage, ValidateOptions, validate_coder_stack
-from coder_stack.orchestration.gpu import ensure_gpu_limit, gpu_session
+from coder_stack.orchestration.gpu import gpu_session
+from coder_stack.orchestration.gpu_limit import ensure_gpu_limit
 from coder_stack.orchestration.prefect_api import SLOT_REQUEST_PATH
 from coder_stack.spec import ModelSpec, PhaseBudgets, StackSpec, spec_yaml
 from coder_stack_dev.bench.flows import bench_bringup, gpu_session_run, sequential_runbook

@@ -40,7 +40,7 @@ from simstack.stack import SimStack
 
 from coder_stack.app.setup import PROJECT_DIR, DeploymentConnections, deploy_all, ensure_work_pools
 from coder_stack.kubernetes.client import ClusterTarget, open_api
-from coder_stack.orchestration.gpu import ensure_gpu_limit
+from coder_stack.orchestration.gpu_limit import ensure_gpu_limit
 from coder_stack.spec import StackSpec
 from coder_stack.usecases import wake_setup
 from coder_stack_dev.bench.crash import POOL, _env, worker_env

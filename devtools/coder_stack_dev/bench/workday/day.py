@@ -14,7 +14,7 @@ from typing import Any
 from simstack.standins.vllm import Metrics
 from simstack.timings import Timings, model_timings
 
-from coder_stack.orchestration.gpu import LEASE_SECONDS
+from coder_stack.orchestration.gpu_limit import LEASE_SECONDS
 from coder_stack.spec import StackSpec
 from coder_stack.vllm.metrics import Reading, activity_of, judge, parse_exposition
 from coder_stack_dev.bench.workday.policy import Policy

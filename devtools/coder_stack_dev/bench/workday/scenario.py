@@ -10,7 +10,7 @@ from typing import Any
 
 from simstack.timings import Timings
 
-from coder_stack.orchestration.gpu import LEASE_SECONDS
+from coder_stack.orchestration.gpu_limit import LEASE_SECONDS
 from coder_stack.spec import STARTER_SHARES, GpuSharing, StackSpec
 from coder_stack_dev.bench.workday.day import replay
 from coder_stack_dev.bench.workday.policy import (
