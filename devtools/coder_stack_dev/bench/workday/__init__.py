@@ -16,13 +16,13 @@ What the project's own code and numbers decide (in both):
   models these steps with those durations; :class:`SimDay` and :func:`sim_check` run ``SimStack``'s own
   deployment controller, scheduler, kubelet and cluster-autoscaler;
 - the idle decision: at every reclaim tick the replay renders the stand-in vLLM's ``/metrics``
-  (``devtools/simstack/standins/vllm.py: Metrics``, whose counters the trace's requests move), parses it with
+  (``devtools/simstack/standins/vllm/metrics.py: Metrics``, whose counters the trace's requests move), parses it with
   ``coder_stack/vllm/metrics.py`` (``parse_exposition``, ``activity_of``) and judges it with ``judge`` and the
   spec's ``idle_after_s`` / ``idle_grace_s``, keeping the reading between ticks as the annotation string
   ``read_idleness`` keeps; :class:`SimDay` calls ``coder_stack/usecases/idle.py: read_idleness`` itself
   through the Kubernetes API against the stand-in pod;
 - the schedules: the morning bring-up, the evening teardown and the reclaim cadence are read from
-  ``prefect.yaml``; a killed run's slot is held until its lease (``coder_stack/orchestration/gpu.py:
+  ``prefect.yaml``; a killed run's slot is held until its lease (``coder_stack/orchestration/gpu_limit.py:
   LEASE_SECONDS``) expires, and reclaim changes nothing while another run holds the slot
   (``flows/reclaim.py``).
 
