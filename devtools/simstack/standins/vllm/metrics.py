@@ -8,12 +8,9 @@ and label sets to the recorded exposition (exchange "metrics", held out: nothing
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 
-_SAMPLE_RE = re.compile(r"^(?P<name>[a-zA-Z_:][\w:]*)(?:\{(?P<labels>.*)\})? (?P<value>\S+)$")
-_LABEL_RE = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 _HISTOGRAMS_TIMED = (
     "e2e_request_latency_seconds",
     "request_inference_time_seconds",

@@ -13,7 +13,6 @@ from typing import Any
 from simstack.standins.vllm.errors import VllmError
 
 FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")
-EOS_TOKENS = ("<|endoftext|>", "<|fim_pad|>", "<|im_end|>")
 
 # Tokens: Qwen2's pre-tokenizer split (letters with one leading non-letter, single digits, punctuation
 # runs with their newlines, whitespace runs that leave the last space to the next word), control tokens
