@@ -427,10 +427,13 @@ async def unfinished_runs(client: PrefectClient) -> int:
 
 async def waiting_cleanups(client: PrefectClient) -> dict[UUID, str]:
     """Clean-up runs not started (Scheduled, Pending) whose work pool has no online worker, by the dead run they
-    are for: what to tell the user (nothing will run them until a worker comes)."""
+    are for: what to tell the user (nothing will run them until a worker comes). A dead run with several such
+    runs (the crash automation's and one started by hand, or on two pools) gets a sentence for each, oldest
+    first, so the one a user is looking for is never left out."""
     found: dict[UUID, str] = {}
     online: dict[str, bool] = {}
-    for r in await runs_of(client, [CLEANUP_FLOW], [StateType.SCHEDULED, StateType.PENDING]):
+    waiting = await runs_of(client, [CLEANUP_FLOW], [StateType.SCHEDULED, StateType.PENDING])
+    for r in sorted(waiting, key=lambda r: (r.created is None, r.created or datetime.min.replace(tzinfo=UTC))):
         raw = (r.parameters or {}).get("crashed_run")
         pool = r.work_pool_name
         if not isinstance(raw, str) or not pool:
@@ -443,8 +446,9 @@ async def waiting_cleanups(client: PrefectClient) -> dict[UUID, str]:
             if not online[pool]:
                 since = r.expected_start_time or r.created
                 when = f" since {since:%H:%M:%S} UTC" if since else ""
-                found[dead] = (
+                said = (
                     f"its clean-up run {r.name} ({r.id}) has waited{when} for a worker on work pool {pool!r} and "
                     f"none is online: start one (`prefect worker start --pool {pool}`) or run the command above"
                 )
+                found[dead] = f"{found[dead]}; {said}" if dead in found else said
     return found

@@ -84,6 +84,41 @@ async def heartbeat_stored(run_id: UUID, name: str) -> None:
     raise AssertionError("the heartbeat was not stored")
 
 
+async def test_every_clean_up_run_waiting_for_a_dead_run_is_named_oldest_first() -> None:
+    """Two clean-up runs wait for one dead run on two pools no worker serves (the crash automation's, and one
+    started by hand on a laptop's pool): both are named, the older first, each with its own pool's worker command.
+    Once one was named and the other, the one the user had started, silently left out (CI: an automation
+    another test installed on the shared server had started a run of its own)."""
+    from coder_stack.orchestration.liveness import waiting_cleanups
+
+    dead = uuid4()
+    pools = [f"laptop-{uuid4().hex[:8]}" for _ in range(2)]
+    made: list[tuple[UUID, UUID, str]] = []  # (deployment, run, run name)
+    async with get_client() as client:
+        flow_id = await client.create_flow_from_name("clean_up_crashed_run")
+        try:
+            for pool in pools:
+                await client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+                dep_id = await client.create_deployment(flow_id=flow_id, name=f"clean-up-{pool}", work_pool_name=pool)
+                run = await client.create_flow_run_from_deployment(
+                    dep_id, parameters={"crashed_run": f"prefect.flow-run.{dead}"}, state=Scheduled()
+                )
+                made.append((dep_id, run.id, run.name))
+            said = (await waiting_cleanups(client))[dead]
+        finally:
+            for dep_id, run_id, _ in made:
+                await client.delete_flow_run(run_id)
+                await client.delete_deployment(dep_id)
+            for pool in pools:
+                await client.delete_work_pool(pool)
+    first, second = (f"its clean-up run {name} ({run_id}) has waited since" for _, run_id, name in made)
+    assert first in said and second in said, said
+    assert said.index(first) < said.index(second), said  # the older first
+    for pool in pools:
+        assert f"for a worker on work pool '{pool}' and none is online: start one" in said, said
+        assert f"(`prefect worker start --pool {pool}`)" in said, said
+
+
 async def test_after_a_kill_status_names_the_dead_runs_model_the_cleanup_command_and_the_cleanup_waiting_for_a_worker(
     make_sim: Callable[..., SimStack],
 ) -> None:
