@@ -5,8 +5,9 @@ first flow test that asks for it and shared by every flow module until the sessi
 Only tests under tests/flows/ can reach it, so the unit and sim tiers never start it.
 
 ``gpu_limit``: ``tag:gpu`` = 1 slot before the test; after it no slot may be held (a held slot is freed for
-the next test, then the test fails). Not autouse: test_bench and test_secrets_scan need no shared API (they
-run their own servers, see there); the other modules ask for it with ``pytestmark``.
+the next test, then the test fails), and no crash automation is left (``drop_crash_automation``). Not autouse:
+test_bench and test_secrets_scan need no shared API (they run their own servers, see there); the other modules
+ask for it with ``pytestmark``.
 
 Tests that start their own Prefect server keep it (they cannot share this one): test_reliability's server
 restart (it must stop and restart the server it holds a slot on), test_secrets_scan (it scans the Prefect
@@ -28,6 +29,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from coder_stack.orchestration.gpu_limit import GPU_LIMIT, START_LIMIT, ensure_gpu_limit, ensure_start_limit
 from coder_stack.spec import SHARE_SLOTS
+from tests.kits.flowkit import drop_crash_automation
 
 
 @pytest.fixture(scope="session")
@@ -47,6 +49,7 @@ async def gpu_limit(prefect_api: str) -> AsyncIterator[None]:
     """Every test starts with ``tag:gpu`` = 1 slot (setup's job); none may leave a slot held."""
     await ensure_gpu_limit(1)
     yield
+    await drop_crash_automation()
     async with get_client() as client:
         try:
             gcl = await client.read_global_concurrency_limit_by_name(GPU_LIMIT)

@@ -36,7 +36,7 @@ from coder_stack.kubernetes.client import ClusterTarget, load_configuration, ope
 from coder_stack.kubernetes.workloads import deployment_status
 from coder_stack.orchestration.stack_block import BLOCK_TYPE_SLUG, load_stack_block, save_stack_block
 from coder_stack.spec import StackSpec, load_spec
-from tests.kits.flowkit import replicas
+from tests.kits.flowkit import drop_crash_automation, replicas
 from tests.kits.kubeconfigs import exec_kubeconfig
 
 IMAGE = "ghcr.io/acme/coder-stack:0.1.0"
@@ -233,9 +233,10 @@ async def test_setup_twice_creates_the_blocks_and_the_pool_then_changes_nothing(
             assert (await client.read_block_type_by_slug(slug)).slug == slug
     assert "kept as it is (no --stack given)" in fourth.blocks[0]
     assert await load_stack_block(stack) == spec
-    # The stock pool the other setup tests expect
+    # The stock pool the other setup tests expect, and no crash automation left on the shared server
     async with get_client() as client:
         await client.delete_work_pool(K8S_POOL)
+    await drop_crash_automation()
 
 
 def test_the_commands_take_the_blocks_too(prefect_api: str, make_sim: Callable[..., SimStack]) -> None:

@@ -31,6 +31,7 @@ from simstack.stack import SimStack
 from simstack.store import Store
 
 from coder_stack.flows.params import Connection
+from coder_stack.orchestration.liveness import CRASH_AUTOMATION
 from coder_stack.spec import StackSpec
 from tests.conftest import pods_of, wait_for
 
@@ -270,3 +271,12 @@ async def latest_run_of(flow_name: str) -> tuple[UUID, State[Any]]:
         )
     assert runs and runs[0].state is not None
     return runs[0].id, runs[0].state
+
+
+async def drop_crash_automation() -> None:
+    """Remove the crash automation a test's `coder-stack setup` installed. Left on the flow tier's shared server, it
+    answered a later test's Crashed mark with a clean-up run of its own (on ``coder-stack-process``, run by any worker
+    online there), which once made `status` name that run instead of the test's."""
+    async with get_client() as client:
+        for a in await client.read_automations_by_name(CRASH_AUTOMATION):
+            await client.delete_automation(a.id)
