@@ -322,7 +322,9 @@ async def test_a_missing_service_account_is_a_failed_create_and_no_pod(rsim: Sim
 async def test_ttl_after_finished_deletes_the_job_and_its_pod(rsim: SimStack) -> None:
     sim = rsim
     async with open_api(target(sim)) as api:
-        await create_job(api, job_manifest("print('done')", ttlSecondsAfterFinished=1))
+        # 100 s at this sim's time scale (0.01) is 1 s: long enough for the wait below to see the finished Job before
+        # the TTL deletes it (1 s, 10 ms here, was missed on a loaded CI machine and the wait ran out)
+        await create_job(api, job_manifest("print('done')", ttlSecondsAfterFinished=100))
     await asyncio.to_thread(wait_for, sim, lambda s: s.find("jobs", NS, "j") is not None and finished(s), 30, "done")
     await asyncio.to_thread(
         wait_for, sim, lambda s: s.find("jobs", NS, "j") is None and not job_pods(s), 30, "the Job and pod gone"
