@@ -57,6 +57,7 @@ from tests.kits.flowkit import (
     SLOW_SCALE,
     SPEC,
     conn,
+    drop_crash_automation,
     flow_process_env,
     gpu_pods,
     replicas,
@@ -473,9 +474,7 @@ async def test_a_gpu_run_with_rare_heartbeats_refuses_to_start_and_changes_nothi
 async def test_setup_installs_the_crash_automation_once_and_repairs_an_edited_one() -> None:
     from prefect.events.schemas.automations import AutomationCore
 
-    async with get_client() as client:
-        for a in await client.read_automations_by_name(CRASH_AUTOMATION):
-            await client.delete_automation(a.id)
+    await drop_crash_automation()
     try:
         assert (await ensure_crash_automation(list(GPU_FLOWS))).startswith("created")
         assert (await ensure_crash_automation(list(GPU_FLOWS))).endswith("already in place")
@@ -489,9 +488,7 @@ async def test_setup_installs_the_crash_automation_once_and_repairs_an_edited_on
             [a] = await client.read_automations_by_name(CRASH_AUTOMATION)
         assert a.enabled
     finally:
-        async with get_client() as client:
-            for a in await client.read_automations_by_name(CRASH_AUTOMATION):
-                await client.delete_automation(a.id)
+        await drop_crash_automation()
 
 
 # ------------------------------------------------------------------ a live run marked Crashed; a take-over mid-way

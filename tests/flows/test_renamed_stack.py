@@ -24,7 +24,7 @@ from coder_stack.flows.teardown import teardown
 from coder_stack.flows.validate import ValidateOptions, validate_coder_stack
 from coder_stack.kubernetes.client import ClusterTarget, open_api, read_secret
 from coder_stack.spec import ClientKeySpec, FrontendSpec, StackSpec
-from tests.kits.flowkit import conn
+from tests.kits.flowkit import conn, drop_crash_automation
 
 pytestmark = pytest.mark.usefixtures("gpu_limit")
 
@@ -108,7 +108,6 @@ async def test_the_scheduled_teardown_deployed_by_setup_scales_the_renamed_model
     from prefect.client.schemas.filters import WorkPoolFilter, WorkPoolFilterName
 
     from coder_stack.app.setup import PROCESS_POOL, run_setup
-    from coder_stack.orchestration.liveness import CRASH_AUTOMATION
     from coder_stack.orchestration.stack_block import load_stack_block
     from tests.kits.flowkit import PREFECT_BIN, PROJECT, flow_process_env, stop_group
 
@@ -165,10 +164,7 @@ async def test_the_scheduled_teardown_deployed_by_setup_scales_the_renamed_model
                 work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[PROCESS_POOL]))
             ):
                 await client.delete_deployment(d.id)
-            if report.automation.startswith("created"):
-                for a in await client.read_automations():
-                    if a.name == CRASH_AUTOMATION:
-                        await client.delete_automation(a.id)
+        await drop_crash_automation()
 
 
 def _scale(store: Store, ns: str, name: str, reps: int) -> None:
